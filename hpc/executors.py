@@ -1,0 +1,73 @@
+"""One factory for submitit executors: ``local`` (real subprocesses), ``debug`` (in process) and ``slurm``."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import submitit
+
+EXECUTOR_KINDS = ("local", "debug", "slurm")
+
+
+@dataclass
+class ExecutorSettings:
+    """Where and how tasks run; the slurm-only fields are ignored by the other kinds.
+
+    parallelism: most array tasks running at once (local: processes; slurm: ``--array=...%N``).
+    extra_sbatch: further ``#SBATCH`` options, e.g. ``{"mail-type": "END"}``.
+    setup: shell lines run before each task (``module load ...``, ``source venv/bin/activate``).
+    """
+
+    kind: str = "local"
+    parallelism: int = 2
+    timeout_min: int = 60
+    cpus_per_task: int = 1
+    mem_gb: Optional[float] = None
+    gpus_per_node: int = 0
+    nodes: int = 1
+    tasks_per_node: int = 1
+    partition: Optional[str] = None
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    constraint: Optional[str] = None
+    setup: List[str] = field(default_factory=list)
+    extra_sbatch: Dict[str, str] = field(default_factory=dict)
+    poll_s: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.kind not in EXECUTOR_KINDS:
+            raise ValueError(f"cluster.kind is {self.kind!r}; allowed: {', '.join(EXECUTOR_KINDS)}")
+        if self.parallelism < 1:
+            raise ValueError(f"cluster.parallelism must be >= 1, got {self.parallelism}")
+
+
+def make_executor(settings: ExecutorSettings, folder: str | Path, name: str) -> submitit.AutoExecutor:
+    """An executor whose logs and pickles go to ``folder`` (``%j`` is replaced by the job id)."""
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=settings.kind)
+    params: dict[str, object] = {
+        "name": name,
+        "timeout_min": settings.timeout_min,
+        "cpus_per_task": settings.cpus_per_task,
+        "gpus_per_node": settings.gpus_per_node,
+        "nodes": settings.nodes,
+        "tasks_per_node": settings.tasks_per_node,
+    }
+    if settings.mem_gb is not None:
+        params["mem_gb"] = settings.mem_gb
+    if settings.kind == "slurm":
+        slurm = {
+            "slurm_partition": settings.partition,
+            "slurm_account": settings.account,
+            "slurm_qos": settings.qos,
+            "slurm_constraint": settings.constraint,
+            "slurm_array_parallelism": settings.parallelism,
+            "slurm_setup": list(settings.setup),
+            "slurm_additional_parameters": dict(settings.extra_sbatch),
+        }
+        params.update({key: value for key, value in slurm.items() if value not in (None, [], {})})
+    elif settings.kind == "local" and settings.setup:
+        params["local_setup"] = list(settings.setup)
+    executor.update_parameters(**params)
+    return executor

@@ -1,0 +1,1 @@
+"""Entry points of the pipeline; the only place that wires ``lymphoma`` to ``hpc``."""

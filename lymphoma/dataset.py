@@ -1,0 +1,93 @@
+"""All shards of a phase read as one indexable dataset, with one HDF5 handle per shard and process."""
+
+from __future__ import annotations
+
+import json
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tables
+
+from lymphoma.errors import InputError
+
+
+class TileDataset:
+    """Index ``i`` over the concatenated shards gives ``(tile [H, W, 3] uint8, label)``.
+
+    Labels, cases and file names are loaded once; tile pixels are read on demand. File handles are
+    opened lazily in each process (DataLoader workers included) and reused, never per item.
+    """
+
+    def __init__(self, shard_paths: Sequence[str | Path]) -> None:
+        if not shard_paths:
+            raise InputError("no shards given for this phase; run `lymphoma tile` first or check the manifest")
+        self.paths = [Path(p) for p in shard_paths]
+        labels, cases, names, sizes = [], [], [], []
+        self.classes: list[str] | None = None
+        self.tile_size: int | None = None
+        for path in self.paths:
+            try:
+                with tables.open_file(path, mode="r") as h5:
+                    attrs = h5.root._v_attrs
+                    classes, size = json.loads(attrs.classes), int(attrs.tile_size)
+                    labels.append(h5.root.labels[:])
+                    cases.append(h5.root.cases[:])
+                    names.append(h5.root.filenames[:])
+            except (OSError, tables.HDF5ExtError, tables.NoSuchNodeError, AttributeError) as err:
+                raise InputError(f"{path}: not a readable tile shard ({err}); rerun `lymphoma tile` to rebuild it") from None
+            if self.classes is not None and (classes != self.classes or size != self.tile_size):
+                raise InputError(f"{path}: classes {classes} / tile size {size} differ from {self.paths[0]} "
+                                 f"({self.classes} / {self.tile_size}); shards of one dataset must match")
+            self.classes, self.tile_size = classes, size
+            sizes.append(len(labels[-1]))
+        self.labels = np.concatenate(labels).astype(np.int64)
+        self.cases = np.concatenate(cases).astype(str)
+        self.filenames = np.concatenate(names).astype(str)
+        self.offsets = np.concatenate([[0], np.cumsum(sizes)])
+        self._pid = -1
+        self._handles: dict[int, tables.File] = {}
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    def class_counts(self) -> np.ndarray:
+        """Tiles per class, in class order."""
+        return np.bincount(self.labels, minlength=len(self.classes or []))
+
+    def _imgs(self, shard: int) -> tables.EArray:
+        if self._pid != os.getpid():  # a forked worker must not share its parent's handles
+            self._handles, self._pid = {}, os.getpid()
+        if shard not in self._handles:
+            self._handles[shard] = tables.open_file(self.paths[shard], mode="r")
+        return self._handles[shard].root.imgs
+
+    def locate(self, index: int) -> tuple[int, int]:
+        """(shard, row) of a global index."""
+        if not -len(self) <= index < len(self):
+            raise IndexError(f"tile index {index} out of range for {len(self)} tiles")
+        index %= len(self)
+        shard = int(np.searchsorted(self.offsets, index, side="right") - 1)
+        return shard, index - int(self.offsets[shard])
+
+    def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
+        shard, row = self.locate(int(index))
+        return self._imgs(shard)[row], int(self.labels[index])
+
+    def read_batch(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
+        """Tiles ``[B, H, W, 3]`` and labels ``[B]`` for a batch of global indices."""
+        tiles = np.stack([self[i][0] for i in indices]) if len(indices) else np.empty((0,), np.uint8)
+        return tiles, self.labels[np.asarray(indices, dtype=np.int64)]
+
+    def close(self) -> None:
+        if self._pid == os.getpid():
+            for handle in self._handles.values():
+                handle.close()
+        self._handles = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = dict(self.__dict__)
+        state["_handles"], state["_pid"] = {}, -1
+        return state

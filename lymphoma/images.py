@@ -1,0 +1,56 @@
+"""Reading images as RGB uint8 arrays, with clear errors for files that cannot be used."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, UnidentifiedImageError
+
+from lymphoma.errors import ImageError
+
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+
+_MODE_ADVICE = {
+    "L": "is grayscale; H&E tiles need 3 colour channels: re-export it as RGB or remove it",
+    "LA": "is grayscale with alpha; re-export it as RGB or remove it",
+    "I;16": "is 16-bit grayscale; re-export it as 8-bit RGB or remove it",
+    "I": "is 32-bit grayscale; re-export it as 8-bit RGB or remove it",
+    "1": "is black and white; re-export it as RGB or remove it",
+    "RGBA": "has an alpha channel (RGBA); flatten it onto white as RGB or remove it",
+    "CMYK": "is CMYK; convert it to RGB or remove it",
+}
+
+
+def is_image_file(path: Path) -> bool:
+    """True when the suffix is one of the supported image formats."""
+    return path.suffix.lower() in IMAGE_SUFFIXES
+
+
+def read_rgb(path: str | Path) -> np.ndarray:
+    """Decode an image file to a ``[H, W, 3]`` uint8 array.
+
+    Raises ImageError naming the file for missing, corrupt, truncated, grayscale, RGBA or other
+    non-RGB images, so that a caller can skip the file and go on.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(path, "file not found; fix the path or remove it from the input list")
+    try:
+        with Image.open(path) as img:
+            mode = img.mode
+            if mode != "RGB":
+                advice = _MODE_ADVICE.get(mode, f"has colour mode {mode}; re-export it as 8-bit RGB")
+                raise ImageError(path, advice)
+            img.load()
+            array = np.asarray(img, dtype=np.uint8)
+    except ImageError:
+        raise
+    except UnidentifiedImageError:
+        raise ImageError(path, "not a readable image (corrupt or not TIFF/PNG/JPEG); replace or remove it") from None
+    except (OSError, SyntaxError, ValueError) as err:
+        raise ImageError(path, f"cannot be decoded ({err}); the file is probably truncated or corrupt: "
+                         "copy it again or remove it") from None
+    if array.ndim != 3 or array.shape[2] != 3:
+        raise ImageError(path, f"decoded to shape {array.shape}, expected [H, W, 3]; re-export it as RGB")
+    return array

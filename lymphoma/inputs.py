@@ -1,0 +1,164 @@
+"""Finding the images of a data set: class folders or a CSV manifest, with the case of each image."""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from lymphoma.errors import InputError
+from lymphoma.images import IMAGE_SUFFIXES, is_image_file
+
+DEFAULT_CASE_PATTERN = r"^(?P<case>.+?)(?:-R\d+)?_\d+$"
+
+
+@dataclass(frozen=True)
+class ImageRecord:
+    """One input image: absolute path, class label and the case (patient) it comes from."""
+
+    path: str
+    label: str
+    case: str
+
+    @property
+    def name(self) -> str:
+        return Path(self.path).name
+
+
+@dataclass(frozen=True)
+class Skipped:
+    """An input that was left out, and why."""
+
+    path: str
+    reason: str
+
+
+@dataclass
+class Inputs:
+    """The usable images, the class names in label order, and what was skipped."""
+
+    records: list[ImageRecord]
+    classes: list[str]
+    skipped: list[Skipped] = field(default_factory=list)
+
+
+def case_of(stem: str, pattern: re.Pattern[str]) -> str | None:
+    """The case id encoded in a file stem, or None when the stem does not match the pattern."""
+    match = pattern.match(stem)
+    if match is None:
+        return None
+    return match.group("case") if "case" in pattern.groupindex else match.group(0)
+
+
+def compile_case_pattern(pattern: str) -> re.Pattern[str]:
+    """Compile the configured case pattern; it must have a named group ``case``."""
+    try:
+        compiled = re.compile(pattern)
+    except re.error as err:
+        raise InputError(f"data.case_pattern {pattern!r} is not a valid regular expression: {err}") from None
+    if "case" not in compiled.groupindex:
+        raise InputError(f"data.case_pattern {pattern!r} needs a named group (?P<case>...) that captures the case id")
+    return compiled
+
+
+def discover(
+    source: str | Path,
+    classes: Sequence[str] | None = None,
+    case_pattern: str = DEFAULT_CASE_PATTERN,
+    columns: Mapping[str, str] | None = None,
+    strict: bool = False,
+) -> Inputs:
+    """List the images of ``source``: a folder with one sub-folder per class, or a CSV manifest.
+
+    Images of unknown classes, missing files and names without a case are skipped and reported
+    (errors in strict mode). An empty source or duplicate file names are always errors.
+    """
+    source = Path(source)
+    pattern = compile_case_pattern(case_pattern)
+    if source.is_dir():
+        rows, class_names = _rows_from_folders(source, classes)
+    elif source.is_file():
+        rows = _rows_from_csv(source, columns or {})
+        class_names = list(classes) if classes else sorted({label for _, label, _ in rows})
+    else:
+        raise InputError(f"data.source {source} does not exist; give a folder with one sub-folder per class "
+                         "or a CSV manifest (path,label,case)")
+
+    records: list[ImageRecord] = []
+    skipped: list[Skipped] = []
+    for path, label, case in rows:
+        reason = None
+        if label not in class_names:
+            reason = f"unknown class {label!r}; known classes are {class_names} (set data.classes or move the file)"
+        elif not path.is_file():
+            reason = "file not found; fix the path in the manifest or remove the line"
+        elif not is_image_file(path):
+            reason = f"not a supported image type; use one of {', '.join(IMAGE_SUFFIXES)}"
+        else:
+            case = case or case_of(path.stem, pattern)
+            if not case:
+                reason = (f"file name does not match data.case_pattern {pattern.pattern!r}; "
+                          "fix the pattern or give the case in a manifest column")
+        if reason is None:
+            records.append(ImageRecord(str(path.resolve()), label, case))
+        elif strict:
+            raise InputError(f"{path}: {reason}")
+        else:
+            skipped.append(Skipped(str(path), reason))
+
+    if not records:
+        raise InputError(f"no usable images in {source} (expected class sub-folders {class_names or ''} holding "
+                         f"{'/'.join(IMAGE_SUFFIXES)} files, or a CSV manifest); skipped: "
+                         + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))
+    _check_unique_names(records)
+    _check_case_labels(records)
+    return Inputs(records=sorted(records, key=lambda r: r.path), classes=class_names, skipped=skipped)
+
+
+def _rows_from_folders(root: Path, classes: Sequence[str] | None) -> tuple[list[tuple[Path, str, str]], list[str]]:
+    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+    class_names = list(classes) if classes else [p.name for p in folders]
+    rows = [(f, folder.name, "") for folder in folders for f in sorted(folder.iterdir())
+            if f.is_file() and not f.name.startswith(".") and (is_image_file(f) or folder.name in class_names)]
+    return rows, class_names
+
+
+def _rows_from_csv(manifest: Path, columns: Mapping[str, str]) -> list[tuple[Path, str, str]]:
+    names = {"path": "path", "label": "label", "case": "case", **columns}
+    with manifest.open(newline="") as handle:
+        reader = csv.DictReader(handle)
+        header = reader.fieldnames or []
+        missing = [names[key] for key in ("path", "label") if names[key] not in header]
+        if missing:
+            raise InputError(f"{manifest}: missing column(s) {missing}; the header has {header}. "
+                             "Name them path,label[,case] or map them with data.columns")
+        rows = []
+        for line_no, row in enumerate(reader, start=2):
+            raw_path = (row.get(names["path"]) or "").strip()
+            if not raw_path:
+                raise InputError(f"{manifest}, line {line_no}: empty {names['path']!r} column; fill it or delete the line")
+            path = Path(raw_path)
+            if not path.is_absolute():
+                path = manifest.parent / path
+            rows.append((path, (row.get(names["label"]) or "").strip(), (row.get(names["case"]) or "").strip()))
+    return rows
+
+
+def _check_unique_names(records: Sequence[ImageRecord]) -> None:
+    seen: dict[str, str] = {}
+    for record in records:
+        if record.name in seen:
+            raise InputError(f"duplicate file name {record.name}: {seen[record.name]} and {record.path}; "
+                             "file names identify images in the stores, rename or remove one")
+        seen[record.name] = record.path
+
+
+def _check_case_labels(records: Sequence[ImageRecord]) -> None:
+    labels: dict[str, str] = {}
+    for record in records:
+        previous = labels.setdefault(record.case, record.label)
+        if previous != record.label:
+            raise InputError(f"case {record.case} has images of two classes ({previous} and {record.label}), "
+                             f"e.g. {record.path}; fix the labels or the case ids")

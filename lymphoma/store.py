@@ -1,0 +1,170 @@
+"""One HDF5 tile shard (PyTables): written under a temporary name, renamed when complete, validated on reruns.
+
+Layout of a shard:
+  /imgs      UInt8 [N, size, size, 3], chunk = one tile, compressed
+  /labels    Int16 [N]           class index into the ``classes`` attribute
+  /coords    Int32 [N, 2]        top-left (x, y) of each tile in the resized image (negative in the padding)
+  /filenames String [N]          source file name of each tile
+  /cases     String [N]          case (patient) of each tile
+  /images    table, one row per source image: filename, case, label, height, width, n_tiles, n_background
+Attributes: the tile settings, classes, per-class tile and image counts, skipped images, a fingerprint of
+what the shard was made from, and ``complete``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import tables
+
+from lymphoma.errors import ImageError, InputError
+from lymphoma.images import read_rgb
+from lymphoma.inputs import ImageRecord
+from lymphoma.tiling import TileSettings, cut_tiles
+
+STORE_FORMAT = 1
+
+
+@dataclass
+class ShardSummary:
+    """What one shard holds; also what the manifest lists for it."""
+
+    path: str
+    phase: str
+    n_images: int
+    n_tiles: int
+    tiles_per_class: dict[str, int]
+    images_per_class: dict[str, int]
+    n_background: int
+    bytes: int
+    seconds: float
+    skipped: list[dict[str, str]] = field(default_factory=list)
+
+
+def parse_compression(spec: str) -> tables.Filters:
+    """``none``, ``zlib:6``, ``blosc:zstd:5``, ``blosc2:lz4`` ... to PyTables filters."""
+    if spec in ("none", ""):
+        return tables.Filters(complevel=0)
+    lib, _, level = spec.rpartition(":")
+    if not level.isdigit():
+        lib, level = spec, "5"
+    if lib not in tables.filters.all_complibs:
+        raise InputError(f"tiles.compression {spec!r}: unknown library {lib!r}; allowed: none, "
+                         + ", ".join(f"{name}[:level]" for name in tables.filters.all_complibs))
+    if not 0 <= int(level) <= 9:
+        raise InputError(f"tiles.compression {spec!r}: level must be 0..9")
+    return tables.Filters(complib=lib, complevel=int(level), shuffle=lib.startswith("blosc"))
+
+
+class _ImageRow(tables.IsDescription):
+    filename = tables.StringCol(255)
+    case = tables.StringCol(255)
+    label = tables.Int16Col()
+    height = tables.Int32Col()
+    width = tables.Int32Col()
+    n_tiles = tables.Int32Col()
+    n_background = tables.Int32Col()
+
+
+def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes: Sequence[str],
+                settings: TileSettings, compression: str, fingerprint: str, strict: bool = False) -> ShardSummary:
+    """Tile ``records`` into the shard at ``path``; the file appears only once it is complete.
+
+    Unusable images are skipped and listed (raised in strict mode).
+    """
+    start = time.perf_counter()
+    path = Path(path)
+    for stale in path.parent.glob(path.name + ".tmp-*"):
+        stale.unlink()
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    filters = parse_compression(compression)
+    label_of = {name: i for i, name in enumerate(classes)}
+    size = settings.size
+    name_len = max([len(Path(r.path).name.encode()) for r in records] + [1])
+    case_len = max([len(r.case.encode()) for r in records] + [1])
+    tiles_per_class = dict.fromkeys(classes, 0)
+    images_per_class = dict.fromkeys(classes, 0)
+    skipped: list[dict[str, str]] = []
+    n_background = 0
+    try:
+        with tables.open_file(tmp, mode="w", title=f"lymphoma tiles, {phase}") as h5:
+            imgs = h5.create_earray("/", "imgs", tables.UInt8Atom(), shape=(0, size, size, 3),
+                                    chunkshape=(1, size, size, 3), filters=filters,
+                                    expectedrows=max(1, 64 * len(records)))
+            labels = h5.create_earray("/", "labels", tables.Int16Atom(), shape=(0,))
+            coords = h5.create_earray("/", "coords", tables.Int32Atom(), shape=(0, 2))
+            filenames = h5.create_earray("/", "filenames", tables.StringAtom(name_len), shape=(0,), filters=filters)
+            cases = h5.create_earray("/", "cases", tables.StringAtom(case_len), shape=(0,), filters=filters)
+            images = h5.create_table("/", "images", _ImageRow)
+            for record in records:
+                try:
+                    image = read_rgb(record.path)
+                    cut = cut_tiles(image, settings)
+                except InputError as err:
+                    reason = err.problem if isinstance(err, ImageError) else str(err)
+                    if strict:
+                        raise ImageError(record.path, reason) from None
+                    skipped.append({"path": record.path, "reason": reason})
+                    continue
+                n = len(cut.pixels)
+                label = label_of[record.label]
+                imgs.append(cut.pixels)
+                labels.append(np.full(n, label, dtype=np.int16))
+                coords.append(cut.coords)
+                filenames.append(np.full(n, Path(record.path).name.encode(), dtype=f"S{name_len}"))
+                cases.append(np.full(n, record.case.encode(), dtype=f"S{case_len}"))
+                images.append([(Path(record.path).name.encode(), record.case.encode(), label,
+                                image.shape[0], image.shape[1], n, cut.n_background)])
+                tiles_per_class[record.label] += n
+                images_per_class[record.label] += 1
+                n_background += cut.n_background
+            attrs = h5.root._v_attrs
+            attrs.format = STORE_FORMAT
+            attrs.phase = phase
+            attrs.classes = json.dumps(list(classes))
+            attrs.tiles = json.dumps(settings.as_dict())
+            attrs.tile_size, attrs.stride, attrs.resize, attrs.pad = size, settings.stride, settings.resize, settings.pad
+            attrs.compression = compression
+            attrs.coords_convention = "top-left (x, y) in the resized image; negative inside the mirror padding"
+            attrs.tiles_per_class = json.dumps(tiles_per_class)
+            attrs.images_per_class = json.dumps(images_per_class)
+            attrs.n_tiles = int(imgs.nrows)
+            attrs.n_background = n_background
+            attrs.skipped = json.dumps(skipped)
+            attrs.fingerprint = fingerprint
+            attrs.complete = True
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return ShardSummary(path=str(path), phase=phase, n_images=sum(images_per_class.values()),
+                        n_tiles=sum(tiles_per_class.values()), tiles_per_class=tiles_per_class,
+                        images_per_class=images_per_class, n_background=n_background,
+                        bytes=path.stat().st_size, seconds=time.perf_counter() - start, skipped=skipped)
+
+
+def read_complete_shard(path: Path, fingerprint: str) -> ShardSummary | None:
+    """The summary of a complete shard made from the same inputs and settings, else None."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        with tables.open_file(path, mode="r") as h5:
+            attrs = h5.root._v_attrs
+            if not (getattr(attrs, "complete", False) and getattr(attrs, "fingerprint", None) == fingerprint):
+                return None
+            if h5.root.imgs.nrows != attrs.n_tiles or h5.root.labels.nrows != attrs.n_tiles:
+                return None
+            tiles_per_class = json.loads(attrs.tiles_per_class)
+            images_per_class = json.loads(attrs.images_per_class)
+            return ShardSummary(path=str(path), phase=str(attrs.phase), n_images=sum(images_per_class.values()),
+                                n_tiles=int(attrs.n_tiles), tiles_per_class=tiles_per_class,
+                                images_per_class=images_per_class, n_background=int(attrs.n_background),
+                                bytes=path.stat().st_size, seconds=0.0, skipped=json.loads(attrs.skipped))
+    except (OSError, tables.HDF5ExtError, AttributeError, KeyError, ValueError, tables.NoSuchNodeError):
+        return None
