@@ -1,0 +1,126 @@
+"""`lymphoma tile`: images -> case-level split -> one HDF5 shard per array task -> manifest."""
+
+from __future__ import annotations
+
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from hpc import make_executor, run_array
+from jobs.config import Config, save_resolved, to_object
+from jobs.rundir import exclusive, make_run_dir
+from lymphoma.inputs import ImageRecord, discover
+from lymphoma.sharding import ShardPlan, fingerprint, plan_shards, write_manifest
+from lymphoma.split import assign_phases, split_cases, write_split_csv
+from lymphoma.store import ShardSummary, read_complete_shard, write_shard
+from lymphoma.tiling import TileSettings
+
+
+@dataclass(frozen=True)
+class ShardTask:
+    """Everything one array task needs to write one shard; picklable."""
+
+    path: str
+    phase: str
+    records: tuple[ImageRecord, ...]
+    classes: tuple[str, ...]
+    settings: TileSettings
+    compression: str
+    fingerprint: str
+    strict: bool
+
+
+def run_shard_task(task: ShardTask) -> ShardSummary:
+    """The array task's entry point: write one shard."""
+    return write_shard(Path(task.path), task.phase, task.records, task.classes, task.settings,
+                       task.compression, task.fingerprint, task.strict)
+
+
+def tile_settings(cfg: Config) -> TileSettings:
+    t = cfg.tiles
+    return TileSettings(size=t.size, stride=t.stride, resize=t.resize, pad=t.pad, resample=t.resample,
+                        background_level=t.background_level, max_background=t.max_background)
+
+
+@dataclass
+class TileResult:
+    run_dir: Path
+    manifest: Path
+    classes: list[str]
+    summaries: list[ShardSummary]
+    n_written: int
+    n_skipped: int
+    seconds: float
+
+
+def run_tile(raw_cfg: DictConfig, progress: bool = True) -> TileResult:
+    """Tile the configured data set into the run folder; a rerun writes only missing or stale shards."""
+    start = time.perf_counter()
+    cfg = to_object(raw_cfg)
+    settings = tile_settings(cfg)
+    run_dir = make_run_dir(cfg.run.root, cfg.run.name)
+    with exclusive(run_dir, "tile"):
+        save_resolved(raw_cfg, run_dir / "config.yaml")
+        inputs = discover(cfg.data.source, cfg.data.classes, cfg.data.case_pattern, cfg.data.columns,
+                          cfg.tiles.strict)
+        phase_of = split_cases(inputs.records, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed)
+        by_phase = assign_phases(inputs.records, phase_of)
+        write_split_csv(run_dir / "split.csv", by_phase)
+        tiles_dir = run_dir / "tiles"
+        plans = plan_shards(by_phase, cfg.tiles.images_per_shard)
+        tasks = [_task(plan, tiles_dir, inputs.classes, settings, cfg) for plan in plans]
+        summaries: list[ShardSummary | None] = [read_complete_shard(Path(t.path), t.fingerprint) for t in tasks]
+        todo = [i for i, s in enumerate(summaries) if s is None]
+        for phase in by_phase:
+            (tiles_dir / phase).mkdir(parents=True, exist_ok=True)
+        _report_stale(tiles_dir, plans)
+
+        bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="shard", desc="tile",
+                   disable=not progress or None)
+        executor = make_executor(cfg.cluster, run_dir / "logs" / "tile" / "%j", name=f"tile-{cfg.run.name}")
+        written = run_array(executor, run_shard_task, [tasks[i] for i in todo], parallelism=cfg.cluster.parallelism,
+                            poll_s=cfg.cluster.poll_s, on_done=lambda *_: bar.update())
+        bar.close()
+        for i, summary in zip(todo, written):
+            summaries[i] = summary
+        done = [s for s in summaries if s is not None]
+        manifest = write_manifest(tiles_dir, inputs.classes, settings, cfg.tiles.compression, done, inputs.skipped)
+    n_skipped = len(inputs.skipped) + sum(len(s.skipped) for s in done)
+    return TileResult(run_dir, manifest, inputs.classes, done, len(todo), n_skipped, time.perf_counter() - start)
+
+
+def _task(plan: ShardPlan, tiles_dir: Path, classes: list[str], settings: TileSettings, cfg: Config) -> ShardTask:
+    return ShardTask(path=str(tiles_dir / plan.relpath), phase=plan.phase, records=plan.records,
+                     classes=tuple(classes), settings=settings, compression=cfg.tiles.compression,
+                     fingerprint=fingerprint(plan, classes, settings, cfg.tiles.compression), strict=cfg.tiles.strict)
+
+
+def _report_stale(tiles_dir: Path, plans: list[ShardPlan]) -> None:
+    planned = {tiles_dir / p.relpath for p in plans}
+    stale = sorted(p for p in tiles_dir.glob("*/shard-*.h5") if p not in planned)
+    if stale:
+        print(f"note: {len(stale)} shard(s) from an earlier layout are not in the manifest and are ignored: "
+              f"{', '.join(str(p) for p in stale[:3])}{' ...' if len(stale) > 3 else ''}", file=sys.stderr)
+
+
+def format_summary(result: TileResult) -> str:
+    """The end-of-job table: shards, tiles per class and phase, bytes, tiles/s."""
+    classes = result.classes
+    lines = [f"run folder: {result.run_dir}", f"manifest:   {result.manifest}",
+             f"{'phase':<6} {'shards':>6} {'images':>6} {'tiles':>7}  " + "  ".join(f"{c:>6}" for c in classes)
+             + f" {'MiB':>8}"]
+    phases = sorted({s.phase for s in result.summaries}, key=["train", "val", "test"].index)
+    for phase in phases:
+        ss = [s for s in result.summaries if s.phase == phase]
+        per_class = [sum(s.tiles_per_class[c] for s in ss) for c in classes]
+        lines.append(f"{phase:<6} {len(ss):>6} {sum(s.n_images for s in ss):>6} {sum(per_class):>7}  "
+                     + "  ".join(f"{n:>6}" for n in per_class) + f" {sum(s.bytes for s in ss) / 2**20:>8.1f}")
+    n_tiles = sum(s.n_tiles for s in result.summaries)
+    lines.append(f"{result.n_written} shard(s) written, {len(result.summaries) - result.n_written} already complete; "
+                 f"{n_tiles} tiles in {result.seconds:.1f} s ({n_tiles / max(result.seconds, 1e-9):.0f} tiles/s)"
+                 + (f"; {result.n_skipped} image(s) skipped, listed in the manifest" if result.n_skipped else ""))
+    return "\n".join(lines)
