@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import http.client
 import shutil
 import sys
 import tarfile
@@ -38,7 +39,7 @@ def download_dataset(dest: str | Path, urls: Sequence[str], sha1: str | None, cl
             try:
                 _fetch(url, archive, sha1, attempts, timeout_s)
                 break
-            except (OSError, urllib.error.URLError) as err:
+            except (OSError, http.client.HTTPException) as err:
                 errors.append(f"{url}: {err}")
         else:
             raise InputError("download failed from every address (rerun to resume):\n  " + "\n  ".join(errors))
@@ -67,7 +68,7 @@ def _fetch(url: str, archive: Path, sha1: str | None, attempts: int, timeout_s: 
             if err.code == 416 and have:  # nothing left to fetch: the part is whole
                 break
             raise
-        except OSError as err:
+        except (OSError, http.client.HTTPException) as err:
             print(f"\ndownload interrupted ({err}); attempt {attempt} of {attempts}", file=sys.stderr)
             if attempt == attempts:
                 raise

@@ -138,6 +138,7 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
             attrs.n_background = n_background
             attrs.skipped = json.dumps(skipped)
             attrs.fingerprint = fingerprint
+            attrs.seconds = seconds = time.perf_counter() - start
             attrs.complete = True
         os.replace(tmp, path)
     finally:
@@ -145,7 +146,7 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
     return ShardSummary(path=str(path), phase=phase, n_images=sum(images_per_class.values()),
                         n_tiles=sum(tiles_per_class.values()), tiles_per_class=tiles_per_class,
                         images_per_class=images_per_class, n_background=n_background,
-                        bytes=path.stat().st_size, seconds=time.perf_counter() - start, skipped=skipped)
+                        bytes=path.stat().st_size, seconds=seconds, skipped=skipped)
 
 
 def read_complete_shard(path: Path, fingerprint: str) -> ShardSummary | None:
@@ -165,6 +166,7 @@ def read_complete_shard(path: Path, fingerprint: str) -> ShardSummary | None:
             return ShardSummary(path=str(path), phase=str(attrs.phase), n_images=sum(images_per_class.values()),
                                 n_tiles=int(attrs.n_tiles), tiles_per_class=tiles_per_class,
                                 images_per_class=images_per_class, n_background=int(attrs.n_background),
-                                bytes=path.stat().st_size, seconds=0.0, skipped=json.loads(attrs.skipped))
+                                bytes=path.stat().st_size, seconds=float(attrs.seconds),
+                                skipped=json.loads(attrs.skipped))
     except (OSError, tables.HDF5ExtError, AttributeError, KeyError, ValueError, tables.NoSuchNodeError):
         return None

@@ -1,0 +1,79 @@
+"""Shared fixtures: the real data (``$LYMPHOMA_DATA``) and small real subsets of it."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tables
+from omegaconf import DictConfig
+
+from jobs.config import default_data_root, load_config
+
+
+@pytest.fixture(scope="session")
+def data_root() -> Path:
+    root = Path(default_data_root())
+    if not (root / "manifest.csv").is_file():
+        pytest.fail(f"real data not found at {root}; set LYMPHOMA_DATA to the lymphoma-iicbu2008 folder")
+    return root
+
+
+@pytest.fixture(scope="session")
+def manifest_rows(data_root: Path) -> list[dict[str, str]]:
+    with (data_root / "manifest.csv").open(newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+def pick_images(rows: list[dict[str, str]], cases_per_class: int, images_per_case: int) -> list[dict[str, str]]:
+    """The first images of the first cases of each class, in manifest order."""
+    chosen, cases = [], {}
+    for row in rows:
+        seen = cases.setdefault(row["cls"], [])
+        if row["case_id"] not in seen:
+            if len(seen) == cases_per_class:
+                continue
+            seen.append(row["case_id"])
+        if sum(r["case_id"] == row["case_id"] for r in chosen) < images_per_case:
+            chosen.append(row)
+    return chosen
+
+
+@pytest.fixture()
+def make_dataset(tmp_path: Path, data_root: Path, manifest_rows) -> Callable[..., Path]:
+    """Copy a real subset into ``<tmp>/<name>/<class>/`` folders, as a user's data would be laid out."""
+
+    def make(cases_per_class: int = 2, images_per_case: int = 2, name: str = "images") -> Path:
+        root = tmp_path / name
+        for row in pick_images(manifest_rows, cases_per_class, images_per_case):
+            target = root / row["cls"] / Path(row["lowres_path"]).name
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(data_root / row["lowres_path"], target)
+        return root
+
+    return make
+
+
+@pytest.fixture()
+def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
+    """A config on the embedded defaults with the data source and a run folder under tmp_path."""
+
+    def make(source: Path, *overrides: str, cluster: str | None = None, experiment: str | None = None) -> DictConfig:
+        base = [f"data.source={source}", f"run.root={tmp_path / 'runs'}", "run.name=test", "tiles.images_per_shard=4"]
+        return load_config(experiment, base + list(overrides), cluster)
+
+    return make
+
+
+def read_shards(paths: list[Path]) -> dict[str, np.ndarray]:
+    """Concatenated arrays of a list of shards, for comparing whole stores."""
+    out: dict[str, list[np.ndarray]] = {"imgs": [], "labels": [], "coords": [], "filenames": [], "cases": []}
+    for path in paths:
+        with tables.open_file(path) as h5:
+            for key in out:
+                out[key].append(h5.get_node("/", key)[:])
+    return {key: np.concatenate(value) for key, value in out.items()}

@@ -1,0 +1,116 @@
+"""Shards written through PyTables and read back as one dataset, on real images."""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import pickle
+
+import numpy as np
+import pytest
+import tables
+
+from lymphoma.dataset import TileDataset
+from lymphoma.errors import InputError
+from lymphoma.images import read_rgb
+from lymphoma.inputs import discover
+from lymphoma.sharding import ShardPlan, fingerprint
+from lymphoma.store import parse_compression, read_complete_shard, write_shard
+from lymphoma.tiling import TileSettings, cut_tiles
+
+SETTINGS = TileSettings(size=96, stride=80)
+CLASSES = ["CLL", "FL", "MCL"]
+
+
+@pytest.fixture()
+def records(make_dataset):
+    return discover(make_dataset(1, 2), CLASSES).records
+
+
+def write(path, records, compression="blosc:zstd:5", settings=SETTINGS):
+    plan = ShardPlan("train", 0, tuple(records))
+    fp = fingerprint(plan, CLASSES, settings, compression)
+    return write_shard(path, "train", records, CLASSES, settings, compression, fp), fp
+
+
+def test_shard_layout_labels_counts_and_pixels(tmp_path, records):
+    summary, _ = write(tmp_path / "s.h5", records)
+    with tables.open_file(tmp_path / "s.h5") as h5:
+        imgs = h5.root.imgs
+        assert imgs.atom.dtype == np.uint8 and imgs.shape[1:] == (96, 96, 3)
+        assert imgs.chunkshape == (1, 96, 96, 3)
+        assert imgs.filters.complib == "blosc:zstd" and imgs.filters.complevel == 5
+        attrs = h5.root._v_attrs
+        assert json.loads(attrs.classes) == CLASSES and attrs.tile_size == 96 and attrs.stride == 80
+        assert attrs.complete and attrs.n_tiles == imgs.nrows == summary.n_tiles
+        labels, names, cases, coords = (h5.root.labels[:], h5.root.filenames[:].astype(str),
+                                        h5.root.cases[:].astype(str), h5.root.coords[:])
+        images = h5.root.images[:]
+        row = 0
+        for record in records:
+            tiles = cut_tiles(read_rgb(record.path), SETTINGS)
+            n = len(tiles.pixels)
+            assert (names[row:row + n] == record.name).all() and (cases[row:row + n] == record.case).all()
+            assert (labels[row:row + n] == CLASSES.index(record.label)).all()
+            source = read_rgb(record.path)
+            for k in (0, n - 1):
+                x, y = coords[row + k]
+                np.testing.assert_array_equal(imgs[row + k], source[y:y + 96, x:x + 96])
+            row += n
+        assert row == imgs.nrows
+        assert images["n_tiles"].sum() == imgs.nrows and len(images) == len(records)
+    assert summary.images_per_class == {"CLL": 2, "FL": 2, "MCL": 2}
+    assert sum(summary.tiles_per_class.values()) == summary.n_tiles
+    assert not list(tmp_path.glob("*.tmp-*"))
+
+
+def test_complete_shard_is_recognised_and_a_damaged_or_stale_one_is_not(tmp_path, records):
+    _, fp = write(tmp_path / "s.h5", records)
+    assert read_complete_shard(tmp_path / "s.h5", fp).n_tiles > 0
+    assert read_complete_shard(tmp_path / "s.h5", "another-fingerprint") is None
+    data = (tmp_path / "s.h5").read_bytes()
+    (tmp_path / "cut.h5").write_bytes(data[: len(data) // 2])
+    assert read_complete_shard(tmp_path / "cut.h5", fp) is None
+    assert read_complete_shard(tmp_path / "absent.h5", fp) is None
+
+
+def test_compression_spec_names_allowed_values():
+    assert parse_compression("zlib:6").complib == "zlib"
+    assert parse_compression("blosc:lz4").complevel == 5
+    assert parse_compression("none").complevel == 0
+    with pytest.raises(InputError, match="unknown library 'gzip'.*allowed: none, zlib"):
+        parse_compression("gzip:6")
+
+
+def _read_in_worker(args):
+    dataset, indices = args
+    return [dataset[i][0].sum() for i in indices]
+
+
+def test_shards_read_as_one_dataset_across_processes(tmp_path, records):
+    a, _ = write(tmp_path / "a.h5", records[:3])
+    b, _ = write(tmp_path / "b.h5", records[3:])
+    dataset = TileDataset([tmp_path / "a.h5", tmp_path / "b.h5"])
+    assert len(dataset) == a.n_tiles + b.n_tiles
+    with tables.open_file(tmp_path / "a.h5") as ha, tables.open_file(tmp_path / "b.h5") as hb:
+        whole = np.concatenate([ha.root.imgs[:], hb.root.imgs[:]])
+        labels = np.concatenate([ha.root.labels[:], hb.root.labels[:]])
+    for i in (0, a.n_tiles - 1, a.n_tiles, len(dataset) - 1, -1):
+        tile, label = dataset[i]
+        np.testing.assert_array_equal(tile, whole[i])
+        assert label == labels[i]
+    tiles, batch_labels = dataset.read_batch([5, a.n_tiles + 2])
+    np.testing.assert_array_equal(tiles, whole[[5, a.n_tiles + 2]])
+    assert list(batch_labels) == list(labels[[5, a.n_tiles + 2]])
+    assert dataset.class_counts().tolist() == np.bincount(labels, minlength=3).tolist()
+    dataset[0]  # open handles in this process, then hand the dataset to forked and spawned workers
+    chunks = [(dataset, list(range(k, len(dataset), 4))) for k in range(4)]
+    for method in ("fork", "spawn"):
+        with multiprocessing.get_context(method).Pool(2) as pool:
+            sums = pool.map(_read_in_worker, chunks)
+        for (_, indices), got in zip(chunks, sums):
+            assert got == [whole[i].sum() for i in indices]
+    assert pickle.loads(pickle.dumps(dataset))._handles == {}
+    dataset.close()
+    with pytest.raises(IndexError):
+        dataset[len(dataset)]

@@ -1,0 +1,125 @@
+"""`lymphoma tile` end to end on real images, through real subprocesses of the local executor."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import tables
+import yaml
+
+from conftest import read_shards
+from jobs.tile import run_tile
+from lymphoma.dataset import TileDataset
+from lymphoma.sharding import load_manifest, phase_shards
+from lymphoma.tiling import TileSettings, grid_shape
+
+
+def test_local_array_writes_shards_split_manifest_and_config(make_dataset, make_config):
+    source = make_dataset(4, 3)
+    cfg = make_config(source, "tiles.size=128", "tiles.stride=96", "split.val_fraction=0.25")
+    result = run_tile(cfg, progress=False)
+    run_dir = result.run_dir
+
+    with (run_dir / "split.csv").open() as handle:
+        split = list(csv.DictReader(handle))
+    assert len(split) == 36
+    phases_of_case = {}
+    for row in split:
+        phases_of_case.setdefault(row["case"], set()).add(row["phase"])
+    assert all(len(p) == 1 for p in phases_of_case.values())
+    assert {row["phase"] for row in split} == {"train", "val"}
+
+    manifest = load_manifest(result.manifest)
+    per_image = grid_shape(312, 417, TileSettings(size=128, stride=96))
+    for phase in ("train", "val"):
+        entry = manifest["phases"][phase]
+        n_images = sum(row["phase"] == phase for row in split)
+        assert entry["n_images"] == n_images and entry["n_tiles"] == n_images * per_image[0] * per_image[1]
+        assert len(entry["shards"]) == -(-n_images // 4)
+        assert sum(s["n_tiles"] for s in entry["shards"]) == entry["n_tiles"]
+        dataset = TileDataset(phase_shards(result.manifest, phase))
+        assert len(dataset) == entry["n_tiles"]
+        assert dataset.class_counts().tolist() == [entry["tiles_per_class"][c] for c in ("CLL", "FL", "MCL")]
+        truth = {row["path"].rsplit("/", 1)[1]: (row["label"], row["case"]) for row in split if row["phase"] == phase}
+        assert {(f, dataset.classes[l], c) for f, l, c in zip(dataset.filenames, dataset.labels, dataset.cases)} == \
+            {(f, *truth[f]) for f in truth}
+    saved = yaml.safe_load((run_dir / "config.yaml").read_text())
+    assert saved["tiles"]["stride"] == 96 and saved["data"]["source"] == str(source)
+    assert "${" not in (run_dir / "config.yaml").read_text()
+    logs = list((run_dir / "logs" / "tile").glob("*/*_log.out"))
+    assert len(logs) == result.n_written  # one real subprocess per shard
+
+    again = run_tile(cfg, progress=False)
+    assert again.n_written == 0 and load_manifest(again.manifest) == manifest
+    changed = run_tile(make_config(source, "tiles.size=128", "tiles.stride=64"), progress=False)
+    assert changed.n_written == len(changed.summaries)
+
+
+def test_debug_executor_gives_the_same_shards_as_local_processes(make_dataset, make_config):
+    source = make_dataset(2, 2)
+    local = run_tile(make_config(source, "run.name=local"), progress=False)
+    debug = run_tile(make_config(source, "run.name=debug", cluster="debug"), progress=False)
+    for phase in ("train", "val"):
+        a = read_shards(phase_shards(local.manifest, phase))
+        b = read_shards(phase_shards(debug.manifest, phase))
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_rerun_after_kill_9_mid_write_completes_with_the_same_content(make_dataset, make_config, tmp_path):
+    source = make_dataset(3, 8)
+    args = [f"data.source={source}", f"run.root={tmp_path / 'runs'}", "run.name=killed", "tiles.images_per_shard=6",
+            "tiles.stride=32", "cluster.poll_s=0.05"]
+    command = [sys.executable, "-m", "jobs.cli", "tile", "--no-progress", *args]
+    tiles_dir = tmp_path / "runs" / "killed" / "tiles"
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and proc.poll() is None:
+        if list(tiles_dir.glob("*/*.h5")) and list(tiles_dir.glob("*/*.tmp-*")):
+            break
+        time.sleep(0.005)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    time.sleep(0.5)
+    assert list(tiles_dir.glob("*/*.tmp-*")), "the kill should land while a shard is being written"
+    assert not (tiles_dir / "manifest.json").exists()
+    complete_before = {p.name + p.parent.name: p.stat().st_mtime_ns for p in tiles_dir.glob("*/*.h5")}
+
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    manifest = load_manifest(tiles_dir)
+    n_shards = sum(len(p["shards"]) for p in manifest["phases"].values())
+    assert f"{n_shards - len(complete_before)} shard(s) written, {len(complete_before)} already complete" in rerun.stdout
+    for p in tiles_dir.glob("*/*.h5"):  # shards finished before the kill were kept, not rewritten
+        if p.name + p.parent.name in complete_before:
+            assert p.stat().st_mtime_ns == complete_before[p.name + p.parent.name]
+    assert not list(tiles_dir.glob("*/*.tmp-*"))
+
+    clean = run_tile(make_config(source, "run.name=clean", "tiles.images_per_shard=6", "tiles.stride=32",
+                                 cluster="debug"), progress=False)
+    for phase in manifest["phases"]:
+        a, b = read_shards(phase_shards(tiles_dir, phase)), read_shards(phase_shards(clean.manifest, phase))
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_summary_line_and_manifest_counts_through_the_cli(make_dataset, tmp_path):
+    source = make_dataset(2, 2)
+    out = subprocess.run([sys.executable, "-m", "jobs.cli", "tile", "--no-progress", f"data.source={source}",
+                          f"run.root={tmp_path}", "run.name=cli"], capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    assert "tiles/s" in out.stdout and "train" in out.stdout and "val" in out.stdout
+    manifest = json.loads((tmp_path / "cli" / "tiles" / "manifest.json").read_text())
+    for entry in manifest["phases"].values():
+        for shard in entry["shards"]:
+            with tables.open_file(tmp_path / "cli" / "tiles" / shard["path"]) as h5:
+                assert h5.root.imgs.nrows == shard["n_tiles"]
+                assert json.loads(h5.root._v_attrs.tiles_per_class) == shard["tiles_per_class"]

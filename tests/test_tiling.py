@@ -1,0 +1,78 @@
+"""The tiler on real images: counts follow the formula, pixels equal the source at their coordinates."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from lymphoma.errors import InputError
+from lymphoma.images import read_rgb
+from lymphoma.tiling import TileSettings, cut_tiles, grid_shape
+
+
+@pytest.fixture(scope="module")
+def image(data_root):
+    return read_rgb(data_root / "lowres" / "FL" / "sj-05-1881-R1_001.png")
+
+
+def expected_count(h: int, w: int, size: int, stride: int, pad: int) -> int:
+    return ((h + 2 * pad - size) // stride + 1) * ((w + 2 * pad - size) // stride + 1)
+
+
+@pytest.mark.parametrize(("size", "stride", "pad"), [(128, 64, 0), (128, 128, 0), (64, 32, 16), (100, 37, 50), (312, 1, 0)])
+def test_tile_count_matches_formula(image, size, stride, pad):
+    h, w = image.shape[:2]
+    tiles = cut_tiles(image, TileSettings(size=size, stride=stride, pad=pad))
+    assert len(tiles.pixels) == expected_count(h, w, size, stride, pad)
+    assert tiles.pixels.shape[1:] == (size, size, 3) and tiles.pixels.dtype == np.uint8
+    assert grid_shape(h, w, TileSettings(size=size, stride=stride, pad=pad))[0] * \
+        grid_shape(h, w, TileSettings(size=size, stride=stride, pad=pad))[1] == len(tiles.pixels)
+
+
+@pytest.mark.parametrize("pad", [0, 24])
+def test_tiles_equal_source_pixels_at_their_coordinates(image, pad):
+    settings = TileSettings(size=96, stride=40, pad=pad)
+    tiles = cut_tiles(image, settings)
+    padded = np.pad(image, ((pad, pad), (pad, pad), (0, 0)), mode="reflect")
+    assert tiles.coords.min() == -pad
+    for tile, (x, y) in zip(tiles.pixels, tiles.coords):
+        np.testing.assert_array_equal(tile, padded[y + pad:y + pad + 96, x + pad:x + pad + 96])
+    inside = (tiles.coords >= 0).all(axis=1) & (tiles.coords[:, 0] + 96 <= image.shape[1]) \
+        & (tiles.coords[:, 1] + 96 <= image.shape[0])
+    x, y = tiles.coords[inside][0]
+    np.testing.assert_array_equal(tiles.pixels[inside][0], image[y:y + 96, x:x + 96])
+
+
+def test_resize_factor_is_applied_before_tiling(image):
+    settings = TileSettings(size=64, stride=64, resize=0.5, resample="box")
+    tiles = cut_tiles(image, settings)
+    h, w = round(image.shape[0] * 0.5), round(image.shape[1] * 0.5)
+    small = np.asarray(Image.fromarray(image).resize((w, h), Image.Resampling.BOX))
+    assert len(tiles.pixels) == expected_count(h, w, 64, 64, 0)
+    x, y = tiles.coords[-1]
+    np.testing.assert_array_equal(tiles.pixels[-1], small[y:y + 64, x:x + 64])
+
+
+def test_background_filter_drops_white_tiles_and_counts_them(image):
+    img = image.copy()
+    img[:, :200] = 250  # the left half is blank glass
+    keep_all = cut_tiles(img, TileSettings(size=64, stride=64))
+    filtered = cut_tiles(img, TileSettings(size=64, stride=64, max_background=0.5))
+    assert filtered.n_background > 0
+    assert len(filtered.pixels) + filtered.n_background == len(keep_all.pixels)
+    assert (filtered.coords[:, 0] + 64 > 200).all()  # every kept tile reaches the tissue
+    white = (filtered.pixels >= 220).all(axis=-1).mean(axis=(1, 2))
+    assert (white <= 0.5).all()
+
+
+def test_image_smaller_than_a_tile_is_an_error_naming_the_fix(image):
+    with pytest.raises(InputError, match="smaller than a 400-pixel tile.*lower tiles.size"):
+        cut_tiles(image, TileSettings(size=400, stride=64))
+
+
+def test_settings_name_allowed_values():
+    with pytest.raises(InputError, match="allowed: nearest, bilinear"):
+        TileSettings(resample="cubic-ish")
+    with pytest.raises(InputError, match="tiles.stride must be positive"):
+        TileSettings(stride=0)
