@@ -33,9 +33,16 @@ class ArrayJobError(RuntimeError):
         self.results = results
         lines = [f"{len(failures)} of {len(results)} task(s) of {name!r} failed:"]
         for f in failures:
-            last = f.error.strip().splitlines()[-1] if f.error.strip() else "no message"
-            lines.append(f"  task {f.index} (job {f.job_id}): {last}\n    logs: {f.stderr} and {f.stdout}")
+            lines.append(f"  task {f.index} (job {f.job_id}): {_last_error_line(f.error)}\n    logs: {f.stderr} and {f.stdout}")
         super().__init__("\n".join(lines))
+
+
+def _last_error_line(message: str) -> str:
+    """The exception line of a task's error, without submitit's framing of the traceback."""
+    body = message.split("-" * 22)
+    text = body[1] if len(body) >= 3 else message  # submitit: header, traceback, log paths
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return lines[-1].strip() if lines else "no message"
 
 
 def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequence[T], *,

@@ -62,6 +62,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"data set ready in {dest}; use it with data.source={dest}")
     except (InputError, ArrayJobError) as err:
         print(f"lymphoma {args.command}: error: {err}", file=sys.stderr)
+        if isinstance(err, ArrayJobError):
+            print("finished tasks' outputs are kept: fix the cause and rerun the same command to redo only "
+                  "the failed ones", file=sys.stderr)
         return 2 if isinstance(err, InputError) else 1
     return 0
 

@@ -87,7 +87,8 @@ def default_data_root() -> str:
 
 def _read_yaml(path: Path) -> DictConfig:
     try:
-        data = yaml.safe_load(path.read_text())
+        with path.open() as handle:
+            data = yaml.safe_load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found; give an existing YAML file (see {CONFIG_DIR})") from None
     except yaml.YAMLError as err:

@@ -1,0 +1,106 @@
+"""Bad input gets a clear error naming the file and the fix; one bad image never sinks the job."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.cli import main
+from jobs.config import ConfigError, load_config, to_object
+from jobs.tile import run_tile
+from lymphoma.errors import ImageError
+from lymphoma.images import read_rgb
+from lymphoma.sharding import load_manifest
+
+
+@pytest.fixture()
+def bad_images(make_dataset):
+    """A real data subset with one of each kind of bad image added to the CLL folder."""
+    root = make_dataset(2, 2)
+    good = sorted((root / "CLL").iterdir())[0]
+    data = good.read_bytes()
+    rgb = np.asarray(Image.open(good))
+    folder = root / "CLL"
+    (folder / "corrupt_001.png").write_bytes(b"this is not an image" * 50)
+    (folder / "truncated_001.png").write_bytes(data[: len(data) // 3])
+    Image.fromarray(rgb).convert("L").save(folder / "gray_001.png")
+    Image.fromarray(rgb).convert("RGBA").save(folder / "rgba_001.tif")
+    Image.fromarray(rgb[:60, :80]).save(folder / "tiny_001.png")
+    return root
+
+
+EXPECTED = {
+    "corrupt_001.png": "not a readable image",
+    "truncated_001.png": "truncated or corrupt",
+    "gray_001.png": "is grayscale",
+    "rgba_001.tif": "alpha channel",
+    "tiny_001.png": "smaller than a 128-pixel tile",
+}
+
+
+def test_each_bad_image_has_its_own_error(bad_images):
+    for name, message in EXPECTED.items():
+        if name == "tiny_001.png":
+            continue
+        with pytest.raises(ImageError, match=message) as info:
+            read_rgb(bad_images / "CLL" / name)
+        assert name in str(info.value)
+
+
+def test_bad_images_are_skipped_listed_and_the_rest_is_tiled(bad_images, make_config):
+    result = run_tile(make_config(bad_images, "tiles.images_per_shard=20"), progress=False)
+    manifest = load_manifest(result.manifest)
+    skipped = {item["path"].rsplit("/", 1)[1]: item["reason"] for item in manifest["skipped"]}
+    assert set(skipped) == set(EXPECTED)
+    for name, message in EXPECTED.items():
+        assert message in skipped[name]
+    assert sum(p["n_images"] for p in manifest["phases"].values()) == 12
+    assert result.n_skipped == 5
+
+
+def test_strict_mode_fails_naming_the_file(bad_images, tmp_path, capsys):
+    code = main(["tile", "--no-progress", f"data.source={bad_images}", f"run.root={tmp_path}", "tiles.strict=true",
+                 "tiles.images_per_shard=20"])
+    err = capsys.readouterr().err
+    assert code == 1
+    assert "of 2 task(s) of 'tile-default' failed" in err and "ImageError" in err and "_001.png: " in err
+    assert "_log.err" in err and not (tmp_path / "default" / "tiles" / "manifest.json").exists()
+
+
+def test_config_errors_name_the_file_and_key(tmp_path):
+    bad_yaml = tmp_path / "bad.yaml"
+    bad_yaml.write_text("tiles:\n  size: 128\n stride: [\n")
+    with pytest.raises(ConfigError, match=f"(?s){bad_yaml}: not valid YAML.*line 3"):
+        load_config(bad_yaml)
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text("tiles:\n  tile_size: 128\n")
+    with pytest.raises(ConfigError, match=f"{unknown}: unknown key 'tiles.tile_size'"):
+        load_config(unknown)
+    with pytest.raises(ConfigError, match="command-line overrides: bad value for 'tiles.size'.*'big'"):
+        load_config(None, ["tiles.size=big"])
+    with pytest.raises(ConfigError, match="must look like section.key=value"):
+        load_config(None, ["tiles.size"])
+    with pytest.raises(ConfigError, match="cluster.kind is 'cloud'; allowed: local, debug, slurm"):
+        to_object(load_config(None, ["cluster.kind=cloud"]))
+    with pytest.raises(ConfigError, match="config file .*missing.yaml not found"):
+        load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match="--cluster 'cloud'.*slurm"):
+        load_config(None, [], "cloud")
+
+
+def test_unwritable_run_folder_and_missing_source_through_the_cli(make_dataset, tmp_path):
+    source = make_dataset(1, 1)
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    run = subprocess.run([sys.executable, "-m", "jobs.cli", "tile", f"data.source={source}", f"run.root={blocker}"],
+                         capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2
+    assert f"cannot write to the run folder {blocker}" in run.stderr and "set run.root" in run.stderr
+    run = subprocess.run([sys.executable, "-m", "jobs.cli", "tile", f"data.source={tmp_path / 'nope'}",
+                          f"run.root={tmp_path}"], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 2 and "nope does not exist" in run.stderr
+    assert "Traceback" not in run.stderr
