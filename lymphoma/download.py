@@ -41,6 +41,8 @@ def download_dataset(dest: str | Path, urls: Sequence[str], sha1: str | None, cl
                 break
             except (OSError, http.client.HTTPException) as err:
                 errors.append(f"{url}: {err}")
+            except InputError as err:  # a mirror with another file: try the next one
+                errors.append(str(err))
         else:
             raise InputError("download failed from every address (rerun to resume):\n  " + "\n  ".join(errors))
     _unpack(archive, dest, classes)
@@ -63,13 +65,15 @@ def _fetch(url: str, archive: Path, sha1: str | None, attempts: int, timeout_s: 
                     while chunk := response.read(CHUNK):
                         out.write(chunk)
                         _progress(out.tell(), total)
+                    if total is not None and out.tell() < total:
+                        raise http.client.IncompleteRead(b"", total - out.tell())
             break
         except urllib.error.HTTPError as err:
             if err.code == 416 and have:  # nothing left to fetch: the part is whole
                 break
             raise
         except (OSError, http.client.HTTPException) as err:
-            print(f"\ndownload interrupted ({err}); attempt {attempt} of {attempts}", file=sys.stderr)
+            print(f"\n{url}: download interrupted ({err}); attempt {attempt} of {attempts}", file=sys.stderr)
             if attempt == attempts:
                 raise
     print(file=sys.stderr)

@@ -1,0 +1,18 @@
+"""Task functions for the hpc tests; a module of its own so the local executor's subprocesses can import it."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+
+def record_span(args: tuple[str, int]) -> int:
+    """Write this task's start and end times to a file; fail for item 3."""
+    folder, item = args
+    start = time.time()
+    time.sleep(0.4)
+    Path(folder, f"{item}.span").write_text(f"{start} {time.time()} {os.getpid()}")
+    if item == 3:
+        raise ValueError(f"item {item} is bad on purpose")
+    return item * item
