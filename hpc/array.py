@@ -10,6 +10,9 @@ from typing import Any, TypeVar
 
 import submitit
 
+# SLURM states after which no result file will come; others (CONFIGURING, COMPLETING, ...) are still open.
+FINAL_SLURM_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
+                      "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
 T = TypeVar("T")
 R = TypeVar("R")
 
@@ -37,6 +40,34 @@ class ArrayJobError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
+def _ended(job: submitit.Job[Any], cluster: str) -> bool:
+    """Whether a task is over: its result file exists or, on SLURM, its state is final.
+
+    submitit's own ``done()`` takes any state it does not know (such as CONFIGURING) as done, and
+    then waits only a few seconds for a result that is still to come.
+    """
+    if cluster != "slurm":
+        return job.done()
+    if job.paths.result_pickle.exists():
+        return True
+    return job.done() and job.state.split(" ")[0].upper() in FINAL_SLURM_STATES
+
+
+def _expired(deadline: float | None, open_jobs: dict[int, submitit.Job[Any]], waiting: list[int],
+             failures: list[TaskFailure]) -> bool:
+    """Past the deadline: cancel what is still open or waiting and record it as failed."""
+    if deadline is None or time.monotonic() < deadline:
+        return False
+    for index, job in open_jobs.items():
+        job.cancel(check=False)
+        failures.append(TaskFailure(index, str(job.job_id), "TimeoutError: cancelled at the array's time limit",
+                                    job.paths.stdout, job.paths.stderr))
+    for index in waiting:
+        failures.append(TaskFailure(index, "-", "TimeoutError: never started before the array's time limit",
+                                    Path("-"), Path("-")))
+    return True
+
+
 def _last_error_line(message: str) -> str:
     """The exception line of a task's error, without submitit's framing of the traceback."""
     body = message.split("-" * 22)
@@ -46,53 +77,53 @@ def _last_error_line(message: str) -> str:
 
 
 def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequence[T], *,
-              parallelism: int = 1, poll_s: float = 0.5,
+              parallelism: int = 1, poll_s: float = 0.5, timeout_s: float | None = None,
               on_done: Callable[[int, R | None], None] | None = None) -> list[R]:
     """Run ``fn(item)`` for every item and return the results in order.
 
     SLURM and debug executors get one array job (SLURM caps it at ``parallelism`` tasks at once);
     the local executor starts at most ``parallelism`` processes at a time. ``on_done(index,
-    result)`` is called as each task ends (result None if it failed). Raises ArrayJobError after all
-    tasks have ended if any failed.
+    result)`` is called as each task ends (result None if it failed). Tasks still open after
+    ``timeout_s`` are cancelled and count as failed. Raises ArrayJobError after all tasks have ended
+    if any failed.
     """
     items = list(items)
     results: list[Any] = [None] * len(items)
     failures: list[TaskFailure] = []
-    name = str(executor.parameters.get("name", getattr(fn, "__name__", "array")))
+    params = executor._executor.parameters if hasattr(executor, "_executor") else executor.parameters
+    name = str(params.get("name") or params.get("job_name") or getattr(fn, "__name__", "array"))
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
     def finish(index: int, job: submitit.Job[Any]) -> None:
         try:
             results[index] = job.result()
         except Exception as err:  # noqa: BLE001 - any task error is reported with its logs
-            failures.append(TaskFailure(index, str(job.job_id), f"{type(err).__name__}: {err}",
-                                        job.paths.stdout, job.paths.stderr))
+            failed = isinstance(err, submitit.core.utils.FailedJobError) or \
+                not isinstance(err, submitit.core.utils.UncompletedJobError)
+            # Uncompleted: killed, cancelled or timed out before writing a result
+            message = f"{type(err).__name__}: {err}" if failed else f"no result, the job ended as {job.state}"
+            failures.append(TaskFailure(index, str(job.job_id), message, job.paths.stdout, job.paths.stderr))
         if on_done is not None:
             on_done(index, results[index])
 
-    if executor.cluster == "local":
-        waiting = list(range(len(items)))
-        running: dict[int, submitit.Job[Any]] = {}
-        while waiting or running:
-            while waiting and len(running) < parallelism:
-                index = waiting.pop(0)
-                running[index] = executor.submit(fn, items[index])
-            for index, job in list(running.items()):
-                if job.done():
-                    finish(index, running.pop(index))
-            if running:
-                time.sleep(poll_s)
-    else:
-        jobs = executor.map_array(fn, items) if items else []
-        if executor.cluster == "debug":  # runs each task in this process, in order, when its result is asked
-            for index, job in enumerate(jobs):
-                finish(index, job)
-        open_jobs = {} if executor.cluster == "debug" else dict(enumerate(jobs))
-        while open_jobs:
-            for index, job in list(open_jobs.items()):
-                if job.done():
-                    finish(index, open_jobs.pop(index))
-            if open_jobs:
-                time.sleep(poll_s)
+    waiting = list(range(len(items)))
+    running: dict[int, submitit.Job[Any]] = {}
+    if executor.cluster != "local" and items:  # one array job; SLURM applies the parallelism itself
+        running, waiting = dict(enumerate(executor.map_array(fn, items))), []
+    if executor.cluster == "debug":  # each task runs in this process, in order, when its result is asked
+        for index in sorted(running):
+            finish(index, running.pop(index))
+    while waiting or running:
+        while waiting and len(running) < parallelism:  # local: at most `parallelism` processes at once
+            index = waiting.pop(0)
+            running[index] = executor.submit(fn, items[index])
+        for index, job in list(running.items()):
+            if _ended(job, executor.cluster):
+                finish(index, running.pop(index))
+        if running and _expired(deadline, running, waiting, failures):
+            break
+        if running:
+            time.sleep(poll_s)
     if failures:
         raise ArrayJobError(name, sorted(failures, key=lambda f: f.index), results)
     return results

@@ -77,3 +77,23 @@ def read_shards(paths: list[Path]) -> dict[str, np.ndarray]:
             for key in out:
                 out[key].append(h5.get_node("/", key)[:])
     return {key: np.concatenate(value) for key, value in out.items()}
+
+
+def slurm_is_up() -> bool:
+    import shutil
+    import subprocess
+
+    if shutil.which("scontrol") is None:
+        return False
+    return subprocess.run(["scontrol", "ping"], capture_output=True, text=True).stdout.count("UP") > 0
+
+
+@pytest.fixture(scope="session")
+def slurm_cluster() -> None:
+    """A running SLURM cluster; .ci/run starts one (hpc/local_cluster/start.sh) and sets LYMPHOMA_REQUIRE_SLURM=1."""
+    import os
+
+    if not slurm_is_up():
+        if os.environ.get("LYMPHOMA_REQUIRE_SLURM") == "1":
+            pytest.fail("LYMPHOMA_REQUIRE_SLURM=1 but no SLURM cluster answers `scontrol ping`")
+        pytest.skip("no SLURM cluster is up: start one with `bash hpc/local_cluster/start.sh`")

@@ -16,3 +16,10 @@ def record_span(args: tuple[str, int]) -> int:
     if item == 3:
         raise ValueError(f"item {item} is bad on purpose")
     return item * item
+
+
+def sleep_for(args: tuple[str, float]) -> None:
+    """Touch a file, then sleep (a task to cancel)."""
+    marker, seconds = args
+    Path(marker).write_text(str(os.getpid()))
+    time.sleep(seconds)

@@ -43,20 +43,6 @@ def test_debug_executor_runs_in_this_process(tmp_path):
     assert (tmp_path / "1.span").read_text().split()[2] == str(os.getpid())
 
 
-def test_slurm_parameters_reach_the_sbatch_script(tmp_path):
-    settings = ExecutorSettings(kind="slurm", parallelism=7, timeout_min=30, cpus_per_task=3, mem_gb=12,
-                                partition="gpu", account="lab", qos="high", constraint="a100",
-                                setup=["module load cuda"], extra_sbatch={"mail-type": "END"})
-    executor = make_executor(settings, tmp_path / "%j", name="tile")
-    script = executor._executor._make_submission_file_text("python -m x", "uid")
-    for line in ("#SBATCH --partition=gpu", "#SBATCH --account=lab", "#SBATCH --qos=high", "#SBATCH --constraint=a100",
-                 "#SBATCH --cpus-per-task=3", "#SBATCH --mem=12GB", "#SBATCH --time=30", "#SBATCH --mail-type=END",
-                 "#SBATCH --job-name=tile", "module load cuda"):
-        assert line in script
-    assert executor._executor.parameters.get("array_parallelism", None) == 7 or \
-        executor._executor._array_parallelism == 7  # submitit keeps it aside for --array=...%7
-
-
 def test_settings_name_the_allowed_values():
     with pytest.raises(ValueError, match="allowed: local, debug, slurm"):
         ExecutorSettings(kind="kubernetes")

@@ -1,0 +1,93 @@
+"""On a real SLURM cluster (hpc/local_cluster/start.sh): the tiling array, failures and cancellation."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import submitit
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+from conftest import read_shards  # noqa: E402
+from hpc import ArrayJobError, ExecutorSettings, make_executor, run_array  # noqa: E402
+from hpc_tasks import record_span, sleep_for  # noqa: E402
+from jobs.tile import run_tile  # noqa: E402
+from lymphoma.sharding import load_manifest, phase_shards  # noqa: E402
+
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+SMALL = ["cluster.cpus_per_task=1", "cluster.mem_gb=0.5", "cluster.timeout_min=10", "cluster.poll_s=0.2"]
+
+
+@pytest.fixture(autouse=True)
+def fast_failures(monkeypatch):
+    """submitit waits 15 s for a result file that will never come; 2 s is enough on one machine."""
+    monkeypatch.setattr(submitit.core.core.Job, "_results_timeout_s", 2)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+
+
+def sacct_tasks(job_name: str) -> list[tuple[str, str]]:
+    out = subprocess.run(["sacct", "-X", "-n", "-P", "--name", job_name, "-o", "JobID,State"],
+                         capture_output=True, text=True, check=True).stdout
+    return [tuple(line.split("|")) for line in out.split()]
+
+
+def test_tiling_array_has_one_task_per_shard_and_matches_the_local_run(make_dataset, make_config):
+    source = make_dataset(2, 3)
+    name = f"on-slurm-{uuid.uuid4().hex[:8]}"  # job names are unique across runs of the suite
+    slurm = run_tile(make_config(source, f"run.name={name}", *SMALL, cluster="slurm"), progress=False)
+    local = run_tile(make_config(source, "run.name=on-local"), progress=False)
+    n_shards = len(slurm.summaries)
+    tasks = sacct_tasks(f"tile-{name}")
+    assert len(tasks) == n_shards and {state for _, state in tasks} == {"COMPLETED"}
+    assert len({job_id.split("_")[0] for job_id, _ in tasks}) == 1  # one array job
+    assert sorted(int(job_id.split("_")[1]) for job_id, _ in tasks) == list(range(n_shards))
+    assert load_manifest(slurm.manifest)["phases"].keys() == load_manifest(local.manifest)["phases"].keys()
+    for phase in load_manifest(local.manifest)["phases"]:
+        a, b = read_shards(phase_shards(slurm.manifest, phase)), read_shards(phase_shards(local.manifest, phase))
+        for key in a:
+            np.testing.assert_array_equal(a[key], b[key])
+
+
+def test_a_failing_task_is_named_with_its_log_and_the_others_finish(tmp_path):
+    settings = ExecutorSettings(kind="slurm", parallelism=3, timeout_min=5, mem_gb=0.5)
+    executor = make_executor(settings, tmp_path / "logs" / "%j", name="fails")
+    with pytest.raises(ArrayJobError) as info:
+        run_array(executor, record_span, [(str(tmp_path), i) for i in range(5)], parallelism=3, poll_s=0.2,
+                  timeout_s=180)
+    err = info.value
+    assert [f.index for f in err.failures] == [3] and err.results == [0, 1, 4, None, 16]
+    assert "ValueError: item 3 is bad on purpose" in str(err)
+    assert err.failures[0].stderr.is_file() and "bad on purpose" in err.failures[0].stderr.read_text()
+    assert f"task 3 (job {err.failures[0].job_id})" in str(err) and err.failures[0].job_id.endswith("_3")
+    assert "of 'fails' failed" in str(err)
+
+
+def test_cancelled_job_surfaces_as_a_clear_state_not_a_hang(tmp_path):
+    settings = ExecutorSettings(kind="slurm", timeout_min=5, mem_gb=0.5)
+    name = f"cancelled-{uuid.uuid4().hex[:8]}"
+    executor = make_executor(settings, tmp_path / "logs" / "%j", name=name)
+    started = tmp_path / "started"
+
+    def cancel_when_running() -> None:
+        for _ in range(600):
+            if started.exists():
+                subprocess.run(["scancel", "--name", name], check=True)
+                return
+            time.sleep(0.1)
+
+    canceller = threading.Thread(target=cancel_when_running)
+    canceller.start()
+    begin = time.monotonic()
+    with pytest.raises(ArrayJobError) as info:
+        run_array(executor, sleep_for, [(str(started), 300)], poll_s=0.2, timeout_s=120)
+    canceller.join()
+    assert time.monotonic() - begin < 100
+    assert "CANCELLED" in str(info.value) and "TimeoutError" not in str(info.value)
