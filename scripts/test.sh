@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# Run the whole test suite: installs the project (scripts/setup.sh), starts the local SLURM cluster when
+# running as root (hpc/local_cluster/start.sh; stopped again at the end) so that the SLURM tests run
+# too, then pytest. Extra arguments go to pytest. LYMPHOMA_NO_SLURM=1 skips the cluster (and its tests).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh
+if [ "${LYMPHOMA_NO_SLURM:-0}" != 1 ] && [ "$(id -u)" = 0 ]; then
+  if scontrol ping 2>/dev/null | grep -q UP; then
+    echo "using the SLURM cluster that is already up"
+  else
+    bash hpc/local_cluster/start.sh
+    trap 'bash hpc/local_cluster/stop.sh' EXIT
+  fi
+  export LYMPHOMA_REQUIRE_SLURM=1
+fi
+.venv/bin/python -m pytest "$@"
