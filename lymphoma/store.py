@@ -119,8 +119,11 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
                 coords.append(cut.coords)
                 filenames.append(np.full(n, Path(record.path).name.encode(), dtype=f"S{name_len}"))
                 cases.append(np.full(n, record.case.encode(), dtype=f"S{case_len}"))
-                images.append([(Path(record.path).name.encode(), record.case.encode(), label,
-                                image.shape[0], image.shape[1], n, cut.n_background)])
+                row = images.row
+                row["filename"], row["case"], row["label"] = Path(record.path).name, record.case, label
+                row["height"], row["width"], row["n_tiles"], row["n_background"] = (
+                    image.shape[0], image.shape[1], n, cut.n_background)
+                row.append()
                 tiles_per_class[record.label] += n
                 images_per_class[record.label] += 1
                 n_background += cut.n_background

@@ -59,6 +59,11 @@ def test_shard_layout_labels_counts_and_pixels(tmp_path, records):
             row += n
         assert row == imgs.nrows
         assert images["n_tiles"].sum() == imgs.nrows and len(images) == len(records)
+        assert images["filename"].astype(str).tolist() == [r.name for r in records]
+        assert images["case"].astype(str).tolist() == [r.case for r in records]
+        assert images["label"].tolist() == [CLASSES.index(r.label) for r in records]
+        assert set(images["width"]) == {417} and set(images["height"]) == {312}
+        assert set(images["n_tiles"]) == {15} and set(images["n_background"]) == {0}  # 3 x 5 tiles of 96 at 80
     assert summary.images_per_class == {"CLL": 2, "FL": 2, "MCL": 2}
     assert sum(summary.tiles_per_class.values()) == summary.n_tiles
     assert not list(tmp_path.glob("*.tmp-*"))

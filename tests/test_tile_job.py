@@ -123,3 +123,26 @@ def test_summary_line_and_manifest_counts_through_the_cli(make_dataset, tmp_path
             with tables.open_file(tmp_path / "cli" / "tiles" / shard["path"]) as h5:
                 assert h5.root.imgs.nrows == shard["n_tiles"]
                 assert json.loads(h5.root._v_attrs.tiles_per_class) == shard["tiles_per_class"]
+
+
+def test_full_resolution_jpeg_and_tiff_inputs_with_a_resize_factor(data_root, manifest_rows, tmp_path, make_config):
+    """The 1388x1040 JPEGs and TIFF copies of them, resized by 0.3 as the tutorial's resize factor does."""
+    from PIL import Image
+
+    source = tmp_path / "fullres"
+    rows = [row for row in manifest_rows if row["fullres_jpeg_path"]]
+    for i, row in enumerate(rows[:12]):
+        target = source / row["cls"] / row["filename"].replace(".tif", ".jpg" if i % 2 else ".tif")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        Image.open(data_root / row["fullres_jpeg_path"]).save(target)
+    result = run_tile(make_config(source, "tiles.resize=0.3", "tiles.size=128", "tiles.stride=128",
+                                  "split.val_fraction=0.3"), progress=False)
+    manifest = load_manifest(result.manifest)
+    per_image = grid_shape(1040, 1388, TileSettings(size=128, stride=128, resize=0.3))
+    assert per_image == (2, 3)  # 312 x 416 after resizing
+    n_images = sum(p["n_images"] for p in manifest["phases"].values())
+    assert n_images == len(list(source.rglob("*.*"))) and not manifest["skipped"]
+    assert sum(p["n_tiles"] for p in manifest["phases"].values()) == n_images * 6
+    with tables.open_file(phase_shards(result.manifest, "train")[0]) as h5:
+        assert h5.root._v_attrs.resize == 0.3
+        assert set(h5.root.images.col("width")) == {1388}
