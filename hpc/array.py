@@ -40,6 +40,15 @@ class ArrayJobError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
+def wait_for(job: submitit.Job[Any], name: str) -> list[Any]:
+    """The results of every task of one job (e.g. a multi-process training); ArrayJobError names the logs."""
+    try:
+        return job.results()
+    except Exception as err:  # noqa: BLE001 - reported with the job's logs
+        failure = TaskFailure(0, str(job.job_id), f"{type(err).__name__}: {err}", job.paths.stdout, job.paths.stderr)
+        raise ArrayJobError(name, [failure], [None]) from None
+
+
 def _ended(job: submitit.Job[Any], cluster: str) -> bool:
     """Whether a task is over: its result file exists or, on SLURM, its state is final.
 

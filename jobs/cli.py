@@ -33,6 +33,25 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(tile)
     tile.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    train = sub.add_parser("train", help="train the DenseNet on the run's tiles (DDP; resumes from last.pt)",
+                           description="Train a DenseNet on the tile shards of the run folder, one process per "
+                                       "task (gloo on CPU, NCCL on GPUs). Running it again resumes.")
+    _add_config_args(train)
+    train.add_argument("--nodes", type=int, help="nodes (sets cluster.nodes)")
+    train.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (sets cluster.gpus_per_node "
+                                                          "and cluster.tasks_per_node)")
+    train.add_argument("--processes", type=int, help="processes per node (sets cluster.tasks_per_node)")
+
+    validate = sub.add_parser("validate", help="the tutorial's step 3: per-tile outputs, confusion matrix, kernels, "
+                                               "activations of a checkpoint on a phase",
+                              description="Run a checkpoint over a phase's tiles (centre crop) and write tiles.csv, "
+                                          "confusion.json/png, augment.png, kernels.png and activations.png.")
+    _add_config_args(validate)
+    validate.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a training run")
+    validate.add_argument("--phase", default="val", help="train, val or test (default val)")
+    validate.add_argument("--layer", default="features.denseblock1", help="layer whose activations to show")
+    validate.add_argument("--out", help="output folder (default: <run folder>/validate)")
+
     download = sub.add_parser("download", help="fetch the public IICBU 2008 lymphoma data set into class folders",
                               description="Download the public tarball (resumable), verify its SHA-1 and unpack "
                                           "it into one folder per class.")
@@ -43,15 +62,44 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _launch_overrides(args: argparse.Namespace) -> list[str]:
+    """``--nodes``, ``--gpus-per-node`` and ``--processes`` as cluster overrides."""
+    out = []
+    if getattr(args, "nodes", None):
+        out.append(f"cluster.nodes={args.nodes}")
+    if getattr(args, "gpus_per_node", None):
+        out += [f"cluster.gpus_per_node={args.gpus_per_node}", f"cluster.tasks_per_node={args.gpus_per_node}"]
+    if getattr(args, "processes", None):
+        out.append(f"cluster.tasks_per_node={args.processes}")
+    return out
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        cfg = load_config(args.config, args.overrides, args.cluster)
+        cfg = load_config(args.config, args.overrides + _launch_overrides(args), args.cluster)
         if args.command == "tile":
             from jobs.tile import format_summary, run_tile
 
             result = run_tile(cfg, progress=not args.no_progress)
             print(format_summary(result))
+        elif args.command == "train":
+            from jobs.train import run_train
+
+            summary = run_train(cfg)[0]
+            print(f"best epoch {summary['best_epoch'] + 1}: val loss {summary['best_val_loss']:.4f}, "
+                  f"val accuracy {summary['best_val_accuracy']:.3f}; checkpoints in {summary['checkpoints']}")
+        elif args.command == "validate":
+            from pathlib import Path
+
+            from lymphoma.validation import validate as run_validate
+
+            c = to_object(cfg)
+            run_dir = Path(c.run.root) / c.run.name
+            out = Path(args.out) if args.out else run_dir / "validate"
+            summary = run_validate(Path(args.checkpoint), run_dir / "tiles", args.phase, out, args.layer)
+            print(f"{args.phase}: {summary['tiles']} tiles, accuracy {summary['accuracy']:.3f}, balanced accuracy "
+                  f"{summary['balanced_accuracy']:.3f}; files in {out}")
         elif args.command == "download":
             from lymphoma.download import download_dataset
 

@@ -16,8 +16,11 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hpc.executors import EXECUTOR_KINDS, ExecutorSettings
+from lymphoma.augment import AugmentSettings
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
+from lymphoma.model import ModelSettings
+from lymphoma.training import TrainSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -77,6 +80,9 @@ class Config:
     split: SplitConfig = MISSING
     tiles: TilesConfig = MISSING
     download: DownloadConfig = MISSING
+    model: ModelSettings = MISSING
+    augment: AugmentSettings = MISSING
+    train: TrainSettings = MISSING
     cluster: ExecutorSettings = MISSING
 
 
@@ -140,6 +146,14 @@ def load_config(experiment: str | Path | None = None, overrides: list[str] | Non
         except OmegaConfBaseException as err:
             raise ConfigError(f"{source}: {_explain(err)}") from None
     return cfg
+
+
+def from_yaml_text(text: str) -> DictConfig:
+    """A resolved config saved as YAML (as a job receives it), checked against the schema again."""
+    try:
+        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"saved config: {_explain(err)}") from None
 
 
 def _explain(err: OmegaConfBaseException) -> str:

@@ -1,0 +1,190 @@
+"""Augmentation with one interface and two backends: NVIDIA DALI (GPU, or CPU with device_id=None) and
+torchvision transforms v2, with the same semantics.
+
+Train mode: horizontal and vertical flips, a rotation by a uniform angle, a random crop, HSV / colour
+jitter, random grayscale, then scaling to [0, 1], normalisation and float CHW. Eval mode: a centre
+crop, scaling and normalisation only (no randomness).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Callable, List, Optional
+
+import numpy as np
+import torch
+
+from lymphoma.errors import InputError
+
+BACKENDS = ("auto", "dali", "torch")
+
+
+@dataclass
+class AugmentSettings:
+    """Ranges follow the tutorial: hue is a fraction of the hue circle (0.5 = anywhere), rotation in degrees.
+
+    ``rotate90`` adds a lossless rotation by a random multiple of 90 degrees (no filled corners)."""
+
+    backend: str = "auto"
+    crop: int = 112
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rotate: float = 180.0
+    rotate90: bool = False
+    hue: float = 0.5
+    saturation: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    grayscale_p: float = 0.1
+    mean: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    std: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InputError(f"augment.backend is {self.backend!r}; allowed: {', '.join(BACKENDS)}")
+        if not 0 <= self.hue <= 0.5:
+            raise InputError(f"augment.hue must be in [0, 0.5] (a fraction of the hue circle), got {self.hue}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise InputError("augment.mean and augment.std need 3 values each, std > 0")
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+def choose_backend(settings: AugmentSettings) -> str:
+    """``auto`` is DALI when it is installed, else torch."""
+    if settings.backend == "auto":
+        return "dali" if dali_available() else "torch"
+    if settings.backend == "dali" and not dali_available():
+        raise InputError("augment.backend=dali but NVIDIA DALI is not installed; pip install nvidia-dali-cuda130 "
+                         "(or another CUDA build) or set augment.backend=torch")
+    return settings.backend
+
+
+class Augmenter:
+    """``sample`` (or None) runs per tile in the loader workers; ``batch`` turns a loader batch of
+    uint8 ``[B, H, W, 3]`` (or already-augmented float ``[B, 3, h, w]``) into float ``[B, 3, crop, crop]``
+    on ``device``."""
+
+    sample: Optional[Callable[[np.ndarray], torch.Tensor]] = None
+
+    def batch(self, tiles: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+        raise NotImplementedError
+
+
+def build_augmenter(settings: AugmentSettings, train: bool, device: torch.device, seed: int = 0) -> Augmenter:
+    """The augmentation of the chosen backend, in train (random) or eval (centre crop) mode."""
+    if choose_backend(settings) == "dali":
+        return DaliAugmenter(settings, train, device, seed)
+    return TorchAugmenter(settings, train, device)
+
+
+class TorchAugmenter(Augmenter):
+    """torchvision transforms v2, one tile at a time, in the DataLoader workers."""
+
+    def __init__(self, settings: AugmentSettings, train: bool, device: torch.device) -> None:
+        from torchvision.transforms import InterpolationMode, v2
+
+        s = settings
+        steps: list[object] = []
+        if train:
+            steps += [v2.RandomHorizontalFlip(s.hflip), v2.RandomVerticalFlip(s.vflip)]
+            if s.rotate90:
+                steps.append(_RandomRot90())
+            steps += [v2.RandomRotation(s.rotate, interpolation=InterpolationMode.BILINEAR, fill=0),
+                      v2.RandomCrop(s.crop),
+                      v2.ColorJitter(brightness=s.brightness, contrast=s.contrast, saturation=s.saturation, hue=s.hue),
+                      v2.RandomGrayscale(s.grayscale_p)]
+        else:
+            steps.append(v2.CenterCrop(s.crop))
+        steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(s.mean, s.std)]
+        self._transform = v2.Compose(steps)
+        self.device = device
+        self.sample = self._apply
+
+    def _apply(self, tile: np.ndarray) -> torch.Tensor:
+        return self._transform(torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1))
+
+    def batch(self, tiles: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+        return tiles.to(self.device, non_blocking=True)
+
+
+class _RandomRot90(torch.nn.Module):
+    """Rotate a CHW tile by k * 90 degrees, k uniform in 0..3 (counter-clockwise, as DALI's angle)."""
+
+    def forward(self, tile: torch.Tensor) -> torch.Tensor:
+        return torch.rot90(tile, int(torch.randint(4, ())), dims=(-2, -1))
+
+
+class DaliAugmenter(Augmenter):
+    """A DALI pipeline fed whole batches through external_source: on the GPU when ``device`` is CUDA,
+    else on the CPU (``device_id=None``). Seeded per epoch, so that a resumed run repeats it."""
+
+    def __init__(self, settings: AugmentSettings, train: bool, device: torch.device, seed: int = 0,
+                 max_batch: int = 512, threads: int = 2) -> None:
+        self.settings, self.train, self.device, self.seed = settings, train, device, seed
+        self.max_batch, self.threads = max_batch, threads
+        self._pipes: dict[int, object] = {}
+
+    def _pipeline(self, epoch: int) -> object:
+        if epoch not in self._pipes:
+            self._pipes = {epoch: self._build(self.seed * 100_003 + epoch)}
+        return self._pipes[epoch]
+
+    def _build(self, seed: int) -> object:
+        from nvidia.dali import fn, pipeline_def, types
+
+        s, train, gpu = self.settings, self.train, self.device.type == "cuda"
+
+        @pipeline_def(batch_size=self.max_batch, num_threads=self.threads,
+                      device_id=self.device.index or 0 if gpu else None, seed=seed, prefetch_queue_depth=1)
+        def pipeline():  # type: ignore[no-untyped-def]
+            x = fn.external_source(name="tiles", layout="HWC", dtype=types.UINT8, device="cpu")
+            if gpu:
+                x = x.gpu()
+            pos_x = pos_y = 0.5
+            if train:
+                x = fn.flip(x, horizontal=fn.random.coin_flip(probability=s.hflip),
+                            vertical=fn.random.coin_flip(probability=s.vflip))
+                if s.rotate90:
+                    x = fn.rotate(x, angle=90.0 * fn.random.uniform(values=[0, 1, 2, 3]), keep_size=True,
+                                  interp_type=types.INTERP_NN)
+                if s.rotate:
+                    x = fn.rotate(x, angle=fn.random.uniform(range=(-s.rotate, s.rotate)), keep_size=True,
+                                  fill_value=0, interp_type=types.INTERP_LINEAR)
+                colour = fn.random.coin_flip(probability=1.0 - s.grayscale_p) if s.grayscale_p else 1.0
+                saturation = fn.random.uniform(range=(1 - s.saturation, 1 + s.saturation)) if s.saturation else 1.0
+                x = fn.hsv(x, hue=fn.random.uniform(range=(-360 * s.hue, 360 * s.hue)) if s.hue else 0.0,
+                           saturation=saturation * colour,
+                           value=fn.random.uniform(range=(1 - s.brightness, 1 + s.brightness)) if s.brightness else 1.0)
+                if s.contrast:
+                    x = fn.brightness_contrast(x, contrast=fn.random.uniform(range=(1 - s.contrast, 1 + s.contrast)),
+                                               contrast_center=128)
+                pos_x, pos_y = fn.random.uniform(range=(0.0, 1.0)), fn.random.uniform(range=(0.0, 1.0))
+            return fn.crop_mirror_normalize(x, crop=(s.crop, s.crop), crop_pos_x=pos_x, crop_pos_y=pos_y,
+                                            mean=[255 * m for m in s.mean], std=[255 * d for d in s.std],
+                                            dtype=types.FLOAT, output_layout="CHW")
+
+        pipe = pipeline()
+        pipe.build()
+        return pipe
+
+    def batch(self, tiles: torch.Tensor, epoch: int = 0) -> torch.Tensor:
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        if len(tiles) > self.max_batch:
+            raise InputError(f"batch of {len(tiles)} tiles is larger than the DALI pipeline's {self.max_batch}")
+        pipe = self._pipeline(epoch if self.train else 0)
+        array = tiles.numpy()
+        pipe.feed_input("tiles", [array[i] for i in range(len(array))])
+        (out,) = pipe.run()
+        dense = out.as_tensor()
+        result = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        feed_ndarray(dense, result, cuda_stream=stream)
+        return result

@@ -1,0 +1,68 @@
+"""Checkpoints: written atomically, loaded with ``weights_only=True``, with errors that say what to do."""
+
+from __future__ import annotations
+
+import os
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from lymphoma.errors import InputError
+
+
+def rng_state() -> dict[str, Any]:
+    """Every random generator training uses, in types that ``weights_only`` loading accepts."""
+    kind, keys, pos, has_gauss, gauss = np.random.get_state()
+    return {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+            "numpy": [kind, torch.from_numpy(keys.astype(np.int64)), pos, has_gauss, gauss],
+            "python": random.getstate()}
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+    kind, keys, pos, has_gauss, gauss = state["numpy"]
+    np.random.set_state((kind, keys.numpy().astype(np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = state["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def save_checkpoint(state: dict[str, Any], path: Path) -> None:
+    """Write ``state`` to ``path`` through a temporary file, so a reader never sees half a checkpoint."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    try:
+        torch.save(state, tmp)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load a checkpoint written by save_checkpoint (tensors and plain Python values only)."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f"checkpoint {path} not found; give the path of a best.pt or last.pt from a training run")
+    try:
+        state = torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise InputError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is damaged or not "
+                         "a lymphoma checkpoint: use another (e.g. last.pt beside it) or train again") from None
+    missing = [key for key in ("model", "architecture", "classes", "epoch") if key not in state]
+    if missing:
+        raise InputError(f"checkpoint {path} lacks {missing}; it was not written by `lymphoma train`")
+    return state
+
+
+def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:
+    """Load weights, with an error naming both architectures when they differ."""
+    try:
+        model.load_state_dict(state["model"])
+    except RuntimeError as err:
+        first = str(err).splitlines()[0]
+        raise InputError(f"checkpoint {path} holds another architecture ({state.get('architecture')}): {first}; "
+                         "use the model settings it was trained with or another checkpoint") from None

@@ -1,0 +1,105 @@
+"""One training epoch and one evaluation, written once and used for every phase and process count."""
+
+from __future__ import annotations
+
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+from torch.utils.data import DataLoader
+
+from lymphoma.augment import Augmenter
+from lymphoma.metrics import accuracy, confusion_matrix
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    images: int
+    seconds: float
+    confusion: Optional[torch.Tensor] = None
+    outputs: list[torch.Tensor] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+    @property
+    def accuracy(self) -> float:
+        return accuracy(self.confusion) if self.confusion is not None else float("nan")
+
+
+def _all_reduce(values: torch.Tensor) -> torch.Tensor:
+    """Sum over processes (a no-op without a process group)."""
+    if dist.is_available() and dist.is_initialized():
+        values = values.clone()
+        dist.all_reduce(values)
+    return values
+
+
+def _autocast(device: torch.device, amp: bool):  # type: ignore[no-untyped-def]
+    return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+
+
+def _inputs(batch: torch.Tensor, augmenter: Augmenter, epoch: int, device: torch.device,
+            channels_last: bool) -> torch.Tensor:
+    x = augmenter.batch(batch, epoch).to(device, non_blocking=True)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and device.type == "cuda" else x
+
+
+def train_one_epoch(model: torch.nn.Module, loader: DataLoader, augmenter: Augmenter, criterion: torch.nn.Module,
+                    optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], device: torch.device,
+                    epoch: int, amp: bool = False, channels_last: bool = False,
+                    max_steps: Optional[int] = None) -> EpochStats:
+    """Train over the loader once; loss and image count are summed over all processes."""
+    model.train()
+    start = time.perf_counter()
+    total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, images
+    for step, (batch, labels) in enumerate(loader):
+        if max_steps is not None and step >= max_steps:
+            break
+        x = _inputs(batch, augmenter, epoch, device, channels_last)
+        y = labels.to(device, non_blocking=True)
+        optimizer.zero_grad(set_to_none=True)
+        with _autocast(device, amp):
+            loss = criterion(model(x), y)
+        if scaler is not None and scaler.is_enabled():
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        total += torch.stack([loss.detach().double() * len(y), torch.tensor(float(len(y)), device=device,
+                                                                             dtype=torch.float64)])
+    total = _all_reduce(total)
+    return EpochStats(loss=float(total[0] / max(total[1], 1)), images=int(total[1]),
+                      seconds=time.perf_counter() - start)
+
+
+@torch.inference_mode()
+def evaluate(model: torch.nn.Module, loader: DataLoader, augmenter: Augmenter, criterion: torch.nn.Module,
+             device: torch.device, num_classes: int, amp: bool = False, channels_last: bool = False,
+             keep_outputs: bool = False) -> EpochStats:
+    """Loss and confusion matrix over the loader (summed over processes); optionally this rank's raw outputs."""
+    model.eval()
+    start = time.perf_counter()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    outputs = []
+    for batch, labels in loader:
+        x = _inputs(batch, augmenter, 0, device, channels_last)
+        y = labels.to(device, non_blocking=True)
+        with _autocast(device, amp):
+            logits = model(x).float()
+        total += torch.stack([criterion(logits, y).double() * len(y),
+                              torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
+        confusion += confusion_matrix(y, logits.argmax(1), num_classes)
+        if keep_outputs:
+            outputs.append(logits.cpu())
+    total, confusion = _all_reduce(total), _all_reduce(confusion)
+    return EpochStats(loss=float(total[0] / max(total[1], 1)), images=int(total[1]),
+                      seconds=time.perf_counter() - start, confusion=confusion.cpu(), outputs=outputs)

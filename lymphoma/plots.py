@@ -1,0 +1,84 @@
+"""PNG figures: confusion matrix, image grids, first-layer kernels, activation maps (matplotlib, no display)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+
+def save_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+    """Counts with row-normalised shading; rows are the truth, columns the prediction."""
+    confusion = np.asarray(confusion)
+    share = confusion / np.maximum(confusion.sum(axis=1, keepdims=True), 1)
+    fig, ax = plt.subplots(figsize=(1.2 * len(classes) + 2, 1.2 * len(classes) + 1.5))
+    ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    for i in range(len(classes)):
+        for j in range(len(classes)):
+            ax.text(j, i, f"{confusion[i, j]}\n{share[i, j]:.0%}", ha="center", va="center",
+                    color="white" if share[i, j] > 0.5 else "black")
+    ax.set_xticks(range(len(classes)), classes)
+    ax.set_yticks(range(len(classes)), classes)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("truth")
+    ax.set_title(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_grid(rows: Sequence[tuple[str, np.ndarray]], path: Path) -> None:
+    """One row per ``(label, images [N, H, W, 3] floats in [0, 1])``."""
+    n = max(len(images) for _, images in rows)
+    fig, axes = plt.subplots(len(rows), n, figsize=(1.6 * n, 1.8 * len(rows)), squeeze=False)
+    for r, (label, images) in enumerate(rows):
+        for c in range(n):
+            ax = axes[r][c]
+            ax.axis("off")
+            if c < len(images):
+                ax.imshow(np.clip(images[c], 0, 1))
+        axes[r][0].set_title(label, loc="left", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_kernels(weights: np.ndarray, path: Path) -> None:
+    """First-layer kernels ``[out, 3, k, k]``, each scaled to [0, 1], as RGB patches."""
+    kernels = weights.transpose(0, 2, 3, 1)
+    low = kernels.min(axis=(1, 2, 3), keepdims=True)
+    high = kernels.max(axis=(1, 2, 3), keepdims=True)
+    kernels = (kernels - low) / np.maximum(high - low, 1e-8)
+    cols = 8
+    rows = -(-len(kernels) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(cols, rows), squeeze=False)
+    for i, ax in enumerate(axes.flat):
+        ax.axis("off")
+        if i < len(kernels):
+            ax.imshow(kernels[i], interpolation="nearest")
+    fig.suptitle(f"first-layer kernels ({weights.shape[0]} x {weights.shape[2]}x{weights.shape[3]})")
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def save_activations(tile: np.ndarray, maps: np.ndarray, layer: str, path: Path, n: int = 15) -> None:
+    """An input tile and the first ``n`` channels of a layer's activation ``[C, h, w]`` for it."""
+    cols = 4
+    shown = min(n, len(maps))
+    rows = -(-(shown + 1) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(2 * cols, 2 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    axes.flat[0].imshow(np.clip(tile, 0, 1))
+    axes.flat[0].set_title("input", fontsize=8)
+    for i in range(shown):
+        axes.flat[i + 1].imshow(maps[i], cmap="viridis")
+        axes.flat[i + 1].set_title(f"{layer}[{i}]", fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
