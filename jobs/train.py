@@ -17,7 +17,7 @@ from jobs.config import Config, from_yaml_text, save_resolved, to_object
 from jobs.rundir import exclusive, make_run_dir
 from lymphoma.errors import InputError
 from lymphoma.sharding import MANIFEST_NAME
-from lymphoma.training import Rank, fit
+from lymphoma.training import Rank, fit, preflight
 
 
 class TrainJob(submitit.helpers.Checkpointable):
@@ -55,6 +55,7 @@ def run_train(raw_cfg: DictConfig) -> list[dict[str, Any]]:
     if cfg.cluster.kind == "debug" and cfg.cluster.tasks_per_node * cfg.cluster.nodes > 1:
         raise InputError("the debug executor runs one process; set cluster.tasks_per_node=1 or use --cluster local")
     out = run_dir / "train"
+    preflight(run_dir / "tiles", out, cfg.train, cfg.model, cfg.augment, cfg.tiles.size)
     out.mkdir(exist_ok=True)
     with exclusive(run_dir, "train"):
         save_resolved(raw_cfg, out / "config.yaml")

@@ -98,6 +98,24 @@ def open_phase(tiles_dir: Path, phase: str, expected_size: Optional[int], crop: 
     return dataset
 
 
+def preflight(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: ModelSettings,
+              augment: AugmentSettings, tile_size: Optional[int]) -> None:
+    """Check, before any process starts, what would make training fail: stores that do not match the
+    settings, an empty phase, a class without training tiles, a last.pt of another architecture."""
+    tiles = [open_phase(tiles_dir, phase, tile_size, augment.crop) for phase in ("train", train.eval_phase)]
+    class_weights(tiles[0].class_counts(), tiles[0].classes or [])
+    last = out_dir / "checkpoints" / "last.pt"
+    if last.is_file():
+        state = load_checkpoint(last)
+        wanted = model_settings.architecture(len(tiles[0].classes or []))
+        if state["architecture"] != wanted:
+            raise InputError(f"{last} holds another architecture ({state['architecture']}) than model settings "
+                             f"({wanted}); training would resume from it: restore the model settings, or use "
+                             "another run.name to start afresh")
+    for dataset in tiles:
+        dataset.close()
+
+
 def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
     if s.optimizer == "sgd":
         return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)

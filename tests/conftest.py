@@ -97,3 +97,14 @@ def slurm_cluster() -> None:
         if os.environ.get("LYMPHOMA_REQUIRE_SLURM") == "1":
             pytest.fail("LYMPHOMA_REQUIRE_SLURM=1 but no SLURM cluster answers `scontrol ping`")
         pytest.skip("no SLURM cluster is up: start one with `bash hpc/local_cluster/start.sh`")
+
+
+@pytest.fixture()
+def tasks_importable(monkeypatch) -> None:
+    """Let the subprocesses of the local executor and SLURM import the task functions in tests/hpc_tasks.py."""
+    import os
+    import sys
+
+    tests_dir = str(Path(__file__).parent)
+    monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in [tests_dir, os.environ.get("PYTHONPATH", "")] if p))
+    monkeypatch.syspath_prepend(tests_dir)

@@ -23,3 +23,11 @@ def sleep_for(args: tuple[str, float]) -> None:
     marker, seconds = args
     Path(marker).write_text(str(os.getpid()))
     time.sleep(seconds)
+
+
+def resolve_in_task(_: int) -> tuple[int, int, int, str, int, str]:
+    """This task's distributed environment."""
+    from hpc.distributed import resolve
+
+    env = resolve()
+    return env.rank, env.local_rank, env.world_size, env.master_addr, env.master_port, env.source

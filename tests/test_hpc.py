@@ -3,19 +3,15 @@
 from __future__ import annotations
 
 import os
-import sys
-from pathlib import Path
 
 import pytest
 
-sys.path.insert(0, str(Path(__file__).parent))  # the local executor's tasks import hpc_tasks
-
-from hpc import ArrayJobError, ExecutorSettings, make_executor, run_array  # noqa: E402
-from hpc_tasks import record_span  # noqa: E402
+from hpc import ArrayJobError, ExecutorSettings, make_executor, run_array
 
 
-def test_local_array_reports_the_failed_task_with_its_logs_and_bounds_parallelism(tmp_path, monkeypatch):
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
+def test_local_array_reports_the_failed_task_with_its_logs_and_bounds_parallelism(tmp_path, tasks_importable):
+    from hpc_tasks import record_span
+
     executor = make_executor(ExecutorSettings(kind="local", parallelism=2), tmp_path / "logs" / "%j", name="spans")
     finished = []
     with pytest.raises(ArrayJobError) as info:
@@ -37,7 +33,9 @@ def test_local_array_reports_the_failed_task_with_its_logs_and_bounds_parallelis
     assert peak == 2
 
 
-def test_debug_executor_runs_in_this_process(tmp_path):
+def test_debug_executor_runs_in_this_process(tmp_path, tasks_importable):
+    from hpc_tasks import record_span
+
     executor = make_executor(ExecutorSettings(kind="debug"), tmp_path / "%j", name="dbg")
     assert run_array(executor, record_span, [(str(tmp_path), i) for i in (1, 2)]) == [1, 4]
     assert (tmp_path / "1.span").read_text().split()[2] == str(os.getpid())

@@ -2,27 +2,22 @@
 
 from __future__ import annotations
 
-import os
 import subprocess
-import sys
 import threading
 import time
 import uuid
-from pathlib import Path
 
 import numpy as np
 import pytest
 import submitit
 
-sys.path.insert(0, str(Path(__file__).parent))
+from conftest import read_shards
+from hpc import ArrayJobError, ExecutorSettings, make_executor, run_array
+from hpc_tasks import record_span, sleep_for
+from jobs.tile import run_tile
+from lymphoma.sharding import load_manifest, phase_shards
 
-from conftest import read_shards  # noqa: E402
-from hpc import ArrayJobError, ExecutorSettings, make_executor, run_array  # noqa: E402
-from hpc_tasks import record_span, sleep_for  # noqa: E402
-from jobs.tile import run_tile  # noqa: E402
-from lymphoma.sharding import load_manifest, phase_shards  # noqa: E402
-
-pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster")]
+pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster", "tasks_importable")]
 SMALL = ["cluster.cpus_per_task=1", "cluster.mem_gb=0.5", "cluster.timeout_min=10", "cluster.poll_s=0.2"]
 
 
@@ -30,7 +25,6 @@ SMALL = ["cluster.cpus_per_task=1", "cluster.mem_gb=0.5", "cluster.timeout_min=1
 def fast_failures(monkeypatch):
     """submitit waits 15 s for a result file that will never come; 2 s is enough on one machine."""
     monkeypatch.setattr(submitit.core.core.Job, "_results_timeout_s", 2)
-    monkeypatch.setenv("PYTHONPATH", os.pathsep.join([str(Path(__file__).parent), os.environ.get("PYTHONPATH", "")]))
 
 
 def sacct_tasks(job_name: str) -> list[tuple[str, str]]:

@@ -1,0 +1,154 @@
+"""Training on real tiles: DDP over real processes, resume after a kill, TensorBoard, validate, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from conftest import pick_images
+from jobs.config import load_config
+from jobs.tile import run_tile
+from jobs.train import run_train
+from lymphoma.checkpoint import load_checkpoint
+from lymphoma.errors import InputError
+from lymphoma.model import build_model
+from lymphoma.training import weights_digest
+from lymphoma.validation import validate
+
+FAST = ["tiles.size=64", "tiles.stride=64", "augment.crop=56", "train.num_workers=0", "train.batch_size=16",
+        "train.eval_batch_size=64", "cluster.timeout_min=20"]
+
+
+@pytest.fixture(scope="module")
+def tiled(tmp_path_factory, data_root, manifest_rows) -> tuple[Path, Path]:
+    """Real images of 2 cases per class (3 images each) tiled once at 64 px: (image folder, runs root)."""
+    root = tmp_path_factory.mktemp("training")
+    source = root / "images"
+    for row in pick_images(manifest_rows, 2, 3):
+        target = source / row["cls"] / Path(row["lowres_path"]).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data_root / row["lowres_path"], target)
+    cfg = load_config(None, [f"data.source={source}", f"run.root={root / 'runs'}", "run.name=base",
+                             "split.val_fraction=0.5", *FAST])
+    run_tile(cfg, progress=False)
+    return source, root / "runs"
+
+
+def config_for(tiled: tuple[Path, Path], name: str, *overrides: str, cluster: str | None = None):
+    """A run folder ``name`` holding a copy of the shared tiles, and its config."""
+    source, runs = tiled
+    if not (runs / name / "tiles").exists():
+        shutil.copytree(runs / "base" / "tiles", runs / name / "tiles")
+    return load_config(None, [f"data.source={source}", f"run.root={runs}", f"run.name={name}", *FAST, *overrides],
+                       cluster)
+
+
+def final_digest(runs: Path, name: str) -> str:
+    state = load_checkpoint(runs / name / "train" / "checkpoints" / "last.pt")
+    model = build_model(state["architecture"])
+    model.load_state_dict(state["model"])
+    return weights_digest(model)
+
+
+def test_two_process_gloo_ddp_keeps_ranks_identical(tiled):
+    results = run_train(config_for(tiled, "ddp", "train.epochs=1", "train.max_steps_per_epoch=4",
+                                   "cluster.tasks_per_node=2"))
+    assert sorted(r["rank"] for r in results) == [0, 1] and {r["world_size"] for r in results} == {2}
+    assert results[0]["weights_sha1"] == results[1]["weights_sha1"]
+    single = run_train(config_for(tiled, "single", "train.epochs=1", "train.max_steps_per_epoch=4"))
+    assert single[0]["weights_sha1"] != results[0]["weights_sha1"]  # two ranks saw twice the data
+
+
+def test_loss_falls_and_tensorboard_holds_every_tag(tiled):
+    cfg = config_for(tiled, "learn", "train.epochs=4", "augment.rotate=0", "augment.hue=0.05",
+                     "augment.grayscale_p=0", "train.lr=0.002")
+    summary = run_train(cfg)[0]
+    history = json.loads((tiled[1] / "learn" / "train" / "history.json").read_text())
+    assert len(history) == 4 and summary["epochs"] == 4
+    assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    events = EventAccumulator(str(tiled[1] / "learn" / "train" / "tensorboard"))
+    events.Reload()
+    scalars = set(events.Tags()["scalars"])
+    cells = {f"val/{i}{j}" for i in range(3) for j in range(3)}
+    assert {"train/loss", "val/loss", "val/accuracy", "lr", "train/images_per_s"} | cells <= scalars
+    assert {"augment/before", "augment/after"} <= set(events.Tags()["images"])
+    assert [e.step for e in events.Scalars("val/loss")] == [1, 2, 3, 4]
+    confusion = sum(events.Scalars(c)[-1].value for c in cells)
+    assert confusion == len(__import__("lymphoma.dataset", fromlist=["TileDataset"]).TileDataset(
+        __import__("lymphoma.sharding", fromlist=["phase_shards"]).phase_shards(tiled[1] / "learn" / "tiles", "val")))
+    best = load_checkpoint(tiled[1] / "learn" / "train" / "checkpoints" / "best.pt")
+    assert best["epoch"] == summary["best_epoch"] and best["classes"] == ["CLL", "FL", "MCL"]
+    assert best["tiles"]["size"] == 64 and best["augment"]["crop"] == 56
+    for key in ("optimizer", "scheduler", "scaler", "rng", "config", "architecture"):
+        assert key in best
+
+    out = tiled[1] / "learn" / "validate"
+    result = validate(tiled[1] / "learn" / "train" / "checkpoints" / "best.pt", tiled[1] / "learn" / "tiles", "val",
+                      out, layer="features.denseblock2")
+    for name in ("tiles.csv", "confusion.json", "confusion.png", "augment.png", "kernels.png", "activations.png"):
+        assert (out / name).stat().st_size > 0
+    rows = (out / "tiles.csv").read_text().splitlines()
+    assert len(rows) == result["tiles"] + 1 and rows[0].startswith("index,filename,case,truth,predicted,logit_CLL")
+    assert sum(map(sum, result["confusion"])) == result["tiles"]
+
+
+def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiled):
+    epochs = ["train.epochs=3", "train.max_steps_per_epoch=6", "train.deterministic=true"]
+    run_train(config_for(tiled, "straight", *epochs))
+    config_for(tiled, "killed", *epochs)  # lay out the tiles
+    source, runs = tiled
+    command = [sys.executable, "-m", "jobs.cli", "train", f"data.source={source}", f"run.root={runs}",
+               "run.name=killed", *FAST, *epochs]
+    last = runs / "killed" / "train" / "checkpoints" / "last.pt"
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not last.exists():
+        time.sleep(0.05)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert load_checkpoint(last)["epoch"] < 2  # killed before the end
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert load_checkpoint(last)["epoch"] == 2 and len(load_checkpoint(last)["history"]) == 3
+    assert final_digest(runs, "killed") == final_digest(runs, "straight")
+
+
+def test_bad_training_input_gets_clear_errors(tiled, tmp_path):
+    with pytest.raises(InputError, match="stores hold 64-px tiles but tiles.size is 96"):
+        run_train(config_for(tiled, "size", "tiles.size=96", "train.epochs=1"))
+    with pytest.raises(InputError, match="augment.crop=80 is larger than the stored 64-px tiles"):
+        run_train(config_for(tiled, "crop", "augment.crop=80", "train.epochs=1"))
+    run_train(config_for(tiled, "arch", "train.epochs=1", "train.max_steps_per_epoch=1"))
+    with pytest.raises(InputError, match="holds another architecture"):
+        run_train(config_for(tiled, "arch", "train.epochs=2", "model.preset=densenet121"))
+    with pytest.raises(InputError, match="not found"):
+        validate(tmp_path / "none.pt", tiled[1] / "base" / "tiles", "val", tmp_path / "v")
+    (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(InputError, match="cannot be read"):
+        validate(tmp_path / "bad.pt", tiled[1] / "base" / "tiles", "val", tmp_path / "v")
+    with pytest.raises(InputError, match="no 'test' phase"):
+        run_train(config_for(tiled, "phase", "train.eval_phase=test", "train.epochs=1"))
+    with pytest.raises(InputError, match="has no tile manifest"):
+        run_train(load_config(None, [f"run.root={tmp_path}", "run.name=empty"]))
+
+
+def test_a_class_absent_from_training_is_an_error(tiled, tmp_path):
+    source = tmp_path / "two-classes"
+    for label in ("CLL", "FL"):
+        shutil.copytree(tiled[0] / label, source / label)
+    cfg = load_config(None, [f"data.source={source}", f"run.root={tmp_path}", "run.name=absent", *FAST,
+                             "train.epochs=1"])
+    run_tile(cfg, progress=False)
+    with pytest.raises(InputError, match=r"\['MCL'\] have no training tiles"):
+        run_train(cfg)
