@@ -32,6 +32,7 @@ class DistEnv:
     master_addr: str
     master_port: int
     source: str
+    local_world: int = 1  # processes of this job on this node
 
     @property
     def is_main(self) -> bool:
@@ -54,7 +55,7 @@ def resolve(environ: Mapping[str, str] | None = None) -> DistEnv:
             raise DistributedEnvError(f"torchrun-style variables {present} are set but {missing} are not; "
                                       "set all of RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT or none")
         return DistEnv(int(env["RANK"]), int(env["LOCAL_RANK"]), int(env["WORLD_SIZE"]), env["MASTER_ADDR"],
-                       int(env["MASTER_PORT"]), "torchrun")
+                       int(env["MASTER_PORT"]), "torchrun", int(env.get("LOCAL_WORLD_SIZE", 1)))
     if "SUBMITIT_EXECUTOR" in env:
         return _from_submitit()
     if any(name in env for name in MPI_RANK_VARS):
@@ -70,7 +71,8 @@ def _from_submitit() -> DistEnv:
     if not hosts:
         raise DistributedEnvError("submitit job without host names (SLURM_JOB_NODELIST empty?)")
     base = str(job.job_id).split("_")[0]
-    return DistEnv(job.global_rank, job.local_rank, job.num_tasks, hosts[0], port_for(base), f"submitit-{job.cluster}")
+    return DistEnv(job.global_rank, job.local_rank, job.num_tasks, hosts[0], port_for(base), f"submitit-{job.cluster}",
+                   max(1, job.num_tasks // max(1, job.num_nodes)))
 
 
 def _from_mpi() -> DistEnv:
@@ -82,4 +84,4 @@ def _from_mpi() -> DistEnv:
     comm = MPI.COMM_WORLD
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     addr, port = comm.bcast((socket.gethostname(), port_for(str(os.getppid()))) if comm.rank == 0 else None, root=0)
-    return DistEnv(comm.rank, local.rank, comm.size, addr, port, "mpi")
+    return DistEnv(comm.rank, local.rank, comm.size, addr, port, "mpi", local.size)

@@ -41,6 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (sets cluster.gpus_per_node "
                                                           "and cluster.tasks_per_node)")
     train.add_argument("--processes", type=int, help="processes per node (sets cluster.tasks_per_node)")
+    train.add_argument("--here", action="store_true",
+                       help="run in this process as one rank, without submitting: for launchers that start the "
+                            "processes themselves (torchrun, mpiexec, srun); ranks come from their variables")
 
     validate = sub.add_parser("validate", help="the tutorial's step 3: per-tile outputs, confusion matrix, kernels, "
                                                "activations of a checkpoint on a phase",
@@ -84,9 +87,11 @@ def main(argv: Sequence[str] | None = None) -> int:
             result = run_tile(cfg, progress=not args.no_progress)
             print(format_summary(result))
         elif args.command == "train":
-            from jobs.train import run_train
+            from jobs.train import run_here, run_train
 
-            summary = run_train(cfg)[0]
+            summary = run_here(cfg) if args.here else run_train(cfg)[0]
+            if summary is None:  # a rank other than 0 under an external launcher
+                return 0
             print(f"best epoch {summary['best_epoch'] + 1}: val loss {summary['best_val_loss']:.4f}, "
                   f"val accuracy {summary['best_val_accuracy']:.3f}; checkpoints in {summary['checkpoints']}")
         elif args.command == "validate":

@@ -32,18 +32,31 @@ class TrainJob(submitit.helpers.Checkpointable):
         if device.type == "cuda":
             torch.cuda.set_device(device)
         else:
-            torch.set_num_threads(max(1, (os.cpu_count() or 1) // max(1, cfg.cluster.tasks_per_node)))
+            share = max(1, (os.cpu_count() or 1) // env.local_world)
+            torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK") or share))
         if env.world_size > 1:
             dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank,
                                     world_size=env.world_size, init_method=f"tcp://{env.master_addr}:{env.master_port}")
         try:
             run_dir = Path(cfg.run.root) / cfg.run.name
+            if env.rank == 0:
+                (run_dir / "train").mkdir(parents=True, exist_ok=True)
+                save_resolved(raw, run_dir / "train" / "config.yaml")
             return fit(run_dir / "tiles", run_dir / "train", cfg.train, cfg.model, cfg.augment,
                        OmegaConf.to_container(raw, resolve=True), Rank(env.rank, env.local_rank, env.world_size),
                        device, tile_size=cfg.tiles.size)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()
+
+
+def run_here(raw_cfg: DictConfig) -> dict[str, Any] | None:
+    """Train in this process as one rank of a job started by torchrun, mpiexec or srun; rank 0's summary."""
+    cfg: Config = to_object(raw_cfg)
+    run_dir = Path(cfg.run.root) / cfg.run.name
+    preflight(run_dir / "tiles", run_dir / "train", cfg.train, cfg.model, cfg.augment, cfg.tiles.size)
+    summary = TrainJob()(OmegaConf.to_yaml(raw_cfg, resolve=True))
+    return summary if summary["rank"] == 0 else None
 
 
 def run_train(raw_cfg: DictConfig) -> list[dict[str, Any]]:
@@ -58,7 +71,6 @@ def run_train(raw_cfg: DictConfig) -> list[dict[str, Any]]:
     preflight(run_dir / "tiles", out, cfg.train, cfg.model, cfg.augment, cfg.tiles.size)
     out.mkdir(exist_ok=True)
     with exclusive(run_dir, "train"):
-        save_resolved(raw_cfg, out / "config.yaml")
         executor = make_executor(cfg.cluster, out / "logs" / "%j", name=f"train-{cfg.run.name}")
         job = executor.submit(TrainJob(), OmegaConf.to_yaml(raw_cfg, resolve=True))
         print(f"training job {job.job_id}: logs in {out / 'logs'}", flush=True)

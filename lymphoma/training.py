@@ -18,7 +18,13 @@ import torch
 import torch.distributed as dist
 
 from lymphoma.augment import AugmentSettings, build_augmenter, choose_backend
-from lymphoma.checkpoint import load_checkpoint, load_model_weights, rng_state, save_checkpoint, set_rng_state
+from lymphoma.checkpoint import (
+    load_checkpoint,
+    load_model_weights,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
 from lymphoma.data import make_loader
 from lymphoma.dataset import TileDataset
 from lymphoma.engine import EpochStats, evaluate, train_one_epoch

@@ -13,6 +13,7 @@ import tables
 from omegaconf import DictConfig
 
 from jobs.config import default_data_root, load_config
+from jobs.tile import run_tile
 
 
 @pytest.fixture(scope="session")
@@ -103,8 +104,46 @@ def slurm_cluster() -> None:
 def tasks_importable(monkeypatch) -> None:
     """Let the subprocesses of the local executor and SLURM import the task functions in tests/hpc_tasks.py."""
     import os
-    import sys
 
     tests_dir = str(Path(__file__).parent)
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(p for p in [tests_dir, os.environ.get("PYTHONPATH", "")] if p))
     monkeypatch.syspath_prepend(tests_dir)
+
+
+FAST = ["tiles.size=64", "tiles.stride=64", "augment.crop=56", "train.num_workers=0", "train.batch_size=16",
+        "train.eval_batch_size=64", "cluster.timeout_min=20"]
+
+
+@pytest.fixture(scope="session")
+def tiled(tmp_path_factory, data_root, manifest_rows) -> tuple[Path, Path]:
+    """Real images of 2 cases per class (3 images each) tiled once at 64 px: (image folder, runs root)."""
+    root = tmp_path_factory.mktemp("training")
+    source = root / "images"
+    for row in pick_images(manifest_rows, 2, 3):
+        target = source / row["cls"] / Path(row["lowres_path"]).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data_root / row["lowres_path"], target)
+    cfg = load_config(None, [f"data.source={source}", f"run.root={root / 'runs'}", "run.name=base",
+                             "split.val_fraction=0.5", *FAST])
+    run_tile(cfg, progress=False)
+    return source, root / "runs"
+
+
+def config_for(tiled: tuple[Path, Path], name: str, *overrides: str, cluster: str | None = None):
+    """A run folder ``name`` holding a copy of the shared tiles, and its config."""
+    source, runs = tiled
+    if not (runs / name / "tiles").exists():
+        shutil.copytree(runs / "base" / "tiles", runs / name / "tiles")
+    return load_config(None, [f"data.source={source}", f"run.root={runs}", f"run.name={name}", *FAST, *overrides],
+                       cluster)
+
+
+@pytest.fixture(scope="session")
+def local_ddp(tiled) -> list[dict]:
+    """One short 2-process gloo training through the local executor, to compare other launches with."""
+    from jobs.train import run_train
+
+    return run_train(config_for(tiled, "ddp", *DDP_STEPS, "cluster.tasks_per_node=2"))
+
+
+DDP_STEPS = ["train.epochs=1", "train.max_steps_per_epoch=4"]

@@ -16,7 +16,8 @@ TORCHRUN = {"RANK": "3", "LOCAL_RANK": "1", "WORLD_SIZE": "8", "MASTER_ADDR": "n
 
 
 def test_torchrun_variables():
-    assert resolve(TORCHRUN) == DistEnv(3, 1, 8, "node7", 29400, "torchrun")
+    assert resolve(TORCHRUN) == DistEnv(3, 1, 8, "node7", 29400, "torchrun", 1)
+    assert resolve({**TORCHRUN, "LOCAL_WORLD_SIZE": "4"}).local_world == 4
 
 
 def test_half_set_torchrun_variables_name_the_missing_ones():

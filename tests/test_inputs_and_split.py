@@ -9,7 +9,13 @@ from collections import Counter
 import pytest
 
 from lymphoma.errors import InputError
-from lymphoma.inputs import DEFAULT_CASE_PATTERN, ImageRecord, case_of, compile_case_pattern, discover
+from lymphoma.inputs import (
+    DEFAULT_CASE_PATTERN,
+    ImageRecord,
+    case_of,
+    compile_case_pattern,
+    discover,
+)
 from lymphoma.split import assign_phases, check_no_leakage, split_cases
 
 

@@ -10,10 +10,10 @@ import uuid
 import numpy as np
 import pytest
 import submitit
-
 from conftest import read_shards
-from hpc import ArrayJobError, ExecutorSettings, make_executor, run_array
 from hpc_tasks import record_span, sleep_for
+
+from hpc import ArrayJobError, ExecutorSettings, make_executor, run_array
 from jobs.tile import run_tile
 from lymphoma.sharding import load_manifest, phase_shards
 
@@ -85,3 +85,43 @@ def test_cancelled_job_surfaces_as_a_clear_state_not_a_hang(tmp_path):
     canceller.join()
     assert time.monotonic() - begin < 100
     assert "CANCELLED" in str(info.value) and "TimeoutError" not in str(info.value)
+
+
+def test_ddp_on_slurm_matches_the_local_run_as_1x2_and_2x1(tiled, local_ddp):
+    from conftest import DDP_STEPS, config_for
+    from jobs.train import run_train
+
+    steps, local = [*DDP_STEPS, *SMALL], local_ddp
+    for name, layout in (("slurm-1x2", ["cluster.tasks_per_node=2"]), ("slurm-2x1", ["cluster.nodes=2"])):
+        results = run_train(config_for(tiled, f"{name}-{uuid.uuid4().hex[:6]}", *steps, *layout, cluster="slurm"))
+        assert sorted(r["rank"] for r in results) == [0, 1]
+        assert {r["weights_sha1"] for r in results} == {local[0]["weights_sha1"]}
+
+
+def test_a_preempted_training_job_requeues_and_resumes_from_its_checkpoint(tiled):
+    from conftest import config_for
+    from jobs.train import run_train
+    from lymphoma.checkpoint import load_checkpoint
+
+    name = f"requeue-{uuid.uuid4().hex[:6]}"
+    cfg = config_for(tiled, name, "train.epochs=8", "train.max_steps_per_epoch=6", *SMALL, cluster="slurm")
+    last = tiled[1] / name / "train" / "checkpoints" / "last.pt"
+    outcome: dict[str, object] = {}
+    runner = threading.Thread(target=lambda: outcome.setdefault("results", run_train(cfg)))
+    runner.start()
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not last.exists():
+        time.sleep(0.2)
+    assert last.exists()
+    job_id = subprocess.run(["sacct", "-X", "-n", "--name", f"train-{name}", "-o", "JobID"], capture_output=True,
+                            text=True, check=True).stdout.split()[0]
+    subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what SLURM sends before a time-out
+    runner.join(timeout=600)
+    assert not runner.is_alive() and "results" in outcome
+    state = load_checkpoint(last)
+    assert state["epoch"] == 7 and [h["epoch"] for h in state["history"]] == list(range(8))
+    records = subprocess.run(["sacct", "-j", job_id, "-D", "-X", "-n", "-P", "-o", "JobID,State"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert any("REQUEUED" in r or "PREEMPTED" in r for r in records), records
+    logs = "".join(p.read_text() for p in (tiled[1] / name / "train" / "logs").rglob("*_log.err"))
+    assert "checkpoint" in logs.lower() or "requeu" in logs.lower()

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import tables
 import yaml
-
 from conftest import read_shards
+
 from jobs.tile import run_tile
 from lymphoma.dataset import TileDataset
 from lymphoma.sharding import load_manifest, phase_shards

@@ -12,10 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-import torch
+from conftest import DDP_STEPS, FAST, config_for
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from conftest import pick_images
 from jobs.config import load_config
 from jobs.tile import run_tile
 from jobs.train import run_train
@@ -25,33 +24,6 @@ from lymphoma.model import build_model
 from lymphoma.training import weights_digest
 from lymphoma.validation import validate
 
-FAST = ["tiles.size=64", "tiles.stride=64", "augment.crop=56", "train.num_workers=0", "train.batch_size=16",
-        "train.eval_batch_size=64", "cluster.timeout_min=20"]
-
-
-@pytest.fixture(scope="module")
-def tiled(tmp_path_factory, data_root, manifest_rows) -> tuple[Path, Path]:
-    """Real images of 2 cases per class (3 images each) tiled once at 64 px: (image folder, runs root)."""
-    root = tmp_path_factory.mktemp("training")
-    source = root / "images"
-    for row in pick_images(manifest_rows, 2, 3):
-        target = source / row["cls"] / Path(row["lowres_path"]).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(data_root / row["lowres_path"], target)
-    cfg = load_config(None, [f"data.source={source}", f"run.root={root / 'runs'}", "run.name=base",
-                             "split.val_fraction=0.5", *FAST])
-    run_tile(cfg, progress=False)
-    return source, root / "runs"
-
-
-def config_for(tiled: tuple[Path, Path], name: str, *overrides: str, cluster: str | None = None):
-    """A run folder ``name`` holding a copy of the shared tiles, and its config."""
-    source, runs = tiled
-    if not (runs / name / "tiles").exists():
-        shutil.copytree(runs / "base" / "tiles", runs / name / "tiles")
-    return load_config(None, [f"data.source={source}", f"run.root={runs}", f"run.name={name}", *FAST, *overrides],
-                       cluster)
-
 
 def final_digest(runs: Path, name: str) -> str:
     state = load_checkpoint(runs / name / "train" / "checkpoints" / "last.pt")
@@ -60,9 +32,8 @@ def final_digest(runs: Path, name: str) -> str:
     return weights_digest(model)
 
 
-def test_two_process_gloo_ddp_keeps_ranks_identical(tiled):
-    results = run_train(config_for(tiled, "ddp", "train.epochs=1", "train.max_steps_per_epoch=4",
-                                   "cluster.tasks_per_node=2"))
+def test_two_process_gloo_ddp_keeps_ranks_identical(tiled, local_ddp):
+    results = local_ddp
     assert sorted(r["rank"] for r in results) == [0, 1] and {r["world_size"] for r in results} == {2}
     assert results[0]["weights_sha1"] == results[1]["weights_sha1"]
     single = run_train(config_for(tiled, "single", "train.epochs=1", "train.max_steps_per_epoch=4"))
@@ -152,3 +123,16 @@ def test_a_class_absent_from_training_is_an_error(tiled, tmp_path):
     run_tile(cfg, progress=False)
     with pytest.raises(InputError, match=r"\['MCL'\] have no training tiles"):
         run_train(cfg)
+
+
+def test_mpiexec_launches_two_training_ranks(tiled, local_ddp):
+    config_for(tiled, "mpi")
+    source, runs = tiled
+    mpiexec = Path(sys.executable).parent / "mpiexec"
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("SUBMITIT", "SLURM"))}
+    out = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-m", "jobs.cli", "train", "--here",
+                          f"data.source={source}", f"run.root={runs}", "run.name=mpi", *FAST, *DDP_STEPS],
+                         capture_output=True, text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.count("best epoch 1") == 1  # rank 0 alone reports
+    assert final_digest(runs, "mpi") == final_digest(runs, "ddp")  # the same as the local 2-process run
