@@ -3,12 +3,17 @@
 from __future__ import annotations
 
 import argparse
+import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 
 from hpc import ArrayJobError
 from jobs.config import load_config, to_object
 from lymphoma.errors import InputError
+
+
+OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -55,6 +60,26 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--layer", default="features.denseblock1", help="layer whose activations to show")
     validate.add_argument("--out", help="output folder (default: <run folder>/validate)")
 
+    predict = sub.add_parser("predict", help="tile-vote inference over images: per-slide outputs and a cohort report",
+                             description="Tile each image with the checkpoint's settings, run the tiles through the "
+                                         "model in batches and vote. One array task per chunk of slides; a rerun "
+                                         "skips slides already done.")
+    predict.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a training run")
+    predict.add_argument("inputs", nargs="*", metavar="IMAGE",
+                         help="image files or quoted wildcards ('cohort/**/*.tif'); key=value overrides too")
+    predict.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments")
+    predict.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
+    predict.add_argument("--out", type=Path, help="output folder (default: <run folder>/predict)")
+    predict.add_argument("--force", action="store_true", help="allow tile settings that differ from the checkpoint's")
+    predict.add_argument("-c", "--config", metavar="YAML", help="experiment config merged over configs/defaults.yaml")
+    predict.add_argument("--cluster", metavar="NAME", help="local, debug, slurm or a cluster profile")
+
+    run = sub.add_parser("run", help="the whole pipeline: tile, train, predict the held-out cases, report",
+                         description="Tile, train and predict the held-out (val, or test if split.test_fraction > 0) "
+                                     "images of the run, then print the image- and case-level report.")
+    _add_config_args(run)
+    run.add_argument("--no-progress", action="store_true", help="no progress bar")
+
     download = sub.add_parser("download", help="fetch the public IICBU 2008 lymphoma data set into class folders",
                               description="Download the public tarball (resumable), verify its SHA-1 and unpack "
                                           "it into one folder per class.")
@@ -78,7 +103,17 @@ def _launch_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)  # words after options: more inputs or overrides
+    unknown = [w for w in extra if w.startswith("-")]
+    if unknown:
+        parser.error(f"unrecognized arguments: {' '.join(unknown)}")
+    if args.command == "predict":  # key=value words among the inputs are overrides
+        words = args.inputs + extra
+        args.overrides = [w for w in words if OVERRIDE.match(w) and not Path(w).exists()]
+        args.inputs = [w for w in words if w not in args.overrides]
+    elif extra:
+        args.overrides = args.overrides + extra
     try:
         cfg = load_config(args.config, args.overrides + _launch_overrides(args), args.cluster)
         if args.command == "tile":
@@ -94,9 +129,20 @@ def main(argv: Sequence[str] | None = None) -> int:
                 return 0
             print(f"best epoch {summary['best_epoch'] + 1}: val loss {summary['best_val_loss']:.4f}, "
                   f"val accuracy {summary['best_val_accuracy']:.3f}; checkpoints in {summary['checkpoints']}")
-        elif args.command == "validate":
-            from pathlib import Path
+        elif args.command == "predict":
+            from jobs.predict import format_report, run_predict
 
+            explicit = bool(args.config) or any(o.startswith("tiles.") for o in args.overrides)
+            result = run_predict(cfg, Path(args.checkpoint), args.inputs, args.list, args.basepath, args.out,
+                                 args.force, explicit)
+            print(format_report(result))
+            if result.task_failures is not None:
+                raise result.task_failures
+        elif args.command == "run":
+            from jobs.pipeline import run_pipeline
+
+            run_pipeline(cfg, progress=not args.no_progress)
+        elif args.command == "validate":
             from lymphoma.validation import validate as run_validate
 
             c = to_object(cfg)

@@ -16,11 +16,14 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hpc.executors import EXECUTOR_KINDS, ExecutorSettings
-from lymphoma.augment import AugmentSettings
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
-from lymphoma.model import ModelSettings
-from lymphoma.training import TrainSettings
+from lymphoma.settings import (
+    AugmentSettings,
+    ModelSettings,
+    PredictSettings,
+    TrainSettings,
+)
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -83,6 +86,7 @@ class Config:
     model: ModelSettings = MISSING
     augment: AugmentSettings = MISSING
     train: TrainSettings = MISSING
+    predict: PredictSettings = MISSING
     cluster: ExecutorSettings = MISSING
 
 

@@ -8,44 +8,26 @@ crop, scaling and normalisation only (no randomness).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Callable, List, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
 
 from lymphoma.errors import InputError
+from lymphoma.settings import BACKENDS, AugmentSettings
 
-BACKENDS = ("auto", "dali", "torch")
+__all__ = ["BACKENDS", "AugmentSettings", "Augmenter", "build_augmenter", "choose_backend", "eval_batch"]
 
-
-@dataclass
-class AugmentSettings:
-    """Ranges follow the tutorial: hue is a fraction of the hue circle (0.5 = anywhere), rotation in degrees.
-
-    ``rotate90`` adds a lossless rotation by a random multiple of 90 degrees (no filled corners)."""
-
-    backend: str = "auto"
-    crop: int = 112
-    hflip: float = 0.5
-    vflip: float = 0.5
-    rotate: float = 180.0
-    rotate90: bool = False
-    hue: float = 0.5
-    saturation: float = 0.0
-    brightness: float = 0.0
-    contrast: float = 0.0
-    grayscale_p: float = 0.1
-    mean: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
-    std: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
-
-    def __post_init__(self) -> None:
-        if self.backend not in BACKENDS:
-            raise InputError(f"augment.backend is {self.backend!r}; allowed: {', '.join(BACKENDS)}")
-        if not 0 <= self.hue <= 0.5:
-            raise InputError(f"augment.hue must be in [0, 0.5] (a fraction of the hue circle), got {self.hue}")
-        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
-            raise InputError("augment.mean and augment.std need 3 values each, std > 0")
+def eval_batch(tiles: np.ndarray | torch.Tensor, settings: AugmentSettings, device: torch.device) -> torch.Tensor:
+    """Eval mode without a backend: centre crop, scaling and normalisation of uint8 ``[B, H, W, 3]`` tiles,
+    exactly as both backends do it (prediction's fast path)."""
+    x = torch.as_tensor(tiles).to(device, non_blocking=True)
+    top = int(round((x.shape[1] - settings.crop) / 2.0))
+    left = int(round((x.shape[2] - settings.crop) / 2.0))
+    x = x[:, top:top + settings.crop, left:left + settings.crop].permute(0, 3, 1, 2).float().div_(255)
+    mean = torch.tensor(settings.mean, device=device).view(1, 3, 1, 1)
+    std = torch.tensor(settings.std, device=device).view(1, 3, 1, 1)
+    return (x - mean) / std
 
 
 def dali_available() -> bool:

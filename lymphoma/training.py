@@ -32,40 +32,8 @@ from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.metrics import class_weights
 from lymphoma.model import ModelSettings, build_model
+from lymphoma.settings import TrainSettings
 from lymphoma.sharding import load_manifest, phase_shards
-
-OPTIMIZERS = ("adam", "adamw", "sgd")
-SCHEDULERS = ("none", "cosine", "step")
-
-
-@dataclass
-class TrainSettings:
-    epochs: int = 10
-    batch_size: int = 64
-    eval_batch_size: int = 128
-    optimizer: str = "adam"
-    lr: float = 1e-3
-    weight_decay: float = 0.0
-    momentum: float = 0.9
-    scheduler: str = "none"
-    step_size: int = 10
-    gamma: float = 0.1
-    num_workers: int = 2
-    amp: bool = True
-    channels_last: bool = True
-    seed: int = 0
-    deterministic: bool = False
-    max_steps_per_epoch: Optional[int] = None
-    class_weighted: bool = True
-    eval_phase: str = "val"
-
-    def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise InputError(f"train.optimizer is {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
-        if self.scheduler not in SCHEDULERS:
-            raise InputError(f"train.scheduler is {self.scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
-        if self.epochs < 1 or self.batch_size < 1:
-            raise InputError("train.epochs and train.batch_size must be >= 1")
 
 
 @dataclass(frozen=True)

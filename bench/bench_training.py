@@ -1,0 +1,157 @@
+"""Training throughput on real tiles: the real loader against the model alone, DALI against torch
+augmentation, and this loader against a tutorial-style one, as ratios measured in one run.
+
+    .venv/bin/python bench/bench_training.py [--images 48] [--steps 20] [--out bench/results/training.json]
+
+On a GPU machine it runs on the GPU (DALI on the GPU, bf16 autocast, channels_last) and adds a
+float32-vs-bf16 comparison; on a CPU machine everything runs on the CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import tables
+import torch
+
+from jobs.config import default_data_root
+from lymphoma.augment import AugmentSettings, build_augmenter
+from lymphoma.data import make_loader
+from lymphoma.dataset import TileDataset
+from lymphoma.engine import train_one_epoch
+from lymphoma.inputs import discover
+from lymphoma.model import ModelSettings, build_model
+from lymphoma.store import write_shard
+from lymphoma.tiling import TileSettings
+
+CLASSES = ["CLL", "FL", "MCL"]
+
+
+class TutorialStyleDataset(torch.utils.data.Dataset):
+    """The tutorial's loader: opens the HDF5 file on every item, PIL-based per-sample transforms."""
+
+    def __init__(self, path: Path, crop: int) -> None:
+        from torchvision import transforms
+
+        self.path = path
+        with tables.open_file(path) as h5:
+            self.n = h5.root.imgs.nrows
+        self.transform = transforms.Compose([
+            transforms.ToPILImage(), transforms.RandomVerticalFlip(), transforms.RandomHorizontalFlip(),
+            transforms.RandomRotation(180), transforms.RandomCrop(crop), transforms.ColorJitter(hue=0.5),
+            transforms.RandomGrayscale(), transforms.ToTensor()])
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+        with tables.open_file(self.path) as h5:
+            tile, label = h5.root.imgs[index], int(h5.root.labels[index])
+        return self.transform(tile), label
+
+
+def rate(fn, images_per_call: int, calls: int) -> float:
+    fn()  # warm up
+    start = time.perf_counter()
+    for _ in range(calls):
+        fn()
+    return images_per_call * calls / (time.perf_counter() - start)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--steps", type=int, default=20)
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--preset", default="densenet-reduced")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    gpu = device.type == "cuda"
+    records = discover(Path(default_data_root()) / "lowres", CLASSES).records
+    records = records[:: max(1, len(records) // args.images)][: args.images]
+    results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                                  "device": torch.cuda.get_device_name() if gpu else "cpu", "model": args.preset,
+                                  "batch": args.batch, "workers": args.workers}
+    with tempfile.TemporaryDirectory() as tmp:
+        shard = Path(tmp) / "shard.h5"
+        write_shard(shard, "train", records, CLASSES, TileSettings(size=128, stride=64), "blosc:zstd:1", "bench")
+        tiles = TileDataset([shard])
+        results["tiles"] = len(tiles)
+        model = build_model(ModelSettings(preset=args.preset).architecture(3)).to(device)
+        if gpu:
+            model = model.to(memory_format=torch.channels_last)
+        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
+        criterion = torch.nn.CrossEntropyLoss()
+        raw, labels = tiles.read_batch(list(range(args.batch)))
+        x = (torch.from_numpy(raw[:, 8:120, 8:120]).permute(0, 3, 1, 2).float() / 255).to(device)
+        y = torch.from_numpy(labels).to(device)
+
+        def model_step(amp: bool = gpu) -> None:
+            optimizer.zero_grad(set_to_none=True)
+            with torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False):
+                loss = criterion(model(x.contiguous(memory_format=torch.channels_last) if gpu else x), y)
+            loss.backward()
+            optimizer.step()
+            if gpu:
+                torch.cuda.synchronize()
+
+        model_alone = rate(model_step, args.batch, args.steps)
+        results["model_alone_images_per_s"] = model_alone
+        if gpu:
+            results["model_alone_fp32_images_per_s"] = rate(lambda: model_step(False), args.batch, args.steps)
+            results["bf16_vs_fp32"] = model_alone / results["model_alone_fp32_images_per_s"]
+
+        n_batches = args.steps
+        for backend in ("dali", "torch"):
+            settings = AugmentSettings(backend=backend)
+            augmenter = build_augmenter(settings, True, device, seed=0)
+            loader = make_loader(tiles, augmenter.sample, args.batch, 0, 1, True, 0, args.workers)
+            for _ in range(2):  # the second pass is measured: workers and pipelines are warm
+                stats = train_one_epoch(model, loader, augmenter, criterion, optimizer, None, device, 0, gpu, gpu,
+                                        max_steps=n_batches)
+            results[f"real_loader_{backend}_images_per_s"] = stats.images_per_s
+            results[f"real_loader_{backend}_vs_model_alone"] = stats.images_per_s / model_alone
+            batch = torch.stack([augmenter.sample(t) for t in raw]) if augmenter.sample else torch.from_numpy(raw)
+            results[f"augment_{backend}_images_per_s"] = rate(
+                lambda: augmenter.batch(batch if augmenter.sample is None else
+                                        torch.stack([augmenter.sample(t) for t in raw]), 1), args.batch, 5)
+        results["augment_dali_vs_torch"] = results["augment_dali_images_per_s"] / results["augment_torch_images_per_s"]
+
+        def drain(loader: torch.utils.data.DataLoader, limit: int) -> int:
+            seen = 0
+            for i, (batch, _) in enumerate(loader):
+                seen += len(batch)
+                if i + 1 >= limit:
+                    break
+            return seen
+
+        ours = make_loader(tiles, build_augmenter(AugmentSettings(backend="torch"), True, device).sample, args.batch,
+                           0, 1, True, 0, args.workers)
+        tutorial = torch.utils.data.DataLoader(TutorialStyleDataset(shard, 112), batch_size=args.batch, shuffle=True,
+                                               num_workers=args.workers)
+        for name, loader in (("ours", ours), ("tutorial", tutorial)):
+            drain(loader, 2)
+            start = time.perf_counter()
+            seen = drain(loader, n_batches)
+            results[f"loader_{name}_images_per_s"] = seen / (time.perf_counter() - start)
+        results["loader_ours_vs_tutorial"] = results["loader_ours_images_per_s"] / results["loader_tutorial_images_per_s"]
+        tiles.close()
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    np.random.seed(0)
+    main()

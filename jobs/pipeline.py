@@ -1,0 +1,49 @@
+"""`lymphoma run`: tile -> train -> predict the held-out cases -> report, the whole pipeline in one command."""
+
+from __future__ import annotations
+
+import csv
+import time
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig
+
+from jobs.config import Config, to_object
+from jobs.predict import PredictResult, format_report, run_predict
+from jobs.tile import format_summary, run_tile
+from jobs.train import run_train
+from lymphoma.errors import InputError
+from lymphoma.prediction import SlideInput
+
+
+def held_out_slides(split_csv: Path, phase: str) -> list[SlideInput]:
+    """The images of ``phase`` in the run's split, with their truth and case."""
+    with split_csv.open(newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row["phase"] == phase]
+    if not rows:
+        raise InputError(f"{split_csv}: no {phase!r} images to predict; set split.val_fraction (or "
+                         "split.test_fraction and predict the test phase)")
+    return [SlideInput(row["path"], Path(row["path"]).stem, row["label"], row["case"]) for row in rows]
+
+
+def run_pipeline(raw_cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
+    """Run every stage, printing where each output is; reruns resume every stage."""
+    cfg: Config = to_object(raw_cfg)
+    start = time.perf_counter()
+    print("== 1/3 tile", flush=True)
+    tiled = run_tile(raw_cfg, progress=progress)
+    print(format_summary(tiled), flush=True)
+    print("== 2/3 train", flush=True)
+    summary = run_train(raw_cfg)[0]
+    print(f"best epoch {summary['best_epoch'] + 1} of {summary['epochs']}: val loss {summary['best_val_loss']:.4f}, "
+          f"val tile accuracy {summary['best_val_accuracy']:.3f}; checkpoints in {summary['checkpoints']}", flush=True)
+    phase = "test" if cfg.split.test_fraction > 0 else "val"
+    print(f"== 3/3 predict the held-out {phase} images", flush=True)
+    checkpoint = Path(summary["checkpoints"]) / "best.pt"
+    result: PredictResult = run_predict(raw_cfg, checkpoint, [], slides=held_out_slides(tiled.run_dir / "split.csv", phase))
+    print(format_report(result), flush=True)
+    minutes = (time.perf_counter() - start) / 60
+    print(f"== done in {minutes:.1f} min; run folder {tiled.run_dir}: config.yaml, split.csv, tiles/, train/ "
+          f"(checkpoints/, tensorboard/, history.json), predict/", flush=True)
+    return {"tile": tiled, "train": summary, "predict": result}

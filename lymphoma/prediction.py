@@ -1,0 +1,192 @@
+"""Whole-image tile-vote inference: tile each slide with the checkpoint's settings, run the tiles through
+the model in batches (reading and tiling the next slides in a background thread meanwhile), and write
+per-slide outputs atomically."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from lymphoma.augment import AugmentSettings, eval_batch
+from lymphoma.checkpoint import load_checkpoint, load_model_weights
+from lymphoma.errors import ImageError, InputError
+from lymphoma.files import write_text_atomic
+from lymphoma.images import read_rgb
+from lymphoma.model import build_model
+from lymphoma.plots import save_heatmap
+from lymphoma.tiling import TileSettings, cut_tiles
+from lymphoma.voting import vote
+
+
+@dataclass(frozen=True)
+class SlideInput:
+    """One image to predict: its path, the key its outputs are named by, and truth if known."""
+
+    path: str
+    key: str
+    label: Optional[str] = None
+    case: Optional[str] = None
+
+
+@dataclass
+class Predictor:
+    model: torch.nn.Module
+    classes: list[str]
+    tiles: TileSettings
+    augment: AugmentSettings
+    device: torch.device
+    batch_size: int
+    fingerprint: str
+
+    @classmethod
+    def from_checkpoint(cls, path: Path, device: torch.device, batch_size: int = 128) -> "Predictor":
+        state = load_checkpoint(path)
+        model = build_model(state["architecture"])
+        load_model_weights(model, state, path)
+        model.to(device).eval()
+        return cls(model, list(state["classes"]), TileSettings(**state["tiles"]), AugmentSettings(**state["augment"]),
+                   device, batch_size, checkpoint_fingerprint(path, state))
+
+    @torch.inference_mode()
+    def logits(self, tiles: np.ndarray) -> torch.Tensor:
+        """Raw outputs ``[N, nclass]`` for uint8 tiles ``[N, H, W, 3]``."""
+        return self.model(eval_batch(tiles, self.augment, self.device)).float().cpu()
+
+
+def checkpoint_fingerprint(path: Path, state: dict[str, Any]) -> str:
+    """What a slide's outputs depend on: the checkpoint file and the tiling and crop it was trained with."""
+    stat = Path(path).stat()
+    payload = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, state["tiles"], state["augment"]]
+    return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def outputs_complete(out_dir: Path, slide: SlideInput, fingerprint: str) -> Optional[dict[str, Any]]:
+    """The slide's record if its outputs exist, succeeded and were made by the same model and settings."""
+    record_path = out_dir / f"{slide.key}.json"
+    try:
+        record = json.loads(record_path.read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    ok = (record.get("status") == "ok" and record.get("fingerprint") == fingerprint
+          and record.get("path") == slide.path and (out_dir / f"{slide.key}.npz").is_file())
+    return record if ok else None
+
+
+def _read_ahead(slides: Sequence[SlideInput], settings: TileSettings, depth: int) -> Iterator[tuple[int, Any]]:
+    """Yield ``(index, Tiles or error)`` per slide, decoded and tiled by a background thread."""
+    items: queue.Queue = queue.Queue(maxsize=max(1, depth))
+    stop = threading.Event()
+
+    def produce() -> None:
+        for index, slide in enumerate(slides):
+            if stop.is_set():
+                return
+            try:
+                image = read_rgb(slide.path)
+                result: Any = (cut_tiles(image, settings), image)
+            except InputError as err:
+                result = err
+            items.put((index, result))
+        items.put(None)
+
+    thread = threading.Thread(target=produce, daemon=True)
+    thread.start()
+    try:
+        while (item := items.get()) is not None:
+            yield item
+    finally:
+        stop.set()
+        while thread.is_alive():  # unblock a producer waiting on a full queue
+            try:
+                items.get_nowait()
+            except queue.Empty:
+                time.sleep(0.01)
+
+
+def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: Path, prefetch: int = 4,
+                   heatmaps: bool = True) -> list[dict[str, Any]]:
+    """Predict every slide whose outputs are not complete yet; one record per slide, in input order."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    records: list[Optional[dict[str, Any]]] = [outputs_complete(out_dir, s, predictor.fingerprint) for s in slides]
+    for record in records:
+        if record is not None:
+            record["resumed"] = True
+    pending = [i for i, r in enumerate(records) if r is None]
+    waiting: dict[int, tuple[Any, np.ndarray, list[torch.Tensor], int]] = {}  # slide -> (tiles, image, logits, done)
+    batch: list[tuple[int, int, int]] = []  # (slide, start, stop) pieces of the current batch
+    size = 0
+
+    def flush() -> None:
+        nonlocal batch, size
+        if not batch:
+            return
+        pieces = [waiting[i][0].pixels[a:b] for i, a, b in batch]
+        logits = predictor.logits(np.concatenate(pieces))
+        offset = 0
+        for i, a, b in batch:
+            tiles, image, parts, done = waiting[i]
+            parts.append(logits[offset:offset + b - a])
+            offset += b - a
+            waiting[i] = (tiles, image, parts, done + b - a)
+            if done + b - a == len(tiles.pixels):
+                records[i] = _finish(predictor, slides[i], out_dir, tiles, image, torch.cat(parts), heatmaps)
+                del waiting[i]
+        batch, size = [], 0
+
+    for local, result in _read_ahead([slides[i] for i in pending], predictor.tiles, prefetch):
+        index = pending[local]
+        if isinstance(result, InputError):
+            problem = result.problem if isinstance(result, ImageError) else str(result)
+            records[index] = _failed(slides[index], out_dir, problem, predictor.fingerprint)
+            continue
+        tiles, image = result
+        waiting[index] = (tiles, image, [], 0)
+        start = 0
+        while start < len(tiles.pixels):
+            take = min(predictor.batch_size - size, len(tiles.pixels) - start)
+            batch.append((index, start, start + take))
+            size += take
+            start += take
+            if size == predictor.batch_size:
+                flush()
+    flush()
+    return [r for r in records if r is not None]
+
+
+def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, tiles: Any, image: np.ndarray,
+            logits: torch.Tensor, heatmap: bool) -> dict[str, Any]:
+    probs = logits.softmax(1).numpy()
+    result = vote(probs)
+    classes = predictor.classes
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, coords=tiles.coords, logits=logits.numpy(), probs=probs,
+                        tile_class=probs.argmax(1).astype(np.int16), votes=np.asarray(result.votes),
+                        classes=np.asarray(classes))
+    tmp = out_dir / f".{slide.key}.npz.tmp"
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(out_dir / f"{slide.key}.npz")
+    if heatmap:
+        save_heatmap(image, tiles.coords, probs.argmax(1), classes, predictor.tiles, out_dir / f"{slide.key}.png")
+    record = {"key": slide.key, "path": slide.path, "status": "ok", "error": "", "label": slide.label,
+              "case": slide.case, "n_tiles": int(len(probs)), "n_background": int(tiles.n_background),
+              **result.as_dict(classes), "fingerprint": predictor.fingerprint}
+    write_text_atomic(out_dir / f"{slide.key}.json", json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def _failed(slide: SlideInput, out_dir: Path, error: str, fingerprint: str) -> dict[str, Any]:
+    record = {"key": slide.key, "path": slide.path, "status": "failed", "error": error, "label": slide.label,
+              "case": slide.case, "fingerprint": fingerprint}
+    write_text_atomic(out_dir / f"{slide.key}.json", json.dumps(record, indent=1) + "\n")
+    return record

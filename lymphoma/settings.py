@@ -1,0 +1,121 @@
+"""The settings of the model, augmentation and training: plain dataclasses (no torch import), so that
+configs load and validate fast, also in tasks that never train."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from typing import List, Optional
+
+from lymphoma.errors import InputError
+
+PRESETS = {
+    "densenet-reduced": {"growth_rate": 32, "block_config": [2, 2, 2, 2], "num_init_features": 64, "bn_size": 4},
+    "densenet121": {"growth_rate": 32, "block_config": [6, 12, 24, 16], "num_init_features": 64, "bn_size": 4},
+}
+
+
+@dataclass
+class ModelSettings:
+    """A DenseNet: a preset, or ``custom`` with every field given."""
+
+    preset: str = "densenet-reduced"
+    growth_rate: int = 32
+    block_config: List[int] = field(default_factory=lambda: [2, 2, 2, 2])
+    num_init_features: int = 64
+    bn_size: int = 4
+    drop_rate: float = 0.0
+
+    def resolved(self) -> "ModelSettings":
+        """The settings with the preset's architecture filled in."""
+        if self.preset == "custom":
+            return self
+        if self.preset not in PRESETS:
+            raise InputError(f"model.preset is {self.preset!r}; allowed: {', '.join(PRESETS)}, custom")
+        return replace(self, **PRESETS[self.preset])
+
+    def architecture(self, num_classes: int) -> dict[str, object]:
+        arch = asdict(self.resolved())
+        arch["block_config"] = list(arch["block_config"])
+        arch["num_classes"] = num_classes
+        return arch
+
+
+BACKENDS = ("auto", "dali", "torch")
+
+
+@dataclass
+class AugmentSettings:
+    """Ranges follow the tutorial: hue is a fraction of the hue circle (0.5 = anywhere), rotation in degrees.
+
+    ``rotate90`` adds a lossless rotation by a random multiple of 90 degrees (no filled corners)."""
+
+    backend: str = "auto"
+    crop: int = 112
+    hflip: float = 0.5
+    vflip: float = 0.5
+    rotate: float = 180.0
+    rotate90: bool = False
+    hue: float = 0.5
+    saturation: float = 0.0
+    brightness: float = 0.0
+    contrast: float = 0.0
+    grayscale_p: float = 0.1
+    mean: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    std: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
+
+    def __post_init__(self) -> None:
+        if self.backend not in BACKENDS:
+            raise InputError(f"augment.backend is {self.backend!r}; allowed: {', '.join(BACKENDS)}")
+        if not 0 <= self.hue <= 0.5:
+            raise InputError(f"augment.hue must be in [0, 0.5] (a fraction of the hue circle), got {self.hue}")
+        if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
+            raise InputError("augment.mean and augment.std need 3 values each, std > 0")
+
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULERS = ("none", "cosine", "step")
+
+
+@dataclass
+class TrainSettings:
+    epochs: int = 10
+    batch_size: int = 64
+    eval_batch_size: int = 128
+    optimizer: str = "adam"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    momentum: float = 0.9
+    scheduler: str = "none"
+    step_size: int = 10
+    gamma: float = 0.1
+    num_workers: int = 2
+    amp: bool = True
+    channels_last: bool = True
+    seed: int = 0
+    deterministic: bool = False
+    max_steps_per_epoch: Optional[int] = None
+    class_weighted: bool = True
+    eval_phase: str = "val"
+
+    def __post_init__(self) -> None:
+        if self.optimizer not in OPTIMIZERS:
+            raise InputError(f"train.optimizer is {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
+        if self.scheduler not in SCHEDULERS:
+            raise InputError(f"train.scheduler is {self.scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
+        if self.epochs < 1 or self.batch_size < 1:
+            raise InputError("train.epochs and train.batch_size must be >= 1")
+
+
+@dataclass
+class PredictSettings:
+    """batch_size: tiles per forward pass; slides_per_task: slides per array task; prefetch: slides decoded
+    and tiled ahead of the model; heatmaps: a PNG of tile classes per slide."""
+
+    batch_size: int = 128
+    slides_per_task: int = 64
+    prefetch: int = 4
+    heatmaps: bool = True
+
+    def __post_init__(self) -> None:
+        if min(self.batch_size, self.slides_per_task, self.prefetch) < 1:
+            raise InputError("predict.batch_size, predict.slides_per_task and predict.prefetch must be >= 1")
