@@ -22,7 +22,7 @@ import tables
 import torch
 
 from jobs.config import default_data_root
-from lymphoma.augment import AugmentSettings, build_augmenter
+from lymphoma.augment import AugmentSettings, build_augmenter, dali_available
 from lymphoma.data import make_loader
 from lymphoma.dataset import TileDataset
 from lymphoma.engine import train_one_epoch
@@ -72,6 +72,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--preset", default="densenet-reduced")
+    parser.add_argument("--backends", default="dali,torch", help="augmentation backends to compare")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -111,7 +112,8 @@ def main() -> None:
             results["bf16_vs_fp32"] = model_alone / results["model_alone_fp32_images_per_s"]
 
         n_batches = args.steps
-        for backend in ("dali", "torch"):
+        backends = [b for b in args.backends.split(",") if b != "dali" or dali_available()]
+        for backend in backends:
             settings = AugmentSettings(backend=backend)
             augmenter = build_augmenter(settings, True, device, seed=0)
             loader = make_loader(tiles, augmenter.sample, args.batch, 0, 1, True, 0, args.workers)
@@ -124,7 +126,9 @@ def main() -> None:
             results[f"augment_{backend}_images_per_s"] = rate(
                 lambda: augmenter.batch(batch if augmenter.sample is None else
                                         torch.stack([augmenter.sample(t) for t in raw]), 1), args.batch, 5)
-        results["augment_dali_vs_torch"] = results["augment_dali_images_per_s"] / results["augment_torch_images_per_s"]
+        if len(backends) == 2:
+            results["augment_dali_vs_torch"] = (results["augment_dali_images_per_s"]
+                                                / results["augment_torch_images_per_s"])
 
         def drain(loader: torch.utils.data.DataLoader, limit: int) -> int:
             seen = 0

@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# The checks only a GPU can show, in one short run (on a lent GPU machine or a cluster's GPU node):
+# NCCL process group and a DDP step, training with bf16 autocast and channels_last, prediction on the
+# GPU, and training throughput (model alone, bf16 vs fp32, real loader vs model alone) for the reduced
+# DenseNet and DenseNet-121. Writes its log and JSON figures to $OUT (default /tmp/gpu-check).
+#
+#   LYMPHOMA_DATA=/path/to/lymphoma-iicbu2008 bash bench/gpu_check.sh
+#
+# If the packages are not installed, WHEELS=dir installs the wheels in dir into /tmp/site first.
+set -uo pipefail
+OUT=${OUT:-/tmp/gpu-check}
+mkdir -p "$OUT"
+exec > >(tee "$OUT/log") 2>&1
+if [ -n "${WHEELS:-}" ]; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site "$WHEELS"/*.whl || exit 1
+  export PYTHONPATH=/tmp/site:$PWD
+fi
+export PYTHONUNBUFFERED=1
+RUNS=${RUNS:-/tmp/gpu-check-runs}
+nvidia-smi -L
+python3 -c "import torch, tables, submitit, omegaconf; print('torch', torch.__version__, torch.cuda.get_device_name())"
+python3 -c "import nvidia.dali" 2>/dev/null && echo "DALI installed" || echo "DALI NOT installed: augment.backend=torch"
+
+echo "== 1. NCCL process group and a DDP step"
+python3 - <<'PY'
+import torch, torch.distributed as dist
+from lymphoma.model import ModelSettings, build_model
+dist.init_process_group("nccl", rank=0, world_size=1, init_method="tcp://127.0.0.1:29511")
+t = torch.ones(4, device="cuda")
+dist.all_reduce(t)
+model = torch.nn.parallel.DistributedDataParallel(build_model(ModelSettings().architecture(3)).cuda(), device_ids=[0])
+with torch.autocast("cuda", dtype=torch.bfloat16):
+    loss = model(torch.randn(8, 3, 112, 112, device="cuda")).float().sum()
+loss.backward()
+print("backend", dist.get_backend(), "all_reduce", t.tolist(), "DDP bf16 step ok, grad norm",
+      float(sum(p.grad.norm() for p in model.parameters() if p.grad is not None)))
+dist.destroy_process_group()
+PY
+
+echo "== 2. tile"
+time python3 -m jobs.cli tile -c configs/lymphoma-lowres.yaml run.root="$RUNS" cluster.parallelism=8 \
+  tiles.images_per_shard=8 --no-progress
+echo "== 3. train on the GPU (bf16, channels_last)"
+time python3 -m jobs.cli train -c configs/lymphoma-lowres.yaml run.root="$RUNS" train.epochs=${EPOCHS:-3} \
+  train.num_workers=8 train.batch_size=128
+grep -h "epoch" "$RUNS"/lymphoma-lowres/train/logs/*/*_0_log.out
+echo "== 4. predict on the GPU"
+time python3 -m jobs.cli predict --checkpoint "$RUNS"/lymphoma-lowres/train/checkpoints/best.pt \
+  "${LYMPHOMA_DATA}/lowres/**/*.png" --out "$RUNS/predict"
+echo "== 5. throughput"
+python3 bench/bench_training.py --workers 8 --batch 128 --steps 20 --out "$OUT/training-gpu-reduced.json"
+python3 bench/bench_training.py --workers 8 --batch 128 --steps 10 --preset densenet121 \
+  --out "$OUT/training-gpu-densenet121.json"
+echo "== done"
