@@ -48,7 +48,7 @@ echo "== 4. predict on the GPU"
 time python3 -m jobs.cli predict --checkpoint "$RUNS"/lymphoma-lowres/train/checkpoints/best.pt \
   "${LYMPHOMA_DATA}/lowres/**/*.png" --out "$RUNS/predict"
 echo "== 5. throughput"
-python3 bench/bench_training.py --workers 8 --batch 128 --steps 20 --out "$OUT/training-gpu-reduced.json"
-python3 bench/bench_training.py --workers 8 --batch 128 --steps 10 --preset densenet121 \
+[ "${SKIP_BENCH:-0}" = 1 ] || python3 bench/bench_training.py --workers 8 --batch 128 --steps 20 --out "$OUT/training-gpu-reduced.json"
+[ "${SKIP_BENCH:-0}" = 1 ] || python3 bench/bench_training.py --workers 8 --batch 128 --steps 10 --preset densenet121 \
   --out "$OUT/training-gpu-densenet121.json"
 echo "== done"

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import shutil
+import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -43,14 +46,31 @@ class ExecutorSettings:
             raise ValueError(f"cluster.parallelism must be >= 1, got {self.parallelism}")
 
 
+def visible_gpu_count() -> int:
+    """GPUs this process may use: CUDA_VISIBLE_DEVICES if set, else what ``nvidia-smi -L`` lists."""
+    visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+    if visible is not None:
+        return len([d for d in visible.split(",") if d.strip() and d.strip() != "-1"])
+    if shutil.which("nvidia-smi") is None:
+        return 0
+    try:
+        listing = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return 0
+    return sum(line.startswith("GPU ") for line in listing.splitlines())
+
+
 def make_executor(settings: ExecutorSettings, folder: str | Path, name: str) -> submitit.AutoExecutor:
     """An executor whose logs and pickles go to ``folder`` (``%j`` is replaced by the job id)."""
     executor = submitit.AutoExecutor(folder=str(folder), cluster=settings.kind)
+    gpus = settings.gpus_per_node
+    if settings.kind == "local" and gpus == 0:
+        gpus = visible_gpu_count()  # submitit's local executor hides every GPU it is not given
     params: dict[str, object] = {
         "name": name,
         "timeout_min": settings.timeout_min,
         "cpus_per_task": settings.cpus_per_task,
-        "gpus_per_node": settings.gpus_per_node,
+        "gpus_per_node": gpus,
         "nodes": settings.nodes,
         "tasks_per_node": settings.tasks_per_node,
     }

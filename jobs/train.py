@@ -29,6 +29,9 @@ class TrainJob(submitit.helpers.Checkpointable):
         cfg = to_object(raw)
         env = resolve()
         device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cuda" and env.local_rank >= torch.cuda.device_count():
+            raise InputError(f"{env.local_world} processes on this node but {torch.cuda.device_count()} GPU(s) visible: "
+                             "one process per GPU (set --gpus-per-node or cluster.tasks_per_node)")
         if device.type == "cuda":
             torch.cuda.set_device(device)
         else:

@@ -161,6 +161,9 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
 
     writer = None
     if rank.main:
+        print(f"training on {device} x {rank.world} process(es), {backend} augmentation, {len(train_tiles)} train "
+              f"and {len(eval_tiles)} {train.eval_phase} tiles, from epoch {start_epoch + 1} of {train.epochs}",
+              flush=True)
         from torch.utils.tensorboard import SummaryWriter
 
         writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_epoch)
@@ -203,7 +206,7 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
     best = min(history, key=lambda h: h["val_loss"]) if history else {}
     return {"epochs": len(history), "best_epoch": best.get("epoch"), "best_val_loss": best.get("val_loss"),
             "best_val_accuracy": best.get("val_accuracy"), "checkpoints": str(ckpt_dir), "backend": backend,
-            "world_size": rank.world, "rank": rank.rank, "weights_sha1": weights_digest(model)}
+            "world_size": rank.world, "rank": rank.rank, "device": str(device), "weights_sha1": weights_digest(model)}
 
 
 def weights_digest(model: torch.nn.Module) -> str:

@@ -89,6 +89,7 @@ def test_cancelled_job_surfaces_as_a_clear_state_not_a_hang(tmp_path):
 
 def test_ddp_on_slurm_matches_the_local_run_as_1x2_and_2x1(tiled, local_ddp):
     from conftest import DDP_STEPS, config_for
+
     from jobs.train import run_train
 
     steps, local = [*DDP_STEPS, *SMALL], local_ddp
@@ -100,6 +101,7 @@ def test_ddp_on_slurm_matches_the_local_run_as_1x2_and_2x1(tiled, local_ddp):
 
 def test_a_preempted_training_job_requeues_and_resumes_from_its_checkpoint(tiled):
     from conftest import config_for
+
     from jobs.train import run_train
     from lymphoma.checkpoint import load_checkpoint
 

@@ -1,0 +1,186 @@
+"""Tile-vote prediction on real images: outputs, resume after a kill, cohort report, bad input, the pipeline."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import FAST, config_for, pick_images
+from PIL import Image
+
+from jobs.cli import main
+from jobs.train import run_train
+from lymphoma.augment import AugmentSettings, build_augmenter, eval_batch
+from lymphoma.checkpoint import load_checkpoint
+from lymphoma.errors import InputError
+from lymphoma.images import read_rgb
+from lymphoma.model import build_model
+from lymphoma.tiling import TileSettings, cut_tiles, grid_shape
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tiled) -> Path:
+    run_train(config_for(tiled, "for-predict", "train.epochs=1", "train.max_steps_per_epoch=3"))
+    return tiled[1] / "for-predict" / "train" / "checkpoints" / "best.pt"
+
+
+@pytest.fixture(scope="module")
+def cohort(tmp_path_factory, data_root, manifest_rows) -> Path:
+    """12 real images in class folders (4 cases), not the ones the model was trained on."""
+    root = tmp_path_factory.mktemp("cohort")
+    for row in pick_images(manifest_rows[::-1], 2, 2):
+        target = root / row["cls"] / Path(row["lowres_path"]).name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(data_root / row["lowres_path"], target)
+    return root
+
+
+def predict(checkpoint: Path, out: Path, *words: str) -> int:
+    return main(["predict", "--checkpoint", str(checkpoint), "--out", str(out), "cluster.poll_s=0.1", *words])
+
+
+def test_outputs_votes_and_the_model_applied_directly(checkpoint, cohort, tmp_path, capsys):
+    assert predict(checkpoint, tmp_path / "out", f"{cohort}/**/*.png") == 0
+    report = capsys.readouterr().out
+    assert "12 of 12 slide(s) predicted (12 now, 0 already complete), 0 failed" in report
+    state = load_checkpoint(checkpoint)
+    model = build_model(state["architecture"])
+    model.load_state_dict(state["model"])
+    model.eval()
+    settings, augment = TileSettings(**state["tiles"]), AugmentSettings(**state["augment"])
+    for image_path in sorted(cohort.rglob("*.png"))[:4]:
+        key = image_path.stem
+        outputs = np.load(tmp_path / "out" / "slides" / f"{key}.npz")
+        record = json.loads((tmp_path / "out" / "slides" / f"{key}.json").read_text())
+        rows, cols = grid_shape(312, 417, settings)
+        assert len(outputs["probs"]) == rows * cols == record["n_tiles"] == sum(record["votes"].values())
+        assert outputs["votes"].tolist() == np.bincount(outputs["tile_class"], minlength=3).tolist()
+        tiles = cut_tiles(read_rgb(image_path), settings)
+        np.testing.assert_array_equal(outputs["coords"], tiles.coords)
+        with torch.inference_mode():
+            direct = model(eval_batch(tiles.pixels, augment, torch.device("cpu")))
+        np.testing.assert_allclose(outputs["logits"], direct.numpy(), rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(outputs["probs"].sum(1), 1, atol=1e-5)
+        assert record["majority_class"] == state["classes"][int(np.argmax(outputs["votes"]))]
+        assert record["label"] == image_path.parent.name
+    for backend in ("dali", "torch"):  # prediction's crop is the evaluation transform of both backends
+        aug = build_augmenter(AugmentSettings(**{**state["augment"], "backend": backend}), False, torch.device("cpu"))
+        x = tiles.pixels[:4]
+        batch = torch.stack([aug.sample(t) for t in x]) if aug.sample else torch.from_numpy(x)
+        np.testing.assert_allclose(aug.batch(batch).numpy(), eval_batch(x, augment, torch.device("cpu")).numpy(),
+                                   atol=1e-6)
+    with (tmp_path / "out" / "summary.csv").open() as handle:
+        summary = list(csv.DictReader(handle))
+    assert len(summary) == 12 and {r["truth"] for r in summary} == {"CLL", "FL", "MCL"}
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["image"]["n"] == 12 and metrics["case"]["n"] == 6
+    assert sum(map(sum, metrics["image"]["confusion"])) == 12
+    for name in ("confusion_image.png", "confusion_case.png", "slides/" + summary[0]["slide"] + ".png"):
+        assert Image.open(tmp_path / "out" / name).size[0] > 100
+
+
+def test_killed_prediction_resumes_only_the_remaining_slides(checkpoint, data_root, manifest_rows, tmp_path):
+    listing = tmp_path / "cohort.tsv"
+    rows = manifest_rows[::5]
+    listing.write_text("path\tlabel\tcase\n# every fifth image of the data set\n\n"
+                       + "".join(f"{r['lowres_path']}\t{r['cls']}\t{r['case_id']}\n" for r in rows))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "jobs.cli", "predict", "--checkpoint", str(checkpoint), "--list", str(listing),
+               "--basepath", str(data_root), "--out", str(out), "predict.slides_per_task=40", "predict.batch_size=16",
+               "cluster.parallelism=1", "cluster.poll_s=0.05"]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and len(list((out / "slides").glob("*.json"))) < 5:
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done_before = {p.stem: p.stat().st_mtime_ns for p in (out / "slides").glob("*.json")}
+    assert 5 <= len(done_before) < len(rows) and not (out / "summary.csv").exists()
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert (f"{len(rows)} of {len(rows)} slide(s) predicted ({len(rows) - len(done_before)} now, "
+            f"{len(done_before)} already complete)") in rerun.stdout
+    for key, mtime in done_before.items():
+        assert (out / "slides" / f"{key}.json").stat().st_mtime_ns == mtime
+    with (out / "summary.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == len(rows)
+    assert not list((out / "slides").glob(".*tmp*"))
+
+
+def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
+    assert predict(checkpoint, tmp_path / "a", f"{tmp_path}/nothing/**/*.tif") == 2
+    assert "matches no image file" in capsys.readouterr().err
+    odd = tmp_path / "odd.tsv"
+    odd.write_text("a.png\tCLL\tcase\textra\n")
+    assert predict(checkpoint, tmp_path / "b", "--list", str(odd)) == 2
+    assert "odd.tsv, line 1: expected tab-separated path[, label[, case]]" in capsys.readouterr().err
+    assert predict(checkpoint, tmp_path / "c", str(next(cohort.rglob("*.png"))), "tiles.size=128") == 2
+    assert "tiles.size=128 but the model was trained with 64" in capsys.readouterr().err
+    assert predict(checkpoint, tmp_path / "c", str(next(cohort.rglob("*.png"))), "tiles.size=128", "--force") == 0
+    capsys.readouterr()
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert predict(checkpoint, other, str(next(cohort.rglob("*.png")))) == 2
+    assert "exists and holds other files" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "keep me"
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    good = next(cohort.rglob("*.png"))
+    (bad / "corrupt_001.png").write_bytes(b"\x89PNG not really")
+    Image.open(good).crop((0, 0, 40, 40)).save(bad / "tiny_001.png")
+    listing = tmp_path / "mixed.tsv"
+    listing.write_text(f"{good}\n{bad / 'corrupt_001.png'}\n{bad / 'tiny_001.png'}\n{bad / 'missing_001.png'}\n")
+    assert predict(checkpoint, tmp_path / "d", "--list", str(listing)) == 0
+    out = capsys.readouterr().out
+    assert "1 of 4 slide(s) predicted" in out and "3 failed" in out
+    with (tmp_path / "d" / "summary.csv").open() as handle:
+        errors = {r["slide"]: r["error"] for r in csv.DictReader(handle)}
+    assert errors[good.stem] == ""
+    assert "not a readable image" in errors["corrupt_001"]
+    assert "smaller than a 64-pixel tile" in errors["tiny_001"]
+    assert "file not found" in errors["missing_001"]
+    with pytest.raises(InputError, match="two inputs named"):
+        from lymphoma.cohort import expand_inputs
+        from lymphoma.inputs import compile_case_pattern
+
+        twin = tmp_path / "twin"
+        twin.mkdir()
+        shutil.copyfile(good, twin / good.name)
+        expand_inputs([str(good), str(twin / good.name)], None, None, ["CLL", "FL", "MCL"],
+                      compile_case_pattern(r"^(?P<case>.+)_\d+$"))
+
+
+def test_the_whole_pipeline_on_a_small_real_subset(make_dataset, tmp_path, capsys):
+    source = make_dataset(2, 2)
+    code = main(["run", "--no-progress", f"data.source={source}", f"run.root={tmp_path}", "run.name=e2e", *FAST,
+                 "split.val_fraction=0.5", "train.epochs=2", "train.max_steps_per_epoch=3"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    run = tmp_path / "e2e"
+    for path in ("config.yaml", "split.csv", "tiles/manifest.json", "train/config.yaml", "train/history.json",
+                 "train/checkpoints/best.pt", "train/checkpoints/last.pt", "predict/summary.csv",
+                 "predict/metrics.json", "predict/confusion_image.png", "predict/confusion_case.png"):
+        assert (run / path).stat().st_size > 0, path
+    assert list((run / "train" / "tensorboard").glob("events.out.tfevents.*"))
+    with (run / "split.csv").open() as handle:
+        val = [r for r in csv.DictReader(handle) if r["phase"] == "val"]
+    metrics = json.loads((run / "predict" / "metrics.json").read_text())
+    assert metrics["predicted"] == len(val) == metrics["image"]["n"] and metrics["case"]["n"] == 3
+    for row in val:
+        stem = Path(row["path"]).stem
+        assert json.loads((run / "predict" / "slides" / f"{stem}.json").read_text())["label"] == row["label"]
+        assert np.load(run / "predict" / "slides" / f"{stem}.npz")["probs"].shape[1] == 3
+    assert "== done in" in out and str(run) in out
