@@ -89,7 +89,7 @@ class TrainSettings:
     step_size: int = 10
     gamma: float = 0.1
     num_workers: int = 2
-    amp: bool = True
+    amp: bool = False
     channels_last: bool = True
     seed: int = 0
     deterministic: bool = False
