@@ -33,13 +33,24 @@ def sacct_tasks(job_name: str) -> list[tuple[str, str]]:
     return [tuple(line.split("|")) for line in out.split()]
 
 
+def settled_tasks(job_name: str, limit_s: float = 60) -> list[tuple[str, str]]:
+    """The job's tasks once none is pending or running: accounting records a task's end a moment after
+    the task wrote its result, which is when the caller went on."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        tasks = sacct_tasks(job_name)
+        if time.monotonic() > deadline or not {s for _, s in tasks} & {"PENDING", "RUNNING", "COMPLETING"}:
+            return tasks
+        time.sleep(0.5)
+
+
 def test_tiling_array_has_one_task_per_shard_and_matches_the_local_run(make_dataset, make_config):
     source = make_dataset(2, 3)
     name = f"on-slurm-{uuid.uuid4().hex[:8]}"  # job names are unique across runs of the suite
     slurm = run_tile(make_config(source, f"run.name={name}", *SMALL, cluster="slurm"), progress=False)
     local = run_tile(make_config(source, "run.name=on-local"), progress=False)
     n_shards = len(slurm.summaries)
-    tasks = sacct_tasks(f"tile-{name}")
+    tasks = settled_tasks(f"tile-{name}")
     assert len(tasks) == n_shards and {state for _, state in tasks} == {"COMPLETED"}
     assert len({job_id.split("_")[0] for job_id, _ in tasks}) == 1  # one array job
     assert sorted(int(job_id.split("_")[1]) for job_id, _ in tasks) == list(range(n_shards))
@@ -127,3 +138,23 @@ def test_a_preempted_training_job_requeues_and_resumes_from_its_checkpoint(tiled
     assert any("REQUEUED" in r or "PREEMPTED" in r for r in records), records
     logs = "".join(p.read_text() for p in (tiled[1] / name / "train" / "logs").rglob("*_log.err"))
     assert "checkpoint" in logs.lower() or "requeu" in logs.lower()
+
+
+def test_the_whole_pipeline_on_slurm(make_dataset, tmp_path):
+    """`lymphoma run --cluster slurm`: a tiling array, a training job and a prediction array, all real jobs."""
+    import json
+
+    from conftest import FAST
+    from jobs.config import load_config
+    from jobs.pipeline import run_pipeline
+
+    name = f"e2e-{uuid.uuid4().hex[:6]}"
+    cfg = load_config(None, [f"data.source={make_dataset(2, 2)}", f"run.root={tmp_path}", f"run.name={name}", *FAST,
+                             *SMALL, "split.val_fraction=0.5", "train.epochs=1", "train.max_steps_per_epoch=2",
+                             "tiles.images_per_shard=3", "predict.slides_per_task=2"], "slurm")
+    result = run_pipeline(cfg, progress=False)
+    for stage, expected in (("tile", len(result["tile"].summaries)), ("train", 1), ("predict", 3)):
+        tasks = settled_tasks(f"{stage}-{name}")
+        assert len(tasks) == expected and {state for _, state in tasks} == {"COMPLETED"}, (stage, tasks)
+    metrics = json.loads((tmp_path / name / "predict" / "metrics.json").read_text())
+    assert metrics["predicted"] == metrics["slides"] == 6 and metrics["failed"] == 0

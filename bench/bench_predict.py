@@ -1,0 +1,123 @@
+"""Prediction throughput on real images: end to end (read, tile, model, vote, write) against the bare
+model on the same tiles already in memory, and against a tutorial-style loop, in one run; peak memory.
+
+    .venv/bin/python bench/bench_predict.py [--images 64] [--out bench/results/predict.json]
+
+The model is the reduced DenseNet with its initial weights (speed does not depend on training).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from jobs.config import default_data_root
+from lymphoma.augment import AugmentSettings, eval_batch
+from lymphoma.checkpoint import save_checkpoint
+from lymphoma.images import read_rgb
+from lymphoma.inputs import discover
+from lymphoma.model import ModelSettings, build_model
+from lymphoma.prediction import Predictor, SlideInput, predict_slides
+from lymphoma.tiling import TileSettings, cut_tiles
+
+CLASSES = ["CLL", "FL", "MCL"]
+
+
+def make_checkpoint(path: Path, tiles: TileSettings, augment: AugmentSettings) -> None:
+    torch.manual_seed(0)
+    architecture = ModelSettings().architecture(len(CLASSES))
+    model = build_model(architecture)
+    save_checkpoint({"model": model.state_dict(), "architecture": architecture, "classes": CLASSES, "epoch": 0,
+                     "tiles": asdict(tiles), "augment": asdict(augment)}, path)
+
+
+def end_to_end(checkpoint: Path, slides: list[SlideInput], out: Path, batch: int) -> int:
+    predictor = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), batch)
+    records = predict_slides(predictor, slides, out)
+    return sum(r["n_tiles"] for r in records)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--out", type=Path)
+    parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # checkpoint, slide list, out: one task
+    args = parser.parse_args()
+    if args.child:
+        slides = [SlideInput(**s) for s in json.loads(Path(args.child[1]).read_text())]
+        end_to_end(Path(args.child[0]), slides, Path(args.child[2]), args.batch)
+        return
+    records = discover(Path(default_data_root()) / "lowres", CLASSES).records
+    records = records[:: max(1, len(records) // args.images)][: args.images]
+    slides = [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in records]
+    tiles_settings, augment = TileSettings(size=128, stride=64), AugmentSettings()
+    results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+                                  "torch_threads": torch.get_num_threads(), "images": len(slides), "batch": args.batch}
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp_dir = Path(tmp)
+        checkpoint = tmp_dir / "model.pt"
+        make_checkpoint(checkpoint, tiles_settings, augment)
+        predictor = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), args.batch)
+        all_tiles = np.concatenate([cut_tiles(read_rgb(s.path), tiles_settings).pixels for s in slides])
+        n = len(all_tiles)
+        results["tiles"] = n
+
+        def bare() -> None:
+            for start in range(0, n, args.batch):
+                predictor.logits(all_tiles[start:start + args.batch])
+
+        def tutorial() -> None:  # batch 10, autograd on, read and tile between model calls
+            model = predictor.model
+            for slide in slides:
+                tiles = cut_tiles(read_rgb(slide.path), tiles_settings).pixels
+                outputs = []
+                for start in range(0, len(tiles), 10):
+                    x = torch.from_numpy(tiles[start:start + 10].transpose(0, 3, 1, 2) / 255).float()
+                    outputs.append(model(x[:, :, 8:120, 8:120]).detach().numpy())
+                np.concatenate(outputs).argmax(1)
+
+        timings = {}
+        for name, fn in (("bare_model", bare),
+                         ("end_to_end", lambda: end_to_end(checkpoint, slides, tmp_dir / f"out-{time.monotonic_ns()}",
+                                                           args.batch)),
+                         ("tutorial_style", tutorial)):
+            fn() if name == "bare_model" else None  # warm up the model's kernels once
+            start = time.perf_counter()
+            fn()
+            timings[name] = time.perf_counter() - start
+            results[f"{name}_tiles_per_s"] = n / timings[name]
+        results["end_to_end_vs_bare_model"] = timings["bare_model"] / timings["end_to_end"]
+        results["end_to_end_vs_tutorial_style"] = timings["tutorial_style"] / timings["end_to_end"]
+
+        listing = tmp_dir / "slides.json"
+        listing.write_text(json.dumps([asdict(s) for s in slides]))
+        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+        subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--child", str(checkpoint),
+                        str(listing), str(tmp_dir / "child")], check=True)
+        results["peak_memory_per_task_MiB"] = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+        with torch.inference_mode():  # the same outputs both ways
+            direct = predictor.model(eval_batch(all_tiles[:8], augment, torch.device("cpu")))
+        first = np.load(next((tmp_dir / "child").glob(f"{slides[0].key}.npz")))["logits"][:8]
+        results["outputs_match"] = bool(np.allclose(first, direct.numpy()[: len(first)], atol=1e-4))
+    text = json.dumps(results, indent=2)
+    print(text)
+    if args.out:
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(text + "\n")
+
+
+if __name__ == "__main__":
+    main()
