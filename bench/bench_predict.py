@@ -52,7 +52,7 @@ def end_to_end(checkpoint: Path, slides: list[SlideInput], out: Path, batch: int
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", type=Path)
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # checkpoint, slide list, out: one task
     args = parser.parse_args()

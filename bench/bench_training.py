@@ -69,7 +69,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=20)
-    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--preset", default="densenet-reduced")
     parser.add_argument("--backends", default="dali,torch", help="augmentation backends to compare")
@@ -88,8 +88,7 @@ def main() -> None:
         tiles = TileDataset([shard])
         results["tiles"] = len(tiles)
         model = build_model(ModelSettings(preset=args.preset).architecture(3)).to(device)
-        if gpu:
-            model = model.to(memory_format=torch.channels_last)
+        model = model.to(memory_format=torch.channels_last)  # as training does, on GPUs and CPUs
         optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
         criterion = torch.nn.CrossEntropyLoss()
         raw, labels = tiles.read_batch(list(range(args.batch)))
@@ -99,7 +98,7 @@ def main() -> None:
         def model_step(amp: bool = gpu) -> None:
             optimizer.zero_grad(set_to_none=True)
             with torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False):
-                loss = criterion(model(x.contiguous(memory_format=torch.channels_last) if gpu else x), y)
+                loss = criterion(model(x.contiguous(memory_format=torch.channels_last)), y)
             loss.backward()
             optimizer.step()
             if gpu:
@@ -118,7 +117,7 @@ def main() -> None:
             augmenter = build_augmenter(settings, True, device, seed=0)
             loader = make_loader(tiles, augmenter.sample, args.batch, 0, 1, True, 0, args.workers)
             for _ in range(2):  # the second pass is measured: workers and pipelines are warm
-                stats = train_one_epoch(model, loader, augmenter, criterion, optimizer, None, device, 0, gpu, gpu,
+                stats = train_one_epoch(model, loader, augmenter, criterion, optimizer, None, device, 0, gpu, True,
                                         max_steps=n_batches)
             results[f"real_loader_{backend}_images_per_s"] = stats.images_per_s
             results[f"real_loader_{backend}_vs_model_alone"] = stats.images_per_s / model_alone

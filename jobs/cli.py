@@ -12,7 +12,6 @@ from hpc import ArrayJobError
 from jobs.config import load_config, to_object
 from lymphoma.errors import InputError
 
-
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 
 

@@ -47,7 +47,7 @@ def _autocast(device: torch.device, amp: bool):  # type: ignore[no-untyped-def]
 def _inputs(batch: torch.Tensor, augmenter: Augmenter, epoch: int, device: torch.device,
             channels_last: bool) -> torch.Tensor:
     x = augmenter.batch(batch, epoch).to(device, non_blocking=True)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last and device.type == "cuda" else x
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, augmenter: Augmenter, criterion: torch.nn.Module,

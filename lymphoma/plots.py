@@ -88,7 +88,7 @@ CLASS_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (1
 
 
 def save_heatmap(image: np.ndarray, coords: np.ndarray, tile_class: np.ndarray, classes: Sequence[str],
-                 tiles: object, path: Path, max_side: int = 512) -> None:
+                 tiles: object, path: Path, max_side: int = 256) -> None:
     """The image as a thumbnail with each tile's class painted over the area it owns (its stride
     square at the tile's centre), and a legend; drawn with PIL, fast enough for every slide."""
     from PIL import Image, ImageDraw
@@ -106,4 +106,4 @@ def save_heatmap(image: np.ndarray, coords: np.ndarray, tile_class: np.ndarray, 
     for i, name in enumerate(classes):
         draw.rectangle([4, 4 + 14 * i, 14, 14 + 14 * i], fill=CLASS_COLOURS[i % len(CLASS_COLOURS)] + (255,))
         draw.text((18, 3 + 14 * i), name, fill=(0, 0, 0, 255))
-    Image.alpha_composite(thumb.convert("RGBA"), overlay).convert("RGB").save(path)
+    Image.alpha_composite(thumb.convert("RGBA"), overlay).convert("RGB").save(path, compress_level=1)

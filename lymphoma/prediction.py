@@ -54,14 +54,15 @@ class Predictor:
         state = load_checkpoint(path)
         model = build_model(state["architecture"])
         load_model_weights(model, state, path)
-        model.to(device).eval()
+        model.to(device, memory_format=torch.channels_last).eval()
         return cls(model, list(state["classes"]), TileSettings(**state["tiles"]), AugmentSettings(**state["augment"]),
                    device, batch_size, checkpoint_fingerprint(path, state))
 
     @torch.inference_mode()
     def logits(self, tiles: np.ndarray) -> torch.Tensor:
         """Raw outputs ``[N, nclass]`` for uint8 tiles ``[N, H, W, 3]``."""
-        return self.model(eval_batch(tiles, self.augment, self.device)).float().cpu()
+        x = eval_batch(tiles, self.augment, self.device).contiguous(memory_format=torch.channels_last)
+        return self.model(x).float().cpu()
 
 
 def checkpoint_fingerprint(path: Path, state: dict[str, Any]) -> str:

@@ -79,7 +79,7 @@ SCHEDULERS = ("none", "cosine", "step")
 @dataclass
 class TrainSettings:
     epochs: int = 10
-    batch_size: int = 64
+    batch_size: int = 32
     eval_batch_size: int = 128
     optimizer: str = "adam"
     lr: float = 1e-3
@@ -88,7 +88,7 @@ class TrainSettings:
     scheduler: str = "none"
     step_size: int = 10
     gamma: float = 0.1
-    num_workers: int = 2
+    num_workers: Optional[int] = None
     amp: bool = False
     channels_last: bool = True
     seed: int = 0
@@ -111,7 +111,7 @@ class PredictSettings:
     """batch_size: tiles per forward pass; slides_per_task: slides per array task; prefetch: slides decoded
     and tiled ahead of the model; heatmaps: a PNG of tile classes per slide."""
 
-    batch_size: int = 128
+    batch_size: int = 32
     slides_per_task: int = 64
     prefetch: int = 4
     heatmaps: bool = True

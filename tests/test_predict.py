@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import FAST, config_for, pick_images
 from PIL import Image
 
+from conftest import FAST, config_for, pick_images
 from jobs.cli import main
 from jobs.train import run_train
 from lymphoma.augment import AugmentSettings, build_augmenter, eval_batch

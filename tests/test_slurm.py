@@ -10,10 +10,10 @@ import uuid
 import numpy as np
 import pytest
 import submitit
-from conftest import read_shards
-from hpc_tasks import record_span, sleep_for
 
+from conftest import read_shards
 from hpc import ArrayJobError, ExecutorSettings, make_executor, run_array
+from hpc_tasks import record_span, sleep_for
 from jobs.tile import run_tile
 from lymphoma.sharding import load_manifest, phase_shards
 
@@ -100,7 +100,6 @@ def test_cancelled_job_surfaces_as_a_clear_state_not_a_hang(tmp_path):
 
 def test_ddp_on_slurm_matches_the_local_run_as_1x2_and_2x1(tiled, local_ddp):
     from conftest import DDP_STEPS, config_for
-
     from jobs.train import run_train
 
     steps, local = [*DDP_STEPS, *SMALL], local_ddp
@@ -112,7 +111,6 @@ def test_ddp_on_slurm_matches_the_local_run_as_1x2_and_2x1(tiled, local_ddp):
 
 def test_a_preempted_training_job_requeues_and_resumes_from_its_checkpoint(tiled):
     from conftest import config_for
-
     from jobs.train import run_train
     from lymphoma.checkpoint import load_checkpoint
 

@@ -13,8 +13,8 @@ import time
 import numpy as np
 import tables
 import yaml
-from conftest import read_shards
 
+from conftest import read_shards
 from jobs.tile import run_tile
 from lymphoma.dataset import TileDataset
 from lymphoma.sharding import load_manifest, phase_shards
@@ -48,7 +48,7 @@ def test_local_array_writes_shards_split_manifest_and_config(make_dataset, make_
         assert len(dataset) == entry["n_tiles"]
         assert dataset.class_counts().tolist() == [entry["tiles_per_class"][c] for c in ("CLL", "FL", "MCL")]
         truth = {row["path"].rsplit("/", 1)[1]: (row["label"], row["case"]) for row in split if row["phase"] == phase}
-        assert {(f, dataset.classes[l], c) for f, l, c in zip(dataset.filenames, dataset.labels, dataset.cases)} == \
+        assert {(f, dataset.classes[k], c) for f, k, c in zip(dataset.filenames, dataset.labels, dataset.cases)} == \
             {(f, *truth[f]) for f in truth}
     saved = yaml.safe_load((run_dir / "config.yaml").read_text())
     assert saved["tiles"]["stride"] == 96 and saved["data"]["source"] == str(source)

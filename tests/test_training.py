@@ -12,9 +12,9 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import DDP_STEPS, FAST, config_for
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
+from conftest import DDP_STEPS, FAST, config_for
 from jobs.config import load_config
 from jobs.tile import run_tile
 from jobs.train import run_train
