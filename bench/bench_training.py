@@ -70,7 +70,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--workers", type=int, default=2)
+    parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--preset", default="densenet-reduced")
     parser.add_argument("--backends", default="dali,torch", help="augmentation backends to compare")
     parser.add_argument("--out", type=Path)
