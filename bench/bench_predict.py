@@ -23,6 +23,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from common import emit
 from jobs.config import default_data_root
 from lymphoma.augment import AugmentSettings, eval_batch
 from lymphoma.checkpoint import save_checkpoint
@@ -112,11 +113,7 @@ def main() -> None:
             direct = predictor.model(eval_batch(all_tiles[:8], augment, torch.device("cpu")))
         first = np.load(next((tmp_dir / "child").glob(f"{slides[0].key}.npz")))["logits"][:8]
         results["outputs_match"] = bool(np.allclose(first, direct.numpy()[: len(first)], atol=1e-4))
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -13,10 +13,8 @@ Ratios are what to compare: absolute figures depend on the machine.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -25,13 +23,12 @@ import numpy as np
 import tables
 from PIL import Image
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from jobs.config import default_data_root, load_config, to_object  # noqa: E402
-from jobs.tile import run_tile  # noqa: E402
-from lymphoma.inputs import ImageRecord, discover  # noqa: E402
-from lymphoma.store import write_shard  # noqa: E402
-from lymphoma.tiling import TileSettings  # noqa: E402
+from common import emit
+from jobs.config import default_data_root, load_config, to_object
+from jobs.tile import run_tile
+from lymphoma.inputs import ImageRecord, discover
+from lymphoma.store import write_shard
+from lymphoma.tiling import TileSettings
 
 CLASSES = ["CLL", "FL", "MCL"]
 
@@ -126,11 +123,7 @@ def main() -> None:
             rates[workers] = sum(s.n_tiles for s in run.summaries) / seconds
         results["local_array"] = {"tiles_per_s_1_task": rates[1], "tiles_per_s_2_tasks": rates[2],
                                   "ratio_2_vs_1": rates[2] / rates[1], "shards": 8}
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

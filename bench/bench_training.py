@@ -10,7 +10,6 @@ float32-vs-bf16 comparison; on a CPU machine everything runs on the CPU.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
 import tempfile
@@ -21,6 +20,7 @@ import numpy as np
 import tables
 import torch
 
+from common import emit
 from jobs.config import default_data_root
 from lymphoma.augment import AugmentSettings, build_augmenter, dali_available
 from lymphoma.data import make_loader
@@ -148,11 +148,7 @@ def main() -> None:
             results[f"loader_{name}_images_per_s"] = seen / (time.perf_counter() - start)
         results["loader_ours_vs_tutorial"] = results["loader_ours_images_per_s"] / results["loader_tutorial_images_per_s"]
         tiles.close()
-    text = json.dumps(results, indent=2)
-    print(text)
-    if args.out:
-        args.out.parent.mkdir(parents=True, exist_ok=True)
-        args.out.write_text(text + "\n")
+    emit(results, args.out)
 
 
 if __name__ == "__main__":

@@ -184,3 +184,33 @@ def test_the_whole_pipeline_on_a_small_real_subset(make_dataset, tmp_path, capsy
         assert json.loads((run / "predict" / "slides" / f"{stem}.json").read_text())["label"] == row["label"]
         assert np.load(run / "predict" / "slides" / f"{stem}.npz")["probs"].shape[1] == 3
     assert "== done in" in out and str(run) in out
+
+
+def test_a_task_that_dies_is_reported_with_its_log(checkpoint, cohort, tmp_path):
+    """kill -9 of one array task (not of the caller): the other task's slides are kept, the dead task's
+    slides are failed rows naming its log, the command fails, and a rerun completes them."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "jobs.cli", "predict", "--checkpoint", str(checkpoint), f"{cohort}/**/*.png",
+               "--out", str(out), "predict.slides_per_task=6", "predict.batch_size=4", "cluster.parallelism=2",
+               "cluster.poll_s=0.05"]
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    victim = None
+    deadline = time.monotonic() + 120
+    while victim is None and time.monotonic() < deadline:
+        found = subprocess.run(["pgrep", "-f", f"submitit.core._submit {out}"], capture_output=True, text=True)
+        pids = [int(p) for p in found.stdout.split()]
+        victim = min(pids) if pids else None
+        time.sleep(0.02)
+    assert victim is not None
+    os.kill(victim, signal.SIGKILL)
+    stdout, stderr = proc.communicate(timeout=300)
+    assert proc.returncode == 1, stdout + stderr
+    assert "task(s) of 'predict-default' failed" in stderr and "_log.err" in stderr
+    with (out / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 12
+    dead = [r for r in rows if r["status"] == "failed"]
+    assert dead and all("died before writing it; log:" in r["error"] for r in dead)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert rerun.returncode == 0, rerun.stderr
+    assert f"12 of 12 slide(s) predicted ({len(dead)} now, {12 - len(dead)} already complete)" in rerun.stdout
