@@ -13,7 +13,7 @@ from lymphoma.errors import InputError
 
 def make_run_dir(root: str | Path, name: str) -> Path:
     """``root/name``, created if needed; an error that says what to do when it cannot be written."""
-    run_dir = Path(root) / name
+    run_dir = (Path(root) / name).absolute()
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
         probe = run_dir / f".write-test-{os.getpid()}"

@@ -79,7 +79,7 @@ SCHEDULERS = ("none", "cosine", "step")
 @dataclass
 class TrainSettings:
     epochs: int = 10
-    batch_size: int = 32
+    batch_size: int = 64
     eval_batch_size: int = 128
     optimizer: str = "adam"
     lr: float = 1e-3
