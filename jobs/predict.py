@@ -90,7 +90,7 @@ def run_predict(raw_cfg: DictConfig, checkpoint: Path, patterns: list[str], list
         check_tiling(cfg, state["tiles"], checkpoint)
     if slides is None:
         slides = expand_inputs(patterns, list_file, basepath, classes, compile_case_pattern(cfg.data.case_pattern))
-    out_dir = prepare_out_dir(Path(out) if out else Path(cfg.run.root) / cfg.run.name / "predict")
+    out_dir = prepare_out_dir((Path(out) if out else Path(cfg.run.root) / cfg.run.name / "predict").absolute())
     save_resolved(raw_cfg, out_dir / "config.yaml")
     slide_dir = out_dir / "slides"
     fingerprint = checkpoint_fingerprint(Path(checkpoint).resolve(), state)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +16,7 @@ from hpc import make_executor, wait_for
 from hpc.distributed import resolve
 from jobs.config import Config, from_yaml_text, save_resolved, to_object
 from jobs.rundir import exclusive, make_run_dir
+from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.sharding import MANIFEST_NAME
 from lymphoma.training import Rank, fit, preflight
@@ -53,6 +55,19 @@ class TrainJob(submitit.helpers.Checkpointable):
                 dist.destroy_process_group()
 
 
+def _warn_if_resuming_other_settings(last: Path, raw_cfg: DictConfig) -> None:
+    """Resuming keeps the run's history; say so when the settings it trains with have changed since."""
+    if not last.is_file():
+        return
+    state = load_checkpoint(last)
+    saved, now = state["config"], OmegaConf.to_container(raw_cfg, resolve=True)
+    changed = [f"{section}.{key}" for section in ("train", "model", "augment") for key in now[section]
+               if saved.get(section, {}).get(key) != now[section][key] and f"{section}.{key}" != "train.epochs"]
+    if changed:  # more epochs is the ordinary way to continue, not worth a note
+        print(f"note: resuming {last} (epoch {state['epoch'] + 1} done) with changed settings "
+              f"{changed}; to train afresh with them, use another run.name", file=sys.stderr, flush=True)
+
+
 def run_here(raw_cfg: DictConfig) -> dict[str, Any] | None:
     """Train in this process as one rank of a job started by torchrun, mpiexec or srun; rank 0's summary."""
     cfg: Config = to_object(raw_cfg)
@@ -72,6 +87,7 @@ def run_train(raw_cfg: DictConfig) -> list[dict[str, Any]]:
         raise InputError("the debug executor runs one process; set cluster.tasks_per_node=1 or use --cluster local")
     out = run_dir / "train"
     preflight(run_dir / "tiles", out, cfg.train, cfg.model, cfg.augment, cfg.tiles.size)
+    _warn_if_resuming_other_settings(out / "checkpoints" / "last.pt", raw_cfg)
     out.mkdir(exist_ok=True)
     with exclusive(run_dir, "train"):
         executor = make_executor(cfg.cluster, out / "logs" / "%j", name=f"train-{cfg.run.name}")

@@ -95,12 +95,15 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiled):
     assert final_digest(runs, "killed") == final_digest(runs, "straight")
 
 
-def test_bad_training_input_gets_clear_errors(tiled, tmp_path):
+def test_bad_training_input_gets_clear_errors(tiled, tmp_path, capsys):
     with pytest.raises(InputError, match="stores hold 64-px tiles but tiles.size is 96"):
         run_train(config_for(tiled, "size", "tiles.size=96", "train.epochs=1"))
     with pytest.raises(InputError, match="augment.crop=80 is larger than the stored 64-px tiles"):
         run_train(config_for(tiled, "crop", "augment.crop=80", "train.epochs=1"))
     run_train(config_for(tiled, "arch", "train.epochs=1", "train.max_steps_per_epoch=1"))
+    run_train(config_for(tiled, "arch", "train.epochs=1", "train.max_steps_per_epoch=1", "train.lr=0.01"))
+    assert "with changed settings ['train.lr']; to train afresh with them, use another run.name" in \
+        capsys.readouterr().err
     with pytest.raises(InputError, match="holds another architecture"):
         run_train(config_for(tiled, "arch", "train.epochs=2", "model.preset=densenet121"))
     with pytest.raises(InputError, match="not found"):
