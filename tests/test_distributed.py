@@ -42,12 +42,14 @@ def test_submitit_local_job_with_two_tasks(tmp_path, tasks_importable):
     assert results[0][3:] == results[1][3:] and results[0][5] == "submitit-local"
 
 
-def test_mpiexec_ranks_come_from_mpi4py():
+def test_mpiexec_ranks_come_from_mpi4py(tmp_path):
     mpiexec = Path(sys.executable).parent / "mpiexec"
-    code = "from hpc.distributed import resolve; e = resolve(); print(e.rank, e.local_rank, e.world_size, e.master_port, e.source)"
+    code = ("import pathlib, sys; from hpc.distributed import resolve; e = resolve(); "
+            "pathlib.Path(sys.argv[1], str(e.rank)).write_text(f'{e.rank} {e.local_rank} {e.world_size} "
+            "{e.master_port} {e.source}')")  # one file per rank: the ranks' stdout can interleave
     env = {k: v for k, v in os.environ.items() if k not in TORCHRUN and not k.startswith("SUBMITIT")}
-    out = subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-c", code], capture_output=True, text=True,
-                         timeout=120, env=env, check=True).stdout
-    lines = sorted(line.split() for line in out.splitlines() if line.strip())
+    subprocess.run([str(mpiexec), "-n", "2", sys.executable, "-c", code, str(tmp_path)], capture_output=True,
+                   text=True, timeout=120, env=env, check=True)
+    lines = [(tmp_path / str(rank)).read_text().split() for rank in (0, 1)]
     assert [line[:3] for line in lines] == [["0", "0", "2"], ["1", "1", "2"]]
     assert lines[0][3] == lines[1][3] and {line[4] for line in lines} == {"mpi"}
