@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    inspect = sub.add_parser("inspect", help="a slide's levels, resolution, vendor, tissue and tile grid",
+                             description="Show what a slide file holds (levels, dimensions, microns per pixel, "
+                                         "objective, vendor), its tissue fraction, and write a thumbnail with the "
+                                         "tile grid that tiles.* would cut.")
+    inspect.add_argument("slide", type=Path, help="a whole-slide file (SVS, NDPI, pyramidal TIFF, ...) or an image")
+    inspect.add_argument("--out", type=Path, help="the thumbnail PNG (default: <slide name>-grid.png here)")
+    _add_config_args(inspect)
+
     download = sub.add_parser("download", help="fetch the public IICBU 2008 lymphoma data set into class folders",
                               description="Download the public tarball (resumable), verify its SHA-1 and unpack "
                                           "it into one folder per class.")
@@ -141,6 +149,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from jobs.pipeline import run_pipeline
 
             run_pipeline(cfg, progress=not args.no_progress)
+        elif args.command == "inspect":
+            from jobs.inspect_slide import inspect_slide
+
+            print(inspect_slide(cfg, args.slide, args.out))
         elif args.command == "validate":
             from lymphoma.validation import validate as run_validate
 

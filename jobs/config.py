@@ -64,6 +64,9 @@ class TilesConfig:
     resample: str = MISSING
     background_level: int = MISSING
     max_background: float = MISSING
+    target_mpp: Optional[float] = MISSING
+    default_mpp: Optional[float] = MISSING
+    min_tissue: float = MISSING
     compression: str = MISSING
     images_per_shard: int = MISSING
     strict: bool = MISSING

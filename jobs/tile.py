@@ -43,7 +43,8 @@ def run_shard_task(task: ShardTask) -> ShardSummary:
 def tile_settings(cfg: Config) -> TileSettings:
     t = cfg.tiles
     return TileSettings(size=t.size, stride=t.stride, resize=t.resize, pad=t.pad, resample=t.resample,
-                        background_level=t.background_level, max_background=t.max_background)
+                        background_level=t.background_level, max_background=t.max_background,
+                        target_mpp=t.target_mpp, default_mpp=t.default_mpp, min_tissue=t.min_tissue)
 
 
 @dataclass

@@ -10,6 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from lymphoma.errors import ImageError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+WSI_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide")  # read through OpenSlide
 
 _MODE_ADVICE = {
     "L": "is grayscale; H&E tiles need 3 colour channels: re-export it as RGB or remove it",
@@ -23,8 +24,8 @@ _MODE_ADVICE = {
 
 
 def is_image_file(path: Path) -> bool:
-    """True when the suffix is one of the supported image formats."""
-    return path.suffix.lower() in IMAGE_SUFFIXES
+    """True when the suffix is one of the supported image or whole-slide formats."""
+    return path.suffix.lower() in IMAGE_SUFFIXES + WSI_SUFFIXES
 
 
 def read_rgb(path: str | Path) -> np.ndarray:

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lymphoma.errors import InputError
-from lymphoma.images import IMAGE_SUFFIXES, is_image_file
+from lymphoma.images import IMAGE_SUFFIXES, WSI_SUFFIXES, is_image_file
 
 DEFAULT_CASE_PATTERN = r"^(?P<case>.+?)(?:-R\d+)?_\d+$"
 
@@ -95,7 +95,7 @@ def discover(
         elif not path.is_file():
             reason = "file not found; fix the path in the manifest or remove the line"
         elif not is_image_file(path):
-            reason = f"not a supported image type; use one of {', '.join(IMAGE_SUFFIXES)}"
+            reason = f"not a supported image type; use one of {', '.join(IMAGE_SUFFIXES + WSI_SUFFIXES)}"
         else:
             case = case or case_of(path.stem, pattern)
             if not case:

@@ -22,7 +22,7 @@ from lymphoma.augment import AugmentSettings, eval_batch
 from lymphoma.checkpoint import load_checkpoint, load_model_weights
 from lymphoma.errors import ImageError, InputError
 from lymphoma.files import write_text_atomic
-from lymphoma.images import read_rgb
+from lymphoma.images import WSI_SUFFIXES, read_rgb
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap
 from lymphoma.tiling import TileSettings, cut_tiles
@@ -94,6 +94,9 @@ def _read_ahead(slides: Sequence[SlideInput], settings: TileSettings, depth: int
             if stop.is_set():
                 return
             try:
+                if settings.target_mpp is not None or Path(slide.path).suffix.lower() in WSI_SUFFIXES:
+                    raise ImageError(slide.path, "prediction on whole-slide files (region reads at a target mpp) "
+                                                 "is not implemented yet; tile it with `lymphoma tile` instead")
                 image = read_rgb(slide.path)
                 result: Any = (cut_tiles(image, settings), image)
             except InputError as err:

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,9 +24,11 @@ import numpy as np
 import tables
 
 from lymphoma.errors import ImageError, InputError
-from lymphoma.images import read_rgb
+from lymphoma.images import WSI_SUFFIXES, read_rgb
 from lymphoma.inputs import ImageRecord
+from lymphoma.slides import open_slide
 from lymphoma.tiling import TileSettings, cut_tiles
+from lymphoma.wsi import iter_tiles, plan_grid
 
 STORE_FORMAT = 1
 
@@ -102,31 +104,35 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
             filenames = h5.create_earray("/", "filenames", tables.StringAtom(name_len), shape=(0,), filters=filters)
             cases = h5.create_earray("/", "cases", tables.StringAtom(case_len), shape=(0,), filters=filters)
             images = h5.create_table("/", "images", _ImageRow)
+            arrays = (imgs, labels, coords, filenames, cases)
             for record in records:
+                rows_before = int(imgs.nrows)
+                name = Path(record.path).name.encode()
+                label = label_of[record.label]
                 try:
-                    image = read_rgb(record.path)
-                    cut = cut_tiles(image, settings)
-                except InputError as err:
-                    reason = err.problem if isinstance(err, ImageError) else str(err)
+                    batches, tile_coords, background, (height, width) = _tiles_of(record.path, settings)
+                    for pixels in batches:  # whole slides arrive a batch at a time: memory stays bounded
+                        imgs.append(pixels)
+                        labels.append(np.full(len(pixels), label, dtype=np.int16))
+                        filenames.append(np.full(len(pixels), name, dtype=f"S{name_len}"))
+                        cases.append(np.full(len(pixels), record.case.encode(), dtype=f"S{case_len}"))
+                    coords.append(tile_coords)
+                except (InputError, OSError) as err:
+                    for array in arrays:  # drop what a slide that failed half way had appended
+                        array.truncate(rows_before)
+                    reason = err.problem if isinstance(err, ImageError) else f"cannot be read ({err})"
                     if strict:
                         raise ImageError(record.path, reason) from None
                     skipped.append({"path": record.path, "reason": reason})
                     continue
-                n = len(cut.pixels)
-                label = label_of[record.label]
-                imgs.append(cut.pixels)
-                labels.append(np.full(n, label, dtype=np.int16))
-                coords.append(cut.coords)
-                filenames.append(np.full(n, Path(record.path).name.encode(), dtype=f"S{name_len}"))
-                cases.append(np.full(n, record.case.encode(), dtype=f"S{case_len}"))
+                n = int(imgs.nrows - rows_before)
                 row = images.row
                 row["filename"], row["case"], row["label"] = Path(record.path).name, record.case, label
-                row["height"], row["width"], row["n_tiles"], row["n_background"] = (
-                    image.shape[0], image.shape[1], n, cut.n_background)
+                row["height"], row["width"], row["n_tiles"], row["n_background"] = height, width, n, background
                 row.append()
                 tiles_per_class[record.label] += n
                 images_per_class[record.label] += 1
-                n_background += cut.n_background
+                n_background += background
             attrs = h5.root._v_attrs
             attrs.format = STORE_FORMAT
             attrs.phase = phase
@@ -134,7 +140,8 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
             attrs.tiles = json.dumps(settings.as_dict())
             attrs.tile_size, attrs.stride, attrs.resize, attrs.pad = size, settings.stride, settings.resize, settings.pad
             attrs.compression = compression
-            attrs.coords_convention = "top-left (x, y) in the resized image; negative inside the mirror padding"
+            attrs.coords_convention = ("top-left (x, y) in level-0 pixels of the slide" if settings.target_mpp else
+                                       "top-left (x, y) in the resized image; negative inside the mirror padding")
             attrs.tiles_per_class = json.dumps(tiles_per_class)
             attrs.images_per_class = json.dumps(images_per_class)
             attrs.n_tiles = int(imgs.nrows)
@@ -150,6 +157,34 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
                         n_tiles=sum(tiles_per_class.values()), tiles_per_class=tiles_per_class,
                         images_per_class=images_per_class, n_background=n_background,
                         bytes=path.stat().st_size, seconds=seconds, skipped=skipped)
+
+
+def _tiles_of(path: str, settings: TileSettings) -> tuple[Iterator[np.ndarray], np.ndarray, int, tuple[int, int]]:
+    """Batches of tiles of one image, their coordinates, the background tiles dropped and the image's
+    (height, width): pixel tiling of a decoded image, or, with ``target_mpp``, region reads of a slide."""
+    if settings.target_mpp is None:
+        if Path(path).suffix.lower() in WSI_SUFFIXES:
+            raise ImageError(path, "is a whole-slide file: set tiles.target_mpp (e.g. 0.5 for 20x) to tile it")
+        image = read_rgb(path)
+        cut = cut_tiles(image, settings)
+        return iter([cut.pixels]), cut.coords, cut.n_background, image.shape[:2]
+    reader = open_slide(path, settings.default_mpp)
+    try:
+        grid = plan_grid(reader, settings.size, settings.stride, settings.target_mpp, settings.min_tissue)
+    except InputError:
+        reader.close()
+        raise
+    if len(grid.coords) == 0:
+        reader.close()
+        raise ImageError(path, f"has no tile with at least {settings.min_tissue:.0%} tissue; check the slide or "
+                               "lower tiles.min_tissue")
+
+    def batches() -> Iterator[np.ndarray]:
+        with reader:
+            yield from iter_tiles(reader, grid, settings.size)
+
+    width, height = reader.info.dimensions
+    return batches(), grid.coords.astype(np.int32), grid.n_background, (height, width)
 
 
 def read_complete_shard(path: Path, fingerprint: str) -> ShardSummary | None:

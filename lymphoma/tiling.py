@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from typing import Optional
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -27,7 +28,9 @@ class TileSettings:
     resize: scale factor applied to the image first; pad: mirror padding added on each side;
     resample: resize filter; background_level / max_background: a pixel whose three channels are
     all >= background_level is background, and a tile with a larger background fraction than
-    max_background is dropped (1.0 keeps every tile).
+    max_background is dropped (1.0 keeps every tile). target_mpp: tile at this resolution (microns per
+    pixel) through the slide reader, over detected tissue only (tiles with at least min_tissue of it);
+    default_mpp: the resolution of images whose files do not say.
     """
 
     size: int = 128
@@ -37,6 +40,9 @@ class TileSettings:
     resample: str = "bilinear"
     background_level: int = 220
     max_background: float = 1.0
+    target_mpp: Optional[float] = None
+    default_mpp: Optional[float] = None
+    min_tissue: float = 0.5
 
     def __post_init__(self) -> None:
         checks = [
@@ -47,6 +53,9 @@ class TileSettings:
             (self.resample in RESAMPLE, f"tiles.resample is {self.resample!r}; allowed: {', '.join(RESAMPLE)}"),
             (0 <= self.background_level <= 255, f"tiles.background_level must be in 0..255, got {self.background_level}"),
             (0.0 <= self.max_background <= 1.0, f"tiles.max_background must be in [0, 1], got {self.max_background}"),
+            (self.target_mpp is None or self.target_mpp > 0, f"tiles.target_mpp must be > 0, got {self.target_mpp}"),
+            (self.default_mpp is None or self.default_mpp > 0, f"tiles.default_mpp must be > 0, got {self.default_mpp}"),
+            (0.0 <= self.min_tissue <= 1.0, f"tiles.min_tissue must be in [0, 1], got {self.min_tissue}"),
         ]
         for ok, message in checks:
             if not ok:

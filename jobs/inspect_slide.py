@@ -1,0 +1,36 @@
+"""`lymphoma inspect`: what a slide file holds, its tissue, and the tile grid the settings would cut."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from jobs.config import to_object
+from lymphoma.slides import open_slide
+from lymphoma.wsi import plan_grid, save_grid_overview
+
+
+def inspect_slide(raw_cfg: DictConfig, path: Path, out: Path | None) -> str:
+    """A report of the slide's levels, resolution and tissue; writes the QC picture to ``out``."""
+    cfg = to_object(raw_cfg)
+    t = cfg.tiles
+    with open_slide(path, t.default_mpp) as reader:
+        info = reader.info
+        lines = [f"file:       {info.path}", f"vendor:     {info.vendor}",
+                 f"mpp:        {info.mpp if info.mpp is not None else 'unknown (set tiles.default_mpp)'}",
+                 f"objective:  {info.objective_power or 'unknown'}", "levels:"]
+        lines += [f"  {i}: {w} x {h} (downsample {d:.3f})"
+                  for i, ((w, h), d) in enumerate(zip(info.level_dimensions, info.level_downsamples))]
+        grid = None
+        if info.mpp is not None:
+            target = t.target_mpp or info.mpp
+            grid = plan_grid(reader, t.size, t.stride, target, t.min_tissue)
+            lines += [f"tissue:     {grid.tissue.fraction:.1%} of the slide",
+                      f"tile grid:  {len(grid.coords)} tiles of {t.size} px at {target} mpp kept (>= "
+                      f"{t.min_tissue:.0%} tissue), {grid.n_background} dropped; read at level {grid.level}, "
+                      f"{grid.read_size} px each"]
+        out = out or Path(f"{Path(path).stem}-grid.png")
+        save_grid_overview(reader, grid, str(out))
+        lines.append(f"picture:    {out}")
+    return "\n".join(lines)

@@ -1,0 +1,156 @@
+"""One reader for whole-slide files (Aperio SVS, Hamamatsu NDPI, pyramidal TIFF, ... through OpenSlide) and
+plain images (TIFF, PNG, JPEG): dimensions, levels, microns per pixel, and region reads at any level,
+so that a gigapixel slide is never held in memory whole."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from lymphoma.errors import ImageError
+from lymphoma.images import WSI_SUFFIXES, read_rgb
+
+
+@dataclass(frozen=True)
+class SlideInfo:
+    """What ``lymphoma inspect`` shows of a slide."""
+
+    path: str
+    vendor: str
+    level_dimensions: tuple[tuple[int, int], ...]  # (width, height) per level, level 0 first
+    level_downsamples: tuple[float, ...]
+    mpp: Optional[float]  # microns per pixel at level 0; None when the file does not say
+    objective_power: Optional[float]
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return self.level_dimensions[0]
+
+
+class SlideReader:
+    """Region reads in level-0 coordinates, at any level; ``close`` when done (or use ``with``)."""
+
+    info: SlideInfo
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        """RGB uint8 ``[height, width, 3]`` at ``level``, top-left (x, y) given in level-0 pixels."""
+        raise NotImplementedError
+
+    def thumbnail(self, max_side: int) -> np.ndarray:
+        """The whole slide, RGB, at most ``max_side`` pixels on its longer side (from the smallest fitting level)."""
+        raise NotImplementedError
+
+    def best_level(self, downsample: float) -> int:
+        """The level with the largest downsample not above ``downsample`` (never upsample more than needed)."""
+        candidates = [i for i, d in enumerate(self.info.level_downsamples) if d <= downsample * 1.001]
+        return max(candidates, key=lambda i: self.info.level_downsamples[i]) if candidates else 0
+
+    def close(self) -> None:
+        pass
+
+    def __enter__(self) -> "SlideReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class OpenSlideReader(SlideReader):
+    def __init__(self, path: Path) -> None:
+        import openslide
+
+        try:
+            self._slide = openslide.OpenSlide(str(path))
+        except (openslide.OpenSlideError, OSError) as err:
+            raise ImageError(path, f"OpenSlide cannot read it ({err}); the file is corrupt or of an "
+                                   "unsupported format") from None
+        props = self._slide.properties
+        mpp = _float(props.get("openslide.mpp-x"))
+        self.info = SlideInfo(str(path), props.get("openslide.vendor", "unknown"),
+                              tuple(tuple(d) for d in self._slide.level_dimensions),
+                              tuple(float(d) for d in self._slide.level_downsamples),
+                              mpp if mpp and mpp < 100 else None,  # generic TIFFs may carry a meaningless DPI
+                              _float(props.get("openslide.objective-power")))
+        _check_levels(self.info)
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        region = self._slide.read_region((int(x), int(y)), level, (int(width), int(height)))
+        rgba = np.asarray(region)
+        rgb = rgba[..., :3].copy()
+        rgb[rgba[..., 3] == 0] = 255  # outside the scanned area: white, like glass
+        return rgb
+
+    def thumbnail(self, max_side: int) -> np.ndarray:
+        w, h = self.info.dimensions
+        scale = max_side / max(w, h)
+        return np.asarray(self._slide.get_thumbnail((max(1, round(w * scale)), max(1, round(h * scale)))).convert("RGB"))
+
+    def close(self) -> None:
+        self._slide.close()
+
+
+class ImageReader(SlideReader):
+    """A plain image, decoded once (plain images are small enough); one level."""
+
+    def __init__(self, path: Path, mpp: Optional[float]) -> None:
+        self._image = read_rgb(path)
+        h, w = self._image.shape[:2]
+        self.info = SlideInfo(str(path), "image", ((w, h),), (1.0,), mpp, None)
+
+    def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
+        out = np.full((height, width, 3), 255, dtype=np.uint8)
+        h, w = self._image.shape[:2]
+        x0, y0, x1, y1 = max(0, x), max(0, y), min(w, x + width), min(h, y + height)
+        if x1 > x0 and y1 > y0:
+            out[y0 - y:y1 - y, x0 - x:x1 - x] = self._image[y0:y1, x0:x1]
+        return out
+
+    def thumbnail(self, max_side: int) -> np.ndarray:
+        h, w = self._image.shape[:2]
+        scale = min(1.0, max_side / max(w, h))
+        return np.asarray(Image.fromarray(self._image).resize((max(1, round(w * scale)), max(1, round(h * scale)))))
+
+
+def open_slide(path: str | Path, default_mpp: Optional[float] = None) -> SlideReader:
+    """A reader for ``path``: OpenSlide for whole-slide formats (and pyramidal TIFFs), else the plain image."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(path, "file not found; fix the path or remove it from the input list")
+    if path.suffix.lower() in WSI_SUFFIXES or (path.suffix.lower() in (".tif", ".tiff") and _is_pyramid(path)):
+        reader: SlideReader = OpenSlideReader(path)
+        if reader.info.mpp is None and default_mpp is not None:
+            reader.info = SlideInfo(**{**reader.info.__dict__, "mpp": default_mpp})
+        return reader
+    return ImageReader(path, default_mpp)
+
+
+def _is_pyramid(path: Path) -> bool:
+    import openslide
+
+    try:
+        if openslide.OpenSlide.detect_format(str(path)) is None:
+            return False
+        with openslide.OpenSlide(str(path)) as slide:
+            return slide.level_count > 1
+    except (openslide.OpenSlideError, OSError):
+        return False
+
+
+def _float(value: Optional[str]) -> Optional[float]:
+    try:
+        return float(value) if value not in (None, "") else None
+    except ValueError:
+        return None
+
+
+def _check_levels(info: SlideInfo) -> None:
+    """Each level's size must match level 0 divided by its downsample (a few pixels of rounding allowed)."""
+    w0, h0 = info.dimensions
+    for (w, h), d in zip(info.level_dimensions, info.level_downsamples):
+        if abs(w * d - w0) > 2 * d + 2 or abs(h * d - h0) > 2 * d + 2:
+            raise ImageError(info.path, f"its levels disagree: a level of {w}x{h} with downsample {d:.3f} does not "
+                                        f"match level 0 of {w0}x{h0}; the file is damaged")

@@ -1,0 +1,148 @@
+"""Whole-slide files through OpenSlide (real Aperio SVS and pyramidal TIFF): region reads, tissue, the
+magnification-aware grid, the tile job on slides, and their errors."""
+
+from __future__ import annotations
+
+import csv
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from jobs.cli import main
+from lymphoma.errors import ImageError
+from lymphoma.sharding import load_manifest, phase_shards
+from lymphoma.slides import SlideInfo, _check_levels, open_slide
+from lymphoma.tissue import detect_tissue
+from lymphoma.wsi import iter_tiles, plan_grid
+
+
+@pytest.fixture(scope="session")
+def wsi_dir(data_root):
+    folder = data_root.parent / "wsi"
+    if not (folder / "CMU-1-Small-Region.svs").is_file():
+        pytest.fail(f"the whole-slide test files are not in {folder}")
+    return folder
+
+
+@pytest.mark.parametrize("level", [0, 1, 2])
+def test_region_reads_equal_a_reference_decode_of_each_level(wsi_dir, level):
+    reference = Image.open(wsi_dir / "boxes.tiff")
+    reference.seek(level)
+    pixels = np.asarray(reference.convert("RGB"))
+    with open_slide(wsi_dir / "boxes.tiff") as slide:
+        assert slide.info.level_dimensions[level] == reference.size
+        d = slide.info.level_downsamples[level]
+        region = slide.read_region(int(np.ceil(20 * d)), int(np.ceil(10 * d)), level, 30, 25)
+    if d == int(d):
+        np.testing.assert_array_equal(region, pixels[10:35, 20:50])
+    else:  # downsample 4.016: OpenSlide interpolates between the level's pixels
+        assert np.abs(region.astype(int) - pixels[10:35, 20:50]).mean() < 10
+
+
+def test_svs_metadata_and_a_region_at_level_0(wsi_dir):
+    with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as slide:
+        info = slide.info
+        assert (info.vendor, info.dimensions, info.mpp, info.objective_power) == ("aperio", (2220, 2967), 0.499, 20.0)
+        region = slide.read_region(1000, 1500, 0, 64, 48)
+        assert region.shape == (48, 64, 3) and region.dtype == np.uint8 and region.std() > 10  # tissue, not blank
+
+
+def test_tissue_detection_keeps_tissue_and_drops_background(wsi_dir):
+    with open_slide(wsi_dir / "TCGA-CR-7395-01A-01-TS1.svs") as slide:
+        thumbnail = slide.thumbnail(1024)
+    mask = detect_tissue(thumbnail, thumbnail.shape[1] / 4443)
+    assert 0.45 < mask.fraction < 0.8
+    h, w = mask.mask.shape
+    for corner in (mask.mask[:40, :40], mask.mask[:40, -40:], mask.mask[-40:, :40]):
+        assert corner.mean() < 0.05  # the white glass around the section
+    assert mask.mask[h // 2 - 50:h // 2 + 50, w // 2 - 150:w // 2 - 50].mean() > 0.9  # the section's middle
+    white = np.full((200, 300, 3), 245, dtype=np.uint8)
+    assert detect_tissue(white, 1.0).fraction == 0.0
+
+
+def test_tiles_at_a_target_mpp_have_the_right_physical_size(wsi_dir):
+    with open_slide(wsi_dir / "TCGA-CR-7395-01A-01-TS1.svs", default_mpp=0.5) as slide:
+        grid = plan_grid(slide, 64, 64, 1.0, 0.5)
+        assert grid.level == 1 and grid.read_size == 64  # 1.0 mpp = level 1 (downsample 2) of a 0.5-mpp slide
+        assert grid.size0 * 0.5 == 64 * 1.0  # 64 px at 1 um/px cover 64 um = 128 level-0 pixels of 0.5 um
+        tiles = next(iter_tiles(slide, grid, 64, batch=4))
+        x, y = grid.coords[0]
+        level0 = slide.read_region(int(x), int(y), 0, 128, 128)
+        halved = np.asarray(Image.fromarray(level0).resize((64, 64), Image.Resampling.BOX)).astype(int)
+        assert np.abs(tiles[0].astype(int) - halved).mean() < 12  # the same tissue at half the resolution
+        finer = plan_grid(slide, 64, 64, 2.0, 0.5)
+        assert finer.level == 1 and finer.read_size == 128  # 2 mpp: read 128 px at level 1, resized to 64
+    with open_slide(wsi_dir / "TCGA-CR-7395-01A-01-TS1.svs") as slide:
+        with pytest.raises(ImageError, match="no microns-per-pixel.*tiles.default_mpp"):
+            plan_grid(slide, 64, 64, 1.0, 0.5)
+    with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as slide:
+        with pytest.raises(ImageError, match="finer than the slide's level 0"):
+            plan_grid(slide, 64, 64, 0.25, 0.5)
+    with open_slide(wsi_dir / "small.svs") as slide:
+        with pytest.raises(ImageError, match="smaller than one 64-px tile"):
+            plan_grid(slide, 64, 64, 0.5, 0.5)
+
+
+def test_levels_that_disagree_are_an_error():
+    info = SlideInfo("bad.svs", "aperio", ((4000, 3000), (1000, 3000)), (1.0, 4.0), 0.5, 20.0)
+    with pytest.raises(ImageError, match="bad.svs: its levels disagree"):
+        _check_levels(info)
+
+
+def test_tile_job_on_whole_slides_with_bad_ones_skipped(wsi_dir, data_root, tmp_path, capsys):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    for name in ("CMU-1-Small-Region.svs", "TCGA-CR-7395-01A-01-TS1.svs", "small.svs"):
+        shutil.copyfile(wsi_dir / name, folder / name)
+    (folder / "corrupt.svs").write_bytes(b"II*\x00" + b"\x00" * 200)
+    blank = folder / "blank.png"
+    Image.fromarray(np.full((600, 600, 3), 250, dtype=np.uint8)).save(blank)
+    manifest = tmp_path / "slides.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "case"])
+        for i, name in enumerate(["CMU-1-Small-Region.svs", "TCGA-CR-7395-01A-01-TS1.svs", "small.svs",
+                                  "corrupt.svs", "blank.png"]):
+            writer.writerow([folder / name, "CLL", f"case{i}"])
+    code = main(["tile", "--no-progress", f"data.source={manifest}", f"run.root={tmp_path}", "run.name=wsi",
+                 "split.val_fraction=0", "tiles.size=64", "tiles.stride=64", "tiles.target_mpp=2.0",
+                 "tiles.default_mpp=0.5", "tiles.min_tissue=0.5"])
+    assert code == 0, capsys.readouterr().err
+    result = load_manifest(tmp_path / "wsi" / "tiles")
+    skipped = {item["path"].rsplit("/", 1)[1]: item["reason"] for item in result["skipped"]}
+    assert set(skipped) == {"small.svs", "corrupt.svs", "blank.png"}
+    assert "smaller than one 64-px tile" in skipped["small.svs"]
+    assert "OpenSlide cannot read it" in skipped["corrupt.svs"]
+    assert "has no tile with at least 50% tissue" in skipped["blank.png"]
+    assert result["phases"]["train"]["n_images"] == 2
+    import tables
+
+    with tables.open_file(phase_shards(tmp_path / "wsi" / "tiles", "train")[0]) as h5:
+        images = {row["filename"].decode(): row for row in h5.root.images.read()}
+        assert images["CMU-1-Small-Region.svs"]["width"] == 2220
+        assert "level-0" in h5.root._v_attrs.coords_convention
+        coords, names = h5.root.coords[:], h5.root.filenames[:].astype(str)
+        first = int(np.flatnonzero(names == "CMU-1-Small-Region.svs")[0])
+        with open_slide(folder / "CMU-1-Small-Region.svs") as slide:
+            grid = plan_grid(slide, 64, 64, 2.0, 0.5)
+            x, y = coords[first]
+            expected = next(iter_tiles(slide, grid, 64, batch=1))[0]
+        np.testing.assert_array_equal(h5.root.imgs[first], expected)
+        assert (x, y) == tuple(grid.coords[0])
+    capsys.readouterr()
+    code = main(["tile", "--no-progress", f"data.source={manifest}", f"run.root={tmp_path}", "run.name=wsi-px",
+                 "split.val_fraction=0", "tiles.size=64", "tiles.strict=true"])  # no target_mpp
+    assert code == 1
+    assert "set tiles.target_mpp" in capsys.readouterr().err
+
+
+def test_inspect_reports_levels_tissue_and_grid(wsi_dir, tmp_path, capsys):
+    out = tmp_path / "grid.png"
+    assert main(["inspect", str(wsi_dir / "CMU-1-Small-Region.svs"), "--out", str(out), "tiles.size=128",
+                 "tiles.stride=128", "tiles.target_mpp=1.0"]) == 0
+    report = capsys.readouterr().out
+    assert "vendor:     aperio" in report and "mpp:        0.499" in report and "0: 2220 x 2967" in report
+    assert "tissue:" in report and "tiles of 128 px at 1.0 mpp kept" in report
+    assert Image.open(out).size[1] == 1024
