@@ -87,23 +87,22 @@ def save_activations(tile: np.ndarray, maps: np.ndarray, layer: str, path: Path,
 CLASS_COLOURS = [(230, 25, 75), (60, 180, 75), (0, 130, 200), (255, 225, 25), (145, 30, 180), (70, 240, 240)]
 
 
-def save_heatmap(image: np.ndarray, coords: np.ndarray, tile_class: np.ndarray, classes: Sequence[str],
-                 tiles: object, path: Path, max_side: int = 256) -> None:
-    """The image as a thumbnail with each tile's class painted over the area it owns (its stride
-    square at the tile's centre), and a legend; drawn with PIL, fast enough for every slide."""
+def save_heatmap(overview: np.ndarray, coords: np.ndarray, tile_class: np.ndarray, classes: Sequence[str],
+                 coord_scale: float, extent: float, step: float, path: Path) -> None:
+    """A small picture of the input with each tile's class painted over the area it owns (its ``step``
+    square at the tile's centre) and a legend; ``coords * coord_scale`` are overview pixels, ``extent`` and
+    ``step`` a tile's size and stride in coordinate units. Drawn with PIL: cheap enough for every slide."""
     from PIL import Image, ImageDraw
 
-    size, stride, resize = tiles.size, tiles.stride, tiles.resize  # type: ignore[attr-defined]
-    scale = min(1.0, max_side / max(image.shape[:2]))
-    thumb = Image.fromarray(image).resize((max(1, round(image.shape[1] * scale)), max(1, round(image.shape[0] * scale))))
-    overlay = Image.new("RGBA", thumb.size, (0, 0, 0, 0))
+    overlay = Image.new("RGBA", (overview.shape[1], overview.shape[0]), (0, 0, 0, 0))
     draw = ImageDraw.Draw(overlay)
-    factor = scale / resize  # resized-image pixels -> thumbnail pixels
-    half = (size - stride) / 2
+    half = (extent - step) / 2
     for (x, y), k in zip(coords, tile_class):
-        box = [(x + half) * factor, (y + half) * factor, (x + half + stride) * factor, (y + half + stride) * factor]
+        box = [(x + half) * coord_scale, (y + half) * coord_scale, (x + half + step) * coord_scale,
+               (y + half + step) * coord_scale]
         draw.rectangle(box, fill=CLASS_COLOURS[int(k) % len(CLASS_COLOURS)] + (110,))
     for i, name in enumerate(classes):
         draw.rectangle([4, 4 + 14 * i, 14, 14 + 14 * i], fill=CLASS_COLOURS[i % len(CLASS_COLOURS)] + (255,))
         draw.text((18, 3 + 14 * i), name, fill=(0, 0, 0, 255))
-    Image.alpha_composite(thumb.convert("RGBA"), overlay).convert("RGB").save(path, compress_level=1)
+    picture = Image.alpha_composite(Image.fromarray(overview).convert("RGBA"), overlay).convert("RGB")
+    picture.save(path, compress_level=1)

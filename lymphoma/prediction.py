@@ -22,10 +22,10 @@ from lymphoma.augment import AugmentSettings, eval_batch
 from lymphoma.checkpoint import load_checkpoint, load_model_weights
 from lymphoma.errors import ImageError, InputError
 from lymphoma.files import write_text_atomic
-from lymphoma.images import WSI_SUFFIXES, read_rgb
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap
-from lymphoma.tiling import TileSettings, cut_tiles
+from lymphoma.sources import TileSource, open_tiles
+from lymphoma.tiling import TileSettings
 from lymphoma.voting import vote
 
 
@@ -84,8 +84,11 @@ def outputs_complete(out_dir: Path, slide: SlideInput, fingerprint: str) -> Opti
     return record if ok else None
 
 
-def _read_ahead(slides: Sequence[SlideInput], settings: TileSettings, depth: int) -> Iterator[tuple[int, Any]]:
-    """Yield ``(index, Tiles or error)`` per slide, decoded and tiled by a background thread."""
+def _read_ahead(slides: Sequence[SlideInput], settings: TileSettings, depth: int,
+                batch: int) -> Iterator[tuple[int, Any]]:
+    """Yield ``(index, item)`` per slide, read and tiled by a background thread: tile batches (arrays), then
+    the slide's TileSource once all its tiles were yielded, or an error. The queue holds ``depth`` items,
+    so memory stays bounded however large a slide is."""
     items: queue.Queue = queue.Queue(maxsize=max(1, depth))
     stop = threading.Event()
 
@@ -94,14 +97,14 @@ def _read_ahead(slides: Sequence[SlideInput], settings: TileSettings, depth: int
             if stop.is_set():
                 return
             try:
-                if settings.target_mpp is not None or Path(slide.path).suffix.lower() in WSI_SUFFIXES:
-                    raise ImageError(slide.path, "prediction on whole-slide files (region reads at a target mpp) "
-                                                 "is not implemented yet; tile it with `lymphoma tile` instead")
-                image = read_rgb(slide.path)
-                result: Any = (cut_tiles(image, settings), image)
-            except InputError as err:
-                result = err
-            items.put((index, result))
+                source = open_tiles(slide.path, settings, batch)
+                for pixels in source.batches:
+                    if stop.is_set():
+                        return
+                    items.put((index, pixels))
+                items.put((index, source))
+            except (InputError, OSError) as err:
+                items.put((index, err))
         items.put(None)
 
     thread = threading.Thread(target=produce, daemon=True)
@@ -118,72 +121,88 @@ def _read_ahead(slides: Sequence[SlideInput], settings: TileSettings, depth: int
                 time.sleep(0.01)
 
 
+@dataclass
+class _Progress:
+    """A slide being predicted: logits so far, and its TileSource once all its tiles have arrived."""
+
+    parts: list[torch.Tensor]
+    done: int = 0
+    source: Optional[TileSource] = None
+
+
 def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: Path, prefetch: int = 4,
                    heatmaps: bool = True) -> list[dict[str, Any]]:
-    """Predict every slide whose outputs are not complete yet; one record per slide, in input order."""
+    """Predict every slide whose outputs are not complete yet; one record per slide, in input order.
+    Tiles of consecutive slides share batches of ``predictor.batch_size``."""
     out_dir.mkdir(parents=True, exist_ok=True)
     records: list[Optional[dict[str, Any]]] = [outputs_complete(out_dir, s, predictor.fingerprint) for s in slides]
     for record in records:
         if record is not None:
             record["resumed"] = True
     pending = [i for i, r in enumerate(records) if r is None]
-    waiting: dict[int, tuple[Any, np.ndarray, list[torch.Tensor], int]] = {}  # slide -> (tiles, image, logits, done)
-    batch: list[tuple[int, int, int]] = []  # (slide, start, stop) pieces of the current batch
+    progress: dict[int, _Progress] = {}
+    batch: list[tuple[int, np.ndarray]] = []  # (slide, tiles) pieces of the next forward pass
     size = 0
+
+    def finish_ready() -> None:
+        for i, state in list(progress.items()):
+            if state.source is not None and state.done == len(state.source.coords):
+                records[i] = _finish(predictor, slides[i], out_dir, state.source, torch.cat(state.parts), heatmaps)
+                del progress[i]
 
     def flush() -> None:
         nonlocal batch, size
-        if not batch:
-            return
-        pieces = [waiting[i][0].pixels[a:b] for i, a, b in batch]
-        logits = predictor.logits(np.concatenate(pieces))
-        offset = 0
-        for i, a, b in batch:
-            tiles, image, parts, done = waiting[i]
-            parts.append(logits[offset:offset + b - a])
-            offset += b - a
-            waiting[i] = (tiles, image, parts, done + b - a)
-            if done + b - a == len(tiles.pixels):
-                records[i] = _finish(predictor, slides[i], out_dir, tiles, image, torch.cat(parts), heatmaps)
-                del waiting[i]
-        batch, size = [], 0
+        if batch:
+            logits = predictor.logits(np.concatenate([pixels for _, pixels in batch]))
+            offset = 0
+            for i, pixels in batch:
+                if i in progress:  # a slide that failed half way was dropped
+                    progress[i].parts.append(logits[offset:offset + len(pixels)])
+                    progress[i].done += len(pixels)
+                offset += len(pixels)
+            batch, size = [], 0
+        finish_ready()
 
-    for local, result in _read_ahead([slides[i] for i in pending], predictor.tiles, prefetch):
+    batch_size = predictor.batch_size
+    for local, item in _read_ahead([slides[i] for i in pending], predictor.tiles, prefetch, batch_size):
         index = pending[local]
-        if isinstance(result, InputError):
-            problem = result.problem if isinstance(result, ImageError) else str(result)
+        state = progress.setdefault(index, _Progress([]))
+        if isinstance(item, Exception):
+            problem = item.problem if isinstance(item, ImageError) else str(item)
             records[index] = _failed(slides[index], out_dir, problem, predictor.fingerprint)
-            continue
-        tiles, image = result
-        waiting[index] = (tiles, image, [], 0)
-        start = 0
-        while start < len(tiles.pixels):
-            take = min(predictor.batch_size - size, len(tiles.pixels) - start)
-            batch.append((index, start, start + take))
-            size += take
-            start += take
-            if size == predictor.batch_size:
-                flush()
+            del progress[index]
+        elif isinstance(item, TileSource):
+            state.source = item
+            finish_ready()
+        else:
+            start = 0
+            while start < len(item):
+                take = min(batch_size - size, len(item) - start)
+                batch.append((index, item[start:start + take]))
+                size, start = size + take, start + take
+                if size == batch_size:
+                    flush()
     flush()
     return [r for r in records if r is not None]
 
 
-def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, tiles: Any, image: np.ndarray,
-            logits: torch.Tensor, heatmap: bool) -> dict[str, Any]:
+def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, source: TileSource, logits: torch.Tensor,
+            heatmap: bool) -> dict[str, Any]:
     probs = logits.softmax(1).numpy()
     result = vote(probs)
     classes = predictor.classes
     buffer = io.BytesIO()
-    np.savez_compressed(buffer, coords=tiles.coords, logits=logits.numpy(), probs=probs,
+    np.savez_compressed(buffer, coords=source.coords, logits=logits.numpy(), probs=probs,
                         tile_class=probs.argmax(1).astype(np.int16), votes=np.asarray(result.votes),
                         classes=np.asarray(classes))
     tmp = out_dir / f".{slide.key}.npz.tmp"
     tmp.write_bytes(buffer.getvalue())
     tmp.replace(out_dir / f"{slide.key}.npz")
     if heatmap:
-        save_heatmap(image, tiles.coords, probs.argmax(1), classes, predictor.tiles, out_dir / f"{slide.key}.png")
+        save_heatmap(source.overview, source.coords, probs.argmax(1), classes, source.coord_scale, source.extent,
+                     source.step, out_dir / f"{slide.key}.png")
     record = {"key": slide.key, "path": slide.path, "status": "ok", "error": "", "label": slide.label,
-              "case": slide.case, "n_tiles": int(len(probs)), "n_background": int(tiles.n_background),
+              "case": slide.case, "n_tiles": int(len(probs)), "n_background": int(source.n_background),
               **result.as_dict(classes), "fingerprint": predictor.fingerprint}
     write_text_atomic(out_dir / f"{slide.key}.json", json.dumps(record, indent=1) + "\n")
     return record

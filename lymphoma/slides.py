@@ -120,7 +120,7 @@ def open_slide(path: str | Path, default_mpp: Optional[float] = None) -> SlideRe
     path = Path(path)
     if not path.is_file():
         raise ImageError(path, "file not found; fix the path or remove it from the input list")
-    if path.suffix.lower() in WSI_SUFFIXES or (path.suffix.lower() in (".tif", ".tiff") and _is_pyramid(path)):
+    if path.suffix.lower() in WSI_SUFFIXES or (path.suffix.lower() in (".tif", ".tiff") and _is_tiled_tiff(path)):
         reader: SlideReader = OpenSlideReader(path)
         if reader.info.mpp is None and default_mpp is not None:
             reader.info = SlideInfo(**{**reader.info.__dict__, "mpp": default_mpp})
@@ -128,14 +128,12 @@ def open_slide(path: str | Path, default_mpp: Optional[float] = None) -> SlideRe
     return ImageReader(path, default_mpp)
 
 
-def _is_pyramid(path: Path) -> bool:
+def _is_tiled_tiff(path: Path) -> bool:
+    """A tiled (usually pyramidal) TIFF, which OpenSlide reads region by region; a strip TIFF is a plain image."""
     import openslide
 
     try:
-        if openslide.OpenSlide.detect_format(str(path)) is None:
-            return False
-        with openslide.OpenSlide(str(path)) as slide:
-            return slide.level_count > 1
+        return openslide.OpenSlide.detect_format(str(path)) is not None
     except (openslide.OpenSlideError, OSError):
         return False
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,11 +24,9 @@ import numpy as np
 import tables
 
 from lymphoma.errors import ImageError, InputError
-from lymphoma.images import WSI_SUFFIXES, read_rgb
 from lymphoma.inputs import ImageRecord
-from lymphoma.slides import open_slide
-from lymphoma.tiling import TileSettings, cut_tiles
-from lymphoma.wsi import iter_tiles, plan_grid
+from lymphoma.sources import open_tiles
+from lymphoma.tiling import TileSettings
 
 STORE_FORMAT = 1
 
@@ -110,8 +108,10 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
                 name = Path(record.path).name.encode()
                 label = label_of[record.label]
                 try:
-                    batches, tile_coords, background, (height, width) = _tiles_of(record.path, settings)
-                    for pixels in batches:  # whole slides arrive a batch at a time: memory stays bounded
+                    qc = path.parent.parent / "qc" / f"{Path(record.path).stem}.png" if settings.target_mpp else None
+                    source = open_tiles(record.path, settings, qc_path=qc)
+                    tile_coords, background, (height, width) = source.coords, source.n_background, source.shape
+                    for pixels in source.batches:  # whole slides arrive a batch at a time: memory stays bounded
                         imgs.append(pixels)
                         labels.append(np.full(len(pixels), label, dtype=np.int16))
                         filenames.append(np.full(len(pixels), name, dtype=f"S{name_len}"))
@@ -157,34 +157,6 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
                         n_tiles=sum(tiles_per_class.values()), tiles_per_class=tiles_per_class,
                         images_per_class=images_per_class, n_background=n_background,
                         bytes=path.stat().st_size, seconds=seconds, skipped=skipped)
-
-
-def _tiles_of(path: str, settings: TileSettings) -> tuple[Iterator[np.ndarray], np.ndarray, int, tuple[int, int]]:
-    """Batches of tiles of one image, their coordinates, the background tiles dropped and the image's
-    (height, width): pixel tiling of a decoded image, or, with ``target_mpp``, region reads of a slide."""
-    if settings.target_mpp is None:
-        if Path(path).suffix.lower() in WSI_SUFFIXES:
-            raise ImageError(path, "is a whole-slide file: set tiles.target_mpp (e.g. 0.5 for 20x) to tile it")
-        image = read_rgb(path)
-        cut = cut_tiles(image, settings)
-        return iter([cut.pixels]), cut.coords, cut.n_background, image.shape[:2]
-    reader = open_slide(path, settings.default_mpp)
-    try:
-        grid = plan_grid(reader, settings.size, settings.stride, settings.target_mpp, settings.min_tissue)
-    except InputError:
-        reader.close()
-        raise
-    if len(grid.coords) == 0:
-        reader.close()
-        raise ImageError(path, f"has no tile with at least {settings.min_tissue:.0%} tissue; check the slide or "
-                               "lower tiles.min_tissue")
-
-    def batches() -> Iterator[np.ndarray]:
-        with reader:
-            yield from iter_tiles(reader, grid, settings.size)
-
-    width, height = reader.info.dimensions
-    return batches(), grid.coords.astype(np.int32), grid.n_background, (height, width)
 
 
 def read_complete_shard(path: Path, fingerprint: str) -> ShardSummary | None:

@@ -117,6 +117,8 @@ def test_tile_job_on_whole_slides_with_bad_ones_skipped(wsi_dir, data_root, tmp_
     assert "OpenSlide cannot read it" in skipped["corrupt.svs"]
     assert "has no tile with at least 50% tissue" in skipped["blank.png"]
     assert result["phases"]["train"]["n_images"] == 2
+    for name in ("CMU-1-Small-Region", "TCGA-CR-7395-01A-01-TS1", "blank"):  # a QC picture per readable slide
+        assert Image.open(tmp_path / "wsi" / "tiles" / "qc" / f"{name}.png").size[0] > 100
     import tables
 
     with tables.open_file(phase_shards(tmp_path / "wsi" / "tiles", "train")[0]) as h5:
@@ -146,3 +148,109 @@ def test_inspect_reports_levels_tissue_and_grid(wsi_dir, tmp_path, capsys):
     assert "vendor:     aperio" in report and "mpp:        0.499" in report and "0: 2220 x 2967" in report
     assert "tissue:" in report and "tiles of 128 px at 1.0 mpp kept" in report
     assert Image.open(out).size[1] == 1024
+
+
+PEAK = """
+import json, sys
+from pathlib import Path
+from lymphoma.inputs import ImageRecord
+from lymphoma.store import write_shard
+from lymphoma.tiling import TileSettings
+mode, slide, out, checkpoint = sys.argv[1:5]
+settings = TileSettings(size=128, stride=128, target_mpp=1.0, min_tissue=0.5)
+Path(out).parent.mkdir(parents=True, exist_ok=True)
+if mode == "tile":
+    s = write_shard(Path(out), "train", [ImageRecord(slide, "CLL", "c")], ["CLL", "FL", "MCL"], settings,
+                    "blosc:zstd:1", "x", strict=True)
+    n = s.n_tiles
+else:
+    import torch
+    from lymphoma.prediction import Predictor, SlideInput, predict_slides
+    predictor = Predictor.from_checkpoint(Path(checkpoint), torch.device("cpu"), 32)
+    n = predict_slides(predictor, [SlideInput(slide, Path(slide).stem)], Path(out), heatmaps=True)[0]["n_tiles"]
+# VmHWM: this program's own peak (ru_maxrss would include the parent's memory before exec)
+hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+print(json.dumps({"tiles": n, "peak_mib": int(hwm.split()[1]) / 1024}))
+"""
+
+
+def _peak(mode: str, slide, out, checkpoint) -> dict:
+    import json
+    import subprocess
+    import sys
+
+    run = subprocess.run([sys.executable, "-c", PEAK, mode, str(slide), str(out), str(checkpoint)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr
+    return json.loads(run.stdout.strip().splitlines()[-1])
+
+
+def test_a_large_slide_is_tiled_and_predicted_in_bounded_memory(data_root, tmp_path):
+    """A 16384 x 12288 mosaic of real tissue (576 MiB decoded) against a 2048 x 1536 one: 50 times the tiles,
+    the same peak memory (measured on real subprocesses), and outputs equal to the model on the same tiles."""
+    from dataclasses import asdict
+
+    import torch
+
+    from lymphoma.checkpoint import save_checkpoint
+    from lymphoma.model import ModelSettings, build_model
+    from lymphoma.settings import AugmentSettings
+    from lymphoma.tiling import TileSettings
+    from synthetic_slides import write_mosaic_slide
+
+    images = sorted((data_root / "lowres").rglob("*.png"))[::20]
+    small = write_mosaic_slide(tmp_path / "small.tiff", images, 2048, 1536)
+    large = write_mosaic_slide(tmp_path / "large.tiff", images, 16384, 12288)
+    architecture = ModelSettings().architecture(3)
+    torch.manual_seed(0)
+    model = build_model(architecture).eval()
+    checkpoint = tmp_path / "model.pt"
+    save_checkpoint({"model": model.state_dict(), "architecture": architecture, "classes": ["CLL", "FL", "MCL"],
+                     "epoch": 0, "tiles": asdict(TileSettings(size=128, stride=128, target_mpp=1.0, min_tissue=0.5)),
+                     "augment": asdict(AugmentSettings(crop=112))}, checkpoint)
+    figures = {(mode, name): _peak(mode, slide, tmp_path / f"{mode}-{name}" / ("s.h5" if mode == "tile" else ""),
+                                   checkpoint)
+               for mode in ("tile", "predict") for name, slide in (("small", small), ("large", large))}
+    for mode in ("tile", "predict"):
+        assert figures[(mode, "large")]["tiles"] > 40 * figures[(mode, "small")]["tiles"] > 0
+        growth = figures[(mode, "large")]["peak_mib"] - figures[(mode, "small")]["peak_mib"]
+        assert growth < 100, (mode, figures)  # the large slide decodes to 576 MiB: it is never held whole
+    assert figures[("tile", "large")]["peak_mib"] < 400  # a tiling task imports no torch: the slide would not fit
+    outputs = np.load(tmp_path / "predict-small" / "small.npz")
+    with open_slide(small) as slide:
+        grid = plan_grid(slide, 128, 128, 1.0, 0.5)
+        tiles = np.concatenate(list(iter_tiles(slide, grid, 128)))
+    np.testing.assert_array_equal(outputs["coords"], grid.coords)
+    from lymphoma.augment import eval_batch
+
+    with torch.inference_mode():
+        direct = model(eval_batch(tiles, AugmentSettings(crop=112), torch.device("cpu"))).numpy()
+    np.testing.assert_allclose(outputs["logits"], direct, rtol=1e-4, atol=1e-4)
+    assert Image.open(tmp_path / "predict-small" / "small.png").size[0] == 256
+
+
+def test_the_whole_pipeline_on_whole_slides(data_root, tmp_path, capsys):
+    """`lymphoma run` on pyramidal TIFFs of real tissue: tiled at a target mpp, trained, predicted."""
+    from conftest import FAST
+    from synthetic_slides import write_mosaic_slide
+
+    by_class = {label: sorted((data_root / "lowres" / label).glob("*.png")) for label in ("CLL", "FL", "MCL")}
+    manifest = tmp_path / "slides.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "case"])
+        for label, images in by_class.items():
+            for k in range(2):
+                slide = write_mosaic_slide(tmp_path / f"{label}-{k}.tiff", images[k * 8:k * 8 + 8], 1024, 768)
+                writer.writerow([slide, label, f"{label}-case{k}"])
+    code = main(["run", "--no-progress", f"data.source={manifest}", f"run.root={tmp_path}", "run.name=wsi-run",
+                 *FAST, "tiles.target_mpp=1.0", "tiles.min_tissue=0.3", "split.val_fraction=0.5", "train.epochs=1",
+                 "train.max_steps_per_epoch=2"])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    import json
+
+    metrics = json.loads((tmp_path / "wsi-run" / "predict" / "metrics.json").read_text())
+    assert metrics["predicted"] == metrics["slides"] == 3 and metrics["failed"] == 0
+    record = json.loads(next((tmp_path / "wsi-run" / "predict" / "slides").glob("*.json")).read_text())
+    assert record["n_tiles"] > 20 and sum(record["votes"].values()) == record["n_tiles"]

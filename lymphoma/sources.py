@@ -1,0 +1,72 @@
+"""The tiles of one input, whatever it is: a decoded plain image cut by pixels, or a whole slide read region
+by region at a target resolution. Tiling and prediction both take their tiles from here."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from lymphoma.errors import ImageError, InputError
+from lymphoma.images import WSI_SUFFIXES, read_rgb
+from lymphoma.slides import open_slide
+from lymphoma.tiling import TileSettings, cut_tiles
+from lymphoma.wsi import iter_tiles, plan_grid, save_grid_overview
+
+
+@dataclass
+class TileSource:
+    """``batches`` yields uint8 ``[<=batch, size, size, 3]`` tiles in ``coords`` order (a slide's are read as
+    they are asked for); ``overview`` is a small picture of the whole input, ``coords * coord_scale`` its
+    pixels, ``extent`` and ``step`` a tile's size and stride in coordinate units."""
+
+    batches: Iterator[np.ndarray]
+    coords: np.ndarray
+    n_background: int
+    shape: tuple[int, int]
+    overview: np.ndarray
+    coord_scale: float
+    extent: float
+    step: float
+
+
+def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side: int = 256,
+               qc_path: Optional[Path] = None) -> TileSource:
+    """Tiles of ``path``: pixel tiling of a decoded image or, with ``settings.target_mpp``, region reads of a
+    slide over its tissue (with ``qc_path``, a picture of the tissue mask and kept tiles is saved there).
+    Raises ImageError naming the file when it cannot give any tile."""
+    if settings.target_mpp is None:
+        if Path(path).suffix.lower() in WSI_SUFFIXES:
+            raise ImageError(path, "is a whole-slide file: set tiles.target_mpp (e.g. 0.5 for 20x) to tile it")
+        image = read_rgb(path)
+        cut = cut_tiles(image, settings)
+        h, w = image.shape[:2]
+        shrink = min(1.0, overview_side / max(h, w))
+        overview = np.asarray(Image.fromarray(image).resize((max(1, round(w * shrink)), max(1, round(h * shrink)))))
+        return TileSource(iter([cut.pixels]), cut.coords, cut.n_background, (h, w), overview,
+                          shrink / settings.resize, settings.size, settings.stride)
+    reader = open_slide(path, settings.default_mpp)
+    try:
+        grid = plan_grid(reader, settings.size, settings.stride, settings.target_mpp, settings.min_tissue)
+        if qc_path is not None:
+            qc_path.parent.mkdir(parents=True, exist_ok=True)
+            save_grid_overview(reader, grid, str(qc_path))
+        if len(grid.coords) == 0:
+            raise ImageError(path, f"has no tile with at least {settings.min_tissue:.0%} tissue; check the slide or "
+                                   "lower tiles.min_tissue")
+        overview = reader.thumbnail(overview_side)
+    except (InputError, OSError):
+        reader.close()
+        raise
+
+    def batches() -> Iterator[np.ndarray]:
+        with reader:
+            yield from iter_tiles(reader, grid, settings.size, batch)
+
+    width, height = reader.info.dimensions
+    return TileSource(batches(), grid.coords.astype(np.int32), grid.n_background, (height, width), overview,
+                      overview.shape[1] / width, grid.size0, grid.step0)
