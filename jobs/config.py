@@ -65,6 +65,7 @@ class TilesConfig:
     background_level: int = MISSING
     max_background: float = MISSING
     target_mpp: Optional[float] = MISSING
+    target_power: Optional[float] = MISSING
     default_mpp: Optional[float] = MISSING
     min_tissue: float = MISSING
     compression: str = MISSING

@@ -7,8 +7,9 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from jobs.config import to_object
+from jobs.tile import tile_settings
 from lymphoma.slides import open_slide
-from lymphoma.wsi import plan_grid, save_grid_overview
+from lymphoma.wsi import plan_grid, save_grid_overview, target_mpp
 
 
 def inspect_slide(raw_cfg: DictConfig, path: Path, out: Path | None) -> str:
@@ -24,7 +25,8 @@ def inspect_slide(raw_cfg: DictConfig, path: Path, out: Path | None) -> str:
                   for i, ((w, h), d) in enumerate(zip(info.level_dimensions, info.level_downsamples))]
         grid = None
         if info.mpp is not None:
-            target = t.target_mpp or info.mpp
+            settings = tile_settings(cfg)
+            target = target_mpp(reader, settings) if settings.by_resolution else info.mpp
             grid = plan_grid(reader, t.size, t.stride, target, t.min_tissue)
             lines += [f"tissue:     {grid.tissue.fraction:.1%} of the slide",
                       f"tile grid:  {len(grid.coords)} tiles of {t.size} px at {target} mpp kept (>= "

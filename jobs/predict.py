@@ -18,7 +18,7 @@ from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import SlideInput, checkpoint_fingerprint, outputs_complete
 
 MARKER = ".lymphoma-predict"
-TILE_KEYS = ("size", "stride", "resize", "pad")
+TILE_KEYS = ("size", "stride", "resize", "pad", "target_mpp", "target_power")
 
 
 @dataclass(frozen=True)
@@ -72,8 +72,8 @@ def prepare_out_dir(out_dir: Path) -> Path:
 
 def check_tiling(cfg: Config, checkpoint_tiles: dict[str, Any], checkpoint: Path) -> None:
     """The user's tile settings must be the ones the model was trained on."""
-    differ = {k: (getattr(cfg.tiles, k), checkpoint_tiles[k]) for k in TILE_KEYS
-              if getattr(cfg.tiles, k) != checkpoint_tiles[k]}
+    differ = {k: (getattr(cfg.tiles, k), checkpoint_tiles.get(k)) for k in TILE_KEYS
+              if getattr(cfg.tiles, k) != checkpoint_tiles.get(k)}
     if differ:
         detail = ", ".join(f"tiles.{k}={mine} but the model was trained with {theirs}" for k, (mine, theirs) in differ.items())
         raise InputError(f"{checkpoint}: {detail}; drop those settings (the checkpoint's are used) or pass --force")

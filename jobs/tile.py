@@ -44,7 +44,7 @@ def tile_settings(cfg: Config) -> TileSettings:
     t = cfg.tiles
     return TileSettings(size=t.size, stride=t.stride, resize=t.resize, pad=t.pad, resample=t.resample,
                         background_level=t.background_level, max_background=t.max_background,
-                        target_mpp=t.target_mpp, default_mpp=t.default_mpp, min_tissue=t.min_tissue)
+                        target_mpp=t.target_mpp, target_power=t.target_power, default_mpp=t.default_mpp, min_tissue=t.min_tissue)
 
 
 @dataclass

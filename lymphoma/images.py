@@ -10,7 +10,7 @@ from PIL import Image, UnidentifiedImageError
 from lymphoma.errors import ImageError
 
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
-WSI_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide")  # read through OpenSlide
+WSI_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm")  # read through OpenSlide
 
 _MODE_ADVICE = {
     "L": "is grayscale; H&E tiles need 3 colour channels: re-export it as RGB or remove it",

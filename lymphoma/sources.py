@@ -15,7 +15,7 @@ from lymphoma.errors import ImageError, InputError
 from lymphoma.images import WSI_SUFFIXES, read_rgb
 from lymphoma.slides import open_slide
 from lymphoma.tiling import TileSettings, cut_tiles
-from lymphoma.wsi import iter_tiles, plan_grid, save_grid_overview
+from lymphoma.wsi import iter_tiles, plan_grid, save_grid_overview, target_mpp
 
 
 @dataclass
@@ -39,9 +39,10 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
     """Tiles of ``path``: pixel tiling of a decoded image or, with ``settings.target_mpp``, region reads of a
     slide over its tissue (with ``qc_path``, a picture of the tissue mask and kept tiles is saved there).
     Raises ImageError naming the file when it cannot give any tile."""
-    if settings.target_mpp is None:
+    if not settings.by_resolution:
         if Path(path).suffix.lower() in WSI_SUFFIXES:
-            raise ImageError(path, "is a whole-slide file: set tiles.target_mpp (e.g. 0.5 for 20x) to tile it")
+            raise ImageError(path, "is a whole-slide file: set tiles.target_mpp (e.g. 0.5) or tiles.target_power "
+                                   "(e.g. 20) to tile it at a resolution")
         image = read_rgb(path)
         cut = cut_tiles(image, settings)
         h, w = image.shape[:2]
@@ -51,7 +52,7 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
                           shrink / settings.resize, settings.size, settings.stride)
     reader = open_slide(path, settings.default_mpp)
     try:
-        grid = plan_grid(reader, settings.size, settings.stride, settings.target_mpp, settings.min_tissue)
+        grid = plan_grid(reader, settings.size, settings.stride, target_mpp(reader, settings), settings.min_tissue)
         if qc_path is not None:
             qc_path.parent.mkdir(parents=True, exist_ok=True)
             save_grid_overview(reader, grid, str(qc_path))

@@ -108,7 +108,7 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
                 name = Path(record.path).name.encode()
                 label = label_of[record.label]
                 try:
-                    qc = path.parent.parent / "qc" / f"{Path(record.path).stem}.png" if settings.target_mpp else None
+                    qc = path.parent.parent / "qc" / f"{Path(record.path).stem}.png" if settings.by_resolution else None
                     source = open_tiles(record.path, settings, qc_path=qc)
                     tile_coords, background, (height, width) = source.coords, source.n_background, source.shape
                     for pixels in source.batches:  # whole slides arrive a batch at a time: memory stays bounded
@@ -140,7 +140,7 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
             attrs.tiles = json.dumps(settings.as_dict())
             attrs.tile_size, attrs.stride, attrs.resize, attrs.pad = size, settings.stride, settings.resize, settings.pad
             attrs.compression = compression
-            attrs.coords_convention = ("top-left (x, y) in level-0 pixels of the slide" if settings.target_mpp else
+            attrs.coords_convention = ("top-left (x, y) in level-0 pixels of the slide" if settings.by_resolution else
                                        "top-left (x, y) in the resized image; negative inside the mirror padding")
             attrs.tiles_per_class = json.dumps(tiles_per_class)
             attrs.images_per_class = json.dumps(images_per_class)

@@ -30,8 +30,14 @@ class TileSettings:
     all >= background_level is background, and a tile with a larger background fraction than
     max_background is dropped (1.0 keeps every tile). target_mpp: tile at this resolution (microns per
     pixel) through the slide reader, over detected tissue only (tiles with at least min_tissue of it);
-    default_mpp: the resolution of images whose files do not say.
+    target_power: the same as an objective power (20 = 20x), converted with each slide's own objective
+    and mpp; default_mpp: the resolution of images whose files do not say.
     """
+
+    @property
+    def by_resolution(self) -> bool:
+        """Tiles are cut at a physical resolution through the slide reader (else by pixels)."""
+        return self.target_mpp is not None or self.target_power is not None
 
     size: int = 128
     stride: int = 64
@@ -41,6 +47,7 @@ class TileSettings:
     background_level: int = 220
     max_background: float = 1.0
     target_mpp: Optional[float] = None
+    target_power: Optional[float] = None
     default_mpp: Optional[float] = None
     min_tissue: float = 0.5
 
@@ -54,6 +61,10 @@ class TileSettings:
             (0 <= self.background_level <= 255, f"tiles.background_level must be in 0..255, got {self.background_level}"),
             (0.0 <= self.max_background <= 1.0, f"tiles.max_background must be in [0, 1], got {self.max_background}"),
             (self.target_mpp is None or self.target_mpp > 0, f"tiles.target_mpp must be > 0, got {self.target_mpp}"),
+            (self.target_power is None or self.target_power > 0,
+             f"tiles.target_power must be > 0, got {self.target_power}"),
+            (self.target_mpp is None or self.target_power is None,
+             "set tiles.target_mpp or tiles.target_power, not both"),
             (self.default_mpp is None or self.default_mpp > 0, f"tiles.default_mpp must be > 0, got {self.default_mpp}"),
             (0.0 <= self.min_tissue <= 1.0, f"tiles.min_tissue must be in [0, 1], got {self.min_tissue}"),
         ]

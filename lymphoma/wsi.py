@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import numpy as np
 from PIL import Image
@@ -13,6 +13,9 @@ from PIL import Image
 from lymphoma.errors import ImageError
 from lymphoma.slides import SlideReader
 from lymphoma.tissue import TissueMask, detect_tissue
+
+if TYPE_CHECKING:
+    from lymphoma.tiling import TileSettings
 
 THUMBNAIL_SIDE = 1024
 
@@ -30,6 +33,19 @@ class WsiGrid:
     n_background: int
     mpp: float
     tissue: TissueMask
+
+
+def target_mpp(reader: SlideReader, settings: "TileSettings") -> float:
+    """The resolution to tile a slide at: ``target_mpp``, or ``target_power`` converted with the slide's own
+    objective power and mpp (20x on a 40x slide of 0.25 mpp is 0.5 mpp)."""
+    if settings.target_mpp is not None:
+        return settings.target_mpp
+    info = reader.info
+    if info.objective_power is None or info.mpp is None:
+        raise ImageError(info.path, f"tiles.target_power={settings.target_power} needs the slide's objective power "
+                                    "and mpp, and its file does not record them; use tiles.target_mpp (with "
+                                    "tiles.default_mpp for files without a resolution)")
+    return info.mpp * info.objective_power / float(settings.target_power)
 
 
 def plan_grid(reader: SlideReader, tile_size: int, stride: int, target_mpp: float, min_tissue: float,

@@ -254,3 +254,18 @@ def test_the_whole_pipeline_on_whole_slides(data_root, tmp_path, capsys):
     assert metrics["predicted"] == metrics["slides"] == 3 and metrics["failed"] == 0
     record = json.loads(next((tmp_path / "wsi-run" / "predict" / "slides").glob("*.json")).read_text())
     assert record["n_tiles"] > 20 and sum(record["votes"].values()) == record["n_tiles"]
+
+
+def test_a_target_objective_power_converts_with_each_slides_own(wsi_dir):
+    from lymphoma.tiling import TileSettings
+    from lymphoma.wsi import target_mpp
+
+    with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as slide:  # 20x at 0.499 mpp
+        assert target_mpp(slide, TileSettings(target_power=10)) == pytest.approx(0.998)
+        grid = plan_grid(slide, 64, 64, target_mpp(slide, TileSettings(target_power=10)), 0.5)
+        assert grid.level == 0 and grid.read_size == 128  # 10x from a 20x level 0: twice the pixels, resized
+    with open_slide(wsi_dir / "TCGA-CR-7395-01A-01-TS1.svs", default_mpp=0.5) as slide:
+        with pytest.raises(ImageError, match="needs the slide's objective power"):
+            target_mpp(slide, TileSettings(target_power=10))
+    with pytest.raises(Exception, match="not both"):
+        TileSettings(target_mpp=0.5, target_power=20)
