@@ -12,7 +12,6 @@ import argparse
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -60,6 +59,8 @@ def main() -> None:
     if args.child:
         slides = [SlideInput(**s) for s in json.loads(Path(args.child[1]).read_text())]
         end_to_end(Path(args.child[0]), slides, Path(args.child[2]), args.batch)
+        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+        print(int(hwm.split()[1]) / 1024)  # this task's own peak (ru_maxrss would count the parent's pre-exec memory)
         return
     records = discover(Path(default_data_root()) / "lowres", CLASSES).records
     records = records[:: max(1, len(records) // args.images)][: args.images]
@@ -105,10 +106,9 @@ def main() -> None:
 
         listing = tmp_dir / "slides.json"
         listing.write_text(json.dumps([asdict(s) for s in slides]))
-        before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
-        subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--child", str(checkpoint),
-                        str(listing), str(tmp_dir / "child")], check=True)
-        results["peak_memory_per_task_MiB"] = max(before, resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss) / 1024
+        child = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--child", str(checkpoint),
+                                str(listing), str(tmp_dir / "child")], check=True, capture_output=True, text=True)
+        results["peak_memory_per_task_MiB"] = float(child.stdout.strip().splitlines()[-1])
         with torch.inference_mode():  # the same outputs both ways
             direct = predictor.model(eval_batch(all_tiles[:8], augment, torch.device("cpu")))
         first = np.load(next((tmp_dir / "child").glob(f"{slides[0].key}.npz")))["logits"][:8]

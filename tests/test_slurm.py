@@ -33,13 +33,14 @@ def sacct_tasks(job_name: str) -> list[tuple[str, str]]:
     return [tuple(line.split("|")) for line in out.split()]
 
 
-def settled_tasks(job_name: str, limit_s: float = 60) -> list[tuple[str, str]]:
-    """The job's tasks once none is pending or running: accounting records a task's end a moment after
-    the task wrote its result, which is when the caller went on."""
+def settled_tasks(job_name: str, expected: int, limit_s: float = 90) -> list[tuple[str, str]]:
+    """The job's ``expected`` tasks once none is pending or running: accounting (slurmdbd) records a task a
+    moment after the task wrote its result, which is when the caller went on."""
     deadline = time.monotonic() + limit_s
     while True:
         tasks = sacct_tasks(job_name)
-        if time.monotonic() > deadline or not {s for _, s in tasks} & {"PENDING", "RUNNING", "COMPLETING"}:
+        settled = len(tasks) >= expected and not {s for _, s in tasks} & {"PENDING", "RUNNING", "COMPLETING"}
+        if settled or time.monotonic() > deadline:
             return tasks
         time.sleep(0.5)
 
@@ -50,7 +51,7 @@ def test_tiling_array_has_one_task_per_shard_and_matches_the_local_run(make_data
     slurm = run_tile(make_config(source, f"run.name={name}", *SMALL, cluster="slurm"), progress=False)
     local = run_tile(make_config(source, "run.name=on-local"), progress=False)
     n_shards = len(slurm.summaries)
-    tasks = settled_tasks(f"tile-{name}")
+    tasks = settled_tasks(f"tile-{name}", n_shards)
     assert len(tasks) == n_shards and {state for _, state in tasks} == {"COMPLETED"}
     assert len({job_id.split("_")[0] for job_id, _ in tasks}) == 1  # one array job
     assert sorted(int(job_id.split("_")[1]) for job_id, _ in tasks) == list(range(n_shards))
@@ -124,8 +125,12 @@ def test_a_preempted_training_job_requeues_and_resumes_from_its_checkpoint(tiled
     while time.monotonic() < deadline and not last.exists():
         time.sleep(0.2)
     assert last.exists()
-    job_id = subprocess.run(["sacct", "-X", "-n", "--name", f"train-{name}", "-o", "JobID"], capture_output=True,
-                            text=True, check=True).stdout.split()[0]
+    job_id = ""
+    while not job_id and time.monotonic() < deadline:  # the controller knows the job at once, accounting later
+        job_id = subprocess.run(["squeue", "-h", "--name", f"train-{name}", "-o", "%i"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        time.sleep(0 if job_id else 0.2)
+    assert job_id, "the training job should still be running when its first checkpoint appears"
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what SLURM sends before a time-out
     runner.join(timeout=600)
     assert not runner.is_alive() and "results" in outcome
@@ -152,7 +157,7 @@ def test_the_whole_pipeline_on_slurm(make_dataset, tmp_path):
                              "tiles.images_per_shard=3", "predict.slides_per_task=2"], "slurm")
     result = run_pipeline(cfg, progress=False)
     for stage, expected in (("tile", len(result["tile"].summaries)), ("train", 1), ("predict", 3)):
-        tasks = settled_tasks(f"{stage}-{name}")
+        tasks = settled_tasks(f"{stage}-{name}", expected)
         assert len(tasks) == expected and {state for _, state in tasks} == {"COMPLETED"}, (stage, tasks)
     metrics = json.loads((tmp_path / name / "predict" / "metrics.json").read_text())
     assert metrics["predicted"] == metrics["slides"] == 6 and metrics["failed"] == 0
