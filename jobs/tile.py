@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 from omegaconf import DictConfig
@@ -41,10 +41,8 @@ def run_shard_task(task: ShardTask) -> ShardSummary:
 
 
 def tile_settings(cfg: Config) -> TileSettings:
-    t = cfg.tiles
-    return TileSettings(size=t.size, stride=t.stride, resize=t.resize, pad=t.pad, resample=t.resample,
-                        background_level=t.background_level, max_background=t.max_background,
-                        target_mpp=t.target_mpp, target_power=t.target_power, default_mpp=t.default_mpp, min_tissue=t.min_tissue)
+    """The tiler's settings out of the ``tiles`` section (which also holds the store's own keys)."""
+    return TileSettings(**{f.name: getattr(cfg.tiles, f.name) for f in fields(TileSettings)})
 
 
 @dataclass
