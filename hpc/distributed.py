@@ -34,10 +34,6 @@ class DistEnv:
     source: str
     local_world: int = 1  # processes of this job on this node
 
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
 
 def port_for(job_id: str) -> int:
     """A rendezvous port derived from the job id, so that all tasks of a job agree without talking."""

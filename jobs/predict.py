@@ -15,7 +15,7 @@ from lymphoma.checkpoint import load_checkpoint
 from lymphoma.cohort import expand_inputs, write_report
 from lymphoma.errors import InputError
 from lymphoma.inputs import compile_case_pattern
-from lymphoma.prediction import SlideInput, checkpoint_fingerprint, outputs_complete
+from lymphoma.prediction import SlideInput, checkpoint_fingerprint, outputs_complete, read_record
 
 MARKER = ".lymphoma-predict"
 TILE_KEYS = ("size", "stride", "resize", "pad", "target_mpp", "target_power")
@@ -109,7 +109,7 @@ def run_predict(raw_cfg: DictConfig, checkpoint: Path, patterns: list[str], list
     records = []
     for task_index, chunk in enumerate(chunks):
         for slide in chunk:
-            record = _read_record(slide_dir, slide)
+            record = read_record(slide_dir, slide)
             if record is None:
                 logs = next((f"{f.stderr}" for f in (failure.failures if failure else []) if f.index == task_index), "?")
                 record = {"key": slide.key, "path": slide.path, "status": "failed", "label": slide.label,
@@ -119,16 +119,6 @@ def run_predict(raw_cfg: DictConfig, checkpoint: Path, patterns: list[str], list
     n_ok = sum(r["status"] == "ok" for r in records)
     return PredictResult(out_dir, records, metrics, n_ok - len(resumed & {r["key"] for r in records if r["status"] == "ok"}),
                          len(resumed), failure)
-
-
-def _read_record(slide_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]]:
-    import json
-
-    try:
-        record = json.loads((slide_dir / f"{slide.key}.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    return record if record.get("path") == slide.path else None
 
 
 def format_report(result: PredictResult) -> str:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import glob
 import json
 import re
@@ -14,7 +13,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lymphoma.errors import InputError
-from lymphoma.files import write_text_atomic
+from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.images import is_image_file
 from lymphoma.inputs import case_of
 from lymphoma.metrics import accuracy, balanced_accuracy
@@ -76,17 +75,15 @@ def _read_tsv(path: Path, basepath: Optional[Path]) -> list[tuple[str, Optional[
 
 def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_dir: Path) -> dict[str, Any]:
     """summary.csv (one row per slide), metrics.json and confusion PNGs at image and case level."""
-    with (out_dir / "summary.csv.tmp").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["slide", "path", "status", "predicted", "mean_prob_class", "confidence"]
-                        + [f"votes_{c}" for c in classes] + ["n_tiles", "truth", "case", "error"])
-        for r in records:
-            ok = r["status"] == "ok"
-            writer.writerow([r["key"], r["path"], r["status"], r.get("majority_class", ""), r.get("mean_prob_class", ""),
-                             f"{r['confidence']:.4f}" if ok else ""]
-                            + [r["votes"][c] if ok else "" for c in classes]
-                            + [r.get("n_tiles", ""), r.get("label") or "", r.get("case") or "", r.get("error", "")])
-    (out_dir / "summary.csv.tmp").replace(out_dir / "summary.csv")
+    rows = []
+    for r in records:
+        ok = r["status"] == "ok"
+        rows.append([r["key"], r["path"], r["status"], r.get("majority_class", ""), r.get("mean_prob_class", ""),
+                     f"{r['confidence']:.4f}" if ok else ""]
+                    + [r["votes"][c] if ok else "" for c in classes]
+                    + [r.get("n_tiles", ""), r.get("label") or "", r.get("case") or "", r.get("error", "")])
+    write_csv_atomic(out_dir / "summary.csv", ["slide", "path", "status", "predicted", "mean_prob_class", "confidence"]
+                     + [f"votes_{c}" for c in classes] + ["n_tiles", "truth", "case", "error"], rows)
     done = [r for r in records if r["status"] == "ok"]
     metrics: dict[str, Any] = {"slides": len(records), "predicted": len(done), "failed": len(records) - len(done),
                                "classes": list(classes)}

@@ -72,15 +72,20 @@ def checkpoint_fingerprint(path: Path, state: dict[str, Any]) -> str:
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
-def outputs_complete(out_dir: Path, slide: SlideInput, fingerprint: str) -> Optional[dict[str, Any]]:
-    """The slide's record if its outputs exist, succeeded and were made by the same model and settings."""
-    record_path = out_dir / f"{slide.key}.json"
+def read_record(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]]:
+    """The slide's record (succeeded or failed) written for this very file, if any."""
     try:
-        record = json.loads(record_path.read_text())
+        record = json.loads((out_dir / f"{slide.key}.json").read_text())
     except (OSError, json.JSONDecodeError):
         return None
-    ok = (record.get("status") == "ok" and record.get("fingerprint") == fingerprint
-          and record.get("path") == slide.path and (out_dir / f"{slide.key}.npz").is_file())
+    return record if record.get("path") == slide.path else None
+
+
+def outputs_complete(out_dir: Path, slide: SlideInput, fingerprint: str) -> Optional[dict[str, Any]]:
+    """The slide's record if its outputs exist, succeeded and were made by the same model and settings."""
+    record = read_record(out_dir, slide)
+    ok = (record is not None and record.get("status") == "ok" and record.get("fingerprint") == fingerprint
+          and (out_dir / f"{slide.key}.npz").is_file())
     return record if ok else None
 
 

@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import csv
 import random
 from collections import defaultdict
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 
 from lymphoma.errors import InputError
+from lymphoma.files import write_csv_atomic
 from lymphoma.inputs import ImageRecord
 
 PHASES = ("train", "val", "test")
@@ -69,21 +69,5 @@ def check_no_leakage(by_phase: dict[str, Sequence[ImageRecord]]) -> None:
 
 def write_split_csv(path: Path, by_phase: dict[str, Sequence[ImageRecord]]) -> None:
     """Write ``phase,case,label,path`` rows, one per image."""
-    tmp = path.with_name(path.name + ".tmp")
-    with tmp.open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["phase", "case", "label", "path"])
-        for phase, records in by_phase.items():
-            for record in records:
-                writer.writerow([phase, record.case, record.label, record.path])
-    tmp.replace(path)
-
-
-def read_split_csv(path: Path) -> dict[str, str]:
-    """Map each case to its phase, as written by write_split_csv."""
-    with path.open(newline="") as handle:
-        return {row["case"]: row["phase"] for row in csv.DictReader(handle)}
-
-
-def cases_in(records: Iterable[ImageRecord]) -> set[str]:
-    return {record.case for record in records}
+    write_csv_atomic(path, ["phase", "case", "label", "path"],
+                     ([phase, r.case, r.label, r.path] for phase, records in by_phase.items() for r in records))
