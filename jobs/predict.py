@@ -32,6 +32,7 @@ class PredictTask:
     prefetch: int
     heatmaps: bool
     threads: int
+    tta: bool = False
 
 
 def run_predict_task(task: PredictTask) -> list[dict[str, Any]]:
@@ -43,7 +44,7 @@ def run_predict_task(task: PredictTask) -> list[dict[str, Any]]:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     if device.type == "cpu":
         torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK") or task.threads))
-    predictor = Predictor.from_checkpoint(Path(task.checkpoint), device, task.batch_size)
+    predictor = Predictor.from_checkpoint(Path(task.checkpoint), device, task.batch_size, task.tta)
     return predict_slides(predictor, task.slides, Path(task.out_dir), task.prefetch, task.heatmaps)
 
 
@@ -93,13 +94,13 @@ def run_predict(raw_cfg: DictConfig, checkpoint: Path, patterns: list[str], list
     out_dir = prepare_out_dir((Path(out) if out else Path(cfg.run.root) / cfg.run.name / "predict").absolute())
     save_resolved(raw_cfg, out_dir / "config.yaml")
     slide_dir = out_dir / "slides"
-    fingerprint = checkpoint_fingerprint(Path(checkpoint).resolve(), state)
+    fingerprint = checkpoint_fingerprint(Path(checkpoint).resolve(), state, cfg.predict.tta)
     resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}
     per_task = max(1, cfg.predict.slides_per_task)
     chunks = [tuple(slides[i:i + per_task]) for i in range(0, len(slides), per_task)]
     threads = max(1, (os.cpu_count() or 1) // max(1, min(cfg.cluster.parallelism, len(chunks))))
     tasks = [PredictTask(str(Path(checkpoint).resolve()), chunk, str(slide_dir), cfg.predict.batch_size,
-                         cfg.predict.prefetch, cfg.predict.heatmaps, threads) for chunk in chunks]
+                         cfg.predict.prefetch, cfg.predict.heatmaps, threads, cfg.predict.tta) for chunk in chunks]
     executor = make_executor(cfg.cluster, out_dir / "logs" / "%j", name=f"predict-{cfg.run.name}")
     failure = None
     try:
@@ -115,7 +116,7 @@ def run_predict(raw_cfg: DictConfig, checkpoint: Path, patterns: list[str], list
                 record = {"key": slide.key, "path": slide.path, "status": "failed", "label": slide.label,
                           "case": slide.case, "error": f"its task {task_index} died before writing it; log: {logs}"}
             records.append(record)
-    metrics = write_report(records, classes, out_dir)
+    metrics = write_report(records, classes, out_dir, cfg.predict.aggregate)
     n_ok = sum(r["status"] == "ok" for r in records)
     return PredictResult(out_dir, records, metrics, n_ok - len(resumed & {r["key"] for r in records if r["status"] == "ok"}),
                          len(resumed), failure)

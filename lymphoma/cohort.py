@@ -73,12 +73,15 @@ def _read_tsv(path: Path, basepath: Optional[Path]) -> list[tuple[str, Optional[
     return rows
 
 
-def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_dir: Path) -> dict[str, Any]:
-    """summary.csv (one row per slide), metrics.json and confusion PNGs at image and case level."""
+def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_dir: Path,
+                 aggregate: str = "vote") -> dict[str, Any]:
+    """summary.csv (one row per slide), metrics.json and confusion PNGs at image and case level; an image's
+    class is its tiles' majority ``vote`` or their ``mean`` probability's class."""
     rows = []
     for r in records:
         ok = r["status"] == "ok"
-        rows.append([r["key"], r["path"], r["status"], r.get("majority_class", ""), r.get("mean_prob_class", ""),
+        rows.append([r["key"], r["path"], r["status"], image_class(r, aggregate) if ok else "",
+                     r.get("mean_prob_class", ""),
                      f"{r['confidence']:.4f}" if ok else ""]
                     + [r["votes"][c] if ok else "" for c in classes]
                     + [r.get("n_tiles", ""), r.get("label") or "", r.get("case") or "", r.get("error", "")])
@@ -86,19 +89,10 @@ def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_
                      + [f"votes_{c}" for c in classes] + ["n_tiles", "truth", "case", "error"], rows)
     done = [r for r in records if r["status"] == "ok"]
     metrics: dict[str, Any] = {"slides": len(records), "predicted": len(done), "failed": len(records) - len(done),
-                               "classes": list(classes)}
+                               "classes": list(classes), "aggregate": aggregate}
     known = [r for r in done if r.get("label")]
     if known:
-        index = {c: i for i, c in enumerate(classes)}
-        image = np.zeros((len(classes), len(classes)), dtype=int)
-        for r in known:
-            image[index[r["label"]], index[r["majority_class"]]] += 1
-        by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
-        for r in known:
-            by_case[r["case"]].append(r)
-        case = np.zeros_like(image)
-        for items in by_case.values():
-            case[index[items[0]["label"]], index[case_vote(items, classes)]] += 1
+        image, case = confusions(known, classes, aggregate)
         for level, confusion in (("image", image), ("case", case)):
             metrics[level] = {"n": int(confusion.sum()), "accuracy": accuracy(confusion),
                               "balanced_accuracy": balanced_accuracy(confusion), "confusion": confusion.tolist()}
@@ -108,9 +102,34 @@ def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_
     return metrics
 
 
-def case_vote(records: Sequence[dict[str, Any]], classes: Sequence[str]) -> str:
-    """A case's class: the majority of its images' classes, ties to the larger summed mean probability."""
+def image_class(record: dict[str, Any], aggregate: str) -> str:
+    """An image's class from its record: the tiles' majority ``vote`` or their ``mean`` probability's class."""
+    return record["majority_class"] if aggregate == "vote" else record["mean_prob_class"]
+
+
+def case_class(records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str = "vote") -> str:
+    """A case's class. ``vote``: the majority of its images' voted classes, ties to the larger summed mean
+    probability; ``mean``: the class of its images' averaged mean probabilities."""
+    def summed(c: str) -> float:
+        return sum(r["mean_probs"][c] for r in records)
+
+    if aggregate == "mean":
+        return max(classes, key=summed)
     counts = Counter(r["majority_class"] for r in records)
     best = max(counts.values())
-    tied = [c for c in classes if counts.get(c) == best]
-    return max(tied, key=lambda c: sum(r["mean_probs"][c] for r in records))
+    return max([c for c in classes if counts.get(c) == best], key=summed)
+
+
+def confusions(records: Sequence[dict[str, Any]], classes: Sequence[str],
+               aggregate: str = "vote") -> tuple[np.ndarray, np.ndarray]:
+    """``[true, predicted]`` counts over images and over cases, for records that carry a label."""
+    index = {c: i for i, c in enumerate(classes)}
+    image = np.zeros((len(classes), len(classes)), dtype=int)
+    by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        image[index[r["label"]], index[image_class(r, aggregate)]] += 1
+        by_case[r["case"]].append(r)
+    case = np.zeros_like(image)
+    for items in by_case.values():
+        case[index[items[0]["label"]], index[case_class(items, classes, aggregate)]] += 1
+    return image, case

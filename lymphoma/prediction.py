@@ -10,7 +10,7 @@ import json
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +25,7 @@ from lymphoma.files import write_text_atomic
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap
 from lymphoma.sources import TileSource, open_tiles
+from lymphoma.stain import StainNormalizer
 from lymphoma.tiling import TileSettings
 from lymphoma.voting import vote
 
@@ -48,27 +49,55 @@ class Predictor:
     device: torch.device
     batch_size: int
     fingerprint: str
+    tta: bool = False
+    normalizer: Optional[StainNormalizer] = None
 
     @classmethod
-    def from_checkpoint(cls, path: Path, device: torch.device, batch_size: int = 128) -> "Predictor":
+    def from_checkpoint(cls, path: Path, device: torch.device, batch_size: int = 128,
+                        tta: bool = False) -> "Predictor":
         state = load_checkpoint(path)
         model = build_model(state["architecture"])
         load_model_weights(model, state, path)
         model.to(device, memory_format=torch.channels_last).eval()
         return cls(model, list(state["classes"]), TileSettings(**state["tiles"]), AugmentSettings(**state["augment"]),
-                   device, batch_size, checkpoint_fingerprint(path, state))
+                   device, batch_size, checkpoint_fingerprint(path, state, tta), tta,
+                   StainNormalizer.from_state(state.get("stain")))
+
+    def prepare(self, tiles: np.ndarray) -> np.ndarray:
+        """Stain-normalise uint8 tiles ``[N, H, W, 3]`` when the model was trained on normalised tiles."""
+        return self.normalizer.batch(tiles) if self.normalizer is not None else tiles
 
     @torch.inference_mode()
-    def logits(self, tiles: np.ndarray) -> torch.Tensor:
-        """Raw outputs ``[N, nclass]`` for uint8 tiles ``[N, H, W, 3]``."""
+    def logits(self, tiles: np.ndarray, prepared: bool = False) -> torch.Tensor:
+        """Raw outputs ``[N, nclass]`` for uint8 tiles ``[N, H, W, 3]`` (``prepared``: already through
+        ``prepare``); with ``tta``, the log of the probabilities averaged over the 8 flips and right-angle
+        rotations of each tile."""
+        if not prepared:
+            tiles = self.prepare(tiles)
         x = eval_batch(tiles, self.augment, self.device).contiguous(memory_format=torch.channels_last)
-        return self.model(x).float().cpu()
+        if not self.tta:
+            return self.model(x).float().cpu()
+        probs = torch.zeros(())
+        for view in dihedral_views(x):
+            probs = probs + self.model(view.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+        return (probs / 8).log().cpu()
 
 
-def checkpoint_fingerprint(path: Path, state: dict[str, Any]) -> str:
-    """What a slide's outputs depend on: the checkpoint file and the tiling and crop it was trained with."""
+def dihedral_views(x: torch.Tensor) -> Iterator[torch.Tensor]:
+    """The 8 symmetries of a square batch ``[B, C, H, W]``: 4 right-angle rotations, each also mirrored."""
+    for k in range(4):
+        rotated = torch.rot90(x, k, dims=(2, 3))
+        yield rotated
+        yield rotated.flip(3)
+
+
+def checkpoint_fingerprint(path: Path, state: dict[str, Any], tta: bool = False) -> str:
+    """What a slide's outputs depend on: the checkpoint file, the tiling and crop it was trained with, TTA."""
     stat = Path(path).stat()
-    payload = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, state["tiles"], state["augment"]]
+    payload = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, state["tiles"], state["augment"],
+               state.get("stain")]
+    if tta:
+        payload.append("tta")
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -89,8 +118,8 @@ def outputs_complete(out_dir: Path, slide: SlideInput, fingerprint: str) -> Opti
     return record if ok else None
 
 
-def _read_ahead(slides: Sequence[SlideInput], settings: TileSettings, depth: int,
-                batch: int) -> Iterator[tuple[int, Any]]:
+def _read_ahead(slides: Sequence[SlideInput], settings: TileSettings, depth: int, batch: int,
+                prepare: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[int, Any]]:
     """Yield ``(index, item)`` per slide, read and tiled by a background thread: tile batches (arrays), then
     the slide's TileSource once all its tiles were yielded, or an error. The queue holds ``depth`` items,
     so memory stays bounded however large a slide is."""
@@ -106,7 +135,7 @@ def _read_ahead(slides: Sequence[SlideInput], settings: TileSettings, depth: int
                 for pixels in source.batches:
                     if stop.is_set():
                         return
-                    items.put((index, pixels))
+                    items.put((index, prepare(pixels)))
                 items.put((index, source))
             except (InputError, OSError) as err:
                 items.put((index, err))
@@ -158,7 +187,7 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
     def flush() -> None:
         nonlocal batch, size
         if batch:
-            logits = predictor.logits(np.concatenate([pixels for _, pixels in batch]))
+            logits = predictor.logits(np.concatenate([pixels for _, pixels in batch]), prepared=True)
             offset = 0
             for i, pixels in batch:
                 if i in progress:  # a slide that failed half way was dropped
@@ -169,7 +198,8 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
         finish_ready()
 
     batch_size = predictor.batch_size
-    for local, item in _read_ahead([slides[i] for i in pending], predictor.tiles, prefetch, batch_size):
+    for local, item in _read_ahead([slides[i] for i in pending], predictor.tiles, prefetch, batch_size,
+                                     predictor.prepare):
         index = pending[local]
         state = progress.setdefault(index, _Progress([]))
         if isinstance(item, Exception):

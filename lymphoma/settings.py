@@ -47,7 +47,9 @@ BACKENDS = ("auto", "dali", "torch")
 class AugmentSettings:
     """Ranges follow the tutorial: hue is a fraction of the hue circle (0.5 = anywhere), rotation in degrees.
 
-    ``rotate90`` adds a lossless rotation by a random multiple of 90 degrees (no filled corners)."""
+    ``rotate90`` adds a lossless rotation by a random multiple of 90 degrees (no filled corners).
+    ``hed_scale`` / ``hed_shift``: HED stain jitter (Tellez et al. 2019), each stain's optical density scaled
+    by U(1 - hed_scale, 1 + hed_scale) and shifted by U(-hed_shift, hed_shift) (scikit-image HED units)."""
 
     backend: str = "auto"
     crop: int = 112
@@ -60,6 +62,8 @@ class AugmentSettings:
     brightness: float = 0.0
     contrast: float = 0.0
     grayscale_p: float = 0.1
+    hed_scale: float = 0.0
+    hed_shift: float = 0.0
     mean: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     std: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
 
@@ -68,6 +72,9 @@ class AugmentSettings:
             raise InputError(f"augment.backend is {self.backend!r}; allowed: {', '.join(BACKENDS)}")
         if not 0 <= self.hue <= 0.5:
             raise InputError(f"augment.hue must be in [0, 0.5] (a fraction of the hue circle), got {self.hue}")
+        if not 0 <= self.hed_scale < 1 or self.hed_shift < 0:
+            raise InputError(f"augment.hed_scale must be in [0, 1) and augment.hed_shift >= 0 (Tellez et al.: 0.05 "
+                             f"light, 0.2 strong), got {self.hed_scale} and {self.hed_shift}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise InputError("augment.mean and augment.std need 3 values each, std > 0")
 
@@ -95,9 +102,15 @@ class TrainSettings:
     deterministic: bool = False
     max_steps_per_epoch: Optional[int] = None
     class_weighted: bool = True
+    label_smoothing: float = 0.0
+    patience: Optional[int] = None
     eval_phase: str = "val"
 
     def __post_init__(self) -> None:
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise InputError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.patience is not None and self.patience < 1:
+            raise InputError(f"train.patience must be >= 1 epoch or null (no early stopping), got {self.patience}")
         if self.optimizer not in OPTIMIZERS:
             raise InputError(f"train.optimizer is {self.optimizer!r}; allowed: {', '.join(OPTIMIZERS)}")
         if self.scheduler not in SCHEDULERS:
@@ -106,16 +119,47 @@ class TrainSettings:
             raise InputError("train.epochs and train.batch_size must be >= 1")
 
 
+AGGREGATES = ("vote", "mean")
+
+
 @dataclass
 class PredictSettings:
     """batch_size: tiles per forward pass; slides_per_task: slides per array task; prefetch: slides decoded
-    and tiled ahead of the model; heatmaps: a PNG of tile classes per slide."""
+    and tiled ahead of the model; heatmaps: a PNG of tile classes per slide; tta: average each tile's
+    probabilities over its 8 flips and right-angle rotations; aggregate: an image's (and case's) class by
+    majority ``vote`` of its tiles or by ``mean`` tile probability."""
 
     batch_size: int = 32
     slides_per_task: int = 64
     prefetch: int = 4
     heatmaps: bool = True
+    tta: bool = False
+    aggregate: str = "vote"
 
     def __post_init__(self) -> None:
         if min(self.batch_size, self.slides_per_task, self.prefetch) < 1:
             raise InputError("predict.batch_size, predict.slides_per_task and predict.prefetch must be >= 1")
+        if self.aggregate not in AGGREGATES:
+            raise InputError(f"predict.aggregate is {self.aggregate!r}; allowed: {', '.join(AGGREGATES)}")
+
+
+@dataclass
+class CVSettings:
+    """Cross-validation grouped by case and stratified by class: ``folds`` test folds; inside each, a share
+    ``inner_val_fraction`` of the other cases (per class) picks the checkpoint and stops early; intervals
+    from ``bootstrap`` resamples of the cases at ``confidence``."""
+
+    folds: int = 4
+    inner_val_fraction: float = 0.2
+    seed: int = 0
+    bootstrap: int = 2000
+    confidence: float = 0.95
+
+    def __post_init__(self) -> None:
+        if self.folds < 2:
+            raise InputError(f"cv.folds must be >= 2, got {self.folds}")
+        if not 0.0 < self.inner_val_fraction < 1.0:
+            raise InputError(f"cv.inner_val_fraction must be in (0, 1): the checkpoint is chosen on those cases, "
+                             f"never on the test fold; got {self.inner_val_fraction}")
+        if not 0.5 <= self.confidence < 1.0 or self.bootstrap < 100:
+            raise InputError("cv.confidence must be in [0.5, 1) and cv.bootstrap >= 100")

@@ -35,6 +35,7 @@ from lymphoma.metrics import class_weights
 from lymphoma.model import ModelSettings, build_model
 from lymphoma.settings import TrainSettings
 from lymphoma.sharding import load_manifest, phase_shards
+from lymphoma.stain import StainNormalizer, StainSettings, fit_target
 
 
 @dataclass(frozen=True)
@@ -126,7 +127,7 @@ def _gather_rng(rank: Rank) -> list[dict[str, Any]]:
 
 def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: ModelSettings,
         augment: AugmentSettings, config: dict[str, Any], rank: Rank, device: torch.device,
-        tile_size: Optional[int] = None) -> dict[str, Any]:
+        tile_size: Optional[int] = None, stain: StainSettings = StainSettings()) -> dict[str, Any]:
     """Train (resuming from ``out_dir/checkpoints/last.pt`` if there) and return the summary."""
     seed_everything(train.seed, train.deterministic)
     manifest = load_manifest(tiles_dir)
@@ -141,7 +142,8 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
         model = model.to(memory_format=torch.channels_last)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if rank.world > 1 else model
-    criterion = torch.nn.CrossEntropyLoss(weight=weights.to(device) if train.class_weighted else None)
+    criterion = torch.nn.CrossEntropyLoss(weight=weights.to(device) if train.class_weighted else None,
+                                          label_smoothing=train.label_smoothing)
     optimizer = make_optimizer(model, train)
     scheduler = make_scheduler(optimizer, train)
     scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 autocast needs no loss scaling
@@ -161,8 +163,10 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
             set_rng_state(state["rng"][rank.rank])
 
     backend = choose_backend(augment)
-    train_aug = build_augmenter(augment, True, device, seed=train.seed * 1000 + rank.rank)
-    eval_aug = build_augmenter(augment, False, device)
+    target = fit_target(stain)
+    normalizer = StainNormalizer(target) if target is not None else None
+    train_aug = build_augmenter(augment, True, device, seed=train.seed * 1000 + rank.rank, normalizer=normalizer)
+    eval_aug = build_augmenter(augment, False, device, normalizer=normalizer)
     workers = train.num_workers if train.num_workers is not None else loader_workers(device, rank)
     train_loader = make_loader(train_tiles, train_aug.sample, train.batch_size, rank.rank, rank.world, True,
                                train.seed, workers)
@@ -181,8 +185,11 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
             _log_augmentation(writer, train_tiles, train_aug, augment)
 
     base = {"architecture": architecture, "classes": classes, "tiles": manifest["tiles"],
-            "augment": asdict(augment), "config": config, "backend": backend}
+            "augment": asdict(augment), "config": config, "backend": backend,
+            "stain": target.as_dict() if target is not None else None}
     for epoch in range(start_epoch, train.epochs):
+        if stop_early(history, train.patience):
+            break
         train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         stats = train_one_epoch(ddp, train_loader, train_aug, criterion, optimizer, scaler, device, epoch, amp,
                                 train.channels_last, train.max_steps_per_epoch)
@@ -214,9 +221,20 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
     train_tiles.close()
     eval_tiles.close()
     best = min(history, key=lambda h: h["val_loss"]) if history else {}
-    return {"epochs": len(history), "best_epoch": best.get("epoch"), "best_val_loss": best.get("val_loss"),
+    if rank.main and stop_early(history, train.patience) and len(history) < train.epochs:
+        print(f"stopped early after epoch {len(history)}: no better val loss for {train.patience} epoch(s)", flush=True)
+    return {"epochs": len(history), "stopped_early": len(history) < train.epochs,
+            "best_epoch": best.get("epoch"), "best_val_loss": best.get("val_loss"),
             "best_val_accuracy": best.get("val_accuracy"), "checkpoints": str(ckpt_dir), "backend": backend,
             "world_size": rank.world, "rank": rank.rank, "device": str(device), "weights_sha1": weights_digest(model)}
+
+
+def stop_early(history: list[dict[str, Any]], patience: Optional[int]) -> bool:
+    """Whether the last ``patience`` epochs all failed to improve on the best val loss before them."""
+    if patience is None or not history:
+        return False
+    best = min(range(len(history)), key=lambda i: history[i]["val_loss"])
+    return len(history) - 1 - best >= patience
 
 
 def weights_digest(model: torch.nn.Module) -> str:
