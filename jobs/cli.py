@@ -79,6 +79,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_config_args(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+    cv = sub.add_parser("cv", help="cross-validation grouped by case: one array task per fold, pooled report",
+                        description="Deal the cases into cv.folds folds stratified by class. Each fold (one array "
+                                    "task) tiles and trains on the other cases, picks its checkpoint on an inner "
+                                    "split of them, and predicts its own cases; then image- and case-level "
+                                    "accuracy per fold and pooled, with bootstrap intervals over cases. Rerunning "
+                                    "resumes; with predict.tta=true it reuses the trained folds.")
+    _add_config_args(cv)
+
     inspect = sub.add_parser("inspect", help="a slide's levels, resolution, vendor, tissue and tile grid",
                              description="Show what a slide file holds (levels, dimensions, microns per pixel, "
                                          "objective, vendor), its tissue fraction, and write a thumbnail with the "
@@ -149,6 +157,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             from jobs.pipeline import run_pipeline
 
             run_pipeline(cfg, progress=not args.no_progress)
+        elif args.command == "cv":
+            from jobs.cv import run_cv
+
+            run_cv(cfg)
         elif args.command == "inspect":
             from jobs.inspect_slide import inspect_slide
 

@@ -20,10 +20,12 @@ from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.settings import (
     AugmentSettings,
+    CVSettings,
     ModelSettings,
     PredictSettings,
     TrainSettings,
 )
+from lymphoma.stain import StainSettings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -89,8 +91,10 @@ class Config:
     download: DownloadConfig = MISSING
     model: ModelSettings = MISSING
     augment: AugmentSettings = MISSING
+    stain: StainSettings = MISSING
     train: TrainSettings = MISSING
     predict: PredictSettings = MISSING
+    cv: CVSettings = MISSING
     cluster: ExecutorSettings = MISSING
 
 

@@ -92,6 +92,20 @@ def run_tile(raw_cfg: DictConfig, progress: bool = True) -> TileResult:
     return TileResult(run_dir, manifest, inputs.classes, done, len(todo), n_skipped, time.perf_counter() - start)
 
 
+def tile_in_process(by_phase: dict[str, list[ImageRecord]], tiles_dir: Path, classes: list[str],
+                    cfg: Config) -> list[ShardSummary]:
+    """Write the phases' shards one after the other in this process (a task that tiles its own share, such as
+    a cross-validation fold), skipping complete ones, then the manifest."""
+    settings = tile_settings(cfg)
+    summaries = []
+    for plan in plan_shards(by_phase, cfg.tiles.images_per_shard):
+        task = _task(plan, tiles_dir, classes, settings, cfg)
+        (tiles_dir / plan.phase).mkdir(parents=True, exist_ok=True)
+        summaries.append(read_complete_shard(Path(task.path), task.fingerprint) or run_shard_task(task))
+    write_manifest(tiles_dir, classes, settings, cfg.tiles.compression, summaries, [])
+    return summaries
+
+
 def _task(plan: ShardPlan, tiles_dir: Path, classes: list[str], settings: TileSettings, cfg: Config) -> ShardTask:
     return ShardTask(path=str(tiles_dir / plan.relpath), phase=plan.phase, records=plan.records,
                      classes=tuple(classes), settings=settings, compression=cfg.tiles.compression,

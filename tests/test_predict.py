@@ -214,3 +214,32 @@ def test_a_task_that_dies_is_reported_with_its_log(checkpoint, cohort, tmp_path)
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr
     assert f"12 of 12 slide(s) predicted ({len(dead)} now, {12 - len(dead)} already complete)" in rerun.stdout
+
+
+def test_tta_averages_the_eight_symmetries_and_mean_aggregation(checkpoint, cohort, tmp_path):
+    from lymphoma.prediction import Predictor, dihedral_views
+
+    x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
+    views = list(dihedral_views(x))
+    assert len({tuple(v.flatten().tolist()) for v in views}) == 8  # all distinct, and all symmetries of x
+    assert any(torch.equal(v, x.transpose(2, 3)) for v in views) and torch.equal(views[0], x)
+
+    plain = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 32)
+    tta = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 32, tta=True)
+    assert plain.fingerprint != tta.fingerprint  # outputs of one never pass for the other's on resume
+    tiles = np.stack([read_rgb(p)[:64, :64] for p in sorted(cohort.glob("*/*.png"))[:4]])
+    with torch.inference_mode():
+        x = eval_batch(tiles, plain.augment, torch.device("cpu"))
+        expected = torch.stack([plain.model(v.contiguous(memory_format=torch.channels_last)).softmax(1)
+                                for v in dihedral_views(x)]).mean(0)
+    assert torch.allclose(tta.logits(tiles).exp(), expected, atol=1e-5)
+
+    assert predict(checkpoint, tmp_path / "mean", f"{cohort}/**/*.png", "predict.aggregate=mean",
+                   "predict.tta=true") == 0
+    with (tmp_path / "mean" / "summary.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert all(r["predicted"] == r["mean_prob_class"] for r in rows)
+    metrics = json.loads((tmp_path / "mean" / "metrics.json").read_text())
+    assert metrics["aggregate"] == "mean" and metrics["image"]["n"] == 12
+    record = json.loads(next((tmp_path / "mean" / "slides").glob("*.json")).read_text())
+    assert record["fingerprint"] == tta.fingerprint

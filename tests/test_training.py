@@ -139,3 +139,24 @@ def test_mpiexec_launches_two_training_ranks(tiled, local_ddp):
     assert out.returncode == 0, out.stderr
     assert out.stdout.count("best epoch 1") == 1  # rank 0 alone reports
     assert final_digest(runs, "mpi") == final_digest(runs, "ddp")  # the same as the local 2-process run
+
+
+@pytest.mark.parametrize("losses, patience, stop", [([1.0, 0.9, 0.95, 0.97], 2, True), ([1.0, 0.9, 0.95], 2, False),
+                                                     ([1.0, 0.9, 0.8], 1, False), ([0.5, 0.9], 1, True),
+                                                     ([0.5, 0.9, 0.9], None, False)])
+def test_early_stopping_counts_epochs_without_a_better_val_loss(losses, patience, stop):
+    from lymphoma.training import stop_early
+
+    assert stop_early([{"val_loss": v} for v in losses], patience) is stop
+
+
+def test_new_training_options_are_checked():
+    from jobs.config import ConfigError, load_config, to_object
+
+    for override, message in (("train.label_smoothing=1.0", "label_smoothing must be in"),
+                              ("train.patience=0", "train.patience must be >= 1"),
+                              ("predict.aggregate=median", "predict.aggregate is 'median'; allowed: vote, mean"),
+                              ("cv.folds=1", "cv.folds must be >= 2"),
+                              ("cv.inner_val_fraction=0", "never on the test fold")):
+        with pytest.raises(ConfigError, match=message):
+            to_object(load_config(None, [override]))

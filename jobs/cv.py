@@ -1,0 +1,153 @@
+"""`lymphoma cv`: cross-validation grouped by case, one array task per fold (tile, train, predict its test
+cases), then a pooled report with bootstrap intervals over cases."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import submitit
+from omegaconf import DictConfig, OmegaConf
+
+from hpc import ArrayJobError, make_executor, run_array
+from jobs.config import Config, from_yaml_text, save_resolved, to_object
+from jobs.rundir import exclusive, make_run_dir
+from jobs.tile import tile_in_process
+from lymphoma.cohort import image_class, write_report
+from lymphoma.crossval import cv_report, fold_phases, format_cv_report, grouped_folds
+from lymphoma.files import write_csv_atomic, write_text_atomic
+from lymphoma.inputs import ImageRecord, discover
+from lymphoma.prediction import SlideInput, read_record
+from lymphoma.split import assign_phases, check_no_leakage
+
+
+@dataclass(frozen=True)
+class FoldTask:
+    """One fold: the images it may learn from (train, and the inner val that picks the checkpoint) and the
+    test images it predicts; picklable."""
+
+    fold: int
+    config_yaml: str
+    fold_dir: str
+    train: tuple[ImageRecord, ...]
+    val: tuple[ImageRecord, ...]
+    test: tuple[ImageRecord, ...]
+    classes: tuple[str, ...]
+    threads: int
+
+    @property
+    def predict_dir(self) -> Path:
+        tta = to_object(from_yaml_text(self.config_yaml)).predict.tta
+        return Path(self.fold_dir) / ("predict-tta" if tta else "predict")
+
+    def slides(self) -> list[SlideInput]:
+        return [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in self.test]
+
+
+class FoldJob(submitit.helpers.Checkpointable):
+    """A fold's array task. Every stage resumes (complete shards, last.pt, complete slides), so a requeued
+    or rerun fold continues where it stopped."""
+
+    def __call__(self, task: FoldTask) -> dict[str, Any]:
+        import torch
+
+        from lymphoma.prediction import Predictor, predict_slides
+        from lymphoma.training import Rank, fit
+
+        check_no_leakage({"train": task.train, "val": task.val, "test": task.test})
+        raw = from_yaml_text(task.config_yaml)
+        cfg = to_object(raw)
+        fold_dir, classes = Path(task.fold_dir), list(task.classes)
+        tile_in_process({"train": list(task.train), "val": list(task.val)}, fold_dir / "tiles", classes, cfg)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cpu":
+            torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK") or task.threads))
+        config = OmegaConf.to_container(raw, resolve=True)
+        summary = fit(fold_dir / "tiles", fold_dir / "train", replace(cfg.train, eval_phase="val"), cfg.model,
+                      cfg.augment, config, Rank(), device, tile_size=cfg.tiles.size, stain=cfg.stain)
+        predictor = Predictor.from_checkpoint(fold_dir / "train" / "checkpoints" / "best.pt", device,
+                                              cfg.predict.batch_size, cfg.predict.tta)
+        records = predict_slides(predictor, task.slides(), task.predict_dir / "slides", cfg.predict.prefetch,
+                                 cfg.predict.heatmaps)
+        write_report(records, classes, task.predict_dir, cfg.predict.aggregate)
+        return {"fold": task.fold, "train": summary}
+
+
+def plan_folds(raw_cfg: DictConfig, run_dir: Path, records: list[ImageRecord], classes: list[str]) -> list[FoldTask]:
+    """Every fold's task, after checking that no case is on two sides of any fold."""
+    cfg: Config = to_object(raw_cfg)
+    folds = grouped_folds(records, cfg.cv.folds, cfg.cv.seed)
+    threads = max(1, (os.cpu_count() or 1) // max(1, min(cfg.cluster.parallelism, len(folds))))
+    config_yaml = OmegaConf.to_yaml(raw_cfg, resolve=True)
+    tasks = []
+    for k, test_cases in enumerate(folds):
+        by_phase = assign_phases(records, fold_phases(records, test_cases, cfg.cv.inner_val_fraction, cfg.cv.seed))
+        tasks.append(FoldTask(k, config_yaml, str(run_dir / f"fold-{k}"), tuple(by_phase.get("train", ())),
+                              tuple(by_phase.get("val", ())), tuple(by_phase["test"]), tuple(classes), threads))
+    return tasks
+
+
+def write_folds_csv(path: Path, tasks: list[FoldTask]) -> None:
+    """``fold,phase,case,label,path``: where every image went in every fold."""
+    write_csv_atomic(path, ["fold", "phase", "case", "label", "path"],
+                     ([t.fold, phase, r.case, r.label, r.path] for t in tasks
+                      for phase, records in (("train", t.train), ("val", t.val), ("test", t.test)) for r in records))
+
+
+def run_cv(raw_cfg: DictConfig) -> dict[str, Any]:
+    """Run (or resume) every fold and write the report into ``<run>/cv`` (``cv-tta`` with predict.tta)."""
+    start = time.perf_counter()
+    cfg: Config = to_object(raw_cfg)
+    run_dir = make_run_dir(cfg.run.root, cfg.run.name)
+    with exclusive(run_dir, "cv"):
+        save_resolved(raw_cfg, run_dir / "config.yaml")
+        inputs = discover(cfg.data.source, cfg.data.classes, cfg.data.case_pattern, cfg.data.columns,
+                          cfg.tiles.strict)
+        tasks = plan_folds(raw_cfg, run_dir, inputs.records, inputs.classes)
+        write_folds_csv(run_dir / "folds.csv", tasks)
+        print(f"{len(tasks)} folds of {', '.join(str(len({r.case for r in t.test})) for t in tasks)} test cases; "
+              f"each trains on its train cases and picks its checkpoint on {cfg.cv.inner_val_fraction:.0%} of them "
+              f"(inner val); logs in {run_dir / 'logs'}", flush=True)
+        executor = make_executor(cfg.cluster, run_dir / "logs" / "%j", name=f"cv-{cfg.run.name}")
+        failure = None
+        try:
+            run_array(executor, FoldJob(), tasks, parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s)
+        except ArrayJobError as err:
+            failure = err
+        records = [[read_record(t.predict_dir / "slides", s) for s in t.slides()] for t in tasks]
+        records_by_fold = [[r for r in fold if r is not None] for fold in records]
+        if failure is not None and not any(records_by_fold):
+            raise failure
+        out = run_dir / ("cv-tta" if cfg.predict.tta else "cv")
+        report = cv_report(records_by_fold, inputs.classes, cfg.cv.bootstrap, cfg.cv.confidence, cfg.cv.seed)
+        report["failed_folds"] = [f.index for f in failure.failures] if failure else []
+        report["tta"] = cfg.predict.tta
+        report["minutes"] = (time.perf_counter() - start) / 60
+        report["train"] = [json.loads((Path(t.fold_dir) / "train" / "history.json").read_text())
+                           if (Path(t.fold_dir) / "train" / "history.json").is_file() else None for t in tasks]
+        _write_outputs(out, report, tasks, records_by_fold, inputs.classes, cfg.predict.aggregate)
+    print(format_cv_report(report), flush=True)
+    print(f"report: {out / 'report.json'}, {out / 'report.txt'}, {out / 'predictions.csv'}; "
+          f"{report['minutes']:.1f} min", flush=True)
+    if failure is not None:
+        raise failure
+    return report
+
+
+def _write_outputs(out: Path, report: dict[str, Any], tasks: list[FoldTask], records_by_fold: list[list[dict[str, Any]]],
+                   classes: list[str], aggregate: str) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out / "report.txt", format_cv_report(report) + "\n")
+    rows = [[t.fold, r["key"], r.get("case") or "", r.get("label") or "", r["status"],
+             image_class(r, "vote") if r["status"] == "ok" else "", image_class(r, "mean") if r["status"] == "ok" else "",
+             f"{r['confidence']:.4f}" if r["status"] == "ok" else "", r.get("error", "")]
+            for t, fold in zip(tasks, records_by_fold) for r in fold]
+    write_csv_atomic(out / "predictions.csv", ["fold", "image", "case", "truth", "status", "vote_class",
+                                                "mean_prob_class", "confidence", "error"], rows)
+    write_report([r for fold in records_by_fold for r in fold], classes, out, aggregate)
+

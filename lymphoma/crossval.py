@@ -1,0 +1,128 @@
+"""Cross-validation grouped by case and stratified by class: folds, each fold's phases, and the pooled report
+with bootstrap intervals over cases."""
+
+from __future__ import annotations
+
+import random
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+
+from lymphoma.cohort import confusions
+from lymphoma.errors import InputError
+from lymphoma.inputs import ImageRecord
+from lymphoma.metrics import accuracy, balanced_accuracy
+from lymphoma.split import split_cases
+
+LEVELS = ("image", "case")
+
+
+def grouped_folds(records: Sequence[ImageRecord], folds: int, seed: int = 0) -> list[list[str]]:
+    """The test cases of each fold: every case in exactly one fold, each class's cases dealt round-robin
+    after a seeded shuffle, so each fold holds at least one case of every class."""
+    cases_by_class: dict[str, set[str]] = defaultdict(set)
+    for record in records:
+        cases_by_class[record.label].add(record.case)
+    n_cases = sum(len(c) for c in cases_by_class.values())
+    if n_cases < folds:
+        raise InputError(f"{n_cases} case(s) for cv.folds={folds}: each fold needs its own cases; lower cv.folds "
+                         f"to at most {n_cases} or add cases")
+    short = {label: len(cases) for label, cases in cases_by_class.items() if len(cases) < folds}
+    if short:
+        detail = ", ".join(f"{label} has {n}" for label, n in sorted(short.items()))
+        raise InputError(f"too few cases for {folds} folds stratified by class ({detail}; each fold needs one case "
+                         f"of every class): lower cv.folds to {min(short.values())} or add cases of those classes")
+    rng = random.Random(seed)
+    out: list[list[str]] = [[] for _ in range(folds)]
+    offset = 0
+    for label in sorted(cases_by_class):
+        cases = sorted(cases_by_class[label])
+        rng.shuffle(cases)
+        for i, case in enumerate(cases):
+            out[(offset + i) % folds].append(case)
+        offset += len(cases)  # the next class starts where this one ended, so fold sizes stay even
+    return [sorted(fold) for fold in out]
+
+
+def fold_phases(records: Sequence[ImageRecord], test_cases: Sequence[str], inner_val_fraction: float,
+                seed: int = 0) -> dict[str, str]:
+    """Each case's phase in one fold: its test cases are ``test``; the other cases are split by class into
+    ``train`` and an inner ``val`` that alone chooses the checkpoint and stops training early."""
+    test = set(test_cases)
+    rest = [r for r in records if r.case not in test]
+    try:
+        phase_of = split_cases(rest, inner_val_fraction, 0.0, seed)
+    except InputError as err:
+        raise InputError(f"inside a fold: {err} (the inner split of cv.inner_val_fraction={inner_val_fraction} "
+                         "needs two cases of each class outside the test fold; lower cv.folds)") from None
+    phase_of.update(dict.fromkeys(test, "test"))
+    return phase_of
+
+
+def _metrics(records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str) -> dict[str, Any]:
+    image, case = confusions(records, classes, aggregate)
+    return {level: {"n": int(m.sum()), "accuracy": accuracy(m), "balanced_accuracy": balanced_accuracy(m),
+                    "confusion": m.tolist()} for level, m in zip(LEVELS, (image, case))}
+
+
+def bootstrap_intervals(records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str, resamples: int,
+                        confidence: float, seed: int = 0) -> dict[str, dict[str, list[float]]]:
+    """Percentile intervals of image- and case-level (balanced) accuracy, resampling cases with replacement:
+    the images of one patient are not independent, so the case is the unit that is drawn."""
+    by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_case[r["case"]].append(r)
+    cases = sorted(by_case)
+    rng = np.random.default_rng(seed)
+    draws: dict[str, list[float]] = defaultdict(list)
+    for _ in range(resamples):
+        sample: list[dict[str, Any]] = []
+        for j, i in enumerate(rng.integers(0, len(cases), len(cases))):
+            # a case drawn twice counts as two cases
+            sample += [{**r, "case": f"{r['case']}#{j}"} for r in by_case[cases[i]]]
+        m = _metrics(sample, classes, aggregate)
+        for level in LEVELS:
+            draws[f"{level}_accuracy"].append(m[level]["accuracy"])
+            draws[f"{level}_balanced_accuracy"].append(m[level]["balanced_accuracy"])
+    tail = (1 - confidence) / 2 * 100
+    return {name: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] for name, v in draws.items()}
+
+
+def cv_report(records_by_fold: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str], resamples: int,
+              confidence: float, seed: int = 0) -> dict[str, Any]:
+    """Per-fold and pooled accuracy (image and case level, plain and balanced) for both aggregations, with
+    case-bootstrap intervals on the pooled figures. Only predicted images with a label count."""
+    folds = [[r for r in fold if r["status"] == "ok" and r.get("label")] for fold in records_by_fold]
+    pooled = [r for fold in folds for r in fold]
+    if not pooled:
+        raise InputError("no fold has a predicted image with a known class: nothing to report")
+    report: dict[str, Any] = {"classes": list(classes), "confidence": confidence, "bootstrap": resamples,
+                              "n_images": len(pooled), "n_cases": len({r["case"] for r in pooled})}
+    for aggregate in ("vote", "mean"):
+        entry = _metrics(pooled, classes, aggregate)
+        entry["folds"] = [_metrics(fold, classes, aggregate) if fold else None for fold in folds]
+        entry["interval"] = bootstrap_intervals(pooled, classes, aggregate, resamples, confidence, seed)
+        report[aggregate] = entry
+    return report
+
+
+def format_cv_report(report: dict[str, Any]) -> str:
+    """The report as a few lines of text: pooled figures with intervals, then per fold."""
+    pct = int(round(report["confidence"] * 100))
+    lines = [f"{report['n_images']} images of {report['n_cases']} cases, each predicted by the one fold that never "
+             f"saw its case; {pct}% intervals from {report['bootstrap']} case resamples"]
+    for aggregate, name in (("vote", "majority vote"), ("mean", "mean probability")):
+        entry = report[aggregate]
+        parts = []
+        for level in LEVELS:
+            for kind in ("accuracy", "balanced_accuracy"):
+                low, high = entry["interval"][f"{level}_{kind}"]
+                label = f"{level} {'balanced ' if kind.startswith('balanced') else ''}accuracy"
+                parts.append(f"{label} {entry[level][kind]:.3f} [{low:.3f}, {high:.3f}]")
+        lines.append(f"{name}: " + "; ".join(parts))
+        per_fold = ", ".join("-" if f is None else f"{f['image']['accuracy']:.2f}/{f['case']['accuracy']:.2f}"
+                             for f in entry["folds"])
+        lines.append(f"  per fold (image/case accuracy): {per_fold}")
+    return "\n".join(lines)

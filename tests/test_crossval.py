@@ -1,0 +1,143 @@
+"""Grouped cross-validation: folds by case and class, no test case in training or model selection, the
+report and its bootstrap intervals, and `lymphoma cv` end to end on real images."""
+
+from __future__ import annotations
+
+import csv
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import pytest
+import tables
+
+from conftest import FAST
+from jobs.cli import main
+from jobs.cv import FoldJob, FoldTask, run_cv
+from lymphoma.crossval import bootstrap_intervals, cv_report, fold_phases, grouped_folds
+from lymphoma.errors import InputError
+from lymphoma.inputs import ImageRecord
+
+
+@pytest.fixture(scope="module")
+def records(manifest_rows, data_root) -> list[ImageRecord]:
+    return [ImageRecord(str(data_root / r["lowres_path"]), r["cls"], r["case_id"]) for r in manifest_rows]
+
+
+def test_folds_hold_every_case_once_with_every_class(records):
+    folds = grouped_folds(records, 4, seed=0)
+    cases = [c for fold in folds for c in fold]
+    assert sorted(cases) == sorted({r.case for r in records})  # each of the 23 cases exactly once
+    label = {r.case: r.label for r in records}
+    for fold in folds:
+        per_class = defaultdict(int)
+        for case in fold:
+            per_class[label[case]] += 1
+        assert set(per_class) == {"CLL", "FL", "MCL"} and max(per_class.values()) <= 2
+    assert [len(f) for f in folds] in ([6, 6, 6, 5], [6, 6, 5, 6], [6, 5, 6, 6], [5, 6, 6, 6])
+    assert grouped_folds(records, 4, seed=0) == folds and grouped_folds(records, 4, seed=1) != folds
+
+
+def test_fold_phases_keep_test_cases_out_of_training_and_selection(records):
+    for test_cases in grouped_folds(records, 4, seed=0):
+        phase_of = fold_phases(records, test_cases, 0.2, seed=0)
+        assert {c for c, p in phase_of.items() if p == "test"} == set(test_cases)
+        inner = {c for c, p in phase_of.items() if p == "val"}
+        assert not inner & set(test_cases)
+        assert {r.label for r in records if r.case in inner} == {"CLL", "FL", "MCL"}  # one inner case per class
+        assert set(phase_of) == {r.case for r in records}
+
+
+@pytest.mark.parametrize("folds, message", [(24, r"23 case\(s\) for cv.folds=24"),
+                                            (8, "FL has 7; each fold needs one case of every class")])
+def test_too_few_cases_for_the_folds(records, folds, message):
+    with pytest.raises(InputError, match=message) as err:
+        grouped_folds(records, folds)
+    assert "lower cv.folds" in str(err.value)
+
+
+def test_inner_split_needs_two_cases_per_class(records):
+    few = [r for r in records if r.case in {"sj-03-2810", "sj-03-476", "sj-03-5521"} or r.label != "CLL"]
+    cll = {r.case for r in few if r.label == "CLL"}
+    with pytest.raises(InputError, match="inside a fold: .*class CLL.*lower cv.folds"):
+        fold_phases(few, sorted(cll)[:2], 0.2)
+
+
+def _record(case: str, label: str, predicted: str) -> dict:
+    probs = {c: (0.8 if c == predicted else 0.1) for c in ("A", "B")}
+    return {"key": f"{case}-{predicted}", "status": "ok", "label": label, "case": case, "majority_class": predicted,
+            "mean_prob_class": predicted, "mean_probs": probs, "confidence": 0.8}
+
+
+def test_report_pools_folds_and_bootstraps_cases():
+    right = [_record(f"a{i}", "A", "A") for i in range(6)] + [_record(f"b{i}", "B", "B") for i in range(4)]
+    wrong = [_record(f"b{i}", "B", "A") for i in range(4, 8)]
+    report = cv_report([right[:5], right[5:] + wrong], ["A", "B"], resamples=500, confidence=0.9)
+    vote = report["vote"]
+    assert vote["image"]["accuracy"] == pytest.approx(10 / 14) and vote["case"]["n"] == 14
+    assert vote["folds"][0]["image"]["accuracy"] == 1.0 and vote["folds"][1]["image"]["accuracy"] == pytest.approx(5 / 9)
+    low, high = vote["interval"]["image_accuracy"]
+    assert low < 10 / 14 < high and 0.4 < low and high < 1.0
+    perfect = bootstrap_intervals(right, ["A", "B"], "vote", 200, 0.95)
+    assert perfect["image_accuracy"] == [1.0, 1.0] and perfect["case_balanced_accuracy"] == [1.0, 1.0]
+    assert bootstrap_intervals(right + wrong, ["A", "B"], "vote", 300, 0.95, seed=3) == \
+        bootstrap_intervals(right + wrong, ["A", "B"], "vote", 300, 0.95, seed=3)
+
+
+def test_a_fold_refuses_a_case_in_two_phases(tmp_path, records):
+    case = records[0].case
+    mine = tuple(r for r in records if r.case == case)
+    task = FoldTask(0, "", str(tmp_path), mine, (), mine[:1], ("CLL", "FL", "MCL"), 1)
+    with pytest.raises(InputError, match=f"case {case} is in both train and test"):
+        FoldJob()(task)
+
+
+def _shard_cases(paths: list[Path]) -> set[str]:
+    cases: set[str] = set()
+    for path in paths:
+        with tables.open_file(path) as h5:
+            cases |= {c.decode() if isinstance(c, bytes) else str(c) for c in h5.root.cases[:]}
+    return cases
+
+
+def test_cv_end_to_end(make_dataset, make_config, capsys):
+    source = make_dataset(cases_per_class=4, images_per_case=2)
+    overrides = [*FAST, "cv.folds=2", "cv.inner_val_fraction=0.3", "cv.bootstrap=200", "train.epochs=2",
+                 "train.max_steps_per_epoch=2", "predict.heatmaps=false", "train.patience=1"]
+    report = run_cv(make_config(source, *overrides))
+    run_dir = Path(make_config(source).run.root) / "test"
+    assert report["n_images"] == 24 and report["n_cases"] == 12 and report["failed_folds"] == []
+
+    with (run_dir / "folds.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    test_of = defaultdict(set)
+    for row in rows:
+        if row["phase"] == "test":
+            test_of[int(row["fold"])].add(row["case"])
+    assert sorted(c for cases in test_of.values() for c in cases) == sorted({r["case"] for r in rows})
+    for fold, test_cases in test_of.items():  # the fold's learning and its checkpoint choice never saw them
+        tiles = run_dir / f"fold-{fold}" / "tiles"
+        seen = _shard_cases(sorted(tiles.glob("train/*.h5"))) | _shard_cases(sorted(tiles.glob("val/*.h5")))
+        assert seen and not seen & test_cases
+        assert not list(tiles.glob("test/*"))
+        history = json.loads((run_dir / f"fold-{fold}" / "train" / "history.json").read_text())
+        assert 1 <= len(history) <= 2
+
+    with (run_dir / "cv" / "predictions.csv").open() as handle:
+        predicted = list(csv.DictReader(handle))
+    assert len(predicted) == 24 and len({p["image"] for p in predicted}) == 24
+    assert all(p["case"] in test_of[int(p["fold"])] for p in predicted)
+    saved = json.loads((run_dir / "cv" / "report.json").read_text())
+    assert saved["vote"]["image"]["n"] == 24 and len(saved["vote"]["folds"]) == 2
+    assert (run_dir / "cv" / "confusion_image.png").is_file()
+    assert "95% intervals from 200 case resamples" in capsys.readouterr().out
+
+    # TTA on the same run: the trained folds are reused (no new epoch), the predictions are new
+    best = run_dir / "fold-0" / "train" / "checkpoints" / "best.pt"
+    before = best.stat().st_mtime_ns
+    assert main(["cv", f"data.source={source}", f"run.root={run_dir.parent}", "run.name=test",
+                 "tiles.images_per_shard=4", *overrides, "predict.tta=true"]) == 0
+    assert best.stat().st_mtime_ns == before
+    tta = json.loads((run_dir / "cv-tta" / "report.json").read_text())
+    assert tta["tta"] is True and tta["n_images"] == 24
+    assert tta["vote"]["image"]["confusion"] != [[0] * 3] * 3
