@@ -49,7 +49,7 @@ class TrainJob(submitit.helpers.Checkpointable):
                 save_resolved(raw, run_dir / "train" / "config.yaml")
             return fit(run_dir / "tiles", run_dir / "train", cfg.train, cfg.model, cfg.augment,
                        OmegaConf.to_container(raw, resolve=True), Rank(env.rank, env.local_rank, env.world_size),
-                       device, tile_size=cfg.tiles.size)
+                       device, tile_size=cfg.tiles.size, stain=cfg.stain)
         finally:
             if dist.is_initialized():
                 dist.destroy_process_group()

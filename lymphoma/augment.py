@@ -1,9 +1,11 @@
 """Augmentation with one interface and two backends: NVIDIA DALI (GPU, or CPU with device_id=None) and
 torchvision transforms v2, with the same semantics.
 
-Train mode: horizontal and vertical flips, a rotation by a uniform angle, a random crop, HSV / colour
-jitter, random grayscale, then scaling to [0, 1], normalisation and float CHW. Eval mode: a centre
-crop, scaling and normalisation only (no randomness).
+Both modes first normalise each tile's stains to the reference when a StainNormalizer is given (in the
+loader workers, on the CPU, the same code for both backends and prediction). Train mode then: HED stain
+jitter, horizontal and vertical flips, a rotation by a uniform angle, a random crop, HSV / colour jitter,
+random grayscale, then scaling to [0, 1], normalisation and float CHW. Eval mode: a centre crop, scaling
+and normalisation only (no randomness).
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import torch
 
 from lymphoma.errors import InputError
 from lymphoma.settings import BACKENDS, AugmentSettings
+from lymphoma.stain import StainNormalizer, apply_od_affine, draw_hed, hed_jitter_affine
 
 __all__ = ["BACKENDS", "AugmentSettings", "Augmenter", "build_augmenter", "choose_backend", "eval_batch"]
 
@@ -59,20 +62,36 @@ class Augmenter:
         raise NotImplementedError
 
 
-def build_augmenter(settings: AugmentSettings, train: bool, device: torch.device, seed: int = 0) -> Augmenter:
-    """The augmentation of the chosen backend, in train (random) or eval (centre crop) mode."""
+def build_augmenter(settings: AugmentSettings, train: bool, device: torch.device, seed: int = 0,
+                    normalizer: Optional[StainNormalizer] = None) -> Augmenter:
+    """The augmentation of the chosen backend, in train (random) or eval (centre crop) mode, after the stain
+    normalisation if one is given."""
     if choose_backend(settings) == "dali":
-        return DaliAugmenter(settings, train, device, seed)
-    return TorchAugmenter(settings, train, device)
+        return DaliAugmenter(settings, train, device, seed, normalizer=normalizer)
+    return TorchAugmenter(settings, train, device, normalizer)
+
+
+class _Normalize:
+    """The loader's per-tile step of the DALI backend: stain normalisation only (picklable)."""
+
+    def __init__(self, normalizer: StainNormalizer) -> None:
+        self.normalizer = normalizer
+
+    def __call__(self, tile: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.normalizer(tile))
 
 
 class TorchAugmenter(Augmenter):
     """torchvision transforms v2, one tile at a time, in the DataLoader workers."""
 
-    def __init__(self, settings: AugmentSettings, train: bool, device: torch.device) -> None:
+    def __init__(self, settings: AugmentSettings, train: bool, device: torch.device,
+                 normalizer: Optional[StainNormalizer] = None) -> None:
         from torchvision.transforms import InterpolationMode, v2
 
         s = settings
+        self.normalizer = normalizer
+        self.hed = train and (s.hed_scale > 0 or s.hed_shift > 0)
+        self.settings = s
         steps: list[object] = []
         if train:
             steps += [v2.RandomHorizontalFlip(s.hflip), v2.RandomVerticalFlip(s.vflip)]
@@ -90,6 +109,13 @@ class TorchAugmenter(Augmenter):
         self.sample = self._apply
 
     def _apply(self, tile: np.ndarray) -> torch.Tensor:
+        if self.normalizer is not None:
+            tile = self.normalizer(tile)
+        if self.hed:  # drawn from torch's generator, which the loader seeds per worker
+            alpha = 1 + self.settings.hed_scale * (2 * torch.rand(3).numpy() - 1)
+            beta = self.settings.hed_shift * (2 * torch.rand(3).numpy() - 1)
+            m, t = hed_jitter_affine(alpha, beta)
+            tile = apply_od_affine(tile, m[0], t[0])
         return self._transform(torch.from_numpy(np.ascontiguousarray(tile)).permute(2, 0, 1))
 
     def batch(self, tiles: torch.Tensor, epoch: int = 0) -> torch.Tensor:
@@ -108,18 +134,23 @@ class DaliAugmenter(Augmenter):
     else on the CPU (``device_id=None``). Seeded per epoch, so that a resumed run repeats it."""
 
     def __init__(self, settings: AugmentSettings, train: bool, device: torch.device, seed: int = 0,
-                 max_batch: int = 512, threads: int = 2) -> None:
+                 max_batch: int = 512, threads: int = 2, normalizer: Optional[StainNormalizer] = None) -> None:
         self.settings, self.train, self.device, self.seed = settings, train, device, seed
         self.max_batch, self.threads = max_batch, threads
+        self.hed = train and (settings.hed_scale > 0 or settings.hed_shift > 0)
+        self.sample = _Normalize(normalizer) if normalizer is not None else None
         self._pipes: dict[int, object] = {}
+        self._rng = np.random.default_rng(seed)
 
     def _pipeline(self, epoch: int) -> object:
         if epoch not in self._pipes:
             self._pipes = {epoch: self._build(self.seed * 100_003 + epoch)}
+            self._rng = np.random.default_rng([self.seed, epoch])  # HED draws, repeated by a resumed run
         return self._pipes[epoch]
 
     def _build(self, seed: int) -> object:
         from nvidia.dali import fn, pipeline_def, types
+        from nvidia.dali import math as dmath
 
         s, train, gpu = self.settings, self.train, self.device.type == "cuda"
 
@@ -130,6 +161,11 @@ class DaliAugmenter(Augmenter):
             if gpu:
                 x = x.gpu()
             pos_x = pos_y = 0.5
+            if self.hed:  # od' = M od + T on optical density, M and T drawn per tile on the host
+                mt = fn.external_source(name="hed", dtype=types.FLOAT, device="cpu")
+                od = -dmath.log((fn.cast(x, dtype=types.FLOAT) + 1.0) / 256.0)
+                od = fn.coord_transform(od, MT=mt)
+                x = fn.cast(dmath.clamp(256.0 * dmath.exp(-od) - 1.0, 0.0, 255.0), dtype=types.UINT8)
             if train:
                 x = fn.flip(x, horizontal=fn.random.coin_flip(probability=s.hflip),
                             vertical=fn.random.coin_flip(probability=s.vflip))
@@ -164,6 +200,10 @@ class DaliAugmenter(Augmenter):
         pipe = self._pipeline(epoch if self.train else 0)
         array = tiles.numpy()
         pipe.feed_input("tiles", [array[i] for i in range(len(array))])
+        if self.hed:
+            m, t = hed_jitter_affine(*draw_hed(self._rng, len(array), self.settings.hed_scale, self.settings.hed_shift))
+            mt = np.concatenate([m.transpose(0, 2, 1), t[:, :, None]], axis=2)  # [M^T | T]: column vectors
+            pipe.feed_input("hed", [np.ascontiguousarray(mt[i]) for i in range(len(mt))])
         (out,) = pipe.run()
         dense = out.as_tensor()
         result = torch.empty(dense.shape(), dtype=torch.float32, device=self.device)

@@ -17,6 +17,7 @@ from lymphoma.errors import InputError
 from lymphoma.metrics import accuracy, balanced_accuracy, confusion_matrix
 from lymphoma.model import build_model
 from lymphoma.plots import save_activations, save_confusion, save_grid, save_kernels
+from lymphoma.stain import StainNormalizer
 from lymphoma.training import open_phase
 
 
@@ -35,7 +36,8 @@ def validate(checkpoint: Path, tiles_dir: Path, phase: str, out_dir: Path, layer
         raise InputError(f"{tiles_dir}: classes {tiles.classes} differ from the checkpoint's {classes}")
     out_dir.mkdir(parents=True, exist_ok=True)
     device = torch.device("cpu")
-    eval_aug = build_augmenter(augment, False, device)
+    normalizer = StainNormalizer.from_state(state.get("stain"))
+    eval_aug = build_augmenter(augment, False, device, normalizer=normalizer)
     loader = make_loader(tiles, eval_aug.sample, batch_size, 0, 1, False, 0, workers)
     logits = []
     with torch.inference_mode():
@@ -64,7 +66,7 @@ def validate(checkpoint: Path, tiles_dir: Path, phase: str, out_dir: Path, layer
     rng = np.random.default_rng(0)
     pick = sorted(rng.choice(len(tiles), size=min(n_examples, len(tiles)), replace=False).tolist())
     raw, _ = tiles.read_batch(pick)
-    train_aug = build_augmenter(augment, True, device, seed=1)
+    train_aug = build_augmenter(augment, True, device, seed=1, normalizer=normalizer)
     batch = torch.stack([train_aug.sample(t) for t in raw]) if train_aug.sample else torch.from_numpy(raw)
     std, mean = torch.tensor(augment.std).view(1, 3, 1, 1), torch.tensor(augment.mean).view(1, 3, 1, 1)
     after = (train_aug.batch(batch) * std + mean).permute(0, 2, 3, 1).numpy()

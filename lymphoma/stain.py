@@ -1,0 +1,184 @@
+"""Stain handling for H&E: normalisation of each tile to a reference (Macenko or Reinhard, estimated with
+torchstain) and the HED jitter of Tellez et al. 2019 (a random scale and shift of each stain's optical
+density, with scikit-image's colour-deconvolution matrices)."""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+from lymphoma.errors import ImageError, InputError
+from lymphoma.images import read_rgb
+
+METHODS = ("none", "macenko", "reinhard")
+# torchstain's optical density: -log((I + 1) / IO), pixels whose OD is below BETA in any channel are background
+IO, BETA = 240, 0.15
+MIN_STAINED = 0.05        # a reference with fewer stained pixels is blank
+MIN_TILE_STAINED = 0.02   # a tile with fewer is left as it is (too little tissue to estimate its stains)
+MIN_STAIN_ANGLE = 8.0     # degrees between the H and E vectors: real H&E gives 14-27 (measured on the data set)
+SKIMAGE_OD_UNIT = -np.log(1e-6)  # skimage.color.rgb2hed divides the natural-log OD by this; Tellez's ranges use it
+
+
+@dataclass(frozen=True)
+class StainSettings:
+    """``normalize``: none | macenko | reinhard, per tile, in training, validation and prediction alike;
+    ``reference``: the H&E image whose staining is the target (null: torchstain's standard Macenko
+    reference, or for Reinhard the LAB statistics of that reference's typical H&E)."""
+
+    normalize: str = "none"
+    reference: Optional[str] = None
+
+    def __post_init__(self) -> None:
+        if self.normalize not in METHODS:
+            raise InputError(f"stain.normalize is {self.normalize!r}; allowed: {', '.join(METHODS)}")
+
+
+@dataclass(frozen=True)
+class StainTarget:
+    """The fitted reference, kept in checkpoints so that prediction needs no reference file."""
+
+    method: str
+    he: Optional[list[list[float]]] = None      # Macenko: optical-density vectors of H and E, [3, 2]
+    max_c: Optional[list[float]] = None         # Macenko: 99th-percentile stain concentrations
+    lab_mean: Optional[list[float]] = None      # Reinhard: LAB channel means and standard deviations
+    lab_std: Optional[list[float]] = None
+    reference: Optional[str] = None
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+# Reinhard statistics of sj-03-2810_001 (a CLL image of the IICBU 2008 set), in torchstain's LAB scale;
+# used when no reference image is given.
+DEFAULT_LAB = ([45.38, 5.62, -11.24], [13.32, 4.53, 5.11])
+
+
+def _stained_share(image: np.ndarray) -> float:
+    od = -np.log((image.reshape(-1, 3).astype(np.float64) + 1) / IO)
+    return float(np.mean(np.all(od >= BETA, axis=1)))
+
+
+def check_he(he: np.ndarray, source: str) -> None:
+    """Raise unless the two stain vectors look like haematoxylin and eosin: distinct directions, and both
+    absorbing green at least as much as blue (DAB, for one, absorbs blue most; a gray image has one vector)."""
+    h, e = he[:, 0], he[:, 1]
+    angle = float(np.degrees(np.arccos(np.clip(h @ e / (np.linalg.norm(h) * np.linalg.norm(e)), -1, 1))))
+    if angle < MIN_STAIN_ANGLE or min(h[1] - h[2], e[1] - e[2]) < -0.05 or min(h.min(), e.min()) < -0.05:
+        raise InputError(f"stain reference {source} does not look like an H&E stain (its two stain vectors are "
+                         f"{np.round(h, 2).tolist()} and {np.round(e, 2).tolist()}, {angle:.0f} degrees apart; H&E gives "
+                         f"14-27 with green absorbed most); give an H&E image, or stain.reference=null")
+
+
+def fit_target(settings: StainSettings) -> Optional[StainTarget]:
+    """The reference's stain parameters for the chosen method (None when normalisation is off)."""
+    from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
+
+    if settings.normalize == "none":
+        return None
+    if settings.reference is None:
+        default = NumpyMacenkoNormalizer()
+        return StainTarget(settings.normalize, default.HERef.tolist(), default.maxCRef.tolist(),
+                           DEFAULT_LAB[0], DEFAULT_LAB[1])
+    path = Path(settings.reference)
+    try:
+        image = read_rgb(path)
+    except ImageError as err:
+        raise InputError(f"stain.reference: {err}") from None
+    if _stained_share(image) < MIN_STAINED:
+        raise InputError(f"stain reference {path} is blank ({_stained_share(image):.1%} of its pixels are stained, "
+                         f"at least {MIN_STAINED:.0%} needed); choose an H&E image with tissue")
+    macenko = NumpyMacenkoNormalizer()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        try:
+            macenko.fit(image)
+        except (np.linalg.LinAlgError, ValueError, IndexError) as err:
+            raise InputError(f"stain reference {path}: its stains cannot be estimated ({err}); give an H&E image") from None
+    check_he(np.asarray(macenko.HERef), str(path))
+    reinhard = NumpyReinhardNormalizer()
+    reinhard.fit(image)
+    return StainTarget(settings.normalize, np.asarray(macenko.HERef).tolist(), np.asarray(macenko.maxCRef).tolist(),
+                       np.asarray(reinhard.target_means).tolist(), np.asarray(reinhard.target_stds).tolist(), str(path))
+
+
+class StainNormalizer:
+    """Normalise uint8 ``[H, W, 3]`` tiles to a target; tiles with too little tissue to estimate their stains
+    are returned unchanged. Picklable, for loader workers."""
+
+    def __init__(self, target: StainTarget) -> None:
+        self.target = target
+        self._normalizer: Any = None
+
+    @classmethod
+    def from_state(cls, state: Optional[dict[str, Any]]) -> Optional["StainNormalizer"]:
+        return cls(StainTarget(**state)) if state else None
+
+    def _build(self) -> Any:
+        from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
+
+        t = self.target
+        if t.method == "macenko":
+            normalizer = NumpyMacenkoNormalizer()
+            normalizer.HERef, normalizer.maxCRef = np.asarray(t.he), np.asarray(t.max_c)
+        else:
+            normalizer = NumpyReinhardNormalizer()
+            normalizer.target_means, normalizer.target_stds = np.asarray(t.lab_mean), np.asarray(t.lab_std)
+        return normalizer
+
+    def __call__(self, tile: np.ndarray) -> np.ndarray:
+        if self._normalizer is None:
+            self._normalizer = self._build()
+        if _stained_share(tile) < MIN_TILE_STAINED:
+            return tile
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)
+            try:
+                if self.target.method == "macenko":
+                    out = self._normalizer.normalize(tile, stains=False)[0]
+                else:
+                    out = self._normalizer.normalize(tile)
+            except (np.linalg.LinAlgError, ValueError, IndexError):
+                return tile  # degenerate tissue (one stain only): keep the tile rather than invent colours
+        return out if np.isfinite(out).all() else tile
+
+    def batch(self, tiles: np.ndarray) -> np.ndarray:
+        """Normalise ``[N, H, W, 3]``."""
+        return np.stack([self(t) for t in tiles]) if len(tiles) else tiles
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {"target": self.target, "_normalizer": None}
+
+
+def hed_matrices() -> tuple[np.ndarray, np.ndarray]:
+    """scikit-image's colour deconvolution: rows of ``rgb_from_hed`` are the H, E and DAB optical-density
+    vectors; ``hed_from_rgb`` is its inverse."""
+    from skimage.color import hed_from_rgb, rgb_from_hed
+
+    return np.asarray(hed_from_rgb, dtype=np.float64), np.asarray(rgb_from_hed, dtype=np.float64)
+
+
+def hed_jitter_affine(alpha: np.ndarray, beta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The map of optical density (row vectors, natural log) that scales each stain by ``alpha`` and shifts it
+    by ``beta`` (in scikit-image's HED units, as Tellez et al.): ``od' = od @ M + T``. Batched: ``[N, 3]``."""
+    to_hed, to_rgb = hed_matrices()
+    alpha, beta = np.atleast_2d(alpha), np.atleast_2d(beta)
+    m = np.einsum("ij,nj,jk->nik", to_hed, alpha, to_rgb)
+    t = (beta * SKIMAGE_OD_UNIT) @ to_rgb
+    return m.astype(np.float32), t.astype(np.float32)
+
+
+def draw_hed(rng: np.random.Generator, n: int, scale: float, shift: float) -> tuple[np.ndarray, np.ndarray]:
+    """Per tile and stain: a factor uniform in [1 - scale, 1 + scale] and a shift uniform in [-shift, shift]."""
+    return rng.uniform(1 - scale, 1 + scale, (n, 3)), rng.uniform(-shift, shift, (n, 3))
+
+
+def apply_od_affine(tile: np.ndarray, m: np.ndarray, t: np.ndarray) -> np.ndarray:
+    """``od' = od @ m + t`` on a uint8 ``[H, W, 3]`` tile, with od = -log((I + 1) / 256): the reference the
+    torch and DALI backends are tested against."""
+    od = -np.log((tile.astype(np.float32) + 1) / 256)
+    out = 256 * np.exp(-(od @ m + t)) - 1
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8)

@@ -1,0 +1,171 @@
+"""Stain normalisation (Macenko, Reinhard) and HED jitter on real H&E tiles, in both backends and at
+prediction, and the errors for references that cannot serve."""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from skimage.color import hed2rgb, rgb2hed
+
+from conftest import config_for
+from jobs.config import ConfigError, load_config, to_object
+from lymphoma.augment import DaliAugmenter, TorchAugmenter, build_augmenter
+from lymphoma.errors import InputError
+from lymphoma.images import read_rgb
+from lymphoma.settings import AugmentSettings
+from lymphoma.stain import (
+    StainNormalizer,
+    StainSettings,
+    apply_od_affine,
+    draw_hed,
+    fit_target,
+    hed_jitter_affine,
+)
+
+CPU = torch.device("cpu")
+REFERENCE = "lowres/CLL/sj-05-5269-R10_004.png"
+SOURCE = "lowres/CLL/sj-03-2810_001.png"
+
+
+@pytest.fixture(scope="module")
+def tiles(data_root) -> np.ndarray:
+    image = read_rgb(data_root / SOURCE)
+    return np.stack([image[y:y + 128, x:x + 128] for y, x in ((0, 0), (100, 200), (180, 280), (60, 120))])
+
+
+def _stain_vectors(image: np.ndarray) -> np.ndarray:
+    from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
+
+    fitted = NumpyMacenkoNormalizer()
+    fitted.fit(image)
+    return np.asarray(fitted.HERef)
+
+
+def test_macenko_moves_a_tile_to_the_reference_stains(data_root, tiles):
+    target = fit_target(StainSettings("macenko", str(data_root / REFERENCE)))
+    out = StainNormalizer(target)(tiles[0])
+    assert out.dtype == np.uint8 and out.shape == tiles[0].shape
+    reference = np.asarray(target.he)
+    before = np.abs(_stain_vectors(tiles[0]) - reference).max()
+    after = np.abs(_stain_vectors(out) - reference).max()
+    assert after < 0.05 < before  # the tile's own H and E directions become the reference's
+
+
+def test_reinhard_matches_the_reference_lab_statistics(data_root, tiles):
+    from torchstain.numpy.utils.rgb2lab import rgb2lab
+    from torchstain.numpy.utils.split import lab_split
+
+    def lab_stats(tile: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        channels = lab_split(rgb2lab(tile.astype(np.float32) / 255))
+        return np.array([c.mean() for c in channels]), np.array([c.std() for c in channels])
+
+    target = fit_target(StainSettings("reinhard", str(data_root / REFERENCE)))
+    mean, std = lab_stats(StainNormalizer(target)(tiles[1]))
+    before_mean, before_std = lab_stats(tiles[1])
+    assert np.abs(mean - target.lab_mean).max() < 1.5 < np.abs(before_mean - target.lab_mean).max()
+    assert np.abs(std / target.lab_std - 1).max() < 0.1 < np.abs(before_std / target.lab_std - 1).max()
+
+
+def test_a_tile_without_tissue_is_left_alone(data_root):
+    blank = np.full((128, 128, 3), 236, np.uint8)
+    for method in ("macenko", "reinhard"):
+        assert np.array_equal(StainNormalizer(fit_target(StainSettings(method)))(blank), blank)
+
+
+def test_bad_references_are_named(tmp_path, data_root):
+    white = tmp_path / "white.png"
+    Image.fromarray(np.full((200, 200, 3), 245, np.uint8)).save(white)
+    with pytest.raises(InputError, match=r"white.png is blank .*choose an H&E image"):
+        fit_target(StainSettings("macenko", str(white)))
+    image = read_rgb(data_root / REFERENCE)
+    gray = tmp_path / "gray.png"
+    Image.fromarray(np.repeat(image.mean(2, keepdims=True).astype(np.uint8), 3, 2)).save(gray)
+    with pytest.raises(InputError, match="gray.png does not look like an H&E stain"):
+        fit_target(StainSettings("reinhard", str(gray)))
+    hed = rgb2hed(image)  # the same tissue, stained with DAB only (an IHC image, not H&E)
+    dab = np.zeros_like(hed)
+    dab[..., 2] = hed[..., 0] + hed[..., 1]
+    ihc = tmp_path / "dab.png"
+    Image.fromarray((np.clip(hed2rgb(dab), 0, 1) * 255).astype(np.uint8)).save(ihc)
+    with pytest.raises(InputError, match="dab.png does not look like an H&E stain"):
+        fit_target(StainSettings("macenko", str(ihc)))
+    with pytest.raises(InputError, match="stain.reference: .*missing.png"):
+        fit_target(StainSettings("macenko", str(tmp_path / "missing.png")))
+    with pytest.raises(ConfigError, match="stain.normalize is 'vahadane'; allowed: none, macenko, reinhard"):
+        to_object(load_config(None, ["stain.normalize=vahadane"]))
+    with pytest.raises(ConfigError, match="augment.hed_scale must be in"):
+        to_object(load_config(None, ["augment.hed_scale=1.5"]))
+
+
+def _hed_only(backend: str) -> AugmentSettings:
+    return AugmentSettings(backend=backend, crop=128, hflip=0, vflip=0, rotate=0, hue=0, grayscale_p=0,
+                           hed_scale=0.2, hed_shift=0.05)
+
+
+def test_dali_hed_jitter_is_the_optical_density_map(tiles):
+    out = DaliAugmenter(_hed_only("dali"), True, CPU, seed=3).batch(torch.from_numpy(tiles), epoch=0)
+    m, t = hed_jitter_affine(*draw_hed(np.random.default_rng([3, 0]), len(tiles), 0.2, 0.05))
+    for i, tile in enumerate(tiles):
+        expected = apply_od_affine(tile, m[i], t[i])
+        diff = np.abs(out[i].permute(1, 2, 0).numpy() * 255 - expected)
+        assert diff.max() < 1.001 and diff.mean() < 0.01  # DALI's float log/exp round a few .5s the other way
+        assert np.abs(expected.astype(float) - tile).mean() > 2  # it did change the colours
+
+
+def test_torch_hed_jitter_is_the_optical_density_map(tiles):
+    augmenter = TorchAugmenter(_hed_only("torch"), True, CPU)
+    torch.manual_seed(7)
+    out = augmenter.sample(tiles[2])
+    torch.manual_seed(7)
+    alpha, beta = 1 + 0.2 * (2 * torch.rand(3).numpy() - 1), 0.05 * (2 * torch.rand(3).numpy() - 1)
+    m, t = hed_jitter_affine(alpha, beta)
+    expected = apply_od_affine(tiles[2], m[0], t[0])
+    assert np.abs(out.permute(1, 2, 0).numpy() * 255 - expected).max() < 1e-3
+
+
+def test_hed_identity_keeps_the_tile(tiles):
+    m, t = hed_jitter_affine(np.ones(3), np.zeros(3))
+    assert np.abs(apply_od_affine(tiles[0], m[0], t[0]).astype(int) - tiles[0]).max() <= 1
+
+
+def test_both_backends_normalise_alike_in_eval_mode(data_root, tiles):
+    normalizer = StainNormalizer(fit_target(StainSettings("macenko", str(data_root / REFERENCE))))
+    outs = []
+    for backend in ("dali", "torch"):
+        aug = build_augmenter(AugmentSettings(backend=backend), False, CPU, normalizer=normalizer)
+        batch = torch.stack([aug.sample(t) for t in tiles]) if aug.sample else torch.from_numpy(tiles)
+        outs.append(aug.batch(batch))
+    assert torch.allclose(outs[0], outs[1], atol=1e-5)
+    plain = build_augmenter(AugmentSettings(backend="torch"), False, CPU)
+    assert not torch.allclose(outs[1], torch.stack([plain.sample(t) for t in tiles]), atol=0.05)
+
+
+def test_prediction_normalises_with_the_checkpoint_target_without_the_reference(tiled, tmp_path, data_root, tiles):
+    from jobs.train import run_train
+    from lymphoma.augment import eval_batch
+    from lymphoma.prediction import Predictor
+
+    reference = tmp_path / "reference.png"
+    shutil.copyfile(data_root / REFERENCE, reference)
+    cfg = config_for(tiled, "stain", "train.epochs=1", "train.max_steps_per_epoch=2", "stain.normalize=macenko",
+                     f"stain.reference={reference}", "augment.hed_scale=0.05", "augment.hed_shift=0.05")
+    summary = run_train(cfg)[0]
+    reference.unlink()  # prediction must not need it
+    predictor = Predictor.from_checkpoint(Path(summary["checkpoints"]) / "best.pt", CPU, 32)
+    assert predictor.normalizer is not None and predictor.normalizer.target.method == "macenko"
+    assert predictor.normalizer.target.he == fit_target(StainSettings("macenko", str(data_root / REFERENCE))).he
+    small = tiles[:, :64, :64].copy()
+    got = predictor.logits(small)
+    with torch.inference_mode():
+        x = eval_batch(predictor.normalizer.batch(small), predictor.augment, CPU)
+        expected = predictor.model(x.contiguous(memory_format=torch.channels_last))
+    assert torch.allclose(got, expected, atol=1e-5)
+    with torch.inference_mode():
+        unnormalised = predictor.model(eval_batch(small, predictor.augment, CPU).contiguous(
+            memory_format=torch.channels_last))
+    assert not torch.allclose(got, unnormalised, atol=1e-4)
