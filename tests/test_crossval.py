@@ -141,3 +141,12 @@ def test_cv_end_to_end(make_dataset, make_config, capsys):
     tta = json.loads((run_dir / "cv-tta" / "report.json").read_text())
     assert tta["tta"] is True and tta["n_images"] == 24
     assert tta["vote"]["image"]["confusion"] != [[0] * 3] * 3
+
+
+def test_cv_command_names_the_problem(make_dataset, tmp_path, capsys):
+    source = make_dataset(cases_per_class=2, images_per_case=1)
+    assert main(["cv", f"data.source={source}", f"run.root={tmp_path}", "cv.folds=3"]) == 2
+    err = capsys.readouterr().err
+    assert "lymphoma cv: error: too few cases for 3 folds stratified by class" in err and "lower cv.folds to 2" in err
+    assert main(["cv", f"data.source={source}", f"run.root={tmp_path}", "cv.folds=2"]) == 2
+    assert "inside a fold:" in capsys.readouterr().err  # 1 case per class left: no inner split possible

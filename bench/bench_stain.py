@@ -1,0 +1,87 @@
+"""The cost of stain handling per tile, on real 128-px tiles: Macenko and Reinhard normalisation (torchstain,
+the same per-tile step for both backends and for prediction), and HED jitter in each augmentation
+backend, as ratios against the same backend's augmentation without it, measured in one run.
+
+    .venv/bin/python bench/bench_stain.py [--tiles 256] [--out bench/results/stain.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import emit
+from jobs.config import default_data_root
+from lymphoma.augment import AugmentSettings, build_augmenter
+from lymphoma.images import read_rgb
+from lymphoma.stain import StainNormalizer, StainSettings, fit_target
+
+
+def real_tiles(n: int) -> np.ndarray:
+    """``n`` 128-px tiles cut at stride 64 from the real low-resolution images, in file order."""
+    out = []
+    for path in sorted(Path(default_data_root(), "lowres").glob("*/*.png")):
+        image = read_rgb(path)
+        out += [image[y:y + 128, x:x + 128] for y in range(0, image.shape[0] - 127, 64)
+                for x in range(0, image.shape[1] - 127, 64)]
+        if len(out) >= n:
+            return np.stack(out[:n])
+    return np.stack(out)
+
+
+def per_tile_ms(fn, tiles: np.ndarray, repeats: int = 3) -> float:
+    """Best of ``repeats`` passes over the tiles, in milliseconds per tile."""
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn(tiles)
+        best = min(best, time.perf_counter() - start)
+    return best / len(tiles) * 1000
+
+
+def augment_ms(backend: str, hed: bool, tiles: np.ndarray, batch: int = 64) -> float:
+    settings = AugmentSettings(backend=backend, hed_scale=0.05 if hed else 0.0, hed_shift=0.05 if hed else 0.0)
+    augmenter = build_augmenter(settings, True, torch.device("cpu"), seed=0)
+
+    def run(all_tiles: np.ndarray) -> None:
+        for start in range(0, len(all_tiles), batch):
+            part = all_tiles[start:start + batch]
+            x = torch.stack([augmenter.sample(t) for t in part]) if augmenter.sample else torch.from_numpy(part)
+            augmenter.batch(x, 0)
+
+    run(tiles[:batch])  # build the DALI pipeline outside the timing
+    return per_tile_ms(run, tiles)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tiles", type=int, default=256)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    torch.set_num_threads(1)  # one loader worker's view: the cost each tile adds to a worker
+    tiles = real_tiles(args.tiles)
+    results: dict[str, object] = {"machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+                                  "tiles": len(tiles), "tile_px": 128, "threads": 1}
+    for method in ("macenko", "reinhard"):
+        normalizer = StainNormalizer(fit_target(StainSettings(method)))
+        results[f"normalize_{method}_ms_per_tile"] = round(per_tile_ms(normalizer.batch, tiles), 3)
+    for backend in ("torch", "dali"):
+        base, hed = augment_ms(backend, False, tiles), augment_ms(backend, True, tiles)
+        results[f"augment_{backend}_ms_per_tile"] = round(base, 3)
+        results[f"augment_{backend}_with_hed_ms_per_tile"] = round(hed, 3)
+        results[f"hed_{backend}_cost_ratio"] = round(hed / base, 3)
+    for method in ("macenko", "reinhard"):
+        for backend in ("torch", "dali"):
+            results[f"{method}_vs_{backend}_augmentation"] = round(
+                results[f"normalize_{method}_ms_per_tile"] / results[f"augment_{backend}_ms_per_tile"], 2)
+    emit(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
