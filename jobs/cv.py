@@ -38,11 +38,11 @@ class FoldTask:
     test: tuple[ImageRecord, ...]
     classes: tuple[str, ...]
     threads: int
+    tta: bool = False
 
     @property
     def predict_dir(self) -> Path:
-        tta = to_object(from_yaml_text(self.config_yaml)).predict.tta
-        return Path(self.fold_dir) / ("predict-tta" if tta else "predict")
+        return Path(self.fold_dir) / ("predict-tta" if self.tta else "predict")
 
     def slides(self) -> list[SlideInput]:
         return [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in self.test]
@@ -87,7 +87,8 @@ def plan_folds(raw_cfg: DictConfig, run_dir: Path, records: list[ImageRecord], c
     for k, test_cases in enumerate(folds):
         by_phase = assign_phases(records, fold_phases(records, test_cases, cfg.cv.inner_val_fraction, cfg.cv.seed))
         tasks.append(FoldTask(k, config_yaml, str(run_dir / f"fold-{k}"), tuple(by_phase.get("train", ())),
-                              tuple(by_phase.get("val", ())), tuple(by_phase["test"]), tuple(classes), threads))
+                              tuple(by_phase.get("val", ())), tuple(by_phase["test"]), tuple(classes), threads,
+                              cfg.predict.tta))
     return tasks
 
 

@@ -161,3 +161,20 @@ def test_the_whole_pipeline_on_slurm(make_dataset, tmp_path):
         assert len(tasks) == expected and {state for _, state in tasks} == {"COMPLETED"}, (stage, tasks)
     metrics = json.loads((tmp_path / name / "predict" / "metrics.json").read_text())
     assert metrics["predicted"] == metrics["slides"] == 6 and metrics["failed"] == 0
+
+
+def test_cross_validation_runs_one_array_task_per_fold_on_slurm(make_dataset, tmp_path):
+    """`lymphoma cv --cluster slurm`: the folds are the tasks of one SLURM array, each predicting its cases."""
+    from conftest import FAST
+    from jobs.config import load_config
+    from jobs.cv import run_cv
+
+    name = f"cv-{uuid.uuid4().hex[:6]}"
+    cfg = load_config(None, [f"data.source={make_dataset(4, 1)}", f"run.root={tmp_path}", f"run.name={name}", *FAST,
+                             *SMALL, "cluster.mem_gb=1", "cv.folds=2", "cv.inner_val_fraction=0.3", "cv.bootstrap=100",
+                             "train.epochs=1", "train.max_steps_per_epoch=2", "predict.heatmaps=false"], "slurm")
+    report = run_cv(cfg)
+    tasks = settled_tasks(f"cv-{name}", 2)
+    assert sorted(job.split("_")[1] for job, _ in tasks) == ["0", "1"]  # one array job, tasks 0 and 1
+    assert {state for _, state in tasks} == {"COMPLETED"}
+    assert report["n_images"] == 12 and report["n_cases"] == 12 and report["failed_folds"] == []
