@@ -23,7 +23,7 @@ class ModelSettings:
     block_config: List[int] = field(default_factory=lambda: [2, 2, 2, 2])
     num_init_features: int = 64
     bn_size: int = 4
-    drop_rate: float = 0.0
+    drop_rate: float = 0.2
 
     def resolved(self) -> "ModelSettings":
         """The settings with the preset's architecture filled in."""
@@ -56,14 +56,14 @@ class AugmentSettings:
     hflip: float = 0.5
     vflip: float = 0.5
     rotate: float = 180.0
-    rotate90: bool = False
-    hue: float = 0.5
+    rotate90: bool = True
+    hue: float = 0.0
     saturation: float = 0.0
     brightness: float = 0.0
     contrast: float = 0.0
     grayscale_p: float = 0.1
-    hed_scale: float = 0.0
-    hed_shift: float = 0.0
+    hed_scale: float = 0.05
+    hed_shift: float = 0.05
     mean: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
     std: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
 
@@ -88,9 +88,9 @@ class TrainSettings:
     epochs: int = 10
     batch_size: int = 64
     eval_batch_size: int = 128
-    optimizer: str = "adam"
+    optimizer: str = "adamw"
     lr: float = 1e-3
-    weight_decay: float = 0.0
+    weight_decay: float = 0.05
     momentum: float = 0.9
     scheduler: str = "none"
     step_size: int = 10
@@ -102,8 +102,8 @@ class TrainSettings:
     deterministic: bool = False
     max_steps_per_epoch: Optional[int] = None
     class_weighted: bool = True
-    label_smoothing: float = 0.0
-    patience: Optional[int] = None
+    label_smoothing: float = 0.1
+    patience: Optional[int] = 3
     eval_phase: str = "val"
 
     def __post_init__(self) -> None:

@@ -29,7 +29,7 @@ class StainSettings:
     ``reference``: the H&E image whose staining is the target (null: torchstain's standard Macenko
     reference, or for Reinhard the LAB statistics of that reference's typical H&E)."""
 
-    normalize: str = "none"
+    normalize: str = "reinhard"
     reference: Optional[str] = None
 
     def __post_init__(self) -> None:

@@ -33,6 +33,12 @@ def run(settings: AugmentSettings, backend: str, train: bool, tiles: np.ndarray,
     return out.numpy()
 
 
+def still(**changes: object) -> AugmentSettings:
+    """Every random step off except those in ``changes``."""
+    off = dict(hflip=0.0, vflip=0.0, rotate=0.0, rotate90=False, hue=0.0, hed_scale=0.0, hed_shift=0.0, grayscale_p=0.0)
+    return AugmentSettings(**{**off, **changes})
+
+
 def as_uint8(x: np.ndarray) -> np.ndarray:
     return np.rint(x * 255).astype(np.uint8).transpose(0, 2, 3, 1)
 
@@ -56,16 +62,13 @@ def test_eval_mode_is_the_centre_crop_scaled_and_normalised(tiles, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_flips_are_exact(tiles, backend):
-    still = dict(crop=96, rotate=0.0, hue=0.0, grayscale_p=0.0)
-    np.testing.assert_array_equal(as_uint8(run(AugmentSettings(hflip=1.0, vflip=0.0, **still), backend, True, tiles)),
-                                  tiles[:, :, ::-1])
-    np.testing.assert_array_equal(as_uint8(run(AugmentSettings(hflip=0.0, vflip=1.0, **still), backend, True, tiles)),
-                                  tiles[:, ::-1])
+    np.testing.assert_array_equal(as_uint8(run(still(crop=96, hflip=1.0), backend, True, tiles)), tiles[:, :, ::-1])
+    np.testing.assert_array_equal(as_uint8(run(still(crop=96, vflip=1.0), backend, True, tiles)), tiles[:, ::-1])
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_right_angle_rotations_are_exact_and_all_occur(tiles, backend):
-    settings = AugmentSettings(crop=96, hflip=0.0, vflip=0.0, rotate=0.0, rotate90=True, hue=0.0, grayscale_p=0.0)
+    settings = still(crop=96, rotate90=True)
     seen = set()
     for seed in range(3):
         out = as_uint8(run(settings, backend, True, tiles, seed=seed))
@@ -78,7 +81,7 @@ def test_right_angle_rotations_are_exact_and_all_occur(tiles, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_random_crop_is_a_window_of_the_tile_and_moves(tiles, backend):
-    settings = AugmentSettings(crop=64, hflip=0.0, vflip=0.0, rotate=0.0, hue=0.0, grayscale_p=0.0)
+    settings = still(crop=64)
     out = as_uint8(run(settings, backend, True, tiles))
     offsets = set()
     for got, tile in zip(out, tiles):
@@ -90,7 +93,7 @@ def test_random_crop_is_a_window_of_the_tile_and_moves(tiles, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_arbitrary_rotation_fills_corners_and_keeps_the_centre(tiles, backend):
-    settings = AugmentSettings(crop=96, hflip=0.0, vflip=0.0, rotate=180.0, hue=0.0, grayscale_p=0.0)
+    settings = still(crop=96, rotate=180.0)
     out = as_uint8(run(settings, backend, True, tiles))
     black_corners = [(o[:3, :3] == 0).all() for o in out]
     assert sum(black_corners) >= len(out) // 2  # most angles leave the corners outside the source
@@ -100,7 +103,7 @@ def test_arbitrary_rotation_fills_corners_and_keeps_the_centre(tiles, backend):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_grayscale_probability_one_gives_equal_channels(tiles, backend):
-    settings = AugmentSettings(crop=96, hflip=0.0, vflip=0.0, rotate=0.0, hue=0.0, grayscale_p=1.0)
+    settings = still(crop=96, grayscale_p=1.0)
     out = run(settings, backend, True, tiles)
     assert np.abs(out[:, 0] - out[:, 1]).max() < 0.02 and np.abs(out[:, 1] - out[:, 2]).max() < 0.02
 

@@ -25,6 +25,7 @@ from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.images import read_rgb
 from lymphoma.model import build_model
+from lymphoma.stain import StainNormalizer
 from lymphoma.tiling import TileSettings, cut_tiles, grid_shape
 
 
@@ -58,6 +59,8 @@ def test_outputs_votes_and_the_model_applied_directly(checkpoint, cohort, tmp_pa
     model.load_state_dict(state["model"])
     model.eval()
     settings, augment = TileSettings(**state["tiles"]), AugmentSettings(**state["augment"])
+    normalizer = StainNormalizer.from_state(state["stain"])
+    assert normalizer is not None and normalizer.target.method == "reinhard"  # the default
     for image_path in sorted(cohort.rglob("*.png"))[:4]:
         key = image_path.stem
         outputs = np.load(tmp_path / "out" / "slides" / f"{key}.npz")
@@ -68,17 +71,18 @@ def test_outputs_votes_and_the_model_applied_directly(checkpoint, cohort, tmp_pa
         tiles = cut_tiles(read_rgb(image_path), settings)
         np.testing.assert_array_equal(outputs["coords"], tiles.coords)
         with torch.inference_mode():
-            direct = model(eval_batch(tiles.pixels, augment, torch.device("cpu")))
+            direct = model(eval_batch(normalizer.batch(tiles.pixels), augment, torch.device("cpu")))
         np.testing.assert_allclose(outputs["logits"], direct.numpy(), rtol=1e-4, atol=1e-4)
         np.testing.assert_allclose(outputs["probs"].sum(1), 1, atol=1e-5)
         assert record["majority_class"] == state["classes"][int(np.argmax(outputs["votes"]))]
         assert record["label"] == image_path.parent.name
     for backend in ("dali", "torch"):  # prediction's crop is the evaluation transform of both backends
-        aug = build_augmenter(AugmentSettings(**{**state["augment"], "backend": backend}), False, torch.device("cpu"))
+        aug = build_augmenter(AugmentSettings(**{**state["augment"], "backend": backend}), False, torch.device("cpu"),
+                              normalizer=normalizer)
         x = tiles.pixels[:4]
         batch = torch.stack([aug.sample(t) for t in x]) if aug.sample else torch.from_numpy(x)
-        np.testing.assert_allclose(aug.batch(batch).numpy(), eval_batch(x, augment, torch.device("cpu")).numpy(),
-                                   atol=1e-6)
+        np.testing.assert_allclose(aug.batch(batch).numpy(),
+                                   eval_batch(normalizer.batch(x), augment, torch.device("cpu")).numpy(), atol=1e-6)
     with (tmp_path / "out" / "summary.csv").open() as handle:
         summary = list(csv.DictReader(handle))
     assert len(summary) == 12 and {r["truth"] for r in summary} == {"CLL", "FL", "MCL"}
@@ -229,7 +233,7 @@ def test_tta_averages_the_eight_symmetries_and_mean_aggregation(checkpoint, coho
     assert plain.fingerprint != tta.fingerprint  # outputs of one never pass for the other's on resume
     tiles = np.stack([read_rgb(p)[:64, :64] for p in sorted(cohort.glob("*/*.png"))[:4]])
     with torch.inference_mode():
-        x = eval_batch(tiles, plain.augment, torch.device("cpu"))
+        x = eval_batch(plain.prepare(tiles), plain.augment, torch.device("cpu"))
         expected = torch.stack([plain.model(v.contiguous(memory_format=torch.channels_last)).softmax(1)
                                 for v in dihedral_views(x)]).mean(0)
     assert torch.allclose(tta.logits(tiles).exp(), expected, atol=1e-5)

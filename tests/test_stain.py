@@ -103,7 +103,7 @@ def test_bad_references_are_named(tmp_path, data_root):
 
 
 def _hed_only(backend: str) -> AugmentSettings:
-    return AugmentSettings(backend=backend, crop=128, hflip=0, vflip=0, rotate=0, hue=0, grayscale_p=0,
+    return AugmentSettings(backend=backend, crop=128, hflip=0, vflip=0, rotate=0, rotate90=False, hue=0, grayscale_p=0,
                            hed_scale=0.2, hed_shift=0.05)
 
 
