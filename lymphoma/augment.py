@@ -90,7 +90,7 @@ class TorchAugmenter(Augmenter):
 
         s = settings
         self.normalizer = normalizer
-        self.hed = train and (s.hed_scale > 0 or s.hed_shift > 0)
+        self.hed = train and s.hed_jitter
         self.settings = s
         steps: list[object] = []
         if train:
@@ -137,7 +137,7 @@ class DaliAugmenter(Augmenter):
                  max_batch: int = 512, threads: int = 2, normalizer: Optional[StainNormalizer] = None) -> None:
         self.settings, self.train, self.device, self.seed = settings, train, device, seed
         self.max_batch, self.threads = max_batch, threads
-        self.hed = train and (settings.hed_scale > 0 or settings.hed_shift > 0)
+        self.hed = train and settings.hed_jitter
         self.sample = _Normalize(normalizer) if normalizer is not None else None
         self._pipes: dict[int, object] = {}
         self._rng = np.random.default_rng(seed)

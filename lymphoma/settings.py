@@ -78,6 +78,11 @@ class AugmentSettings:
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise InputError("augment.mean and augment.std need 3 values each, std > 0")
 
+    @property
+    def hed_jitter(self) -> bool:
+        """Whether training jitters the stains (either HED range above zero)."""
+        return self.hed_scale > 0 or self.hed_shift > 0
+
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "step")
