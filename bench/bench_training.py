@@ -25,7 +25,7 @@ from jobs.config import default_data_root
 from lymphoma.augment import AugmentSettings, build_augmenter, dali_available
 from lymphoma.data import make_loader
 from lymphoma.dataset import TileDataset
-from lymphoma.engine import train_one_epoch
+from lymphoma.engine import StepOptions, train_one_epoch
 from lymphoma.inputs import discover
 from lymphoma.model import ModelSettings, build_model
 from lymphoma.store import write_shard
@@ -117,8 +117,8 @@ def main() -> None:
             augmenter = build_augmenter(settings, True, device, seed=0)
             loader = make_loader(tiles, augmenter.sample, args.batch, 0, 1, True, 0, args.workers)
             for _ in range(2):  # the second pass is measured: workers and pipelines are warm
-                stats = train_one_epoch(model, loader, augmenter, criterion, optimizer, None, device, 0, gpu, True,
-                                        max_steps=n_batches)
+                stats = train_one_epoch(model, loader, augmenter, criterion, optimizer, device, 0,
+                                        StepOptions(amp=gpu, channels_last=True, max_steps=n_batches))
             results[f"real_loader_{backend}_images_per_s"] = stats.images_per_s
             results[f"real_loader_{backend}_vs_model_alone"] = stats.images_per_s / model_alone
             batch = torch.stack([augmenter.sample(t) for t in raw]) if augmenter.sample else torch.from_numpy(raw)

@@ -39,13 +39,19 @@ class FoldTask:
     classes: tuple[str, ...]
     threads: int
     tta: bool = False
+    checkpoint: str = "best"
 
     @property
     def predict_dir(self) -> Path:
-        return Path(self.fold_dir) / ("predict-tta" if self.tta else "predict")
+        return Path(self.fold_dir) / f"predict{variant_suffix(self.checkpoint, self.tta)}"
 
     def slides(self) -> list[SlideInput]:
         return [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in self.test]
+
+
+def variant_suffix(checkpoint: str, tta: bool) -> str:
+    """How the folders of a prediction variant are told apart: ``-last`` for the last epoch, ``-tta``."""
+    return ("-last" if checkpoint == "last" else "") + ("-tta" if tta else "")
 
 
 class FoldJob(submitit.helpers.Checkpointable):
@@ -69,7 +75,7 @@ class FoldJob(submitit.helpers.Checkpointable):
         config = OmegaConf.to_container(raw, resolve=True)
         summary = fit(fold_dir / "tiles", fold_dir / "train", replace(cfg.train, eval_phase="val"), cfg.model,
                       cfg.augment, config, Rank(), device, tile_size=cfg.tiles.size, stain=cfg.stain)
-        predictor = Predictor.from_checkpoint(fold_dir / "train" / "checkpoints" / "best.pt", device,
+        predictor = Predictor.from_checkpoint(fold_dir / "train" / "checkpoints" / f"{task.checkpoint}.pt", device,
                                               cfg.predict.batch_size, cfg.predict.tta)
         records = predict_slides(predictor, task.slides(), task.predict_dir / "slides", cfg.predict.prefetch,
                                  cfg.predict.heatmaps)
@@ -88,7 +94,7 @@ def plan_folds(raw_cfg: DictConfig, run_dir: Path, records: list[ImageRecord], c
         by_phase = assign_phases(records, fold_phases(records, test_cases, cfg.cv.inner_val_fraction, cfg.cv.seed))
         tasks.append(FoldTask(k, config_yaml, str(run_dir / f"fold-{k}"), tuple(by_phase.get("train", ())),
                               tuple(by_phase.get("val", ())), tuple(by_phase["test"]), tuple(classes), threads,
-                              cfg.predict.tta))
+                              cfg.predict.tta, cfg.cv.checkpoint))
     return tasks
 
 
@@ -123,10 +129,10 @@ def run_cv(raw_cfg: DictConfig) -> dict[str, Any]:
         records_by_fold = [[r for r in fold if r is not None] for fold in records]
         if failure is not None and not any(records_by_fold):
             raise failure
-        out = run_dir / ("cv-tta" if cfg.predict.tta else "cv")
+        out = run_dir / f"cv{variant_suffix(cfg.cv.checkpoint, cfg.predict.tta)}"
         report = cv_report(records_by_fold, inputs.classes, cfg.cv.bootstrap, cfg.cv.confidence, cfg.cv.seed)
         report["failed_folds"] = [f.index for f in failure.failures] if failure else []
-        report["tta"] = cfg.predict.tta
+        report["tta"], report["checkpoint"] = cfg.predict.tta, cfg.cv.checkpoint
         report["minutes"] = (time.perf_counter() - start) / 60
         report["train"] = [json.loads((Path(t.fold_dir) / "train" / "history.json").read_text())
                            if (Path(t.fold_dir) / "train" / "history.json").is_file() else None for t in tasks]

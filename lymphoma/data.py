@@ -40,14 +40,57 @@ class StridedSampler(Sampler[int]):
         return len(self.indices)
 
 
+def case_balanced_weights(labels: np.ndarray, cases: np.ndarray) -> np.ndarray:
+    """Each tile's probability of being drawn: every class equally likely, within a class every case
+    equally likely, within a case every tile equally likely."""
+    weights = np.zeros(len(labels), dtype=np.float64)
+    classes = np.unique(labels)
+    for label in classes:
+        in_class = labels == label
+        class_cases = np.unique(cases[in_class])
+        for case in class_cases:
+            members = in_class & (cases == case)
+            weights[members] = 1.0 / (len(classes) * len(class_cases) * members.sum())
+    return weights / weights.sum()
+
+
+class CaseBalancedSampler(Sampler[int]):
+    """``num_samples`` tiles per epoch drawn with replacement by ``case_balanced_weights``, the same draw on
+    every rank (seeded by seed and epoch), each rank taking every ``world``-th of it."""
+
+    def __init__(self, labels: np.ndarray, cases: np.ndarray, num_samples: int, rank: int, world: int,
+                 seed: int) -> None:
+        self.weights = case_balanced_weights(np.asarray(labels), np.asarray(cases))
+        self.per_rank = -(-num_samples // world)
+        self.rank, self.world, self.seed, self.epoch = rank, world, seed, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __iter__(self) -> Iterator[int]:
+        rng = np.random.default_rng([self.seed, self.epoch])
+        draw = rng.choice(len(self.weights), size=self.per_rank * self.world, p=self.weights)
+        return iter(draw[self.rank::self.world].tolist())
+
+    def __len__(self) -> int:
+        return self.per_rank
+
+
 def make_loader(tiles: TileDataset, transform: Optional[Callable[[np.ndarray], torch.Tensor]], batch_size: int,
-                rank: int, world: int, train: bool, seed: int, workers: int) -> DataLoader:
-    """A loader for this rank: shuffled and split across ranks (train), or a strided part (eval)."""
+                rank: int, world: int, train: bool, seed: int, workers: int, balance_cases: bool = False,
+                samples_per_epoch: Optional[int] = None) -> DataLoader:
+    """A loader for this rank: shuffled and split across ranks (train; ``balance_cases``: drawn evenly by
+    class and case), or a strided part (eval)."""
     if len(tiles) < world:
         raise InputError(f"{len(tiles)} tiles for {world} processes: more processes than samples; "
                          "use fewer processes or more images")
     dataset = TileTorchDataset(tiles, transform)
-    sampler: Sampler[int] = (DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
-                             if train else StridedSampler(len(dataset), rank, world))
+    sampler: Sampler[int]
+    if train and balance_cases:
+        sampler = CaseBalancedSampler(tiles.labels, tiles.cases, samples_per_epoch or len(tiles), rank, world, seed)
+    elif train:
+        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+    else:
+        sampler = StridedSampler(len(dataset), rank, world)
     return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
                       persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), drop_last=False)

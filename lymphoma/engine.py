@@ -12,7 +12,7 @@ import torch.distributed as dist
 from torch.utils.data import DataLoader
 
 from lymphoma.augment import Augmenter
-from lymphoma.metrics import accuracy, confusion_matrix
+from lymphoma.metrics import accuracy, balanced_accuracy, confusion_matrix
 
 
 @dataclass
@@ -30,6 +30,10 @@ class EpochStats:
     @property
     def accuracy(self) -> float:
         return accuracy(self.confusion) if self.confusion is not None else float("nan")
+
+    @property
+    def balanced_accuracy(self) -> float:
+        return balanced_accuracy(self.confusion) if self.confusion is not None else float("nan")
 
 
 def _all_reduce(values: torch.Tensor) -> torch.Tensor:
@@ -50,29 +54,39 @@ def _inputs(batch: torch.Tensor, augmenter: Augmenter, epoch: int, device: torch
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x
 
 
+@dataclass(frozen=True)
+class StepOptions:
+    """How each training step runs: bf16 autocast on GPUs, NHWC input, a step cap per epoch, gradient-norm
+    clipping."""
+
+    amp: bool = False
+    channels_last: bool = False
+    max_steps: Optional[int] = None
+    clip_grad_norm: Optional[float] = None
+
+
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, augmenter: Augmenter, criterion: torch.nn.Module,
-                    optimizer: torch.optim.Optimizer, scaler: Optional[torch.amp.GradScaler], device: torch.device,
-                    epoch: int, amp: bool = False, channels_last: bool = False,
-                    max_steps: Optional[int] = None) -> EpochStats:
-    """Train over the loader once; loss and image count are summed over all processes."""
+                    optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
+                    options: StepOptions = StepOptions(), averaged: Optional[torch.nn.Module] = None) -> EpochStats:
+    """Train over the loader once (updating the weight average ``averaged`` after every step); loss and
+    image count are summed over all processes."""
     model.train()
     start = time.perf_counter()
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, images
     for step, (batch, labels) in enumerate(loader):
-        if max_steps is not None and step >= max_steps:
+        if options.max_steps is not None and step >= options.max_steps:
             break
-        x = _inputs(batch, augmenter, epoch, device, channels_last)
+        x = _inputs(batch, augmenter, epoch, device, options.channels_last)
         y = labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
-        with _autocast(device, amp):
+        with _autocast(device, options.amp):
             loss = criterion(model(x), y)
-        if scaler is not None and scaler.is_enabled():
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
+        loss.backward()  # bf16 autocast needs no loss scaling
+        if options.clip_grad_norm is not None:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
+        optimizer.step()
+        if averaged is not None:
+            averaged.update_parameters(model)  # type: ignore[operator]
         total += torch.stack([loss.detach().double() * len(y), torch.tensor(float(len(y)), device=device,
                                                                              dtype=torch.float64)])
     total = _all_reduce(total)

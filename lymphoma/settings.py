@@ -86,10 +86,20 @@ class AugmentSettings:
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "step")
+SELECTIONS = ("balanced_accuracy", "loss", "last")
+SAMPLINGS = ("tiles", "cases")
 
 
 @dataclass
 class TrainSettings:
+    """``select``: what picks best.pt and stops early: ``balanced_accuracy`` on the eval phase (a model that
+    predicts one class scores 1/classes, so it cannot win; val loss breaks ties), ``loss``, or ``last`` (a
+    fixed schedule: the last epoch, no early stopping); only epochs from ``min_epochs`` on are candidates.
+    ``ema``: decay of an exponential moving average of the weights (and batch-norm statistics), updated every
+    step; evaluated and saved instead of the raw weights. ``sampling``: ``tiles`` draws every tile once per
+    epoch; ``cases`` draws ``samples_per_epoch`` tiles with replacement, every class equally often and, within
+    a class, every case equally often (patients with many images do not dominate; class weights are then 1)."""
+
     epochs: int = 10
     batch_size: int = 64
     eval_batch_size: int = 128
@@ -98,6 +108,7 @@ class TrainSettings:
     weight_decay: float = 0.05
     momentum: float = 0.9
     scheduler: str = "none"
+    warmup_epochs: int = 0
     step_size: int = 10
     gamma: float = 0.1
     num_workers: Optional[int] = None
@@ -109,6 +120,12 @@ class TrainSettings:
     class_weighted: bool = True
     label_smoothing: float = 0.1
     patience: Optional[int] = 3
+    select: str = "balanced_accuracy"
+    min_epochs: int = 1
+    ema: Optional[float] = None
+    sampling: str = "tiles"
+    samples_per_epoch: Optional[int] = None
+    clip_grad_norm: Optional[float] = None
     eval_phase: str = "val"
 
     def __post_init__(self) -> None:
@@ -122,6 +139,20 @@ class TrainSettings:
             raise InputError(f"train.scheduler is {self.scheduler!r}; allowed: {', '.join(SCHEDULERS)}")
         if self.epochs < 1 or self.batch_size < 1:
             raise InputError("train.epochs and train.batch_size must be >= 1")
+        if self.select not in SELECTIONS:
+            raise InputError(f"train.select is {self.select!r}; allowed: {', '.join(SELECTIONS)}")
+        if self.sampling not in SAMPLINGS:
+            raise InputError(f"train.sampling is {self.sampling!r}; allowed: {', '.join(SAMPLINGS)}")
+        if not 1 <= self.min_epochs <= self.epochs:
+            raise InputError(f"train.min_epochs must be in [1, train.epochs={self.epochs}], got {self.min_epochs}")
+        if not 0 <= self.warmup_epochs < self.epochs:
+            raise InputError(f"train.warmup_epochs must be in [0, train.epochs), got {self.warmup_epochs}")
+        if self.ema is not None and not 0.0 < self.ema < 1.0:
+            raise InputError(f"train.ema must be in (0, 1) (e.g. 0.99) or null (no weight averaging), got {self.ema}")
+        if self.samples_per_epoch is not None and self.samples_per_epoch < 1:
+            raise InputError(f"train.samples_per_epoch must be >= 1 or null, got {self.samples_per_epoch}")
+        if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
+            raise InputError(f"train.clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}")
 
 
 AGGREGATES = ("vote", "mean")
@@ -148,19 +179,26 @@ class PredictSettings:
             raise InputError(f"predict.aggregate is {self.aggregate!r}; allowed: {', '.join(AGGREGATES)}")
 
 
+CV_CHECKPOINTS = ("best", "last")
+
+
 @dataclass
 class CVSettings:
     """Cross-validation grouped by case and stratified by class: ``folds`` test folds; inside each, a share
     ``inner_val_fraction`` of the other cases (per class) picks the checkpoint and stops early; intervals
-    from ``bootstrap`` resamples of the cases at ``confidence``."""
+    from ``bootstrap`` resamples of the cases at ``confidence``; ``checkpoint``: each fold predicts with its
+    ``best`` (kept by train.select) or its ``last`` epoch (a rerun with the other reuses the trained folds)."""
 
     folds: int = 4
     inner_val_fraction: float = 0.2
     seed: int = 0
     bootstrap: int = 2000
     confidence: float = 0.95
+    checkpoint: str = "best"
 
     def __post_init__(self) -> None:
+        if self.checkpoint not in CV_CHECKPOINTS:
+            raise InputError(f"cv.checkpoint is {self.checkpoint!r}; allowed: {', '.join(CV_CHECKPOINTS)}")
         if self.folds < 2:
             raise InputError(f"cv.folds must be >= 2, got {self.folds}")
         if not 0.0 < self.inner_val_fraction < 1.0:

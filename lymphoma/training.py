@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import random
 from dataclasses import asdict, dataclass
@@ -28,11 +29,12 @@ from lymphoma.checkpoint import (
 )
 from lymphoma.data import make_loader
 from lymphoma.dataset import TileDataset
-from lymphoma.engine import EpochStats, evaluate, train_one_epoch
+from lymphoma.engine import EpochStats, StepOptions, evaluate, train_one_epoch
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.metrics import class_weights
 from lymphoma.model import ModelSettings, build_model
+from lymphoma.selection import best_index, explain, stop_early
 from lymphoma.settings import TrainSettings
 from lymphoma.sharding import load_manifest, phase_shards
 from lymphoma.stain import StainNormalizer, StainSettings, fit_target
@@ -109,11 +111,28 @@ def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Opti
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, s: TrainSettings) -> torch.optim.lr_scheduler.LRScheduler:
-    if s.scheduler == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=s.epochs)
-    if s.scheduler == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=s.step_size, gamma=s.gamma)
-    return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda _: 1.0)
+    """The learning rate per epoch: a linear warm-up over ``warmup_epochs``, then constant, cosine decay to
+    zero over the remaining epochs, or steps of ``gamma`` every ``step_size`` epochs."""
+
+    def factor(epoch: int) -> float:
+        if epoch < s.warmup_epochs:
+            return (epoch + 1) / (s.warmup_epochs + 1)
+        if s.scheduler == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * (epoch - s.warmup_epochs) / (s.epochs - s.warmup_epochs)))
+        if s.scheduler == "step":
+            return s.gamma ** ((epoch - s.warmup_epochs) // s.step_size)
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def make_averaged(model: torch.nn.Module, decay: Optional[float]) -> Optional[torch.optim.swa_utils.AveragedModel]:
+    """An exponential moving average of the weights and of the batch-norm statistics, or None."""
+    if decay is None:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
 def _gather_rng(rank: Rank) -> list[dict[str, Any]]:
@@ -123,6 +142,50 @@ def _gather_rng(rank: Rank) -> list[dict[str, Any]]:
     states: list[Any] = [None] * rank.world
     dist.all_gather_object(states, state)
     return states
+
+
+@dataclass
+class Parts:
+    """What one training run is made of; ``kept`` is the model that is evaluated and saved (the weight
+    average when there is one)."""
+
+    model: torch.nn.Module
+    ddp: torch.nn.Module
+    averaged: Optional[torch.nn.Module]
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+
+    @property
+    def kept(self) -> torch.nn.Module:
+        return self.averaged.module if self.averaged is not None else self.model  # type: ignore[return-value]
+
+    def state(self) -> dict[str, Any]:
+        state = {"model": self.kept.state_dict(), "optimizer": self.optimizer.state_dict(),
+                 "scheduler": self.scheduler.state_dict()}
+        if self.averaged is not None:
+            state["train_model"] = self.model.state_dict()
+            state["averaged"] = self.averaged.state_dict()
+        return state
+
+    def resume(self, state: dict[str, Any], path: Path) -> None:
+        load_model_weights(self.model, {**state, "model": state.get("train_model", state["model"])}, path)
+        if self.averaged is not None:
+            if "averaged" not in state:
+                raise InputError(f"{path} was trained without train.ema; resume with train.ema=null or start "
+                                 "afresh with another run.name")
+            self.averaged.load_state_dict(state["averaged"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+
+
+def build_parts(architecture: dict[str, object], train: TrainSettings, rank: Rank, device: torch.device) -> Parts:
+    model = build_model(architecture).to(device)
+    if train.channels_last:  # faster on GPUs and on CPUs (oneDNN): 1.6x for a CPU training step here
+        model = model.to(memory_format=torch.channels_last)
+    ddp = torch.nn.parallel.DistributedDataParallel(
+        model, device_ids=[device.index] if device.type == "cuda" else None) if rank.world > 1 else model
+    optimizer = make_optimizer(model, train)
+    return Parts(model, ddp, make_averaged(model, train.ema), optimizer, make_scheduler(optimizer, train))
 
 
 def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: ModelSettings,
@@ -135,30 +198,19 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
     eval_tiles = open_phase(tiles_dir, train.eval_phase, tile_size, augment.crop)
     classes = list(train_tiles.classes or [])
     weights = class_weights(train_tiles.class_counts(), classes)
-
-    architecture = model_settings.architecture(len(classes))
-    model = build_model(architecture).to(device)
-    if train.channels_last:  # faster on GPUs and on CPUs (oneDNN): 1.6x for a CPU training step here
-        model = model.to(memory_format=torch.channels_last)
-    ddp = torch.nn.parallel.DistributedDataParallel(
-        model, device_ids=[device.index] if device.type == "cuda" else None) if rank.world > 1 else model
-    criterion = torch.nn.CrossEntropyLoss(weight=weights.to(device) if train.class_weighted else None,
+    weighted = train.class_weighted and train.sampling == "tiles"  # case sampling balances the classes already
+    criterion = torch.nn.CrossEntropyLoss(weight=weights.to(device) if weighted else None,
                                           label_smoothing=train.label_smoothing)
-    optimizer = make_optimizer(model, train)
-    scheduler = make_scheduler(optimizer, train)
-    scaler = torch.amp.GradScaler("cuda", enabled=False)  # bf16 autocast needs no loss scaling
-    amp = train.amp and device.type == "cuda"
+    architecture = model_settings.architecture(len(classes))
+    parts = build_parts(architecture, train, rank, device)
 
     ckpt_dir = out_dir / "checkpoints"
-    start_epoch, best_loss, history = 0, float("inf"), []
+    start_epoch, history = 0, []
     torch.manual_seed(train.seed + rank.rank)  # augmentation differs per rank; the model came from one seed
     if (ckpt_dir / "last.pt").is_file():
         state = load_checkpoint(ckpt_dir / "last.pt")
-        load_model_weights(model, state, ckpt_dir / "last.pt")
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        scaler.load_state_dict(state["scaler"])
-        start_epoch, best_loss, history = state["epoch"] + 1, state["best_val_loss"], state["history"]
+        parts.resume(state, ckpt_dir / "last.pt")
+        start_epoch, history = state["epoch"] + 1, state["history"]
         if len(state["rng"]) == rank.world:
             set_rng_state(state["rng"][rank.rank])
 
@@ -169,9 +221,11 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
     eval_aug = build_augmenter(augment, False, device, normalizer=normalizer)
     workers = train.num_workers if train.num_workers is not None else loader_workers(device, rank)
     train_loader = make_loader(train_tiles, train_aug.sample, train.batch_size, rank.rank, rank.world, True,
-                               train.seed, workers)
+                               train.seed, workers, train.sampling == "cases", train.samples_per_epoch)
     eval_loader = make_loader(eval_tiles, eval_aug.sample, train.eval_batch_size, rank.rank, rank.world, False,
                               train.seed, workers)
+    options = StepOptions(train.amp and device.type == "cuda", train.channels_last, train.max_steps_per_epoch,
+                          train.clip_grad_norm)
 
     writer = None
     if rank.main:
@@ -188,53 +242,57 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
             "augment": asdict(augment), "config": config, "backend": backend,
             "stain": target.as_dict() if target is not None else None}
     for epoch in range(start_epoch, train.epochs):
-        if stop_early(history, train.patience):
+        if stop_early(history, train.patience, train.select, train.min_epochs):
             break
         train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-        stats = train_one_epoch(ddp, train_loader, train_aug, criterion, optimizer, scaler, device, epoch, amp,
-                                train.channels_last, train.max_steps_per_epoch)
-        val = evaluate(ddp, eval_loader, eval_aug, criterion, device, len(classes), amp, train.channels_last)
-        lr = optimizer.param_groups[0]["lr"]
-        scheduler.step()
-        improved = val.loss < best_loss
-        best_loss = min(best_loss, val.loss)
+        stats = train_one_epoch(parts.ddp, train_loader, train_aug, criterion, parts.optimizer, device, epoch,
+                                options, parts.averaged)
+        val = evaluate(parts.kept if parts.averaged is not None else parts.ddp, eval_loader, eval_aug, criterion,
+                       device, len(classes), options.amp, train.channels_last)
+        lr = parts.optimizer.param_groups[0]["lr"]
+        parts.scheduler.step()
         history.append({"epoch": epoch, "train_loss": stats.loss, "val_loss": val.loss, "val_accuracy": val.accuracy,
-                        "lr": lr, "images_per_s": stats.images_per_s})
+                        "val_balanced_accuracy": val.balanced_accuracy, "lr": lr, "images_per_s": stats.images_per_s})
+        kept = best_index(history, train.select, train.min_epochs) == len(history) - 1
         rngs = _gather_rng(rank)
         if rank.main:
             _log_epoch(writer, epoch, stats, val, lr, classes)
-            state = {**base, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-                     "scheduler": scheduler.state_dict(), "scaler": scaler.state_dict(), "epoch": epoch,
-                     "best_val_loss": best_loss, "val_loss": val.loss, "val_accuracy": val.accuracy,
-                     "history": history, "rng": rngs}
-            save_checkpoint(state, ckpt_dir / "last.pt")
-            if improved:
-                save_checkpoint(state, ckpt_dir / "best.pt")
+            _save_epoch({**base, **parts.state(), "epoch": epoch, "val_loss": val.loss, "val_accuracy": val.accuracy,
+                         "history": history, "rng": rngs}, ckpt_dir, kept)
             write_text_atomic(out_dir / "history.json", json.dumps(history, indent=2) + "\n")
             print(f"epoch {epoch + 1}/{train.epochs}: train loss {stats.loss:.4f}, val loss {val.loss:.4f}, "
-                  f"val accuracy {val.accuracy:.3f}, {stats.images_per_s:.0f} images/s"
-                  + (" (best)" if improved else ""), flush=True)
+                  f"val accuracy {val.accuracy:.3f} (balanced {val.balanced_accuracy:.3f}), "
+                  f"{stats.images_per_s:.0f} images/s" + (" (kept)" if kept else ""), flush=True)
         if rank.world > 1:
             dist.barrier()
     if writer is not None:
         writer.close()
     train_tiles.close()
     eval_tiles.close()
-    best = min(history, key=lambda h: h["val_loss"]) if history else {}
-    if rank.main and stop_early(history, train.patience) and len(history) < train.epochs:
-        print(f"stopped early after epoch {len(history)}: no better val loss for {train.patience} epoch(s)", flush=True)
-    return {"epochs": len(history), "stopped_early": len(history) < train.epochs,
-            "best_epoch": best.get("epoch"), "best_val_loss": best.get("val_loss"),
-            "best_val_accuracy": best.get("val_accuracy"), "checkpoints": str(ckpt_dir), "backend": backend,
-            "world_size": rank.world, "rank": rank.rank, "device": str(device), "weights_sha1": weights_digest(model)}
+    return _summary(history, train, rank, device, backend, ckpt_dir, parts.kept)
 
 
-def stop_early(history: list[dict[str, Any]], patience: Optional[int]) -> bool:
-    """Whether the last ``patience`` epochs all failed to improve on the best val loss before them."""
-    if patience is None or not history:
-        return False
-    best = min(range(len(history)), key=lambda i: history[i]["val_loss"])
-    return len(history) - 1 - best >= patience
+def _save_epoch(state: dict[str, Any], ckpt_dir: Path, kept: bool) -> None:
+    save_checkpoint(state, ckpt_dir / "last.pt")
+    if kept:
+        save_checkpoint(state, ckpt_dir / "best.pt")
+
+
+def _summary(history: list[dict[str, Any]], train: TrainSettings, rank: Rank, device: torch.device, backend: str,
+             ckpt_dir: Path, model: torch.nn.Module) -> dict[str, Any]:
+    """What a training run reports: epochs run, the kept epoch and why, where the checkpoints are."""
+    index = best_index(history, train.select, train.min_epochs)
+    best = history[index] if index is not None else {}
+    stopped = stop_early(history, train.patience, train.select, train.min_epochs) and len(history) < train.epochs
+    if rank.main and stopped:
+        print(f"stopped early after epoch {len(history)}: no better {train.select.replace('_', ' ')} for "
+              f"{train.patience} epoch(s)", flush=True)
+    return {"epochs": len(history), "stopped_early": stopped, "best_epoch": best.get("epoch"),
+            "best_val_loss": best.get("val_loss"), "best_val_accuracy": best.get("val_accuracy"),
+            "best_val_balanced_accuracy": best.get("val_balanced_accuracy"),
+            "selection": explain(history, train.select, train.min_epochs), "checkpoints": str(ckpt_dir),
+            "backend": backend, "world_size": rank.world, "rank": rank.rank, "device": str(device),
+            "weights_sha1": weights_digest(model)}
 
 
 def weights_digest(model: torch.nn.Module) -> str:
@@ -252,6 +310,7 @@ def _log_epoch(writer: Any, epoch: int, stats: EpochStats, val: EpochStats, lr: 
     writer.add_scalar("train/images_per_s", stats.images_per_s, step)
     writer.add_scalar("val/loss", val.loss, step)
     writer.add_scalar("val/accuracy", val.accuracy, step)
+    writer.add_scalar("val/balanced_accuracy", val.balanced_accuracy, step)
     writer.add_scalar("lr", lr, step)
     for i in range(len(classes)):
         for j in range(len(classes)):

@@ -65,7 +65,7 @@ def test_loss_falls_and_tensorboard_holds_every_tag(tiled):
     best = load_checkpoint(tiled[1] / "learn" / "train" / "checkpoints" / "best.pt")
     assert best["epoch"] == summary["best_epoch"] and best["classes"] == ["CLL", "FL", "MCL"]
     assert best["tiles"]["size"] == 64 and best["augment"]["crop"] == 56
-    for key in ("optimizer", "scheduler", "scaler", "rng", "config", "architecture"):
+    for key in ("optimizer", "scheduler", "rng", "config", "architecture"):
         assert key in best
 
     out = tiled[1] / "learn" / "validate"
@@ -146,13 +146,32 @@ def test_mpiexec_launches_two_training_ranks(tiled, local_ddp):
     assert final_digest(runs, "mpi") == final_digest(runs, "ddp")  # the same as the local 2-process run
 
 
+def _history(losses, balanced=None):
+    balanced = balanced or [0.5] * len(losses)
+    return [{"epoch": i, "val_loss": v, "val_balanced_accuracy": b} for i, (v, b) in enumerate(zip(losses, balanced))]
+
+
 @pytest.mark.parametrize("losses, patience, stop", [([1.0, 0.9, 0.95, 0.97], 2, True), ([1.0, 0.9, 0.95], 2, False),
                                                      ([1.0, 0.9, 0.8], 1, False), ([0.5, 0.9], 1, True),
                                                      ([0.5, 0.9, 0.9], None, False)])
 def test_early_stopping_counts_epochs_without_a_better_val_loss(losses, patience, stop):
-    from lymphoma.training import stop_early
+    from lymphoma.selection import stop_early
 
-    assert stop_early([{"val_loss": v} for v in losses], patience) is stop
+    assert stop_early(_history(losses), patience, "loss") is stop
+
+
+def test_selection_cannot_keep_a_one_class_model():
+    from lymphoma.selection import best_index, explain, stop_early
+
+    # epoch 1 predicts one class (balanced accuracy 1/3) with the lowest loss, about ln 3
+    history = _history([1.10, 1.60, 1.30, 1.45], [1 / 3, 0.55, 0.70, 0.70])
+    assert best_index(history, "loss") == 0
+    assert best_index(history, "balanced_accuracy") == 2  # tie at 0.70: the lower loss
+    assert best_index(history, "last") == 3
+    assert best_index(history, "balanced_accuracy", min_epochs=4) == 3 and best_index(history[:2], "loss", 3) is None
+    assert "highest val balanced accuracy 0.700" in explain(history, "balanced_accuracy", 1)
+    assert not stop_early(history, 1, "last") and not stop_early(history[:2], 1, "loss", min_epochs=3)
+    assert stop_early(history + _history([2.0], [0.4]), 2, "balanced_accuracy")
 
 
 def test_new_training_options_are_checked():
@@ -162,6 +181,11 @@ def test_new_training_options_are_checked():
                               ("train.patience=0", "train.patience must be >= 1"),
                               ("predict.aggregate=median", "predict.aggregate is 'median'; allowed: vote, mean"),
                               ("cv.folds=1", "cv.folds must be >= 2"),
-                              ("cv.inner_val_fraction=0", "never on the test fold")):
+                              ("cv.inner_val_fraction=0", "never on the test fold"),
+                              ("train.select=accuracy", "train.select is 'accuracy'; allowed: balanced_accuracy, loss, last"),
+                              ("train.sampling=slides", "allowed: tiles, cases"),
+                              ("train.min_epochs=20", r"train.min_epochs must be in \[1, train.epochs=10\]"),
+                              ("train.ema=1.5", "train.ema must be in"),
+                              ("train.warmup_epochs=10", "train.warmup_epochs must be in")):
         with pytest.raises(ConfigError, match=message):
             to_object(load_config(None, [override]))
