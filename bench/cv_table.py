@@ -20,7 +20,7 @@ def cell(entry: dict, level: str, kind: str = "accuracy") -> str:
 
 def row(run: Path, report: dict) -> str:
     vote, mean = report["vote"], report["mean"]
-    epochs = [len(h) for h in report.get("train", []) if h]
+    epochs = [k["epoch"] for k in report.get("kept", []) if k.get("epoch")]
     return (f"| {run.name}{' + TTA' if report.get('tta') else ''} | {cell(vote, 'image')} | "
             f"{cell(vote, 'image', 'balanced_accuracy')} | {cell(vote, 'case')} | {cell(mean, 'image')} | "
             f"{cell(mean, 'case')} | {'/'.join(map(str, epochs))} | {report['minutes']:.0f} |")

@@ -63,7 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
                              description="Tile each image with the checkpoint's settings, run the tiles through the "
                                          "model in batches and vote. One array task per chunk of slides; a rerun "
                                          "skips slides already done.")
-    predict.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a training run")
+    predict.add_argument("--checkpoint", required=True,
+                         help="best.pt or last.pt of a training run, or the ensemble.pt of `lymphoma cv`")
     predict.add_argument("inputs", nargs="*", metavar="IMAGE",
                          help="image files or quoted wildcards ('cohort/**/*.tif'); key=value overrides too")
     predict.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments")

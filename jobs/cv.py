@@ -8,17 +8,21 @@ import os
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from hpc import ArrayJobError, make_executor, run_array
+from jobs.baseline import run_baseline
 from jobs.config import Config, from_yaml_text, save_resolved, to_object
 from jobs.rundir import exclusive, make_run_dir
 from jobs.tile import tile_in_process
 from lymphoma.cohort import image_class, write_report
-from lymphoma.crossval import cv_report, fold_phases, format_cv_report, grouped_folds
+from lymphoma.crossval import across_repeats, cv_report, fold_phases, format_cv_report, grouped_folds
+from lymphoma.ensemble import write_ensemble
+from lymphoma.selection import best_index, explain
+from lymphoma.settings import CVSettings
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.inputs import ImageRecord, discover
 from lymphoma.prediction import SlideInput, read_record
@@ -40,6 +44,7 @@ class FoldTask:
     threads: int
     tta: bool = False
     checkpoint: str = "best"
+    repeat: int = 0
 
     @property
     def predict_dir(self) -> Path:
@@ -83,30 +88,40 @@ class FoldJob(submitit.helpers.Checkpointable):
         return {"fold": task.fold, "train": summary}
 
 
+def fold_assignments(records: list[ImageRecord], cv: CVSettings) -> list[list[list[str]]]:
+    """The test cases of every fold of every repeat (repeat r deals the cases with seed cv.seed + r)."""
+    return [grouped_folds(records, cv.folds, cv.seed + r) for r in range(cv.repeats)]
+
+
 def plan_folds(raw_cfg: DictConfig, run_dir: Path, records: list[ImageRecord], classes: list[str]) -> list[FoldTask]:
-    """Every fold's task, after checking that no case is on two sides of any fold."""
+    """Every fold's task of every repeat (``repeat-<r>/fold-<k>``), after checking that no case is on two
+    sides of any fold."""
     cfg: Config = to_object(raw_cfg)
-    folds = grouped_folds(records, cfg.cv.folds, cfg.cv.seed)
-    threads = max(1, (os.cpu_count() or 1) // max(1, min(cfg.cluster.parallelism, len(folds))))
+    assignments = fold_assignments(records, cfg.cv)
+    threads = max(1, (os.cpu_count() or 1) // max(1, min(cfg.cluster.parallelism, cfg.cv.folds * cfg.cv.repeats)))
     config_yaml = OmegaConf.to_yaml(raw_cfg, resolve=True)
     tasks = []
-    for k, test_cases in enumerate(folds):
-        by_phase = assign_phases(records, fold_phases(records, test_cases, cfg.cv.inner_val_fraction, cfg.cv.seed))
-        tasks.append(FoldTask(k, config_yaml, str(run_dir / f"fold-{k}"), tuple(by_phase.get("train", ())),
-                              tuple(by_phase.get("val", ())), tuple(by_phase["test"]), tuple(classes), threads,
-                              cfg.predict.tta, cfg.cv.checkpoint))
+    for r, folds in enumerate(assignments):
+        for k, test_cases in enumerate(folds):
+            phases = fold_phases(records, test_cases, cfg.cv.inner_val_fraction, cfg.cv.seed + r)
+            by_phase = assign_phases(records, phases)
+            tasks.append(FoldTask(k, config_yaml, str(run_dir / f"repeat-{r}" / f"fold-{k}"),
+                                  tuple(by_phase.get("train", ())), tuple(by_phase.get("val", ())),
+                                  tuple(by_phase["test"]), tuple(classes), threads, cfg.predict.tta,
+                                  cfg.cv.checkpoint, r))
     return tasks
 
 
 def write_folds_csv(path: Path, tasks: list[FoldTask]) -> None:
-    """``fold,phase,case,label,path``: where every image went in every fold."""
-    write_csv_atomic(path, ["fold", "phase", "case", "label", "path"],
-                     ([t.fold, phase, r.case, r.label, r.path] for t in tasks
+    """``repeat,fold,phase,case,label,path``: where every image went in every fold."""
+    write_csv_atomic(path, ["repeat", "fold", "phase", "case", "label", "path"],
+                     ([t.repeat, t.fold, phase, r.case, r.label, r.path] for t in tasks
                       for phase, records in (("train", t.train), ("val", t.val), ("test", t.test)) for r in records))
 
 
 def run_cv(raw_cfg: DictConfig) -> dict[str, Any]:
-    """Run (or resume) every fold and write the report into ``<run>/cv`` (``cv-tta`` with predict.tta)."""
+    """Run (or resume) every fold of every repeat, the baseline in the same folds, the shipped ensemble, and
+    write the report into ``<run>/cv`` (``cv-last``, ``cv-tta`` for the other prediction variants)."""
     start = time.perf_counter()
     cfg: Config = to_object(raw_cfg)
     run_dir = make_run_dir(cfg.run.root, cfg.run.name)
@@ -116,28 +131,29 @@ def run_cv(raw_cfg: DictConfig) -> dict[str, Any]:
                           cfg.tiles.strict)
         tasks = plan_folds(raw_cfg, run_dir, inputs.records, inputs.classes)
         write_folds_csv(run_dir / "folds.csv", tasks)
-        print(f"{len(tasks)} folds of {', '.join(str(len({r.case for r in t.test})) for t in tasks)} test cases; "
-              f"each trains on its train cases and picks its checkpoint on {cfg.cv.inner_val_fraction:.0%} of them "
-              f"(inner val); logs in {run_dir / 'logs'}", flush=True)
+        print(f"{cfg.cv.repeats} repeat(s) of {cfg.cv.folds} folds ({', '.join(str(len({r.case for r in t.test})) for t in tasks[:cfg.cv.folds])} "
+              f"test cases); each trains on its train cases and picks its checkpoint on {cfg.cv.inner_val_fraction:.0%} "
+              f"of them (inner val); logs in {run_dir / 'logs'}", flush=True)
         executor = make_executor(cfg.cluster, run_dir / "logs" / "%j", name=f"cv-{cfg.run.name}")
         failure = None
         try:
             run_array(executor, FoldJob(), tasks, parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s)
         except ArrayJobError as err:
             failure = err
-        records = [[read_record(t.predict_dir / "slides", s) for s in t.slides()] for t in tasks]
-        records_by_fold = [[r for r in fold if r is not None] for fold in records]
-        if failure is not None and not any(records_by_fold):
+        records = [[r for r in (read_record(t.predict_dir / "slides", s) for s in t.slides()) if r is not None]
+                   for t in tasks]
+        if failure is not None and not any(records):
             raise failure
-        out = run_dir / f"cv{variant_suffix(cfg.cv.checkpoint, cfg.predict.tta)}"
-        report = cv_report(records_by_fold, inputs.classes, cfg.cv.bootstrap, cfg.cv.confidence, cfg.cv.seed)
+        suffix = variant_suffix(cfg.cv.checkpoint, cfg.predict.tta)
+        report = assemble_report(cfg, tasks, records, inputs.classes)
         report["failed_folds"] = [f.index for f in failure.failures] if failure else []
-        report["tta"], report["checkpoint"] = cfg.predict.tta, cfg.cv.checkpoint
+        if cfg.cv.baseline:
+            report["baseline"] = run_baseline(cfg, inputs.records, inputs.classes, run_dir / "baseline", report)
+        report["ensemble"] = ship_ensemble(tasks, run_dir, cfg.cv.checkpoint, failure)
         report["minutes"] = (time.perf_counter() - start) / 60
-        report["train"] = [json.loads((Path(t.fold_dir) / "train" / "history.json").read_text())
-                           if (Path(t.fold_dir) / "train" / "history.json").is_file() else None for t in tasks]
-        _write_outputs(out, report, tasks, records_by_fold, inputs.classes, cfg.predict.aggregate)
+        _write_outputs(run_dir / f"cv{suffix}", report, tasks, records, inputs.classes, cfg.predict.aggregate)
     print(format_cv_report(report), flush=True)
+    out = run_dir / f"cv{suffix}"
     print(f"report: {out / 'report.json'}, {out / 'report.txt'}, {out / 'predictions.csv'}; "
           f"{report['minutes']:.1f} min", flush=True)
     if failure is not None:
@@ -145,16 +161,58 @@ def run_cv(raw_cfg: DictConfig) -> dict[str, Any]:
     return report
 
 
+def assemble_report(cfg: Config, tasks: list[FoldTask], records: list[list[dict[str, Any]]],
+                    classes: list[str]) -> dict[str, Any]:
+    """The first repeat's report at the top level, every repeat's in ``repeats``, their mean and sd in
+    ``across_repeats``, and which epoch every fold kept and why."""
+    per_repeat = []
+    for r in range(cfg.cv.repeats):
+        mine = [fold for t, fold in zip(tasks, records) if t.repeat == r]
+        per_repeat.append(cv_report(mine, classes, cfg.cv.bootstrap, cfg.cv.confidence, cfg.cv.seed + r)
+                          if any(mine) else None)
+    done = [rep for rep in per_repeat if rep is not None]
+    report = {**done[0], "repeats": [{**rep, "seed": cfg.cv.seed + r} if rep else None
+                                     for r, rep in enumerate(per_repeat)],
+              "across_repeats": across_repeats(done), "tta": cfg.predict.tta, "checkpoint": cfg.cv.checkpoint}
+    report["kept"] = [kept_epoch(t, cfg) for t in tasks]
+    return report
+
+
+def kept_epoch(task: FoldTask, cfg: Config) -> dict[str, Any]:
+    """Which epoch a fold predicted with, and why."""
+    path = Path(task.fold_dir) / "train" / "history.json"
+    history = json.loads(path.read_text()) if path.is_file() else []
+    if task.checkpoint == "last" and history:
+        index, why = len(history) - 1, f"epoch {len(history)}: the last (cv.checkpoint=last)"
+    else:
+        index, why = best_index(history, cfg.train.select, cfg.train.min_epochs), explain(
+            history, cfg.train.select, cfg.train.min_epochs)
+    return {"repeat": task.repeat, "fold": task.fold, "epochs": len(history),
+            "epoch": history[index]["epoch"] + 1 if index is not None else None, "why": why}
+
+
+def ship_ensemble(tasks: list[FoldTask], run_dir: Path, checkpoint: str, failure: Optional[ArrayJobError]) -> Optional[str]:
+    """``<run>/ensemble.pt`` (``ensemble-last.pt``): the first repeat's fold models as one checkpoint that
+    `lymphoma predict` averages; none when a fold of that repeat failed."""
+    paths = [Path(t.fold_dir) / "train" / "checkpoints" / f"{checkpoint}.pt" for t in tasks if t.repeat == 0]
+    if not all(p.is_file() for p in paths):
+        print("no ensemble written: a fold of the first repeat has no checkpoint", flush=True)
+        return None
+    out = run_dir / ("ensemble.pt" if checkpoint == "best" else f"ensemble-{checkpoint}.pt")
+    return str(write_ensemble(paths, out))
+
+
 def _write_outputs(out: Path, report: dict[str, Any], tasks: list[FoldTask], records_by_fold: list[list[dict[str, Any]]],
                    classes: list[str], aggregate: str) -> None:
+    """report.json/.txt, predictions.csv (every repeat's) and the first repeat's summary and confusions."""
     out.mkdir(parents=True, exist_ok=True)
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_text_atomic(out / "report.txt", format_cv_report(report) + "\n")
-    rows = [[t.fold, r["key"], r.get("case") or "", r.get("label") or "", r["status"],
+    rows = [[t.repeat, t.fold, r["key"], r.get("case") or "", r.get("label") or "", r["status"],
              image_class(r, "vote") if r["status"] == "ok" else "", image_class(r, "mean") if r["status"] == "ok" else "",
              f"{r['confidence']:.4f}" if r["status"] == "ok" else "", r.get("error", "")]
             for t, fold in zip(tasks, records_by_fold) for r in fold]
-    write_csv_atomic(out / "predictions.csv", ["fold", "image", "case", "truth", "status", "vote_class",
+    write_csv_atomic(out / "predictions.csv", ["repeat", "fold", "image", "case", "truth", "status", "vote_class",
                                                 "mean_prob_class", "confidence", "error"], rows)
-    write_report([r for fold in records_by_fold for r in fold], classes, out, aggregate)
+    write_report([r for t, fold in zip(tasks, records_by_fold) if t.repeat == 0 for r in fold], classes, out, aggregate)
 

@@ -32,6 +32,12 @@ def _lbp_histogram(channel: np.ndarray, points: int, radius: int) -> np.ndarray:
     return np.bincount(codes.astype(np.int64).ravel(), minlength=points + 2) / codes.size
 
 
+def _to_uint8(channel: np.ndarray) -> np.ndarray:
+    """A float channel stretched between its 1st and 99th percentiles to 0-255."""
+    lo, hi = np.percentile(channel, [1, 99])
+    return (np.clip((channel - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+
+
 def _glcm(channel: np.ndarray, levels: int = 32) -> np.ndarray:
     from skimage.feature import graycomatrix, graycoprops
 
@@ -52,12 +58,12 @@ def image_features(rgb: np.ndarray) -> np.ndarray:
     colour = np.percentile(rgb.reshape(-1, 3), [5, 25, 50, 75, 95], axis=0).ravel() / 255
     stains = np.concatenate([[c.mean(), c.std(), *np.percentile(c, [10, 50, 90])] for c in (h, e)])
     grey8 = (grey * 255).astype(np.uint8)
-    texture = [_lbp_histogram(grey8, 8, 1), _lbp_histogram(grey8, 16, 2), _lbp_histogram(h, 8, 1), _glcm(grey), _glcm(h)]
+    texture = [_lbp_histogram(grey8, 8, 1), _lbp_histogram(grey8, 16, 2), _lbp_histogram(_to_uint8(h), 8, 1),
+               _glcm(grey), _glcm(h)]
     return np.concatenate([colour, stains, *texture]).astype(np.float64)
 
 
-def cohort_features(paths: Sequence[str], stain: StainSettings = StainSettings("reinhard")) -> np.ndarray:
-    """``[N, D]`` features of the images at ``paths``, each normalised whole to the stain target first."""
+def _features_of_files(paths: Sequence[str], stain: StainSettings) -> np.ndarray:
     target = fit_target(stain)
     normalizer = StainNormalizer(target) if target is not None else None
     rows = []
@@ -65,6 +71,23 @@ def cohort_features(paths: Sequence[str], stain: StainSettings = StainSettings("
         rgb = read_rgb(path)
         rows.append(image_features(normalizer(rgb) if normalizer is not None else rgb))
     return np.stack(rows)
+
+
+def cohort_features(paths: Sequence[str], stain: StainSettings = StainSettings("reinhard"),
+                    workers: int = 1) -> np.ndarray:
+    """``[N, D]`` features of the images at ``paths``, each normalised whole to the stain target first, in
+    ``workers`` processes."""
+    if workers <= 1 or len(paths) < 2 * workers:
+        return _features_of_files(paths, stain)
+    from concurrent.futures import ProcessPoolExecutor
+
+    chunks = [list(paths[i::workers]) for i in range(workers)]
+    with ProcessPoolExecutor(workers) as pool:
+        parts = list(pool.map(_features_of_files, chunks, [stain] * workers))
+    out = np.empty((len(paths), parts[0].shape[1]))
+    for i, part in enumerate(parts):
+        out[i::workers] = part
+    return out
 
 
 @dataclass(frozen=True)
@@ -155,6 +178,8 @@ def permutation_null(cohort: Cohort, folds: Sequence[Sequence[str]], seed: int, 
                      observed: tuple[float, float]) -> dict[str, Any]:
     """The whole baseline CV (C chosen inside each fold) rerun on case-permuted labels: the accuracies a
     model reaches when features say nothing of the class, and the p-value of the observed ones."""
+    if permutations == 0:
+        return {"permutations": 0}
     rng = np.random.default_rng(seed)
     draws = np.asarray([pooled_accuracy(cv_records(cohort, folds, seed, permuted_labels(cohort, rng)), cohort.classes)
                         for _ in range(permutations)]).reshape(-1, 2)

@@ -125,4 +125,53 @@ def format_cv_report(report: dict[str, Any]) -> str:
         per_fold = ", ".join("-" if f is None else f"{f['image']['accuracy']:.2f}/{f['case']['accuracy']:.2f}"
                              for f in entry["folds"])
         lines.append(f"  per fold (image/case accuracy): {per_fold}")
+    lines += format_repeats(report)
+    for kept in report.get("kept", []):
+        lines.append(f"  repeat {kept['repeat']} fold {kept['fold']} kept {kept['why']} ({kept['epochs']} epochs run)")
+    if report.get("baseline"):
+        lines += format_baseline(report["baseline"])
     return "\n".join(lines)
+
+
+def format_baseline(baseline: dict[str, Any]) -> list[str]:
+    """The reference model's figures in the same folds, and its permutation null."""
+    across = baseline["across_repeats"]
+    image, case = across["vote_image_accuracy"], across["vote_case_accuracy"]
+    lines = [f"baseline (logistic regression on colour/texture features, same folds): image accuracy "
+             f"{image['mean']:.3f} +- {image['sd']:.3f}, case accuracy {case['mean']:.3f} +- {case['sd']:.3f} "
+             f"over {across['n']} fold assignment(s)"]
+    null = baseline.get("null")
+    if null and null["permutations"]:
+        lines.append(f"  its null ({null['permutations']} case-label permutations, first fold assignment): image "
+                     f"{null['image']['mean']:.3f} +- {null['image']['sd']:.3f} (95th percentile {null['image']['p95']:.3f}), "
+                     f"case {null['case']['mean']:.3f} +- {null['case']['sd']:.3f}; baseline p = "
+                     f"{null['image']['p_value']:.3f} (image), {null['case']['p_value']:.3f} (case); CNN above the null's "
+                     f"95th percentile: image {baseline['cnn_above_null']['image']}, case {baseline['cnn_above_null']['case']}")
+    return lines
+
+
+def across_repeats(reports: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """Mean and sd over fold assignments of each pooled accuracy (image and case level, both aggregations):
+    how much the figure depends on which cases happened to share a fold."""
+    out: dict[str, Any] = {"n": len(reports)}
+    for aggregate in ("vote", "mean"):
+        for level in LEVELS:
+            for kind in ("accuracy", "balanced_accuracy"):
+                values = [rep[aggregate][level][kind] for rep in reports]
+                out[f"{aggregate}_{level}_{kind}"] = {"mean": float(np.mean(values)), "sd": float(np.std(values)),
+                                                      "values": values}
+    return out
+
+
+def format_repeats(report: dict[str, Any]) -> list[str]:
+    """Lines for every repeat and the mean +- sd across them."""
+    across = report.get("across_repeats") or {}
+    if across.get("n", 1) <= 1:
+        return []
+    lines = []
+    for aggregate in ("vote", "mean"):
+        image, case = across[f"{aggregate}_image_accuracy"], across[f"{aggregate}_case_accuracy"]
+        lines.append(f"{aggregate} over {across['n']} fold assignments: image accuracy {image['mean']:.3f} +- "
+                     f"{image['sd']:.3f} ({', '.join(f'{v:.2f}' for v in image['values'])}), case accuracy "
+                     f"{case['mean']:.3f} +- {case['sd']:.3f} ({', '.join(f'{v:.2f}' for v in case['values'])})")
+    return lines

@@ -1,16 +1,41 @@
-"""torchvision DenseNet built from settings, with the tutorial's reduced preset and DenseNet-121."""
+"""torchvision DenseNet built from settings, with the tutorial's reduced preset and DenseNet-121, and the
+ensemble of several such models that `lymphoma cv` ships."""
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 import torch
 from torchvision.models import DenseNet
 
 from lymphoma.settings import PRESETS, ModelSettings
 
-__all__ = ["PRESETS", "ModelSettings", "build_model"]
+__all__ = ["PRESETS", "Ensemble", "ModelSettings", "build_model"]
 
-def build_model(architecture: dict[str, object]) -> torch.nn.Module:
-    """A torchvision DenseNet from an architecture dict (as stored in checkpoints)."""
+
+class Ensemble(torch.nn.Module):
+    """Members of one architecture whose output is the log of their mean softmax: softmax of it is the mean
+    of the members' probabilities, so voting, TTA and reports treat it like a single model."""
+
+    def __init__(self, members: Sequence[torch.nn.Module]) -> None:
+        super().__init__()
+        self.members = torch.nn.ModuleList(members)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        probs = torch.stack([member(x).float().softmax(1) for member in self.members]).mean(0)
+        return probs.clamp_min(1e-12).log()
+
+
+def _densenet(architecture: dict[str, object]) -> torch.nn.Module:
     return DenseNet(growth_rate=int(architecture["growth_rate"]), block_config=tuple(architecture["block_config"]),
                     num_init_features=int(architecture["num_init_features"]), bn_size=int(architecture["bn_size"]),
                     drop_rate=float(architecture["drop_rate"]), num_classes=int(architecture["num_classes"]))
+
+
+def build_model(architecture: dict[str, object]) -> torch.nn.Module:
+    """A torchvision DenseNet from an architecture dict (as stored in checkpoints); with ``members: k``, an
+    ``Ensemble`` of k of them."""
+    members = int(architecture.get("members") or 0)
+    if members:
+        return Ensemble([_densenet(architecture) for _ in range(members)])
+    return _densenet(architecture)

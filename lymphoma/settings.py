@@ -187,7 +187,9 @@ class CVSettings:
     """Cross-validation grouped by case and stratified by class: ``folds`` test folds; inside each, a share
     ``inner_val_fraction`` of the other cases (per class) picks the checkpoint and stops early; intervals
     from ``bootstrap`` resamples of the cases at ``confidence``; ``checkpoint``: each fold predicts with its
-    ``best`` (kept by train.select) or its ``last`` epoch (a rerun with the other reuses the trained folds)."""
+    ``best`` (kept by train.select) or its ``last`` epoch (a rerun with the other reuses the trained folds);
+    ``repeats``: fold assignments (seeds ``seed``, ``seed + 1``, ...); ``baseline``: also run the reference
+    linear model in the same folds, with a null of ``permutations`` case-label permutations."""
 
     folds: int = 4
     inner_val_fraction: float = 0.2
@@ -195,8 +197,14 @@ class CVSettings:
     bootstrap: int = 2000
     confidence: float = 0.95
     checkpoint: str = "best"
+    repeats: int = 1
+    baseline: bool = True
+    permutations: int = 50
 
     def __post_init__(self) -> None:
+        if self.repeats < 1 or self.permutations < 0:
+            raise InputError(f"cv.repeats must be >= 1 and cv.permutations >= 0, got {self.repeats} and "
+                             f"{self.permutations}")
         if self.checkpoint not in CV_CHECKPOINTS:
             raise InputError(f"cv.checkpoint is {self.checkpoint!r}; allowed: {', '.join(CV_CHECKPOINTS)}")
         if self.folds < 2:

@@ -103,7 +103,8 @@ def _shard_cases(paths: list[Path]) -> set[str]:
 def test_cv_end_to_end(make_dataset, make_config, capsys):
     source = make_dataset(cases_per_class=4, images_per_case=2)
     overrides = [*FAST, "cv.folds=2", "cv.inner_val_fraction=0.3", "cv.bootstrap=200", "train.epochs=2",
-                 "train.max_steps_per_epoch=2", "predict.heatmaps=false", "train.patience=1"]
+                 "train.max_steps_per_epoch=2", "predict.heatmaps=false", "train.patience=1", "cv.repeats=2",
+                 "cv.permutations=3"]
     report = run_cv(make_config(source, *overrides))
     run_dir = Path(make_config(source).run.root) / "test"
     assert report["n_images"] == 24 and report["n_cases"] == 12 and report["failed_folds"] == []
@@ -113,27 +114,43 @@ def test_cv_end_to_end(make_dataset, make_config, capsys):
     test_of = defaultdict(set)
     for row in rows:
         if row["phase"] == "test":
-            test_of[int(row["fold"])].add(row["case"])
-    assert sorted(c for cases in test_of.values() for c in cases) == sorted({r["case"] for r in rows})
-    for fold, test_cases in test_of.items():  # the fold's learning and its checkpoint choice never saw them
-        tiles = run_dir / f"fold-{fold}" / "tiles"
+            test_of[int(row["repeat"]), int(row["fold"])].add(row["case"])
+    for repeat in (0, 1):  # every case tested once per repeat; the repeats deal the cases differently
+        assert sorted(c for (r, _), cases in test_of.items() if r == repeat for c in cases) == \
+            sorted({r["case"] for r in rows})
+    assert {frozenset(test_of[0, k]) for k in (0, 1)} != {frozenset(test_of[1, k]) for k in (0, 1)}
+    for (repeat, fold), test_cases in test_of.items():  # the fold's learning and its checkpoint choice never saw them
+        tiles = run_dir / f"repeat-{repeat}" / f"fold-{fold}" / "tiles"
         seen = _shard_cases(sorted(tiles.glob("train/*.h5"))) | _shard_cases(sorted(tiles.glob("val/*.h5")))
         assert seen and not seen & test_cases
         assert not list(tiles.glob("test/*"))
-        history = json.loads((run_dir / f"fold-{fold}" / "train" / "history.json").read_text())
+        history = json.loads((run_dir / f"repeat-{repeat}" / f"fold-{fold}" / "train" / "history.json").read_text())
         assert 1 <= len(history) <= 2
 
     with (run_dir / "cv" / "predictions.csv").open() as handle:
         predicted = list(csv.DictReader(handle))
-    assert len(predicted) == 24 and len({p["image"] for p in predicted}) == 24
-    assert all(p["case"] in test_of[int(p["fold"])] for p in predicted)
+    assert len(predicted) == 48 and len({(p["repeat"], p["image"]) for p in predicted}) == 48
+    assert all(p["case"] in test_of[int(p["repeat"]), int(p["fold"])] for p in predicted)
+    assert len(report["repeats"]) == 2 and report["across_repeats"]["n"] == 2
+    assert [k["why"].split(":")[0].startswith("epoch") for k in report["kept"]] == [True] * 4
+
+    # the baseline ran in the same folds; its null has 3 permutations
+    baseline = report["baseline"]
+    assert baseline["null"]["permutations"] == 3 and 0 < baseline["null"]["image"]["p_value"] <= 1
+    with (run_dir / "baseline" / "predictions.csv").open() as handle:
+        base_rows = list(csv.DictReader(handle))
+    assert len(base_rows) == 48
+    assert all(row["case"] in test_of[int(row["repeat"]), int(row["fold"])] for row in base_rows)
+
+    # the ensemble of the first repeat's folds predicts like the mean of its members
+    _check_ensemble(run_dir, source)
     saved = json.loads((run_dir / "cv" / "report.json").read_text())
     assert saved["vote"]["image"]["n"] == 24 and len(saved["vote"]["folds"]) == 2
     assert (run_dir / "cv" / "confusion_image.png").is_file()
     assert "95% intervals from 200 case resamples" in capsys.readouterr().out
 
     # TTA on the same run: the trained folds are reused (no new epoch), the predictions are new
-    best = run_dir / "fold-0" / "train" / "checkpoints" / "best.pt"
+    best = run_dir / "repeat-0" / "fold-0" / "train" / "checkpoints" / "best.pt"
     before = best.stat().st_mtime_ns
     assert main(["cv", f"data.source={source}", f"run.root={run_dir.parent}", "run.name=test",
                  "tiles.images_per_shard=4", *overrides, "predict.tta=true"]) == 0
@@ -141,6 +158,26 @@ def test_cv_end_to_end(make_dataset, make_config, capsys):
     tta = json.loads((run_dir / "cv-tta" / "report.json").read_text())
     assert tta["tta"] is True and tta["n_images"] == 24
     assert tta["vote"]["image"]["confusion"] != [[0] * 3] * 3
+
+
+def _check_ensemble(run_dir: Path, source: Path) -> None:
+    import numpy as np
+    import torch
+
+    from lymphoma.checkpoint import load_checkpoint
+    from lymphoma.prediction import Predictor
+
+    ensemble = load_checkpoint(run_dir / "ensemble.pt")
+    assert ensemble["architecture"]["members"] == 2 and len(ensemble["ensemble"]) == 2
+    members = [Predictor.from_checkpoint(Path(m["path"]), torch.device("cpu")) for m in ensemble["ensemble"]]
+    both = Predictor.from_checkpoint(run_dir / "ensemble.pt", torch.device("cpu"))
+    tiles = np.random.default_rng(0).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)
+    mean = torch.stack([m.logits(tiles).softmax(1) for m in members]).mean(0)
+    assert torch.allclose(both.logits(tiles).softmax(1), mean, atol=1e-5)
+    out = run_dir / "ensemble-predict"
+    assert main(["predict", "--checkpoint", str(run_dir / "ensemble.pt"), "--out", str(out),
+                 str(next(Path(source).rglob("*.png")))]) == 0
+    assert (out / "summary.csv").is_file()
 
 
 def test_cv_command_names_the_problem(make_dataset, tmp_path, capsys):

@@ -1,0 +1,64 @@
+"""The reference baseline of `lymphoma cv`, run in the parent after the folds: image features (cached in
+``<run>/baseline/features.npz``), the logistic regression in every repeat's folds, its permutation null."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from jobs.config import Config
+from lymphoma.baseline import Cohort, cohort_features, cv_records, permutation_null, pooled_accuracy
+from lymphoma.crossval import across_repeats, cv_report, grouped_folds
+from lymphoma.files import write_csv_atomic, write_text_atomic
+from lymphoma.inputs import ImageRecord
+
+
+def load_cohort(records: list[ImageRecord], classes: list[str], out_dir: Path) -> Cohort:
+    """Every image's features, read from the cache when it holds exactly these files."""
+    paths = [r.path for r in records]
+    cache = out_dir / "features.npz"
+    features = None
+    if cache.is_file():
+        with np.load(cache) as saved:
+            if saved["paths"].tolist() == paths:
+                features = saved["features"]
+    if features is None:
+        print(f"baseline: features of {len(paths)} images", flush=True)
+        features = cohort_features(paths, workers=min(4, os.cpu_count() or 1))
+        out_dir.mkdir(parents=True, exist_ok=True)
+        tmp = out_dir / ".features.tmp.npz"
+        np.savez(tmp, paths=np.asarray(paths), features=features)
+        tmp.replace(cache)
+    return Cohort([Path(p).stem for p in paths], paths, features, np.asarray([classes.index(r.label) for r in records]),
+                  np.asarray([r.case for r in records]), list(classes))
+
+
+def run_baseline(cfg: Config, records: list[ImageRecord], classes: list[str], out_dir: Path,
+                 cnn: dict[str, Any]) -> dict[str, Any]:
+    """The baseline's report in the CNN's folds (same seeds), its null on the first fold assignment, and
+    whether the CNN's pooled accuracy of the first assignment lies above the null's 95th percentile."""
+    cohort = load_cohort(records, classes, out_dir)
+    reports, rows = [], []
+    for r in range(cfg.cv.repeats):
+        seed = cfg.cv.seed + r
+        folds = grouped_folds(records, cfg.cv.folds, seed)
+        by_fold = cv_records(cohort, folds, seed)
+        reports.append({**cv_report(by_fold, classes, cfg.cv.bootstrap, cfg.cv.confidence, seed), "seed": seed,
+                        "c": [fold[0]["c"] for fold in by_fold]})
+        rows += [[r, k, rec["key"], rec["case"], rec["label"], rec["majority_class"], f"{rec['confidence']:.4f}"]
+                 for k, fold in enumerate(by_fold) for rec in fold]
+        if r == 0:
+            null = permutation_null(cohort, folds, seed, cfg.cv.permutations, pooled_accuracy(by_fold, classes))
+    out = {"method": "logistic regression (C by inner case-grouped CV) on colour/texture features after Reinhard",
+           "repeats": reports, "across_repeats": across_repeats(reports), "null": null}
+    if null["permutations"]:
+        out["cnn_above_null"] = {level: bool(cnn["vote"][level]["accuracy"] > null[level]["p95"])
+                                 for level in ("image", "case")}
+    write_csv_atomic(out_dir / "predictions.csv", ["repeat", "fold", "image", "case", "truth", "predicted",
+                                                    "confidence"], rows)
+    write_text_atomic(out_dir / "report.json", json.dumps(out, indent=1) + "\n")
+    return out
