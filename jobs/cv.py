@@ -6,86 +6,25 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Optional
 
-import submitit
 from omegaconf import DictConfig, OmegaConf
 
 from hpc import ArrayJobError, make_executor, run_array
 from jobs.baseline import run_baseline
-from jobs.config import Config, from_yaml_text, save_resolved, to_object
+from jobs.config import Config, save_resolved, to_object
+from jobs.fold import FoldJob, FoldTask, grid_points, variant_suffix, with_point
 from jobs.rundir import exclusive, make_run_dir
-from jobs.tile import tile_in_process
 from lymphoma.cohort import image_class, write_report
 from lymphoma.crossval import across_repeats, cv_report, fold_phases, format_cv_report, grouped_folds
 from lymphoma.ensemble import write_ensemble
-from lymphoma.selection import best_index, explain
-from lymphoma.settings import CVSettings
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.inputs import ImageRecord, discover
-from lymphoma.prediction import SlideInput, read_record
-from lymphoma.split import assign_phases, check_no_leakage
-
-
-@dataclass(frozen=True)
-class FoldTask:
-    """One fold: the images it may learn from (train, and the inner val that picks the checkpoint) and the
-    test images it predicts; picklable."""
-
-    fold: int
-    config_yaml: str
-    fold_dir: str
-    train: tuple[ImageRecord, ...]
-    val: tuple[ImageRecord, ...]
-    test: tuple[ImageRecord, ...]
-    classes: tuple[str, ...]
-    threads: int
-    tta: bool = False
-    checkpoint: str = "best"
-    repeat: int = 0
-
-    @property
-    def predict_dir(self) -> Path:
-        return Path(self.fold_dir) / f"predict{variant_suffix(self.checkpoint, self.tta)}"
-
-    def slides(self) -> list[SlideInput]:
-        return [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in self.test]
-
-
-def variant_suffix(checkpoint: str, tta: bool) -> str:
-    """How the folders of a prediction variant are told apart: ``-last`` for the last epoch, ``-tta``."""
-    return ("-last" if checkpoint == "last" else "") + ("-tta" if tta else "")
-
-
-class FoldJob(submitit.helpers.Checkpointable):
-    """A fold's array task. Every stage resumes (complete shards, last.pt, complete slides), so a requeued
-    or rerun fold continues where it stopped."""
-
-    def __call__(self, task: FoldTask) -> dict[str, Any]:
-        import torch
-
-        from lymphoma.prediction import Predictor, predict_slides
-        from lymphoma.training import Rank, fit
-
-        check_no_leakage({"train": task.train, "val": task.val, "test": task.test})
-        raw = from_yaml_text(task.config_yaml)
-        cfg = to_object(raw)
-        fold_dir, classes = Path(task.fold_dir), list(task.classes)
-        tile_in_process({"train": list(task.train), "val": list(task.val)}, fold_dir / "tiles", classes, cfg)
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cpu":
-            torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK") or task.threads))
-        config = OmegaConf.to_container(raw, resolve=True)
-        summary = fit(fold_dir / "tiles", fold_dir / "train", replace(cfg.train, eval_phase="val"), cfg.model,
-                      cfg.augment, config, Rank(), device, tile_size=cfg.tiles.size, stain=cfg.stain)
-        predictor = Predictor.from_checkpoint(fold_dir / "train" / "checkpoints" / f"{task.checkpoint}.pt", device,
-                                              cfg.predict.batch_size, cfg.predict.tta)
-        records = predict_slides(predictor, task.slides(), task.predict_dir / "slides", cfg.predict.prefetch,
-                                 cfg.predict.heatmaps)
-        write_report(records, classes, task.predict_dir, cfg.predict.aggregate)
-        return {"fold": task.fold, "train": summary}
+from lymphoma.selection import best_index, explain
+from lymphoma.settings import CVSettings
+from lymphoma.prediction import read_record
+from lymphoma.split import assign_phases
 
 
 def fold_assignments(records: list[ImageRecord], cv: CVSettings) -> list[list[list[str]]]:
@@ -97,6 +36,8 @@ def plan_folds(raw_cfg: DictConfig, run_dir: Path, records: list[ImageRecord], c
     """Every fold's task of every repeat (``repeat-<r>/fold-<k>``), after checking that no case is on two
     sides of any fold."""
     cfg: Config = to_object(raw_cfg)
+    for point in grid_points(dict(cfg.cv.grid)):  # every grid point is a valid config, before any task starts
+        to_object(with_point(raw_cfg, point))
     assignments = fold_assignments(records, cfg.cv)
     threads = max(1, (os.cpu_count() or 1) // max(1, min(cfg.cluster.parallelism, cfg.cv.folds * cfg.cv.repeats)))
     config_yaml = OmegaConf.to_yaml(raw_cfg, resolve=True)
@@ -191,15 +132,36 @@ def kept_epoch(task: FoldTask, cfg: Config) -> dict[str, Any]:
             "epoch": history[index]["epoch"] + 1 if index is not None else None, "why": why}
 
 
-def ship_ensemble(tasks: list[FoldTask], run_dir: Path, checkpoint: str, failure: Optional[ArrayJobError]) -> Optional[str]:
+def ship_ensemble(tasks: list[FoldTask], run_dir: Path, checkpoint: str,
+                  failure: Optional[ArrayJobError]) -> dict[str, Any]:
     """``<run>/ensemble.pt`` (``ensemble-last.pt``): the first repeat's fold models as one checkpoint that
-    `lymphoma predict` averages; none when a fold of that repeat failed."""
+    `lymphoma predict` averages. A fold model that predicted one class for every inner-val tile (balanced
+    accuracy at chance, 1/classes) is left out; with none left, or a fold without a checkpoint, none is written."""
     paths = [Path(t.fold_dir) / "train" / "checkpoints" / f"{checkpoint}.pt" for t in tasks if t.repeat == 0]
     if not all(p.is_file() for p in paths):
         print("no ensemble written: a fold of the first repeat has no checkpoint", flush=True)
-        return None
+        return {"path": None, "members": [], "left_out": [], "why": "a fold of the first repeat has no checkpoint"}
+    members, left_out = [], []
+    for path in paths:
+        (left_out if one_class(path) else members).append(str(path))
+    if not members:
+        print("no ensemble written: every fold model predicts one class on its inner val", flush=True)
+        return {"path": None, "members": [], "left_out": left_out, "why": "every fold model predicts one class"}
     out = run_dir / ("ensemble.pt" if checkpoint == "best" else f"ensemble-{checkpoint}.pt")
-    return str(write_ensemble(paths, out))
+    write_ensemble([Path(m) for m in members], out)
+    print(f"ensemble of {len(members)} fold model(s): {out}" + (f" ({len(left_out)} left out: one class on inner "
+                                                                  "val)" if left_out else ""), flush=True)
+    return {"path": str(out), "members": members, "left_out": left_out}
+
+
+def one_class(path: Path) -> bool:
+    """Whether the checkpoint's epoch scored chance balanced accuracy on its inner val: one class for all."""
+    from lymphoma.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    entry = next((h for h in state.get("history", []) if h["epoch"] == state["epoch"]), {})
+    chance = 1 / max(1, len(state["classes"]))
+    return float(entry.get("val_balanced_accuracy", 1.0)) <= chance + 1e-6
 
 
 def _write_outputs(out: Path, report: dict[str, Any], tasks: list[FoldTask], records_by_fold: list[list[dict[str, Any]]],

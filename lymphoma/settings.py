@@ -4,7 +4,7 @@ configs load and validate fast, also in tasks that never train."""
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
 from lymphoma.errors import InputError
 
@@ -189,7 +189,9 @@ class CVSettings:
     from ``bootstrap`` resamples of the cases at ``confidence``; ``checkpoint``: each fold predicts with its
     ``best`` (kept by train.select) or its ``last`` epoch (a rerun with the other reuses the trained folds);
     ``repeats``: fold assignments (seeds ``seed``, ``seed + 1``, ...); ``baseline``: also run the reference
-    linear model in the same folds, with a null of ``permutations`` case-label permutations."""
+    linear model in the same folds, with a null of ``permutations`` case-label permutations; ``grid``:
+    settings to try in every fold (``{"train.lr": [0.001, 0.003]}``), the point chosen on the fold's inner val
+    alone."""
 
     folds: int = 4
     inner_val_fraction: float = 0.2
@@ -200,6 +202,7 @@ class CVSettings:
     repeats: int = 1
     baseline: bool = True
     permutations: int = 50
+    grid: Dict[str, List[Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.permutations < 0:

@@ -13,7 +13,8 @@ import tables
 
 from conftest import FAST
 from jobs.cli import main
-from jobs.cv import FoldJob, FoldTask, run_cv
+from jobs.cv import run_cv
+from jobs.fold import FoldJob, FoldTask
 from lymphoma.crossval import bootstrap_intervals, cv_report, fold_phases, grouped_folds
 from lymphoma.errors import InputError
 from lymphoma.inputs import ImageRecord
@@ -142,7 +143,10 @@ def test_cv_end_to_end(make_dataset, make_config, capsys):
     assert len(base_rows) == 48
     assert all(row["case"] in test_of[int(row["repeat"]), int(row["fold"])] for row in base_rows)
 
-    # the ensemble of the first repeat's folds predicts like the mean of its members
+    # the first repeat's fold models: shipped as one ensemble, less those that predict one class on inner val
+    shipped = report["ensemble"]
+    assert len(shipped["members"]) + len(shipped["left_out"]) == 2
+    assert (shipped["path"] is not None) == bool(shipped["members"])
     _check_ensemble(run_dir, source)
     saved = json.loads((run_dir / "cv" / "report.json").read_text())
     assert saved["vote"]["image"]["n"] == 24 and len(saved["vote"]["folds"]) == 2
@@ -167,6 +171,12 @@ def _check_ensemble(run_dir: Path, source: Path) -> None:
     from lymphoma.checkpoint import load_checkpoint
     from lymphoma.prediction import Predictor
 
+    from jobs.cv import one_class
+    from lymphoma.checkpoint import save_checkpoint
+    from lymphoma.ensemble import write_ensemble
+
+    folds = [run_dir / "repeat-0" / f"fold-{k}" / "train" / "checkpoints" / "best.pt" for k in (0, 1)]
+    write_ensemble(folds, run_dir / "ensemble.pt")
     ensemble = load_checkpoint(run_dir / "ensemble.pt")
     assert ensemble["architecture"]["members"] == 2 and len(ensemble["ensemble"]) == 2
     members = [Predictor.from_checkpoint(Path(m["path"]), torch.device("cpu")) for m in ensemble["ensemble"]]
@@ -179,6 +189,17 @@ def _check_ensemble(run_dir: Path, source: Path) -> None:
                  str(next(Path(source).rglob("*.png")))]) == 0
     assert (out / "summary.csv").is_file()
 
+    state = load_checkpoint(folds[0])  # a fold model is left out when its kept epoch predicted one class
+    entry = next(h for h in state["history"] if h["epoch"] == state["epoch"])
+    for balanced, expected in ((1 / 3, True), (0.5, False)):
+        entry["val_balanced_accuracy"] = balanced
+        save_checkpoint(state, run_dir / "probe.pt")
+        assert one_class(run_dir / "probe.pt") is expected
+    other = dict(load_checkpoint(folds[1]), classes=["CLL", "FL", "XX"])
+    save_checkpoint(other, run_dir / "other.pt")
+    with pytest.raises(InputError, match="differs from .* in 'classes'"):
+        write_ensemble([folds[0], run_dir / "other.pt"], run_dir / "bad.pt")
+
 
 def test_cv_command_names_the_problem(make_dataset, tmp_path, capsys):
     source = make_dataset(cases_per_class=2, images_per_case=1)
@@ -187,3 +208,29 @@ def test_cv_command_names_the_problem(make_dataset, tmp_path, capsys):
     assert "lymphoma cv: error: too few cases for 3 folds stratified by class" in err and "lower cv.folds to 2" in err
     assert main(["cv", f"data.source={source}", f"run.root={tmp_path}", "cv.folds=2"]) == 2
     assert "inside a fold:" in capsys.readouterr().err  # 1 case per class left: no inner split possible
+
+
+def test_grid_is_chosen_on_the_inner_val_of_each_fold(make_dataset, make_config):
+    from jobs.config import ConfigError
+    from jobs.fold import grid_points
+
+    assert grid_points({}) == [{}]
+    assert grid_points({"train.lr": [0.1, 0.2], "model.drop_rate": [0.0]}) == [
+        {"model.drop_rate": 0.0, "train.lr": 0.1}, {"model.drop_rate": 0.0, "train.lr": 0.2}]
+    with pytest.raises(ConfigError, match="must be a setting of train, model"):
+        grid_points({"cv.folds": [2, 3]})
+    source = make_dataset(cases_per_class=4, images_per_case=1)
+    cfg = make_config(source, *FAST, "cv.folds=2", "cv.inner_val_fraction=0.3", "cv.bootstrap=100", "train.epochs=1",
+                      "train.max_steps_per_epoch=2", "predict.heatmaps=false", "cv.baseline=false",
+                      "cv.grid={train.lr: [0.0001, 0.01], tiles.stride: [32]}", "run.name=grid")
+    report = run_cv(cfg)
+    assert report["n_images"] == 12
+    for fold in (0, 1):
+        fold_dir = Path(cfg.run.root) / "grid" / "repeat-0" / f"fold-{fold}"
+        chosen = json.loads((fold_dir / "grid.json").read_text())
+        scores = [(p["balanced_accuracy"], -p["val_loss"]) for p in chosen["points"]]
+        assert len(scores) == 2 and chosen["chosen"] == max(range(2), key=lambda i: (scores[i], -i))
+        assert (fold_dir / "train").resolve() == (fold_dir / f"grid-{chosen['chosen']}" / "train").resolve()
+        assert (fold_dir / "grid-0" / "tiles" / "manifest.json").is_file()  # tiles.stride in the grid: own tiles
+    with pytest.raises(ConfigError, match="'train.nope' is not a setting"):
+        run_cv(make_config(source, *FAST, "cv.folds=2", "cv.grid={train.nope: [1]}", "run.name=grid-bad"))

@@ -1,0 +1,134 @@
+"""One cross-validation fold as an array task: tile its training cases, train (for every point of the
+hyper-parameter grid, if any, choosing on the inner val alone), predict its test cases."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import submitit
+from omegaconf import DictConfig, OmegaConf
+
+from jobs.config import ConfigError, from_yaml_text, to_object
+from jobs.tile import tile_in_process
+from lymphoma.cohort import write_report
+from lymphoma.files import write_text_atomic
+from lymphoma.inputs import ImageRecord
+from lymphoma.prediction import SlideInput
+from lymphoma.split import check_no_leakage
+
+GRID_SECTIONS = ("train", "model", "augment", "stain", "tiles")
+
+
+@dataclass(frozen=True)
+class FoldTask:
+    """One fold: the images it may learn from (train, and the inner val that picks the checkpoint and the
+    grid point) and the test images it predicts; picklable."""
+
+    fold: int
+    config_yaml: str
+    fold_dir: str
+    train: tuple[ImageRecord, ...]
+    val: tuple[ImageRecord, ...]
+    test: tuple[ImageRecord, ...]
+    classes: tuple[str, ...]
+    threads: int
+    tta: bool = False
+    checkpoint: str = "best"
+    repeat: int = 0
+
+    @property
+    def predict_dir(self) -> Path:
+        return Path(self.fold_dir) / f"predict{variant_suffix(self.checkpoint, self.tta)}"
+
+    def slides(self) -> list[SlideInput]:
+        return [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in self.test]
+
+
+def variant_suffix(checkpoint: str, tta: bool) -> str:
+    """How the folders of a prediction variant are told apart: ``-last`` for the last epoch, ``-tta``."""
+    return ("-last" if checkpoint == "last" else "") + ("-tta" if tta else "")
+
+
+def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
+    """Every combination of the grid's values (``{"train.lr": [1e-3, 3e-3], ...}``); ``[{}]`` without a grid."""
+    for key, values in grid.items():
+        if key.split(".")[0] not in GRID_SECTIONS or "." not in key:
+            raise ConfigError(f"cv.grid key {key!r} must be a setting of {', '.join(GRID_SECTIONS)} "
+                              "(e.g. train.lr)")
+        if not values:
+            raise ConfigError(f"cv.grid.{key} has no values; give a list such as [0.001, 0.003]")
+    keys = sorted(grid)
+    return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
+
+
+def with_point(raw: DictConfig, point: dict[str, Any]) -> DictConfig:
+    """The config with a grid point's values set (each key must exist: a typo is an error)."""
+    merged = raw.copy()
+    for key, value in point.items():
+        if OmegaConf.select(merged, key, default="__missing__") == "__missing__":
+            raise ConfigError(f"cv.grid key {key!r} is not a setting; see configs/defaults.yaml")
+        OmegaConf.update(merged, key, value, merge=False)
+    return merged
+
+
+class FoldJob(submitit.helpers.Checkpointable):
+    """A fold's array task. Every stage resumes (complete shards, last.pt, complete slides), so a requeued
+    or rerun fold continues where it stopped."""
+
+    def __call__(self, task: FoldTask) -> dict[str, Any]:
+        import torch
+
+        from lymphoma.prediction import Predictor, predict_slides
+
+        check_no_leakage({"train": task.train, "val": task.val, "test": task.test})
+        raw = from_yaml_text(task.config_yaml)
+        cfg = to_object(raw)
+        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+        if device.type == "cpu":
+            torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK") or task.threads))
+        summary = train_fold(task, raw, device)
+        predictor = Predictor.from_checkpoint(Path(task.fold_dir) / "train" / "checkpoints" / f"{task.checkpoint}.pt",
+                                              device, cfg.predict.batch_size, cfg.predict.tta)
+        records = predict_slides(predictor, task.slides(), task.predict_dir / "slides", cfg.predict.prefetch,
+                                 cfg.predict.heatmaps)
+        write_report(records, list(task.classes), task.predict_dir, cfg.predict.aggregate)
+        return {"fold": task.fold, "train": summary}
+
+
+def _fit(task: FoldTask, raw: DictConfig, work_dir: Path, tiles_dir: Path, device: Any) -> dict[str, Any]:
+    from lymphoma.training import Rank, fit
+
+    cfg = to_object(raw)
+    tile_in_process({"train": list(task.train), "val": list(task.val)}, tiles_dir, list(task.classes), cfg)
+    return fit(tiles_dir, work_dir / "train", replace(cfg.train, eval_phase="val"), cfg.model, cfg.augment,
+               OmegaConf.to_container(raw, resolve=True), Rank(), device, tile_size=cfg.tiles.size, stain=cfg.stain)
+
+
+def train_fold(task: FoldTask, raw: DictConfig, device: Any) -> dict[str, Any]:
+    """Train the fold into ``<fold>/train``. With a grid, train every point into ``<fold>/grid-<i>`` (its own
+    tiles when the point changes tiling), keep the point whose kept epoch scored the best inner-val balanced
+    accuracy (lower val loss breaks ties), link ``<fold>/train`` to it and write ``<fold>/grid.json``."""
+    fold_dir = Path(task.fold_dir)
+    points = grid_points(dict(to_object(raw).cv.grid))
+    if points == [{}]:
+        return _fit(task, raw, fold_dir, fold_dir / "tiles", device)
+    results = []
+    for i, point in enumerate(points):
+        own_tiles = any(key.startswith("tiles.") for key in point)
+        tiles_dir = fold_dir / f"grid-{i}" / "tiles" if own_tiles else fold_dir / "tiles"
+        summary = _fit(task, with_point(raw, point), fold_dir / f"grid-{i}", tiles_dir, device)
+        results.append({"point": point, "balanced_accuracy": summary["best_val_balanced_accuracy"],
+                        "val_loss": summary["best_val_loss"], "epoch": summary["best_epoch"]})
+    best = max(range(len(results)), key=lambda i: (results[i]["balanced_accuracy"], -results[i]["val_loss"], -i))
+    link = fold_dir / "train"
+    tmp = fold_dir / ".train-link"
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(Path(f"grid-{best}") / "train", target_is_directory=True)
+    tmp.replace(link)
+    write_text_atomic(fold_dir / "grid.json", json.dumps({"chosen": best, "points": results}, indent=1) + "\n")
+    return {**results[best], "grid_point": best}
