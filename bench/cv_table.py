@@ -1,7 +1,9 @@
-"""The experiment table of the README from cross-validation runs: one row per run folder, its pooled
-image- and case-level accuracy with bootstrap intervals, for majority vote and mean probability.
+"""The experiment table of the README from cross-validation runs: one row per run folder and prediction
+variant (cv, cv-last, cv-tta), with pooled image- and case-level accuracy (majority vote) as the mean +- sd
+over the run's fold assignments (cv.repeats) and, with one assignment, its case-bootstrap interval; the
+reference baseline in the same folds and its permutation null.
 
-    .venv/bin/python bench/cv_table.py runs/cv-tutorial runs/cv-hed ... [--tta] [--out bench/results/cv.json]
+    .venv/bin/python bench/cv_table.py runs/cv-tutorial runs/cv-stable ... [--out bench/results/cv.json]
 """
 
 from __future__ import annotations
@@ -12,18 +14,36 @@ from pathlib import Path
 
 from common import emit
 
-
-def cell(entry: dict, level: str, kind: str = "accuracy") -> str:
-    low, high = entry["interval"][f"{level}_{kind}"]
-    return f"{entry[level][kind]:.3f} [{low:.2f}, {high:.2f}]"
+VARIANTS = {"cv": "", "cv-last": " (last epoch)", "cv-tta": " + TTA", "cv-last-tta": " (last epoch) + TTA"}
 
 
-def row(run: Path, report: dict) -> str:
-    vote, mean = report["vote"], report["mean"]
-    epochs = [k["epoch"] for k in report.get("kept", []) if k.get("epoch")]
-    return (f"| {run.name}{' + TTA' if report.get('tta') else ''} | {cell(vote, 'image')} | "
-            f"{cell(vote, 'image', 'balanced_accuracy')} | {cell(vote, 'case')} | {cell(mean, 'image')} | "
-            f"{cell(mean, 'case')} | {'/'.join(map(str, epochs))} | {report['minutes']:.0f} |")
+def figure(report: dict, aggregate: str, level: str, kind: str = "accuracy") -> str:
+    """Mean +- sd over fold assignments, or the single assignment's value with its interval."""
+    across = report.get("across_repeats") or {}
+    if across.get("n", 1) > 1:
+        entry = across[f"{aggregate}_{level}_{kind}"]
+        return f"{entry['mean']:.3f} +- {entry['sd']:.3f} (n={across['n']})"
+    low, high = report[aggregate]["interval"][f"{level}_{kind}"]
+    return f"{report[aggregate][level][kind]:.3f} [{low:.2f}, {high:.2f}]"
+
+
+def baseline_cell(report: dict) -> str:
+    baseline = report.get("baseline")
+    if not baseline:
+        return ""
+    across = baseline["across_repeats"]
+    image, case = across["vote_image_accuracy"], across["vote_case_accuracy"]
+    null = baseline.get("null") or {}
+    tail = f"; null p95 {null['image']['p95']:.2f}/{null['case']['p95']:.2f}" if null.get("permutations") else ""
+    return f"{image['mean']:.3f} / {case['mean']:.3f}{tail}"
+
+
+def row(run: Path, variant: str, report: dict) -> str:
+    epochs = [str(k["epoch"]) for k in report.get("kept", []) if k.get("epoch") and k["repeat"] == 0]
+    return (f"| {run.name}{VARIANTS[variant]} | {figure(report, 'vote', 'image')} | "
+            f"{figure(report, 'vote', 'image', 'balanced_accuracy')} | {figure(report, 'vote', 'case')} | "
+            f"{figure(report, 'mean', 'image')} | {baseline_cell(report)} | {'/'.join(epochs)} | "
+            f"{report['minutes']:.0f} |")
 
 
 def main() -> None:
@@ -31,20 +51,24 @@ def main() -> None:
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    print("| run | image acc. (vote) | image balanced acc. (vote) | case acc. (vote) | image acc. (mean prob.) "
-          "| case acc. (mean prob.) | epochs per fold | minutes |")
+    print("| run | image acc. (vote) | image balanced acc. | case acc. (vote) | image acc. (mean prob.) "
+          "| baseline image / case acc. (same folds) | epoch kept per fold | minutes |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     summary = {}
     for run in args.runs:
-        for sub in ("cv", "cv-tta"):
-            path = run / sub / "report.json"
-            if path.is_file():
-                report = json.loads(path.read_text())
-                print(row(run, report))
-                summary[f"{run.name}/{sub}"] = {k: report[k] for k in ("vote", "mean", "n_images", "n_cases", "minutes",
-                                                                       "tta")}
-                for aggregate in ("vote", "mean"):
-                    summary[f"{run.name}/{sub}"][aggregate].pop("folds", None)
+        for variant in VARIANTS:
+            path = run / variant / "report.json"
+            if not path.is_file():
+                continue
+            report = json.loads(path.read_text())
+            print(row(run, variant, report))
+            keep = ("vote", "mean", "n_images", "n_cases", "minutes", "tta", "checkpoint", "across_repeats", "kept")
+            entry = {k: report.get(k) for k in keep}
+            if report.get("baseline"):
+                entry["baseline"] = {k: report["baseline"].get(k) for k in ("across_repeats", "null", "cnn_above_null")}
+            for aggregate in ("vote", "mean"):
+                entry[aggregate] = {k: v for k, v in entry[aggregate].items() if k != "folds"}
+            summary[f"{run.name}/{variant}"] = entry
     if args.out:
         emit(summary, args.out)
 

@@ -88,8 +88,11 @@ def run_cv(raw_cfg: DictConfig) -> dict[str, Any]:
         suffix = variant_suffix(cfg.cv.checkpoint, cfg.predict.tta)
         report = assemble_report(cfg, tasks, records, inputs.classes)
         report["failed_folds"] = [f.index for f in failure.failures] if failure else []
+        report["seconds"] = stage_seconds(tasks)
         if cfg.cv.baseline:
+            begin = time.perf_counter()
             report["baseline"] = run_baseline(cfg, inputs.records, inputs.classes, run_dir / "baseline", report)
+            report["seconds"]["baseline"] = time.perf_counter() - begin
         report["ensemble"] = ship_ensemble(tasks, run_dir, cfg.cv.checkpoint, failure)
         report["minutes"] = (time.perf_counter() - start) / 60
         _write_outputs(run_dir / f"cv{suffix}", report, tasks, records, inputs.classes, cfg.predict.aggregate)
@@ -117,6 +120,18 @@ def assemble_report(cfg: Config, tasks: list[FoldTask], records: list[list[dict[
               "across_repeats": across_repeats(done), "tta": cfg.predict.tta, "checkpoint": cfg.cv.checkpoint}
     report["kept"] = [kept_epoch(t, cfg) for t in tasks]
     return report
+
+
+def stage_seconds(tasks: list[FoldTask]) -> dict[str, float]:
+    """Task seconds spent tiling, training and predicting, summed over the folds that ran in this command
+    (a rerun that resumes finished folds counts only what it redid)."""
+    total = {"tile": 0.0, "train": 0.0, "predict": 0.0}
+    for task in tasks:
+        path = task.predict_dir / "seconds.json"
+        if path.is_file():
+            for stage, value in json.loads(path.read_text()).items():
+                total[stage] = total.get(stage, 0.0) + float(value)
+    return total
 
 
 def kept_epoch(task: FoldTask, cfg: Config) -> dict[str, Any]:

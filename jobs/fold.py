@@ -6,6 +6,7 @@ from __future__ import annotations
 import itertools
 import json
 import os
+import time
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -91,37 +92,48 @@ class FoldJob(submitit.helpers.Checkpointable):
         device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
         if device.type == "cpu":
             torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK") or task.threads))
-        summary = train_fold(task, raw, device)
+        seconds = {"tile": 0.0, "train": 0.0, "predict": 0.0}
+        summary = train_fold(task, raw, device, seconds)
+        start = time.perf_counter()
         predictor = Predictor.from_checkpoint(Path(task.fold_dir) / "train" / "checkpoints" / f"{task.checkpoint}.pt",
                                               device, cfg.predict.batch_size, cfg.predict.tta)
         records = predict_slides(predictor, task.slides(), task.predict_dir / "slides", cfg.predict.prefetch,
                                  cfg.predict.heatmaps)
         write_report(records, list(task.classes), task.predict_dir, cfg.predict.aggregate)
-        return {"fold": task.fold, "train": summary}
+        seconds["predict"] = time.perf_counter() - start
+        write_text_atomic(task.predict_dir / "seconds.json", json.dumps(seconds) + "\n")
+        return {"fold": task.fold, "train": summary, "seconds": seconds}
 
 
-def _fit(task: FoldTask, raw: DictConfig, work_dir: Path, tiles_dir: Path, device: Any) -> dict[str, Any]:
+def _fit(task: FoldTask, raw: DictConfig, work_dir: Path, tiles_dir: Path, device: Any,
+         seconds: dict[str, float]) -> dict[str, Any]:
+    """Tile (complete shards are kept) and train (resuming) one configuration; adds each stage's seconds."""
     from lymphoma.training import Rank, fit
 
     cfg = to_object(raw)
+    start = time.perf_counter()
     tile_in_process({"train": list(task.train), "val": list(task.val)}, tiles_dir, list(task.classes), cfg)
-    return fit(tiles_dir, work_dir / "train", replace(cfg.train, eval_phase="val"), cfg.model, cfg.augment,
-               OmegaConf.to_container(raw, resolve=True), Rank(), device, tile_size=cfg.tiles.size, stain=cfg.stain)
+    seconds["tile"] += time.perf_counter() - start
+    start = time.perf_counter()
+    summary = fit(tiles_dir, work_dir / "train", replace(cfg.train, eval_phase="val"), cfg.model, cfg.augment,
+                  OmegaConf.to_container(raw, resolve=True), Rank(), device, tile_size=cfg.tiles.size, stain=cfg.stain)
+    seconds["train"] += time.perf_counter() - start
+    return summary
 
 
-def train_fold(task: FoldTask, raw: DictConfig, device: Any) -> dict[str, Any]:
+def train_fold(task: FoldTask, raw: DictConfig, device: Any, seconds: dict[str, float]) -> dict[str, Any]:
     """Train the fold into ``<fold>/train``. With a grid, train every point into ``<fold>/grid-<i>`` (its own
     tiles when the point changes tiling), keep the point whose kept epoch scored the best inner-val balanced
     accuracy (lower val loss breaks ties), link ``<fold>/train`` to it and write ``<fold>/grid.json``."""
     fold_dir = Path(task.fold_dir)
     points = grid_points(dict(to_object(raw).cv.grid))
     if points == [{}]:
-        return _fit(task, raw, fold_dir, fold_dir / "tiles", device)
+        return _fit(task, raw, fold_dir, fold_dir / "tiles", device, seconds)
     results = []
     for i, point in enumerate(points):
         own_tiles = any(key.startswith("tiles.") for key in point)
         tiles_dir = fold_dir / f"grid-{i}" / "tiles" if own_tiles else fold_dir / "tiles"
-        summary = _fit(task, with_point(raw, point), fold_dir / f"grid-{i}", tiles_dir, device)
+        summary = _fit(task, with_point(raw, point), fold_dir / f"grid-{i}", tiles_dir, device, seconds)
         results.append({"point": point, "balanced_accuracy": summary["best_val_balanced_accuracy"],
                         "val_loss": summary["best_val_loss"], "epoch": summary["best_epoch"]})
     best = max(range(len(results)), key=lambda i: (results[i]["balanced_accuracy"], -results[i]["val_loss"], -i))

@@ -130,6 +130,8 @@ def format_cv_report(report: dict[str, Any]) -> str:
         lines.append(f"  repeat {kept['repeat']} fold {kept['fold']} kept {kept['why']} ({kept['epochs']} epochs run)")
     if report.get("baseline"):
         lines += format_baseline(report["baseline"])
+    if report.get("seconds"):
+        lines.append("task seconds: " + ", ".join(f"{stage} {value:.0f}" for stage, value in report["seconds"].items()))
     return "\n".join(lines)
 
 

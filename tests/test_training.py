@@ -189,3 +189,46 @@ def test_new_training_options_are_checked():
                               ("train.warmup_epochs=10", "train.warmup_epochs must be in")):
         with pytest.raises(ConfigError, match=message):
             to_object(load_config(None, [override]))
+
+
+def test_case_balanced_sampling_weighs_classes_and_cases_equally():
+    import numpy as np
+
+    from lymphoma.data import CaseBalancedSampler, case_balanced_weights
+
+    labels = np.array([0] * 90 + [0] * 10 + [1] * 20 + [2] * 5)       # class 0: one case of 90 tiles, one of 10
+    cases = np.array(["a"] * 90 + ["b"] * 10 + ["c"] * 20 + ["d"] * 5)
+    w = case_balanced_weights(labels, cases)
+    assert w.sum() == pytest.approx(1.0)
+    for label in range(3):
+        assert w[labels == label].sum() == pytest.approx(1 / 3)
+    assert w[cases == "a"].sum() == pytest.approx(w[cases == "b"].sum()) == pytest.approx(1 / 6)
+    ranks = [CaseBalancedSampler(labels, cases, 3000, rank, 2, seed=5) for rank in (0, 1)]
+    for sampler in ranks:
+        sampler.set_epoch(3)
+    draws = [list(s) for s in ranks]
+    assert len(draws[0]) == len(draws[1]) == 1500
+    drawn = np.array(draws[0] + draws[1])
+    assert abs(np.isin(drawn, np.flatnonzero(cases == "b")).mean() - 1 / 6) < 0.03  # the small case is not drowned
+    assert draws[0] == list(ranks[0])  # the same epoch draws the same tiles
+    ranks[0].set_epoch(4)
+    assert draws[0] != list(ranks[0])
+
+
+def test_ema_weights_are_what_training_keeps_and_resumes(tiled):
+    """With train.ema, best.pt holds the averaged weights (not the last step's), and a resumed run continues
+    the same average."""
+    import torch
+
+    epochs = ["train.epochs=2", "train.max_steps_per_epoch=4", "train.deterministic=true", "train.ema=0.9",
+              "train.sampling=cases", "train.samples_per_epoch=64", "train.select=last"]
+    run_train(config_for(tiled, "ema", *epochs))
+    state = load_checkpoint(tiled[1] / "ema" / "train" / "checkpoints" / "last.pt")
+    assert state["averaged"]["n_averaged"].item() == 8  # 2 epochs x 4 steps
+    kept = {k: v for k, v in state["model"].items() if v.is_floating_point()}
+    raw = state["train_model"]
+    assert any(not torch.equal(kept[k], raw[k]) for k in kept)
+    one = config_for(tiled, "ema-resumed", *epochs[1:], "train.epochs=1")
+    run_train(one)
+    run_train(config_for(tiled, "ema-resumed", *epochs))
+    assert final_digest(tiled[1], "ema-resumed") == final_digest(tiled[1], "ema")
