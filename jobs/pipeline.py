@@ -37,7 +37,12 @@ def run_pipeline(raw_cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     print("== 2/3 train", flush=True)
     summary = run_train(raw_cfg)[0]
     print(f"best epoch {summary['best_epoch'] + 1} of {summary['epochs']}: val loss {summary['best_val_loss']:.4f}, "
-          f"val tile accuracy {summary['best_val_accuracy']:.3f}; checkpoints in {summary['checkpoints']}", flush=True)
+          f"val tile accuracy {summary['best_val_accuracy']:.3f}; kept {summary['selection']}; checkpoints in "
+          f"{summary['checkpoints']}", flush=True)
+    if summary["best_val_balanced_accuracy"] <= 1 / len(summary["classes"]) + 1e-6:
+        print("warning: the kept model predicts one class for every validation tile (balanced accuracy at chance): "
+              "it has not learnt the sub-types; train longer (train.epochs) and judge models with `lymphoma cv`",
+              flush=True)
     phase = "test" if cfg.split.test_fraction > 0 else "val"
     print(f"== 3/3 predict the held-out {phase} images", flush=True)
     checkpoint = Path(summary["checkpoints"]) / "best.pt"

@@ -269,7 +269,7 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
         writer.close()
     train_tiles.close()
     eval_tiles.close()
-    return _summary(history, train, rank, device, backend, ckpt_dir, parts.kept)
+    return {**_summary(history, train, rank, device, backend, ckpt_dir, parts.kept), "classes": classes}
 
 
 def _save_epoch(state: dict[str, Any], ckpt_dir: Path, kept: bool) -> None:

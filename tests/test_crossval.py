@@ -151,7 +151,10 @@ def test_cv_end_to_end(make_dataset, make_config, capsys):
     saved = json.loads((run_dir / "cv" / "report.json").read_text())
     assert saved["vote"]["image"]["n"] == 24 and len(saved["vote"]["folds"]) == 2
     assert (run_dir / "cv" / "confusion_image.png").is_file()
-    assert "95% intervals from 200 case resamples" in capsys.readouterr().out
+    printed = capsys.readouterr().out
+    assert "95% intervals from 200 case resamples" in printed and "over 2 fold assignments" in printed
+    assert "baseline (logistic regression" in printed and "its null (3 case-label permutations" in printed
+    assert "task seconds: tile" in printed and report["seconds"]["train"] > 0
 
     # TTA on the same run: the trained folds are reused (no new epoch), the predictions are new
     best = run_dir / "repeat-0" / "fold-0" / "train" / "checkpoints" / "best.pt"
