@@ -21,9 +21,9 @@ from lymphoma.crossval import across_repeats, cv_report, fold_phases, format_cv_
 from lymphoma.ensemble import write_ensemble
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.inputs import ImageRecord, discover
+from lymphoma.prediction import read_record
 from lymphoma.selection import best_index, explain
 from lymphoma.settings import CVSettings
-from lymphoma.prediction import read_record
 from lymphoma.split import assign_phases
 
 
@@ -72,9 +72,10 @@ def run_cv(raw_cfg: DictConfig) -> dict[str, Any]:
                           cfg.tiles.strict)
         tasks = plan_folds(raw_cfg, run_dir, inputs.records, inputs.classes)
         write_folds_csv(run_dir / "folds.csv", tasks)
-        print(f"{cfg.cv.repeats} repeat(s) of {cfg.cv.folds} folds ({', '.join(str(len({r.case for r in t.test})) for t in tasks[:cfg.cv.folds])} "
-              f"test cases); each trains on its train cases and picks its checkpoint on {cfg.cv.inner_val_fraction:.0%} "
-              f"of them (inner val); logs in {run_dir / 'logs'}", flush=True)
+        sizes = ", ".join(str(len({r.case for r in t.test})) for t in tasks[:cfg.cv.folds])
+        print(f"{cfg.cv.repeats} repeat(s) of {cfg.cv.folds} folds ({sizes} test cases); each trains on its train "
+              f"cases and picks its checkpoint on {cfg.cv.inner_val_fraction:.0%} of them (inner val); logs in "
+              f"{run_dir / 'logs'}", flush=True)
         executor = make_executor(cfg.cluster, run_dir / "logs" / "%j", name=f"cv-{cfg.run.name}")
         failure = None
         try:

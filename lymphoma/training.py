@@ -188,6 +188,33 @@ def build_parts(architecture: dict[str, object], train: TrainSettings, rank: Ran
     return Parts(model, ddp, make_averaged(model, train.ema), optimizer, make_scheduler(optimizer, train))
 
 
+@dataclass
+class Pipelines:
+    """The augmenters and loaders of one run, with the backend and stain target they use."""
+
+    backend: str
+    target: Any
+    train_aug: Any
+    eval_aug: Any
+    train_loader: Any
+    eval_loader: Any
+
+
+def build_pipelines(train_tiles: TileDataset, eval_tiles: TileDataset, train: TrainSettings, augment: AugmentSettings,
+                    stain: StainSettings, rank: Rank, device: torch.device) -> Pipelines:
+    backend = choose_backend(augment)
+    target = fit_target(stain)
+    normalizer = StainNormalizer(target) if target is not None else None
+    train_aug = build_augmenter(augment, True, device, seed=train.seed * 1000 + rank.rank, normalizer=normalizer)
+    eval_aug = build_augmenter(augment, False, device, normalizer=normalizer)
+    workers = train.num_workers if train.num_workers is not None else loader_workers(device, rank)
+    train_loader = make_loader(train_tiles, train_aug.sample, train.batch_size, rank.rank, rank.world, True,
+                               train.seed, workers, train.sampling == "cases", train.samples_per_epoch)
+    eval_loader = make_loader(eval_tiles, eval_aug.sample, train.eval_batch_size, rank.rank, rank.world, False,
+                              train.seed, workers)
+    return Pipelines(backend, target, train_aug, eval_aug, train_loader, eval_loader)
+
+
 def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: ModelSettings,
         augment: AugmentSettings, config: dict[str, Any], rank: Rank, device: torch.device,
         tile_size: Optional[int] = None, stain: StainSettings = StainSettings()) -> dict[str, Any]:
@@ -197,10 +224,7 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
     train_tiles = open_phase(tiles_dir, "train", tile_size, augment.crop)
     eval_tiles = open_phase(tiles_dir, train.eval_phase, tile_size, augment.crop)
     classes = list(train_tiles.classes or [])
-    weights = class_weights(train_tiles.class_counts(), classes)
-    weighted = train.class_weighted and train.sampling == "tiles"  # case sampling balances the classes already
-    criterion = torch.nn.CrossEntropyLoss(weight=weights.to(device) if weighted else None,
-                                          label_smoothing=train.label_smoothing)
+    criterion = make_criterion(train_tiles, train, device)
     architecture = model_settings.architecture(len(classes))
     parts = build_parts(architecture, train, rank, device)
 
@@ -214,29 +238,16 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
         if len(state["rng"]) == rank.world:
             set_rng_state(state["rng"][rank.rank])
 
-    backend = choose_backend(augment)
-    target = fit_target(stain)
-    normalizer = StainNormalizer(target) if target is not None else None
-    train_aug = build_augmenter(augment, True, device, seed=train.seed * 1000 + rank.rank, normalizer=normalizer)
-    eval_aug = build_augmenter(augment, False, device, normalizer=normalizer)
-    workers = train.num_workers if train.num_workers is not None else loader_workers(device, rank)
-    train_loader = make_loader(train_tiles, train_aug.sample, train.batch_size, rank.rank, rank.world, True,
-                               train.seed, workers, train.sampling == "cases", train.samples_per_epoch)
-    eval_loader = make_loader(eval_tiles, eval_aug.sample, train.eval_batch_size, rank.rank, rank.world, False,
-                              train.seed, workers)
+    pipes = build_pipelines(train_tiles, eval_tiles, train, augment, stain, rank, device)
     options = StepOptions(train.amp and device.type == "cuda", train.channels_last, train.max_steps_per_epoch,
                           train.clip_grad_norm)
-
+    backend, target, train_aug = pipes.backend, pipes.target, pipes.train_aug
     writer = None
     if rank.main:
         print(f"training on {device} x {rank.world} process(es), {backend} augmentation, {len(train_tiles)} train "
               f"and {len(eval_tiles)} {train.eval_phase} tiles, from epoch {start_epoch + 1} of {train.epochs}",
               flush=True)
-        from torch.utils.tensorboard import SummaryWriter
-
-        writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_epoch)
-        if start_epoch == 0:
-            _log_augmentation(writer, train_tiles, train_aug, augment)
+        writer = _open_writer(out_dir, start_epoch, train_tiles, train_aug, augment)
 
     base = {"architecture": architecture, "classes": classes, "tiles": manifest["tiles"],
             "augment": asdict(augment), "config": config, "backend": backend,
@@ -244,11 +255,11 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
     for epoch in range(start_epoch, train.epochs):
         if stop_early(history, train.patience, train.select, train.min_epochs):
             break
-        train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-        stats = train_one_epoch(parts.ddp, train_loader, train_aug, criterion, parts.optimizer, device, epoch,
+        pipes.train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+        stats = train_one_epoch(parts.ddp, pipes.train_loader, train_aug, criterion, parts.optimizer, device, epoch,
                                 options, parts.averaged)
-        val = evaluate(parts.kept if parts.averaged is not None else parts.ddp, eval_loader, eval_aug, criterion,
-                       device, len(classes), options.amp, train.channels_last)
+        val = evaluate(parts.kept if parts.averaged is not None else parts.ddp, pipes.eval_loader, pipes.eval_aug,
+                       criterion, device, len(classes), options.amp, train.channels_last)
         lr = parts.optimizer.param_groups[0]["lr"]
         parts.scheduler.step()
         history.append({"epoch": epoch, "train_loss": stats.loss, "val_loss": val.loss, "val_accuracy": val.accuracy,
@@ -270,6 +281,24 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
     train_tiles.close()
     eval_tiles.close()
     return {**_summary(history, train, rank, device, backend, ckpt_dir, parts.kept), "classes": classes}
+
+
+def make_criterion(train_tiles: TileDataset, train: TrainSettings, device: torch.device) -> torch.nn.Module:
+    """Cross-entropy with label smoothing, weighted by 1 - class share (the tutorial's) unless the sampling
+    balances the classes already."""
+    weights = class_weights(train_tiles.class_counts(), list(train_tiles.classes or []))
+    weighted = train.class_weighted and train.sampling == "tiles"
+    return torch.nn.CrossEntropyLoss(weight=weights.to(device) if weighted else None,
+                                     label_smoothing=train.label_smoothing)
+
+
+def _open_writer(out_dir: Path, start_epoch: int, tiles: TileDataset, augmenter: Any, augment: AugmentSettings) -> Any:
+    from torch.utils.tensorboard import SummaryWriter
+
+    writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_epoch)
+    if start_epoch == 0:
+        _log_augmentation(writer, tiles, augmenter, augment)
+    return writer
 
 
 def _save_epoch(state: dict[str, Any], ckpt_dir: Path, kept: bool) -> None:

@@ -171,12 +171,10 @@ def _check_ensemble(run_dir: Path, source: Path) -> None:
     import numpy as np
     import torch
 
-    from lymphoma.checkpoint import load_checkpoint
-    from lymphoma.prediction import Predictor
-
     from jobs.cv import one_class
-    from lymphoma.checkpoint import save_checkpoint
+    from lymphoma.checkpoint import load_checkpoint, save_checkpoint
     from lymphoma.ensemble import write_ensemble
+    from lymphoma.prediction import Predictor
 
     folds = [run_dir / "repeat-0" / f"fold-{k}" / "train" / "checkpoints" / "best.pt" for k in (0, 1)]
     write_ensemble(folds, run_dir / "ensemble.pt")
