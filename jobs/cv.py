@@ -142,8 +142,8 @@ def kept_epoch(task: FoldTask, cfg: Config) -> dict[str, Any]:
     if task.checkpoint == "last" and history:
         index, why = len(history) - 1, f"epoch {len(history)}: the last (cv.checkpoint=last)"
     else:
-        index, why = best_index(history, cfg.train.select, cfg.train.min_epochs), explain(
-            history, cfg.train.select, cfg.train.min_epochs)
+        index, why = best_index(history, cfg.train.select, cfg.train.first_candidate), explain(
+            history, cfg.train.select, cfg.train.first_candidate)
     return {"repeat": task.repeat, "fold": task.fold, "epochs": len(history),
             "epoch": history[index]["epoch"] + 1 if index is not None else None, "why": why}
 

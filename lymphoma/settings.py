@@ -94,21 +94,22 @@ SAMPLINGS = ("tiles", "cases")
 class TrainSettings:
     """``select``: what picks best.pt and stops early: ``balanced_accuracy`` on the eval phase (a model that
     predicts one class scores 1/classes, so it cannot win; val loss breaks ties), ``loss``, or ``last`` (a
-    fixed schedule: the last epoch, no early stopping); only epochs from ``min_epochs`` on are candidates.
+    fixed schedule: the last epoch, no early stopping); only epochs from ``min_epochs`` on are candidates (the last
+    epoch of a shorter run).
     ``ema``: decay of an exponential moving average of the weights (and batch-norm statistics), updated every
     step; evaluated and saved instead of the raw weights. ``sampling``: ``tiles`` draws every tile once per
     epoch; ``cases`` draws ``samples_per_epoch`` tiles with replacement, every class equally often and, within
     a class, every case equally often (patients with many images do not dominate; class weights are then 1)."""
 
-    epochs: int = 10
-    batch_size: int = 64
+    epochs: int = 12
+    batch_size: int = 32
     eval_batch_size: int = 128
     optimizer: str = "adamw"
     lr: float = 1e-3
     weight_decay: float = 0.05
     momentum: float = 0.9
-    scheduler: str = "none"
-    warmup_epochs: int = 0
+    scheduler: str = "cosine"
+    warmup_epochs: int = 1
     step_size: int = 10
     gamma: float = 0.1
     num_workers: Optional[int] = None
@@ -119,14 +120,24 @@ class TrainSettings:
     max_steps_per_epoch: Optional[int] = None
     class_weighted: bool = True
     label_smoothing: float = 0.1
-    patience: Optional[int] = 3
+    patience: Optional[int] = None
     select: str = "balanced_accuracy"
-    min_epochs: int = 1
-    ema: Optional[float] = None
-    sampling: str = "tiles"
-    samples_per_epoch: Optional[int] = None
+    min_epochs: int = 4
+    ema: Optional[float] = 0.99
+    sampling: str = "cases"
+    samples_per_epoch: Optional[int] = 2048
     clip_grad_norm: Optional[float] = None
     eval_phase: str = "val"
+
+    @property
+    def first_candidate(self) -> int:
+        """The first epoch (1-based) that may be kept: min_epochs, or the last epoch of a shorter run."""
+        return min(self.min_epochs, self.epochs)
+
+    @property
+    def warmup(self) -> int:
+        """Warm-up epochs, leaving at least one epoch after them."""
+        return min(self.warmup_epochs, self.epochs - 1)
 
     def __post_init__(self) -> None:
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -143,10 +154,9 @@ class TrainSettings:
             raise InputError(f"train.select is {self.select!r}; allowed: {', '.join(SELECTIONS)}")
         if self.sampling not in SAMPLINGS:
             raise InputError(f"train.sampling is {self.sampling!r}; allowed: {', '.join(SAMPLINGS)}")
-        if not 1 <= self.min_epochs <= self.epochs:
-            raise InputError(f"train.min_epochs must be in [1, train.epochs={self.epochs}], got {self.min_epochs}")
-        if not 0 <= self.warmup_epochs < self.epochs:
-            raise InputError(f"train.warmup_epochs must be in [0, train.epochs), got {self.warmup_epochs}")
+        if self.min_epochs < 1 or self.warmup_epochs < 0:
+            raise InputError(f"train.min_epochs must be >= 1 and train.warmup_epochs >= 0, got {self.min_epochs} and "
+                             f"{self.warmup_epochs}")
         if self.ema is not None and not 0.0 < self.ema < 1.0:
             raise InputError(f"train.ema must be in (0, 1) (e.g. 0.99) or null (no weight averaging), got {self.ema}")
         if self.samples_per_epoch is not None and self.samples_per_epoch < 1:

@@ -115,12 +115,12 @@ def make_scheduler(optimizer: torch.optim.Optimizer, s: TrainSettings) -> torch.
     zero over the remaining epochs, or steps of ``gamma`` every ``step_size`` epochs."""
 
     def factor(epoch: int) -> float:
-        if epoch < s.warmup_epochs:
-            return (epoch + 1) / (s.warmup_epochs + 1)
+        if epoch < s.warmup:
+            return (epoch + 1) / (s.warmup + 1)
         if s.scheduler == "cosine":
-            return 0.5 * (1 + math.cos(math.pi * (epoch - s.warmup_epochs) / (s.epochs - s.warmup_epochs)))
+            return 0.5 * (1 + math.cos(math.pi * (epoch - s.warmup) / (s.epochs - s.warmup)))
         if s.scheduler == "step":
-            return s.gamma ** ((epoch - s.warmup_epochs) // s.step_size)
+            return s.gamma ** ((epoch - s.warmup) // s.step_size)
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
@@ -166,6 +166,14 @@ class Parts:
             state["train_model"] = self.model.state_dict()
             state["averaged"] = self.averaged.state_dict()
         return state
+
+    def sync_buffers(self) -> None:
+        """Give every rank rank 0's batch-norm statistics (each rank's last batches moved its own), in the
+        model and in the weight average, as DDP does at the start of a forward pass."""
+        modules = [self.model] + ([self.averaged] if self.averaged is not None else [])
+        for module in modules:
+            for buffer in module.buffers():
+                dist.broadcast(buffer, 0)
 
     def resume(self, state: dict[str, Any], path: Path) -> None:
         load_model_weights(self.model, {**state, "model": state.get("train_model", state["model"])}, path)
@@ -253,18 +261,20 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
             "augment": asdict(augment), "config": config, "backend": backend,
             "stain": target.as_dict() if target is not None else None}
     for epoch in range(start_epoch, train.epochs):
-        if stop_early(history, train.patience, train.select, train.min_epochs):
+        if stop_early(history, train.patience, train.select, train.first_candidate):
             break
         pipes.train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
         stats = train_one_epoch(parts.ddp, pipes.train_loader, train_aug, criterion, parts.optimizer, device, epoch,
                                 options, parts.averaged)
+        if rank.world > 1:
+            parts.sync_buffers()
         val = evaluate(parts.kept if parts.averaged is not None else parts.ddp, pipes.eval_loader, pipes.eval_aug,
                        criterion, device, len(classes), options.amp, train.channels_last)
         lr = parts.optimizer.param_groups[0]["lr"]
         parts.scheduler.step()
         history.append({"epoch": epoch, "train_loss": stats.loss, "val_loss": val.loss, "val_accuracy": val.accuracy,
                         "val_balanced_accuracy": val.balanced_accuracy, "lr": lr, "images_per_s": stats.images_per_s})
-        kept = best_index(history, train.select, train.min_epochs) == len(history) - 1
+        kept = best_index(history, train.select, train.first_candidate) == len(history) - 1
         rngs = _gather_rng(rank)
         if rank.main:
             _log_epoch(writer, epoch, stats, val, lr, classes)
@@ -310,16 +320,16 @@ def _save_epoch(state: dict[str, Any], ckpt_dir: Path, kept: bool) -> None:
 def _summary(history: list[dict[str, Any]], train: TrainSettings, rank: Rank, device: torch.device, backend: str,
              ckpt_dir: Path, model: torch.nn.Module) -> dict[str, Any]:
     """What a training run reports: epochs run, the kept epoch and why, where the checkpoints are."""
-    index = best_index(history, train.select, train.min_epochs)
+    index = best_index(history, train.select, train.first_candidate)
     best = history[index] if index is not None else {}
-    stopped = stop_early(history, train.patience, train.select, train.min_epochs) and len(history) < train.epochs
+    stopped = stop_early(history, train.patience, train.select, train.first_candidate) and len(history) < train.epochs
     if rank.main and stopped:
         print(f"stopped early after epoch {len(history)}: no better {train.select.replace('_', ' ')} for "
               f"{train.patience} epoch(s)", flush=True)
     return {"epochs": len(history), "stopped_early": stopped, "best_epoch": best.get("epoch"),
             "best_val_loss": best.get("val_loss"), "best_val_accuracy": best.get("val_accuracy"),
             "best_val_balanced_accuracy": best.get("val_balanced_accuracy"),
-            "selection": explain(history, train.select, train.min_epochs), "checkpoints": str(ckpt_dir),
+            "selection": explain(history, train.select, train.first_candidate), "checkpoints": str(ckpt_dir),
             "backend": backend, "world_size": rank.world, "rank": rank.rank, "device": str(device),
             "weights_sha1": weights_digest(model)}
 

@@ -111,7 +111,8 @@ def tasks_importable(monkeypatch) -> None:
 
 
 FAST = ["tiles.size=64", "tiles.stride=64", "augment.crop=56", "train.num_workers=0", "train.batch_size=16",
-        "train.eval_batch_size=64", "cluster.timeout_min=20", "train.patience=null"]  # epoch counts stay fixed
+        "train.eval_batch_size=64", "cluster.timeout_min=20", "train.patience=null",
+        "train.samples_per_epoch=null"]  # epoch counts stay fixed
 
 
 @pytest.fixture(scope="session")
