@@ -252,9 +252,10 @@ def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: Mo
     backend, target, train_aug = pipes.backend, pipes.target, pipes.train_aug
     writer = None
     if rank.main:
+        where = (f"from epoch {start_epoch + 1} of {train.epochs}" if start_epoch < train.epochs
+                 else f"all {train.epochs} epochs trained already (last.pt)")
         print(f"training on {device} x {rank.world} process(es), {backend} augmentation, {len(train_tiles)} train "
-              f"and {len(eval_tiles)} {train.eval_phase} tiles, from epoch {start_epoch + 1} of {train.epochs}",
-              flush=True)
+              f"and {len(eval_tiles)} {train.eval_phase} tiles, {where}", flush=True)
         writer = _open_writer(out_dir, start_epoch, train_tiles, train_aug, augment)
 
     base = {"architecture": architecture, "classes": classes, "tiles": manifest["tiles"],

@@ -221,7 +221,8 @@ def test_ema_weights_are_what_training_keeps_and_resumes(tiled):
     import torch
 
     epochs = ["train.epochs=2", "train.max_steps_per_epoch=4", "train.deterministic=true", "train.ema=0.9",
-              "train.sampling=cases", "train.samples_per_epoch=64", "train.select=last"]
+              "train.sampling=cases", "train.samples_per_epoch=64", "train.select=last", "train.scheduler=none",
+              "train.warmup_epochs=0"]  # the same learning rate whatever train.epochs, so 1 + 1 epochs = 2
     run_train(config_for(tiled, "ema", *epochs))
     state = load_checkpoint(tiled[1] / "ema" / "train" / "checkpoints" / "last.pt")
     assert state["averaged"]["n_averaged"].item() == 8  # 2 epochs x 4 steps
