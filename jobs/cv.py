@@ -151,27 +151,30 @@ def kept_epoch(task: FoldTask, cfg: Config) -> dict[str, Any]:
 def ship_ensemble(tasks: list[FoldTask], run_dir: Path, checkpoint: str,
                   failure: Optional[ArrayJobError]) -> dict[str, Any]:
     """``<run>/ensemble.pt`` (``ensemble-last.pt``): the first repeat's fold models as one checkpoint that
-    `lymphoma predict` averages. A fold model that predicted one class for every inner-val tile (balanced
-    accuracy at chance, 1/classes) is left out; with none left, or a fold without a checkpoint, none is written."""
+    `lymphoma predict` averages. A fold model whose inner-val balanced accuracy is at or below chance
+    (1/classes, what a model that predicts one class for everything scores) is left out; with none left, or a
+    fold without a checkpoint, none is written."""
     paths = [Path(t.fold_dir) / "train" / "checkpoints" / f"{checkpoint}.pt" for t in tasks if t.repeat == 0]
     if not all(p.is_file() for p in paths):
         print("no ensemble written: a fold of the first repeat has no checkpoint", flush=True)
         return {"path": None, "members": [], "left_out": [], "why": "a fold of the first repeat has no checkpoint"}
     members, left_out = [], []
     for path in paths:
-        (left_out if one_class(path) else members).append(str(path))
+        (left_out if at_chance(path) else members).append(str(path))
     if not members:
-        print("no ensemble written: every fold model predicts one class on its inner val", flush=True)
-        return {"path": None, "members": [], "left_out": left_out, "why": "every fold model predicts one class"}
+        print("no ensemble written: every fold model is at or below chance on its inner val", flush=True)
+        return {"path": None, "members": [], "left_out": left_out,
+                "why": "every fold model is at or below chance on its inner val"}
     out = run_dir / ("ensemble.pt" if checkpoint == "best" else f"ensemble-{checkpoint}.pt")
     write_ensemble([Path(m) for m in members], out)
-    print(f"ensemble of {len(members)} fold model(s): {out}" + (f" ({len(left_out)} left out: one class on inner "
-                                                                  "val)" if left_out else ""), flush=True)
+    print(f"ensemble of {len(members)} fold model(s): {out}" + (f" ({len(left_out)} left out: at or below chance "
+                                                                  "on inner val)" if left_out else ""), flush=True)
     return {"path": str(out), "members": members, "left_out": left_out}
 
 
-def one_class(path: Path) -> bool:
-    """Whether the checkpoint's epoch scored chance balanced accuracy on its inner val: one class for all."""
+def at_chance(path: Path) -> bool:
+    """Whether the checkpoint's epoch scored at most chance balanced accuracy on its inner val (1/classes: a
+    model that predicts one class for everything scores exactly that)."""
     from lymphoma.checkpoint import load_checkpoint
 
     state = load_checkpoint(path)

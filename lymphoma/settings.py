@@ -121,7 +121,7 @@ class TrainSettings:
     class_weighted: bool = True
     label_smoothing: float = 0.1
     patience: Optional[int] = None
-    select: str = "balanced_accuracy"
+    select: str = "last"
     min_epochs: int = 4
     ema: Optional[float] = 0.99
     sampling: str = "cases"

@@ -143,7 +143,7 @@ def test_cv_end_to_end(make_dataset, make_config, capsys):
     assert len(base_rows) == 48
     assert all(row["case"] in test_of[int(row["repeat"]), int(row["fold"])] for row in base_rows)
 
-    # the first repeat's fold models: shipped as one ensemble, less those that predict one class on inner val
+    # the first repeat's fold models: shipped as one ensemble, less those at or below chance on their inner val
     shipped = report["ensemble"]
     assert len(shipped["members"]) + len(shipped["left_out"]) == 2
     assert (shipped["path"] is not None) == bool(shipped["members"])
@@ -171,7 +171,7 @@ def _check_ensemble(run_dir: Path, source: Path) -> None:
     import numpy as np
     import torch
 
-    from jobs.cv import one_class
+    from jobs.cv import at_chance
     from lymphoma.checkpoint import load_checkpoint, save_checkpoint
     from lymphoma.ensemble import write_ensemble
     from lymphoma.prediction import Predictor
@@ -190,12 +190,12 @@ def _check_ensemble(run_dir: Path, source: Path) -> None:
                  str(next(Path(source).rglob("*.png")))]) == 0
     assert (out / "summary.csv").is_file()
 
-    state = load_checkpoint(folds[0])  # a fold model is left out when its kept epoch predicted one class
+    state = load_checkpoint(folds[0])  # a fold model is left out when its kept epoch was no better than chance
     entry = next(h for h in state["history"] if h["epoch"] == state["epoch"])
-    for balanced, expected in ((1 / 3, True), (0.5, False)):
+    for balanced, expected in ((1 / 3, True), (0.2, True), (0.5, False)):
         entry["val_balanced_accuracy"] = balanced
         save_checkpoint(state, run_dir / "probe.pt")
-        assert one_class(run_dir / "probe.pt") is expected
+        assert at_chance(run_dir / "probe.pt") is expected
     other = dict(load_checkpoint(folds[1]), classes=["CLL", "FL", "XX"])
     save_checkpoint(other, run_dir / "other.pt")
     with pytest.raises(InputError, match="differs from .* in 'classes'"):
