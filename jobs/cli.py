@@ -84,8 +84,12 @@ def build_parser() -> argparse.ArgumentParser:
                         description="Deal the cases into cv.folds folds stratified by class. Each fold (one array "
                                     "task) tiles and trains on the other cases, picks its checkpoint on an inner "
                                     "split of them, and predicts its own cases; then image- and case-level "
-                                    "accuracy per fold and pooled, with bootstrap intervals over cases. Rerunning "
-                                    "resumes; with predict.tta=true it reuses the trained folds.")
+                                    "accuracy per fold and pooled, with bootstrap intervals over cases, for "
+                                    "cv.repeats fold assignments; a reference logistic regression on colour and "
+                                    "texture features in the same folds with its permutation null; and "
+                                    "<run>/ensemble.pt, the fold models as one checkpoint for `lymphoma predict`. "
+                                    "Rerunning resumes; with predict.tta=true or cv.checkpoint=last it reuses the "
+                                    "trained folds.")
     _add_config_args(cv)
 
     inspect = sub.add_parser("inspect", help="a slide's levels, resolution, vendor, tissue and tile grid",
