@@ -12,7 +12,7 @@ import numpy as np
 
 from jobs.config import Config
 from lymphoma.baseline import Cohort, cohort_features, cv_records, permutation_null, pooled_accuracy
-from lymphoma.crossval import across_repeats, cv_report, grouped_folds
+from lymphoma.crossval import across_repeats, cv_report
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.inputs import ImageRecord
 
@@ -38,14 +38,14 @@ def load_cohort(records: list[ImageRecord], classes: list[str], out_dir: Path) -
 
 
 def run_baseline(cfg: Config, records: list[ImageRecord], classes: list[str], out_dir: Path,
-                 cnn: dict[str, Any]) -> dict[str, Any]:
-    """The baseline's report in the CNN's folds (same seeds), its null on the first fold assignment, and
-    whether the CNN's pooled accuracy of the first assignment lies above the null's 95th percentile."""
+                 cnn: dict[str, Any], assignments: list[list[list[str]]]) -> dict[str, Any]:
+    """The baseline's report in the CNN's folds (``assignments``: each repeat's test cases per fold), its null
+    on the first fold assignment, and whether the CNN's pooled accuracy of the first assignment lies above the
+    null's 95th percentile."""
     cohort = load_cohort(records, classes, out_dir)
     reports, rows = [], []
-    for r in range(cfg.cv.repeats):
+    for r, folds in enumerate(assignments):
         seed = cfg.cv.seed + r
-        folds = grouped_folds(records, cfg.cv.folds, seed)
         by_fold = cv_records(cohort, folds, seed)
         reports.append({**cv_report(by_fold, classes, cfg.cv.bootstrap, cfg.cv.confidence, seed), "seed": seed,
                         "c": [fold[0]["c"] for fold in by_fold]})

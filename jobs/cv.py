@@ -22,6 +22,7 @@ from lymphoma.ensemble import write_ensemble
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.inputs import ImageRecord, discover
 from lymphoma.prediction import read_record
+from lymphoma.selection import at_chance as chance_level
 from lymphoma.selection import best_index, explain
 from lymphoma.settings import CVSettings
 from lymphoma.split import assign_phases
@@ -92,7 +93,8 @@ def run_cv(raw_cfg: DictConfig) -> dict[str, Any]:
         report["seconds"] = stage_seconds(tasks)
         if cfg.cv.baseline:
             begin = time.perf_counter()
-            report["baseline"] = run_baseline(cfg, inputs.records, inputs.classes, run_dir / "baseline", report)
+            report["baseline"] = run_baseline(cfg, inputs.records, inputs.classes, run_dir / "baseline", report,
+                                              test_cases_by_repeat(tasks, cfg.cv.repeats))
             report["seconds"]["baseline"] = time.perf_counter() - begin
         report["ensemble"] = ship_ensemble(tasks, run_dir, cfg.cv.checkpoint, failure)
         report["minutes"] = (time.perf_counter() - start) / 60
@@ -104,6 +106,12 @@ def run_cv(raw_cfg: DictConfig) -> dict[str, Any]:
     if failure is not None:
         raise failure
     return report
+
+
+def test_cases_by_repeat(tasks: list[FoldTask], repeats: int) -> list[list[list[str]]]:
+    """Each repeat's folds as lists of test cases, read off the planned tasks (so the baseline runs in exactly
+    the folds the CNN did)."""
+    return [[sorted({r.case for r in t.test}) for t in tasks if t.repeat == r] for r in range(repeats)]
 
 
 def assemble_report(cfg: Config, tasks: list[FoldTask], records: list[list[dict[str, Any]]],
@@ -179,8 +187,7 @@ def at_chance(path: Path) -> bool:
 
     state = load_checkpoint(path)
     entry = next((h for h in state.get("history", []) if h["epoch"] == state["epoch"]), {})
-    chance = 1 / max(1, len(state["classes"]))
-    return float(entry.get("val_balanced_accuracy", 1.0)) <= chance + 1e-6
+    return chance_level(float(entry.get("val_balanced_accuracy", 1.0)), len(state["classes"]))
 
 
 def _write_outputs(out: Path, report: dict[str, Any], tasks: list[FoldTask], records_by_fold: list[list[dict[str, Any]]],

@@ -15,6 +15,7 @@ from jobs.tile import format_summary, run_tile
 from jobs.train import run_train
 from lymphoma.errors import InputError
 from lymphoma.prediction import SlideInput
+from lymphoma.selection import at_chance
 
 
 def held_out_slides(split_csv: Path, phase: str) -> list[SlideInput]:
@@ -39,7 +40,7 @@ def run_pipeline(raw_cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
     print(f"best epoch {summary['best_epoch'] + 1} of {summary['epochs']}: val loss {summary['best_val_loss']:.4f}, "
           f"val tile accuracy {summary['best_val_accuracy']:.3f}; kept {summary['selection']}; checkpoints in "
           f"{summary['checkpoints']}", flush=True)
-    if summary["best_val_balanced_accuracy"] <= 1 / len(summary["classes"]) + 1e-6:
+    if at_chance(summary["best_val_balanced_accuracy"], len(summary["classes"])):
         print("warning: the kept model predicts one class for every validation tile (balanced accuracy at chance): "
               "it has not learnt the sub-types; train longer (train.epochs) and judge models with `lymphoma cv`",
               flush=True)

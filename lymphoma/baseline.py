@@ -32,17 +32,16 @@ def _lbp_histogram(channel: np.ndarray, points: int, radius: int) -> np.ndarray:
     return np.bincount(codes.astype(np.int64).ravel(), minlength=points + 2) / codes.size
 
 
-def _to_uint8(channel: np.ndarray) -> np.ndarray:
-    """A float channel stretched between its 1st and 99th percentiles to 0-255."""
+def _stretch(channel: np.ndarray, top: int) -> np.ndarray:
+    """A float channel stretched between its 1st and 99th percentiles to the integers 0..top."""
     lo, hi = np.percentile(channel, [1, 99])
-    return (np.clip((channel - lo) / max(hi - lo, 1e-6), 0, 1) * 255).astype(np.uint8)
+    return np.clip((channel - lo) / max(hi - lo, 1e-6) * top, 0, top).astype(np.uint8)
 
 
 def _glcm(channel: np.ndarray, levels: int = 32) -> np.ndarray:
     from skimage.feature import graycomatrix, graycoprops
 
-    lo, hi = np.percentile(channel, [1, 99])
-    quantised = np.clip((channel - lo) / max(hi - lo, 1e-6) * (levels - 1), 0, levels - 1).astype(np.uint8)
+    quantised = _stretch(channel, levels - 1)
     matrix = graycomatrix(quantised, GLCM_DISTANCES, [0, np.pi / 4, np.pi / 2, 3 * np.pi / 4], levels=levels,
                           symmetric=True, normed=True)
     return np.concatenate([graycoprops(matrix, prop).mean(axis=1) for prop in GLCM_PROPS])
@@ -58,7 +57,7 @@ def image_features(rgb: np.ndarray) -> np.ndarray:
     colour = np.percentile(rgb.reshape(-1, 3), [5, 25, 50, 75, 95], axis=0).ravel() / 255
     stains = np.concatenate([[c.mean(), c.std(), *np.percentile(c, [10, 50, 90])] for c in (h, e)])
     grey8 = (grey * 255).astype(np.uint8)
-    texture = [_lbp_histogram(grey8, 8, 1), _lbp_histogram(grey8, 16, 2), _lbp_histogram(_to_uint8(h), 8, 1),
+    texture = [_lbp_histogram(grey8, 8, 1), _lbp_histogram(grey8, 16, 2), _lbp_histogram(_stretch(h, 255), 8, 1),
                _glcm(grey), _glcm(h)]
     return np.concatenate([colour, stains, *texture]).astype(np.float64)
 

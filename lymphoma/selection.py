@@ -39,6 +39,12 @@ def stop_early(history: History, patience: Optional[int], select: str = "loss", 
     return best is not None and len(history) - 1 - best >= patience
 
 
+def at_chance(balanced_accuracy: float, classes: int) -> bool:
+    """Whether a balanced accuracy is no better than chance (1/classes: what a model that predicts one class
+    for everything scores)."""
+    return balanced_accuracy <= 1 / max(1, classes) + 1e-6
+
+
 def explain(history: History, select: str, min_epochs: int) -> str:
     """Why the kept epoch was kept, in words for the report."""
     best = best_index(history, select, min_epochs)
