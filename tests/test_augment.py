@@ -26,6 +26,7 @@ def tiles(data_root) -> np.ndarray:
 
 def run(settings: AugmentSettings, backend: str, train: bool, tiles: np.ndarray, seed: int = 0) -> np.ndarray:
     settings.backend = backend
+    torch.manual_seed(seed)  # the torch backend draws from the global generator: the same draws whatever ran before
     augmenter = build_augmenter(settings, train, CPU, seed=seed)
     batch = torch.stack([augmenter.sample(t) for t in tiles]) if augmenter.sample else torch.from_numpy(tiles)
     out = augmenter.batch(batch, 0)
