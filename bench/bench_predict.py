@@ -24,13 +24,14 @@ import torch
 
 from common import emit
 from jobs.config import default_data_root
-from lymphoma.augment import AugmentSettings, eval_batch
+from lymphoma.augment import eval_batch
 from lymphoma.checkpoint import save_checkpoint
 from lymphoma.images import read_rgb
 from lymphoma.inputs import discover
-from lymphoma.model import ModelSettings, build_model
+from lymphoma.model import build_model
 from lymphoma.prediction import Predictor, SlideInput, predict_slides
-from lymphoma.tiling import TileSettings, cut_tiles
+from lymphoma.settings import AugmentSettings, ModelSettings, TileSettings
+from lymphoma.tiling import cut_tiles
 
 CLASSES = ["CLL", "FL", "MCL"]
 

@@ -18,9 +18,10 @@ import torch
 
 from common import emit
 from jobs.config import default_data_root
-from lymphoma.augment import AugmentSettings, build_augmenter
+from lymphoma.augment import build_augmenter
 from lymphoma.images import read_rgb
-from lymphoma.stain import StainNormalizer, StainSettings, fit_target
+from lymphoma.settings import AugmentSettings, StainSettings
+from lymphoma.stain import StainNormalizer, fit_target
 
 
 def real_tiles(n: int) -> np.ndarray:

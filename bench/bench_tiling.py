@@ -24,11 +24,12 @@ import tables
 from PIL import Image
 
 from common import emit
-from jobs.config import default_data_root, load_config, to_object
+from jobs.config import default_data_root
+from jobs.run_folder import open_run
 from jobs.tile import run_tile
 from lymphoma.inputs import ImageRecord, discover
+from lymphoma.settings import TileSettings
 from lymphoma.store import write_shard
-from lymphoma.tiling import TileSettings
 
 CLASSES = ["CLL", "FL", "MCL"]
 
@@ -78,7 +79,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
-    cfg = to_object(load_config())
+    cfg = open_run().config
     records = discover(Path(default_data_root()) / "lowres", CLASSES).records
     records = records[:: max(1, len(records) // args.images)][: args.images]
     settings = TileSettings(size=128, stride=64)
@@ -114,7 +115,7 @@ def main() -> None:
         rates = {}
         for workers in (1, 2):
             def tile_all(workers: int = workers) -> object:
-                run = load_config(None, [f"data.source={source}", f"run.root={tmp_dir / 'runs'}",
+                run = open_run(None, [f"data.source={source}", f"run.root={tmp_dir / 'runs'}",
                                          f"run.name=w{workers}-{time.monotonic_ns()}", "tiles.size=128",
                                          "tiles.stride=64", f"tiles.images_per_shard={max(1, len(records) // 8)}",
                                          f"cluster.parallelism={workers}", "cluster.poll_s=0.05"])

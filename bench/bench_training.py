@@ -22,14 +22,14 @@ import torch
 
 from common import emit
 from jobs.config import default_data_root
-from lymphoma.augment import AugmentSettings, build_augmenter, dali_available
+from lymphoma.augment import build_augmenter, dali_available
 from lymphoma.data import make_loader
 from lymphoma.dataset import TileDataset
 from lymphoma.engine import StepOptions, train_one_epoch
 from lymphoma.inputs import discover
-from lymphoma.model import ModelSettings, build_model
+from lymphoma.model import build_model
+from lymphoma.settings import AugmentSettings, ModelSettings, TileSettings
 from lymphoma.store import write_shard
-from lymphoma.tiling import TileSettings
 
 CLASSES = ["CLL", "FL", "MCL"]
 

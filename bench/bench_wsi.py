@@ -33,7 +33,7 @@ import json, sys, time
 from pathlib import Path
 from lymphoma.inputs import ImageRecord
 from lymphoma.store import write_shard
-from lymphoma.tiling import TileSettings
+from lymphoma.settings import TileSettings
 start = time.perf_counter()
 s = write_shard(Path(sys.argv[2]), "train", [ImageRecord(sys.argv[1], "CLL", "c")], ["CLL", "FL", "MCL"],
                 TileSettings(size=128, stride=128, target_mpp=0.5, min_tissue=0.5), "blosc:zstd:1", "x", strict=True)

@@ -23,8 +23,8 @@ class ExecutorSettings:
     setup: shell lines run before each task (``module load ...``, ``source venv/bin/activate``).
     """
 
-    kind: str = "local"
-    parallelism: int = 2
+    kind: str = "local"            # local (this machine, real subprocesses) | debug (in process) | slurm
+    parallelism: int = 2           # array tasks at once
     timeout_min: int = 60
     cpus_per_task: int = 1
     mem_gb: Optional[float] = None
@@ -35,9 +35,9 @@ class ExecutorSettings:
     account: Optional[str] = None
     qos: Optional[str] = None
     constraint: Optional[str] = None
-    setup: List[str] = field(default_factory=list)
-    extra_sbatch: Dict[str, str] = field(default_factory=dict)
-    poll_s: float = 0.5
+    setup: List[str] = field(default_factory=list)  # shell lines before each task, e.g. "module load cuda"
+    extra_sbatch: Dict[str, str] = field(default_factory=dict)  # further #SBATCH options, e.g. {mail-type: END}
+    poll_s: float = 0.5            # seconds between looks at the tasks' state
 
     def __post_init__(self) -> None:
         if self.kind not in EXECUTOR_KINDS:

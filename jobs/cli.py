@@ -3,20 +3,25 @@
 from __future__ import annotations
 
 import argparse
+import importlib
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from hpc import ArrayJobError
-from jobs.config import load_config, to_object
+from jobs.run_folder import open_run
 from lymphoma.errors import InputError
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
+# each command's module, whose ``command(args, run)`` runs it and returns the exit status
+COMMANDS = {"tile": "tile", "train": "train", "validate": "validate", "predict": "predict", "run": "pipeline",
+            "cv": "cv", "inspect": "inspect_slide", "download": "download", "config": "config"}
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("-c", "--config", metavar="YAML", help="experiment config merged over configs/defaults.yaml")
+    parser.add_argument("-c", "--config", metavar="YAML", help="experiment config merged over the defaults")
     parser.add_argument("--cluster", metavar="NAME",
                         help="local (default: this machine, subprocesses), debug (in process), slurm, "
                              "or a cluster profile: a name in configs/cluster/ or a YAML path")
@@ -24,19 +29,15 @@ def _add_config_args(parser: argparse.ArgumentParser) -> None:
                         help="dotted overrides, e.g. tiles.stride=64 tiles.compression=zlib:6")
 
 
-def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog="lymphoma",
-        description="Tile, train and predict lymphoma sub-types (CLL, FL, MCL) on H&E images, "
-                    "on this machine or as SLURM array jobs.")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-
+def _add_tile(sub: Any) -> None:
     tile = sub.add_parser("tile", help="cut images into tiles: case-level split, sharded HDF5 stores, manifest",
                           description="Split the images by case, then write one HDF5 tile shard per array task "
                                       "and a manifest listing every shard with its counts. Rerunning resumes.")
     _add_config_args(tile)
     tile.add_argument("--no-progress", action="store_true", help="no progress bar")
 
+
+def _add_train(sub: Any) -> None:
     train = sub.add_parser("train", help="train the DenseNet on the run's tiles (DDP; resumes from last.pt)",
                            description="Train a DenseNet on the tile shards of the run folder, one process per "
                                        "task (gloo on CPU, NCCL on GPUs). Running it again resumes.")
@@ -49,6 +50,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="run in this process as one rank, without submitting: for launchers that start the "
                             "processes themselves (torchrun, mpiexec, srun); ranks come from their variables")
 
+
+def _add_validate(sub: Any) -> None:
     validate = sub.add_parser("validate", help="the tutorial's step 3: per-tile outputs, confusion matrix, kernels, "
                                                "activations of a checkpoint on a phase",
                               description="Run a checkpoint over a phase's tiles (centre crop) and write tiles.csv, "
@@ -59,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     validate.add_argument("--layer", default="features.denseblock1", help="layer whose activations to show")
     validate.add_argument("--out", help="output folder (default: <run folder>/validate)")
 
+
+def _add_predict(sub: Any) -> None:
     predict = sub.add_parser("predict", help="tile-vote inference over images: per-slide outputs and a cohort report",
                              description="Tile each image with the checkpoint's settings, run the tiles through the "
                                          "model in batches and vote. One array task per chunk of slides; a rerun "
@@ -71,15 +76,16 @@ def build_parser() -> argparse.ArgumentParser:
     predict.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
     predict.add_argument("--out", type=Path, help="output folder (default: <run folder>/predict)")
     predict.add_argument("--force", action="store_true", help="allow tile settings that differ from the checkpoint's")
-    predict.add_argument("-c", "--config", metavar="YAML", help="experiment config merged over configs/defaults.yaml")
+    predict.add_argument("-c", "--config", metavar="YAML", help="experiment config merged over the defaults")
     predict.add_argument("--cluster", metavar="NAME", help="local, debug, slurm or a cluster profile")
 
+
+def _add_run_and_cv(sub: Any) -> None:
     run = sub.add_parser("run", help="the whole pipeline: tile, train, predict the held-out cases, report",
                          description="Tile, train and predict the held-out (val, or test if split.test_fraction > 0) "
                                      "images of the run, then print the image- and case-level report.")
     _add_config_args(run)
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
-
     cv = sub.add_parser("cv", help="cross-validation grouped by case: one array task per fold, pooled report",
                         description="Deal the cases into cv.folds folds stratified by class. Each fold (one array "
                                     "task) tiles and trains on the other cases, picks its checkpoint on an inner "
@@ -92,6 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                                     "trained folds.")
     _add_config_args(cv)
 
+
+def _add_tools(sub: Any) -> None:
     inspect = sub.add_parser("inspect", help="a slide's levels, resolution, vendor, tissue and tile grid",
                              description="Show what a slide file holds (levels, dimensions, microns per pixel, "
                                          "objective, vendor), its tissue fraction, and write a thumbnail with the "
@@ -99,7 +107,6 @@ def build_parser() -> argparse.ArgumentParser:
     inspect.add_argument("slide", type=Path, help="a whole-slide file (SVS, NDPI, pyramidal TIFF, ...) or an image")
     inspect.add_argument("--out", type=Path, help="the thumbnail PNG (default: <slide name>-grid.png here)")
     _add_config_args(inspect)
-
     download = sub.add_parser("download", help="fetch the public IICBU 2008 lymphoma data set into class folders",
                               description="Download the public tarball (resumable), verify its SHA-1 and unpack "
                                           "it into one folder per class.")
@@ -107,6 +114,20 @@ def build_parser() -> argparse.ArgumentParser:
     download.add_argument("--url", action="append", help="tarball address; repeat for mirrors (default: download.urls)")
     download.add_argument("--sha1", help="expected SHA-1 of the tarball, or 'none' to skip the check")
     _add_config_args(download)
+    config = sub.add_parser("config", help="print the resolved config: every setting, its value and its meaning",
+                            description="Merge the defaults, the experiment (-c), the cluster profile and the "
+                                        "overrides, and print the result as YAML with every key's meaning.")
+    _add_config_args(config)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lymphoma",
+        description="Tile, train and predict lymphoma sub-types (CLL, FL, MCL) on H&E images, "
+                    "on this machine or as SLURM array jobs.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add in (_add_tile, _add_train, _add_validate, _add_predict, _add_run_and_cv, _add_tools):
+        add(sub)
     return parser
 
 
@@ -122,9 +143,9 @@ def _launch_overrides(args: argparse.Namespace) -> list[str]:
     return out
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args, extra = parser.parse_known_args(argv)  # words after options: more inputs or overrides
+def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
+    """The arguments, with words after the options taken as more inputs (predict) or overrides."""
+    args, extra = parser.parse_known_args(argv)
     unknown = [w for w in extra if w.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
@@ -134,66 +155,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.inputs = [w for w in words if w not in args.overrides]
     elif extra:
         args.overrides = args.overrides + extra
+    return args
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Parse, build the run once, and hand both to the command's module (``jobs.<module>.command``)."""
+    args = parse(build_parser(), argv)
     try:
-        cfg = load_config(args.config, args.overrides + _launch_overrides(args), args.cluster)
-        if args.command == "tile":
-            from jobs.tile import format_summary, run_tile
-
-            result = run_tile(cfg, progress=not args.no_progress)
-            print(format_summary(result))
-        elif args.command == "train":
-            from jobs.train import run_here, run_train
-
-            summary = run_here(cfg) if args.here else run_train(cfg)[0]
-            if summary is None:  # a rank other than 0 under an external launcher
-                return 0
-            print(f"best epoch {summary['best_epoch'] + 1}: val loss {summary['best_val_loss']:.4f}, "
-                  f"val accuracy {summary['best_val_accuracy']:.3f}; checkpoints in {summary['checkpoints']}")
-        elif args.command == "predict":
-            from jobs.predict import format_report, run_predict
-
-            explicit = bool(args.config) or any(o.startswith("tiles.") for o in args.overrides)
-            result = run_predict(cfg, Path(args.checkpoint), args.inputs, args.list, args.basepath, args.out,
-                                 args.force, explicit)
-            print(format_report(result))
-            if result.task_failures is not None:
-                raise result.task_failures
-        elif args.command == "run":
-            from jobs.pipeline import run_pipeline
-
-            run_pipeline(cfg, progress=not args.no_progress)
-        elif args.command == "cv":
-            from jobs.cv import run_cv
-
-            run_cv(cfg)
-        elif args.command == "inspect":
-            from jobs.inspect_slide import inspect_slide
-
-            print(inspect_slide(cfg, args.slide, args.out))
-        elif args.command == "validate":
-            from lymphoma.validation import validate as run_validate
-
-            c = to_object(cfg)
-            run_dir = Path(c.run.root) / c.run.name
-            out = Path(args.out) if args.out else run_dir / "validate"
-            summary = run_validate(Path(args.checkpoint), run_dir / "tiles", args.phase, out, args.layer)
-            print(f"{args.phase}: {summary['tiles']} tiles, accuracy {summary['accuracy']:.3f}, balanced accuracy "
-                  f"{summary['balanced_accuracy']:.3f}; files in {out}")
-        elif args.command == "download":
-            from lymphoma.download import download_dataset
-
-            settings = to_object(cfg).download
-            sha1 = args.sha1 if args.sha1 is not None else settings.sha1
-            dest = download_dataset(args.dest or settings.dest, args.url or settings.urls,
-                                    None if sha1 in (None, "none") else sha1)
-            print(f"data set ready in {dest}; use it with data.source={dest}")
+        run = open_run(args.config, args.overrides + _launch_overrides(args), args.cluster)
+        module = importlib.import_module(f"jobs.{COMMANDS[args.command]}")
+        return module.command(args, run)
     except (InputError, ArrayJobError) as err:
         print(f"lymphoma {args.command}: error: {err}", file=sys.stderr)
         if isinstance(err, ArrayJobError):
             print("finished tasks' outputs are kept: fix the cause and rerun the same command to redo only "
                   "the failed ones", file=sys.stderr)
         return 2 if isinstance(err, InputError) else 1
-    return 0
 
 
 if __name__ == "__main__":

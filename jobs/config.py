@@ -1,31 +1,43 @@
-"""The one config flow: defaults YAML, then an experiment YAML, then a cluster profile, then dotted overrides.
+"""The one config flow: the settings classes' defaults, then an experiment YAML, then a cluster profile, then
+dotted overrides.
 
-OmegaConf merges them onto a typed schema, so an unknown key or a value of the wrong type is an
-error naming the key and the file it came from.
+OmegaConf merges them onto a typed schema built from ``lymphoma.settings`` (and ``hpc.executors`` for the
+cluster), so an unknown key or a value of the wrong type is an error naming the key and the file it came from.
+``lymphoma config`` prints the result with every key's meaning.
 """
 
 from __future__ import annotations
 
+import argparse
+import inspect
 import os
-from dataclasses import dataclass
+import re
+from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any
 
 import yaml
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from hpc.executors import EXECUTOR_KINDS, ExecutorSettings
 from lymphoma.errors import InputError
-from lymphoma.files import write_text_atomic
 from lymphoma.settings import (
     AugmentSettings,
     CVSettings,
+    DataSettings,
+    DownloadSettings,
     ModelSettings,
     PredictSettings,
+    RunSettings,
+    SplitSettings,
+    StainSettings,
+    TileSettings,
     TrainSettings,
 )
-from lymphoma.stain import StainSettings
+
+if TYPE_CHECKING:
+    from jobs.run_folder import Run
 
 PROJECT_ROOT = Path(__file__).resolve().parents[1]
 CONFIG_DIR = PROJECT_ROOT / "configs"
@@ -37,65 +49,21 @@ class ConfigError(InputError):
 
 
 @dataclass
-class RunConfig:
-    name: str = MISSING
-    root: str = MISSING
-
-
-@dataclass
-class DataConfig:
-    source: str = MISSING
-    classes: Optional[List[str]] = MISSING
-    case_pattern: str = MISSING
-    columns: Dict[str, str] = MISSING
-
-
-@dataclass
-class SplitConfig:
-    val_fraction: float = MISSING
-    test_fraction: float = MISSING
-    seed: int = MISSING
-
-
-@dataclass
-class TilesConfig:
-    size: int = MISSING
-    stride: int = MISSING
-    resize: float = MISSING
-    pad: int = MISSING
-    resample: str = MISSING
-    background_level: int = MISSING
-    max_background: float = MISSING
-    target_mpp: Optional[float] = MISSING
-    target_power: Optional[float] = MISSING
-    default_mpp: Optional[float] = MISSING
-    min_tissue: float = MISSING
-    compression: str = MISSING
-    images_per_shard: int = MISSING
-    strict: bool = MISSING
-
-
-@dataclass
-class DownloadConfig:
-    urls: List[str] = MISSING
-    sha1: Optional[str] = MISSING
-    dest: str = MISSING
-
-
-@dataclass
 class Config:
-    run: RunConfig = MISSING
-    data: DataConfig = MISSING
-    split: SplitConfig = MISSING
-    tiles: TilesConfig = MISSING
-    download: DownloadConfig = MISSING
-    model: ModelSettings = MISSING
-    augment: AugmentSettings = MISSING
-    stain: StainSettings = MISSING
-    train: TrainSettings = MISSING
-    predict: PredictSettings = MISSING
-    cv: CVSettings = MISSING
-    cluster: ExecutorSettings = MISSING
+    """The schema: one section per settings class, whose defaults are the config's defaults."""
+
+    run: RunSettings = field(default_factory=RunSettings)
+    data: DataSettings = field(default_factory=DataSettings)
+    split: SplitSettings = field(default_factory=SplitSettings)
+    tiles: TileSettings = field(default_factory=TileSettings)
+    download: DownloadSettings = field(default_factory=DownloadSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    stain: StainSettings = field(default_factory=StainSettings)
+    train: TrainSettings = field(default_factory=TrainSettings)
+    predict: PredictSettings = field(default_factory=PredictSettings)
+    cv: CVSettings = field(default_factory=CVSettings)
+    cluster: ExecutorSettings = field(default_factory=ExecutorSettings)
 
 
 def default_data_root() -> str:
@@ -138,10 +106,10 @@ def cluster_profile(name: str) -> DictConfig:
 
 def load_config(experiment: str | Path | None = None, overrides: list[str] | None = None,
                 cluster: str | None = None) -> DictConfig:
-    """Merge defaults, experiment, cluster profile and ``key=value`` overrides onto the schema."""
+    """Merge the experiment, cluster profile and ``key=value`` overrides onto the schema and its defaults."""
     if not OmegaConf.has_resolver("lymphoma_data"):
         OmegaConf.register_resolver("lymphoma_data", default_data_root)
-    layers: list[tuple[str, Any]] = [(str(CONFIG_DIR / "defaults.yaml"), _read_yaml(CONFIG_DIR / "defaults.yaml"))]
+    layers: list[tuple[str, Any]] = []
     if experiment is not None:
         layers.append((str(experiment), _read_yaml(Path(experiment))))
     if cluster is not None:
@@ -160,19 +128,11 @@ def load_config(experiment: str | Path | None = None, overrides: list[str] | Non
     return cfg
 
 
-def from_yaml_text(text: str) -> DictConfig:
-    """A resolved config saved as YAML (as a job receives it), checked against the schema again."""
-    try:
-        return OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(text))
-    except OmegaConfBaseException as err:
-        raise ConfigError(f"saved config: {_explain(err)}") from None
-
-
 def _explain(err: OmegaConfBaseException) -> str:
     key = getattr(err, "full_key", None)
     first = str(err).splitlines()[0]
     if "not in" in first or "Key '" in first and "not" in first:
-        return f"unknown key {key!r} ({first}); check the spelling against configs/defaults.yaml"
+        return f"unknown key {key!r} ({first}); `lymphoma config` lists every key"
     return f"bad value for {key!r}: {first}"
 
 
@@ -186,6 +146,41 @@ def to_object(cfg: DictConfig) -> Config:
         raise ConfigError(str(err)) from None
 
 
-def save_resolved(cfg: DictConfig, path: Path) -> None:
-    """Write the fully resolved config (interpolations filled in) next to the outputs it made."""
-    write_text_atomic(path, OmegaConf.to_yaml(cfg, resolve=True))
+def _field_comments(cls: type) -> dict[str, str]:
+    """The comment after each field of a settings class (and comment lines right below it), from its source."""
+    comments: dict[str, str] = {}
+    last = None
+    for line in inspect.getsource(cls).splitlines():
+        match = re.match(r"^    (\w+): [^=#]+=[^#]*?(?:#\s?(.*))?$", line)
+        if match:
+            last = match.group(1)
+            if match.group(2):
+                comments[last] = match.group(2).strip()
+        elif last and re.match(r"^    #\s+\S", line):
+            comments[last] = f"{comments.get(last, '')} {line.strip().lstrip('#').strip()}".strip()
+        else:
+            last = None
+    return comments
+
+
+def annotated_yaml(cfg: DictConfig) -> str:
+    """The resolved config as YAML, every section headed by its settings class's summary and every key followed
+    by its meaning."""
+    out = []
+    for section in fields(Config):
+        cls = section.default_factory  # type: ignore[misc]
+        notes = _field_comments(cls)
+        summary = re.split(r"(?<=\.)\s", (inspect.getdoc(cls) or "").replace("\n", " "))[0].rstrip(".")
+        out.append(f"{section.name}:{'  # ' + summary if summary else ''}")
+        body = OmegaConf.to_yaml(cfg[section.name], resolve=True).rstrip("\n").splitlines()
+        for line in body:
+            key = line.split(":", 1)[0]
+            note = notes.get(key) if not line.startswith((" ", "-")) else None
+            out.append(f"  {line}" + (f"  # {note}" if note else ""))
+    return "\n".join(out) + "\n"
+
+
+def command(args: argparse.Namespace, run: Run) -> int:
+    """``lymphoma config``: the resolved config with every key's meaning."""
+    print(annotated_yaml(OmegaConf.create(run.resolved)), end="")
+    return 0

@@ -3,19 +3,18 @@ cases), then a pooled report with bootstrap intervals over cases."""
 
 from __future__ import annotations
 
+import argparse
 import json
-import os
 import time
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig, OmegaConf
-
-from hpc import ArrayJobError, make_executor, run_array
+from hpc import ArrayJobError, run_array
+from hpc.task import thread_share
 from jobs.baseline import run_baseline
-from jobs.config import Config, save_resolved, to_object
-from jobs.fold import FoldJob, FoldTask, grid_points, variant_suffix, with_point
-from jobs.rundir import exclusive, make_run_dir
+from jobs.config import Config
+from jobs.fold import FoldJob, FoldTask, grid_points, variant_suffix
+from jobs.run_folder import Run
 from lymphoma.cohort import image_class, write_report
 from lymphoma.crossval import across_repeats, cv_report, fold_phases, format_cv_report, grouped_folds
 from lymphoma.ensemble import write_ensemble
@@ -33,24 +32,20 @@ def fold_assignments(records: list[ImageRecord], cv: CVSettings) -> list[list[li
     return [grouped_folds(records, cv.folds, cv.seed + r) for r in range(cv.repeats)]
 
 
-def plan_folds(raw_cfg: DictConfig, run_dir: Path, records: list[ImageRecord], classes: list[str]) -> list[FoldTask]:
+def plan_folds(run: Run, records: list[ImageRecord], classes: list[str]) -> list[FoldTask]:
     """Every fold's task of every repeat (``repeat-<r>/fold-<k>``), after checking that no case is on two
-    sides of any fold."""
-    cfg: Config = to_object(raw_cfg)
-    for point in grid_points(dict(cfg.cv.grid)):  # every grid point is a valid config, before any task starts
-        to_object(with_point(raw_cfg, point))
-    assignments = fold_assignments(records, cfg.cv)
-    threads = max(1, (os.cpu_count() or 1) // max(1, min(cfg.cluster.parallelism, cfg.cv.folds * cfg.cv.repeats)))
-    config_yaml = OmegaConf.to_yaml(raw_cfg, resolve=True)
+    sides of any fold and that every grid point is a valid config."""
+    cv = run.config.cv
+    for point in grid_points(dict(cv.grid)):  # before any task starts
+        run.with_values(point)
+    threads = thread_share(min(run.config.cluster.parallelism, cv.folds * cv.repeats))
     tasks = []
-    for r, folds in enumerate(assignments):
+    for r, folds in enumerate(fold_assignments(records, cv)):
         for k, test_cases in enumerate(folds):
-            phases = fold_phases(records, test_cases, cfg.cv.inner_val_fraction, cfg.cv.seed + r)
-            by_phase = assign_phases(records, phases)
-            tasks.append(FoldTask(k, config_yaml, str(run_dir / f"repeat-{r}" / f"fold-{k}"),
+            by_phase = assign_phases(records, fold_phases(records, test_cases, cv.inner_val_fraction, cv.seed + r))
+            tasks.append(FoldTask(run.at(run.dir / f"repeat-{r}" / f"fold-{k}"), k, r,
                                   tuple(by_phase.get("train", ())), tuple(by_phase.get("val", ())),
-                                  tuple(by_phase["test"]), tuple(classes), threads, cfg.predict.tta,
-                                  cfg.cv.checkpoint, r))
+                                  tuple(by_phase["test"]), tuple(classes), threads))
     return tasks
 
 
@@ -61,46 +56,50 @@ def write_folds_csv(path: Path, tasks: list[FoldTask]) -> None:
                       for phase, records in (("train", t.train), ("val", t.val), ("test", t.test)) for r in records))
 
 
-def run_cv(raw_cfg: DictConfig) -> dict[str, Any]:
+def run_folds(run: Run, tasks: list[FoldTask]) -> tuple[list[list[dict[str, Any]]], Optional[ArrayJobError]]:
+    """Run every fold as an array task; each fold's prediction records (those written), and the failure if any."""
+    cfg = run.config
+    sizes = ", ".join(str(len({r.case for r in t.test})) for t in tasks[:cfg.cv.folds])
+    print(f"{cfg.cv.repeats} repeat(s) of {cfg.cv.folds} folds ({sizes} test cases); each trains on its train "
+          f"cases and picks its checkpoint on {cfg.cv.inner_val_fraction:.0%} of them (inner val); logs in "
+          f"{run.logs('cv').parent}", flush=True)
+    failure = None
+    try:
+        run_array(run.executor("cv"), FoldJob(), tasks, parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s)
+    except ArrayJobError as err:
+        failure = err
+    records = [[r for r in (read_record(t.predict_dir / "slides", s) for s in t.slides()) if r is not None]
+               for t in tasks]
+    if failure is not None and not any(records):
+        raise failure
+    return records, failure
+
+
+def run_cv(run: Run) -> dict[str, Any]:
     """Run (or resume) every fold of every repeat, the baseline in the same folds, the shipped ensemble, and
     write the report into ``<run>/cv`` (``cv-last``, ``cv-tta`` for the other prediction variants)."""
     start = time.perf_counter()
-    cfg: Config = to_object(raw_cfg)
-    run_dir = make_run_dir(cfg.run.root, cfg.run.name)
-    with exclusive(run_dir, "cv"):
-        save_resolved(raw_cfg, run_dir / "config.yaml")
+    cfg = run.config
+    out = run.dir / f"cv{variant_suffix(cfg.cv.checkpoint, cfg.predict.tta)}"
+    with run.create().lock("cv"):
+        run.save_config()
         inputs = discover(cfg.data.source, cfg.data.classes, cfg.data.case_pattern, cfg.data.columns,
                           cfg.tiles.strict)
-        tasks = plan_folds(raw_cfg, run_dir, inputs.records, inputs.classes)
-        write_folds_csv(run_dir / "folds.csv", tasks)
-        sizes = ", ".join(str(len({r.case for r in t.test})) for t in tasks[:cfg.cv.folds])
-        print(f"{cfg.cv.repeats} repeat(s) of {cfg.cv.folds} folds ({sizes} test cases); each trains on its train "
-              f"cases and picks its checkpoint on {cfg.cv.inner_val_fraction:.0%} of them (inner val); logs in "
-              f"{run_dir / 'logs'}", flush=True)
-        executor = make_executor(cfg.cluster, run_dir / "logs" / "%j", name=f"cv-{cfg.run.name}")
-        failure = None
-        try:
-            run_array(executor, FoldJob(), tasks, parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s)
-        except ArrayJobError as err:
-            failure = err
-        records = [[r for r in (read_record(t.predict_dir / "slides", s) for s in t.slides()) if r is not None]
-                   for t in tasks]
-        if failure is not None and not any(records):
-            raise failure
-        suffix = variant_suffix(cfg.cv.checkpoint, cfg.predict.tta)
+        tasks = plan_folds(run, inputs.records, inputs.classes)
+        write_folds_csv(run.dir / "folds.csv", tasks)
+        records, failure = run_folds(run, tasks)
         report = assemble_report(cfg, tasks, records, inputs.classes)
         report["failed_folds"] = [f.index for f in failure.failures] if failure else []
         report["seconds"] = stage_seconds(tasks)
         if cfg.cv.baseline:
             begin = time.perf_counter()
-            report["baseline"] = run_baseline(cfg, inputs.records, inputs.classes, run_dir / "baseline", report,
+            report["baseline"] = run_baseline(cfg, inputs.records, inputs.classes, run.dir / "baseline", report,
                                               test_cases_by_repeat(tasks, cfg.cv.repeats))
             report["seconds"]["baseline"] = time.perf_counter() - begin
-        report["ensemble"] = ship_ensemble(tasks, run_dir, cfg.cv.checkpoint, failure)
+        report["ensemble"] = ship_ensemble(tasks, run.dir, cfg.cv.checkpoint)
         report["minutes"] = (time.perf_counter() - start) / 60
-        _write_outputs(run_dir / f"cv{suffix}", report, tasks, records, inputs.classes, cfg.predict.aggregate)
+        _write_outputs(out, report, tasks, records, inputs.classes, cfg.predict.aggregate)
     print(format_cv_report(report), flush=True)
-    out = run_dir / f"cv{suffix}"
     print(f"report: {out / 'report.json'}, {out / 'report.txt'}, {out / 'predictions.csv'}; "
           f"{report['minutes']:.1f} min", flush=True)
     if failure is not None:
@@ -156,8 +155,7 @@ def kept_epoch(task: FoldTask, cfg: Config) -> dict[str, Any]:
             "epoch": history[index]["epoch"] + 1 if index is not None else None, "why": why}
 
 
-def ship_ensemble(tasks: list[FoldTask], run_dir: Path, checkpoint: str,
-                  failure: Optional[ArrayJobError]) -> dict[str, Any]:
+def ship_ensemble(tasks: list[FoldTask], run_dir: Path, checkpoint: str) -> dict[str, Any]:
     """``<run>/ensemble.pt`` (``ensemble-last.pt``): the first repeat's fold models as one checkpoint that
     `lymphoma predict` averages. A fold model whose inner-val balanced accuracy is at or below chance
     (1/classes, what a model that predicts one class for everything scores) is left out; with none left, or a
@@ -204,3 +202,8 @@ def _write_outputs(out: Path, report: dict[str, Any], tasks: list[FoldTask], rec
                                                 "mean_prob_class", "confidence", "error"], rows)
     write_report([r for t, fold in zip(tasks, records_by_fold) if t.repeat == 0 for r in fold], classes, out, aggregate)
 
+
+def command(args: argparse.Namespace, run: Run) -> int:
+    """``lymphoma cv``."""
+    run_cv(run)
+    return 0

@@ -5,17 +5,19 @@ from __future__ import annotations
 
 import itertools
 import json
-import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import submitit
-from omegaconf import DictConfig, OmegaConf
 
-from jobs.config import ConfigError, from_yaml_text, to_object
+from hpc.task import task_setup
+from jobs.config import ConfigError
+from jobs.predict import predict_chunk
+from jobs.run_folder import Run
 from jobs.tile import tile_in_process
+from jobs.train import fit_here, fit_settings
 from lymphoma.cohort import write_report
 from lymphoma.files import write_text_atomic
 from lymphoma.inputs import ImageRecord
@@ -27,24 +29,29 @@ GRID_SECTIONS = ("train", "model", "augment", "stain", "tiles")
 
 @dataclass(frozen=True)
 class FoldTask:
-    """One fold: the images it may learn from (train, and the inner val that picks the checkpoint and the
-    grid point) and the test images it predicts; picklable."""
+    """One fold: its run (the config, working in ``repeat-<r>/fold-<k>``), the images it may learn from (train,
+    and the inner val that picks the checkpoint and the grid point) and the test images it predicts; picklable."""
 
+    run: Run
     fold: int
-    config_yaml: str
-    fold_dir: str
+    repeat: int
     train: tuple[ImageRecord, ...]
     val: tuple[ImageRecord, ...]
     test: tuple[ImageRecord, ...]
     classes: tuple[str, ...]
     threads: int
-    tta: bool = False
-    checkpoint: str = "best"
-    repeat: int = 0
+
+    @property
+    def fold_dir(self) -> Path:
+        return self.run.dir
+
+    @property
+    def checkpoint(self) -> str:
+        return self.run.config.cv.checkpoint
 
     @property
     def predict_dir(self) -> Path:
-        return Path(self.fold_dir) / f"predict{variant_suffix(self.checkpoint, self.tta)}"
+        return self.run.dir / f"predict{variant_suffix(self.checkpoint, self.run.config.predict.tta)}"
 
     def slides(self) -> list[SlideInput]:
         return [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in self.test]
@@ -67,73 +74,51 @@ def grid_points(grid: dict[str, list[Any]]) -> list[dict[str, Any]]:
     return [dict(zip(keys, combo)) for combo in itertools.product(*(grid[k] for k in keys))]
 
 
-def with_point(raw: DictConfig, point: dict[str, Any]) -> DictConfig:
-    """The config with a grid point's values set (each key must exist: a typo is an error)."""
-    merged = raw.copy()
-    for key, value in point.items():
-        if OmegaConf.select(merged, key, default="__missing__") == "__missing__":
-            raise ConfigError(f"cv.grid key {key!r} is not a setting; see configs/defaults.yaml")
-        OmegaConf.update(merged, key, value, merge=False)
-    return merged
-
-
 class FoldJob(submitit.helpers.Checkpointable):
     """A fold's array task. Every stage resumes (complete shards, last.pt, complete slides), so a requeued
     or rerun fold continues where it stopped."""
 
     def __call__(self, task: FoldTask) -> dict[str, Any]:
-        import torch
-
-        from lymphoma.prediction import Predictor, predict_slides
-
         check_no_leakage({"train": task.train, "val": task.val, "test": task.test})
-        raw = from_yaml_text(task.config_yaml)
-        cfg = to_object(raw)
-        device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cpu":
-            torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK") or task.threads))
-        seconds = {"tile": 0.0, "train": 0.0, "predict": 0.0}
-        summary = train_fold(task, raw, device, seconds)
-        start = time.perf_counter()
-        predictor = Predictor.from_checkpoint(Path(task.fold_dir) / "train" / "checkpoints" / f"{task.checkpoint}.pt",
-                                              device, cfg.predict.batch_size, cfg.predict.tta)
-        records = predict_slides(predictor, task.slides(), task.predict_dir / "slides", cfg.predict.prefetch,
-                                 cfg.predict.heatmaps)
-        write_report(records, list(task.classes), task.predict_dir, cfg.predict.aggregate)
+        predict = task.run.config.predict
+        with task_setup(task.threads) as setup:
+            seconds = {"tile": 0.0, "train": 0.0, "predict": 0.0}
+            summary = train_fold(task, setup.device, seconds)
+            start = time.perf_counter()
+            records = predict_chunk(task.fold_dir / "train" / "checkpoints" / f"{task.checkpoint}.pt", task.slides(),
+                                    task.predict_dir / "slides", predict, setup.device)
+        write_report(records, list(task.classes), task.predict_dir, predict.aggregate)
         seconds["predict"] = time.perf_counter() - start
         write_text_atomic(task.predict_dir / "seconds.json", json.dumps(seconds) + "\n")
         return {"fold": task.fold, "train": summary, "seconds": seconds}
 
 
-def _fit(task: FoldTask, raw: DictConfig, work_dir: Path, tiles_dir: Path, device: Any,
-         seconds: dict[str, float]) -> dict[str, Any]:
-    """Tile (complete shards are kept) and train (resuming) one configuration; adds each stage's seconds."""
-    from lymphoma.training import Rank, fit
-
-    cfg = to_object(raw)
+def _fit(task: FoldTask, run: Run, tiles_dir: Path, device: Any, seconds: dict[str, float]) -> dict[str, Any]:
+    """Tile (complete shards are kept) and train (resuming) one configuration into ``run.train``; adds each
+    stage's seconds."""
     start = time.perf_counter()
-    tile_in_process({"train": list(task.train), "val": list(task.val)}, tiles_dir, list(task.classes), cfg)
+    tile_in_process({"train": list(task.train), "val": list(task.val)}, tiles_dir, list(task.classes),
+                    run.config.tiles)
     seconds["tile"] += time.perf_counter() - start
     start = time.perf_counter()
-    summary = fit(tiles_dir, work_dir / "train", replace(cfg.train, eval_phase="val"), cfg.model, cfg.augment,
-                  OmegaConf.to_container(raw, resolve=True), Rank(), device, tile_size=cfg.tiles.size, stain=cfg.stain)
+    summary = fit_here(run, tiles_dir, run.train, fit_settings(run, eval_phase="val"), device)
     seconds["train"] += time.perf_counter() - start
     return summary
 
 
-def train_fold(task: FoldTask, raw: DictConfig, device: Any, seconds: dict[str, float]) -> dict[str, Any]:
+def train_fold(task: FoldTask, device: Any, seconds: dict[str, float]) -> dict[str, Any]:
     """Train the fold into ``<fold>/train``. With a grid, train every point into ``<fold>/grid-<i>`` (its own
     tiles when the point changes tiling), keep the point whose kept epoch scored the best inner-val balanced
     accuracy (lower val loss breaks ties), link ``<fold>/train`` to it and write ``<fold>/grid.json``."""
-    fold_dir = Path(task.fold_dir)
-    points = grid_points(dict(to_object(raw).cv.grid))
+    fold_dir = task.fold_dir
+    points = grid_points(dict(task.run.config.cv.grid))
     if points == [{}]:
-        return _fit(task, raw, fold_dir, fold_dir / "tiles", device, seconds)
+        return _fit(task, task.run, task.run.tiles, device, seconds)
     results = []
     for i, point in enumerate(points):
         own_tiles = any(key.startswith("tiles.") for key in point)
-        tiles_dir = fold_dir / f"grid-{i}" / "tiles" if own_tiles else fold_dir / "tiles"
-        summary = _fit(task, with_point(raw, point), fold_dir / f"grid-{i}", tiles_dir, device, seconds)
+        run = task.run.with_values(point).at(fold_dir / f"grid-{i}")
+        summary = _fit(task, run, run.tiles if own_tiles else task.run.tiles, device, seconds)
         results.append({"point": point, "balanced_accuracy": summary["best_val_balanced_accuracy"],
                         "val_loss": summary["best_val_loss"], "epoch": summary["best_epoch"]})
     best = max(range(len(results)), key=lambda i: (results[i]["balanced_accuracy"], -results[i]["val_loss"], -i))

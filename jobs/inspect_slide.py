@@ -2,20 +2,17 @@
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
-from omegaconf import DictConfig
-
-from jobs.config import to_object
-from jobs.tile import tile_settings
+from jobs.run_folder import Run
+from lymphoma.settings import TileSettings
 from lymphoma.slides import open_slide
 from lymphoma.wsi import plan_grid, save_grid_overview, target_mpp
 
 
-def inspect_slide(raw_cfg: DictConfig, path: Path, out: Path | None) -> str:
+def inspect_slide(t: TileSettings, path: Path, out: Path | None) -> str:
     """A report of the slide's levels, resolution and tissue; writes the QC picture to ``out``."""
-    cfg = to_object(raw_cfg)
-    t = cfg.tiles
     with open_slide(path, t.default_mpp) as reader:
         info = reader.info
         lines = [f"file:       {info.path}", f"vendor:     {info.vendor}",
@@ -25,8 +22,7 @@ def inspect_slide(raw_cfg: DictConfig, path: Path, out: Path | None) -> str:
                   for i, ((w, h), d) in enumerate(zip(info.level_dimensions, info.level_downsamples))]
         grid = None
         if info.mpp is not None:
-            settings = tile_settings(cfg)
-            target = target_mpp(reader, settings) if settings.by_resolution else info.mpp
+            target = target_mpp(reader, t) if t.by_resolution else info.mpp
             grid = plan_grid(reader, t.size, t.stride, target, t.min_tissue)
             lines += [f"tissue:     {grid.tissue.fraction:.1%} of the slide",
                       f"tile grid:  {len(grid.coords)} tiles of {t.size} px at {target} mpp kept (>= "
@@ -36,3 +32,9 @@ def inspect_slide(raw_cfg: DictConfig, path: Path, out: Path | None) -> str:
         save_grid_overview(reader, grid, str(out))
         lines.append(f"picture:    {out}")
     return "\n".join(lines)
+
+
+def command(args: argparse.Namespace, run: Run) -> int:
+    """``lymphoma inspect``."""
+    print(inspect_slide(run.config.tiles, args.slide, args.out))
+    return 0

@@ -2,15 +2,14 @@
 
 from __future__ import annotations
 
+import argparse
 import csv
 import time
 from pathlib import Path
 from typing import Any
 
-from omegaconf import DictConfig
-
-from jobs.config import Config, to_object
-from jobs.predict import PredictResult, format_report, run_predict
+from jobs.predict import PredictRequest, PredictResult, format_report, run_predict
+from jobs.run_folder import Run
 from jobs.tile import format_summary, run_tile
 from jobs.train import run_train
 from lymphoma.errors import InputError
@@ -28,15 +27,14 @@ def held_out_slides(split_csv: Path, phase: str) -> list[SlideInput]:
     return [SlideInput(row["path"], Path(row["path"]).stem, row["label"], row["case"]) for row in rows]
 
 
-def run_pipeline(raw_cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
+def run_pipeline(run: Run, progress: bool = True) -> dict[str, Any]:
     """Run every stage, printing where each output is; reruns resume every stage."""
-    cfg: Config = to_object(raw_cfg)
     start = time.perf_counter()
     print("== 1/3 tile", flush=True)
-    tiled = run_tile(raw_cfg, progress=progress)
+    tiled = run_tile(run, progress=progress)
     print(format_summary(tiled), flush=True)
     print("== 2/3 train", flush=True)
-    summary = run_train(raw_cfg)[0]
+    summary = run_train(run)[0]
     print(f"best epoch {summary['best_epoch'] + 1} of {summary['epochs']}: val loss {summary['best_val_loss']:.4f}, "
           f"val tile accuracy {summary['best_val_accuracy']:.3f}; kept {summary['selection']}; checkpoints in "
           f"{summary['checkpoints']}", flush=True)
@@ -44,12 +42,18 @@ def run_pipeline(raw_cfg: DictConfig, progress: bool = True) -> dict[str, Any]:
         print("warning: the kept model predicts one class for every validation tile (balanced accuracy at chance): "
               "it has not learnt the sub-types; train longer (train.epochs) and judge models with `lymphoma cv`",
               flush=True)
-    phase = "test" if cfg.split.test_fraction > 0 else "val"
+    phase = "test" if run.config.split.test_fraction > 0 else "val"
     print(f"== 3/3 predict the held-out {phase} images", flush=True)
-    checkpoint = Path(summary["checkpoints"]) / "best.pt"
-    result: PredictResult = run_predict(raw_cfg, checkpoint, [], slides=held_out_slides(tiled.run_dir / "split.csv", phase))
+    request = PredictRequest(run.checkpoints / "best.pt", slides=tuple(held_out_slides(run.split_csv, phase)))
+    result: PredictResult = run_predict(run, request)
     print(format_report(result), flush=True)
     minutes = (time.perf_counter() - start) / 60
-    print(f"== done in {minutes:.1f} min; run folder {tiled.run_dir}: config.yaml, split.csv, tiles/, train/ "
+    print(f"== done in {minutes:.1f} min; run folder {run.dir}: config.yaml, split.csv, tiles/, train/ "
           f"(checkpoints/, tensorboard/, history.json), predict/", flush=True)
     return {"tile": tiled, "train": summary, "predict": result}
+
+
+def command(args: argparse.Namespace, run: Run) -> int:
+    """``lymphoma run``."""
+    run_pipeline(run, progress=not args.no_progress)
+    return 0

@@ -2,50 +2,65 @@
 
 from __future__ import annotations
 
-import os
+import argparse
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from omegaconf import DictConfig
-
-from hpc import ArrayJobError, make_executor, run_array
-from jobs.config import Config, save_resolved, to_object
+from hpc import ArrayJobError, run_array
+from hpc.task import task_setup, thread_share
+from jobs.run_folder import Run
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.cohort import expand_inputs, write_report
 from lymphoma.errors import InputError
 from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import SlideInput, checkpoint_fingerprint, outputs_complete, read_record
+from lymphoma.settings import PredictSettings
 
 MARKER = ".lymphoma-predict"
-TILE_KEYS = ("size", "stride", "resize", "pad", "target_mpp", "target_power")
+
+
+@dataclass(frozen=True)
+class PredictRequest:
+    """What to predict and with what: the checkpoint; the slides, or the patterns and TSV list that name them;
+    the output folder (default ``<run>/predict``); whether tile settings given by the user may differ from the
+    checkpoint's (``force``) and whether any were given (``explicit_tiles``)."""
+
+    checkpoint: Path
+    patterns: tuple[str, ...] = ()
+    list_file: Optional[Path] = None
+    basepath: Optional[Path] = None
+    out: Optional[Path] = None
+    force: bool = False
+    explicit_tiles: bool = False
+    slides: Optional[tuple[SlideInput, ...]] = None
 
 
 @dataclass(frozen=True)
 class PredictTask:
-    """One array task: a chunk of slides and the model to run over them."""
+    """One array task: a chunk of slides and the model to run over them; picklable."""
 
     checkpoint: str
     slides: tuple[SlideInput, ...]
     out_dir: str
-    batch_size: int
-    prefetch: int
-    heatmaps: bool
+    settings: PredictSettings
     threads: int
-    tta: bool = False
+
+
+def predict_chunk(checkpoint: Path, slides: Sequence[SlideInput], out_dir: Path, settings: PredictSettings,
+                  device: Any) -> list[dict[str, Any]]:
+    """Load the model once, then predict each slide that is not complete yet into ``out_dir``."""
+    from lymphoma.prediction import Predictor, predict_slides
+
+    predictor = Predictor.from_checkpoint(checkpoint, device, settings.batch_size, settings.tta)
+    return predict_slides(predictor, slides, out_dir, settings.prefetch, settings.heatmaps)
 
 
 def run_predict_task(task: PredictTask) -> list[dict[str, Any]]:
-    """Load the model once, then predict each slide of the chunk that is not complete yet."""
-    import torch
-
-    from lymphoma.prediction import Predictor, predict_slides
-
-    device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    if device.type == "cpu":
-        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK") or task.threads))
-    predictor = Predictor.from_checkpoint(Path(task.checkpoint), device, task.batch_size, task.tta)
-    return predict_slides(predictor, task.slides, Path(task.out_dir), task.prefetch, task.heatmaps)
+    """The array task's entry point."""
+    with task_setup(task.threads) as setup:
+        return predict_chunk(Path(task.checkpoint), task.slides, Path(task.out_dir), task.settings, setup.device)
 
 
 @dataclass
@@ -71,42 +86,52 @@ def prepare_out_dir(out_dir: Path) -> Path:
     return out_dir
 
 
-def check_tiling(cfg: Config, checkpoint_tiles: dict[str, Any], checkpoint: Path) -> None:
-    """The user's tile settings must be the ones the model was trained on."""
-    differ = {k: (getattr(cfg.tiles, k), checkpoint_tiles.get(k)) for k in TILE_KEYS
-              if getattr(cfg.tiles, k) != checkpoint_tiles.get(k)}
-    if differ:
-        detail = ", ".join(f"tiles.{k}={mine} but the model was trained with {theirs}" for k, (mine, theirs) in differ.items())
-        raise InputError(f"{checkpoint}: {detail}; drop those settings (the checkpoint's are used) or pass --force")
+def request_slides(run: Run, request: PredictRequest, state: dict[str, Any]) -> list[SlideInput]:
+    """The slides to predict, after checking that the user's tile settings are the ones the model saw."""
+    if request.explicit_tiles and not request.force:
+        differ = run.config.tiles.model_input_differences(state["tiles"])
+        if differ:
+            detail = ", ".join(f"tiles.{k}={mine} but the model was trained with {theirs}"
+                               for k, (mine, theirs) in differ.items())
+            raise InputError(f"{request.checkpoint}: {detail}; drop those settings (the checkpoint's are used) "
+                             "or pass --force")
+    if request.slides is not None:
+        return list(request.slides)
+    return expand_inputs(list(request.patterns), request.list_file, request.basepath, list(state["classes"]),
+                         compile_case_pattern(run.config.data.case_pattern))
 
 
-def run_predict(raw_cfg: DictConfig, checkpoint: Path, patterns: list[str], list_file: Optional[Path] = None,
-                basepath: Optional[Path] = None, out: Optional[Path] = None, force: bool = False,
-                explicit_tiles: bool = False, slides: Optional[list[SlideInput]] = None) -> PredictResult:
-    """Predict every slide (resuming complete ones) and write the cohort report."""
-    cfg: Config = to_object(raw_cfg)
+def run_predict(run: Run, request: PredictRequest) -> PredictResult:
+    """Predict every slide (resuming complete ones) as an array job and write the cohort report."""
+    cfg = run.config
+    checkpoint = Path(request.checkpoint).resolve()
     state = load_checkpoint(checkpoint)
-    classes = list(state["classes"])
-    if explicit_tiles and not force:
-        check_tiling(cfg, state["tiles"], checkpoint)
-    if slides is None:
-        slides = expand_inputs(patterns, list_file, basepath, classes, compile_case_pattern(cfg.data.case_pattern))
-    out_dir = prepare_out_dir((Path(out) if out else Path(cfg.run.root) / cfg.run.name / "predict").absolute())
-    save_resolved(raw_cfg, out_dir / "config.yaml")
+    slides = request_slides(run, request, state)
+    out_dir = prepare_out_dir(Path(request.out).absolute() if request.out else run.predict)
+    run.save_config(out_dir / "config.yaml")
     slide_dir = out_dir / "slides"
-    fingerprint = checkpoint_fingerprint(Path(checkpoint).resolve(), state, cfg.predict.tta)
+    fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta)
     resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}
     per_task = max(1, cfg.predict.slides_per_task)
     chunks = [tuple(slides[i:i + per_task]) for i in range(0, len(slides), per_task)]
-    threads = max(1, (os.cpu_count() or 1) // max(1, min(cfg.cluster.parallelism, len(chunks))))
-    tasks = [PredictTask(str(Path(checkpoint).resolve()), chunk, str(slide_dir), cfg.predict.batch_size,
-                         cfg.predict.prefetch, cfg.predict.heatmaps, threads, cfg.predict.tta) for chunk in chunks]
-    executor = make_executor(cfg.cluster, out_dir / "logs" / "%j", name=f"predict-{cfg.run.name}")
+    threads = thread_share(min(cfg.cluster.parallelism, len(chunks)))
+    tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads) for chunk in chunks]
     failure = None
     try:
-        run_array(executor, run_predict_task, tasks, parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s)
+        run_array(run.executor("predict", out_dir / "logs" / "%j"), run_predict_task, tasks,
+                  parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s)
     except ArrayJobError as err:
         failure = err
+    records = gather_records(slide_dir, chunks, failure)
+    metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate)
+    n_ok = sum(r["status"] == "ok" for r in records)
+    return PredictResult(out_dir, records, metrics, n_ok - len(resumed & {r["key"] for r in records if r["status"] == "ok"}),
+                         len(resumed), failure)
+
+
+def gather_records(slide_dir: Path, chunks: list[tuple[SlideInput, ...]],
+                   failure: Optional[ArrayJobError]) -> list[dict[str, Any]]:
+    """Every slide's record; a slide whose task died before writing it is a failed row naming the task's log."""
     records = []
     for task_index, chunk in enumerate(chunks):
         for slide in chunk:
@@ -116,10 +141,7 @@ def run_predict(raw_cfg: DictConfig, checkpoint: Path, patterns: list[str], list
                 record = {"key": slide.key, "path": slide.path, "status": "failed", "label": slide.label,
                           "case": slide.case, "error": f"its task {task_index} died before writing it; log: {logs}"}
             records.append(record)
-    metrics = write_report(records, classes, out_dir, cfg.predict.aggregate)
-    n_ok = sum(r["status"] == "ok" for r in records)
-    return PredictResult(out_dir, records, metrics, n_ok - len(resumed & {r["key"] for r in records if r["status"] == "ok"}),
-                         len(resumed), failure)
+    return records
 
 
 def format_report(result: PredictResult) -> str:
@@ -135,3 +157,15 @@ def format_report(result: PredictResult) -> str:
     lines += [f"summary:  {result.out_dir / 'summary.csv'}", f"metrics:  {result.out_dir / 'metrics.json'}",
               f"per slide: {result.out_dir / 'slides'}/<name>.{{json,npz,png}}"]
     return "\n".join(lines)
+
+
+def command(args: argparse.Namespace, run: Run) -> int:
+    """``lymphoma predict``: tile settings given in a config or override are checked against the checkpoint's."""
+    explicit = bool(args.config) or any(o.startswith("tiles.") for o in args.overrides)
+    request = PredictRequest(Path(args.checkpoint), tuple(args.inputs), args.list, args.basepath, args.out,
+                             args.force, explicit)
+    result = run_predict(run, request)
+    print(format_report(result))
+    if result.task_failures is not None:
+        raise result.task_failures
+    return 0

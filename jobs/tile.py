@@ -2,22 +2,21 @@
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 from pathlib import Path
 
-from omegaconf import DictConfig
 from tqdm import tqdm
 
-from hpc import make_executor, run_array
-from jobs.config import Config, save_resolved, to_object
-from jobs.rundir import exclusive, make_run_dir
+from hpc import run_array
+from jobs.run_folder import Run
 from lymphoma.inputs import ImageRecord, discover
+from lymphoma.settings import TileSettings
 from lymphoma.sharding import ShardPlan, fingerprint, plan_shards, write_manifest
 from lymphoma.split import assign_phases, split_cases, write_split_csv
 from lymphoma.store import ShardSummary, read_complete_shard, write_shard
-from lymphoma.tiling import TileSettings
 
 
 @dataclass(frozen=True)
@@ -29,20 +28,13 @@ class ShardTask:
     records: tuple[ImageRecord, ...]
     classes: tuple[str, ...]
     settings: TileSettings
-    compression: str
     fingerprint: str
-    strict: bool
 
 
 def run_shard_task(task: ShardTask) -> ShardSummary:
     """The array task's entry point: write one shard."""
     return write_shard(Path(task.path), task.phase, task.records, task.classes, task.settings,
-                       task.compression, task.fingerprint, task.strict)
-
-
-def tile_settings(cfg: Config) -> TileSettings:
-    """The tiler's settings out of the ``tiles`` section (which also holds the store's own keys)."""
-    return TileSettings(**{f.name: getattr(cfg.tiles, f.name) for f in fields(TileSettings)})
+                       task.settings.compression, task.fingerprint, task.settings.strict)
 
 
 @dataclass
@@ -56,60 +48,56 @@ class TileResult:
     seconds: float
 
 
-def run_tile(raw_cfg: DictConfig, progress: bool = True) -> TileResult:
+def run_tile(run: Run, progress: bool = True) -> TileResult:
     """Tile the configured data set into the run folder; a rerun writes only missing or stale shards."""
     start = time.perf_counter()
-    cfg = to_object(raw_cfg)
-    settings = tile_settings(cfg)
-    run_dir = make_run_dir(cfg.run.root, cfg.run.name)
-    with exclusive(run_dir, "tile"):
-        save_resolved(raw_cfg, run_dir / "config.yaml")
+    cfg = run.config
+    with run.create().lock("tile"):
+        run.save_config()
         inputs = discover(cfg.data.source, cfg.data.classes, cfg.data.case_pattern, cfg.data.columns,
                           cfg.tiles.strict)
         phase_of = split_cases(inputs.records, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed)
         by_phase = assign_phases(inputs.records, phase_of)
-        write_split_csv(run_dir / "split.csv", by_phase)
-        tiles_dir = run_dir / "tiles"
+        write_split_csv(run.split_csv, by_phase)
         plans = plan_shards(by_phase, cfg.tiles.images_per_shard)
-        tasks = [_task(plan, tiles_dir, inputs.classes, settings, cfg) for plan in plans]
+        tasks = [shard_task(plan, run.tiles, inputs.classes, cfg.tiles) for plan in plans]
         summaries: list[ShardSummary | None] = [read_complete_shard(Path(t.path), t.fingerprint) for t in tasks]
         todo = [i for i, s in enumerate(summaries) if s is None]
         for phase in by_phase:
-            (tiles_dir / phase).mkdir(parents=True, exist_ok=True)
-        _report_stale(tiles_dir, plans)
+            (run.tiles / phase).mkdir(parents=True, exist_ok=True)
+        _report_stale(run.tiles, plans)
 
         bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="shard", desc="tile",
                    disable=not progress or None)
-        executor = make_executor(cfg.cluster, run_dir / "logs" / "tile" / "%j", name=f"tile-{cfg.run.name}")
-        written = run_array(executor, run_shard_task, [tasks[i] for i in todo], parallelism=cfg.cluster.parallelism,
-                            poll_s=cfg.cluster.poll_s, on_done=lambda *_: bar.update())
+        written = run_array(run.executor("tile"), run_shard_task, [tasks[i] for i in todo],
+                            parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s, on_done=lambda *_: bar.update())
         bar.close()
         for i, summary in zip(todo, written):
             summaries[i] = summary
         done = [s for s in summaries if s is not None]
-        manifest = write_manifest(tiles_dir, inputs.classes, settings, cfg.tiles.compression, done, inputs.skipped)
+        manifest = write_manifest(run.tiles, inputs.classes, cfg.tiles, cfg.tiles.compression, done, inputs.skipped)
     n_skipped = len(inputs.skipped) + sum(len(s.skipped) for s in done)
-    return TileResult(run_dir, manifest, inputs.classes, done, len(todo), n_skipped, time.perf_counter() - start)
+    return TileResult(run.dir, manifest, inputs.classes, done, len(todo), n_skipped, time.perf_counter() - start)
 
 
 def tile_in_process(by_phase: dict[str, list[ImageRecord]], tiles_dir: Path, classes: list[str],
-                    cfg: Config) -> list[ShardSummary]:
+                    settings: TileSettings) -> list[ShardSummary]:
     """Write the phases' shards one after the other in this process (a task that tiles its own share, such as
     a cross-validation fold), skipping complete ones, then the manifest."""
-    settings = tile_settings(cfg)
     summaries = []
-    for plan in plan_shards(by_phase, cfg.tiles.images_per_shard):
-        task = _task(plan, tiles_dir, classes, settings, cfg)
+    for plan in plan_shards(by_phase, settings.images_per_shard):
+        task = shard_task(plan, tiles_dir, classes, settings)
         (tiles_dir / plan.phase).mkdir(parents=True, exist_ok=True)
         summaries.append(read_complete_shard(Path(task.path), task.fingerprint) or run_shard_task(task))
-    write_manifest(tiles_dir, classes, settings, cfg.tiles.compression, summaries, [])
+    write_manifest(tiles_dir, classes, settings, settings.compression, summaries, [])
     return summaries
 
 
-def _task(plan: ShardPlan, tiles_dir: Path, classes: list[str], settings: TileSettings, cfg: Config) -> ShardTask:
+def shard_task(plan: ShardPlan, tiles_dir: Path, classes: list[str], settings: TileSettings) -> ShardTask:
+    """The task that writes one planned shard, with the fingerprint that tells a rerun whether it is current."""
     return ShardTask(path=str(tiles_dir / plan.relpath), phase=plan.phase, records=plan.records,
-                     classes=tuple(classes), settings=settings, compression=cfg.tiles.compression,
-                     fingerprint=fingerprint(plan, classes, settings, cfg.tiles.compression), strict=cfg.tiles.strict)
+                     classes=tuple(classes), settings=settings,
+                     fingerprint=fingerprint(plan, classes, settings, settings.compression))
 
 
 def _report_stale(tiles_dir: Path, plans: list[ShardPlan]) -> None:
@@ -137,3 +125,9 @@ def format_summary(result: TileResult) -> str:
                  f"{n_tiles} tiles in {result.seconds:.1f} s ({n_tiles / max(result.seconds, 1e-9):.0f} tiles/s)"
                  + (f"; {result.n_skipped} image(s) skipped, listed in the manifest" if result.n_skipped else ""))
     return "\n".join(lines)
+
+
+def command(args: argparse.Namespace, run: Run) -> int:
+    """``lymphoma tile``."""
+    print(format_summary(run_tile(run, progress=not args.no_progress)))
+    return 0

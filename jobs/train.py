@@ -2,65 +2,54 @@
 
 from __future__ import annotations
 
-import os
+import argparse
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import submitit
-import torch
-import torch.distributed as dist
-from omegaconf import DictConfig, OmegaConf
 
-from hpc import make_executor, wait_for
-from hpc.distributed import resolve
-from jobs.config import Config, from_yaml_text, save_resolved, to_object
-from jobs.rundir import exclusive, make_run_dir
+from hpc import wait_for
+from hpc.task import task_setup
+from jobs.run_folder import Run
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
-from lymphoma.sharding import MANIFEST_NAME
-from lymphoma.training import Rank, fit, preflight
+from lymphoma.training import FitSettings, Rank, fit, preflight
+
+
+def fit_settings(run: Run, eval_phase: str | None = None) -> FitSettings:
+    """The training bundle of a run's config (``eval_phase`` replaces train.eval_phase when given)."""
+    cfg = run.config
+    train = cfg.train if eval_phase is None else replace(cfg.train, eval_phase=eval_phase)
+    return FitSettings(train, cfg.model, cfg.augment, cfg.stain, cfg.tiles.size, run.as_dict())
+
+
+def fit_here(run: Run, tiles_dir: Path, out_dir: Path, settings: FitSettings, device: Any,
+             rank: Rank = Rank()) -> dict[str, Any]:
+    """Train in this process (one rank), writing the resolved config beside the outputs on rank 0."""
+    if rank.main:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        run.save_config(out_dir / "config.yaml")
+    return fit(settings, tiles_dir, out_dir, rank, device)
 
 
 class TrainJob(submitit.helpers.Checkpointable):
     """Runs in every task. On a SLURM time-out or preemption submitit calls ``checkpoint``, which (as
     Checkpointable does) resubmits this same call; the rerun resumes from ``last.pt``."""
 
-    def __call__(self, config_yaml: str) -> dict[str, Any]:
-        raw = from_yaml_text(config_yaml)
-        cfg = to_object(raw)
-        env = resolve()
-        device = torch.device(f"cuda:{env.local_rank}") if torch.cuda.is_available() else torch.device("cpu")
-        if device.type == "cuda" and env.local_rank >= torch.cuda.device_count():
-            raise InputError(f"{env.local_world} processes on this node but {torch.cuda.device_count()} GPU(s) visible: "
-                             "one process per GPU (set --gpus-per-node or cluster.tasks_per_node)")
-        if device.type == "cuda":
-            torch.cuda.set_device(device)
-        else:
-            share = max(1, (os.cpu_count() or 1) // env.local_world)
-            torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK") or share))
-        if env.world_size > 1:
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank,
-                                    world_size=env.world_size, init_method=f"tcp://{env.master_addr}:{env.master_port}")
-        try:
-            run_dir = Path(cfg.run.root) / cfg.run.name
-            if env.rank == 0:
-                (run_dir / "train").mkdir(parents=True, exist_ok=True)
-                save_resolved(raw, run_dir / "train" / "config.yaml")
-            return fit(run_dir / "tiles", run_dir / "train", cfg.train, cfg.model, cfg.augment,
-                       OmegaConf.to_container(raw, resolve=True), Rank(env.rank, env.local_rank, env.world_size),
-                       device, tile_size=cfg.tiles.size, stain=cfg.stain)
-        finally:
-            if dist.is_initialized():
-                dist.destroy_process_group()
+    def __call__(self, run: Run) -> dict[str, Any]:
+        with task_setup() as task:
+            rank = Rank(task.env.rank, task.env.local_rank, task.env.world_size)
+            return fit_here(run, run.tiles, run.train, fit_settings(run), task.device, rank)
 
 
-def _warn_if_resuming_other_settings(last: Path, raw_cfg: DictConfig) -> None:
+def _warn_if_resuming_other_settings(last: Path, run: Run) -> None:
     """Resuming keeps the run's history; say so when the settings it trains with have changed since."""
     if not last.is_file():
         return
     state = load_checkpoint(last)
-    saved, now = state["config"], OmegaConf.to_container(raw_cfg, resolve=True)
+    saved, now = state["config"], run.as_dict()
     changed = [f"{section}.{key}" for section in ("train", "model", "augment") for key in now[section]
                if saved.get(section, {}).get(key) != now[section][key] and f"{section}.{key}" != "train.epochs"]
     if changed:  # more epochs is the ordinary way to continue, not worth a note
@@ -68,30 +57,35 @@ def _warn_if_resuming_other_settings(last: Path, raw_cfg: DictConfig) -> None:
               f"{changed}; to train afresh with them, use another run.name", file=sys.stderr, flush=True)
 
 
-def run_here(raw_cfg: DictConfig) -> dict[str, Any] | None:
+def run_here(run: Run) -> dict[str, Any] | None:
     """Train in this process as one rank of a job started by torchrun, mpiexec or srun; rank 0's summary."""
-    cfg: Config = to_object(raw_cfg)
-    run_dir = Path(cfg.run.root) / cfg.run.name
-    preflight(run_dir / "tiles", run_dir / "train", cfg.train, cfg.model, cfg.augment, cfg.tiles.size)
-    summary = TrainJob()(OmegaConf.to_yaml(raw_cfg, resolve=True))
+    preflight(fit_settings(run), run.tiles, run.train)
+    summary = TrainJob()(run)
     return summary if summary["rank"] == 0 else None
 
 
-def run_train(raw_cfg: DictConfig) -> list[dict[str, Any]]:
+def run_train(run: Run) -> list[dict[str, Any]]:
     """Submit the training job (one task per process) and wait for every rank's summary (rank 0 first)."""
-    cfg: Config = to_object(raw_cfg)
-    run_dir = make_run_dir(cfg.run.root, cfg.run.name)
-    if not (run_dir / "tiles" / MANIFEST_NAME).is_file():
-        raise InputError(f"{run_dir / 'tiles'} has no tile manifest; run `lymphoma tile` with the same config first")
+    cfg = run.config
+    run.create()
+    if not run.manifest.is_file():
+        raise InputError(f"{run.tiles} has no tile manifest; run `lymphoma tile` with the same config first")
     if cfg.cluster.kind == "debug" and cfg.cluster.tasks_per_node * cfg.cluster.nodes > 1:
         raise InputError("the debug executor runs one process; set cluster.tasks_per_node=1 or use --cluster local")
-    out = run_dir / "train"
-    preflight(run_dir / "tiles", out, cfg.train, cfg.model, cfg.augment, cfg.tiles.size)
-    _warn_if_resuming_other_settings(out / "checkpoints" / "last.pt", raw_cfg)
-    out.mkdir(exist_ok=True)
-    with exclusive(run_dir, "train"):
-        executor = make_executor(cfg.cluster, out / "logs" / "%j", name=f"train-{cfg.run.name}")
-        job = executor.submit(TrainJob(), OmegaConf.to_yaml(raw_cfg, resolve=True))
-        print(f"training job {job.job_id}: logs in {out / 'logs'}", flush=True)
+    preflight(fit_settings(run), run.tiles, run.train)
+    _warn_if_resuming_other_settings(run.checkpoints / "last.pt", run)
+    run.train.mkdir(exist_ok=True)
+    with run.lock("train"):
+        job = run.executor("train").submit(TrainJob(), run)
+        print(f"training job {job.job_id}: logs in {run.train / 'logs'}", flush=True)
         results = wait_for(job, f"train-{cfg.run.name}")
     return results
+
+
+def command(args: argparse.Namespace, run: Run) -> int:
+    """``lymphoma train`` (``--here``: as one rank of an outside launcher; only rank 0 prints)."""
+    summary = run_here(run) if args.here else run_train(run)[0]
+    if summary is not None:
+        print(f"best epoch {summary['best_epoch'] + 1}: val loss {summary['best_val_loss']:.4f}, "
+              f"val accuracy {summary['best_val_accuracy']:.3f}; checkpoints in {summary['checkpoints']}")
+    return 0

@@ -16,10 +16,9 @@ import numpy as np
 import torch
 
 from lymphoma.errors import InputError
-from lymphoma.settings import BACKENDS, AugmentSettings
+from lymphoma.settings import AugmentSettings
 from lymphoma.stain import StainNormalizer, apply_od_affine, draw_hed, hed_jitter_affine
 
-__all__ = ["BACKENDS", "AugmentSettings", "Augmenter", "build_augmenter", "choose_backend", "eval_batch"]
 
 def eval_batch(tiles: np.ndarray | torch.Tensor, settings: AugmentSettings, device: torch.device) -> torch.Tensor:
     """Eval mode without a backend: centre crop, scaling and normalisation of uint8 ``[B, H, W, 3]`` tiles,

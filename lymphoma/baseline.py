@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 
 from lymphoma.images import read_rgb
-from lymphoma.stain import StainNormalizer, StainSettings, fit_target
+from lymphoma.settings import StainSettings
+from lymphoma.stain import StainNormalizer, fit_target
 
 C_GRID = (0.001, 0.003, 0.01, 0.03, 0.1, 0.3, 1.0)
 GLCM_PROPS = ("contrast", "dissimilarity", "homogeneity", "energy", "correlation")

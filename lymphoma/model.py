@@ -8,10 +8,6 @@ from collections.abc import Sequence
 import torch
 from torchvision.models import DenseNet
 
-from lymphoma.settings import PRESETS, ModelSettings
-
-__all__ = ["PRESETS", "Ensemble", "ModelSettings", "build_model"]
-
 
 class Ensemble(torch.nn.Module):
     """Members of one architecture whose output is the log of their mean softmax: softmax of it is the mean

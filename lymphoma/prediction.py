@@ -18,15 +18,15 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
-from lymphoma.augment import AugmentSettings, eval_batch
+from lymphoma.augment import eval_batch
 from lymphoma.checkpoint import load_checkpoint, load_model_weights
 from lymphoma.errors import ImageError, InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap
+from lymphoma.settings import AugmentSettings, TileSettings
 from lymphoma.sources import TileSource, open_tiles
 from lymphoma.stain import StainNormalizer
-from lymphoma.tiling import TileSettings
 from lymphoma.voting import vote
 
 

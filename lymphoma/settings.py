@@ -1,12 +1,140 @@
-"""The settings of the model, augmentation and training: plain dataclasses (no torch import), so that
-configs load and validate fast, also in tasks that never train."""
+"""Every setting of the pipeline as a plain dataclass (no torch import), one per YAML section, with its default.
+
+These classes are the one source of the defaults: the config schema (``jobs/config.py``) is built from them,
+the comment after each field is its documentation (``lymphoma config`` prints both), and the library takes
+them as they are. The cluster section's settings live in ``hpc.executors`` (hpc knows nothing of pathology).
+"""
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, List, Optional
 
 from lymphoma.errors import InputError
+
+
+@dataclass
+class RunSettings:
+    """The run folder ``<root>/<name>``: every output of every stage goes there."""
+
+    name: str = "default"          # rerunning the same name resumes it
+    root: str = "runs"
+
+
+@dataclass
+class DataSettings:
+    """The labelled images: a folder with one sub-folder per class, or a CSV manifest."""
+
+    source: str = "${lymphoma_data:}/lowres"  # ${lymphoma_data:}: $LYMPHOMA_DATA, else ../shared/data/lymphoma-iicbu2008
+    classes: Optional[List[str]] = field(default_factory=lambda: ["CLL", "FL", "MCL"])  # label order; null: the
+    #                                class folders' names, sorted
+    case_pattern: str = r"^(?P<case>.+?)(?:-R\d+)?_\d+$"  # file stem -> case (patient): drops _NNN and -R<k>
+    columns: Dict[str, str] = field(default_factory=lambda: {"path": "path", "label": "label", "case": "case"})
+    #                                a manifest's column names
+
+
+@dataclass
+class SplitSettings:
+    """The split of ``lymphoma tile`` and ``lymphoma run``: by case (patient), stratified by class, never by image."""
+
+    val_fraction: float = 0.25
+    test_fraction: float = 0.0
+    seed: int = 0
+
+
+RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
+MODEL_INPUT_KEYS = ("size", "stride", "resize", "pad", "target_mpp", "target_power")
+STORE_KEYS = ("compression", "images_per_shard", "strict")
+
+
+@dataclass(frozen=True)
+class TileSettings:
+    """How images become tiles, and how tiles are stored. A pixel whose three channels are all >=
+    background_level is background; target_mpp / target_power tile whole slides at a physical resolution,
+    read from the best pyramid level, over detected tissue only."""
+
+    size: int = 128                # tile edge in pixels, after resizing
+    stride: int = 64               # step between tiles; size - stride is the overlap
+    resize: float = 1.0            # scale factor applied to each image before tiling
+    pad: int = 0                   # mirror padding on each side, in pixels after resizing
+    resample: str = "bilinear"     # nearest | bilinear | bicubic | lanczos | box
+    background_level: int = 220    # a pixel with all channels >= this is background
+    max_background: float = 1.0    # drop tiles with a larger background fraction (1.0 keeps all)
+    target_mpp: Optional[float] = None    # whole slides: tile at this many microns per pixel (0.5 = 20x);
+    #                                       null: pixel tiling as above
+    target_power: Optional[float] = None  # or as an objective power (20 = 20x), from each slide's objective and mpp
+    default_mpp: Optional[float] = None   # the resolution of files that do not record one (plain images, some TIFFs)
+    min_tissue: float = 0.5        # with target_mpp: keep tiles with at least this share of tissue
+    compression: str = "blosc:zstd:1"  # none | zlib:6 (the tutorial's) | blosc:zstd:1 | blosc:lz4 | ... (see bench/)
+    images_per_shard: int = 32     # one shard per array task
+    strict: bool = False           # true: a bad image fails the job instead of being skipped
+
+    @property
+    def by_resolution(self) -> bool:
+        """Tiles are cut at a physical resolution through the slide reader (else by pixels)."""
+        return self.target_mpp is not None or self.target_power is not None
+
+    def __post_init__(self) -> None:
+        checks = [
+            (self.size > 0, f"tiles.size must be positive, got {self.size}"),
+            (self.stride > 0, f"tiles.stride must be positive, got {self.stride}"),
+            (self.resize > 0, f"tiles.resize must be positive, got {self.resize}"),
+            (self.pad >= 0, f"tiles.pad must be >= 0, got {self.pad}"),
+            (self.resample in RESAMPLE_FILTERS,
+             f"tiles.resample is {self.resample!r}; allowed: {', '.join(RESAMPLE_FILTERS)}"),
+            (0 <= self.background_level <= 255, f"tiles.background_level must be in 0..255, got {self.background_level}"),
+            (0.0 <= self.max_background <= 1.0, f"tiles.max_background must be in [0, 1], got {self.max_background}"),
+            (self.target_mpp is None or self.target_mpp > 0, f"tiles.target_mpp must be > 0, got {self.target_mpp}"),
+            (self.target_power is None or self.target_power > 0,
+             f"tiles.target_power must be > 0, got {self.target_power}"),
+            (self.target_mpp is None or self.target_power is None,
+             "set tiles.target_mpp or tiles.target_power, not both"),
+            (self.default_mpp is None or self.default_mpp > 0, f"tiles.default_mpp must be > 0, got {self.default_mpp}"),
+            (0.0 <= self.min_tissue <= 1.0, f"tiles.min_tissue must be in [0, 1], got {self.min_tissue}"),
+            (self.images_per_shard >= 1, f"tiles.images_per_shard must be >= 1, got {self.images_per_shard}"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise InputError(message)
+
+    def as_dict(self) -> dict[str, Any]:
+        """What the tiles' pixels depend on (the store's own keys left out): recorded in shards, the manifest
+        and checkpoints, and hashed into shard fingerprints."""
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in STORE_KEYS}
+
+    def model_input_differences(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
+        """The settings that change what a model sees and differ from the ones recorded (``as_dict``)."""
+        return {key: (getattr(self, key), saved.get(key)) for key in MODEL_INPUT_KEYS
+                if getattr(self, key) != saved.get(key)}
+
+
+@dataclass
+class DownloadSettings:
+    """``lymphoma download``: the public IICBU 2008 lymphoma tarball."""
+
+    urls: List[str] = field(default_factory=lambda: [
+        "https://andrewjanowczyk.com/wp-static/lymphoma.tar.gz",
+        "https://ome.grc.nia.nih.gov/iicbu2008/lymphoma.tar.gz"])
+    sha1: Optional[str] = "5af6bf000a9f7d0bb9b54ae0558fbeccc1758fe6"  # null skips the check
+    dest: str = "data/lymphoma"
+
+
+STAIN_METHODS = ("none", "macenko", "reinhard")
+
+
+@dataclass(frozen=True)
+class StainSettings:
+    """Stain normalisation of every tile, in training, validation and prediction alike."""
+
+    normalize: str = "reinhard"    # none | macenko | reinhard (estimated per tile with torchstain; the fitted
+    #                                reference goes into the checkpoint, so prediction needs no reference file)
+    reference: Optional[str] = None  # an H&E image whose staining is the target; null: a standard H&E (torchstain's
+    #                                  Macenko reference; for reinhard, the LAB statistics of an IICBU 2008 CLL image)
+
+    def __post_init__(self) -> None:
+        if self.normalize not in STAIN_METHODS:
+            raise InputError(f"stain.normalize is {self.normalize!r}; allowed: {', '.join(STAIN_METHODS)}")
+
 
 PRESETS = {
     "densenet-reduced": {"growth_rate": 32, "block_config": [2, 2, 2, 2], "num_init_features": 64, "bn_size": 4},
@@ -16,14 +144,14 @@ PRESETS = {
 
 @dataclass
 class ModelSettings:
-    """A DenseNet: a preset, or ``custom`` with every field given."""
+    """The torchvision DenseNet: a preset, or ``custom`` with every field given."""
 
-    preset: str = "densenet-reduced"
-    growth_rate: int = 32
+    preset: str = "densenet-reduced"  # densenet-reduced (the tutorial's prototype) | densenet121 | custom
+    growth_rate: int = 32          # this and the fields below up to bn_size are used with preset: custom
     block_config: List[int] = field(default_factory=lambda: [2, 2, 2, 2])
     num_init_features: int = 64
     bn_size: int = 4
-    drop_rate: float = 0.2
+    drop_rate: float = 0.2         # dropout in the dense layers, with every preset
 
     def resolved(self) -> "ModelSettings":
         """The settings with the preset's architecture filled in."""
@@ -45,26 +173,28 @@ BACKENDS = ("auto", "dali", "torch")
 
 @dataclass
 class AugmentSettings:
-    """Ranges follow the tutorial: hue is a fraction of the hue circle (0.5 = anywhere), rotation in degrees.
+    """Training augmentation (evaluation takes a centre crop).
+
+    Ranges follow the tutorial: hue is a fraction of the hue circle (0.5 = anywhere), rotation in degrees.
 
     ``rotate90`` adds a lossless rotation by a random multiple of 90 degrees (no filled corners).
     ``hed_scale`` / ``hed_shift``: HED stain jitter (Tellez et al. 2019), each stain's optical density scaled
     by U(1 - hed_scale, 1 + hed_scale) and shifted by U(-hed_shift, hed_shift) (scikit-image HED units)."""
 
-    backend: str = "auto"
-    crop: int = 112
-    hflip: float = 0.5
+    backend: str = "auto"          # auto (DALI if installed, else torch) | dali | torch
+    crop: int = 112                # random crop (train) / centre crop (evaluation), pixels
+    hflip: float = 0.5             # probabilities
     vflip: float = 0.5
-    rotate: float = 180.0
-    rotate90: bool = True
-    hue: float = 0.0
-    saturation: float = 0.0
+    rotate: float = 180.0          # uniform angle in [-rotate, rotate] degrees (corners filled with black)
+    rotate90: bool = True          # also a lossless rotation by a random multiple of 90 degrees
+    hue: float = 0.0               # hue shift, a fraction of the circle (the tutorial's 0.5 makes colours no H&E has)
+    saturation: float = 0.0        # factor in [1 - s, 1 + s]
     brightness: float = 0.0
     contrast: float = 0.0
     grayscale_p: float = 0.1
-    hed_scale: float = 0.05
+    hed_scale: float = 0.05        # HED stain jitter: 0.05 light, 0.2 strong
     hed_shift: float = 0.05
-    mean: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])
+    mean: List[float] = field(default_factory=lambda: [0.0, 0.0, 0.0])  # after scaling to [0, 1]
     std: List[float] = field(default_factory=lambda: [1.0, 1.0, 1.0])
 
     def __post_init__(self) -> None:
@@ -92,7 +222,9 @@ SAMPLINGS = ("tiles", "cases")
 
 @dataclass
 class TrainSettings:
-    """``select``: what picks best.pt and stops early: ``balanced_accuracy`` on the eval phase (a model that
+    """Training: optimiser, schedule, sampling, weight averaging and the epoch kept.
+
+    ``select``: what picks best.pt and stops early: ``balanced_accuracy`` on the eval phase (a model that
     predicts one class scores 1/classes, so it cannot win; val loss breaks ties), ``loss``, or ``last`` (a
     fixed schedule: the last epoch, no early stopping); only epochs from ``min_epochs`` on are candidates (the last
     epoch of a shorter run).
@@ -102,32 +234,34 @@ class TrainSettings:
     a class, every case equally often (patients with many images do not dominate; class weights are then 1)."""
 
     epochs: int = 12
-    batch_size: int = 32
+    batch_size: int = 32           # per process (twice the steps of 64 for the same compute, which this small
+    #                                cohort needs to learn within 12 epochs on a CPU)
     eval_batch_size: int = 128
-    optimizer: str = "adamw"
+    optimizer: str = "adamw"       # adam | adamw | sgd
     lr: float = 1e-3
     weight_decay: float = 0.05
-    momentum: float = 0.9
-    scheduler: str = "cosine"
-    warmup_epochs: int = 1
-    step_size: int = 10
+    momentum: float = 0.9          # sgd only
+    scheduler: str = "cosine"      # none | cosine | step (learning rate per epoch, after the warm-up)
+    warmup_epochs: int = 1         # linear warm-up of the learning rate over this many epochs
+    step_size: int = 10            # step only
     gamma: float = 0.1
-    num_workers: Optional[int] = None
-    amp: bool = False
-    channels_last: bool = True
+    num_workers: Optional[int] = None  # loader processes per training process; null: 1 on a CPU (best with DALI
+    #                                    on 2 cores), on a GPU its share of the node's cores, at most 8
+    amp: bool = False              # bf16 autocast on GPUs (H100: 1.06x for the reduced net, 0.82x for DenseNet-121)
+    channels_last: bool = True     # NHWC memory format: faster on GPUs and on CPUs (1.6x a CPU step here)
     seed: int = 0
     deterministic: bool = False
-    max_steps_per_epoch: Optional[int] = None
-    class_weighted: bool = True
-    label_smoothing: float = 0.1
-    patience: Optional[int] = None
-    select: str = "last"
-    min_epochs: int = 4
-    ema: Optional[float] = 0.99
-    sampling: str = "cases"
-    samples_per_epoch: Optional[int] = 2048
-    clip_grad_norm: Optional[float] = None
-    eval_phase: str = "val"
+    max_steps_per_epoch: Optional[int] = None  # cap steps per epoch (quick runs); null: the whole phase
+    class_weighted: bool = True    # cross-entropy weighted by 1 - class share (the tutorial's)
+    label_smoothing: float = 0.1   # in [0, 1)
+    patience: Optional[int] = None  # stop when the selection metric has not improved for this many epochs; null: never
+    select: str = "last"           # last (a fixed schedule; measured best here, see README) | balanced_accuracy | loss
+    min_epochs: int = 4            # epochs before any can be kept or training stop early (the last of a shorter run)
+    ema: Optional[float] = 0.99    # decay of the weights' moving average (e.g. 0.99); null: off
+    sampling: str = "cases"        # tiles: every tile once per epoch | cases: drawn evenly by class and by case
+    samples_per_epoch: Optional[int] = 2048  # with sampling: cases; null: as many as there are training tiles
+    clip_grad_norm: Optional[float] = None  # clip the gradient norm to this value; null: no clipping
+    eval_phase: str = "val"        # the phase that selects the checkpoint
 
     @property
     def first_candidate(self) -> int:
@@ -170,17 +304,19 @@ AGGREGATES = ("vote", "mean")
 
 @dataclass
 class PredictSettings:
-    """batch_size: tiles per forward pass; slides_per_task: slides per array task; prefetch: slides decoded
+    """Tile-vote prediction of whole images.
+
+    batch_size: tiles per forward pass; slides_per_task: slides per array task; prefetch: slides decoded
     and tiled ahead of the model; heatmaps: a PNG of tile classes per slide; tta: average each tile's
     probabilities over its 8 flips and right-angle rotations; aggregate: an image's (and case's) class by
     majority ``vote`` of its tiles or by ``mean`` tile probability."""
 
-    batch_size: int = 32
-    slides_per_task: int = 64
-    prefetch: int = 4
-    heatmaps: bool = True
-    tta: bool = False
-    aggregate: str = "vote"
+    batch_size: int = 32           # tiles per forward pass (CPU: 32 is fastest here; GPUs want 256+)
+    slides_per_task: int = 64      # slides per array task (the model is loaded once per task)
+    prefetch: int = 4              # slides decoded and tiled ahead of the model, in a background thread
+    heatmaps: bool = True          # a PNG of tile classes over a thumbnail, per slide
+    tta: bool = False              # average over the 8 flips / right-angle rotations of each tile (8x cost)
+    aggregate: str = "vote"        # vote (majority of tile classes) | mean (mean probability)
 
     def __post_init__(self) -> None:
         if min(self.batch_size, self.slides_per_task, self.prefetch) < 1:
@@ -194,7 +330,7 @@ CV_CHECKPOINTS = ("best", "last")
 
 @dataclass
 class CVSettings:
-    """Cross-validation grouped by case and stratified by class: ``folds`` test folds; inside each, a share
+    """``lymphoma cv``: cross-validation grouped by case (patient), stratified by class. ``folds`` test folds; inside each, a share
     ``inner_val_fraction`` of the other cases (per class) picks the checkpoint and stops early; intervals
     from ``bootstrap`` resamples of the cases at ``confidence``; ``checkpoint``: each fold predicts with its
     ``best`` (kept by train.select) or its ``last`` epoch (a rerun with the other reuses the trained folds);
@@ -203,16 +339,17 @@ class CVSettings:
     settings to try in every fold (``{"train.lr": [0.001, 0.003]}``), the point chosen on the fold's inner val
     alone."""
 
-    folds: int = 4
-    inner_val_fraction: float = 0.2
+    folds: int = 4                 # test folds; every case is tested once, by the one fold model that never saw it
+    inner_val_fraction: float = 0.2  # per class, this share of a fold's other cases picks the checkpoint
     seed: int = 0
-    bootstrap: int = 2000
+    bootstrap: int = 2000          # case resamples for the confidence intervals
     confidence: float = 0.95
-    checkpoint: str = "best"
-    repeats: int = 1
-    baseline: bool = True
-    permutations: int = 50
-    grid: Dict[str, List[Any]] = field(default_factory=dict)
+    checkpoint: str = "best"       # best (train.select) | last; a rerun with the other reuses the trained folds
+    repeats: int = 1               # fold assignments (seeds seed, seed+1, ...): mean +- sd across them; 3+ for a figure
+    baseline: bool = True          # the reference logistic regression on colour/texture features, in the same folds
+    permutations: int = 50         # case-label permutations of the baseline's null (its p-value); 0: none
+    grid: Dict[str, List[Any]] = field(default_factory=dict)  # e.g. {train.lr: [0.001, 0.003]}: every fold trains
+    #                                each combination and keeps the best on its inner val
 
     def __post_init__(self) -> None:
         if self.repeats < 1 or self.permutations < 0:

@@ -12,8 +12,8 @@ from typing import Any
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.inputs import ImageRecord, Skipped
+from lymphoma.settings import TileSettings
 from lymphoma.store import STORE_FORMAT, ShardSummary
-from lymphoma.tiling import TileSettings
 
 MANIFEST_NAME = "manifest.json"
 

@@ -13,8 +13,9 @@ from PIL import Image
 
 from lymphoma.errors import ImageError, InputError
 from lymphoma.images import WSI_SUFFIXES, read_rgb
+from lymphoma.settings import TileSettings
 from lymphoma.slides import open_slide
-from lymphoma.tiling import TileSettings, cut_tiles
+from lymphoma.tiling import cut_tiles
 from lymphoma.wsi import iter_tiles, plan_grid, save_grid_overview, target_mpp
 
 

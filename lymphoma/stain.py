@@ -13,28 +13,14 @@ import numpy as np
 
 from lymphoma.errors import ImageError, InputError
 from lymphoma.images import read_rgb
+from lymphoma.settings import StainSettings
 
-METHODS = ("none", "macenko", "reinhard")
 # torchstain's optical density: -log((I + 1) / IO), pixels whose OD is below BETA in any channel are background
 IO, BETA = 240, 0.15
 MIN_STAINED = 0.05        # a reference with fewer stained pixels is blank
 MIN_TILE_STAINED = 0.02   # a tile with fewer is left as it is (too little tissue to estimate its stains)
 MIN_STAIN_ANGLE = 8.0     # degrees between the H and E vectors: real H&E gives 14-27 (measured on the data set)
 SKIMAGE_OD_UNIT = -np.log(1e-6)  # skimage.color.rgb2hed divides the natural-log OD by this; Tellez's ranges use it
-
-
-@dataclass(frozen=True)
-class StainSettings:
-    """``normalize``: none | macenko | reinhard, per tile, in training, validation and prediction alike;
-    ``reference``: the H&E image whose staining is the target (null: torchstain's standard Macenko
-    reference, or for Reinhard the LAB statistics of that reference's typical H&E)."""
-
-    normalize: str = "reinhard"
-    reference: Optional[str] = None
-
-    def __post_init__(self) -> None:
-        if self.normalize not in METHODS:
-            raise InputError(f"stain.normalize is {self.normalize!r}; allowed: {', '.join(METHODS)}")
 
 
 @dataclass(frozen=True)

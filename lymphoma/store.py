@@ -25,8 +25,8 @@ import tables
 
 from lymphoma.errors import ImageError, InputError
 from lymphoma.inputs import ImageRecord
+from lymphoma.settings import TileSettings
 from lymphoma.sources import open_tiles
-from lymphoma.tiling import TileSettings
 
 STORE_FORMAT = 1
 

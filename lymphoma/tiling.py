@@ -2,78 +2,22 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
-from typing import Optional
+from dataclasses import dataclass
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
 from PIL import Image
 
 from lymphoma.errors import InputError
+from lymphoma.settings import TileSettings
 
-RESAMPLE = {
+RESAMPLE = {  # the PIL filter of each name in settings.RESAMPLE_FILTERS
     "nearest": Image.Resampling.NEAREST,
     "bilinear": Image.Resampling.BILINEAR,
     "bicubic": Image.Resampling.BICUBIC,
     "lanczos": Image.Resampling.LANCZOS,
     "box": Image.Resampling.BOX,
 }
-
-
-@dataclass(frozen=True)
-class TileSettings:
-    """How images become tiles.
-
-    size: tile edge in pixels after resizing; stride: step between tiles (size - overlap);
-    resize: scale factor applied to the image first; pad: mirror padding added on each side;
-    resample: resize filter; background_level / max_background: a pixel whose three channels are
-    all >= background_level is background, and a tile with a larger background fraction than
-    max_background is dropped (1.0 keeps every tile). target_mpp: tile at this resolution (microns per
-    pixel) through the slide reader, over detected tissue only (tiles with at least min_tissue of it);
-    target_power: the same as an objective power (20 = 20x), converted with each slide's own objective
-    and mpp; default_mpp: the resolution of images whose files do not say.
-    """
-
-    @property
-    def by_resolution(self) -> bool:
-        """Tiles are cut at a physical resolution through the slide reader (else by pixels)."""
-        return self.target_mpp is not None or self.target_power is not None
-
-    size: int = 128
-    stride: int = 64
-    resize: float = 1.0
-    pad: int = 0
-    resample: str = "bilinear"
-    background_level: int = 220
-    max_background: float = 1.0
-    target_mpp: Optional[float] = None
-    target_power: Optional[float] = None
-    default_mpp: Optional[float] = None
-    min_tissue: float = 0.5
-
-    def __post_init__(self) -> None:
-        checks = [
-            (self.size > 0, f"tiles.size must be positive, got {self.size}"),
-            (self.stride > 0, f"tiles.stride must be positive, got {self.stride}"),
-            (self.resize > 0, f"tiles.resize must be positive, got {self.resize}"),
-            (self.pad >= 0, f"tiles.pad must be >= 0, got {self.pad}"),
-            (self.resample in RESAMPLE, f"tiles.resample is {self.resample!r}; allowed: {', '.join(RESAMPLE)}"),
-            (0 <= self.background_level <= 255, f"tiles.background_level must be in 0..255, got {self.background_level}"),
-            (0.0 <= self.max_background <= 1.0, f"tiles.max_background must be in [0, 1], got {self.max_background}"),
-            (self.target_mpp is None or self.target_mpp > 0, f"tiles.target_mpp must be > 0, got {self.target_mpp}"),
-            (self.target_power is None or self.target_power > 0,
-             f"tiles.target_power must be > 0, got {self.target_power}"),
-            (self.target_mpp is None or self.target_power is None,
-             "set tiles.target_mpp or tiles.target_power, not both"),
-            (self.default_mpp is None or self.default_mpp > 0, f"tiles.default_mpp must be > 0, got {self.default_mpp}"),
-            (0.0 <= self.min_tissue <= 1.0, f"tiles.min_tissue must be in [0, 1], got {self.min_tissue}"),
-        ]
-        for ok, message in checks:
-            if not ok:
-                raise InputError(message)
-
-    def as_dict(self) -> dict[str, object]:
-        return asdict(self)
 
 
 @dataclass

@@ -11,7 +11,7 @@ import json
 import math
 import os
 import random
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -19,7 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from lymphoma.augment import AugmentSettings, build_augmenter, choose_backend
+from lymphoma.augment import build_augmenter, choose_backend
 from lymphoma.checkpoint import (
     load_checkpoint,
     load_model_weights,
@@ -33,11 +33,11 @@ from lymphoma.engine import EpochStats, StepOptions, evaluate, train_one_epoch
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.metrics import class_weights
-from lymphoma.model import ModelSettings, build_model
+from lymphoma.model import build_model
 from lymphoma.selection import best_index, explain, stop_early
-from lymphoma.settings import TrainSettings
+from lymphoma.settings import AugmentSettings, ModelSettings, StainSettings, TrainSettings
 from lymphoma.sharding import load_manifest, phase_shards
-from lymphoma.stain import StainNormalizer, StainSettings, fit_target
+from lymphoma.stain import StainNormalizer, fit_target
 
 
 @dataclass(frozen=True)
@@ -85,16 +85,16 @@ def open_phase(tiles_dir: Path, phase: str, expected_size: Optional[int], crop: 
     return dataset
 
 
-def preflight(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: ModelSettings,
-              augment: AugmentSettings, tile_size: Optional[int]) -> None:
+def preflight(settings: FitSettings, tiles_dir: Path, out_dir: Path) -> None:
     """Check, before any process starts, what would make training fail: stores that do not match the
     settings, an empty phase, a class without training tiles, a last.pt of another architecture."""
-    tiles = [open_phase(tiles_dir, phase, tile_size, augment.crop) for phase in ("train", train.eval_phase)]
+    tiles = [open_phase(tiles_dir, phase, settings.tile_size, settings.augment.crop)
+             for phase in ("train", settings.train.eval_phase)]
     class_weights(tiles[0].class_counts(), tiles[0].classes or [])
     last = out_dir / "checkpoints" / "last.pt"
     if last.is_file():
         state = load_checkpoint(last)
-        wanted = model_settings.architecture(len(tiles[0].classes or []))
+        wanted = settings.model.architecture(len(tiles[0].classes or []))
         if state["architecture"] != wanted:
             raise InputError(f"{last} holds another architecture ({state['architecture']}) than model settings "
                              f"({wanted}); training would resume from it: restore the model settings, or use "
@@ -208,10 +208,12 @@ class Pipelines:
     eval_loader: Any
 
 
-def build_pipelines(train_tiles: TileDataset, eval_tiles: TileDataset, train: TrainSettings, augment: AugmentSettings,
-                    stain: StainSettings, rank: Rank, device: torch.device) -> Pipelines:
+def build_pipelines(train_tiles: TileDataset, eval_tiles: TileDataset, settings: FitSettings, rank: Rank,
+                    device: torch.device) -> Pipelines:
+    """The stain target, the train and eval augmenters and their loaders."""
+    train, augment = settings.train, settings.augment
     backend = choose_backend(augment)
-    target = fit_target(stain)
+    target = fit_target(settings.stain)
     normalizer = StainNormalizer(target) if target is not None else None
     train_aug = build_augmenter(augment, True, device, seed=train.seed * 1000 + rank.rank, normalizer=normalizer)
     eval_aug = build_augmenter(augment, False, device, normalizer=normalizer)
@@ -223,75 +225,130 @@ def build_pipelines(train_tiles: TileDataset, eval_tiles: TileDataset, train: Tr
     return Pipelines(backend, target, train_aug, eval_aug, train_loader, eval_loader)
 
 
-def fit(tiles_dir: Path, out_dir: Path, train: TrainSettings, model_settings: ModelSettings,
-        augment: AugmentSettings, config: dict[str, Any], rank: Rank, device: torch.device,
-        tile_size: Optional[int] = None, stain: StainSettings = StainSettings()) -> dict[str, Any]:
-    """Train (resuming from ``out_dir/checkpoints/last.pt`` if there) and return the summary."""
+@dataclass(frozen=True)
+class FitSettings:
+    """What one training reads from the config: its sections, the tile size the stores must hold (None: any)
+    and the whole config as plain data, recorded in every checkpoint."""
+
+    train: TrainSettings = field(default_factory=TrainSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    stain: StainSettings = field(default_factory=StainSettings)
+    tile_size: Optional[int] = None
+    config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class Training:
+    """One training as built: its tiles, criterion, model parts and pipelines, where it resumes, its history."""
+
+    settings: FitSettings
+    out_dir: Path
+    rank: Rank
+    device: torch.device
+    train_tiles: TileDataset
+    eval_tiles: TileDataset
+    criterion: torch.nn.Module
+    parts: Parts
+    pipes: Pipelines
+    options: StepOptions
+    tiles: dict[str, Any]  # the tile settings the stores were written with (their manifest's)
+    start_epoch: int = 0
+    history: list[dict[str, Any]] = field(default_factory=list)
+    writer: Any = None
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.train_tiles.classes or [])
+
+    @property
+    def ckpt_dir(self) -> Path:
+        return self.out_dir / "checkpoints"
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.train_tiles.close()
+        self.eval_tiles.close()
+
+
+def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: Rank, device: torch.device) -> Training:
+    """Open the phases, build model, optimiser and pipelines, and resume from ``checkpoints/last.pt`` if there."""
+    train, augment = settings.train, settings.augment
     seed_everything(train.seed, train.deterministic)
-    manifest = load_manifest(tiles_dir)
-    train_tiles = open_phase(tiles_dir, "train", tile_size, augment.crop)
-    eval_tiles = open_phase(tiles_dir, train.eval_phase, tile_size, augment.crop)
-    classes = list(train_tiles.classes or [])
-    criterion = make_criterion(train_tiles, train, device)
-    architecture = model_settings.architecture(len(classes))
-    parts = build_parts(architecture, train, rank, device)
-
-    ckpt_dir = out_dir / "checkpoints"
-    start_epoch, history = 0, []
-    torch.manual_seed(train.seed + rank.rank)  # augmentation differs per rank; the model came from one seed
-    if (ckpt_dir / "last.pt").is_file():
-        state = load_checkpoint(ckpt_dir / "last.pt")
-        parts.resume(state, ckpt_dir / "last.pt")
-        start_epoch, history = state["epoch"] + 1, state["history"]
-        if len(state["rng"]) == rank.world:
-            set_rng_state(state["rng"][rank.rank])
-
-    pipes = build_pipelines(train_tiles, eval_tiles, train, augment, stain, rank, device)
+    train_tiles = open_phase(tiles_dir, "train", settings.tile_size, augment.crop)
+    eval_tiles = open_phase(tiles_dir, train.eval_phase, settings.tile_size, augment.crop)
+    parts = build_parts(settings.model.architecture(len(train_tiles.classes or [])), train, rank, device)
     options = StepOptions(train.amp and device.type == "cuda", train.channels_last, train.max_steps_per_epoch,
                           train.clip_grad_norm)
-    backend, target, train_aug = pipes.backend, pipes.target, pipes.train_aug
-    writer = None
+    run = Training(settings, out_dir, rank, device, train_tiles, eval_tiles, make_criterion(train_tiles, train, device),
+                   parts, build_pipelines(train_tiles, eval_tiles, settings, rank, device), options,
+                   load_manifest(tiles_dir)["tiles"])
+    torch.manual_seed(train.seed + rank.rank)  # augmentation differs per rank; the model came from one seed
+    last = run.ckpt_dir / "last.pt"
+    if last.is_file():
+        state = load_checkpoint(last)
+        parts.resume(state, last)
+        run.start_epoch, run.history = state["epoch"] + 1, state["history"]
+        if len(state["rng"]) == rank.world:
+            set_rng_state(state["rng"][rank.rank])
     if rank.main:
-        where = (f"from epoch {start_epoch + 1} of {train.epochs}" if start_epoch < train.epochs
+        where = (f"from epoch {run.start_epoch + 1} of {train.epochs}" if run.start_epoch < train.epochs
                  else f"all {train.epochs} epochs trained already (last.pt)")
-        print(f"training on {device} x {rank.world} process(es), {backend} augmentation, {len(train_tiles)} train "
-              f"and {len(eval_tiles)} {train.eval_phase} tiles, {where}", flush=True)
-        writer = _open_writer(out_dir, start_epoch, train_tiles, train_aug, augment)
+        print(f"training on {device} x {rank.world} process(es), {run.pipes.backend} augmentation, {len(train_tiles)} "
+              f"train and {len(eval_tiles)} {train.eval_phase} tiles, {where}", flush=True)
+        run.writer = _open_writer(out_dir, run.start_epoch, train_tiles, run.pipes.train_aug, augment)
+    return run
 
-    base = {"architecture": architecture, "classes": classes, "tiles": manifest["tiles"],
-            "augment": asdict(augment), "config": config, "backend": backend,
-            "stain": target.as_dict() if target is not None else None}
-    for epoch in range(start_epoch, train.epochs):
-        if stop_early(history, train.patience, train.select, train.first_candidate):
-            break
-        pipes.train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
-        stats = train_one_epoch(parts.ddp, pipes.train_loader, train_aug, criterion, parts.optimizer, device, epoch,
-                                options, parts.averaged)
-        if rank.world > 1:
-            parts.sync_buffers()
-        val = evaluate(parts.kept if parts.averaged is not None else parts.ddp, pipes.eval_loader, pipes.eval_aug,
-                       criterion, device, len(classes), options.amp, train.channels_last)
-        lr = parts.optimizer.param_groups[0]["lr"]
-        parts.scheduler.step()
-        history.append({"epoch": epoch, "train_loss": stats.loss, "val_loss": val.loss, "val_accuracy": val.accuracy,
+
+def run_epoch(run: Training, epoch: int) -> None:
+    """Train one epoch, evaluate the kept model, step the schedule; rank 0 logs and checkpoints."""
+    parts, pipes, train = run.parts, run.pipes, run.settings.train
+    pipes.train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+    stats = train_one_epoch(parts.ddp, pipes.train_loader, pipes.train_aug, run.criterion, parts.optimizer,
+                            run.device, epoch, run.options, parts.averaged)
+    if run.rank.world > 1:
+        parts.sync_buffers()
+    val = evaluate(parts.kept if parts.averaged is not None else parts.ddp, pipes.eval_loader, pipes.eval_aug,
+                   run.criterion, run.device, len(run.classes), run.options.amp, train.channels_last)
+    lr = parts.optimizer.param_groups[0]["lr"]
+    parts.scheduler.step()
+    run.history.append({"epoch": epoch, "train_loss": stats.loss, "val_loss": val.loss, "val_accuracy": val.accuracy,
                         "val_balanced_accuracy": val.balanced_accuracy, "lr": lr, "images_per_s": stats.images_per_s})
-        kept = best_index(history, train.select, train.first_candidate) == len(history) - 1
-        rngs = _gather_rng(rank)
-        if rank.main:
-            _log_epoch(writer, epoch, stats, val, lr, classes)
-            _save_epoch({**base, **parts.state(), "epoch": epoch, "val_loss": val.loss, "val_accuracy": val.accuracy,
-                         "history": history, "rng": rngs}, ckpt_dir, kept)
-            write_text_atomic(out_dir / "history.json", json.dumps(history, indent=2) + "\n")
-            print(f"epoch {epoch + 1}/{train.epochs}: train loss {stats.loss:.4f}, val loss {val.loss:.4f}, "
-                  f"val accuracy {val.accuracy:.3f} (balanced {val.balanced_accuracy:.3f}), "
-                  f"{stats.images_per_s:.0f} images/s" + (" (kept)" if kept else ""), flush=True)
-        if rank.world > 1:
-            dist.barrier()
-    if writer is not None:
-        writer.close()
-    train_tiles.close()
-    eval_tiles.close()
-    return {**_summary(history, train, rank, device, backend, ckpt_dir, parts.kept), "classes": classes}
+    kept = best_index(run.history, train.select, train.first_candidate) == len(run.history) - 1
+    rngs = _gather_rng(run.rank)
+    if run.rank.main:
+        _log_epoch(run.writer, epoch, stats, val, lr, run.classes)
+        _save_epoch({**checkpoint_fields(run), **parts.state(), "epoch": epoch, "val_loss": val.loss,
+                     "val_accuracy": val.accuracy, "history": run.history, "rng": rngs}, run.ckpt_dir, kept)
+        write_text_atomic(run.out_dir / "history.json", json.dumps(run.history, indent=2) + "\n")
+        print(f"epoch {epoch + 1}/{train.epochs}: train loss {stats.loss:.4f}, val loss {val.loss:.4f}, "
+              f"val accuracy {val.accuracy:.3f} (balanced {val.balanced_accuracy:.3f}), "
+              f"{stats.images_per_s:.0f} images/s" + (" (kept)" if kept else ""), flush=True)
+    if run.rank.world > 1:
+        dist.barrier()
+
+
+def checkpoint_fields(run: Training) -> dict[str, Any]:
+    """What every checkpoint of a training records besides weights and state: how to rebuild and feed the model."""
+    s = run.settings
+    return {"architecture": s.model.architecture(len(run.classes)), "classes": run.classes,
+            "tiles": run.tiles, "augment": asdict(s.augment), "config": s.config,
+            "backend": run.pipes.backend, "stain": run.pipes.target.as_dict() if run.pipes.target is not None else None}
+
+
+def fit(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: Rank = Rank(),
+        device: torch.device = torch.device("cpu")) -> dict[str, Any]:
+    """Train (resuming from ``out_dir/checkpoints/last.pt`` if there) and return the summary."""
+    run = build_training(settings, tiles_dir, out_dir, rank, device)
+    train = settings.train
+    for epoch in range(run.start_epoch, train.epochs):
+        if stop_early(run.history, train.patience, train.select, train.first_candidate):
+            break
+        run_epoch(run, epoch)
+    run.close()
+    return {**_summary(run.history, train, rank, device, run.pipes.backend, run.ckpt_dir, run.parts.kept),
+            "classes": run.classes}
 
 
 def make_criterion(train_tiles: TileDataset, train: TrainSettings, device: torch.device) -> torch.nn.Module:

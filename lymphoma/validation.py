@@ -10,13 +10,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from lymphoma.augment import AugmentSettings, build_augmenter
+from lymphoma.augment import build_augmenter
 from lymphoma.checkpoint import load_checkpoint, load_model_weights
 from lymphoma.data import make_loader
 from lymphoma.errors import InputError
 from lymphoma.metrics import accuracy, balanced_accuracy, confusion_matrix
 from lymphoma.model import build_model
 from lymphoma.plots import save_activations, save_confusion, save_grid, save_kernels
+from lymphoma.settings import AugmentSettings
 from lymphoma.stain import StainNormalizer
 from lymphoma.training import open_phase
 

@@ -15,7 +15,7 @@ from lymphoma.slides import SlideReader
 from lymphoma.tissue import TissueMask, detect_tissue
 
 if TYPE_CHECKING:
-    from lymphoma.tiling import TileSettings
+    from lymphoma.settings import TileSettings
 
 THUMBNAIL_SIDE = 1024
 

@@ -10,9 +10,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import tables
-from omegaconf import DictConfig
 
-from jobs.config import default_data_root, load_config
+from jobs.config import default_data_root
+from jobs.run_folder import Run, open_run
 from jobs.tile import run_tile
 
 
@@ -60,12 +60,12 @@ def make_dataset(tmp_path: Path, data_root: Path, manifest_rows) -> Callable[...
 
 
 @pytest.fixture()
-def make_config(tmp_path: Path) -> Callable[..., DictConfig]:
+def make_config(tmp_path: Path) -> Callable[..., Run]:
     """A config on the embedded defaults with the data source and a run folder under tmp_path."""
 
-    def make(source: Path, *overrides: str, cluster: str | None = None, experiment: str | None = None) -> DictConfig:
+    def make(source: Path, *overrides: str, cluster: str | None = None, experiment: str | None = None) -> Run:
         base = [f"data.source={source}", f"run.root={tmp_path / 'runs'}", "run.name=test", "tiles.images_per_shard=4"]
-        return load_config(experiment, base + list(overrides), cluster)
+        return open_run(experiment, base + list(overrides), cluster)
 
     return make
 
@@ -124,7 +124,7 @@ def tiled(tmp_path_factory, data_root, manifest_rows) -> tuple[Path, Path]:
         target = source / row["cls"] / Path(row["lowres_path"]).name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(data_root / row["lowres_path"], target)
-    cfg = load_config(None, [f"data.source={source}", f"run.root={root / 'runs'}", "run.name=base",
+    cfg = open_run(None, [f"data.source={source}", f"run.root={root / 'runs'}", "run.name=base",
                              "split.val_fraction=0.5", *FAST])
     run_tile(cfg, progress=False)
     return source, root / "runs"
@@ -135,7 +135,7 @@ def config_for(tiled: tuple[Path, Path], name: str, *overrides: str, cluster: st
     source, runs = tiled
     if not (runs / name / "tiles").exists():
         shutil.copytree(runs / "base" / "tiles", runs / name / "tiles")
-    return load_config(None, [f"data.source={source}", f"run.root={runs}", f"run.name={name}", *FAST, *overrides],
+    return open_run(None, [f"data.source={source}", f"run.root={runs}", f"run.name={name}", *FAST, *overrides],
                        cluster)
 
 

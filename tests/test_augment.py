@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from lymphoma.augment import AugmentSettings, build_augmenter
+from lymphoma.augment import build_augmenter
 from lymphoma.dataset import TileDataset
 from lymphoma.errors import InputError
+from lymphoma.settings import AugmentSettings
 
 BACKENDS = ["dali", "torch"]
 CPU = torch.device("cpu")
@@ -18,7 +19,8 @@ CPU = torch.device("cpu")
 def tiles(data_root) -> np.ndarray:
     """16 real 96-px tiles."""
     from lymphoma.images import read_rgb
-    from lymphoma.tiling import TileSettings, cut_tiles
+    from lymphoma.settings import TileSettings
+    from lymphoma.tiling import cut_tiles
 
     image = read_rgb(data_root / "lowres" / "MCL" / sorted(p.name for p in (data_root / "lowres" / "MCL").iterdir())[0])
     return cut_tiles(image, TileSettings(size=96, stride=96)).pixels[:12]
@@ -119,9 +121,9 @@ def test_settings_name_allowed_values():
 def test_more_processes_than_samples_is_an_error(tmp_path, make_dataset):
     from lymphoma.data import make_loader
     from lymphoma.inputs import discover
+    from lymphoma.settings import TileSettings
     from lymphoma.sharding import ShardPlan, fingerprint
     from lymphoma.store import write_shard
-    from lymphoma.tiling import TileSettings
 
     records = discover(make_dataset(1, 1)).records[:1]
     settings = TileSettings(size=312, stride=312)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -90,6 +91,32 @@ def test_config_errors_name_the_file_and_key(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="--cluster 'cloud'.*slurm"):
         load_config(None, [], "cloud")
+
+
+def test_config_command_prints_every_setting_with_its_default_and_meaning(capsys):
+    """The settings dataclasses are the one source of defaults: `lymphoma config` shows each key, its value
+    (with the experiment and overrides applied) and its meaning, and what it prints loads back unchanged."""
+    import dataclasses
+
+    import yaml
+
+    from jobs.config import CONFIG_DIR, Config
+    from lymphoma.settings import TileSettings, TrainSettings
+
+    assert main(["config", "-c", str(CONFIG_DIR / "lymphoma-lowres.yaml"), "train.lr=0.0003"]) == 0
+    text = capsys.readouterr().out
+    printed = yaml.safe_load(text)
+    assert list(printed) == [f.name for f in dataclasses.fields(Config)]
+    for section in dataclasses.fields(Config):
+        assert set(printed[section.name]) == {f.name for f in dataclasses.fields(section.default_factory)}
+    assert printed["train"]["lr"] == 0.0003 and printed["run"]["name"] == "lymphoma-lowres"
+    assert printed["tiles"] == {**dataclasses.asdict(TileSettings()), **printed["tiles"]}
+    assert printed["train"]["epochs"] == TrainSettings().epochs
+    assert "  stride: 64  # step between tiles; size - stride is the overlap" in text
+    assert "  select: last  # last (a fixed schedule" in text and "\ntrain:  # Training: optimiser" in text
+    loaded = to_object(load_config(None, [f"{s}.{k}={json.dumps(v)}" for s in ("tiles", "train")
+                                          for k, v in printed[s].items()]))
+    assert dataclasses.asdict(loaded.train) == printed["train"]
 
 
 def test_unwritable_run_folder_and_missing_source_through_the_cli(make_dataset, tmp_path):

@@ -15,6 +15,7 @@ from conftest import FAST
 from jobs.cli import main
 from jobs.cv import run_cv
 from jobs.fold import FoldJob, FoldTask
+from jobs.run_folder import open_run
 from lymphoma.crossval import bootstrap_intervals, cv_report, fold_phases, grouped_folds
 from lymphoma.errors import InputError
 from lymphoma.inputs import ImageRecord
@@ -88,7 +89,7 @@ def test_report_pools_folds_and_bootstraps_cases():
 def test_a_fold_refuses_a_case_in_two_phases(tmp_path, records):
     case = records[0].case
     mine = tuple(r for r in records if r.case == case)
-    task = FoldTask(0, "", str(tmp_path), mine, (), mine[:1], ("CLL", "FL", "MCL"), 1)
+    task = FoldTask(open_run().at(tmp_path), 0, 0, mine, (), mine[:1], ("CLL", "FL", "MCL"), 1)
     with pytest.raises(InputError, match=f"case {case} is in both train and test"):
         FoldJob()(task)
 
@@ -107,7 +108,7 @@ def test_cv_end_to_end(make_dataset, make_config, capsys):
                  "train.max_steps_per_epoch=2", "predict.heatmaps=false", "train.patience=1", "cv.repeats=2",
                  "cv.permutations=3"]
     report = run_cv(make_config(source, *overrides))
-    run_dir = Path(make_config(source).run.root) / "test"
+    run_dir = make_config(source).dir
     assert report["n_images"] == 24 and report["n_cases"] == 12 and report["failed_folds"] == []
 
     with (run_dir / "folds.csv").open() as handle:
@@ -227,7 +228,7 @@ def test_grid_is_chosen_on_the_inner_val_of_each_fold(make_dataset, make_config)
     report = run_cv(cfg)
     assert report["n_images"] == 12
     for fold in (0, 1):
-        fold_dir = Path(cfg.run.root) / "grid" / "repeat-0" / f"fold-{fold}"
+        fold_dir = cfg.dir / "repeat-0" / f"fold-{fold}"
         chosen = json.loads((fold_dir / "grid.json").read_text())
         scores = [(p["balanced_accuracy"], -p["val_loss"]) for p in chosen["points"]]
         assert len(scores) == 2 and chosen["chosen"] == max(range(2), key=lambda i: (scores[i], -i))

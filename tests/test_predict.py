@@ -20,13 +20,14 @@ from PIL import Image
 from conftest import FAST, config_for, pick_images
 from jobs.cli import main
 from jobs.train import run_train
-from lymphoma.augment import AugmentSettings, build_augmenter, eval_batch
+from lymphoma.augment import build_augmenter, eval_batch
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.images import read_rgb
 from lymphoma.model import build_model
+from lymphoma.settings import AugmentSettings, TileSettings
 from lymphoma.stain import StainNormalizer
-from lymphoma.tiling import TileSettings, cut_tiles, grid_shape
+from lymphoma.tiling import cut_tiles, grid_shape
 
 
 @pytest.fixture(scope="module")

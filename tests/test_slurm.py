@@ -148,11 +148,11 @@ def test_the_whole_pipeline_on_slurm(make_dataset, tmp_path):
     import json
 
     from conftest import FAST
-    from jobs.config import load_config
     from jobs.pipeline import run_pipeline
+    from jobs.run_folder import open_run
 
     name = f"e2e-{uuid.uuid4().hex[:6]}"
-    cfg = load_config(None, [f"data.source={make_dataset(2, 2)}", f"run.root={tmp_path}", f"run.name={name}", *FAST,
+    cfg = open_run(None, [f"data.source={make_dataset(2, 2)}", f"run.root={tmp_path}", f"run.name={name}", *FAST,
                              *SMALL, "split.val_fraction=0.5", "train.epochs=1", "train.max_steps_per_epoch=2",
                              "tiles.images_per_shard=3", "predict.slides_per_task=2"], "slurm")
     result = run_pipeline(cfg, progress=False)
@@ -166,11 +166,11 @@ def test_the_whole_pipeline_on_slurm(make_dataset, tmp_path):
 def test_cross_validation_runs_one_array_task_per_fold_on_slurm(make_dataset, tmp_path):
     """`lymphoma cv --cluster slurm`: the folds are the tasks of one SLURM array, each predicting its cases."""
     from conftest import FAST
-    from jobs.config import load_config
     from jobs.cv import run_cv
+    from jobs.run_folder import open_run
 
     name = f"cv-{uuid.uuid4().hex[:6]}"
-    cfg = load_config(None, [f"data.source={make_dataset(4, 1)}", f"run.root={tmp_path}", f"run.name={name}", *FAST,
+    cfg = open_run(None, [f"data.source={make_dataset(4, 1)}", f"run.root={tmp_path}", f"run.name={name}", *FAST,
                              *SMALL, "cluster.mem_gb=1", "cv.folds=2", "cv.inner_val_fraction=0.3", "cv.bootstrap=100",
                              "train.epochs=1", "train.max_steps_per_epoch=2", "predict.heatmaps=false"], "slurm")
     report = run_cv(cfg)

@@ -14,9 +14,10 @@ from lymphoma.dataset import TileDataset
 from lymphoma.errors import InputError
 from lymphoma.images import read_rgb
 from lymphoma.inputs import discover
+from lymphoma.settings import TileSettings
 from lymphoma.sharding import ShardPlan, fingerprint
 from lymphoma.store import parse_compression, read_complete_shard, write_shard
-from lymphoma.tiling import TileSettings, cut_tiles
+from lymphoma.tiling import cut_tiles
 
 SETTINGS = TileSettings(size=96, stride=80)
 CLASSES = ["CLL", "FL", "MCL"]

@@ -17,8 +17,9 @@ import yaml
 from conftest import read_shards
 from jobs.tile import run_tile
 from lymphoma.dataset import TileDataset
+from lymphoma.settings import TileSettings
 from lymphoma.sharding import load_manifest, phase_shards
-from lymphoma.tiling import TileSettings, grid_shape
+from lymphoma.tiling import grid_shape
 
 
 def test_local_array_writes_shards_split_manifest_and_config(make_dataset, make_config):

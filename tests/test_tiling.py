@@ -8,7 +8,8 @@ from PIL import Image
 
 from lymphoma.errors import InputError
 from lymphoma.images import read_rgb
-from lymphoma.tiling import TileSettings, cut_tiles, grid_shape
+from lymphoma.settings import TileSettings
+from lymphoma.tiling import cut_tiles, grid_shape
 
 
 @pytest.fixture(scope="module")

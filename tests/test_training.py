@@ -15,7 +15,7 @@ import pytest
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import DDP_STEPS, FAST, config_for
-from jobs.config import load_config
+from jobs.run_folder import open_run
 from jobs.tile import run_tile
 from jobs.train import run_train
 from lymphoma.checkpoint import load_checkpoint
@@ -119,14 +119,14 @@ def test_bad_training_input_gets_clear_errors(tiled, tmp_path, capsys):
     with pytest.raises(InputError, match="no 'test' phase"):
         run_train(config_for(tiled, "phase", "train.eval_phase=test", "train.epochs=1"))
     with pytest.raises(InputError, match="has no tile manifest"):
-        run_train(load_config(None, [f"run.root={tmp_path}", "run.name=empty"]))
+        run_train(open_run(None, [f"run.root={tmp_path}", "run.name=empty"]))
 
 
 def test_a_class_absent_from_training_is_an_error(tiled, tmp_path):
     source = tmp_path / "two-classes"
     for label in ("CLL", "FL"):
         shutil.copytree(tiled[0] / label, source / label)
-    cfg = load_config(None, [f"data.source={source}", f"run.root={tmp_path}", "run.name=absent", *FAST,
+    cfg = open_run(None, [f"data.source={source}", f"run.root={tmp_path}", "run.name=absent", *FAST,
                              "train.epochs=1"])
     run_tile(cfg, progress=False)
     with pytest.raises(InputError, match=r"\['MCL'\] have no training tiles"):

@@ -155,7 +155,7 @@ import json, sys
 from pathlib import Path
 from lymphoma.inputs import ImageRecord
 from lymphoma.store import write_shard
-from lymphoma.tiling import TileSettings
+from lymphoma.settings import TileSettings
 mode, slide, out, checkpoint = sys.argv[1:5]
 settings = TileSettings(size=128, stride=128, target_mpp=1.0, min_tissue=0.5)
 Path(out).parent.mkdir(parents=True, exist_ok=True)
@@ -193,9 +193,8 @@ def test_a_large_slide_is_tiled_and_predicted_in_bounded_memory(data_root, tmp_p
     import torch
 
     from lymphoma.checkpoint import save_checkpoint
-    from lymphoma.model import ModelSettings, build_model
-    from lymphoma.settings import AugmentSettings
-    from lymphoma.tiling import TileSettings
+    from lymphoma.model import build_model
+    from lymphoma.settings import AugmentSettings, ModelSettings, TileSettings
     from synthetic_slides import write_mosaic_slide
 
     images = sorted((data_root / "lowres").rglob("*.png"))[::20]
@@ -257,7 +256,7 @@ def test_the_whole_pipeline_on_whole_slides(data_root, tmp_path, capsys):
 
 
 def test_a_target_objective_power_converts_with_each_slides_own(wsi_dir):
-    from lymphoma.tiling import TileSettings
+    from lymphoma.settings import TileSettings
     from lymphoma.wsi import target_mpp
 
     with open_slide(wsi_dir / "CMU-1-Small-Region.svs") as slide:  # 20x at 0.499 mpp

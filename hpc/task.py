@@ -1,0 +1,62 @@
+"""The task side of every job, written once: the device, the CPU threads of the allocation, the process group.
+
+Training, prediction and cross-validation tasks all run inside ``task_setup()`` (dinov2's one
+``distributed.enable()``): it reads who this process is (``hpc.distributed.resolve``), picks its GPU or the
+CPU, sets the thread count from the allocation, and starts and ends the process group of a multi-process job.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from hpc.distributed import DistEnv, DistributedEnvError, resolve
+
+
+@dataclass(frozen=True)
+class Task:
+    """Who this process is in its job and the device it computes on."""
+
+    env: DistEnv
+    device: torch.device
+
+
+def thread_share(tasks_at_once: int) -> int:
+    """This machine's cores shared evenly among the tasks that run on it at once (at least 1 each)."""
+    return max(1, (os.cpu_count() or 1) // max(1, tasks_at_once))
+
+
+def task_device(env: DistEnv) -> torch.device:
+    """The process's GPU (one per process on a node, by local rank), else the CPU."""
+    if not torch.cuda.is_available():
+        return torch.device("cpu")
+    if env.local_rank >= torch.cuda.device_count():
+        raise DistributedEnvError(f"{env.local_world} processes on this node but {torch.cuda.device_count()} GPU(s) "
+                                  "visible: one process per GPU (set --gpus-per-node or cluster.tasks_per_node)")
+    return torch.device(f"cuda:{env.local_rank}")
+
+
+@contextmanager
+def task_setup(threads: int | None = None) -> Iterator[Task]:
+    """Set this process up as one task of its job; on the CPU it computes with ``SLURM_CPUS_PER_TASK`` threads,
+    else ``threads``, else its share of the node's cores. The process group (NCCL on GPUs, gloo on CPUs) is
+    started when the job has several processes and destroyed on the way out, also after an error."""
+    env = resolve()
+    device = task_device(env)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    else:
+        torch.set_num_threads(int(os.environ.get("SLURM_CPUS_PER_TASK") or threads or thread_share(env.local_world)))
+    if env.world_size > 1:
+        dist.init_process_group("nccl" if device.type == "cuda" else "gloo", rank=env.rank, world_size=env.world_size,
+                                init_method=f"tcp://{env.master_addr}:{env.master_port}")
+    try:
+        yield Task(env, device)
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()

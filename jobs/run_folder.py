@@ -1,0 +1,136 @@
+"""One run: its typed config, the resolved YAML it was made from, and the run folder with every path in it.
+
+A ``Run`` is built once from the layered config (``open_run``) and handed to every stage; it is picklable,
+so a submitted task receives it as it is instead of parsing the config again.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import submitit
+from omegaconf import DictConfig, OmegaConf
+
+from hpc import make_executor
+from jobs.config import Config, ConfigError, load_config, to_object
+from lymphoma.errors import InputError
+from lymphoma.files import write_text_atomic
+from lymphoma.sharding import MANIFEST_NAME
+
+
+@dataclass(frozen=True)
+class Run:
+    """The typed ``config``, its ``resolved`` YAML (interpolations filled in) and the folder ``dir``."""
+
+    config: Config
+    resolved: str
+    dir: Path
+
+    @classmethod
+    def from_config(cls, raw: DictConfig, folder: Path | None = None) -> Run:
+        """Type and check the layered config once; the folder is ``run.root/run.name`` unless given."""
+        config = to_object(raw)
+        return cls(config, OmegaConf.to_yaml(raw, resolve=True),
+                   Path(folder if folder is not None else Path(config.run.root) / config.run.name).absolute())
+
+    def at(self, folder: Path | str) -> Run:
+        """The same config working in another folder (a cross-validation fold, a grid point)."""
+        return replace(self, dir=Path(folder).absolute())
+
+    def with_values(self, values: dict[str, Any]) -> Run:
+        """The config with some dotted keys set (each must exist: a typo is an error naming it)."""
+        raw = OmegaConf.merge(OmegaConf.structured(Config), OmegaConf.create(self.resolved))
+        layer: dict[str, Any] = {}
+        for key, value in values.items():
+            if OmegaConf.select(raw, key, default="__missing__") == "__missing__":
+                raise ConfigError(f"{key!r} is not a setting; `lymphoma config` lists every key")
+            *sections, name = key.split(".")
+            node = layer
+            for section in sections:
+                node = node.setdefault(section, {})
+            node[name] = value
+        return Run.from_config(OmegaConf.merge(raw, layer), self.dir)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The resolved config as plain data (what checkpoints record)."""
+        return OmegaConf.to_container(OmegaConf.create(self.resolved))  # type: ignore[return-value]
+
+    @property
+    def tiles(self) -> Path:
+        return self.dir / "tiles"
+
+    @property
+    def manifest(self) -> Path:
+        return self.tiles / MANIFEST_NAME
+
+    @property
+    def split_csv(self) -> Path:
+        return self.dir / "split.csv"
+
+    @property
+    def train(self) -> Path:
+        return self.dir / "train"
+
+    @property
+    def checkpoints(self) -> Path:
+        return self.train / "checkpoints"
+
+    @property
+    def predict(self) -> Path:
+        return self.dir / "predict"
+
+    def logs(self, stage: str) -> Path:
+        """Where a stage's task logs go (``%j`` is the job id)."""
+        return (self.train / "logs" if stage == "train" else self.dir / "logs" / stage) / "%j"
+
+    def executor(self, stage: str, logs: Path | None = None) -> submitit.AutoExecutor:
+        """The configured executor for a stage's tasks, named ``<stage>-<run name>``."""
+        return make_executor(self.config.cluster, logs or self.logs(stage), name=f"{stage}-{self.config.run.name}")
+
+    def create(self) -> Run:
+        """Make the folder and check that it can be written; an error that says what to do when it cannot."""
+        try:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            probe = self.dir / f".write-test-{os.getpid()}"
+            probe.write_text("")
+            probe.unlink()
+        except OSError as err:
+            raise InputError(f"cannot write to the run folder {self.dir} ({err.strerror or err}); set run.root to a "
+                             "writable folder, e.g. run.root=$HOME/lymphoma-runs") from None
+        return self
+
+    def save_config(self, path: Path | None = None) -> None:
+        """Write the resolved config next to the outputs it made (``<run>/config.yaml`` unless given)."""
+        write_text_atomic(path or self.dir / "config.yaml", self.resolved)
+
+    @contextmanager
+    def lock(self, job: str) -> Iterator[None]:
+        """Hold ``<run>/.<job>.lock`` so that two ``lymphoma <job>`` on one run folder cannot interleave; the
+        lock dies with its process, so a killed job never leaves the folder locked."""
+        with (self.dir / f".{job}.lock").open("a+") as handle:
+            try:
+                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                handle.seek(0)
+                raise InputError(f"another `lymphoma {job}` (pid {handle.read().strip() or '?'}) is using {self.dir}; "
+                                 "wait for it to end or choose another run.name") from None
+            handle.seek(0)
+            handle.truncate()
+            handle.write(str(os.getpid()))
+            handle.flush()
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def open_run(experiment: str | Path | None = None, overrides: list[str] | None = None,
+             cluster: str | None = None) -> Run:
+    """The run of a command line: defaults, experiment, cluster profile and overrides, typed once."""
+    return Run.from_config(load_config(experiment, overrides, cluster))
