@@ -23,11 +23,11 @@ import torch
 from common import emit
 from jobs.config import default_data_root
 from lymphoma.augment import build_augmenter, dali_available
-from lymphoma.data import make_loader
-from lymphoma.dataset import TileDataset
-from lymphoma.engine import StepOptions, train_one_epoch
+from lymphoma.epochs import StepOptions, train_one_epoch
 from lymphoma.inputs import discover
+from lymphoma.loaders import make_loader
 from lymphoma.model import build_model
+from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.settings import AugmentSettings, ModelSettings, TileSettings
 from lymphoma.store import write_shard
 
@@ -85,7 +85,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp) / "shard.h5"
         write_shard(shard, "train", records, CLASSES, TileSettings(size=128, stride=64), "blosc:zstd:1", "bench")
-        tiles = TileDataset([shard])
+        tiles = PhaseTiles([shard])
         results["tiles"] = len(tiles)
         model = build_model(ModelSettings(preset=args.preset).architecture(3)).to(device)
         model = model.to(memory_format=torch.channels_last)  # as training does, on GPUs and CPUs

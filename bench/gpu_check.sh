@@ -24,7 +24,8 @@ python3 -c "import nvidia.dali" 2>/dev/null && echo "DALI installed" || echo "DA
 echo "== 1. NCCL process group and a DDP step"
 python3 - <<'PY'
 import torch, torch.distributed as dist
-from lymphoma.model import ModelSettings, build_model
+from lymphoma.model import build_model
+from lymphoma.settings import ModelSettings
 dist.init_process_group("nccl", rank=0, world_size=1, init_method="tcp://127.0.0.1:29511")
 t = torch.ones(4, device="cuda")
 dist.all_reduce(t)

@@ -20,28 +20,30 @@ COMMANDS = {"tile": "tile", "train": "train", "validate": "validate", "predict":
             "cv": "cv", "inspect": "inspect_slide", "download": "download", "config": "config"}
 
 
-def _add_config_args(parser: argparse.ArgumentParser) -> None:
+def _command(sub: Any, name: str, summary: str, description: str, overrides: bool = True,
+             progress: bool = False) -> argparse.ArgumentParser:
+    """A sub-command with the config options every command takes (``-c``, ``--cluster``, and ``key=value``
+    overrides unless its positional words are inputs)."""
+    parser = sub.add_parser(name, help=summary, description=description)
     parser.add_argument("-c", "--config", metavar="YAML", help="experiment config merged over the defaults")
     parser.add_argument("--cluster", metavar="NAME",
                         help="local (default: this machine, subprocesses), debug (in process), slurm, "
                              "or a cluster profile: a name in configs/cluster/ or a YAML path")
-    parser.add_argument("overrides", nargs="*", metavar="key=value",
-                        help="dotted overrides, e.g. tiles.stride=64 tiles.compression=zlib:6")
+    if overrides:
+        parser.add_argument("overrides", nargs="*", metavar="key=value",
+                            help="dotted overrides, e.g. tiles.stride=64 tiles.compression=zlib:6")
+    if progress:
+        parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return parser
 
 
-def _add_tile(sub: Any) -> None:
-    tile = sub.add_parser("tile", help="cut images into tiles: case-level split, sharded HDF5 stores, manifest",
-                          description="Split the images by case, then write one HDF5 tile shard per array task "
-                                      "and a manifest listing every shard with its counts. Rerunning resumes.")
-    _add_config_args(tile)
-    tile.add_argument("--no-progress", action="store_true", help="no progress bar")
-
-
-def _add_train(sub: Any) -> None:
-    train = sub.add_parser("train", help="train the DenseNet on the run's tiles (DDP; resumes from last.pt)",
-                           description="Train a DenseNet on the tile shards of the run folder, one process per "
-                                       "task (gloo on CPU, NCCL on GPUs). Running it again resumes.")
-    _add_config_args(train)
+def _add_pipeline_commands(sub: Any) -> None:
+    _command(sub, "tile", "cut images into tiles: case-level split, sharded HDF5 stores, manifest",
+             "Split the images by case, then write one HDF5 tile shard per array task and a manifest listing every "
+             "shard with its counts. Rerunning resumes.", progress=True)
+    train = _command(sub, "train", "train the DenseNet on the run's tiles (DDP; resumes from last.pt)",
+                     "Train a DenseNet on the tile shards of the run folder, one process per task (gloo on CPU, "
+                     "NCCL on GPUs). Running it again resumes.")
     train.add_argument("--nodes", type=int, help="nodes (sets cluster.nodes)")
     train.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (sets cluster.gpus_per_node "
                                                           "and cluster.tasks_per_node)")
@@ -49,25 +51,32 @@ def _add_train(sub: Any) -> None:
     train.add_argument("--here", action="store_true",
                        help="run in this process as one rank, without submitting: for launchers that start the "
                             "processes themselves (torchrun, mpiexec, srun); ranks come from their variables")
+    _command(sub, "run", "the whole pipeline: tile, train, predict the held-out cases, report",
+             "Tile, train and predict the held-out (val, or test if split.test_fraction > 0) images of the run, then "
+             "print the image- and case-level report.", progress=True)
+    _command(sub, "cv", "cross-validation grouped by case: one array task per fold, pooled report",
+             "Deal the cases into cv.folds folds stratified by class. Each fold (one array task) tiles and trains on "
+             "the other cases, picks its checkpoint on an inner split of them, and predicts its own cases; then "
+             "image- and case-level accuracy per fold and pooled, with bootstrap intervals over cases, for "
+             "cv.repeats fold assignments; a reference logistic regression on colour and texture features in the "
+             "same folds with its permutation null; and <run>/ensemble.pt, the fold models as one checkpoint for "
+             "`lymphoma predict`. Rerunning resumes; with predict.tta=true or cv.checkpoint=last it reuses the "
+             "trained folds.")
 
 
-def _add_validate(sub: Any) -> None:
-    validate = sub.add_parser("validate", help="the tutorial's step 3: per-tile outputs, confusion matrix, kernels, "
-                                               "activations of a checkpoint on a phase",
-                              description="Run a checkpoint over a phase's tiles (centre crop) and write tiles.csv, "
-                                          "confusion.json/png, augment.png, kernels.png and activations.png.")
-    _add_config_args(validate)
+def _add_model_commands(sub: Any) -> None:
+    validate = _command(sub, "validate", "the tutorial's step 3: per-tile outputs, confusion matrix, kernels, "
+                                         "activations of a checkpoint on a phase",
+                        "Run a checkpoint over a phase's tiles (centre crop) and write tiles.csv, confusion.json/png, "
+                        "augment.png, kernels.png and activations.png.")
     validate.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a training run")
     validate.add_argument("--phase", default="val", help="train, val or test (default val)")
     validate.add_argument("--layer", default="features.denseblock1", help="layer whose activations to show")
     validate.add_argument("--out", help="output folder (default: <run folder>/validate)")
-
-
-def _add_predict(sub: Any) -> None:
-    predict = sub.add_parser("predict", help="tile-vote inference over images: per-slide outputs and a cohort report",
-                             description="Tile each image with the checkpoint's settings, run the tiles through the "
-                                         "model in batches and vote. One array task per chunk of slides; a rerun "
-                                         "skips slides already done.")
+    predict = _command(sub, "predict", "tile-vote inference over images: per-slide outputs and a cohort report",
+                       "Tile each image with the checkpoint's settings, run the tiles through the model in batches "
+                       "and vote. One array task per chunk of slides; a rerun skips slides already done.",
+                       overrides=False)
     predict.add_argument("--checkpoint", required=True,
                          help="best.pt or last.pt of a training run, or the ensemble.pt of `lymphoma cv`")
     predict.add_argument("inputs", nargs="*", metavar="IMAGE",
@@ -76,48 +85,23 @@ def _add_predict(sub: Any) -> None:
     predict.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
     predict.add_argument("--out", type=Path, help="output folder (default: <run folder>/predict)")
     predict.add_argument("--force", action="store_true", help="allow tile settings that differ from the checkpoint's")
-    predict.add_argument("-c", "--config", metavar="YAML", help="experiment config merged over the defaults")
-    predict.add_argument("--cluster", metavar="NAME", help="local, debug, slurm or a cluster profile")
-
-
-def _add_run_and_cv(sub: Any) -> None:
-    run = sub.add_parser("run", help="the whole pipeline: tile, train, predict the held-out cases, report",
-                         description="Tile, train and predict the held-out (val, or test if split.test_fraction > 0) "
-                                     "images of the run, then print the image- and case-level report.")
-    _add_config_args(run)
-    run.add_argument("--no-progress", action="store_true", help="no progress bar")
-    cv = sub.add_parser("cv", help="cross-validation grouped by case: one array task per fold, pooled report",
-                        description="Deal the cases into cv.folds folds stratified by class. Each fold (one array "
-                                    "task) tiles and trains on the other cases, picks its checkpoint on an inner "
-                                    "split of them, and predicts its own cases; then image- and case-level "
-                                    "accuracy per fold and pooled, with bootstrap intervals over cases, for "
-                                    "cv.repeats fold assignments; a reference logistic regression on colour and "
-                                    "texture features in the same folds with its permutation null; and "
-                                    "<run>/ensemble.pt, the fold models as one checkpoint for `lymphoma predict`. "
-                                    "Rerunning resumes; with predict.tta=true or cv.checkpoint=last it reuses the "
-                                    "trained folds.")
-    _add_config_args(cv)
 
 
 def _add_tools(sub: Any) -> None:
-    inspect = sub.add_parser("inspect", help="a slide's levels, resolution, vendor, tissue and tile grid",
-                             description="Show what a slide file holds (levels, dimensions, microns per pixel, "
-                                         "objective, vendor), its tissue fraction, and write a thumbnail with the "
-                                         "tile grid that tiles.* would cut.")
+    inspect = _command(sub, "inspect", "a slide's levels, resolution, vendor, tissue and tile grid",
+                       "Show what a slide file holds (levels, dimensions, microns per pixel, objective, vendor), its "
+                       "tissue fraction, and write a thumbnail with the tile grid that tiles.* would cut.")
     inspect.add_argument("slide", type=Path, help="a whole-slide file (SVS, NDPI, pyramidal TIFF, ...) or an image")
     inspect.add_argument("--out", type=Path, help="the thumbnail PNG (default: <slide name>-grid.png here)")
-    _add_config_args(inspect)
-    download = sub.add_parser("download", help="fetch the public IICBU 2008 lymphoma data set into class folders",
-                              description="Download the public tarball (resumable), verify its SHA-1 and unpack "
-                                          "it into one folder per class.")
+    download = _command(sub, "download", "fetch the public IICBU 2008 lymphoma data set into class folders",
+                        "Download the public tarball (resumable), verify its SHA-1 and unpack it into one folder per "
+                        "class.")
     download.add_argument("--dest", help="where the class folders go (default: download.dest)")
     download.add_argument("--url", action="append", help="tarball address; repeat for mirrors (default: download.urls)")
     download.add_argument("--sha1", help="expected SHA-1 of the tarball, or 'none' to skip the check")
-    _add_config_args(download)
-    config = sub.add_parser("config", help="print the resolved config: every setting, its value and its meaning",
-                            description="Merge the defaults, the experiment (-c), the cluster profile and the "
-                                        "overrides, and print the result as YAML with every key's meaning.")
-    _add_config_args(config)
+    _command(sub, "config", "print the resolved config: every setting, its value and its meaning",
+             "Merge the defaults, the experiment (-c), the cluster profile and the overrides, and print the result "
+             "as YAML with every key's meaning.")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -126,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Tile, train and predict lymphoma sub-types (CLL, FL, MCL) on H&E images, "
                     "on this machine or as SLURM array jobs.")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for add in (_add_tile, _add_train, _add_validate, _add_predict, _add_run_and_cv, _add_tools):
+    for add in (_add_pipeline_commands, _add_model_commands, _add_tools):
         add(sub)
     return parser
 

@@ -15,11 +15,11 @@ from jobs.baseline import run_baseline
 from jobs.config import Config
 from jobs.fold import FoldJob, FoldTask, grid_points, variant_suffix
 from jobs.run_folder import Run
-from lymphoma.cohort import image_class, write_report
+from lymphoma.cohort_report import image_class, write_report
 from lymphoma.crossval import across_repeats, cv_report, fold_phases, format_cv_report, grouped_folds
 from lymphoma.ensemble import write_ensemble
 from lymphoma.files import write_csv_atomic, write_text_atomic
-from lymphoma.inputs import ImageRecord, discover
+from lymphoma.inputs import ImageRecord
 from lymphoma.prediction import read_record
 from lymphoma.selection import at_chance as chance_level
 from lymphoma.selection import best_index, explain
@@ -81,10 +81,8 @@ def run_cv(run: Run) -> dict[str, Any]:
     start = time.perf_counter()
     cfg = run.config
     out = run.dir / f"cv{variant_suffix(cfg.cv.checkpoint, cfg.predict.tta)}"
-    with run.create().lock("cv"):
-        run.save_config()
-        inputs = discover(cfg.data.source, cfg.data.classes, cfg.data.case_pattern, cfg.data.columns,
-                          cfg.tiles.strict)
+    with run.session("cv"):
+        inputs = run.inputs()
         tasks = plan_folds(run, inputs.records, inputs.classes)
         write_folds_csv(run.dir / "folds.csv", tasks)
         records, failure = run_folds(run, tasks)

@@ -18,7 +18,7 @@ from jobs.predict import predict_chunk
 from jobs.run_folder import Run
 from jobs.tile import tile_in_process
 from jobs.train import fit_here, fit_settings
-from lymphoma.cohort import write_report
+from lymphoma.cohort_report import write_report
 from lymphoma.files import write_text_atomic
 from lymphoma.inputs import ImageRecord
 from lymphoma.prediction import SlideInput

@@ -12,10 +12,11 @@ from hpc import ArrayJobError, run_array
 from hpc.task import task_setup, thread_share
 from jobs.run_folder import Run
 from lymphoma.checkpoint import load_checkpoint
-from lymphoma.cohort import expand_inputs, write_report
+from lymphoma.cohort_report import write_report
 from lymphoma.errors import InputError
 from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import SlideInput, checkpoint_fingerprint, outputs_complete, read_record
+from lymphoma.prediction_inputs import expand_inputs
 from lymphoma.settings import PredictSettings
 
 MARKER = ".lymphoma-predict"

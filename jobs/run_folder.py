@@ -21,6 +21,7 @@ from hpc import make_executor
 from jobs.config import Config, ConfigError, load_config, to_object
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
+from lymphoma.inputs import Inputs, discover
 from lymphoma.sharding import MANIFEST_NAME
 
 
@@ -108,6 +109,19 @@ class Run:
     def save_config(self, path: Path | None = None) -> None:
         """Write the resolved config next to the outputs it made (``<run>/config.yaml`` unless given)."""
         write_text_atomic(path or self.dir / "config.yaml", self.resolved)
+
+    @contextmanager
+    def session(self, job: str) -> Iterator[Run]:
+        """What a command that writes the run folder does first: create it, lock it against a second
+        ``lymphoma <job>`` and save the resolved config in it."""
+        with self.create().lock(job):
+            self.save_config()
+            yield self
+
+    def inputs(self) -> Inputs:
+        """The labelled images of ``data`` (bad ones skipped with their reason unless tiles.strict)."""
+        data = self.config.data
+        return discover(data.source, data.classes, data.case_pattern, data.columns, self.config.tiles.strict)
 
     @contextmanager
     def lock(self, job: str) -> Iterator[None]:

@@ -12,7 +12,7 @@ from tqdm import tqdm
 
 from hpc import run_array
 from jobs.run_folder import Run
-from lymphoma.inputs import ImageRecord, discover
+from lymphoma.inputs import ImageRecord
 from lymphoma.settings import TileSettings
 from lymphoma.sharding import ShardPlan, fingerprint, plan_shards, write_manifest
 from lymphoma.split import assign_phases, split_cases, write_split_csv
@@ -52,10 +52,8 @@ def run_tile(run: Run, progress: bool = True) -> TileResult:
     """Tile the configured data set into the run folder; a rerun writes only missing or stale shards."""
     start = time.perf_counter()
     cfg = run.config
-    with run.create().lock("tile"):
-        run.save_config()
-        inputs = discover(cfg.data.source, cfg.data.classes, cfg.data.case_pattern, cfg.data.columns,
-                          cfg.tiles.strict)
+    with run.session("tile"):
+        inputs = run.inputs()
         phase_of = split_cases(inputs.records, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed)
         by_phase = assign_phases(inputs.records, phase_of)
         write_split_csv(run.split_csv, by_phase)

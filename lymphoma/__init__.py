@@ -1,9 +1,33 @@
-"""Lymphoma sub-type classification library: images and whole slides, tiling into HDF5 shards, case-level
-splits and cross-validation folds, stain handling and augmentation, the DenseNet and its training loop with
-epoch selection, tile-vote prediction, ensembles of fold models, a reference feature baseline, metrics and
-plots, the data download.
+"""Lymphoma sub-type classification: the pathology library. It knows nothing of SLURM or submitit;
+``jobs/`` wires it to ``hpc/``.
 
-It knows nothing of SLURM or submitit; ``jobs/`` wires it to ``hpc/``.
+Inputs and data
+  settings        every setting as a dataclass, one per config section, with its default
+  inputs          labelled images from class folders or a CSV manifest; cases from file names
+  images, slides, wsi, tissue   decoding plain images; whole-slide readers, levels, mpp, tissue masks
+  download        the public IICBU 2008 data set
+  split, crossval case-level splits; grouped, stratified cross-validation folds and their report
+Tiles
+  tiling          cutting an image into tiles (resize, pad, strided view, background filter)
+  tile_sources    the tiles of one input, plain image or whole slide (tiling and prediction share it)
+  store, sharding one HDF5 shard written atomically; shard plans, fingerprints, the manifest
+  phase_tiles     every shard of a phase read as one indexable collection
+  loaders         torch Dataset, samplers (distributed, case-balanced) and DataLoaders over a phase
+Models and training
+  stain, augment  stain normalisation and HED jitter; DALI / torch augmentation pipelines
+  model, ensemble the DenseNet presets; fold models averaged as one checkpoint
+  training        one training: builders, resume, the epoch loop, checkpoints, TensorBoard
+  epochs          train_one_epoch and evaluate, written once
+  selection       which epoch is kept, early stopping, chance level
+  checkpoint      atomic checkpoints with errors that say what to do
+  validation      the tutorial's per-tile outputs, confusion, kernels, activations
+Prediction and reports
+  prediction      tile-vote inference over whole images with read-ahead, per-slide outputs
+  prediction_inputs  files, wildcards and TSV lists to predict
+  voting, metrics, cohort_report, plots   votes, accuracies, the cohort report, figures
+  baseline        the reference logistic regression on colour and texture features
+Common
+  errors, files   errors a user can act on; atomic writes of text, CSV and arrays
 """
 
 __version__ = "0.1.0"

@@ -167,7 +167,7 @@ def permuted_labels(cohort: Cohort, rng: np.random.Generator) -> np.ndarray:
 
 def pooled_accuracy(records_by_fold: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str]) -> tuple[float, float]:
     """Image- and case-level accuracy of all folds' records together."""
-    from lymphoma.cohort import confusions
+    from lymphoma.cohort_report import confusions
     from lymphoma.metrics import accuracy
 
     image, case = confusions([r for fold in records_by_fold for r in fold], classes)

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from lymphoma.cohort import confusions
+from lymphoma.cohort_report import confusions
 from lymphoma.errors import InputError
 from lymphoma.inputs import ImageRecord
 from lymphoma.metrics import accuracy, balanced_accuracy

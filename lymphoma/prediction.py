@@ -25,8 +25,8 @@ from lymphoma.files import write_text_atomic
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap
 from lymphoma.settings import AugmentSettings, TileSettings
-from lymphoma.sources import TileSource, open_tiles
 from lymphoma.stain import StainNormalizer
+from lymphoma.tile_sources import TileSource, open_tiles
 from lymphoma.voting import vote
 
 
@@ -63,17 +63,17 @@ class Predictor:
                    device, batch_size, checkpoint_fingerprint(path, state, tta), tta,
                    StainNormalizer.from_state(state.get("stain")))
 
-    def prepare(self, tiles: np.ndarray) -> np.ndarray:
+    def normalize_stain(self, tiles: np.ndarray) -> np.ndarray:
         """Stain-normalise uint8 tiles ``[N, H, W, 3]`` when the model was trained on normalised tiles."""
         return self.normalizer.batch(tiles) if self.normalizer is not None else tiles
 
     @torch.inference_mode()
-    def logits(self, tiles: np.ndarray, prepared: bool = False) -> torch.Tensor:
-        """Raw outputs ``[N, nclass]`` for uint8 tiles ``[N, H, W, 3]`` (``prepared``: already through
-        ``prepare``); with ``tta``, the log of the probabilities averaged over the 8 flips and right-angle
+    def logits(self, tiles: np.ndarray, stain_normalized: bool = False) -> torch.Tensor:
+        """Raw outputs ``[N, nclass]`` for uint8 tiles ``[N, H, W, 3]`` (``stain_normalized``: already through
+        ``normalize_stain``); with ``tta``, the log of the probabilities averaged over the 8 flips and right-angle
         rotations of each tile."""
-        if not prepared:
-            tiles = self.prepare(tiles)
+        if not stain_normalized:
+            tiles = self.normalize_stain(tiles)
         x = eval_batch(tiles, self.augment, self.device).contiguous(memory_format=torch.channels_last)
         if not self.tta:
             return self.model(x).float().cpu()
@@ -119,7 +119,7 @@ def outputs_complete(out_dir: Path, slide: SlideInput, fingerprint: str) -> Opti
 
 
 def _read_ahead(slides: Sequence[SlideInput], settings: TileSettings, depth: int, batch: int,
-                prepare: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[int, Any]]:
+                normalize: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[int, Any]]:
     """Yield ``(index, item)`` per slide, read and tiled by a background thread: tile batches (arrays), then
     the slide's TileSource once all its tiles were yielded, or an error. The queue holds ``depth`` items,
     so memory stays bounded however large a slide is."""
@@ -135,7 +135,7 @@ def _read_ahead(slides: Sequence[SlideInput], settings: TileSettings, depth: int
                 for pixels in source.batches:
                     if stop.is_set():
                         return
-                    items.put((index, prepare(pixels)))
+                    items.put((index, normalize(pixels)))
                 items.put((index, source))
             except (InputError, OSError) as err:
                 items.put((index, err))
@@ -187,7 +187,7 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
     def flush() -> None:
         nonlocal batch, size
         if batch:
-            logits = predictor.logits(np.concatenate([pixels for _, pixels in batch]), prepared=True)
+            logits = predictor.logits(np.concatenate([pixels for _, pixels in batch]), stain_normalized=True)
             offset = 0
             for i, pixels in batch:
                 if i in progress:  # a slide that failed half way was dropped
@@ -199,7 +199,7 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
 
     batch_size = predictor.batch_size
     for local, item in _read_ahead([slides[i] for i in pending], predictor.tiles, prefetch, batch_size,
-                                     predictor.prepare):
+                                     predictor.normalize_stain):
         index = pending[local]
         state = progress.setdefault(index, _Progress([]))
         if isinstance(item, Exception):

@@ -26,7 +26,7 @@ import tables
 from lymphoma.errors import ImageError, InputError
 from lymphoma.inputs import ImageRecord
 from lymphoma.settings import TileSettings
-from lymphoma.sources import open_tiles
+from lymphoma.tile_sources import open_tiles
 
 STORE_FORMAT = 1
 
@@ -72,6 +72,75 @@ class _ImageRow(tables.IsDescription):
     n_background = tables.Int32Col()
 
 
+class _ShardArrays:
+    """The growing arrays and image table of a shard being written, with its per-class counts."""
+
+    def __init__(self, h5: tables.File, records: Sequence[ImageRecord], classes: Sequence[str], size: int,
+                 filters: tables.Filters) -> None:
+        self.name_len = max([len(Path(r.path).name.encode()) for r in records] + [1])
+        self.case_len = max([len(r.case.encode()) for r in records] + [1])
+        self.imgs = h5.create_earray("/", "imgs", tables.UInt8Atom(), shape=(0, size, size, 3),
+                                     chunkshape=(1, size, size, 3), filters=filters,
+                                     expectedrows=max(1, 64 * len(records)))
+        self.labels = h5.create_earray("/", "labels", tables.Int16Atom(), shape=(0,))
+        self.coords = h5.create_earray("/", "coords", tables.Int32Atom(), shape=(0, 2))
+        self.filenames = h5.create_earray("/", "filenames", tables.StringAtom(self.name_len), shape=(0,),
+                                          filters=filters)
+        self.cases = h5.create_earray("/", "cases", tables.StringAtom(self.case_len), shape=(0,), filters=filters)
+        self.images = h5.create_table("/", "images", _ImageRow)
+        self.label_of = {name: i for i, name in enumerate(classes)}
+        self.tiles_per_class = dict.fromkeys(classes, 0)
+        self.images_per_class = dict.fromkeys(classes, 0)
+        self.n_background = 0
+
+    def add(self, record: ImageRecord, settings: TileSettings, qc: Path | None) -> None:
+        """Append one image's tiles and its row; on an error, drop what it had appended and re-raise."""
+        rows_before = int(self.imgs.nrows)
+        name, label = Path(record.path).name.encode(), self.label_of[record.label]
+        try:
+            source = open_tiles(record.path, settings, qc_path=qc)
+            for pixels in source.batches:  # whole slides arrive a batch at a time: memory stays bounded
+                self.imgs.append(pixels)
+                self.labels.append(np.full(len(pixels), label, dtype=np.int16))
+                self.filenames.append(np.full(len(pixels), name, dtype=f"S{self.name_len}"))
+                self.cases.append(np.full(len(pixels), record.case.encode(), dtype=f"S{self.case_len}"))
+            self.coords.append(source.coords)
+        except BaseException:
+            for array in (self.imgs, self.labels, self.coords, self.filenames, self.cases):
+                array.truncate(rows_before)
+            raise
+        n = int(self.imgs.nrows - rows_before)
+        (height, width), row = source.shape, self.images.row
+        row["filename"], row["case"], row["label"] = Path(record.path).name, record.case, label
+        row["height"], row["width"], row["n_tiles"], row["n_background"] = height, width, n, source.n_background
+        row.append()
+        self.tiles_per_class[record.label] += n
+        self.images_per_class[record.label] += 1
+        self.n_background += source.n_background
+
+
+def _write_attrs(h5: tables.File, arrays: _ShardArrays, phase: str, classes: Sequence[str], settings: TileSettings,
+                 compression: str, skipped: list[dict[str, str]], fingerprint: str, seconds: float) -> None:
+    """The shard's attributes; ``complete`` last of all."""
+    attrs = h5.root._v_attrs
+    attrs.format = STORE_FORMAT
+    attrs.phase = phase
+    attrs.classes = json.dumps(list(classes))
+    attrs.tiles = json.dumps(settings.as_dict())
+    attrs.tile_size, attrs.stride, attrs.resize, attrs.pad = settings.size, settings.stride, settings.resize, settings.pad
+    attrs.compression = compression
+    attrs.coords_convention = ("top-left (x, y) in level-0 pixels of the slide" if settings.by_resolution else
+                               "top-left (x, y) in the resized image; negative inside the mirror padding")
+    attrs.tiles_per_class = json.dumps(arrays.tiles_per_class)
+    attrs.images_per_class = json.dumps(arrays.images_per_class)
+    attrs.n_tiles = int(arrays.imgs.nrows)
+    attrs.n_background = arrays.n_background
+    attrs.skipped = json.dumps(skipped)
+    attrs.fingerprint = fingerprint
+    attrs.seconds = seconds
+    attrs.complete = True
+
+
 def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes: Sequence[str],
                 settings: TileSettings, compression: str, fingerprint: str, strict: bool = False) -> ShardSummary:
     """Tile ``records`` into the shard at ``path``; the file appears only once it is complete.
@@ -83,79 +152,27 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
     for stale in path.parent.glob(path.name + ".tmp-*"):
         stale.unlink()
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    filters = parse_compression(compression)
-    label_of = {name: i for i, name in enumerate(classes)}
-    size = settings.size
-    name_len = max([len(Path(r.path).name.encode()) for r in records] + [1])
-    case_len = max([len(r.case.encode()) for r in records] + [1])
-    tiles_per_class = dict.fromkeys(classes, 0)
-    images_per_class = dict.fromkeys(classes, 0)
     skipped: list[dict[str, str]] = []
-    n_background = 0
     try:
         with tables.open_file(tmp, mode="w", title=f"lymphoma tiles, {phase}") as h5:
-            imgs = h5.create_earray("/", "imgs", tables.UInt8Atom(), shape=(0, size, size, 3),
-                                    chunkshape=(1, size, size, 3), filters=filters,
-                                    expectedrows=max(1, 64 * len(records)))
-            labels = h5.create_earray("/", "labels", tables.Int16Atom(), shape=(0,))
-            coords = h5.create_earray("/", "coords", tables.Int32Atom(), shape=(0, 2))
-            filenames = h5.create_earray("/", "filenames", tables.StringAtom(name_len), shape=(0,), filters=filters)
-            cases = h5.create_earray("/", "cases", tables.StringAtom(case_len), shape=(0,), filters=filters)
-            images = h5.create_table("/", "images", _ImageRow)
-            arrays = (imgs, labels, coords, filenames, cases)
+            arrays = _ShardArrays(h5, records, classes, settings.size, parse_compression(compression))
             for record in records:
-                rows_before = int(imgs.nrows)
-                name = Path(record.path).name.encode()
-                label = label_of[record.label]
+                qc = path.parent.parent / "qc" / f"{Path(record.path).stem}.png" if settings.by_resolution else None
                 try:
-                    qc = path.parent.parent / "qc" / f"{Path(record.path).stem}.png" if settings.by_resolution else None
-                    source = open_tiles(record.path, settings, qc_path=qc)
-                    tile_coords, background, (height, width) = source.coords, source.n_background, source.shape
-                    for pixels in source.batches:  # whole slides arrive a batch at a time: memory stays bounded
-                        imgs.append(pixels)
-                        labels.append(np.full(len(pixels), label, dtype=np.int16))
-                        filenames.append(np.full(len(pixels), name, dtype=f"S{name_len}"))
-                        cases.append(np.full(len(pixels), record.case.encode(), dtype=f"S{case_len}"))
-                    coords.append(tile_coords)
+                    arrays.add(record, settings, qc)
                 except (InputError, OSError) as err:
-                    for array in arrays:  # drop what a slide that failed half way had appended
-                        array.truncate(rows_before)
                     reason = err.problem if isinstance(err, ImageError) else f"cannot be read ({err})"
                     if strict:
                         raise ImageError(record.path, reason) from None
                     skipped.append({"path": record.path, "reason": reason})
-                    continue
-                n = int(imgs.nrows - rows_before)
-                row = images.row
-                row["filename"], row["case"], row["label"] = Path(record.path).name, record.case, label
-                row["height"], row["width"], row["n_tiles"], row["n_background"] = height, width, n, background
-                row.append()
-                tiles_per_class[record.label] += n
-                images_per_class[record.label] += 1
-                n_background += background
-            attrs = h5.root._v_attrs
-            attrs.format = STORE_FORMAT
-            attrs.phase = phase
-            attrs.classes = json.dumps(list(classes))
-            attrs.tiles = json.dumps(settings.as_dict())
-            attrs.tile_size, attrs.stride, attrs.resize, attrs.pad = size, settings.stride, settings.resize, settings.pad
-            attrs.compression = compression
-            attrs.coords_convention = ("top-left (x, y) in level-0 pixels of the slide" if settings.by_resolution else
-                                       "top-left (x, y) in the resized image; negative inside the mirror padding")
-            attrs.tiles_per_class = json.dumps(tiles_per_class)
-            attrs.images_per_class = json.dumps(images_per_class)
-            attrs.n_tiles = int(imgs.nrows)
-            attrs.n_background = n_background
-            attrs.skipped = json.dumps(skipped)
-            attrs.fingerprint = fingerprint
-            attrs.seconds = seconds = time.perf_counter() - start
-            attrs.complete = True
+            seconds = time.perf_counter() - start
+            _write_attrs(h5, arrays, phase, classes, settings, compression, skipped, fingerprint, seconds)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)
-    return ShardSummary(path=str(path), phase=phase, n_images=sum(images_per_class.values()),
-                        n_tiles=sum(tiles_per_class.values()), tiles_per_class=tiles_per_class,
-                        images_per_class=images_per_class, n_background=n_background,
+    return ShardSummary(path=str(path), phase=phase, n_images=sum(arrays.images_per_class.values()),
+                        n_tiles=sum(arrays.tiles_per_class.values()), tiles_per_class=arrays.tiles_per_class,
+                        images_per_class=arrays.images_per_class, n_background=arrays.n_background,
                         bytes=path.stat().st_size, seconds=seconds, skipped=skipped)
 
 

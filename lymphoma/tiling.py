@@ -44,7 +44,7 @@ def grid_shape(height: int, width: int, settings: TileSettings) -> tuple[int, in
     return (span_h - settings.size) // settings.stride + 1, (span_w - settings.size) // settings.stride + 1
 
 
-def prepare(image: np.ndarray, settings: TileSettings) -> np.ndarray:
+def resize_and_pad(image: np.ndarray, settings: TileSettings) -> np.ndarray:
     """Resize then mirror-pad an RGB image as the tiler sees it."""
     h, w = resized_shape(image.shape[0], image.shape[1], settings.resize)
     if (h, w) != image.shape[:2]:
@@ -64,7 +64,7 @@ def cut_tiles(image: np.ndarray, settings: TileSettings) -> Tiles:
         raise InputError(f"image of {image.shape[1]}x{image.shape[0]} (resized {w}x{h}, padded by {settings.pad}) "
                          f"is smaller than a {settings.size}-pixel tile; lower tiles.size, raise tiles.resize or "
                          "tiles.pad, or remove the image")
-    padded = prepare(image, settings)
+    padded = resize_and_pad(image, settings)
     s, t = settings.stride, settings.size
     grid = sliding_window_view(padded, (t, t, 3))[::s, ::s, 0][:rows, :cols]  # [rows, cols, t, t, 3], a view
     ys, xs = np.meshgrid(np.arange(rows) * s - settings.pad, np.arange(cols) * s - settings.pad, indexing="ij")

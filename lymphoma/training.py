@@ -27,13 +27,13 @@ from lymphoma.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from lymphoma.data import make_loader
-from lymphoma.dataset import TileDataset
-from lymphoma.engine import EpochStats, StepOptions, evaluate, train_one_epoch
+from lymphoma.epochs import EpochStats, StepOptions, evaluate, train_one_epoch
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
+from lymphoma.loaders import make_loader
 from lymphoma.metrics import class_weights
 from lymphoma.model import build_model
+from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.selection import best_index, explain, stop_early
 from lymphoma.settings import AugmentSettings, ModelSettings, StainSettings, TrainSettings
 from lymphoma.sharding import load_manifest, phase_shards
@@ -53,9 +53,9 @@ class Rank:
         return self.rank == 0
 
 
-def loader_workers(device: torch.device, rank: Rank) -> int:
+def loader_workers(device: torch.device) -> int:
     """The default loader processes: 1 beside a CPU training (more steal the model's cores), else this
-    process's share of the node's cores, at most 8."""
+    process's share of the node's cores (one process per visible GPU), at most 8."""
     if device.type != "cuda":
         return 1
     local = max(1, torch.cuda.device_count())
@@ -71,9 +71,9 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def open_phase(tiles_dir: Path, phase: str, expected_size: Optional[int], crop: int) -> TileDataset:
+def open_phase(tiles_dir: Path, phase: str, expected_size: Optional[int], crop: int) -> PhaseTiles:
     """The phase's shards as one dataset, checked against the settings that will use it."""
-    dataset = TileDataset(phase_shards(tiles_dir, phase))
+    dataset = PhaseTiles(phase_shards(tiles_dir, phase))
     if len(dataset) == 0:
         raise InputError(f"{tiles_dir}: the {phase!r} phase has no tiles; check the split and the skipped images")
     if expected_size is not None and dataset.tile_size != expected_size:
@@ -208,7 +208,7 @@ class Pipelines:
     eval_loader: Any
 
 
-def build_pipelines(train_tiles: TileDataset, eval_tiles: TileDataset, settings: FitSettings, rank: Rank,
+def build_pipelines(train_tiles: PhaseTiles, eval_tiles: PhaseTiles, settings: FitSettings, rank: Rank,
                     device: torch.device) -> Pipelines:
     """The stain target, the train and eval augmenters and their loaders."""
     train, augment = settings.train, settings.augment
@@ -217,7 +217,7 @@ def build_pipelines(train_tiles: TileDataset, eval_tiles: TileDataset, settings:
     normalizer = StainNormalizer(target) if target is not None else None
     train_aug = build_augmenter(augment, True, device, seed=train.seed * 1000 + rank.rank, normalizer=normalizer)
     eval_aug = build_augmenter(augment, False, device, normalizer=normalizer)
-    workers = train.num_workers if train.num_workers is not None else loader_workers(device, rank)
+    workers = train.num_workers if train.num_workers is not None else loader_workers(device)
     train_loader = make_loader(train_tiles, train_aug.sample, train.batch_size, rank.rank, rank.world, True,
                                train.seed, workers, train.sampling == "cases", train.samples_per_epoch)
     eval_loader = make_loader(eval_tiles, eval_aug.sample, train.eval_batch_size, rank.rank, rank.world, False,
@@ -246,8 +246,8 @@ class Training:
     out_dir: Path
     rank: Rank
     device: torch.device
-    train_tiles: TileDataset
-    eval_tiles: TileDataset
+    train_tiles: PhaseTiles
+    eval_tiles: PhaseTiles
     criterion: torch.nn.Module
     parts: Parts
     pipes: Pipelines
@@ -351,7 +351,7 @@ def fit(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: Rank = Rank
             "classes": run.classes}
 
 
-def make_criterion(train_tiles: TileDataset, train: TrainSettings, device: torch.device) -> torch.nn.Module:
+def make_criterion(train_tiles: PhaseTiles, train: TrainSettings, device: torch.device) -> torch.nn.Module:
     """Cross-entropy with label smoothing, weighted by 1 - class share (the tutorial's) unless the sampling
     balances the classes already."""
     weights = class_weights(train_tiles.class_counts(), list(train_tiles.classes or []))
@@ -360,7 +360,7 @@ def make_criterion(train_tiles: TileDataset, train: TrainSettings, device: torch
                                      label_smoothing=train.label_smoothing)
 
 
-def _open_writer(out_dir: Path, start_epoch: int, tiles: TileDataset, augmenter: Any, augment: AugmentSettings) -> Any:
+def _open_writer(out_dir: Path, start_epoch: int, tiles: PhaseTiles, augmenter: Any, augment: AugmentSettings) -> Any:
     from torch.utils.tensorboard import SummaryWriter
 
     writer = SummaryWriter(str(out_dir / "tensorboard"), purge_step=start_epoch)
@@ -415,7 +415,7 @@ def _log_epoch(writer: Any, epoch: int, stats: EpochStats, val: EpochStats, lr: 
     writer.flush()
 
 
-def _log_augmentation(writer: Any, tiles: TileDataset, augmenter: Any, settings: AugmentSettings, n: int = 16) -> None:
+def _log_augmentation(writer: Any, tiles: PhaseTiles, augmenter: Any, settings: AugmentSettings, n: int = 16) -> None:
     """A grid of the first tiles before and after the training augmentation."""
     from torchvision.utils import make_grid
 

@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from lymphoma.augment import build_augmenter
-from lymphoma.dataset import TileDataset
 from lymphoma.errors import InputError
+from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.settings import AugmentSettings
 
 BACKENDS = ["dali", "torch"]
@@ -119,8 +119,8 @@ def test_settings_name_allowed_values():
 
 
 def test_more_processes_than_samples_is_an_error(tmp_path, make_dataset):
-    from lymphoma.data import make_loader
     from lymphoma.inputs import discover
+    from lymphoma.loaders import make_loader
     from lymphoma.settings import TileSettings
     from lymphoma.sharding import ShardPlan, fingerprint
     from lymphoma.store import write_shard
@@ -130,4 +130,4 @@ def test_more_processes_than_samples_is_an_error(tmp_path, make_dataset):
     write_shard(tmp_path / "s.h5", "train", records, ["CLL", "FL", "MCL"], settings, "none",
                 fingerprint(ShardPlan("train", 0, tuple(records)), ["CLL", "FL", "MCL"], settings, "none"))
     with pytest.raises(InputError, match="1 tiles for 4 processes: more processes than samples"):
-        make_loader(TileDataset([tmp_path / "s.h5"]), None, 8, 0, 4, True, 0, 0)
+        make_loader(PhaseTiles([tmp_path / "s.h5"]), None, 8, 0, 4, True, 0, 0)

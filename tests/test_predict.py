@@ -158,8 +158,8 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     assert "smaller than a 64-pixel tile" in errors["tiny_001"]
     assert "file not found" in errors["missing_001"]
     with pytest.raises(InputError, match="two inputs named"):
-        from lymphoma.cohort import expand_inputs
         from lymphoma.inputs import compile_case_pattern
+        from lymphoma.prediction_inputs import expand_inputs
 
         twin = tmp_path / "twin"
         twin.mkdir()
@@ -234,7 +234,7 @@ def test_tta_averages_the_eight_symmetries_and_mean_aggregation(checkpoint, coho
     assert plain.fingerprint != tta.fingerprint  # outputs of one never pass for the other's on resume
     tiles = np.stack([read_rgb(p)[:64, :64] for p in sorted(cohort.glob("*/*.png"))[:4]])
     with torch.inference_mode():
-        x = eval_batch(plain.prepare(tiles), plain.augment, torch.device("cpu"))
+        x = eval_batch(plain.normalize_stain(tiles), plain.augment, torch.device("cpu"))
         expected = torch.stack([plain.model(v.contiguous(memory_format=torch.channels_last)).softmax(1)
                                 for v in dihedral_views(x)]).mean(0)
     assert torch.allclose(tta.logits(tiles).exp(), expected, atol=1e-5)

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import tables
 
-from lymphoma.dataset import TileDataset
 from lymphoma.errors import InputError
 from lymphoma.images import read_rgb
 from lymphoma.inputs import discover
+from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.settings import TileSettings
 from lymphoma.sharding import ShardPlan, fingerprint
 from lymphoma.store import parse_compression, read_complete_shard, write_shard
@@ -96,7 +96,7 @@ def _read_in_worker(args):
 def test_shards_read_as_one_dataset_across_processes(tmp_path, records):
     a, _ = write(tmp_path / "a.h5", records[:3])
     b, _ = write(tmp_path / "b.h5", records[3:])
-    dataset = TileDataset([tmp_path / "a.h5", tmp_path / "b.h5"])
+    dataset = PhaseTiles([tmp_path / "a.h5", tmp_path / "b.h5"])
     assert len(dataset) == a.n_tiles + b.n_tiles
     with tables.open_file(tmp_path / "a.h5") as ha, tables.open_file(tmp_path / "b.h5") as hb:
         whole = np.concatenate([ha.root.imgs[:], hb.root.imgs[:]])

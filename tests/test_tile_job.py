@@ -16,7 +16,7 @@ import yaml
 
 from conftest import read_shards
 from jobs.tile import run_tile
-from lymphoma.dataset import TileDataset
+from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.settings import TileSettings
 from lymphoma.sharding import load_manifest, phase_shards
 from lymphoma.tiling import grid_shape
@@ -45,7 +45,7 @@ def test_local_array_writes_shards_split_manifest_and_config(make_dataset, make_
         assert entry["n_images"] == n_images and entry["n_tiles"] == n_images * per_image[0] * per_image[1]
         assert len(entry["shards"]) == -(-n_images // 4)
         assert sum(s["n_tiles"] for s in entry["shards"]) == entry["n_tiles"]
-        dataset = TileDataset(phase_shards(result.manifest, phase))
+        dataset = PhaseTiles(phase_shards(result.manifest, phase))
         assert len(dataset) == entry["n_tiles"]
         assert dataset.class_counts().tolist() == [entry["tiles_per_class"][c] for c in ("CLL", "FL", "MCL")]
         truth = {row["path"].rsplit("/", 1)[1]: (row["label"], row["case"]) for row in split if row["phase"] == phase}

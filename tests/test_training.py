@@ -60,7 +60,7 @@ def test_loss_falls_and_tensorboard_holds_every_tag(tiled):
     assert {"augment/before", "augment/after"} <= set(events.Tags()["images"])
     assert [e.step for e in events.Scalars("val/loss")] == [1, 2, 3, 4]
     confusion = sum(events.Scalars(c)[-1].value for c in cells)
-    assert confusion == len(__import__("lymphoma.dataset", fromlist=["TileDataset"]).TileDataset(
+    assert confusion == len(__import__("lymphoma.phase_tiles", fromlist=["PhaseTiles"]).PhaseTiles(
         __import__("lymphoma.sharding", fromlist=["phase_shards"]).phase_shards(tiled[1] / "learn" / "tiles", "val")))
     best = load_checkpoint(tiled[1] / "learn" / "train" / "checkpoints" / "best.pt")
     assert best["epoch"] == summary["best_epoch"] and best["classes"] == ["CLL", "FL", "MCL"]
@@ -194,7 +194,7 @@ def test_new_training_options_are_checked():
 def test_case_balanced_sampling_weighs_classes_and_cases_equally():
     import numpy as np
 
-    from lymphoma.data import CaseBalancedSampler, case_balanced_weights
+    from lymphoma.loaders import CaseBalancedSampler, case_balanced_weights
 
     labels = np.array([0] * 90 + [0] * 10 + [1] * 20 + [2] * 5)       # class 0: one case of 90 tiles, one of 10
     cases = np.array(["a"] * 90 + ["b"] * 10 + ["c"] * 20 + ["d"] * 5)

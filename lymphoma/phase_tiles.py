@@ -1,4 +1,5 @@
-"""All shards of a phase read as one indexable dataset, with one HDF5 handle per shard and process."""
+"""All shards of a phase read as one indexable collection of tiles (``PhaseTiles``), with one HDF5 handle per
+shard and process. Not a torch Dataset: ``lymphoma.loaders`` wraps it in one."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import tables
 from lymphoma.errors import InputError
 
 
-class TileDataset:
+class PhaseTiles:
     """Index ``i`` over the concatenated shards gives ``(tile [H, W, 3] uint8, label)``.
 
     Labels, cases and file names are loaded once; tile pixels are read on demand. File handles are

@@ -1,76 +1,19 @@
-"""The inputs of a prediction (files, wildcards, a TSV list) and the cohort report made from its records."""
+"""The cohort report of a prediction: one row per slide, image- and case-level metrics and confusion matrices,
+an image's or case's class by majority vote of tiles or by mean probability."""
 
 from __future__ import annotations
 
-import glob
 import json
-import re
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 
-from lymphoma.errors import InputError
 from lymphoma.files import write_csv_atomic, write_text_atomic
-from lymphoma.images import is_image_file
-from lymphoma.inputs import case_of
 from lymphoma.metrics import accuracy, balanced_accuracy
 from lymphoma.plots import save_confusion
-from lymphoma.prediction import SlideInput
-
-
-def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: Optional[Path],
-                  classes: Sequence[str], case_pattern: re.Pattern[str]) -> list[SlideInput]:
-    """Slides from names and wildcards (``**`` recursive) and from a TSV whose columns are path[, label[, case]]
-    (``#`` lines and blank lines skipped; relative paths under ``basepath``). Truth comes from the TSV's label
-    column or, for files, from a parent folder named after a class."""
-    rows: list[tuple[str, Optional[str], Optional[str]]] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-        matches = [m for m in matches if not glob.has_magic(pattern) or (Path(m).is_file() and is_image_file(Path(m)))]
-        if not matches:
-            raise InputError(f"{pattern!r} matches no image file; check the path and quote wildcards so the shell "
-                             "leaves them to lymphoma (e.g. 'cohort/**/*.tif')")
-        rows += [(m, None, None) for m in matches]
-    if list_file is not None:
-        rows += _read_tsv(list_file, basepath)
-    if not rows:
-        raise InputError("no slides to predict: give file names, wildcards or --list slides.tsv")
-    slides, seen = [], {}
-    for path, label, case in rows:
-        p = Path(path)
-        label = label or (p.parent.name if p.parent.name in classes else None)
-        if label is not None and label not in classes:
-            raise InputError(f"{path}: label {label!r} is not one of the model's classes {list(classes)}")
-        key = p.stem
-        if key in seen and seen[key] != str(p.resolve()):
-            raise InputError(f"two inputs named {key}: {seen[key]} and {p}; outputs are named after the file, "
-                             "rename one or predict them separately")
-        if key in seen:
-            continue
-        seen[key] = str(p.resolve())
-        slides.append(SlideInput(str(p.resolve()), key, label, case or case_of(p.stem, case_pattern) or p.stem))
-    return slides
-
-
-def _read_tsv(path: Path, basepath: Optional[Path]) -> list[tuple[str, Optional[str], Optional[str]]]:
-    if not path.is_file():
-        raise InputError(f"--list {path} not found")
-    rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
-        if not line.strip() or line.lstrip().startswith("#"):
-            continue
-        fields = [f.strip() for f in line.split("\t")]
-        if len(fields) > 3 or not fields[0]:
-            raise InputError(f"{path}, line {number}: expected tab-separated path[, label[, case]], got {line!r}")
-        if number == 1 and fields[0].lower() in ("path", "file", "filename"):
-            continue  # a header
-        file = Path(fields[0]) if basepath is None or Path(fields[0]).is_absolute() else basepath / fields[0]
-        rows.append((str(file), (fields[1] or None) if len(fields) > 1 else None,
-                     (fields[2] or None) if len(fields) > 2 else None))
-    return rows
 
 
 def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_dir: Path,

@@ -9,14 +9,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from lymphoma.dataset import TileDataset
 from lymphoma.errors import InputError
+from lymphoma.phase_tiles import PhaseTiles
 
 
-class TileTorchDataset(Dataset):
-    """Tiles as ``(tensor, label)``: uint8 HWC as loaded, or the per-tile transform's output."""
+class AugmentedTiles(Dataset):
+    """A phase's tiles as a torch Dataset of ``(tensor, label)``: uint8 HWC as loaded, or the per-tile transform's
+    output."""
 
-    def __init__(self, tiles: TileDataset, transform: Optional[Callable[[np.ndarray], torch.Tensor]] = None) -> None:
+    def __init__(self, tiles: PhaseTiles, transform: Optional[Callable[[np.ndarray], torch.Tensor]] = None) -> None:
         self.tiles, self.transform = tiles, transform
 
     def __len__(self) -> int:
@@ -76,7 +77,7 @@ class CaseBalancedSampler(Sampler[int]):
         return self.per_rank
 
 
-def make_loader(tiles: TileDataset, transform: Optional[Callable[[np.ndarray], torch.Tensor]], batch_size: int,
+def make_loader(tiles: PhaseTiles, transform: Optional[Callable[[np.ndarray], torch.Tensor]], batch_size: int,
                 rank: int, world: int, train: bool, seed: int, workers: int, balance_cases: bool = False,
                 samples_per_epoch: Optional[int] = None) -> DataLoader:
     """A loader for this rank: shuffled and split across ranks (train; ``balance_cases``: drawn evenly by
@@ -84,7 +85,7 @@ def make_loader(tiles: TileDataset, transform: Optional[Callable[[np.ndarray], t
     if len(tiles) < world:
         raise InputError(f"{len(tiles)} tiles for {world} processes: more processes than samples; "
                          "use fewer processes or more images")
-    dataset = TileTorchDataset(tiles, transform)
+    dataset = AugmentedTiles(tiles, transform)
     sampler: Sampler[int]
     if train and balance_cases:
         sampler = CaseBalancedSampler(tiles.labels, tiles.cases, samples_per_epoch or len(tiles), rank, world, seed)
