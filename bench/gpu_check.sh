@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The checks only a GPU can show, in one short run (on a lent GPU machine or a cluster's GPU node):
 # NCCL process group and a DDP step, training with bf16 autocast and channels_last, prediction on the
-# GPU, and training throughput (model alone, bf16 vs fp32, real loader vs model alone) for the reduced
-# DenseNet and DenseNet-121. Writes its log and JSON figures to $OUT (default /tmp/gpu-check).
+# GPU, a two-fold cross-validation whose fold tasks train and predict on the GPU, and training throughput
+# (model alone, bf16 vs fp32, real loader vs model alone) for the reduced DenseNet and DenseNet-121. Writes its log and JSON figures to $OUT (default /tmp/gpu-check).
 #
 #   LYMPHOMA_DATA=/path/to/lymphoma-iicbu2008 bash bench/gpu_check.sh
 #
@@ -48,7 +48,11 @@ grep -h "epoch" "$RUNS"/lymphoma-lowres/train/logs/*/*_0_log.out
 echo "== 4. predict on the GPU"
 time python3 -m jobs.cli predict --checkpoint "$RUNS"/lymphoma-lowres/train/checkpoints/best.pt \
   "${LYMPHOMA_DATA}/lowres/**/*.png" --out "$RUNS/predict"
-echo "== 5. throughput"
+echo "== 5. cross-validation on the GPU (fold tasks: tile, train, predict in one task each)"
+time python3 -m jobs.cli cv -c configs/lymphoma-lowres.yaml run.root="$RUNS" run.name=gpu-cv cv.folds=2 \
+  cv.inner_val_fraction=0.3 train.epochs=${EPOCHS:-3} train.batch_size=128 cv.baseline=false predict.heatmaps=false
+grep -h "training on" "$RUNS"/gpu-cv/logs/cv/*/*_log.out
+echo "== 6. throughput"
 [ "${SKIP_BENCH:-0}" = 1 ] || python3 bench/bench_training.py --workers 8 --batch 128 --steps 20 --out "$OUT/training-gpu-reduced.json"
 [ "${SKIP_BENCH:-0}" = 1 ] || python3 bench/bench_training.py --workers 8 --batch 128 --steps 10 --preset densenet121 \
   --out "$OUT/training-gpu-densenet121.json"

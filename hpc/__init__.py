@@ -1,4 +1,9 @@
-"""Cluster plumbing: executors (local, debug, slurm) and array jobs. Knows nothing of pathology."""
+"""Cluster plumbing. Knows nothing of pathology.
+
+One import path per public name: executors and array jobs from ``hpc`` itself; the task side, which imports
+torch, from its own modules: ``hpc.task`` (``task_setup``, the device, threads and process group every task
+runs in) and ``hpc.distributed`` (``resolve``, who this process is in its job).
+"""
 
 from hpc.array import ArrayJobError, TaskFailure, run_array, wait_for
 from hpc.executors import EXECUTOR_KINDS, ExecutorSettings, make_executor

@@ -20,7 +20,7 @@ import yaml
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
-from hpc.executors import EXECUTOR_KINDS, ExecutorSettings
+from hpc import EXECUTOR_KINDS, ExecutorSettings
 from lymphoma.errors import InputError
 from lymphoma.settings import (
     AugmentSettings,
