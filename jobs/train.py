@@ -15,7 +15,8 @@ from hpc.task import task_setup
 from jobs.run_folder import Run
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
-from lymphoma.training import FitSettings, Rank, fit, preflight
+from lymphoma.settings import FitSettings
+from lymphoma.training import Rank, fit, preflight
 
 
 def fit_settings(run: Run, eval_phase: str | None = None) -> FitSettings:

@@ -364,3 +364,16 @@ class CVSettings:
                              f"never on the test fold; got {self.inner_val_fraction}")
         if not 0.5 <= self.confidence < 1.0 or self.bootstrap < 100:
             raise InputError("cv.confidence must be in [0.5, 1) and cv.bootstrap >= 100")
+
+
+@dataclass(frozen=True)
+class FitSettings:
+    """What one training reads from the config: its sections, the tile size the stores must hold (None: any)
+    and the whole config as plain data, recorded in every checkpoint."""
+
+    train: TrainSettings = field(default_factory=TrainSettings)
+    model: ModelSettings = field(default_factory=ModelSettings)
+    augment: AugmentSettings = field(default_factory=AugmentSettings)
+    stain: StainSettings = field(default_factory=StainSettings)
+    tile_size: Optional[int] = None
+    config: dict[str, Any] = field(default_factory=dict)

@@ -35,7 +35,7 @@ from lymphoma.metrics import class_weights
 from lymphoma.model import build_model
 from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.selection import best_index, explain, stop_early
-from lymphoma.settings import AugmentSettings, ModelSettings, StainSettings, TrainSettings
+from lymphoma.settings import AugmentSettings, FitSettings, TrainSettings
 from lymphoma.sharding import load_manifest, phase_shards
 from lymphoma.stain import StainNormalizer, fit_target
 
@@ -223,19 +223,6 @@ def build_pipelines(train_tiles: PhaseTiles, eval_tiles: PhaseTiles, settings: F
     eval_loader = make_loader(eval_tiles, eval_aug.sample, train.eval_batch_size, rank.rank, rank.world, False,
                               train.seed, workers)
     return Pipelines(backend, target, train_aug, eval_aug, train_loader, eval_loader)
-
-
-@dataclass(frozen=True)
-class FitSettings:
-    """What one training reads from the config: its sections, the tile size the stores must hold (None: any)
-    and the whole config as plain data, recorded in every checkpoint."""
-
-    train: TrainSettings = field(default_factory=TrainSettings)
-    model: ModelSettings = field(default_factory=ModelSettings)
-    augment: AugmentSettings = field(default_factory=AugmentSettings)
-    stain: StainSettings = field(default_factory=StainSettings)
-    tile_size: Optional[int] = None
-    config: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
