@@ -1,5 +1,6 @@
-"""torchvision DenseNet built from settings, with the tutorial's reduced preset and DenseNet-121, and the
-ensemble of several such models that `lymphoma cv` ships."""
+"""The network built from settings: torchvision's DenseNet with the tutorial's reduced preset and DenseNet-121,
+or a pretrained backbone (``lymphoma.backbones``); and the ensemble of several such models that `lymphoma cv`
+ships."""
 
 from __future__ import annotations
 
@@ -28,10 +29,19 @@ def _densenet(architecture: dict[str, object]) -> torch.nn.Module:
                     drop_rate=float(architecture["drop_rate"]), num_classes=int(architecture["num_classes"]))
 
 
+def _single(architecture: dict[str, object]) -> torch.nn.Module:
+    if architecture.get("backbone"):
+        from lymphoma.backbones import build_backbone
+
+        return build_backbone(architecture)
+    return _densenet(architecture)
+
+
 def build_model(architecture: dict[str, object]) -> torch.nn.Module:
-    """A torchvision DenseNet from an architecture dict (as stored in checkpoints); with ``members: k``, an
-    ``Ensemble`` of k of them."""
+    """The network of an architecture dict (as stored in checkpoints): this project's DenseNet or a pretrained
+    backbone (weights at initialisation: they come from the checkpoint or ``model.weights``); with
+    ``members: k``, an ``Ensemble`` of k of them."""
     members = int(architecture.get("members") or 0)
     if members:
-        return Ensemble([_densenet(architecture) for _ in range(members)])
-    return _densenet(architecture)
+        return Ensemble([_single(architecture) for _ in range(members)])
+    return _single(architecture)

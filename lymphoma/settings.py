@@ -142,30 +142,82 @@ PRESETS = {
 }
 
 
+BACKBONE_SOURCES = ("torchvision", "timm")
+TORCHVISION_BACKBONES = ("densenet121", "densenet169", "densenet201")
+FREEZE_CHOICES = ("none", "all")
+
+
 @dataclass
 class ModelSettings:
-    """The torchvision DenseNet: a preset, or ``custom`` with every field given."""
+    """The network: this project's DenseNet (a preset, or ``custom`` with every field given), or a pretrained
+    ``backbone`` whose weights come from a local file.
+
+    A backbone is ``torchvision:<densenet121|densenet169|densenet201>`` (torchvision's files, with their legacy
+    key names, load as they are) or ``timm:<any timm architecture>`` (``.safetensors``, ``.pt``, ``.pth`` or
+    ``.bin``: UNI as ``timm:vit_large_patch16_224``, CTransPath as a Swin, ...). Its head is replaced by one for
+    this project's classes. ``input_size``, ``mean`` and ``std`` are applied inside the model (tiles are resized
+    to the backbone's input and normalised as it was pretrained), so training, prediction and features agree;
+    ``mpp`` records the resolution it was pretrained at. No code path reaches the network."""
 
     preset: str = "densenet-reduced"  # densenet-reduced (the tutorial's prototype) | densenet121 | custom
     growth_rate: int = 32          # this and the fields below up to bn_size are used with preset: custom
     block_config: List[int] = field(default_factory=lambda: [2, 2, 2, 2])
     num_init_features: int = 64
     bn_size: int = 4
-    drop_rate: float = 0.2         # dropout in the dense layers, with every preset
+    drop_rate: float = 0.2         # dropout in the dense layers (the head, with a backbone), with every preset
+    backbone: Optional[str] = None  # null: the preset above | torchvision:densenet121 | timm:<name>, e.g.
+    #                                 timm:vit_small_patch16_224
+    weights: Optional[str] = None  # a local weight file the backbone starts from; null: random initialisation
+    freeze: str = "none"           # none | all (train the head only: a linear probe) | a block name: freeze every
+    #                                layer up to and including it (e.g. features.denseblock2, blocks.5)
+    input_size: Optional[int] = None  # the backbone's input edge in pixels (tiles are resized to it); null: the
+    #                                   timm model's own if it needs one, else the crop as it is
+    mean: Optional[List[float]] = None  # the backbone's input normalisation; null: the timm model's own, ImageNet's
+    std: Optional[List[float]] = None   # for torchvision (with a backbone; the DenseNet presets use augment's)
+    mpp: Optional[float] = None    # microns per pixel the backbone was pretrained at (e.g. 0.5 for UNI): a
+    #                                warning when tiles.target_mpp differs
+
+    def __post_init__(self) -> None:
+        if self.backbone is not None:
+            source, _, name = self.backbone.partition(":")
+            if source not in BACKBONE_SOURCES or not name:
+                raise InputError(f"model.backbone is {self.backbone!r}; write torchvision:<name> "
+                                 f"({', '.join(TORCHVISION_BACKBONES)}) or timm:<architecture>, or null")
+            if source == "torchvision" and name not in TORCHVISION_BACKBONES:
+                raise InputError(f"model.backbone {self.backbone!r}: torchvision backbones are "
+                                 f"{', '.join(TORCHVISION_BACKBONES)}; any other architecture through timm:<name>")
+        elif self.weights is not None or self.freeze != "none":
+            raise InputError("model.weights and model.freeze need a pretrained backbone: set model.backbone "
+                             "(e.g. torchvision:densenet121)")
+        for key in ("mean", "std"):
+            values = getattr(self, key)
+            if values is not None and (len(values) != 3 or (key == "std" and min(values) <= 0)):
+                raise InputError(f"model.{key} needs 3 values (std > 0) or null, got {values}")
+        if self.input_size is not None and self.input_size < 16:
+            raise InputError(f"model.input_size must be >= 16 pixels or null, got {self.input_size}")
 
     def resolved(self) -> "ModelSettings":
         """The settings with the preset's architecture filled in."""
-        if self.preset == "custom":
+        if self.preset == "custom" or self.backbone is not None:
             return self
         if self.preset not in PRESETS:
             raise InputError(f"model.preset is {self.preset!r}; allowed: {', '.join(PRESETS)}, custom")
         return replace(self, **PRESETS[self.preset])
 
     def architecture(self, num_classes: int) -> dict[str, object]:
-        arch = asdict(self.resolved())
+        """What rebuilds the network (stored in checkpoints): the DenseNet's fields, or the backbone, its
+        input adaptation and where it is frozen (the weight file itself is not part of it)."""
+        if self.backbone is not None:
+            return {"backbone": self.backbone, "num_classes": num_classes, "drop_rate": self.drop_rate,
+                    "input_size": self.input_size, "mean": self.mean and list(self.mean),
+                    "std": self.std and list(self.std), "mpp": self.mpp, "freeze": self.freeze}
+        arch = {key: value for key, value in asdict(self.resolved()).items() if key in DENSENET_KEYS}
         arch["block_config"] = list(arch["block_config"])
         arch["num_classes"] = num_classes
         return arch
+
+
+DENSENET_KEYS = ("preset", "growth_rate", "block_config", "num_init_features", "bn_size", "drop_rate")
 
 
 BACKENDS = ("auto", "dali", "torch")

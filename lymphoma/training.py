@@ -91,6 +91,7 @@ def preflight(settings: FitSettings, tiles_dir: Path, out_dir: Path) -> None:
     tiles = [open_phase(tiles_dir, phase, settings.tile_size, settings.augment.crop)
              for phase in ("train", settings.train.eval_phase)]
     class_weights(tiles[0].class_counts(), tiles[0].classes or [])
+    _check_backbone(settings, tiles_dir)
     last = out_dir / "checkpoints" / "last.pt"
     if last.is_file():
         state = load_checkpoint(last)
@@ -103,11 +104,26 @@ def preflight(settings: FitSettings, tiles_dir: Path, out_dir: Path) -> None:
         dataset.close()
 
 
+def _check_backbone(settings: FitSettings, tiles_dir: Path) -> None:
+    """The pretrained weight file exists; a note when the tiles' resolution is not the one it was pretrained at."""
+    model = settings.model
+    if model.weights is not None and not Path(model.weights).is_file():
+        raise InputError(f"model.weights={model.weights}: file not found; give a local weight file (nothing is "
+                         "downloaded) or model.weights=null to start from random weights")
+    tiled_at = load_manifest(tiles_dir)["tiles"].get("target_mpp")
+    if model.mpp is not None and tiled_at != model.mpp:
+        where = f"tiles.target_mpp={tiled_at}" if tiled_at else "the images' own pixels (tiles.target_mpp=null)"
+        print(f"note: model.mpp={model.mpp} (the backbone's pretraining resolution) but the tiles were cut at "
+              f"{where}; features transfer best at the pretraining resolution", flush=True)
+
+
 def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
+    """The optimiser over the parameters that train (frozen ones are left out)."""
+    params = [p for p in model.parameters() if p.requires_grad]
     if s.optimizer == "sgd":
-        return torch.optim.SGD(model.parameters(), lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     kind = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
-    return kind(model.parameters(), lr=s.lr, weight_decay=s.weight_decay)
+    return kind(params, lr=s.lr, weight_decay=s.weight_decay)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, s: TrainSettings) -> torch.optim.lr_scheduler.LRScheduler:
@@ -154,6 +170,7 @@ class Parts:
     averaged: Optional[torch.nn.Module]
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
+    init_weights: Optional[dict[str, Any]] = None  # the pretrained file the model started from, and its digest
 
     @property
     def kept(self) -> torch.nn.Module:
@@ -186,14 +203,24 @@ class Parts:
         self.scheduler.load_state_dict(state["scheduler"])
 
 
-def build_parts(architecture: dict[str, object], train: TrainSettings, rank: Rank, device: torch.device) -> Parts:
-    model = build_model(architecture).to(device)
+def build_parts(architecture: dict[str, object], train: TrainSettings, rank: Rank, device: torch.device,
+                weights: Optional[str] = None) -> Parts:
+    """Model (from the pretrained ``weights`` file if given), its DDP wrapper, weight average, optimiser and
+    schedule."""
+    model = build_model(architecture)
+    init = None
+    if weights is not None:
+        from lymphoma.backbones import load_pretrained
+
+        loaded = load_pretrained(model, weights)  # before the average copies it
+        init = {"path": loaded.path, "sha256": loaded.sha256, "tensors": loaded.loaded, "head": loaded.head_skipped}
+    model = model.to(device)
     if train.channels_last:  # faster on GPUs and on CPUs (oneDNN): 1.6x for a CPU training step here
         model = model.to(memory_format=torch.channels_last)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if rank.world > 1 else model
     optimizer = make_optimizer(model, train)
-    return Parts(model, ddp, make_averaged(model, train.ema), optimizer, make_scheduler(optimizer, train))
+    return Parts(model, ddp, make_averaged(model, train.ema), optimizer, make_scheduler(optimizer, train), init)
 
 
 @dataclass
@@ -265,17 +292,19 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     seed_everything(train.seed, train.deterministic)
     train_tiles = open_phase(tiles_dir, "train", settings.tile_size, augment.crop)
     eval_tiles = open_phase(tiles_dir, train.eval_phase, settings.tile_size, augment.crop)
-    parts = build_parts(settings.model.architecture(len(train_tiles.classes or [])), train, rank, device)
+    last = out_dir / "checkpoints" / "last.pt"
+    parts = build_parts(settings.model.architecture(len(train_tiles.classes or [])), train, rank, device,
+                        None if last.is_file() else settings.model.weights)
     options = StepOptions(train.amp and device.type == "cuda", train.channels_last, train.max_steps_per_epoch,
                           train.clip_grad_norm)
     run = Training(settings, out_dir, rank, device, train_tiles, eval_tiles, make_criterion(train_tiles, train, device),
                    parts, build_pipelines(train_tiles, eval_tiles, settings, rank, device), options,
                    load_manifest(tiles_dir)["tiles"])
     torch.manual_seed(train.seed + rank.rank)  # augmentation differs per rank; the model came from one seed
-    last = run.ckpt_dir / "last.pt"
     if last.is_file():
         state = load_checkpoint(last)
         parts.resume(state, last)
+        parts.init_weights = state.get("init_weights")
         run.start_epoch, run.history = state["epoch"] + 1, state["history"]
         if len(state["rng"]) == rank.world:
             set_rng_state(state["rng"][rank.rank])
@@ -321,7 +350,8 @@ def checkpoint_fields(run: Training) -> dict[str, Any]:
     s = run.settings
     return {"architecture": s.model.architecture(len(run.classes)), "classes": run.classes,
             "tiles": run.tiles, "augment": asdict(s.augment), "config": s.config,
-            "backend": run.pipes.backend, "stain": run.pipes.target.as_dict() if run.pipes.target is not None else None}
+            "backend": run.pipes.backend, "stain": run.pipes.target.as_dict() if run.pipes.target is not None else None,
+            "init_weights": run.parts.init_weights}
 
 
 def fit(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: Rank = Rank(),
