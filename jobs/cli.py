@@ -17,7 +17,7 @@ from lymphoma.errors import InputError
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 # each command's module, whose ``command(args, run)`` runs it and returns the exit status
 COMMANDS = {"tile": "tile", "train": "train", "validate": "validate", "predict": "predict", "run": "pipeline",
-            "cv": "cv", "inspect": "inspect_slide", "download": "download", "config": "config"}
+            "cv": "cv", "features": "features", "inspect": "inspect_slide", "download": "download", "config": "config"}
 
 
 def _command(sub: Any, name: str, summary: str, description: str, overrides: bool = True,
@@ -85,6 +85,18 @@ def _add_model_commands(sub: Any) -> None:
     predict.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
     predict.add_argument("--out", type=Path, help="output folder (default: <run folder>/predict)")
     predict.add_argument("--force", action="store_true", help="allow tile settings that differ from the checkpoint's")
+    features = _command(sub, "features", "tile embeddings per slide (CLAM/TRIDENT HDF5) from a pretrained backbone or "
+                                         "a trained model", "Tile each slide as tiling does, run the tiles through the "
+                        "encoder without its head and write h5_files/<slide>.h5 (features [N, D], coords [N, 2]). One "
+                        "array task per chunk of slides; a rerun skips slides already done.", overrides=False)
+    features.add_argument("--checkpoint", help="a trained model as the encoder (default: model.backbone with "
+                                               "model.weights, a pretrained one)")
+    features.add_argument("inputs", nargs="*", metavar="IMAGE",
+                          help="image files or quoted wildcards (default: every image of data.source); key=value "
+                               "overrides too")
+    features.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments")
+    features.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
+    features.add_argument("--out", type=Path, help="output folder (default: <run folder>/features)")
 
 
 def _add_tools(sub: Any) -> None:
@@ -133,7 +145,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     unknown = [w for w in extra if w.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command == "predict":  # key=value words among the inputs are overrides
+    if args.command in ("predict", "features"):  # key=value words among the inputs are overrides
         words = args.inputs + extra
         args.overrides = [w for w in words if OVERRIDE.match(w) and not Path(w).exists()]
         args.inputs = [w for w in words if w not in args.overrides]

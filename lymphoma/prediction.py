@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Protocol
 
 import numpy as np
 import torch
@@ -51,6 +51,7 @@ class Predictor:
     fingerprint: str
     tta: bool = False
     normalizer: Optional[StainNormalizer] = None
+    amp: bool = False  # bf16 autocast on GPUs (feature extraction)
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device, batch_size: int = 128,
@@ -76,7 +77,8 @@ class Predictor:
             tiles = self.normalize_stain(tiles)
         x = eval_batch(tiles, self.augment, self.device).contiguous(memory_format=torch.channels_last)
         if not self.tta:
-            return self.model(x).float().cpu()
+            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp and self.device.type == "cuda"):
+                return self.model(x).float().cpu()
         probs = torch.zeros(())
         for view in dihedral_views(x):
             probs = probs + self.model(view.contiguous(memory_format=torch.channels_last)).float().softmax(1)
@@ -164,12 +166,42 @@ class _Progress:
     source: Optional[TileSource] = None
 
 
+class SlideWriter(Protocol):
+    """What becomes of a slide's model outputs: the tile vote (``VoteWriter``) or its embeddings."""
+
+    def complete(self, slide: SlideInput) -> Optional[dict[str, Any]]: ...
+
+    def finish(self, slide: SlideInput, source: TileSource, outputs: torch.Tensor) -> dict[str, Any]: ...
+
+    def failed(self, slide: SlideInput, error: str) -> dict[str, Any]: ...
+
+
+@dataclass
+class VoteWriter:
+    """Per slide: ``<key>.npz`` (coords, logits, probabilities, votes), ``<key>.json`` and a heatmap PNG."""
+
+    predictor: Predictor
+    out_dir: Path
+    heatmaps: bool = True
+
+    def complete(self, slide: SlideInput) -> Optional[dict[str, Any]]:
+        return outputs_complete(self.out_dir, slide, self.predictor.fingerprint)
+
+    def finish(self, slide: SlideInput, source: TileSource, outputs: torch.Tensor) -> dict[str, Any]:
+        return _finish(self.predictor, slide, self.out_dir, source, outputs, self.heatmaps)
+
+    def failed(self, slide: SlideInput, error: str) -> dict[str, Any]:
+        return _failed(slide, self.out_dir, error, self.predictor.fingerprint)
+
+
 def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: Path, prefetch: int = 4,
-                   heatmaps: bool = True) -> list[dict[str, Any]]:
-    """Predict every slide whose outputs are not complete yet; one record per slide, in input order.
-    Tiles of consecutive slides share batches of ``predictor.batch_size``."""
+                   heatmaps: bool = True, writer: Optional[SlideWriter] = None) -> list[dict[str, Any]]:
+    """Run the model over every slide whose outputs are not complete yet and hand each slide's outputs to the
+    writer (default: the tile vote); one record per slide, in input order. Tiles of consecutive slides share
+    batches of ``predictor.batch_size``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    records: list[Optional[dict[str, Any]]] = [outputs_complete(out_dir, s, predictor.fingerprint) for s in slides]
+    writer = writer or VoteWriter(predictor, out_dir, heatmaps)
+    records: list[Optional[dict[str, Any]]] = [writer.complete(s) for s in slides]
     for record in records:
         if record is not None:
             record["resumed"] = True
@@ -181,7 +213,7 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
     def finish_ready() -> None:
         for i, state in list(progress.items()):
             if state.source is not None and state.done == len(state.source.coords):
-                records[i] = _finish(predictor, slides[i], out_dir, state.source, torch.cat(state.parts), heatmaps)
+                records[i] = writer.finish(slides[i], state.source, torch.cat(state.parts))
                 del progress[i]
 
     def flush() -> None:
@@ -204,7 +236,7 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
         state = progress.setdefault(index, _Progress([]))
         if isinstance(item, Exception):
             problem = item.problem if isinstance(item, ImageError) else str(item)
-            records[index] = _failed(slides[index], out_dir, problem, predictor.fingerprint)
+            records[index] = writer.failed(slides[index], problem)
             del progress[index]
         elif isinstance(item, TileSource):
             state.source = item

@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import csv
+import re
 import shutil
+import socket
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import tables
+import torch
 
 from jobs.config import default_data_root
 from jobs.run_folder import Run, open_run
@@ -148,3 +151,42 @@ def local_ddp(tiled) -> list[dict]:
 
 
 DDP_STEPS = ["train.epochs=1", "train.max_steps_per_epoch=4"]
+
+
+@pytest.fixture()
+def no_network(monkeypatch):
+    """Networking off in this process: a connection attempt fails the test."""
+
+    def refuse(*args, **kwargs):
+        raise AssertionError(f"network access attempted: {args[:2]}")
+
+    monkeypatch.setattr(socket.socket, "connect", refuse)
+    monkeypatch.setattr(socket, "create_connection", refuse)
+
+
+def legacy_densenet_file(path: Path, name: str = "densenet121") -> torch.nn.Module:
+    """A randomly initialised torchvision DenseNet (with non-trivial batch-norm statistics) saved under
+    torchvision's legacy key names (``norm.1``), as its published files are."""
+    import torchvision
+
+    torch.manual_seed(1)
+    source = getattr(torchvision.models, name)(weights=None)
+    for module in source.modules():
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-0.1, 0.1)
+            module.running_var.uniform_(0.5, 1.5)
+    legacy = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key): value
+              for key, value in source.state_dict().items()}
+    assert any(".norm.1." in key for key in legacy)
+    torch.save(legacy, path)
+    return source.eval()
+
+
+def tiny_timm_file(path: Path, name: str, num_classes: int = 3) -> torch.nn.Module:
+    import timm
+    from safetensors.torch import save_file
+
+    torch.manual_seed(2)
+    source = timm.create_model(name, num_classes=num_classes).eval()
+    save_file(source.state_dict(), str(path))
+    return source

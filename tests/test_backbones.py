@@ -4,14 +4,12 @@ the file it started from."""
 
 from __future__ import annotations
 
-import re
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 
-from conftest import config_for
+from conftest import config_for, legacy_densenet_file, tiny_timm_file
 from jobs.train import run_train
 from lymphoma.backbones import file_digest, load_pretrained
 from lymphoma.checkpoint import load_checkpoint
@@ -19,44 +17,7 @@ from lymphoma.errors import InputError
 from lymphoma.model import build_model
 from lymphoma.settings import ModelSettings
 
-
-@pytest.fixture(autouse=True)
-def no_network(monkeypatch):
-    """Every test here runs with networking off: a connection attempt fails the test."""
-
-    def refuse(*args, **kwargs):
-        raise AssertionError(f"network access attempted: {args[:2]}")
-
-    monkeypatch.setattr(socket.socket, "connect", refuse)
-    monkeypatch.setattr(socket, "create_connection", refuse)
-
-
-def legacy_densenet_file(path: Path, name: str = "densenet121") -> torch.nn.Module:
-    """A randomly initialised torchvision DenseNet (with non-trivial batch-norm statistics) saved under
-    torchvision's legacy key names (``norm.1``), as its published files are."""
-    import torchvision
-
-    torch.manual_seed(1)
-    source = getattr(torchvision.models, name)(weights=None)
-    for module in source.modules():
-        if isinstance(module, torch.nn.BatchNorm2d):
-            module.running_mean.uniform_(-0.1, 0.1)
-            module.running_var.uniform_(0.5, 1.5)
-    legacy = {re.sub(r"(denselayer\d+\.(?:norm|relu|conv))([12])\.", r"\1.\2.", key): value
-              for key, value in source.state_dict().items()}
-    assert any(".norm.1." in key for key in legacy)
-    torch.save(legacy, path)
-    return source.eval()
-
-
-def tiny_timm_file(path: Path, name: str, num_classes: int = 3) -> torch.nn.Module:
-    import timm
-    from safetensors.torch import save_file
-
-    torch.manual_seed(2)
-    source = timm.create_model(name, num_classes=num_classes).eval()
-    save_file(source.state_dict(), str(path))
-    return source
+pytestmark = pytest.mark.usefixtures("no_network")
 
 
 def test_torchvision_legacy_densenet_file_loads_bit_exactly(tmp_path):

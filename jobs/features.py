@@ -1,0 +1,125 @@
+"""`lymphoma features`: tile embeddings of every slide as an array job (one task per chunk of slides), one
+HDF5 file per slide in the CLAM/TRIDENT layout, resumable per slide, failed slides as failed rows."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+from hpc import ArrayJobError, run_array
+from hpc.task import task_setup, thread_share
+from jobs.run_folder import Run
+from lymphoma.checkpoint import load_checkpoint
+from lymphoma.errors import InputError
+from lymphoma.files import write_csv_atomic
+from lymphoma.inputs import compile_case_pattern
+from lymphoma.prediction import SlideInput
+from lymphoma.prediction_inputs import expand_inputs
+
+
+@dataclass(frozen=True)
+class FeaturesTask:
+    """One array task: a chunk of slides, the encoder (a checkpoint, or the run's model settings) and where the
+    files go; picklable."""
+
+    run: Run
+    checkpoint: Optional[str]
+    slides: tuple[SlideInput, ...]
+    out_dir: str
+    threads: int
+
+
+def run_features_task(task: FeaturesTask) -> list[dict[str, Any]]:
+    """Build the encoder once, then embed each slide that has no complete file yet."""
+    from lymphoma.features import FeatureWriter, encoder_from_checkpoint, encoder_from_settings
+    from lymphoma.prediction import predict_slides
+
+    cfg = task.run.config
+    with task_setup(task.threads) as setup:
+        if task.checkpoint:
+            encoder, meta = encoder_from_checkpoint(Path(task.checkpoint), setup.device, cfg.predict.batch_size)
+        else:
+            encoder, meta = encoder_from_settings(cfg.model, cfg.tiles, cfg.augment, cfg.stain, setup.device,
+                                                  cfg.predict.batch_size)
+        out = Path(task.out_dir)
+        return predict_slides(encoder, task.slides, out, cfg.predict.prefetch, heatmaps=False,
+                              writer=FeatureWriter(out, meta))
+
+
+def features_slides(run: Run, patterns: list[str], list_file: Optional[Path], basepath: Optional[Path]) -> list[SlideInput]:
+    """The slides named on the command line or in a TSV list; without any, every image of the run's data."""
+    if patterns or list_file:
+        return expand_inputs(patterns, list_file, basepath, list(run.config.data.classes or []),
+                             compile_case_pattern(run.config.data.case_pattern))
+    return [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in run.inputs().records]
+
+
+def check_encoder(run: Run, checkpoint: Optional[Path]) -> None:
+    """Before anything is submitted: a readable checkpoint, or a backbone whose weight file exists."""
+    model = run.config.model
+    if checkpoint is not None:
+        load_checkpoint(checkpoint)
+    elif model.backbone is None:
+        raise InputError("lymphoma features needs an encoder: --checkpoint of a trained model, or model.backbone "
+                         "(with model.weights) for a pretrained one")
+    elif model.weights is not None and not Path(model.weights).is_file():
+        raise InputError(f"model.weights={model.weights}: file not found; give a local weight file (nothing is "
+                         "downloaded)")
+
+
+def run_features(run: Run, checkpoint: Optional[Path], slides: list[SlideInput],
+                 out: Optional[Path] = None) -> tuple[Path, list[dict[str, Any]], Optional[ArrayJobError]]:
+    """Embed every slide as an array job; ``features.csv`` lists each slide's file or error."""
+    cfg = run.config
+    check_encoder(run, checkpoint)
+    out_dir = (Path(out) if out else run.dir / "features").absolute()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    run.save_config(out_dir / "config.yaml")
+    per_task = max(1, cfg.predict.slides_per_task)
+    chunks = [tuple(slides[i:i + per_task]) for i in range(0, len(slides), per_task)]
+    threads = thread_share(min(cfg.cluster.parallelism, len(chunks)))
+    tasks = [FeaturesTask(run, str(Path(checkpoint).resolve()) if checkpoint else None, chunk, str(out_dir), threads)
+             for chunk in chunks]
+    failure, results = None, []
+    try:
+        results = run_array(run.executor("features", out_dir / "logs" / "%j"), run_features_task, tasks,
+                            parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s)
+    except ArrayJobError as err:
+        failure, results = err, err.results
+    resumed = {r["key"] for chunk in results if chunk for r in chunk if r.get("resumed")}
+    records = []
+    for index, chunk in enumerate(chunks):
+        for slide in chunk:
+            path = out_dir / "records" / f"{slide.key}.json"
+            record = json.loads(path.read_text()) if path.is_file() else None
+            if record is None or record.get("path") != slide.path:
+                record = {"key": slide.key, "path": slide.path, "status": "failed", "label": slide.label,
+                          "case": slide.case, "file": "", "error": f"its task {index} died before writing it"}
+            records.append({**record, "resumed": slide.key in resumed})
+    write_csv_atomic(out_dir / "features.csv", ["key", "path", "label", "case", "status", "n_tiles", "feature_dim",
+                                                 "file", "error"],
+                     ([r["key"], r["path"], r.get("label") or "", r.get("case") or "", r["status"], r.get("n_tiles", ""),
+                       r.get("feature_dim", ""), r.get("file", ""), r.get("error", "")] for r in records))
+    return out_dir, records, failure
+
+
+def command(args: argparse.Namespace, run: Run) -> int:
+    """``lymphoma features``."""
+    slides = features_slides(run, args.inputs, args.list, args.basepath)
+    out_dir, records, failure = run_features(run, Path(args.checkpoint) if args.checkpoint else None, slides, args.out)
+    ok = [r for r in records if r["status"] == "ok"]
+    failed = [r for r in records if r["status"] != "ok"]
+    dims = sorted({r.get("feature_dim") for r in ok})
+    n_resumed = sum(bool(r["resumed"]) for r in ok)
+    print(f"{len(ok)} of {len(records)} slide(s) embedded ({len(ok) - n_resumed} now, {n_resumed} already complete; "
+          f"{sum(r.get('n_tiles', 0) for r in ok)} tiles, {dims[0] if len(dims) == 1 else dims} dimensions), "
+          f"{len(failed)} failed")
+    for r in failed[:10]:
+        print(f"  failed: {r['path']}: {r['error']}")
+    print(f"files:   {out_dir / 'h5_files'}/<slide>.h5 (features, coords)\nsummary: {out_dir / 'features.csv'}")
+    if failure is not None:
+        raise failure
+    return 1 if failed else 0

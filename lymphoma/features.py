@@ -1,0 +1,157 @@
+"""Tile embeddings per slide, in the layout CLAM and TRIDENT read: ``h5_files/<slide>.h5`` with ``features``
+``[N, D]`` (float32) and ``coords`` ``[N, 2]`` (top-left x, y: level-0 pixels for whole slides), and the tile
+size, resolution and encoder as attributes.
+
+The encoder is a pretrained backbone from settings or any checkpoint of this project (the tile DenseNet too)
+with its head removed. Tiles come from the same source as tiling and prediction (tissue, mpp, stain
+normalisation, centre crop); each file is written under a temporary name and renamed when complete, so a
+rerun redoes only slides without a complete file made by the same encoder and settings."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+
+from lymphoma.backbones import Backbone, load_pretrained
+from lymphoma.checkpoint import load_checkpoint
+from lymphoma.errors import InputError
+from lymphoma.files import write_text_atomic
+from lymphoma.model import Ensemble, build_model
+from lymphoma.prediction import Predictor, SlideInput
+from lymphoma.settings import AugmentSettings, ModelSettings, StainSettings, TileSettings
+from lymphoma.stain import StainNormalizer, fit_target
+from lymphoma.tile_sources import TileSource
+
+FEATURES_FORMAT = "lymphoma-features-1"
+
+
+def strip_head(model: torch.nn.Module) -> torch.nn.Module:
+    """The network up to its pooled features: the classifier replaced by the identity (timm's ``reset_classifier``)."""
+    if isinstance(model, Ensemble):
+        raise InputError("an ensemble of fold models is not one encoder; give one fold's best.pt or last.pt")
+    net = model.net if isinstance(model, Backbone) else model
+    if hasattr(net, "reset_classifier"):  # timm
+        net.reset_classifier(0)
+    elif isinstance(getattr(net, "classifier", None), torch.nn.Linear):  # torchvision DenseNet, ours included
+        net.classifier = torch.nn.Identity()
+    else:
+        raise InputError(f"{type(net).__name__}: cannot find its classifier to remove")
+    return model
+
+
+def _encoder(model: torch.nn.Module, tiles: TileSettings, augment: AugmentSettings, normalizer: Any,
+             device: torch.device, batch_size: int, about: dict[str, Any]) -> tuple[Predictor, dict[str, Any]]:
+    model = strip_head(model).to(device, memory_format=torch.channels_last).eval()
+    fingerprint = hashlib.sha1(json.dumps(about, sort_keys=True, default=str).encode()).hexdigest()
+    predictor = Predictor(model, [], tiles, augment, device, batch_size, fingerprint, False, normalizer,
+                          amp=device.type == "cuda")
+    return predictor, {**about, "fingerprint": fingerprint}
+
+
+def encoder_from_checkpoint(path: Path, device: torch.device, batch_size: int = 128) -> tuple[Predictor, dict[str, Any]]:
+    """A trained model of this project as an encoder: its tiling, crop and stain normalisation."""
+    state = load_checkpoint(path)
+    model = build_model(state["architecture"])
+    model.load_state_dict(state["model"])
+    stat = Path(path).stat()
+    about = {"encoder": str(Path(path).resolve()), "encoder_size": stat.st_size, "encoder_mtime": stat.st_mtime_ns,
+             "backbone": state["architecture"].get("backbone") or f"densenet:{state['architecture'].get('preset')}",
+             "tiles": state["tiles"], "augment": state["augment"], "stain": state.get("stain")}
+    return _encoder(model, TileSettings(**state["tiles"]), AugmentSettings(**state["augment"]),
+                    StainNormalizer.from_state(state.get("stain")), device, batch_size, about)
+
+
+def encoder_from_settings(model_settings: ModelSettings, tiles: TileSettings, augment: AugmentSettings,
+                          stain: StainSettings, device: torch.device, batch_size: int = 128) -> tuple[Predictor, dict[str, Any]]:
+    """A pretrained backbone as configured (``model.backbone``, ``model.weights``), with the run's tiling,
+    crop and stain normalisation."""
+    if model_settings.backbone is None:
+        raise InputError("lymphoma features needs an encoder: --checkpoint of a trained model, or model.backbone "
+                         "(with model.weights) for a pretrained one")
+    torch.manual_seed(0)  # without weights, every task of the array builds the same random encoder
+    model = build_model(model_settings.architecture(1))
+    loaded = load_pretrained(model, model_settings.weights) if model_settings.weights else None
+    target = fit_target(stain)
+    about = {"encoder": loaded.path if loaded else "random initialisation", "encoder_sha256": loaded and loaded.sha256,
+             "backbone": model_settings.backbone, "tiles": tiles.as_dict(), "augment": asdict(augment),
+             "stain": target.as_dict() if target is not None else None, "model": asdict(model_settings)}
+    return _encoder(model, tiles, augment, StainNormalizer(target) if target is not None else None, device,
+                    batch_size, about)
+
+
+@dataclass
+class FeatureWriter:
+    """``h5_files/<key>.h5`` per slide (atomic) and ``records/<key>.json``; a slide is complete when both exist
+    and were made with the same encoder and settings (``meta["fingerprint"]``)."""
+
+    out_dir: Path
+    meta: dict[str, Any]
+
+    def __post_init__(self) -> None:
+        (self.out_dir / "h5_files").mkdir(parents=True, exist_ok=True)
+        (self.out_dir / "records").mkdir(parents=True, exist_ok=True)
+
+    def _record_path(self, slide: SlideInput) -> Path:
+        return self.out_dir / "records" / f"{slide.key}.json"
+
+    def complete(self, slide: SlideInput) -> Optional[dict[str, Any]]:
+        try:
+            record = json.loads(self._record_path(slide).read_text())
+        except (OSError, json.JSONDecodeError):
+            return None
+        ok = (record.get("path") == slide.path and record.get("status") == "ok"
+              and record.get("fingerprint") == self.meta["fingerprint"] and Path(record["file"]).is_file())
+        return {**record, "resumed": True} if ok else None
+
+    def finish(self, slide: SlideInput, source: TileSource, outputs: torch.Tensor) -> dict[str, Any]:
+        import h5py
+
+        path = self.out_dir / "h5_files" / f"{slide.key}.h5"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        features = outputs.numpy().astype(np.float32, copy=False)
+        try:
+            with h5py.File(tmp, "w") as h5:
+                h5.create_dataset("features", data=features)
+                coords = h5.create_dataset("coords", data=np.asarray(source.coords, dtype=np.int64).reshape(-1, 2))
+                attrs = {"format": FEATURES_FORMAT, "slide": slide.key, "path": slide.path, "label": slide.label or "",
+                         "case": slide.case or "", "feature_dim": int(features.shape[1]) if features.ndim == 2 else 0,
+                         "backbone": str(self.meta["backbone"]), "encoder": str(self.meta["encoder"]),
+                         "tile_size": int(self.meta["tiles"]["size"]), "stride": int(self.meta["tiles"]["stride"]),
+                         "target_mpp": float(self.meta["tiles"].get("target_mpp") or 0.0),
+                         "coords_convention": "top-left (x, y) in level-0 pixels of the slide"
+                         if self.meta["tiles"].get("target_mpp") or self.meta["tiles"].get("target_power")
+                         else "top-left (x, y) in the resized image", "fingerprint": self.meta["fingerprint"]}
+                h5.attrs.update(attrs)
+                coords.attrs.update({"patch_size": attrs["tile_size"], "patch_level": 0})
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
+        record = {"key": slide.key, "path": slide.path, "status": "ok", "error": "", "label": slide.label,
+                  "case": slide.case, "n_tiles": int(len(features)), "feature_dim": attrs["feature_dim"],
+                  "file": str(path), "fingerprint": self.meta["fingerprint"]}
+        write_text_atomic(self._record_path(slide), json.dumps(record, indent=1) + "\n")
+        return record
+
+    def failed(self, slide: SlideInput, error: str) -> dict[str, Any]:
+        record = {"key": slide.key, "path": slide.path, "status": "failed", "error": error, "label": slide.label,
+                  "case": slide.case, "file": "", "fingerprint": self.meta["fingerprint"]}
+        write_text_atomic(self._record_path(slide), json.dumps(record, indent=1) + "\n")
+        return record
+
+
+def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
+    """``features``, ``coords`` and the attributes of one slide's file."""
+    import h5py
+
+    try:
+        with h5py.File(path, "r") as h5:
+            return h5["features"][:], h5["coords"][:], dict(h5.attrs)
+    except (OSError, KeyError) as err:
+        raise InputError(f"{path}: not a feature file of `lymphoma features` ({err}); extract it again") from None

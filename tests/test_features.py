@@ -1,0 +1,124 @@
+"""`lymphoma features` on real images: CLAM/TRIDENT-layout files whose features equal a direct forward of the
+encoder, a trained DenseNet as encoder, resume after kill -9, bad input."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+import torch
+
+from conftest import config_for, tiny_timm_file
+from jobs.cli import main
+from jobs.train import run_train
+from lymphoma.augment import eval_batch
+from lymphoma.backbones import load_pretrained
+from lymphoma.images import read_rgb
+from lymphoma.model import build_model
+from lymphoma.settings import AugmentSettings, ModelSettings, TileSettings
+from lymphoma.stain import StainNormalizer, fit_target
+from lymphoma.tiling import cut_tiles
+
+
+@pytest.fixture(scope="module")
+def resnet_file(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("weights") / "resnet10t.safetensors"
+    tiny_timm_file(path, "resnet10t", num_classes=1000)
+    return path
+
+
+pytestmark = pytest.mark.usefixtures("no_network")
+
+
+def features(out: Path, *words: str) -> int:
+    return main(["features", "--out", str(out), "cluster.poll_s=0.1", *words])
+
+
+def test_features_equal_a_direct_forward_of_the_backbone(make_dataset, resnet_file, tmp_path, capsys):
+    source = make_dataset(cases_per_class=2, images_per_case=1)
+    words = [f"data.source={source}", f"run.root={tmp_path}", "model.backbone=timm:resnet10t",
+             f"model.weights={resnet_file}", "predict.slides_per_task=3", "predict.batch_size=16"]
+    assert features(tmp_path / "out", *words) == 0
+    assert "6 of 6 slide(s) embedded (6 now, 0 already complete; " in capsys.readouterr().out
+    model = build_model(ModelSettings(backbone="timm:resnet10t").architecture(1))
+    load_pretrained(model, resnet_file)
+    model.net.reset_classifier(0)
+    model.eval()
+    settings, augment = TileSettings(), AugmentSettings()  # the run's: the defaults
+    normalizer = StainNormalizer(fit_target_default())
+    with (tmp_path / "out" / "features.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    assert len(rows) == 6 and {r["status"] for r in rows} == {"ok"} and {r["label"] for r in rows} == {"CLL", "FL", "MCL"}
+    for row in rows[:3]:
+        with h5py.File(row["file"]) as h5:  # read as CLAM's and TRIDENT's MIL code reads it
+            stored, coords, attrs = h5["features"][:], h5["coords"][:], dict(h5.attrs)
+        tiles = cut_tiles(read_rgb(row["path"]), settings)
+        np.testing.assert_array_equal(coords, tiles.coords)
+        with torch.inference_mode():
+            direct = model(eval_batch(normalizer.batch(tiles.pixels), augment, torch.device("cpu"))).numpy()
+        assert stored.shape == direct.shape == (len(tiles.pixels), 512) and stored.dtype == np.float32
+        np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-5)
+        assert attrs["backbone"] == "timm:resnet10t" and attrs["tile_size"] == 128 and attrs["feature_dim"] == 512
+        assert attrs["label"] == row["label"] and attrs["encoder"] == str(resnet_file)
+
+
+def fit_target_default():
+    from lymphoma.settings import StainSettings
+
+    return fit_target(StainSettings())
+
+
+def test_a_trained_densenet_is_an_encoder_and_bad_encoders_are_named(tiled, make_dataset, tmp_path, capsys):
+    run_train(config_for(tiled, "encoder", "train.epochs=1", "train.max_steps_per_epoch=2"))
+    checkpoint = tiled[1] / "encoder" / "train" / "checkpoints" / "last.pt"
+    source = make_dataset(cases_per_class=1, images_per_case=1)
+    assert features(tmp_path / "dense", "--checkpoint", str(checkpoint), f"{source}/**/*.png",
+                    f"run.root={tmp_path}", "cluster.kind=debug") == 0
+    files = sorted((tmp_path / "dense" / "h5_files").glob("*.h5"))
+    assert len(files) == 3
+    with h5py.File(files[0]) as h5:
+        width = build_model(torch.load(checkpoint, weights_only=True)["architecture"]).classifier.in_features
+        assert h5["features"].shape[1] == width and h5["coords"].attrs["patch_size"] == 64  # the checkpoint's tiling
+        assert h5.attrs["backbone"] == "densenet:densenet-reduced"
+    capsys.readouterr()
+    assert features(tmp_path / "none", f"{source}/**/*.png", f"run.root={tmp_path}") == 2
+    assert "needs an encoder: --checkpoint" in capsys.readouterr().err
+    assert features(tmp_path / "miss", f"{source}/**/*.png", f"run.root={tmp_path}", "model.backbone=timm:resnet10t",
+                    f"model.weights={tmp_path / 'absent.safetensors'}") == 2
+    assert "model.weights=" in capsys.readouterr().err
+
+
+def test_killed_features_resume_only_the_remaining_slides(data_root, manifest_rows, resnet_file, tmp_path):
+    listing = tmp_path / "cohort.tsv"
+    rows = manifest_rows[::8]
+    listing.write_text("".join(f"{r['lowres_path']}\t{r['cls']}\t{r['case_id']}\n" for r in rows))
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "jobs.cli", "features", "--list", str(listing), "--basepath", str(data_root),
+               "--out", str(out), "model.backbone=timm:resnet10t", f"model.weights={resnet_file}",
+               f"run.root={tmp_path}", "predict.batch_size=16", "cluster.kind=debug"]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and len(list((out / "h5_files").glob("*.h5"))) < 4:
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    done = {p.name: p.stat().st_mtime_ns for p in (out / "h5_files").glob("*.h5")}
+    assert 4 <= len(done) < len(rows)
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    done_records = {p.stem for p in (out / "records").glob("*.json")} & {Path(n).stem for n in done}
+    assert f"{len(rows)} of {len(rows)} slide(s) embedded ({len(rows) - len(done_records)} now, " \
+           f"{len(done_records)} already complete" in rerun.stdout
+    for name in done:
+        if Path(name).stem in done_records:
+            assert (out / "h5_files" / name).stat().st_mtime_ns == done[name]
+    assert len(list((out / "h5_files").glob("*.h5"))) == len(rows) and not list((out / "h5_files").glob(".*tmp*"))
