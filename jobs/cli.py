@@ -17,7 +17,8 @@ from lymphoma.errors import InputError
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 # each command's module, whose ``command(args, run)`` runs it and returns the exit status
 COMMANDS = {"tile": "tile", "train": "train", "validate": "validate", "predict": "predict", "run": "pipeline",
-            "cv": "cv", "features": "features", "inspect": "inspect_slide", "download": "download", "config": "config"}
+            "cv": "cv", "features": "features", "mil": "mil", "inspect": "inspect_slide", "download": "download",
+            "config": "config"}
 
 
 def _command(sub: Any, name: str, summary: str, description: str, overrides: bool = True,
@@ -97,6 +98,11 @@ def _add_model_commands(sub: Any) -> None:
     features.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments")
     features.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
     features.add_argument("--out", type=Path, help="output folder (default: <run folder>/features)")
+    _command(sub, "mil", "attention-MIL on the embeddings of `lymphoma features`, in the folds of `lymphoma cv`",
+             "Train a gated-attention MIL model (one bag per slide, or per case with mil.bag=case) on the tile "
+             "embeddings in mil.features (default <run>/features) in every fold of cv.folds x cv.repeats (the folds "
+             "of `lymphoma cv`), report image- and case-level accuracy with bootstrap intervals, save attention maps "
+             "of the test slides and a model trained on every case (<run>/mil/).")
 
 
 def _add_tools(sub: Any) -> None:

@@ -27,6 +27,7 @@ from lymphoma.settings import (
     CVSettings,
     DataSettings,
     DownloadSettings,
+    MILSettings,
     ModelSettings,
     PredictSettings,
     RunSettings,
@@ -63,6 +64,7 @@ class Config:
     train: TrainSettings = field(default_factory=TrainSettings)
     predict: PredictSettings = field(default_factory=PredictSettings)
     cv: CVSettings = field(default_factory=CVSettings)
+    mil: MILSettings = field(default_factory=MILSettings)
     cluster: ExecutorSettings = field(default_factory=ExecutorSettings)
 
 

@@ -127,7 +127,8 @@ class FeatureWriter:
                          "target_mpp": float(self.meta["tiles"].get("target_mpp") or 0.0),
                          "coords_convention": "top-left (x, y) in level-0 pixels of the slide"
                          if self.meta["tiles"].get("target_mpp") or self.meta["tiles"].get("target_power")
-                         else "top-left (x, y) in the resized image", "fingerprint": self.meta["fingerprint"]}
+                         else "top-left (x, y) in the resized image", "fingerprint": self.meta["fingerprint"],
+                         "tiles": json.dumps(self.meta["tiles"])}
                 h5.attrs.update(attrs)
                 coords.attrs.update({"patch_size": attrs["tile_size"], "patch_level": 0})
             tmp.replace(path)

@@ -106,3 +106,22 @@ def save_heatmap(overview: np.ndarray, coords: np.ndarray, tile_class: np.ndarra
         draw.text((18, 3 + 14 * i), name, fill=(0, 0, 0, 255))
     picture = Image.alpha_composite(Image.fromarray(overview).convert("RGBA"), overlay).convert("RGB")
     picture.save(path, compress_level=1)
+
+
+def save_attention(overview: np.ndarray, coords: np.ndarray, attention: np.ndarray, coord_scale: float, extent: float,
+                   step: float, path: Path) -> None:
+    """Each tile's attention painted over the area it owns, red with opacity rising from the least to the most
+    attended tile of the picture (drawn as ``save_heatmap`` draws tile classes)."""
+    from PIL import Image, ImageDraw
+
+    overlay = Image.new("RGBA", (overview.shape[1], overview.shape[0]), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(overlay)
+    low, high = float(np.min(attention, initial=0.0)), float(np.max(attention, initial=1.0))
+    share = (attention - low) / max(high - low, 1e-12)
+    half = (extent - step) / 2
+    for (x, y), a in zip(coords, share):
+        box = [(x + half) * coord_scale, (y + half) * coord_scale, (x + half + step) * coord_scale,
+               (y + half + step) * coord_scale]
+        draw.rectangle(box, fill=(220, 30, 30, int(20 + 200 * a)))
+    picture = Image.alpha_composite(Image.fromarray(overview).convert("RGBA"), overlay).convert("RGB")
+    picture.save(path, compress_level=1)

@@ -418,6 +418,32 @@ class CVSettings:
             raise InputError("cv.confidence must be in [0.5, 1) and cv.bootstrap >= 100")
 
 
+MIL_BAGS = ("slide", "case")
+
+
+@dataclass
+class MILSettings:
+    """``lymphoma mil``: attention-MIL (gated attention) on the tile embeddings of ``lymphoma features``, in the
+    folds of ``lymphoma cv`` (cv.folds, cv.seed, cv.repeats)."""
+
+    features: Optional[str] = None  # the folder `lymphoma features` wrote; null: <run folder>/features
+    bag: str = "slide"             # slide: one bag per slide | case: every tile of a patient in one bag
+    hidden: int = 256              # width of the tile embedding inside the model
+    attention: int = 128           # width of the gated attention
+    dropout: float = 0.25
+    epochs: int = 20
+    lr: float = 2e-4
+    weight_decay: float = 1e-4
+    seed: int = 0
+    heatmaps: bool = True          # an attention map over each test slide's thumbnail (first repeat)
+
+    def __post_init__(self) -> None:
+        if self.bag not in MIL_BAGS:
+            raise InputError(f"mil.bag is {self.bag!r}; allowed: {', '.join(MIL_BAGS)}")
+        if self.epochs < 1 or self.hidden < 1 or self.attention < 1 or not 0 <= self.dropout < 1:
+            raise InputError("mil.epochs, mil.hidden and mil.attention must be >= 1 and mil.dropout in [0, 1)")
+
+
 @dataclass(frozen=True)
 class FitSettings:
     """What one training reads from the config: its sections, the tile size the stores must hold (None: any)

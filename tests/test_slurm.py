@@ -178,3 +178,18 @@ def test_cross_validation_runs_one_array_task_per_fold_on_slurm(make_dataset, tm
     assert sorted(job.split("_")[1] for job, _ in tasks) == ["0", "1"]  # one array job, tasks 0 and 1
     assert {state for _, state in tasks} == {"COMPLETED"}
     assert report["n_images"] == 12 and report["n_cases"] == 12 and report["failed_folds"] == []
+
+
+def test_features_run_as_a_slurm_array_one_task_per_chunk_of_slides(make_dataset, tmp_path):
+    """`lymphoma features --cluster slurm`: chunks of slides are the tasks of one array; every file arrives."""
+    from jobs.features import features_slides, run_features
+    from jobs.run_folder import open_run
+
+    name = f"feat-{uuid.uuid4().hex[:6]}"
+    run = open_run(None, [f"data.source={make_dataset(2, 1)}", f"run.root={tmp_path}", f"run.name={name}", *SMALL,
+                          "cluster.mem_gb=1", "model.backbone=timm:resnet10t", "predict.slides_per_task=2"], "slurm")
+    out_dir, records, failure = run_features(run, None, features_slides(run, [], None, None))
+    assert failure is None and [r["status"] for r in records] == ["ok"] * 6
+    tasks = settled_tasks(f"features-{name}", 3)
+    assert sorted(job.split("_")[1] for job, _ in tasks) == ["0", "1", "2"] and {s for _, s in tasks} == {"COMPLETED"}
+    assert len(list((out_dir / "h5_files").glob("*.h5"))) == 6

@@ -1,0 +1,144 @@
+"""`lymphoma mil`: attention-MIL on the embeddings of `lymphoma features`, cross-validated in exactly the folds
+of `lymphoma cv` (same cases per fold for the same cv.folds and cv.seed), one bag per slide or per case; then a
+model on every case for new slides (``mil.pt``)."""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from jobs.run_folder import Run
+from lymphoma.crossval import across_repeats, cv_report, format_cv_report, grouped_folds
+from lymphoma.errors import InputError
+from lymphoma.features import read_features
+from lymphoma.files import write_csv_atomic, write_text_atomic
+from lymphoma.inputs import ImageRecord
+from lymphoma.mil import Bag, predict_bag, train_mil
+
+
+def read_cohort(features_dir: Path) -> list[dict[str, str]]:
+    """The embedded slides with a class and a case, from ``features.csv``."""
+    listing = features_dir / "features.csv"
+    if not listing.is_file():
+        raise InputError(f"{listing} not found: run `lymphoma features` first (or set mil.features to its --out)")
+    with listing.open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["status"] == "ok" and r["label"] and r["case"]]
+    if not rows:
+        raise InputError(f"{listing}: no embedded slide with a class and a case to learn from")
+    return rows
+
+
+def make_bags(rows: list[dict[str, str]], classes: list[str], bag: str) -> list[Bag]:
+    """One bag per slide, or per case (its slides' tiles together); every file must come from one encoder."""
+    slides, encoders = {}, set()
+    for row in rows:
+        if row["label"] not in classes:
+            raise InputError(f"{row['file']}: class {row['label']!r} is not one of data.classes {classes}")
+        features, _, attrs = read_features(row["file"])
+        encoders.add((attrs.get("backbone"), attrs.get("fingerprint")))
+        slides[row["key"]] = (features, classes.index(row["label"]), row["case"])
+    if len(encoders) > 1:
+        raise InputError(f"the feature files come from {len(encoders)} encoders or settings ({sorted(encoders)[:2]}); "
+                         "extract every slide with one encoder into one folder")
+    groups: dict[str, list[str]] = defaultdict(list)
+    for key, (_, _, case) in slides.items():
+        groups[key if bag == "slide" else case].append(key)
+    return [Bag(name, np.concatenate([slides[k][0] for k in keys]), slides[keys[0]][1],
+                np.concatenate([[k] * len(slides[k][0]) for k in keys])) for name, keys in sorted(groups.items())]
+
+
+def fold_records(bags: list[Bag], case_of: dict[str, str], rows_by_key: dict[str, dict[str, str]],
+                 test_cases: set[str], classes: list[str], settings: Any) -> tuple[list[dict[str, Any]], dict[str, Any]]:
+    """Train on the bags outside ``test_cases``, predict those inside: one record per slide (a case bag's
+    prediction goes to each of its slides, as the case-level figure counts it), and each slide's attention."""
+    train = [b for b in bags if case_of[b.key] not in test_cases]
+    model = train_mil(train, len(classes), settings)
+    records, attention = [], {}
+    for bag in (b for b in bags if case_of[b.key] in test_cases):
+        probs, weights = predict_bag(model, bag.features)
+        name = classes[int(probs.argmax())]
+        for key in dict.fromkeys(bag.slides.tolist()):
+            row = rows_by_key[key]
+            attention[key] = weights[bag.slides == key]
+            records.append({"key": key, "path": row["path"], "status": "ok", "label": row["label"], "case": row["case"],
+                            "majority_class": name, "mean_prob_class": name, "confidence": float(probs.max()),
+                            "mean_probs": dict(zip(classes, probs.tolist())),
+                            "votes": {c: int(c == name) for c in classes}, "bag": bag.key})
+    return records, attention
+
+
+def run_mil(run: Run) -> dict[str, Any]:
+    """Cross-validate the MIL model in the folds of `lymphoma cv`, report as `lymphoma cv` does, save attention and
+    a model trained on every case."""
+    start = time.perf_counter()
+    cfg, settings = run.config, run.config.mil
+    features_dir = Path(settings.features) if settings.features else run.dir / "features"
+    rows = read_cohort(features_dir)
+    classes = list(cfg.data.classes or sorted({r["label"] for r in rows}))
+    bags = make_bags(rows, classes, settings.bag)
+    rows_by_key = {r["key"]: r for r in rows}
+    case_of = {b.key: rows_by_key[str(b.slides[0])]["case"] for b in bags}
+    records = [ImageRecord(r["path"], r["label"], r["case"]) for r in rows]
+    out = run.dir / "mil"
+    reports, predictions = [], []
+    for r in range(cfg.cv.repeats):
+        by_fold = []
+        for k, test_cases in enumerate(grouped_folds(records, cfg.cv.folds, cfg.cv.seed + r)):
+            fold, attention = fold_records(bags, case_of, rows_by_key, set(test_cases), classes, settings)
+            by_fold.append(fold)
+            predictions += [[r, k, rec["key"], rec["case"], rec["label"], rec["majority_class"],
+                             f"{rec['confidence']:.4f}"] for rec in fold]
+            if r == 0:
+                save_attention_maps(out / "attention", attention, rows_by_key)
+        reports.append({**cv_report(by_fold, classes, cfg.cv.bootstrap, cfg.cv.confidence, cfg.cv.seed + r),
+                        "seed": cfg.cv.seed + r})
+    report = {**reports[0], "repeats": reports, "across_repeats": across_repeats(reports), "bag": settings.bag,
+              "features": str(features_dir), "n_bags": len(bags), "minutes": (time.perf_counter() - start) / 60}
+    final = train_mil(bags, len(classes), settings)
+    out.mkdir(parents=True, exist_ok=True)
+    torch.save({"model": final.state_dict(), "in_dim": int(bags[0].features.shape[1]), "classes": classes,
+                "settings": vars(settings), "features": str(features_dir)}, out / "mil.pt")
+    write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
+    write_text_atomic(out / "report.txt", format_mil_report(report) + "\n")
+    write_csv_atomic(out / "predictions.csv", ["repeat", "fold", "image", "case", "truth", "predicted", "confidence"],
+                     predictions)
+    return report
+
+
+def save_attention_maps(folder: Path, attention: dict[str, np.ndarray], rows_by_key: dict[str, dict[str, str]]) -> None:
+    """``<key>.npz`` (coords, attention) and ``<key>.png``: the attention over the slide's thumbnail."""
+    from lymphoma.plots import save_attention
+    from lymphoma.settings import TileSettings
+    from lymphoma.tile_sources import open_tiles
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for key, weights in attention.items():
+        _, coords, attrs = read_features(rows_by_key[key]["file"])
+        np.savez_compressed(folder / f"{key}.npz", coords=coords, attention=weights)
+        if "tiles" in attrs:
+            source = open_tiles(rows_by_key[key]["path"], TileSettings(**json.loads(attrs["tiles"])))
+            save_attention(source.overview, coords, weights, source.coord_scale, source.extent, source.step,
+                           folder / f"{key}.png")
+
+
+def format_mil_report(report: dict[str, Any]) -> str:
+    """The pooled figures with intervals and the repeats, as `lymphoma cv` prints them."""
+    return "\n".join([f"attention-MIL, one bag per {report['bag']} ({report['n_bags']} bags), embeddings from "
+                      f"{report['features']}", format_cv_report(report)])
+
+
+def command(args: argparse.Namespace, run: Run) -> int:
+    """``lymphoma mil``."""
+    report = run_mil(run)
+    print(format_mil_report(report))
+    print(f"report: {run.dir / 'mil' / 'report.json'}; attention maps: {run.dir / 'mil' / 'attention'}; model for "
+          f"new slides: {run.dir / 'mil' / 'mil.pt'}; {report['minutes']:.1f} min")
+    return 0

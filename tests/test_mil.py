@@ -1,0 +1,100 @@
+"""Attention-MIL: it learns a bag task carried by a few instances and attends to them; `lymphoma mil` on real
+embeddings runs in the folds of `lymphoma cv`, with attention maps, a final model and clear errors."""
+
+from __future__ import annotations
+
+import csv
+import json
+
+import numpy as np
+import pytest
+
+from conftest import tiny_timm_file
+from jobs.cli import main
+from lymphoma.crossval import grouped_folds
+from lymphoma.inputs import discover
+from lymphoma.mil import Bag, predict_bag, train_mil
+from lymphoma.settings import MILSettings
+
+pytestmark = pytest.mark.usefixtures("no_network")
+
+
+def synthetic_bags(n: int, rng: np.random.Generator, classes: int = 3) -> tuple[list[Bag], list[np.ndarray]]:
+    """Bags of 40 noise instances; in a bag of class c > 0, 3 instances carry a pattern on dimensions 2c, 2c+1
+    (class 0: none). Returns the bags and each bag's key-instance indices."""
+    bags, keys = [], []
+    for i in range(n):
+        label = i % classes
+        x = rng.normal(0, 1, (40, 16)).astype(np.float32)
+        key = rng.choice(40, size=3, replace=False) if label else np.array([], dtype=int)
+        x[key, 2 * label:2 * label + 2] += 4.0
+        bags.append(Bag(f"b{i}", x, label, np.asarray([f"b{i}"] * 40)))
+        keys.append(key)
+    return bags, keys
+
+
+def test_mil_learns_a_few_instance_task_and_attends_to_those_instances():
+    rng = np.random.default_rng(0)
+    train, _ = synthetic_bags(90, rng)
+    test, keys = synthetic_bags(30, rng)
+    model = train_mil(train, 3, MILSettings(epochs=15, lr=1e-3, dropout=0.0))
+    correct, recall, top = 0, [], []
+    for bag, key in zip(test, keys):
+        probs, attention = predict_bag(model, bag.features)
+        correct += int(probs.argmax() == bag.label)
+        assert attention.shape == (40,) and abs(attention.sum() - 1) < 1e-5
+        if len(key):  # its attention ranks the instances that carry the label first
+            order = np.argsort(-attention)
+            recall.append(len(set(order[:3].tolist()) & set(key.tolist())) / 3)
+            top.append(order[0] in key and attention[key].mean() > 50 * np.delete(attention, key).mean())
+    assert correct / len(test) >= 0.9
+    assert np.mean(recall) >= 0.9 and all(top)
+
+
+def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, tmp_path, capsys):
+    source = make_dataset(cases_per_class=4, images_per_case=1)
+    weights = tmp_path / "resnet10t.safetensors"
+    tiny_timm_file(weights, "resnet10t", num_classes=1000)
+    common = [f"data.source={source}", f"run.root={tmp_path}", "run.name=mil", "cluster.kind=debug"]
+    assert main(["features", "model.backbone=timm:resnet10t", f"model.weights={weights}", *common]) == 0
+    assert main(["mil", *common, "cv.folds=2", "cv.repeats=2", "cv.bootstrap=100", "mil.epochs=3", "mil.bag=case"]) == 0
+    printed = capsys.readouterr().out
+    assert "attention-MIL, one bag per case (12 bags)" in printed and "over 2 fold assignments" in printed
+    out = tmp_path / "mil" / "mil"
+    report = json.loads((out / "report.json").read_text())
+    assert report["n_images"] == 12 and report["n_cases"] == 12 and len(report["repeats"]) == 2
+    with (out / "predictions.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    records = discover(str(source), ["CLL", "FL", "MCL"]).records
+    for repeat in (0, 1):
+        folds = grouped_folds(records, 2, repeat)  # lymphoma cv's folds for cv.seed=0
+        for k, cases in enumerate(folds):
+            assert sorted(r["case"] for r in rows if r["repeat"] == str(repeat) and r["fold"] == str(k)) == cases
+    for image in source.rglob("*.png"):
+        saved = np.load(out / "attention" / f"{image.stem}.npz")
+        assert abs(saved["attention"].sum() - 1) < 1e-4  # one slide per case: the bag is the slide
+        assert (out / "attention" / f"{image.stem}.png").stat().st_size > 1000
+    assert (out / "mil.pt").is_file()
+    assert main(["mil", f"run.root={tmp_path}", "run.name=none"]) == 2
+    assert "features.csv not found: run `lymphoma features` first" in capsys.readouterr().err
+
+
+def test_mil_refuses_features_of_two_encoders(make_dataset, tmp_path, capsys):
+    source = make_dataset(cases_per_class=2, images_per_case=1)
+    common = [f"data.source={source}", f"run.root={tmp_path}", "run.name=mixed", "cluster.kind=debug"]
+    for out, stride in (("a", 64), ("b", 96)):
+        assert main(["features", "--out", str(tmp_path / out), "model.backbone=timm:resnet10t", f"tiles.stride={stride}",
+                     *common]) == 0
+    rows = {}
+    for out in ("a", "b"):
+        with (tmp_path / out / "features.csv").open(newline="") as handle:
+            rows[out] = list(csv.DictReader(handle))
+    mixed = [r for r in rows["a"] if r["label"] == "CLL"] + [r for r in rows["b"] if r["label"] != "CLL"]
+    (tmp_path / "c").mkdir()
+    with (tmp_path / "c" / "features.csv").open("w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(mixed[0]))
+        writer.writeheader()
+        writer.writerows(mixed)
+    capsys.readouterr()
+    assert main(["mil", *common, "cv.folds=2", f"mil.features={tmp_path / 'c'}"]) == 2
+    assert "come from 2 encoders or settings" in capsys.readouterr().err
