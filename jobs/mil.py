@@ -97,7 +97,7 @@ def run_mil(run: Run) -> dict[str, Any]:
             predictions += [[r, k, rec["key"], rec["case"], rec["label"], rec["majority_class"],
                              f"{rec['confidence']:.4f}"] for rec in fold]
             if r == 0:
-                save_attention_maps(out / "attention", attention, rows_by_key)
+                save_attention_maps(out / "attention", attention, rows_by_key, settings.heatmaps)
         reports.append({**cv_report(by_fold, classes, cfg.cv.bootstrap, cfg.cv.confidence, cfg.cv.seed + r),
                         "seed": cfg.cv.seed + r})
     report = {**reports[0], "repeats": reports, "across_repeats": across_repeats(reports), "bag": settings.bag,
@@ -113,8 +113,10 @@ def run_mil(run: Run) -> dict[str, Any]:
     return report
 
 
-def save_attention_maps(folder: Path, attention: dict[str, np.ndarray], rows_by_key: dict[str, dict[str, str]]) -> None:
-    """``<key>.npz`` (coords, attention) and ``<key>.png``: the attention over the slide's thumbnail."""
+def save_attention_maps(folder: Path, attention: dict[str, np.ndarray], rows_by_key: dict[str, dict[str, str]],
+                        pictures: bool = True) -> None:
+    """``<key>.npz`` (coords, attention) and, with ``pictures``, ``<key>.png``: the attention over the slide's
+    thumbnail."""
     from lymphoma.plots import save_attention
     from lymphoma.settings import TileSettings
     from lymphoma.tile_sources import open_tiles
@@ -123,7 +125,7 @@ def save_attention_maps(folder: Path, attention: dict[str, np.ndarray], rows_by_
     for key, weights in attention.items():
         _, coords, attrs = read_features(rows_by_key[key]["file"])
         np.savez_compressed(folder / f"{key}.npz", coords=coords, attention=weights)
-        if "tiles" in attrs:
+        if pictures and "tiles" in attrs:
             source = open_tiles(rows_by_key[key]["path"], TileSettings(**json.loads(attrs["tiles"])))
             save_attention(source.overview, coords, weights, source.coord_scale, source.extent, source.step,
                            folder / f"{key}.png")

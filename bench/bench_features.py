@@ -1,0 +1,89 @@
+"""Embedding throughput of `lymphoma features` on real images: the whole per-slide path (read, tile, stain,
+crop, encoder without its head, HDF5 file per slide) against the encoder's bare forward on the same tiles
+already in memory, in one run, for the reduced DenseNet and a ViT-S (timm, input resized to 224).
+
+    .venv/bin/python bench/bench_features.py [--images 40] [--out bench/results/features.json]
+
+Encoders are randomly initialised (speed does not depend on the weights). Target: the whole path at 0.9 of
+the bare forward or better.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import platform
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from common import emit
+from jobs.config import default_data_root
+from lymphoma.augment import eval_batch
+from lymphoma.features import FeatureWriter, _encoder
+from lymphoma.images import read_rgb
+from lymphoma.inputs import discover
+from lymphoma.model import build_model
+from lymphoma.prediction import SlideInput, predict_slides
+from lymphoma.settings import AugmentSettings, ModelSettings, StainSettings, TileSettings
+from lymphoma.stain import StainNormalizer, fit_target
+from lymphoma.tiling import cut_tiles
+
+CLASSES = ["CLL", "FL", "MCL"]
+
+
+def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int) -> dict[str, float]:
+    """Tiles per second of the bare forward and of the whole path, best of two each."""
+    tiles, augment = TileSettings(), AugmentSettings()
+    target = fit_target(StainSettings(stain))
+    normalizer = StainNormalizer(target) if target is not None else None
+    torch.manual_seed(0)
+    encoder, meta = _encoder(build_model(settings.architecture(1)), tiles, augment, normalizer, torch.device("cpu"),
+                             batch, {"backbone": settings.backbone or "densenet-reduced", "encoder": "random",
+                                     "tiles": tiles.as_dict(), "stain": stain})
+    pixels = np.concatenate([cut_tiles(read_rgb(p), tiles).pixels for p in paths])
+    normalized = normalizer.batch(pixels) if normalizer is not None else pixels
+    bare = []
+    for _ in range(2):
+        start = time.perf_counter()
+        with torch.inference_mode():
+            for i in range(0, len(normalized), batch):
+                x = eval_batch(normalized[i:i + batch], augment, torch.device("cpu"))
+                encoder.model(x.contiguous(memory_format=torch.channels_last))
+        bare.append(len(pixels) / (time.perf_counter() - start))
+    whole = []
+    slides = [SlideInput(p, Path(p).stem) for p in paths]
+    for _ in range(2):
+        with tempfile.TemporaryDirectory() as tmp:
+            start = time.perf_counter()
+            records = predict_slides(encoder, slides, Path(tmp), 4, heatmaps=False, writer=FeatureWriter(Path(tmp), meta))
+            whole.append(len(pixels) / (time.perf_counter() - start))
+            assert all(r["status"] == "ok" for r in records)
+    return {"tiles": len(pixels), "bare_tiles_per_s": max(bare), "features_tiles_per_s": max(whole),
+            "ratio_features_vs_bare": max(whole) / max(bare)}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=40)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    records = discover(Path(default_data_root()) / "lowres", CLASSES).records
+    paths = [r.path for r in records[:: max(1, len(records) // args.images)][: args.images]]
+    results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
+                                             f"{torch.get_num_threads()} torch threads", "images": len(paths),
+                                  "tile": "128 px, stride 64, centre crop 112", "batch": args.batch}
+    encoders = {"densenet-reduced": ModelSettings(), "vit_small_patch16_224": ModelSettings(
+        backbone="timm:vit_small_patch16_224")}
+    for name, settings in encoders.items():
+        for stain in ("none", "reinhard"):
+            results[f"{name}, stain {stain}"] = measure(settings, paths, stain, args.batch)
+    emit(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
