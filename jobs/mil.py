@@ -27,8 +27,6 @@ from lymphoma.mil import Bag, predict_bag, train_mil
 def read_cohort(features_dir: Path) -> list[dict[str, str]]:
     """The embedded slides with a class and a case, from ``features.csv``."""
     listing = features_dir / "features.csv"
-    if not listing.is_file():
-        raise InputError(f"{listing} not found: run `lymphoma features` first (or set mil.features to its --out)")
     with listing.open(newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["status"] == "ok" and r["label"] and r["case"]]
     if not rows:
@@ -75,23 +73,43 @@ def fold_records(bags: list[Bag], case_of: dict[str, str], rows_by_key: dict[str
     return records, attention
 
 
+def feature_folders(features_dir: Path, repeats: int, folds: int) -> dict[tuple[int, int], Path]:
+    """Where each fold's embeddings are: one folder for every fold (one encoder), or per fold
+    ``repeat-<r>/fold-<k>/features`` of a `lymphoma cv` run (each fold's own tile model as its encoder, trained
+    without that fold's test cases)."""
+    if (features_dir / "features.csv").is_file():
+        return {(r, k): features_dir for r in range(repeats) for k in range(folds)}
+    own = {(r, k): features_dir / f"repeat-{r}" / f"fold-{k}" / "features" for r in range(repeats) for k in range(folds)}
+    missing = [str(path) for path in own.values() if not (path / "features.csv").is_file()]
+    if len(missing) == len(own):
+        raise InputError(f"{features_dir / 'features.csv'} not found: run `lymphoma features` first (or set "
+                         "mil.features to its --out, or to a `lymphoma cv` run whose folds hold features/)")
+    if missing:
+        raise InputError(f"per-fold embeddings missing in {', '.join(missing[:3])}: run `lymphoma features "
+                         "--checkpoint <fold>/train/checkpoints/best.pt --out <fold>/features` for every fold")
+    return own
+
+
 def run_mil(run: Run) -> dict[str, Any]:
     """Cross-validate the MIL model in the folds of `lymphoma cv`, report as `lymphoma cv` does, save attention and
-    a model trained on every case."""
+    (with one encoder) a model trained on every case."""
     start = time.perf_counter()
     cfg, settings = run.config, run.config.mil
     features_dir = Path(settings.features) if settings.features else run.dir / "features"
-    rows = read_cohort(features_dir)
-    classes = list(cfg.data.classes or sorted({r["label"] for r in rows}))
-    bags = make_bags(rows, classes, settings.bag)
-    rows_by_key = {r["key"]: r for r in rows}
-    case_of = {b.key: rows_by_key[str(b.slides[0])]["case"] for b in bags}
-    records = [ImageRecord(r["path"], r["label"], r["case"]) for r in rows]
+    folders = feature_folders(features_dir, cfg.cv.repeats, cfg.cv.folds)
+    cohorts = {folder: read_cohort(folder) for folder in set(folders.values())}
+    first = next(iter(cohorts.values()))
+    classes = list(cfg.data.classes or sorted({r["label"] for r in first}))
+    bags_of = {folder: make_bags(rows, classes, settings.bag) for folder, rows in cohorts.items()}
+    records = [ImageRecord(r["path"], r["label"], r["case"]) for r in first]
     out = run.dir / "mil"
     reports, predictions = [], []
     for r in range(cfg.cv.repeats):
         by_fold = []
         for k, test_cases in enumerate(grouped_folds(records, cfg.cv.folds, cfg.cv.seed + r)):
+            rows_by_key = {row["key"]: row for row in cohorts[folders[r, k]]}
+            bags = bags_of[folders[r, k]]
+            case_of = {b.key: rows_by_key[str(b.slides[0])]["case"] for b in bags}
             fold, attention = fold_records(bags, case_of, rows_by_key, set(test_cases), classes, settings)
             by_fold.append(fold)
             predictions += [[r, k, rec["key"], rec["case"], rec["label"], rec["majority_class"],
@@ -101,11 +119,14 @@ def run_mil(run: Run) -> dict[str, Any]:
         reports.append({**cv_report(by_fold, classes, cfg.cv.bootstrap, cfg.cv.confidence, cfg.cv.seed + r),
                         "seed": cfg.cv.seed + r})
     report = {**reports[0], "repeats": reports, "across_repeats": across_repeats(reports), "bag": settings.bag,
-              "features": str(features_dir), "n_bags": len(bags), "minutes": (time.perf_counter() - start) / 60}
-    final = train_mil(bags, len(classes), settings)
+              "features": str(features_dir), "encoders": "one per fold" if len(cohorts) > 1 else "one",
+              "n_bags": len(next(iter(bags_of.values()))), "minutes": (time.perf_counter() - start) / 60}
     out.mkdir(parents=True, exist_ok=True)
-    torch.save({"model": final.state_dict(), "in_dim": int(bags[0].features.shape[1]), "classes": classes,
-                "settings": vars(settings), "features": str(features_dir)}, out / "mil.pt")
+    if len(cohorts) == 1:
+        bags = next(iter(bags_of.values()))
+        final = train_mil(bags, len(classes), settings)
+        torch.save({"model": final.state_dict(), "in_dim": int(bags[0].features.shape[1]), "classes": classes,
+                    "settings": vars(settings), "features": str(features_dir)}, out / "mil.pt")
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_text_atomic(out / "report.txt", format_mil_report(report) + "\n")
     write_csv_atomic(out / "predictions.csv", ["repeat", "fold", "image", "case", "truth", "predicted", "confidence"],
@@ -134,7 +155,8 @@ def save_attention_maps(folder: Path, attention: dict[str, np.ndarray], rows_by_
 def format_mil_report(report: dict[str, Any]) -> str:
     """The pooled figures with intervals and the repeats, as `lymphoma cv` prints them."""
     return "\n".join([f"attention-MIL, one bag per {report['bag']} ({report['n_bags']} bags), embeddings from "
-                      f"{report['features']}", format_cv_report(report)])
+                      f"{report['features']} ({'one encoder' if report['encoders'] == 'one' else 'each fold its own encoder'})",
+                      format_cv_report(report)])
 
 
 def command(args: argparse.Namespace, run: Run) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -77,6 +78,14 @@ def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, t
     assert (out / "mil.pt").is_file()
     assert main(["mil", f"run.root={tmp_path}", "run.name=none"]) == 2
     assert "features.csv not found: run `lymphoma features` first" in capsys.readouterr().err
+    per_fold = tmp_path / "cv-run"  # a `lymphoma cv` run whose folds each hold their own model's embeddings
+    shutil.copytree(tmp_path / "mil" / "features", per_fold / "repeat-0" / "fold-0" / "features")
+    assert main(["mil", *common, "cv.folds=2", f"mil.features={per_fold}", "mil.epochs=1"]) == 2
+    assert "per-fold embeddings missing in " in capsys.readouterr().err and "fold-1" not in str(per_fold)
+    shutil.copytree(tmp_path / "mil" / "features", per_fold / "repeat-0" / "fold-1" / "features")
+    assert main(["mil", *common, "cv.folds=2", f"mil.features={per_fold}", "mil.epochs=1", "cv.bootstrap=100"]) == 0
+    assert "(each fold its own encoder)" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["encoders"] == "one per fold"
 
 
 def test_mil_refuses_features_of_two_encoders(make_dataset, tmp_path, capsys):
