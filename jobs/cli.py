@@ -98,11 +98,13 @@ def _add_model_commands(sub: Any) -> None:
     features.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments")
     features.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
     features.add_argument("--out", type=Path, help="output folder (default: <run folder>/features)")
-    _command(sub, "mil", "attention-MIL on the embeddings of `lymphoma features`, in the folds of `lymphoma cv`",
+    mil = _command(sub, "mil", "attention-MIL on the embeddings of `lymphoma features`, in the folds of `lymphoma cv`",
              "Train a gated-attention MIL model (one bag per slide, or per case with mil.bag=case) on the tile "
              "embeddings in mil.features (default <run>/features) in every fold of cv.folds x cv.repeats (the folds "
              "of `lymphoma cv`), report image- and case-level accuracy with bootstrap intervals, save attention maps "
              "of the test slides and a model trained on every case (<run>/mil/).")
+    mil.add_argument("--predict", metavar="FEATURES", help="classify the slides embedded in this folder of `lymphoma "
+                                                           "features` with <run>/mil/mil.pt instead")
 
 
 def _add_tools(sub: Any) -> None:

@@ -125,8 +125,11 @@ def run_mil(run: Run) -> dict[str, Any]:
     if len(cohorts) == 1:
         bags = next(iter(bags_of.values()))
         final = train_mil(bags, len(classes), settings)
+        _, _, attrs = read_features(first[0]["file"])
         torch.save({"model": final.state_dict(), "in_dim": int(bags[0].features.shape[1]), "classes": classes,
-                    "settings": vars(settings), "features": str(features_dir)}, out / "mil.pt")
+                    "settings": vars(settings), "features": str(features_dir),
+                    "encoder": {"backbone": str(attrs.get("backbone")), "fingerprint": str(attrs.get("fingerprint")),
+                                "tile_size": int(attrs.get("tile_size", 0))}}, out / "mil.pt")
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_text_atomic(out / "report.txt", format_mil_report(report) + "\n")
     write_csv_atomic(out / "predictions.csv", ["repeat", "fold", "image", "case", "truth", "predicted", "confidence"],
@@ -159,8 +162,50 @@ def format_mil_report(report: dict[str, Any]) -> str:
                       format_cv_report(report)])
 
 
+def predict_mil(run: Run, features_dir: Path) -> Path:
+    """Classify the slides (or cases) embedded in ``features_dir`` with ``<run>/mil/mil.pt``: ``predictions.csv``
+    (class and probabilities per bag) and each slide's attention, in ``<run>/mil/predict``. The files must come
+    from the encoder and tiling the model was trained on."""
+    from lymphoma.mil import GatedAttentionMIL
+    from lymphoma.settings import MILSettings
+
+    path = run.dir / "mil" / "mil.pt"
+    if not path.is_file():
+        raise InputError(f"{path} not found: run `lymphoma mil` (with one encoder for every fold) first")
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    settings, classes = MILSettings(**state["settings"]), list(state["classes"])
+    with (features_dir / "features.csv").open(newline="") as handle:
+        rows = [r for r in csv.DictReader(handle) if r["status"] == "ok"]
+    for row in rows:
+        attrs = read_features(row["file"])[2]
+        if str(attrs.get("fingerprint")) != state["encoder"]["fingerprint"]:
+            raise InputError(f"{row['file']}: embedded by {attrs.get('backbone')} (tile size {attrs.get('tile_size')}) "
+                             f"with other settings than the MIL model was trained on ({state['encoder']['backbone']}, "
+                             f"tile size {state['encoder']['tile_size']}); extract with the same encoder and settings")
+    model = GatedAttentionMIL(int(state["in_dim"]), len(classes), settings.hidden, settings.attention, settings.dropout)
+    model.load_state_dict(state["model"])
+    model.eval()
+    out, lines, attention = run.dir / "mil" / "predict", [], {}
+    # new slides may have no class (bags need one: it is not used) or no case (each slide its own)
+    rows_by_key = {r["key"]: {**r, "label": r["label"] or classes[0], "case": r["case"] or r["key"]} for r in rows}
+    for bag in make_bags(list(rows_by_key.values()), classes, settings.bag):
+        probs, weights = predict_bag(model, bag.features)
+        for key in dict.fromkeys(bag.slides.tolist()):
+            attention[key] = weights[bag.slides == key]
+            lines.append([bag.key, key, rows_by_key[key]["path"], classes[int(probs.argmax())],
+                          *[f"{p:.4f}" for p in probs]])
+    save_attention_maps(out / "attention", attention, rows_by_key, settings.heatmaps)
+    write_csv_atomic(out / "predictions.csv", ["bag", "slide", "path", "predicted", *[f"prob_{c}" for c in classes]],
+                     lines)
+    return out
+
+
 def command(args: argparse.Namespace, run: Run) -> int:
-    """``lymphoma mil``."""
+    """``lymphoma mil`` (``--predict DIR``: classify the embedded slides of DIR with the saved model)."""
+    if args.predict:
+        out = predict_mil(run, Path(args.predict))
+        print(f"predictions: {out / 'predictions.csv'}; attention maps: {out / 'attention'}")
+        return 0
     report = run_mil(run)
     print(format_mil_report(report))
     print(f"report: {run.dir / 'mil' / 'report.json'}; attention maps: {run.dir / 'mil' / 'attention'}; model for "

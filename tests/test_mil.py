@@ -78,6 +78,20 @@ def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, t
     assert (out / "mil.pt").is_file()
     assert main(["mil", f"run.root={tmp_path}", "run.name=none"]) == 2
     assert "features.csv not found: run `lymphoma features` first" in capsys.readouterr().err
+    unseen = make_dataset(cases_per_class=1, images_per_case=2, name="unseen")  # new slides for the saved model
+    assert main(["features", "--out", str(tmp_path / "new"), "model.backbone=timm:resnet10t", f"model.weights={weights}",
+                 *common, f"{unseen}/**/*.png"]) == 0
+    assert main(["mil", *common, "--predict", str(tmp_path / "new")]) == 0
+    with (out / "predict" / "predictions.csv").open() as handle:
+        predicted = list(csv.DictReader(handle))
+    assert len(predicted) == 6 and {r["predicted"] for r in predicted} <= {"CLL", "FL", "MCL"}
+    assert all(abs(sum(float(r[f"prob_{c}"]) for c in ("CLL", "FL", "MCL")) - 1) < 1e-3 for r in predicted)
+    assert len(list((out / "predict" / "attention").glob("*.png"))) == 6
+    assert main(["features", "--out", str(tmp_path / "other"), "model.backbone=timm:resnet10t", *common,
+                 f"{unseen}/CLL/*.png"]) == 0  # random weights: another encoder
+    capsys.readouterr()
+    assert main(["mil", *common, "--predict", str(tmp_path / "other")]) == 2
+    assert "with other settings than the MIL model was trained on" in capsys.readouterr().err
     per_fold = tmp_path / "cv-run"  # a `lymphoma cv` run whose folds each hold their own model's embeddings
     shutil.copytree(tmp_path / "mil" / "features", per_fold / "repeat-0" / "fold-0" / "features")
     assert main(["mil", *common, "cv.folds=2", f"mil.features={per_fold}", "mil.epochs=1"]) == 2
