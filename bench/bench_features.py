@@ -35,15 +35,15 @@ from lymphoma.tiling import cut_tiles
 CLASSES = ["CLL", "FL", "MCL"]
 
 
-def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int) -> dict[str, float]:
+def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int, device: torch.device) -> dict[str, float]:
     """Tiles per second of the bare forward and of the whole path, best of two each."""
     tiles, augment = TileSettings(), AugmentSettings()
     target = fit_target(StainSettings(stain))
     normalizer = StainNormalizer(target) if target is not None else None
     torch.manual_seed(0)
-    encoder, meta = _encoder(build_model(settings.architecture(1)), tiles, augment, normalizer, torch.device("cpu"),
-                             batch, {"backbone": settings.backbone or "densenet-reduced", "encoder": "random",
-                                     "tiles": tiles.as_dict(), "stain": stain})
+    about = {"backbone": settings.backbone or "densenet-reduced", "encoder": "random", "tiles": tiles.as_dict(),
+             "stain": stain}
+    encoder, meta = _encoder(build_model(settings.architecture(1)), tiles, augment, normalizer, device, batch, about)
     pixels = np.concatenate([cut_tiles(read_rgb(p), tiles).pixels for p in paths])
     normalized = normalizer.batch(pixels) if normalizer is not None else pixels
     bare = []
@@ -51,8 +51,9 @@ def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int) -
         start = time.perf_counter()
         with torch.inference_mode():
             for i in range(0, len(normalized), batch):
-                x = eval_batch(normalized[i:i + batch], augment, torch.device("cpu"))
-                encoder.model(x.contiguous(memory_format=torch.channels_last))
+                x = eval_batch(normalized[i:i + batch], augment, device)
+                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                    encoder.model(x.contiguous(memory_format=torch.channels_last)).float().cpu()
         bare.append(len(pixels) / (time.perf_counter() - start))
     whole = []
     slides = [SlideInput(p, Path(p).stem) for p in paths]
@@ -71,19 +72,24 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=40)
     parser.add_argument("--vit-images", type=int, default=12, help="images for the ViT-S (about 5 tiles/s on 2 cores)")
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    device = torch.device(args.device)
     records = discover(Path(default_data_root()) / "lowres", CLASSES).records
     paths = [r.path for r in records[:: max(1, len(records) // args.images)][: args.images]]
     results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
-                                             f"{torch.get_num_threads()} torch threads", "images": len(paths),
+                                             f"{torch.get_num_threads()} torch threads", "device": str(device),
+                                  "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
+                                  "images": len(paths),
                                   "tile": "128 px, stride 64, centre crop 112", "batch": args.batch}
     encoders = {"densenet-reduced": ModelSettings(), "vit_small_patch16_224": ModelSettings(
         backbone="timm:vit_small_patch16_224")}
     for name, settings in encoders.items():
         chosen = paths if settings.backbone is None else paths[:: max(1, len(paths) // args.vit_images)][:args.vit_images]
         for stain in ("none", "reinhard"):
-            results[f"{name}, stain {stain}"] = {"images": len(chosen), **measure(settings, chosen, stain, args.batch)}
+            results[f"{name}, stain {stain}"] = {"images": len(chosen), **measure(settings, chosen, stain, args.batch,
+                                                                                  device)}
     emit(results, args.out)
 
 
