@@ -35,7 +35,8 @@ from lymphoma.tiling import cut_tiles
 CLASSES = ["CLL", "FL", "MCL"]
 
 
-def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int, device: torch.device) -> dict[str, float]:
+def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int, device: torch.device,
+            readers: int = 1) -> dict[str, float]:
     """Tiles per second of the bare forward and of the whole path, best of two each."""
     tiles, augment = TileSettings(), AugmentSettings()
     target = fit_target(StainSettings(stain))
@@ -60,7 +61,8 @@ def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
     for _ in range(2):
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            records = predict_slides(encoder, slides, Path(tmp), 4, heatmaps=False, writer=FeatureWriter(Path(tmp), meta))
+            records = predict_slides(encoder, slides, Path(tmp), 4, heatmaps=False, writer=FeatureWriter(Path(tmp), meta),
+                                     readers=readers)
             whole.append(len(pixels) / (time.perf_counter() - start))
             assert all(r["status"] == "ok" for r in records)
     return {"tiles": len(pixels), "bare_tiles_per_s": max(bare), "features_tiles_per_s": max(whole),
@@ -73,6 +75,7 @@ def main() -> None:
     parser.add_argument("--vit-images", type=int, default=12, help="images for the ViT-S (about 5 tiles/s on 2 cores)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--readers", type=int, default=1, help="reader threads (predict.readers)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -81,7 +84,7 @@ def main() -> None:
     results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                                              f"{torch.get_num_threads()} torch threads", "device": str(device),
                                   "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-                                  "images": len(paths),
+                                  "images": len(paths), "readers": args.readers,
                                   "tile": "128 px, stride 64, centre crop 112", "batch": args.batch}
     encoders = {"densenet-reduced": ModelSettings(), "vit_small_patch16_224": ModelSettings(
         backbone="timm:vit_small_patch16_224")}
@@ -89,7 +92,7 @@ def main() -> None:
         chosen = paths if settings.backbone is None else paths[:: max(1, len(paths) // args.vit_images)][:args.vit_images]
         for stain in ("none", "reinhard"):
             results[f"{name}, stain {stain}"] = {"images": len(chosen), **measure(settings, chosen, stain, args.batch,
-                                                                                  device)}
+                                                                                  device, args.readers)}
     emit(results, args.out)
 
 

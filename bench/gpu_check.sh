@@ -53,7 +53,7 @@ time python3 -m jobs.cli cv -c configs/lymphoma-lowres.yaml run.root="$RUNS" run
   cv.inner_val_fraction=0.3 train.epochs=${EPOCHS:-3} train.batch_size=128 cv.baseline=false predict.heatmaps=false
 grep -h "training on" "$RUNS"/gpu-cv/logs/cv/*/*_log.out
 echo "== 6. features: the whole per-slide path against the encoder's bare forward (bf16), reduced DenseNet and ViT-S"
-python3 bench/bench_features.py --images ${FEATURE_IMAGES:-60} --vit-images ${FEATURE_IMAGES:-60} --batch 256 \
+python3 bench/bench_features.py --images ${FEATURE_IMAGES:-60} --vit-images ${FEATURE_IMAGES:-60} --batch 256 --readers ${READERS:-8} \
   --out "$OUT/features-gpu.json" | tail -30
 echo "== 7. throughput"
 [ "${SKIP_BENCH:-0}" = 1 ] || python3 bench/bench_training.py --workers 8 --batch 128 --steps 20 --out "$OUT/training-gpu-reduced.json"

@@ -46,7 +46,7 @@ def run_features_task(task: FeaturesTask) -> list[dict[str, Any]]:
                                                   cfg.predict.batch_size)
         out = Path(task.out_dir)
         return predict_slides(encoder, task.slides, out, cfg.predict.prefetch, heatmaps=False,
-                              writer=FeatureWriter(out, meta))
+                              writer=FeatureWriter(out, meta), readers=cfg.predict.readers)
 
 
 def features_slides(run: Run, patterns: list[str], list_file: Optional[Path], basepath: Optional[Path]) -> list[SlideInput]:

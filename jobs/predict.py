@@ -55,7 +55,7 @@ def predict_chunk(checkpoint: Path, slides: Sequence[SlideInput], out_dir: Path,
     from lymphoma.prediction import Predictor, predict_slides
 
     predictor = Predictor.from_checkpoint(checkpoint, device, settings.batch_size, settings.tta)
-    return predict_slides(predictor, slides, out_dir, settings.prefetch, settings.heatmaps)
+    return predict_slides(predictor, slides, out_dir, settings.prefetch, settings.heatmaps, readers=settings.readers)
 
 
 def run_predict_task(task: PredictTask) -> list[dict[str, Any]]:

@@ -121,40 +121,50 @@ def outputs_complete(out_dir: Path, slide: SlideInput, fingerprint: str) -> Opti
 
 
 def _read_ahead(slides: Sequence[SlideInput], settings: TileSettings, depth: int, batch: int,
-                normalize: Callable[[np.ndarray], np.ndarray]) -> Iterator[tuple[int, Any]]:
-    """Yield ``(index, item)`` per slide, read and tiled by a background thread: tile batches (arrays), then
-    the slide's TileSource once all its tiles were yielded, or an error. The queue holds ``depth`` items,
-    so memory stays bounded however large a slide is."""
-    items: queue.Queue = queue.Queue(maxsize=max(1, depth))
+                normalize: Callable[[np.ndarray], np.ndarray], readers: int = 1) -> Iterator[tuple[int, Any]]:
+    """Yield ``(index, item)`` per slide in input order: tile batches (arrays), then the slide's TileSource once
+    all its tiles were yielded, or the error that stopped it (any error: a reader never dies silently).
+    ``readers`` background threads read, tile and stain-normalise slides at once (slide i by reader i mod
+    readers), each through a queue of ``depth`` items, so memory stays bounded however large a slide is."""
+    readers = max(1, min(readers, len(slides) or 1))
+    queues: list[queue.Queue] = [queue.Queue(maxsize=max(1, depth)) for _ in range(readers)]
     stop = threading.Event()
 
-    def produce() -> None:
-        for index, slide in enumerate(slides):
+    def produce(reader: int) -> None:
+        out = queues[reader]
+        for index in range(reader, len(slides), readers):
             if stop.is_set():
                 return
             try:
-                source = open_tiles(slide.path, settings, batch)
+                source = open_tiles(slides[index].path, settings, batch)
                 for pixels in source.batches:
                     if stop.is_set():
                         return
-                    items.put((index, normalize(pixels)))
-                items.put((index, source))
-            except (InputError, OSError) as err:
-                items.put((index, err))
-        items.put(None)
+                    out.put((index, normalize(pixels)))
+                out.put((index, source))
+            except Exception as err:  # noqa: BLE001 - e.g. PIL's DecompressionBombError: the slide fails, not the job
+                out.put((index, err if isinstance(err, (InputError, OSError)) else
+                         ImageError(slides[index].path, f"cannot be read ({type(err).__name__}: {err})")))
 
-    thread = threading.Thread(target=produce, daemon=True)
-    thread.start()
+    threads = [threading.Thread(target=produce, args=(r,), daemon=True) for r in range(readers)]
+    for thread in threads:
+        thread.start()
     try:
-        while (item := items.get()) is not None:
-            yield item
+        for index in range(len(slides)):
+            while True:
+                item = queues[index % readers].get()
+                yield item
+                if not isinstance(item[1], np.ndarray):
+                    break
     finally:
         stop.set()
-        while thread.is_alive():  # unblock a producer waiting on a full queue
-            try:
-                items.get_nowait()
-            except queue.Empty:
-                time.sleep(0.01)
+        while any(thread.is_alive() for thread in threads):  # unblock producers waiting on a full queue
+            for q in queues:
+                try:
+                    q.get_nowait()
+                except queue.Empty:
+                    pass
+            time.sleep(0.01)
 
 
 @dataclass
@@ -195,7 +205,7 @@ class VoteWriter:
 
 
 def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: Path, prefetch: int = 4,
-                   heatmaps: bool = True, writer: Optional[SlideWriter] = None) -> list[dict[str, Any]]:
+                   heatmaps: bool = True, writer: Optional[SlideWriter] = None, readers: int = 1) -> list[dict[str, Any]]:
     """Run the model over every slide whose outputs are not complete yet and hand each slide's outputs to the
     writer (default: the tile vote); one record per slide, in input order. Tiles of consecutive slides share
     batches of ``predictor.batch_size``."""
@@ -231,7 +241,7 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
 
     batch_size = predictor.batch_size
     for local, item in _read_ahead([slides[i] for i in pending], predictor.tiles, prefetch, batch_size,
-                                     predictor.normalize_stain):
+                                     predictor.normalize_stain, readers):
         index = pending[local]
         state = progress.setdefault(index, _Progress([]))
         if isinstance(item, Exception):
