@@ -7,10 +7,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import queue
-import threading
-import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -20,13 +17,14 @@ import torch
 
 from lymphoma.augment import eval_batch
 from lymphoma.checkpoint import load_checkpoint, load_model_weights
-from lymphoma.errors import ImageError, InputError
+from lymphoma.errors import ImageError
 from lymphoma.files import write_text_atomic
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap
+from lymphoma.read_ahead import read_ahead
 from lymphoma.settings import AugmentSettings, TileSettings
 from lymphoma.stain import StainNormalizer
-from lymphoma.tile_sources import TileSource, open_tiles
+from lymphoma.tile_sources import TileSource
 from lymphoma.voting import vote
 
 
@@ -120,53 +118,6 @@ def outputs_complete(out_dir: Path, slide: SlideInput, fingerprint: str) -> Opti
     return record if ok else None
 
 
-def _read_ahead(slides: Sequence[SlideInput], settings: TileSettings, depth: int, batch: int,
-                normalize: Callable[[np.ndarray], np.ndarray], readers: int = 1) -> Iterator[tuple[int, Any]]:
-    """Yield ``(index, item)`` per slide in input order: tile batches (arrays), then the slide's TileSource once
-    all its tiles were yielded, or the error that stopped it (any error: a reader never dies silently).
-    ``readers`` background threads read, tile and stain-normalise slides at once (slide i by reader i mod
-    readers), each through a queue of ``depth`` items, so memory stays bounded however large a slide is."""
-    readers = max(1, min(readers, len(slides) or 1))
-    queues: list[queue.Queue] = [queue.Queue(maxsize=max(1, depth)) for _ in range(readers)]
-    stop = threading.Event()
-
-    def produce(reader: int) -> None:
-        out = queues[reader]
-        for index in range(reader, len(slides), readers):
-            if stop.is_set():
-                return
-            try:
-                source = open_tiles(slides[index].path, settings, batch)
-                for pixels in source.batches:
-                    if stop.is_set():
-                        return
-                    out.put((index, normalize(pixels)))
-                out.put((index, source))
-            except Exception as err:  # noqa: BLE001 - e.g. PIL's DecompressionBombError: the slide fails, not the job
-                out.put((index, err if isinstance(err, (InputError, OSError)) else
-                         ImageError(slides[index].path, f"cannot be read ({type(err).__name__}: {err})")))
-
-    threads = [threading.Thread(target=produce, args=(r,), daemon=True) for r in range(readers)]
-    for thread in threads:
-        thread.start()
-    try:
-        for index in range(len(slides)):
-            while True:
-                item = queues[index % readers].get()
-                yield item
-                if not isinstance(item[1], np.ndarray):
-                    break
-    finally:
-        stop.set()
-        while any(thread.is_alive() for thread in threads):  # unblock producers waiting on a full queue
-            for q in queues:
-                try:
-                    q.get_nowait()
-                except queue.Empty:
-                    pass
-            time.sleep(0.01)
-
-
 @dataclass
 class _Progress:
     """A slide being predicted: logits so far, and its TileSource once all its tiles have arrived."""
@@ -240,8 +191,8 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
         finish_ready()
 
     batch_size = predictor.batch_size
-    for local, item in _read_ahead([slides[i] for i in pending], predictor.tiles, prefetch, batch_size,
-                                     predictor.normalize_stain, readers):
+    stain = predictor.normalizer.target.as_dict() if predictor.normalizer is not None else None
+    for local, item in read_ahead([slides[i] for i in pending], predictor.tiles, prefetch, batch_size, stain, readers):
         index = pending[local]
         state = progress.setdefault(index, _Progress([]))
         if isinstance(item, Exception):

@@ -1,0 +1,113 @@
+"""Reading slides ahead of the model: decoding, tiling and stain normalisation run beside the forward passes,
+in one thread, or in several reader processes (a GPU eats tiles ten times faster than one CPU core tiles them,
+and threads share the GIL). Every reader hands its slides over through its own bounded queue, so memory
+stays bounded however large a slide is, and the slides come out in input order whatever the readers."""
+
+from __future__ import annotations
+
+import multiprocessing
+import queue
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import replace
+from typing import Any, Optional
+
+import numpy as np
+
+from lymphoma.errors import ImageError, InputError
+from lymphoma.settings import TileSettings
+from lymphoma.stain import StainNormalizer
+from lymphoma.tile_sources import open_tiles
+
+
+def _as_error(path: str, err: BaseException) -> Exception:
+    """The slide's error as prediction reports it: input errors as they are, anything else (PIL's
+    DecompressionBombError, a codec's ValueError) as an ImageError naming the file."""
+    if isinstance(err, (InputError, OSError)):
+        return err
+    return ImageError(path, f"cannot be read ({type(err).__name__}: {err})")
+
+
+def _read(slides: Sequence[tuple[int, str]], settings: TileSettings, batch: int, stain: Optional[dict[str, Any]],
+          put: Any, stop: Any) -> None:
+    """One reader: its slides' normalised tile batches, then each slide's TileSource (its tiles stripped), or
+    the slide's error; stops early when ``stop`` is set."""
+    normalizer = StainNormalizer.from_state(stain)
+    for index, path in slides:
+        if stop.is_set():
+            return
+        try:
+            source = open_tiles(path, settings, batch)
+            for pixels in source.batches:
+                if stop.is_set():
+                    return
+                put((index, normalizer.batch(pixels) if normalizer is not None else pixels))
+            put((index, replace(source, batches=iter(()))))
+        except Exception as err:  # noqa: BLE001 - the slide fails, never the reader
+            error = _as_error(path, err)
+            put((index, str(error) if not isinstance(error, ImageError) else ("image", error.path, error.problem)))
+
+
+def read_ahead(slides: Sequence[Any], settings: TileSettings, depth: int, batch: int,
+               stain: Optional[dict[str, Any]], readers: int = 1) -> Iterator[tuple[int, Any]]:
+    """Yield ``(index, item)`` per slide in input order: tile batches (arrays), then the slide's TileSource once
+    all its tiles were yielded, or the error that stopped it. One reader is a thread; several are processes
+    (slide i read by reader i mod readers), each with a queue of ``depth`` items."""
+    readers = max(1, min(readers, len(slides) or 1))
+    work = [[(i, slides[i].path) for i in range(r, len(slides), readers)] for r in range(readers)]
+    if readers == 1:
+        queues: list[Any] = [queue.Queue(maxsize=max(1, depth))]
+        stop: Any = threading.Event()
+        workers: list[Any] = [threading.Thread(target=_read, args=(work[0], settings, batch, stain, queues[0].put, stop),
+                                               daemon=True)]
+    else:
+        context = multiprocessing.get_context("spawn")  # never fork a process that runs torch threads
+        queues = [context.Queue(maxsize=max(1, depth)) for _ in range(readers)]
+        stop = context.Event()
+        workers = [context.Process(target=_read, args=(work[r], settings, batch, stain, queues[r].put, stop),
+                                   daemon=True) for r in range(readers)]
+    for worker in workers:
+        worker.start()
+    try:
+        for index in range(len(slides)):
+            yield from _slide_items(queues[index % readers], workers[index % readers], slides[index].path)
+    finally:
+        stop.set()
+        _drain(queues, workers)
+
+
+def _slide_items(items: Any, worker: Any, path: str) -> Iterator[tuple[int, Any]]:
+    """One slide's items from its reader's queue; a reader that died without a word fails the slide."""
+    while True:
+        try:
+            index, item = items.get(timeout=1.0)
+        except queue.Empty:
+            if not worker.is_alive():
+                raise RuntimeError(f"the reader of {path} ended without handing it over "
+                                   f"(exit code {getattr(worker, 'exitcode', None)})") from None
+            continue
+        if isinstance(item, tuple) and item and item[0] == "image":
+            item = ImageError(item[1], item[2])
+        elif isinstance(item, str):
+            item = InputError(item)
+        yield index, item
+        if not isinstance(item, np.ndarray):
+            return
+
+
+def _drain(queues: list[Any], workers: list[Any]) -> None:
+    """Unblock readers waiting on a full queue until they end (processes are terminated after 5 s)."""
+    deadline = time.monotonic() + 5
+    while any(worker.is_alive() for worker in workers):
+        for items in queues:
+            try:
+                items.get_nowait()
+            except (queue.Empty, OSError, ValueError):
+                pass
+        if time.monotonic() > deadline:
+            for worker in workers:
+                if hasattr(worker, "terminate"):
+                    worker.terminate()
+            break
+        time.sleep(0.01)
