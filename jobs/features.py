@@ -122,4 +122,7 @@ def command(args: argparse.Namespace, run: Run) -> int:
     print(f"files:   {out_dir / 'h5_files'}/<slide>.h5 (features, coords)\nsummary: {out_dir / 'features.csv'}")
     if failure is not None:
         raise failure
+    if failed:
+        print(f"lymphoma features: {len(failed)} of {len(records)} slide(s) failed (listed above and in "
+              f"{out_dir / 'features.csv'}); the others' files are written", flush=True)
     return 1 if failed else 0

@@ -169,4 +169,9 @@ def command(args: argparse.Namespace, run: Run) -> int:
     print(format_report(result))
     if result.task_failures is not None:
         raise result.task_failures
+    failed = result.metrics["failed"]
+    if failed:
+        print(f"lymphoma predict: {failed} of {result.metrics['slides']} slide(s) failed (listed above and in "
+              f"{result.out_dir / 'summary.csv'}); the others' outputs are written", flush=True)
+        return 1
     return 0

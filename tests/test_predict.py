@@ -148,9 +148,10 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     Image.open(good).crop((0, 0, 40, 40)).save(bad / "tiny_001.png")
     listing = tmp_path / "mixed.tsv"
     listing.write_text(f"{good}\n{bad / 'corrupt_001.png'}\n{bad / 'tiny_001.png'}\n{bad / 'missing_001.png'}\n")
-    assert predict(checkpoint, tmp_path / "d", "--list", str(listing)) == 0
+    assert predict(checkpoint, tmp_path / "d", "--list", str(listing)) == 1  # any failed input: exit 1
     out = capsys.readouterr().out
     assert "1 of 4 slide(s) predicted" in out and "3 failed" in out
+    assert out.strip().splitlines()[-1].startswith("lymphoma predict: 3 of 4 slide(s) failed")
     with (tmp_path / "d" / "summary.csv").open() as handle:
         errors = {r["slide"]: r["error"] for r in csv.DictReader(handle)}
     assert errors[good.stem] == ""
@@ -271,10 +272,10 @@ def test_parallel_readers_give_the_same_outputs_and_a_bomb_fails_alone(checkpoin
     bad.mkdir(parents=True)
     decompression_bomb(bad / "bomb_001.png")
     inputs = [f"{cohort}/**/*.png", str(bad / "bomb_001.png")]
-    assert predict(checkpoint, tmp_path / "one", *inputs, "predict.heatmaps=false", "cluster.kind=debug") == 0
+    assert predict(checkpoint, tmp_path / "one", *inputs, "predict.heatmaps=false", "cluster.kind=debug") == 1
     capsys.readouterr()
     assert predict(checkpoint, tmp_path / "three", *inputs, "predict.heatmaps=false", "predict.readers=3",
-                   "predict.batch_size=7", "cluster.kind=debug") == 0
+                   "predict.batch_size=7", "cluster.kind=debug") == 1
     assert "12 of 13 slide(s) predicted (12 now, 0 already complete), 1 failed" in capsys.readouterr().out
     failed = json.loads((tmp_path / "three" / "slides" / "bomb_001.json").read_text())
     assert failed["status"] == "failed" and "DecompressionBombError" in failed["error"]
