@@ -16,7 +16,7 @@ from lymphoma.inputs import ImageRecord
 from lymphoma.settings import TileSettings
 from lymphoma.sharding import ShardPlan, fingerprint, plan_shards, write_manifest
 from lymphoma.split import assign_phases, split_cases, write_split_csv
-from lymphoma.store import ShardSummary, read_complete_shard, write_shard
+from lymphoma.store import ShardSummary, parse_compression, read_complete_shard, write_shard
 
 
 @dataclass(frozen=True)
@@ -52,6 +52,7 @@ def run_tile(run: Run, progress: bool = True) -> TileResult:
     """Tile the configured data set into the run folder; a rerun writes only missing or stale shards."""
     start = time.perf_counter()
     cfg = run.config
+    parse_compression(cfg.tiles.compression)  # a bad spec is one error now, not one per array task
     with run.session("tile"):
         inputs = run.inputs()
         phase_of = split_cases(inputs.records, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed)

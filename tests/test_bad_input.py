@@ -72,6 +72,14 @@ def test_strict_mode_fails_naming_the_file(bad_images, tmp_path, capsys):
     assert "_log.err" in err and not (tmp_path / "default" / "tiles" / "manifest.json").exists()
 
 
+def test_a_bad_compression_is_refused_before_any_task_is_submitted(make_dataset, tmp_path, capsys):
+    source = make_dataset(cases_per_class=1, images_per_case=1)
+    assert main(["tile", f"data.source={source}", f"run.root={tmp_path}", "tiles.compression=foo:9"]) == 2
+    err = capsys.readouterr().err
+    assert "tiles.compression 'foo:9': unknown library 'foo'; allowed: none, zlib[:level]" in err
+    assert err.count("unknown library") == 1 and not (tmp_path / "default" / "logs").exists()
+
+
 def test_config_errors_name_the_file_and_key(tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("tiles:\n  size: 128\n stride: [\n")
