@@ -13,7 +13,6 @@ import queue
 import threading
 import time
 from collections.abc import Iterator, Sequence
-from dataclasses import replace
 from typing import Any, Optional
 
 import numpy as np
@@ -34,8 +33,8 @@ def _as_error(path: str, err: BaseException) -> Exception:
 
 def _read(slides: Sequence[tuple[int, str]], settings: TileSettings, batch: int, stain: Optional[dict[str, Any]],
           put: Any, stop: Any) -> None:
-    """One reader: its slides' normalised tile batches, then each slide's TileSource (its tiles handed over
-    already), or the slide's error; stops early when ``stop`` is set."""
+    """One reader: its slides' normalised tile batches, then each slide's TileSource, or the slide's error;
+    stops early when ``stop`` is set."""
     normalizer = StainNormalizer.from_state(stain)
     for index, path in slides:
         if stop.is_set():
@@ -46,10 +45,9 @@ def _read(slides: Sequence[tuple[int, str]], settings: TileSettings, batch: int,
                 if stop.is_set():
                     return
                 put((index, normalizer.batch(pixels) if normalizer is not None else pixels))
-            put((index, replace(source, batches=iter(()))))
+            put((index, source))
         except Exception as err:  # noqa: BLE001 - the slide fails, never the reader
-            error = _as_error(path, err)
-            put((index, str(error) if not isinstance(error, ImageError) else ("image", error.path, error.problem)))
+            put((index, _as_error(path, err)))
 
 
 def read_ahead(slides: Sequence[Any], settings: TileSettings, depth: int, batch: int,
@@ -82,10 +80,6 @@ def _slide_items(items: Any, worker: Any, path: str) -> Iterator[tuple[int, Any]
             if not worker.is_alive():
                 raise RuntimeError(f"the reader of {path} ended without handing it over") from None
             continue
-        if isinstance(item, tuple) and item and item[0] == "image":
-            item = ImageError(item[1], item[2])
-        elif isinstance(item, str):
-            item = InputError(item)
         yield index, item
         if not isinstance(item, np.ndarray):
             return
