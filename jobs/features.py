@@ -12,6 +12,7 @@ from typing import Any, Optional
 from hpc import ArrayJobError, run_array
 from hpc.task import task_setup, thread_share
 from jobs.run_folder import Run
+from lymphoma.backbones import require_weight_file
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.files import write_csv_atomic
@@ -65,9 +66,8 @@ def check_encoder(run: Run, checkpoint: Optional[Path]) -> None:
     elif model.backbone is None:
         raise InputError("lymphoma features needs an encoder: --checkpoint of a trained model, or model.backbone "
                          "(with model.weights) for a pretrained one")
-    elif model.weights is not None and not Path(model.weights).is_file():
-        raise InputError(f"model.weights={model.weights}: file not found; give a local weight file (nothing is "
-                         "downloaded)")
+    elif model.weights is not None:
+        require_weight_file(model.weights)
 
 
 def run_features(run: Run, checkpoint: Optional[Path], slides: list[SlideInput],

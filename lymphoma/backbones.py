@@ -95,12 +95,18 @@ def build_backbone(architecture: dict[str, Any]) -> Backbone:
     return model
 
 
-def read_weight_file(path: str | Path, setting: str = "model.weights") -> dict[str, torch.Tensor]:
-    """The tensors of a weight file, unwrapped from ``{"state_dict": ...}``-style containers."""
+def require_weight_file(path: str | Path, setting: str = "model.weights") -> Path:
+    """The weight file, which must exist here: nothing is ever downloaded."""
     path = Path(path)
     if not path.is_file():
         raise InputError(f"{setting}={path}: file not found; give a local weight file ({', '.join(WEIGHT_SUFFIXES)}): "
-                         "nothing is downloaded")
+                         f"nothing is downloaded (or {setting}=null to start from random weights)")
+    return path
+
+
+def read_weight_file(path: str | Path, setting: str = "model.weights") -> dict[str, torch.Tensor]:
+    """The tensors of a weight file, unwrapped from ``{"state_dict": ...}``-style containers."""
+    path = require_weight_file(path, setting)
     if path.suffix not in WEIGHT_SUFFIXES:
         raise InputError(f"{setting}={path}: unknown format {path.suffix!r}; allowed: {', '.join(WEIGHT_SUFFIXES)}")
     try:

@@ -107,9 +107,10 @@ def preflight(settings: FitSettings, tiles_dir: Path, out_dir: Path) -> None:
 def _check_backbone(settings: FitSettings, tiles_dir: Path) -> None:
     """The pretrained weight file exists; a note when the tiles' resolution is not the one it was pretrained at."""
     model = settings.model
-    if model.weights is not None and not Path(model.weights).is_file():
-        raise InputError(f"model.weights={model.weights}: file not found; give a local weight file (nothing is "
-                         "downloaded) or model.weights=null to start from random weights")
+    if model.weights is not None:
+        from lymphoma.backbones import require_weight_file
+
+        require_weight_file(model.weights)
     tiled_at = load_manifest(tiles_dir)["tiles"].get("target_mpp")
     if model.mpp is not None and tiled_at != model.mpp:
         where = f"tiles.target_mpp={tiled_at}" if tiled_at else "the images' own pixels (tiles.target_mpp=null)"
