@@ -4,13 +4,13 @@ HDF5 file per slide in the CLAM/TRIDENT layout, resumable per slide, failed slid
 from __future__ import annotations
 
 import argparse
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
 from hpc import ArrayJobError, run_array
 from hpc.task import task_setup, thread_share
+from jobs.predict import gather_records
 from jobs.run_folder import Run
 from lymphoma.backbones import require_weight_file
 from lymphoma.checkpoint import load_checkpoint
@@ -90,15 +90,7 @@ def run_features(run: Run, checkpoint: Optional[Path], slides: list[SlideInput],
     except ArrayJobError as err:
         failure, results = err, err.results
     resumed = {r["key"] for chunk in results if chunk for r in chunk if r.get("resumed")}
-    records = []
-    for index, chunk in enumerate(chunks):
-        for slide in chunk:
-            path = out_dir / "records" / f"{slide.key}.json"
-            record = json.loads(path.read_text()) if path.is_file() else None
-            if record is None or record.get("path") != slide.path:
-                record = {"key": slide.key, "path": slide.path, "status": "failed", "label": slide.label,
-                          "case": slide.case, "file": "", "error": f"its task {index} died before writing it"}
-            records.append({**record, "resumed": slide.key in resumed})
+    records = [{**r, "resumed": r["key"] in resumed} for r in gather_records(out_dir / "records", chunks, failure)]
     write_csv_atomic(out_dir / "features.csv", ["key", "path", "label", "case", "status", "n_tiles", "feature_dim",
                                                  "file", "error"],
                      ([r["key"], r["path"], r.get("label") or "", r.get("case") or "", r["status"], r.get("n_tiles", ""),

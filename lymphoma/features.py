@@ -24,7 +24,7 @@ from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.model import Ensemble, build_model
-from lymphoma.prediction import Predictor, SlideInput
+from lymphoma.prediction import Predictor, SlideInput, read_record
 from lymphoma.settings import AugmentSettings, ModelSettings, StainSettings, TileSettings
 from lymphoma.stain import StainNormalizer, fit_target
 from lymphoma.tile_sources import TileSource
@@ -102,11 +102,8 @@ class FeatureWriter:
         return self.out_dir / "records" / f"{slide.key}.json"
 
     def complete(self, slide: SlideInput) -> Optional[dict[str, Any]]:
-        try:
-            record = json.loads(self._record_path(slide).read_text())
-        except (OSError, json.JSONDecodeError):
-            return None
-        ok = (record.get("path") == slide.path and record.get("status") == "ok"
+        record = read_record(self.out_dir / "records", slide)
+        ok = (record is not None and record.get("status") == "ok"
               and record.get("fingerprint") == self.meta["fingerprint"] and Path(record["file"]).is_file())
         return {**record, "resumed": True} if ok else None
 
