@@ -34,14 +34,15 @@ def read_cohort(features_dir: Path) -> list[dict[str, str]]:
     return rows
 
 
-def make_bags(rows: list[dict[str, str]], classes: list[str], bag: str) -> list[Bag]:
-    """One bag per slide, or per case (its slides' tiles together); every file must come from one encoder."""
+def make_bags(rows: list[dict[str, str]], classes: list[str], bag: str) -> tuple[list[Bag], dict[str, Any]]:
+    """One bag per slide, or per case (its slides' tiles together), and the encoder they come from (backbone,
+    fingerprint, tile size): every file must come from one encoder."""
     slides, encoders = {}, set()
     for row in rows:
         if row["label"] not in classes:
             raise InputError(f"{row['file']}: class {row['label']!r} is not one of data.classes {classes}")
         features, _, attrs = read_features(row["file"])
-        encoders.add((attrs.get("backbone"), attrs.get("fingerprint")))
+        encoders.add((str(attrs.get("backbone")), str(attrs.get("fingerprint")), int(attrs.get("tile_size", 0))))
         slides[row["key"]] = (features, classes.index(row["label"]), row["case"])
     if len(encoders) > 1:
         raise InputError(f"the feature files come from {len(encoders)} encoders or settings ({sorted(encoders)[:2]}); "
@@ -49,8 +50,10 @@ def make_bags(rows: list[dict[str, str]], classes: list[str], bag: str) -> list[
     groups: dict[str, list[str]] = defaultdict(list)
     for key, (_, _, case) in slides.items():
         groups[key if bag == "slide" else case].append(key)
-    return [Bag(name, np.concatenate([slides[k][0] for k in keys]), slides[keys[0]][1],
+    bags = [Bag(name, np.concatenate([slides[k][0] for k in keys]), slides[keys[0]][1],
                 np.concatenate([[k] * len(slides[k][0]) for k in keys])) for name, keys in sorted(groups.items())]
+    backbone, fingerprint, tile_size = encoders.pop()
+    return bags, {"backbone": backbone, "fingerprint": fingerprint, "tile_size": tile_size}
 
 
 def fold_records(bags: list[Bag], case_of: dict[str, str], rows_by_key: dict[str, dict[str, str]],
@@ -100,7 +103,8 @@ def run_mil(run: Run) -> dict[str, Any]:
     cohorts = {folder: read_cohort(folder) for folder in set(folders.values())}
     first = next(iter(cohorts.values()))
     classes = list(cfg.data.classes or sorted({r["label"] for r in first}))
-    bags_of = {folder: make_bags(rows, classes, settings.bag) for folder, rows in cohorts.items()}
+    made = {folder: make_bags(rows, classes, settings.bag) for folder, rows in cohorts.items()}
+    bags_of = {folder: bags for folder, (bags, _) in made.items()}
     records = [ImageRecord(r["path"], r["label"], r["case"]) for r in first]
     out = run.dir / "mil"
     reports, predictions = [], []
@@ -125,11 +129,9 @@ def run_mil(run: Run) -> dict[str, Any]:
     if len(cohorts) == 1:
         bags = next(iter(bags_of.values()))
         final = train_mil(bags, len(classes), settings)
-        _, _, attrs = read_features(first[0]["file"])
         torch.save({"model": final.state_dict(), "in_dim": int(bags[0].features.shape[1]), "classes": classes,
                     "settings": vars(settings), "features": str(features_dir),
-                    "encoder": {"backbone": str(attrs.get("backbone")), "fingerprint": str(attrs.get("fingerprint")),
-                                "tile_size": int(attrs.get("tile_size", 0))}}, out / "mil.pt")
+                    "encoder": next(iter(made.values()))[1]}, out / "mil.pt")
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_text_atomic(out / "report.txt", format_mil_report(report) + "\n")
     write_csv_atomic(out / "predictions.csv", ["repeat", "fold", "image", "case", "truth", "predicted", "confidence"],
@@ -176,19 +178,18 @@ def predict_mil(run: Run, features_dir: Path) -> Path:
     settings, classes = MILSettings(**state["settings"]), list(state["classes"])
     with (features_dir / "features.csv").open(newline="") as handle:
         rows = [r for r in csv.DictReader(handle) if r["status"] == "ok"]
-    for row in rows:
-        attrs = read_features(row["file"])[2]
-        if str(attrs.get("fingerprint")) != state["encoder"]["fingerprint"]:
-            raise InputError(f"{row['file']}: embedded by {attrs.get('backbone')} (tile size {attrs.get('tile_size')}) "
-                             f"with other settings than the MIL model was trained on ({state['encoder']['backbone']}, "
-                             f"tile size {state['encoder']['tile_size']}); extract with the same encoder and settings")
+    # new slides may have no class (bags need one: it is not used) or no case (each slide its own)
+    rows_by_key = {r["key"]: {**r, "label": r["label"] or classes[0], "case": r["case"] or r["key"]} for r in rows}
+    bags, encoder = make_bags(list(rows_by_key.values()), classes, settings.bag)
+    if encoder["fingerprint"] != state["encoder"]["fingerprint"]:
+        raise InputError(f"{features_dir}: embedded by {encoder['backbone']} (tile size {encoder['tile_size']}) with "
+                         f"other settings than the MIL model was trained on ({state['encoder']['backbone']}, tile size "
+                         f"{state['encoder']['tile_size']}); extract with the same encoder and settings")
     model = GatedAttentionMIL(int(state["in_dim"]), len(classes), settings.hidden, settings.attention, settings.dropout)
     model.load_state_dict(state["model"])
     model.eval()
     out, lines, attention = run.dir / "mil" / "predict", [], {}
-    # new slides may have no class (bags need one: it is not used) or no case (each slide its own)
-    rows_by_key = {r["key"]: {**r, "label": r["label"] or classes[0], "case": r["case"] or r["key"]} for r in rows}
-    for bag in make_bags(list(rows_by_key.values()), classes, settings.bag):
+    for bag in bags:
         probs, weights = predict_bag(model, bag.features)
         for key in dict.fromkeys(bag.slides.tolist()):
             attention[key] = weights[bag.slides == key]
