@@ -5,7 +5,8 @@ torch, from its own modules: ``hpc.task`` (``task_setup``, the device, threads a
 runs in) and ``hpc.distributed`` (``resolve``, who this process is in its job).
 """
 
-from hpc.array import ArrayJobError, TaskFailure, run_array, wait_for
+from hpc.array import ArrayJobError, SubmissionError, TaskFailure, run_array, submit, wait_for
 from hpc.executors import EXECUTOR_KINDS, ExecutorSettings, make_executor
 
-__all__ = ["EXECUTOR_KINDS", "ArrayJobError", "ExecutorSettings", "TaskFailure", "make_executor", "run_array", "wait_for"]
+__all__ = ["EXECUTOR_KINDS", "ArrayJobError", "ExecutorSettings", "SubmissionError", "TaskFailure", "make_executor",
+           "run_array", "submit", "wait_for"]

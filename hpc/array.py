@@ -40,6 +40,29 @@ class ArrayJobError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
+class SubmissionError(RuntimeError):
+    """The cluster refused a job at submission (sbatch's reason quoted); nothing of it runs."""
+
+
+def submit(executor: submitit.AutoExecutor, fn: Callable[..., R], *args: Any) -> submitit.Job[R]:
+    """``executor.submit`` with a refusal by the scheduler turned into one SubmissionError."""
+    return _refused_as_error(executor, lambda: executor.submit(fn, *args))
+
+
+def _refused_as_error(executor: submitit.AutoExecutor, submit_now: Callable[[], Any]) -> Any:
+    """Run a submission; sbatch's refusal becomes a SubmissionError that quotes its reason and the fix."""
+    try:
+        return submit_now()
+    except submitit.core.utils.FailedJobError as err:
+        if executor.cluster != "slurm":
+            raise
+        reason = "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or "no reason given"
+        raise SubmissionError(
+            f"the SLURM scheduler refused the job: {reason}\n  fix: ask for what the cluster has (cluster.mem_gb, "
+            "cluster.cpus_per_task, cluster.gpus_per_node, cluster.partition, ...: in your profile "
+            "configs/cluster/<name>.yaml or as overrides; `sinfo -N -l` lists the nodes)") from None
+
+
 def wait_for(job: submitit.Job[Any], name: str) -> list[Any]:
     """The results of every task of one job (e.g. a multi-process training); ArrayJobError names the logs."""
     try:
@@ -118,14 +141,14 @@ def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequ
     waiting = list(range(len(items)))
     running: dict[int, submitit.Job[Any]] = {}
     if executor.cluster != "local" and items:  # one array job; SLURM applies the parallelism itself
-        running, waiting = dict(enumerate(executor.map_array(fn, items))), []
+        running, waiting = dict(enumerate(_refused_as_error(executor, lambda: executor.map_array(fn, items)))), []
     if executor.cluster == "debug":  # each task runs in this process, in order, when its result is asked
         for index in sorted(running):
             finish(index, running.pop(index))
     while waiting or running:
         while waiting and len(running) < parallelism:  # local: at most `parallelism` processes at once
             index = waiting.pop(0)
-            running[index] = executor.submit(fn, items[index])
+            running[index] = submit(executor, fn, items[index])
         for index, job in list(running.items()):
             if _ended(job, executor.cluster):
                 finish(index, running.pop(index))

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from hpc import ArrayJobError
+from hpc import ArrayJobError, SubmissionError
 from jobs.run_folder import open_run
 from lymphoma.errors import InputError
 
@@ -169,12 +169,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = open_run(args.config, args.overrides + _launch_overrides(args), args.cluster)
         module = importlib.import_module(f"jobs.{COMMANDS[args.command]}")
         return module.command(args, run)
-    except (InputError, ArrayJobError) as err:
+    except (InputError, SubmissionError, ArrayJobError) as err:
         print(f"lymphoma {args.command}: error: {err}", file=sys.stderr)
         if isinstance(err, ArrayJobError):
             print("finished tasks' outputs are kept: fix the cause and rerun the same command to redo only "
                   "the failed ones", file=sys.stderr)
-        return 2 if isinstance(err, InputError) else 1
+        return 1 if isinstance(err, ArrayJobError) else 2
 
 
 if __name__ == "__main__":

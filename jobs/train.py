@@ -10,7 +10,7 @@ from typing import Any
 
 import submitit
 
-from hpc import wait_for
+from hpc import submit, wait_for
 from hpc.task import task_setup
 from jobs.run_folder import Run
 from lymphoma.checkpoint import load_checkpoint
@@ -77,7 +77,7 @@ def run_train(run: Run) -> list[dict[str, Any]]:
     _warn_if_resuming_other_settings(run.checkpoints / "last.pt", run)
     run.train.mkdir(exist_ok=True)
     with run.lock("train"):
-        job = run.executor("train").submit(TrainJob(), run)
+        job = submit(run.executor("train"), TrainJob(), run)
         print(f"training job {job.job_id}: logs in {run.train / 'logs'}", flush=True)
         results = wait_for(job, f"train-{cfg.run.name}")
     return results

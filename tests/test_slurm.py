@@ -193,3 +193,25 @@ def test_features_run_as_a_slurm_array_one_task_per_chunk_of_slides(make_dataset
     tasks = settled_tasks(f"features-{name}", 3)
     assert sorted(job.split("_")[1] for job, _ in tasks) == ["0", "1", "2"] and {s for _, s in tasks} == {"COMPLETED"}
     assert len(list((out_dir / "h5_files").glob("*.h5"))) == 6
+
+
+def test_the_readmes_slurm_recipe_works_as_written_and_a_refusal_quotes_sbatch(tmp_path):
+    """README: start the local cluster, then `lymphoma tile -c configs/lymphoma-lowres.yaml --cluster slurm` with the
+    generic profile (16 GB a task) on the real data; a request no node can meet is one error quoting sbatch, rc 2."""
+    import json
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    command = [sys.executable, "-m", "jobs.cli", "tile", "-c", "configs/lymphoma-lowres.yaml", "--cluster", "slurm",
+               f"run.root={tmp_path}"]
+    done = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    manifest = json.loads((tmp_path / "lymphoma-lowres" / "tiles" / "manifest.json").read_text())
+    assert sum(p["n_images"] for p in manifest["phases"].values()) == 307
+    refused = subprocess.run([*command, "cluster.mem_gb=1000", "run.name=too-big"], cwd=repo, capture_output=True,
+                             text=True, timeout=120)
+    assert refused.returncode == 2
+    assert "refused the job" in refused.stderr and "Memory specification can not be satisfied" in refused.stderr
+    assert "cluster.mem_gb" in refused.stderr and "Traceback" not in refused.stderr
+    assert not (tmp_path / "too-big" / "tiles" / "manifest.json").exists()
