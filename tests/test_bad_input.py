@@ -80,6 +80,14 @@ def test_a_bad_compression_is_refused_before_any_task_is_submitted(make_dataset,
     assert err.count("unknown library") == 1 and not (tmp_path / "default" / "logs").exists()
 
 
+def test_a_stride_larger_than_the_tile_is_refused_saying_how_much_would_be_lost(make_dataset, tmp_path, capsys):
+    source = make_dataset(cases_per_class=1, images_per_case=1)
+    assert main(["tile", f"data.source={source}", f"run.root={tmp_path}", "tiles.size=64", "tiles.stride=128"]) == 2
+    err = capsys.readouterr().err
+    assert "tiles.stride (128) is larger than tiles.size (64): 75% of every image would lie between tiles" in err
+    assert "set tiles.stride <= tiles.size" in err and not (tmp_path / "default" / "tiles").exists()
+
+
 def test_config_errors_name_the_file_and_key(tmp_path):
     bad_yaml = tmp_path / "bad.yaml"
     bad_yaml.write_text("tiles:\n  size: 128\n stride: [\n")
