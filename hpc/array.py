@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import os
+import sys
 import time
+import traceback
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -66,10 +69,34 @@ def _refused_as_error(executor: submitit.AutoExecutor, submit_now: Callable[[], 
 def wait_for(job: submitit.Job[Any], name: str) -> list[Any]:
     """The results of every task of one job (e.g. a multi-process training); ArrayJobError names the logs."""
     try:
-        return job.results()
+        return [_run_in_process(job)] if isinstance(job, submitit.DebugJob) else job.results()
     except Exception as err:  # noqa: BLE001 - reported with the job's logs
         failure = TaskFailure(0, str(job.job_id), f"{type(err).__name__}: {err}", job.paths.stdout, job.paths.stderr)
         raise ArrayJobError(name, [failure], [None]) from None
+
+
+def _run_in_process(job: submitit.DebugJob) -> Any:
+    """A debug task, run here as submitit's DebugJob runs it, except that its exception is written with the
+    traceback to stderr and the task's log and raised: never a post-mortem prompt waiting at a terminal."""
+    saved = dict(os.environ)
+    os.environ.update(job.environ)  # SUBMITIT_DEBUG_JOB_ID: the task sees its job environment
+    try:
+        return job.submission().result()
+    except Exception:
+        text = traceback.format_exc()
+        job.paths.stderr.parent.mkdir(parents=True, exist_ok=True)
+        with open(job.paths.stderr, "a", encoding="utf-8") as log:
+            log.write(text)
+        sys.stderr.write(text)
+        raise
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _result(job: submitit.Job[Any]) -> Any:
+    """A task's result (debug tasks run now, in this process)."""
+    return _run_in_process(job) if isinstance(job, submitit.DebugJob) else job.result()
 
 
 def _ended(job: submitit.Job[Any], cluster: str) -> bool:
@@ -128,7 +155,7 @@ def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequ
 
     def finish(index: int, job: submitit.Job[Any]) -> None:
         try:
-            results[index] = job.result()
+            results[index] = _result(job)
         except Exception as err:  # noqa: BLE001 - any task error is reported with its logs
             failed = isinstance(err, submitit.core.utils.FailedJobError) or \
                 not isinstance(err, submitit.core.utils.UncompletedJobError)

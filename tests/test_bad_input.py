@@ -72,6 +72,24 @@ def test_strict_mode_fails_naming_the_file(bad_images, tmp_path, capsys):
     assert "_log.err" in err and not (tmp_path / "default" / "tiles" / "manifest.json").exists()
 
 
+def test_a_failing_debug_task_reports_its_traceback_and_never_waits_at_a_debugger_prompt(bad_images, tmp_path):
+    """--cluster debug: a task that raises writes its traceback to stderr and its log and the command exits 1,
+    with stdin an open pipe (a post-mortem (Pdb) prompt would wait on it for good)."""
+    command = [sys.executable, "-m", "jobs.cli", "tile", "--no-progress", "--cluster", "debug",
+               f"data.source={bad_images}", f"run.root={tmp_path}", "tiles.strict=true"]
+    with subprocess.Popen(command, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as process:
+        try:
+            out, err = process.communicate(timeout=120)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            pytest.fail("the debug task waits at a prompt: " + process.communicate()[0][-300:])
+    assert process.returncode == 1 and "(Pdb)" not in out
+    assert "Traceback (most recent call last)" in err and "ImageError" in err
+    logs = "".join(p.read_text() for p in (tmp_path / "default" / "logs" / "tile").rglob("*_log.err"))
+    assert "Traceback (most recent call last)" in logs and "ImageError" in logs
+
+
 def test_a_bad_compression_is_refused_before_any_task_is_submitted(make_dataset, tmp_path, capsys):
     source = make_dataset(cases_per_class=1, images_per_case=1)
     assert main(["tile", f"data.source={source}", f"run.root={tmp_path}", "tiles.compression=foo:9"]) == 2
