@@ -11,6 +11,9 @@ import numpy as np
 import torch
 
 from lymphoma.errors import InputError
+from lymphoma.settings import AugmentSettings, TileSettings
+
+DENSENET_FIELDS = ("growth_rate", "block_config", "num_init_features", "bn_size", "drop_rate", "num_classes")
 
 
 def rng_state() -> dict[str, Any]:
@@ -52,10 +55,36 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
         raise InputError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is damaged or not "
                          "a lymphoma checkpoint: use another (e.g. last.pt beside it) or train again") from None
-    missing = [key for key in ("model", "architecture", "classes", "epoch") if key not in state]
+    missing = [key for key in ("model", "architecture", "classes", "epoch", "tiles", "augment") if key not in state]
     if missing:
         raise InputError(f"checkpoint {path} lacks {missing}; it was not written by `lymphoma train`")
+    problem = _contents_problem(state)
+    if problem:
+        raise InputError(f"checkpoint {path} is inconsistent: {problem}; it was damaged or edited after "
+                         "`lymphoma train` wrote it: use another checkpoint (e.g. last.pt beside it) or train again")
     return state
+
+
+def _contents_problem(state: dict[str, Any]) -> str | None:
+    """What does not fit together in a checkpoint's fields (None when nothing), before anything is built."""
+    arch, classes = state["architecture"], state["classes"]
+    if not isinstance(arch, dict):
+        return f"'architecture' is a {type(arch).__name__}, not a mapping"
+    needed = ("backbone", "num_classes") if arch.get("backbone") else DENSENET_FIELDS
+    lacking = [key for key in needed if key not in arch]
+    if lacking:
+        return f"'architecture' lacks {lacking}"
+    if not isinstance(classes, (list, tuple)) or not all(isinstance(c, str) for c in classes) or \
+            len(set(classes)) != len(classes):
+        return f"'classes' must be distinct class names, got {classes!r}"
+    if len(classes) != int(arch["num_classes"]):
+        return f"'classes' names {len(classes)} classes {list(classes)} but the model's head has {arch['num_classes']}"
+    for key, settings in (("tiles", TileSettings), ("augment", AugmentSettings)):
+        known = set(settings.__dataclass_fields__)
+        if not isinstance(state[key], dict) or set(state[key]) - known:
+            unknown = sorted(set(state[key]) - known) if isinstance(state[key], dict) else state[key]
+            return f"{key!r} holds settings this version does not know: {unknown}"
+    return None
 
 
 def load_model_weights(model: torch.nn.Module, state: dict[str, Any], path: str | Path) -> None:

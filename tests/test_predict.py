@@ -169,6 +169,28 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
                       compile_case_pattern(r"^(?P<case>.+)_\d+$"))
 
 
+def test_an_inconsistent_checkpoint_names_what_is_wrong(checkpoint, cohort, tmp_path, capsys):
+    """Architecture lacking keys, class names that disagree with the head, unknown tile settings: rc 2, named."""
+    import torch
+
+    state = load_checkpoint(checkpoint)
+    edits = {
+        "no-growth": (dict(state, architecture={k: v for k, v in state["architecture"].items() if k != "growth_rate"}),
+                      "'architecture' lacks ['growth_rate']"),
+        "two-names": (dict(state, classes=["CLL", "FL"]),
+                      "'classes' names 2 classes ['CLL', 'FL'] but the model's head has 3"),
+        "twin-names": (dict(state, classes=["CLL", "CLL", "MCL"]), "'classes' must be distinct class names"),
+        "odd-tiles": (dict(state, tiles={**state["tiles"], "zoom": 2}),
+                      "'tiles' holds settings this version does not know: ['zoom']"),
+    }
+    image = str(next(cohort.rglob("*.png")))
+    for name, (edited, message) in edits.items():
+        torch.save(edited, tmp_path / f"{name}.pt")
+        assert predict(tmp_path / f"{name}.pt", tmp_path / name, image) == 2
+        err = capsys.readouterr().err
+        assert f"{name}.pt is inconsistent: {message}" in err and "Traceback" not in err, err
+
+
 def test_the_whole_pipeline_on_a_small_real_subset(make_dataset, tmp_path, capsys):
     source = make_dataset(2, 2)
     code = main(["run", "--no-progress", f"data.source={source}", f"run.root={tmp_path}", "run.name=e2e", *FAST,
