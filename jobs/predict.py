@@ -15,7 +15,7 @@ from lymphoma.checkpoint import load_checkpoint
 from lymphoma.cohort_report import write_report
 from lymphoma.errors import InputError
 from lymphoma.inputs import compile_case_pattern
-from lymphoma.prediction import SlideInput, checkpoint_fingerprint, outputs_complete, read_record
+from lymphoma.prediction import SlideInput, checkpoint_fingerprint, outputs_complete, read_record, with_tiles
 from lymphoma.prediction_inputs import expand_inputs
 from lymphoma.settings import PredictSettings
 
@@ -47,21 +47,23 @@ class PredictTask:
     out_dir: str
     settings: PredictSettings
     threads: int
+    tiles: Optional[dict[str, Any]] = None  # tile settings used instead of the checkpoint's (--force)
 
 
 def predict_chunk(checkpoint: Path, slides: Sequence[SlideInput], out_dir: Path, settings: PredictSettings,
-                  device: Any) -> list[dict[str, Any]]:
+                  device: Any, tiles: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
     """Load the model once, then predict each slide that is not complete yet into ``out_dir``."""
     from lymphoma.prediction import Predictor, predict_slides
 
-    predictor = Predictor.from_checkpoint(checkpoint, device, settings.batch_size, settings.tta)
+    predictor = Predictor.from_checkpoint(checkpoint, device, settings.batch_size, settings.tta, tiles)
     return predict_slides(predictor, slides, out_dir, settings.prefetch, settings.heatmaps, readers=settings.readers)
 
 
 def run_predict_task(task: PredictTask) -> list[dict[str, Any]]:
     """The array task's entry point."""
     with task_setup(task.threads) as setup:
-        return predict_chunk(Path(task.checkpoint), task.slides, Path(task.out_dir), task.settings, setup.device)
+        return predict_chunk(Path(task.checkpoint), task.slides, Path(task.out_dir), task.settings, setup.device,
+                             task.tiles)
 
 
 @dataclass
@@ -87,15 +89,28 @@ def prepare_out_dir(out_dir: Path) -> Path:
     return out_dir
 
 
+def forced_tiles(run: Run, request: PredictRequest, state: dict[str, Any]) -> dict[str, Any]:
+    """The user's tile settings that replace the checkpoint's: those that differ, only with ``--force`` (without
+    it they are an error that says what --force means); ``tiles.default_mpp`` (the resolution of files that
+    record none) always, since it describes the slides, not the model."""
+    mine = run.config.tiles
+    differ = mine.model_input_differences(state["tiles"]) if request.explicit_tiles else {}
+    if differ and not request.force:
+        detail = ", ".join(f"tiles.{k}={new} but the model was trained with {old}" for k, (new, old) in differ.items())
+        pixel_model = "target_mpp" in differ and state["tiles"].get("target_mpp") is None and \
+            state["tiles"].get("target_power") is None
+        why = (" (on pixel tiles of images whose resolution it does not know)" if pixel_model else "")
+        raise InputError(f"{request.checkpoint}: {detail}{why}; drop those settings to tile as the model was "
+                         "trained, or pass --force to tile with yours: the model then sees tiles unlike its "
+                         "training tiles, which is right only where they match them in size and resolution")
+    forced = {key: new for key, (new, _) in differ.items()}
+    if mine.default_mpp is not None:
+        forced["default_mpp"] = mine.default_mpp
+    return forced
+
+
 def request_slides(run: Run, request: PredictRequest, state: dict[str, Any]) -> list[SlideInput]:
-    """The slides to predict, after checking that the user's tile settings are the ones the model saw."""
-    if request.explicit_tiles and not request.force:
-        differ = run.config.tiles.model_input_differences(state["tiles"])
-        if differ:
-            detail = ", ".join(f"tiles.{k}={mine} but the model was trained with {theirs}"
-                               for k, (mine, theirs) in differ.items())
-            raise InputError(f"{request.checkpoint}: {detail}; drop those settings (the checkpoint's are used) "
-                             "or pass --force")
+    """The slides to predict (the user's tile settings are checked by ``forced_tiles``)."""
     if request.slides is not None:
         return list(request.slides)
     return expand_inputs(list(request.patterns), request.list_file, request.basepath, list(state["classes"]),
@@ -106,7 +121,9 @@ def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     """Predict every slide (resuming complete ones) as an array job and write the cohort report."""
     cfg = run.config
     checkpoint = Path(request.checkpoint).resolve()
-    state = load_checkpoint(checkpoint)
+    saved = load_checkpoint(checkpoint)
+    tiles = forced_tiles(run, request, saved)
+    state = with_tiles(saved, tiles)
     slides = request_slides(run, request, state)
     out_dir = prepare_out_dir(Path(request.out).absolute() if request.out else run.predict)
     run.save_config(out_dir / "config.yaml")
@@ -116,7 +133,7 @@ def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     per_task = max(1, cfg.predict.slides_per_task)
     chunks = [tuple(slides[i:i + per_task]) for i in range(0, len(slides), per_task)]
     threads = thread_share(min(cfg.cluster.parallelism, len(chunks)))
-    tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads) for chunk in chunks]
+    tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads, tiles) for chunk in chunks]
     failure = None
     try:
         run_array(run.executor("predict", out_dir / "logs" / "%j"), run_predict_task, tasks,

@@ -53,8 +53,10 @@ class Predictor:
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device, batch_size: int = 128,
-                        tta: bool = False) -> "Predictor":
-        state = load_checkpoint(path)
+                        tta: bool = False, tiles: Optional[dict[str, Any]] = None) -> "Predictor":
+        """The checkpoint's model and settings; ``tiles``: tile settings used instead of the checkpoint's
+        (``lymphoma predict --force``), part of the fingerprint."""
+        state = with_tiles(load_checkpoint(path), tiles)
         model = build_model(state["architecture"])
         load_model_weights(model, state, path)
         model.to(device, memory_format=torch.channels_last).eval()
@@ -89,6 +91,11 @@ def dihedral_views(x: torch.Tensor) -> Iterator[torch.Tensor]:
         rotated = torch.rot90(x, k, dims=(2, 3))
         yield rotated
         yield rotated.flip(3)
+
+
+def with_tiles(state: dict[str, Any], tiles: Optional[dict[str, Any]]) -> dict[str, Any]:
+    """The checkpoint's state with some tile settings replaced (none: unchanged)."""
+    return {**state, "tiles": {**state["tiles"], **tiles}} if tiles else state
 
 
 def checkpoint_fingerprint(path: Path, state: dict[str, Any], tta: bool = False) -> str:

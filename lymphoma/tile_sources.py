@@ -42,8 +42,10 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
     Raises ImageError naming the file when it cannot give any tile."""
     if not settings.by_resolution:
         if Path(path).suffix.lower() in WSI_SUFFIXES:
-            raise ImageError(path, "is a whole-slide file: set tiles.target_mpp (e.g. 0.5) or tiles.target_power "
-                                   "(e.g. 20) to tile it at a resolution")
+            raise ImageError(path, "is a whole-slide file, and these tiles are cut by pixels (tiles.target_mpp "
+                                   "unset). Tiling: set tiles.target_mpp (e.g. 0.5) or tiles.target_power (e.g. 20). "
+                                   "Predicting: use a model trained with tiles.target_mpp, or pass --force "
+                                   "tiles.target_mpp=<microns per pixel of this model's training images>")
         image = read_rgb(path)
         cut = cut_tiles(image, settings)
         h, w = image.shape[:2]

@@ -191,6 +191,25 @@ def test_an_inconsistent_checkpoint_names_what_is_wrong(checkpoint, cohort, tmp_
         assert f"{name}.pt is inconsistent: {message}" in err and "Traceback" not in err, err
 
 
+def test_a_whole_slide_and_a_pixel_model_get_advice_that_works(checkpoint, data_root, tmp_path, capsys):
+    """A model trained on pixel tiles meets an .svs: the failed row says what will work, the override without
+    --force says what --force means, and --force tiles.target_mpp=... does tile the slide at that resolution."""
+    slide = data_root.parent / "wsi" / "CMU-1-Small-Region.svs"  # 2220 x 2967 px at 0.499 microns per pixel
+    assert predict(checkpoint, tmp_path / "a", str(slide)) == 1
+    out = capsys.readouterr().out
+    assert "Predicting: use a model trained with tiles.target_mpp, or pass --force tiles.target_mpp=" in out
+    assert predict(checkpoint, tmp_path / "b", str(slide), "tiles.target_mpp=2.0") == 2
+    err = capsys.readouterr().err
+    assert "tiles.target_mpp=2.0 but the model was trained with None (on pixel tiles of images whose resolution" in err
+    assert "pass --force to tile with yours" in err
+    assert predict(checkpoint, tmp_path / "c", str(slide), "tiles.target_mpp=2.0", "--force") == 0
+    record = json.loads((tmp_path / "c" / "slides" / "CMU-1-Small-Region.json").read_text())
+    outputs = np.load(tmp_path / "c" / "slides" / "CMU-1-Small-Region.npz")
+    assert record["n_tiles"] == len(outputs["coords"]) > 0
+    step = 64 * 2.0 / 0.499  # 64-px tiles at 2 microns per pixel: about 256 level-0 pixels apart
+    assert np.all(np.abs(np.diff(np.unique(outputs["coords"][:, 0])) - step) < 2)
+
+
 def test_the_whole_pipeline_on_a_small_real_subset(make_dataset, tmp_path, capsys):
     source = make_dataset(2, 2)
     code = main(["run", "--no-progress", f"data.source={source}", f"run.root={tmp_path}", "run.name=e2e", *FAST,
