@@ -4,6 +4,7 @@ and case when known."""
 from __future__ import annotations
 
 import glob
+import os
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -61,7 +62,18 @@ def _read_tsv(path: Path, basepath: Optional[Path]) -> list[tuple[str, Optional[
             raise InputError(f"{path}, line {number}: expected tab-separated path[, label[, case]], got {line!r}")
         if number == 1 and fields[0].lower() in ("path", "file", "filename"):
             continue  # a header
-        file = Path(fields[0]) if basepath is None or Path(fields[0]).is_absolute() else basepath / fields[0]
+        file = Path(fields[0]) if basepath is None or Path(fields[0]).is_absolute() else \
+            _inside(basepath, fields[0], f"{path}, line {number}")
         rows.append((str(file), (fields[1] or None) if len(fields) > 1 else None,
                      (fields[2] or None) if len(fields) > 2 else None))
     return rows
+
+
+def _inside(basepath: Path, relative: str, where: str) -> Path:
+    """``basepath / relative``, refused when ``..`` takes it outside the base path."""
+    base = Path(os.path.normpath(basepath.absolute()))
+    file = Path(os.path.normpath(base / relative))
+    if not file.is_relative_to(base):
+        raise InputError(f"{where}: {relative!r} leads outside --basepath {basepath}; relative paths must stay "
+                         "inside it (write an absolute path for a file elsewhere)")
+    return file
