@@ -17,9 +17,10 @@ from lymphoma.errors import InputError
 from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import SlideInput, checkpoint_fingerprint, outputs_complete, read_record, with_tiles
 from lymphoma.prediction_inputs import expand_inputs
-from lymphoma.settings import PredictSettings
+from lymphoma.settings import PredictSettings, TileSettings
 
 MARKER = ".lymphoma-predict"
+SLIDE_KEYS = ("default_mpp", "max_pixels")  # tile settings that describe the slides: the user's, not the checkpoint's
 
 
 @dataclass(frozen=True)
@@ -92,7 +93,7 @@ def prepare_out_dir(out_dir: Path) -> Path:
 def forced_tiles(run: Run, request: PredictRequest, state: dict[str, Any]) -> dict[str, Any]:
     """The user's tile settings that replace the checkpoint's: those that differ, only with ``--force`` (without
     it they are an error that says what --force means); ``tiles.default_mpp`` (the resolution of files that
-    record none) always, since it describes the slides, not the model."""
+    record none) and ``tiles.max_pixels`` (the largest plain image read) always."""
     mine = run.config.tiles
     differ = mine.model_input_differences(state["tiles"]) if request.explicit_tiles else {}
     if differ and not request.force:
@@ -104,8 +105,9 @@ def forced_tiles(run: Run, request: PredictRequest, state: dict[str, Any]) -> di
                          "trained, or pass --force to tile with yours: the model then sees tiles unlike its "
                          "training tiles, which is right only where they match them in size and resolution")
     forced = {key: new for key, (new, _) in differ.items()}
-    if mine.default_mpp is not None:
-        forced["default_mpp"] = mine.default_mpp
+    for key in SLIDE_KEYS:  # they describe the slides, not the model: the user's, when set
+        if getattr(mine, key) != getattr(TileSettings(), key):
+            forced[key] = getattr(mine, key)
     return forced
 
 

@@ -28,17 +28,33 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES + WSI_SUFFIXES
 
 
-def read_rgb(path: str | Path) -> np.ndarray:
+DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own refusal threshold (2 x Image.MAX_IMAGE_PIXELS)
+Image.MAX_IMAGE_PIXELS = None  # read_rgb applies its own, configurable limit (tiles.max_pixels) instead
+
+
+def _check_size(path: Path, size: tuple[int, int], max_pixels: int) -> None:
+    """Refuse an image whose header declares more than ``max_pixels`` pixels, before anything is decoded."""
+    width, height = size
+    if width * height > max_pixels:
+        raise ImageError(path, f"declares {width} x {height} = {width * height:,} pixels, more than tiles.max_pixels "
+                               f"({max_pixels:,}): possibly a decompression bomb; if it is a real image, raise "
+                               f"tiles.max_pixels (decoding takes {3 * width * height / 2**30:.1f} GiB) or tile it as "
+                               "a whole slide (tiles.target_mpp)")
+
+
+def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an image file to a ``[H, W, 3]`` uint8 array.
 
     Raises ImageError naming the file for missing, corrupt, truncated, grayscale, RGBA or other
-    non-RGB images, so that a caller can skip the file and go on.
+    non-RGB images, and for one whose header declares more than ``max_pixels`` pixels (a possible
+    decompression bomb, refused before decoding), so that a caller can skip the file and go on.
     """
     path = Path(path)
     if not path.is_file():
         raise ImageError(path, "file not found; fix the path or remove it from the input list")
     try:
         with Image.open(path) as img:
+            _check_size(path, img.size, max_pixels)
             mode = img.mode
             if mode != "RGB":
                 advice = _MODE_ADVICE.get(mode, f"has colour mode {mode}; re-export it as 8-bit RGB")

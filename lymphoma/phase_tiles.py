@@ -45,8 +45,8 @@ class PhaseTiles:
             self.classes, self.tile_size = classes, size
             sizes.append(len(labels[-1]))
         self.labels = np.concatenate(labels).astype(np.int64)
-        self.cases = np.concatenate(cases).astype(str)
-        self.filenames = np.concatenate(names).astype(str)
+        self.cases = np.char.decode(np.concatenate(cases), "utf-8")  # stored as UTF-8 bytes
+        self.filenames = np.char.decode(np.concatenate(names), "utf-8")
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self._pid = -1
         self._handles: dict[int, tables.File] = {}

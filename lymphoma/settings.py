@@ -44,7 +44,7 @@ class SplitSettings:
 
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
 MODEL_INPUT_KEYS = ("size", "stride", "resize", "pad", "target_mpp", "target_power")
-STORE_KEYS = ("compression", "images_per_shard", "strict")
+NOT_PIXEL_KEYS = ("compression", "images_per_shard", "strict", "max_pixels")  # the tiles' pixels do not depend on them
 
 
 @dataclass(frozen=True)
@@ -68,6 +68,8 @@ class TileSettings:
     compression: str = "blosc:zstd:1"  # none | zlib:6 (the tutorial's) | blosc:zstd:1 | blosc:lz4 | ... (see bench/)
     images_per_shard: int = 32     # one shard per array task
     strict: bool = False           # true: a bad image fails the job instead of being skipped
+    max_pixels: int = 178_956_970  # plain images declaring more pixels are skipped as possible decompression
+    #                                bombs (PIL's own limit); raise it for real large exports (3 bytes a pixel)
 
     @property
     def by_resolution(self) -> bool:
@@ -94,6 +96,7 @@ class TileSettings:
              "set tiles.target_mpp or tiles.target_power, not both"),
             (self.default_mpp is None or self.default_mpp > 0, f"tiles.default_mpp must be > 0, got {self.default_mpp}"),
             (0.0 <= self.min_tissue <= 1.0, f"tiles.min_tissue must be in [0, 1], got {self.min_tissue}"),
+            (self.max_pixels >= 1, f"tiles.max_pixels must be >= 1, got {self.max_pixels}"),
             (self.images_per_shard >= 1, f"tiles.images_per_shard must be >= 1, got {self.images_per_shard}"),
         ]
         for ok, message in checks:
@@ -103,7 +106,7 @@ class TileSettings:
     def as_dict(self) -> dict[str, Any]:
         """What the tiles' pixels depend on (the store's own keys left out): recorded in shards, the manifest
         and checkpoints, and hashed into shard fingerprints."""
-        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in STORE_KEYS}
+        return {f.name: getattr(self, f.name) for f in fields(self) if f.name not in NOT_PIXEL_KEYS}
 
     def model_input_differences(self, saved: dict[str, Any]) -> dict[str, tuple[Any, Any]]:
         """The settings that change what a model sees and differ from the ones recorded (``as_dict``)."""

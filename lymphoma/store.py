@@ -111,7 +111,7 @@ class _ShardArrays:
             raise
         n = int(self.imgs.nrows - rows_before)
         (height, width), row = source.shape, self.images.row
-        row["filename"], row["case"], row["label"] = Path(record.path).name, record.case, label
+        row["filename"], row["case"], row["label"] = Path(record.path).name.encode(), record.case.encode(), label
         row["height"], row["width"], row["n_tiles"], row["n_background"] = height, width, n, source.n_background
         row.append()
         self.tiles_per_class[record.label] += n

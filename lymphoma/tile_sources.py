@@ -46,7 +46,7 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
                                    "unset). Tiling: set tiles.target_mpp (e.g. 0.5) or tiles.target_power (e.g. 20). "
                                    "Predicting: use a model trained with tiles.target_mpp, or pass --force "
                                    "tiles.target_mpp=<microns per pixel of this model's training images>")
-        image = read_rgb(path)
+        image = read_rgb(path, settings.max_pixels)
         cut = cut_tiles(image, settings)
         h, w = image.shape[:2]
         shrink = min(1.0, overview_side / max(h, w))

@@ -190,3 +190,16 @@ def tiny_timm_file(path: Path, name: str, num_classes: int = 3) -> torch.nn.Modu
     source = timm.create_model(name, num_classes=num_classes).eval()
     save_file(source.state_dict(), str(path))
     return source
+
+
+def decompression_bomb(path: Path) -> Path:
+    """A PNG whose header declares 30000 x 30000 pixels (PIL refuses it as a decompression bomb)."""
+    import struct
+    import zlib
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data) & 0xFFFFFFFF)
+
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
+                     + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b""))
+    return path

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -15,7 +17,7 @@ from jobs.config import ConfigError, load_config, to_object
 from jobs.tile import run_tile
 from lymphoma.errors import ImageError
 from lymphoma.images import read_rgb
-from lymphoma.sharding import load_manifest
+from lymphoma.sharding import load_manifest, phase_shards
 
 
 @pytest.fixture()
@@ -61,6 +63,32 @@ def test_bad_images_are_skipped_listed_and_the_rest_is_tiled(bad_images, make_co
         assert message in skipped[name]
     assert sum(p["n_images"] for p in manifest["phases"].values()) == 12
     assert result.n_skipped == 5
+
+
+def test_a_bomb_is_skipped_and_a_non_ascii_name_just_works_in_its_shard(make_dataset, make_config):
+    """One shard holds good images, a header that declares 30000 x 30000 pixels and a file named in UTF-8: the
+    bomb is skipped with its reason, the others are tiled, names round-trip; a raised limit admits big images."""
+    from conftest import decompression_bomb
+    from lymphoma.phase_tiles import PhaseTiles
+
+    root = make_dataset(1, 2)
+    folder = root / "FL"
+    shutil.copyfile(sorted(folder.glob("*.png"))[0], folder / "café patient ü 7_001.png")
+    decompression_bomb(folder / "bomb_001.png")
+    result = run_tile(make_config(root, "split.val_fraction=0", "tiles.images_per_shard=50"), progress=False)
+    manifest = load_manifest(result.manifest)
+    skipped = {Path(s["path"]).name: s["reason"] for s in manifest["skipped"]}
+    assert list(skipped) == ["bomb_001.png"]
+    assert "declares 30000 x 30000 = 900,000,000 pixels, more than tiles.max_pixels" in skipped["bomb_001.png"]
+    assert manifest["phases"]["train"]["n_images"] == 7
+    tiles = PhaseTiles(phase_shards(result.manifest, "train"))
+    assert "café patient ü 7_001.png" in set(tiles.filenames) and "café patient ü 7" in set(tiles.cases)
+    import tables
+    with tables.open_file(phase_shards(result.manifest, "train")[0]) as h5:
+        assert "café patient ü 7_001.png" in {row["filename"].decode() for row in h5.root.images}
+    raised = run_tile(make_config(root, "split.val_fraction=0", "tiles.max_pixels=1000000000", "run.name=big"),
+                      progress=False)  # admitted by the raised limit, then found to hold no pixel data
+    assert "cannot be decoded" in load_manifest(raised.manifest)["skipped"][0]["reason"]
 
 
 def test_strict_mode_fails_naming_the_file(bad_images, tmp_path, capsys):
