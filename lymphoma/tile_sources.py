@@ -47,6 +47,10 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
                                    "Predicting: use a model trained with tiles.target_mpp, or pass --force "
                                    "tiles.target_mpp=<microns per pixel of this model's training images>")
         image = read_rgb(path, settings.max_pixels)
+        if (image >= settings.background_level).all():
+            raise ImageError(path, f"has no tissue: every pixel is background (all channels >= "
+                                   f"tiles.background_level={settings.background_level}); check the file, or lower "
+                                   "tiles.background_level if its tissue is that pale")
         cut = cut_tiles(image, settings)
         h, w = image.shape[:2]
         shrink = min(1.0, overview_side / max(h, w))

@@ -33,6 +33,7 @@ def bad_images(make_dataset):
     Image.fromarray(rgb).convert("L").save(folder / "gray_001.png")
     Image.fromarray(rgb).convert("RGBA").save(folder / "rgba_001.tif")
     Image.fromarray(rgb[:60, :80]).save(folder / "tiny_001.png")
+    Image.fromarray(np.full_like(rgb, 235)).save(folder / "blank_001.png")  # a pale, empty scan
     return root
 
 
@@ -42,12 +43,13 @@ EXPECTED = {
     "gray_001.png": "is grayscale",
     "rgba_001.tif": "alpha channel",
     "tiny_001.png": "smaller than a 128-pixel tile",
+    "blank_001.png": "has no tissue: every pixel is background",
 }
 
 
 def test_each_bad_image_has_its_own_error(bad_images):
     for name, message in EXPECTED.items():
-        if name == "tiny_001.png":
+        if name in ("tiny_001.png", "blank_001.png"):  # judged by tiling, not by decoding
             continue
         with pytest.raises(ImageError, match=message) as info:
             read_rgb(bad_images / "CLL" / name)
@@ -62,7 +64,7 @@ def test_bad_images_are_skipped_listed_and_the_rest_is_tiled(bad_images, make_co
     for name, message in EXPECTED.items():
         assert message in skipped[name]
     assert sum(p["n_images"] for p in manifest["phases"].values()) == 12
-    assert result.n_skipped == 5
+    assert result.n_skipped == 6
 
 
 def test_a_bomb_is_skipped_and_a_non_ascii_name_just_works_in_its_shard(make_dataset, make_config):

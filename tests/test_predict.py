@@ -152,17 +152,22 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     (bad / "corrupt_001.png").write_bytes(b"\x89PNG not really")
     Image.open(good).crop((0, 0, 40, 40)).save(bad / "tiny_001.png")
     listing = tmp_path / "mixed.tsv"
-    listing.write_text(f"{good}\n{bad / 'corrupt_001.png'}\n{bad / 'tiny_001.png'}\n{bad / 'missing_001.png'}\n")
+    Image.new("RGB", (2000, 2000), (255, 255, 255)).save(bad / "blank_001.tif")  # a blank slide-sized scan
+    listing.write_text(f"{good}\n{bad / 'corrupt_001.png'}\n{bad / 'tiny_001.png'}\n{bad / 'missing_001.png'}\n"
+                       f"{bad / 'blank_001.tif'}\n")
     assert predict(checkpoint, tmp_path / "d", "--list", str(listing)) == 1  # any failed input: exit 1
     out = capsys.readouterr().out
-    assert "1 of 4 slide(s) predicted" in out and "3 failed" in out
-    assert out.strip().splitlines()[-1].startswith("lymphoma predict: 3 of 4 slide(s) failed")
+    assert "1 of 5 slide(s) predicted" in out and "4 failed" in out
+    assert out.strip().splitlines()[-1].startswith("lymphoma predict: 4 of 5 slide(s) failed")
     with (tmp_path / "d" / "summary.csv").open() as handle:
         errors = {r["slide"]: r["error"] for r in csv.DictReader(handle)}
     assert errors[good.stem] == ""
     assert "not a readable image" in errors["corrupt_001"]
     assert "smaller than a 64-pixel tile" in errors["tiny_001"]
     assert "file not found" in errors["missing_001"]
+    assert errors["blank_001"].startswith("has no tissue: every pixel is background")  # as tiling skips it
+    blank = json.loads((tmp_path / "d" / "slides" / "blank_001.json").read_text())
+    assert blank["status"] == "failed" and "class" not in blank and "votes" not in blank
     with pytest.raises(InputError, match="two inputs named"):
         from lymphoma.inputs import compile_case_pattern
         from lymphoma.prediction_inputs import expand_inputs
