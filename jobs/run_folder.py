@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -127,21 +127,44 @@ class Run:
     def lock(self, job: str) -> Iterator[None]:
         """Hold ``<run>/.<job>.lock`` so that two ``lymphoma <job>`` on one run folder cannot interleave; the
         lock dies with its process, so a killed job never leaves the folder locked."""
-        with (self.dir / f".{job}.lock").open("a+") as handle:
-            try:
-                fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except BlockingIOError:
-                handle.seek(0)
-                raise InputError(f"another `lymphoma {job}` (pid {handle.read().strip() or '?'}) is using {self.dir}; "
-                                 "wait for it to end or choose another run.name") from None
+        with _flock(self.dir / f".{job}.lock", fcntl.LOCK_EX,
+                    lambda holder: f"another `lymphoma {job}` (pid {holder}) is using {self.dir}; wait for it to end "
+                                   "or choose another run.name"):
+            yield
+
+    @contextmanager
+    def tiles_in_use(self, writing: bool) -> Iterator[None]:
+        """The run's tiles: ``lymphoma tile`` writes them alone, training reads them (any number at once), so
+        a tiling never rewrites the shards under a running training, nor starts one on half-written shards."""
+        if writing:
+            busy = (f"the tiles in {self.tiles} are in use (a running `lymphoma train` reads them); wait for it to "
+                    "end, or tile into another run.name")
+        else:
+            busy = (f"`lymphoma tile` (pid {{holder}}) is writing the tiles in {self.tiles}; wait for it to end, "
+                    "then train")
+        with _flock(self.dir / ".tiles.lock", fcntl.LOCK_EX if writing else fcntl.LOCK_SH, busy.format):
+            yield
+
+
+@contextmanager
+def _flock(path: Path, mode: int, busy: Callable[..., str]) -> Iterator[None]:
+    """Hold an flock on ``path`` (LOCK_EX or LOCK_SH) or raise InputError(``busy(holder=<pid>)``) at once;
+    the file holds the pid of the last exclusive holder. The lock dies with its process."""
+    with path.open("a+") as handle:
+        try:
+            fcntl.flock(handle, mode | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            raise InputError(busy(holder=handle.read().strip() or "?")) from None
+        if mode == fcntl.LOCK_EX:
             handle.seek(0)
             handle.truncate()
             handle.write(str(os.getpid()))
             handle.flush()
-            try:
-                yield
-            finally:
-                fcntl.flock(handle, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def open_run(experiment: str | Path | None = None, overrides: list[str] | None = None,

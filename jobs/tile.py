@@ -53,7 +53,7 @@ def run_tile(run: Run, progress: bool = True) -> TileResult:
     start = time.perf_counter()
     cfg = run.config
     parse_compression(cfg.tiles.compression)  # a bad spec is one error now, not one per array task
-    with run.session("tile"):
+    with run.session("tile"), run.tiles_in_use(writing=True):
         inputs = run.inputs()
         phase_of = split_cases(inputs.records, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed)
         by_phase = assign_phases(inputs.records, phase_of)

@@ -73,10 +73,10 @@ def run_train(run: Run) -> list[dict[str, Any]]:
         raise InputError(f"{run.tiles} has no tile manifest; run `lymphoma tile` with the same config first")
     if cfg.cluster.kind == "debug" and cfg.cluster.tasks_per_node * cfg.cluster.nodes > 1:
         raise InputError("the debug executor runs one process; set cluster.tasks_per_node=1 or use --cluster local")
-    preflight(fit_settings(run), run.tiles, run.train)
-    _warn_if_resuming_other_settings(run.checkpoints / "last.pt", run)
-    run.train.mkdir(exist_ok=True)
-    with run.lock("train"):
+    with run.lock("train"), run.tiles_in_use(writing=False):  # no tiling rewrites the shards meanwhile
+        preflight(fit_settings(run), run.tiles, run.train)
+        _warn_if_resuming_other_settings(run.checkpoints / "last.pt", run)
+        run.train.mkdir(exist_ok=True)
         job = submit(run.executor("train"), TrainJob(), run)
         print(f"training job {job.job_id}: logs in {run.train / 'logs'}", flush=True)
         results = wait_for(job, f"train-{cfg.run.name}")

@@ -100,6 +100,31 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiled):
     assert final_digest(runs, "killed") == final_digest(runs, "straight")
 
 
+def test_tile_and_train_on_one_run_folder_exclude_each_other(tiled):
+    """A `lymphoma tile` started under a running `lymphoma train` (a real process) is refused and leaves the
+    shards alone; a training started while a tiling holds the tiles is refused too."""
+    epochs = ["train.epochs=2", "train.max_steps_per_epoch=4"]
+    run = config_for(tiled, "shared", *epochs)
+    source, runs = tiled
+    shards = {p: p.stat().st_mtime_ns for p in (runs / "shared" / "tiles").rglob("*.h5")}
+    command = [sys.executable, "-m", "jobs.cli", "train", f"data.source={source}", f"run.root={runs}",
+               "run.name=shared", *FAST, *epochs]
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        line = ""
+        while line != "" or proc.poll() is None:  # until the job is submitted (under the locks) or it ends
+            line = proc.stdout.readline()
+            if line.startswith("training job"):
+                break
+        assert line.startswith("training job"), line
+        with pytest.raises(InputError, match=r"tiles in .*shared/tiles are in use \(a running `lymphoma train` reads"):
+            run_tile(config_for(tiled, "shared", *epochs, "tiles.stride=32"), progress=False)
+        assert proc.wait(timeout=600) == 0, proc.stdout.read()
+    assert {p: p.stat().st_mtime_ns for p in shards} == shards
+    with run.tiles_in_use(writing=True):
+        with pytest.raises(InputError, match=r"`lymphoma tile` \(pid \d+\) is writing the tiles in .*; wait for it"):
+            run_train(run)
+
+
 def test_bad_training_input_gets_clear_errors(tiled, tmp_path, capsys):
     with pytest.raises(InputError, match="stores hold 64-px tiles but tiles.size is 96"):
         run_train(config_for(tiled, "size", "tiles.size=96", "train.epochs=1"))
