@@ -176,6 +176,9 @@ def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequ
         while waiting and len(running) < parallelism:  # local: at most `parallelism` processes at once
             index = waiting.pop(0)
             running[index] = submit(executor, fn, items[index])
+            # a local task's process has ended when it is asked: its result file is there or never comes
+            # (submitit waits 15 s for one a shared filesystem may be slow to show, per dead task)
+            running[index]._results_timeout_s = 1
         for index, job in list(running.items()):
             if _ended(job, executor.cluster):
                 finish(index, running.pop(index))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+import shutil
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -12,7 +13,7 @@ from typing import Any
 
 from hpc import ArrayJobError, SubmissionError
 from jobs.run_folder import open_run
-from lymphoma.errors import InputError
+from lymphoma.errors import DiskFullError, InputError, is_disk_full
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 # each command's module, whose ``command(args, run)`` runs it and returns the exit status
@@ -162,6 +163,14 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     return args
 
 
+def _disk_full(err: OSError) -> DiskFullError:
+    """A full disk met while writing ``err.filename``, as one clear error naming its folder."""
+    folder = Path(err.filename or ".").parent
+    while not folder.exists() and folder != folder.parent:
+        folder = folder.parent
+    return DiskFullError(folder, None, shutil.disk_usage(folder).free)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, build the run once, and hand both to the command's module (``jobs.<module>.command``)."""
     args = parse(build_parser(), argv)
@@ -169,6 +178,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = open_run(args.config, args.overrides + _launch_overrides(args), args.cluster)
         module = importlib.import_module(f"jobs.{COMMANDS[args.command]}")
         return module.command(args, run)
+    except OSError as err:
+        if not is_disk_full(err):
+            raise
+        print(f"lymphoma {args.command}: error: {err if isinstance(err, DiskFullError) else _disk_full(err)}",
+              file=sys.stderr)
+        return 1
     except (InputError, SubmissionError, ArrayJobError) as err:
         print(f"lymphoma {args.command}: error: {err}", file=sys.stderr)
         if isinstance(err, ArrayJobError):

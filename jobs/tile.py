@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from dataclasses import dataclass
@@ -10,8 +11,9 @@ from pathlib import Path
 
 from tqdm import tqdm
 
-from hpc import run_array
+from hpc import ArrayJobError, run_array
 from jobs.run_folder import Run
+from lymphoma.errors import DiskFullError, is_disk_full
 from lymphoma.inputs import ImageRecord
 from lymphoma.settings import TileSettings
 from lymphoma.sharding import ShardPlan, fingerprint, plan_shards, write_manifest
@@ -68,8 +70,12 @@ def run_tile(run: Run, progress: bool = True) -> TileResult:
 
         bar = tqdm(total=len(tasks), initial=len(tasks) - len(todo), unit="shard", desc="tile",
                    disable=not progress or None)
-        written = run_array(run.executor("tile"), run_shard_task, [tasks[i] for i in todo],
-                            parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s, on_done=lambda *_: bar.update())
+        try:
+            written = run_array(run.executor("tile"), run_shard_task, [tasks[i] for i in todo],
+                                parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s,
+                                on_done=lambda *_: bar.update())
+        except (ArrayJobError, OSError) as err:
+            raise _disk_full(run, err, tasks) or err from None
         bar.close()
         for i, summary in zip(todo, written):
             summaries[i] = summary
@@ -77,6 +83,20 @@ def run_tile(run: Run, progress: bool = True) -> TileResult:
         manifest = write_manifest(run.tiles, inputs.classes, cfg.tiles, cfg.tiles.compression, done, inputs.skipped)
     n_skipped = len(inputs.skipped) + sum(len(s.skipped) for s in done)
     return TileResult(run.dir, manifest, inputs.classes, done, len(todo), n_skipped, time.perf_counter() - start)
+
+
+def _disk_full(run: Run, err: Exception, tasks: list[ShardTask]) -> DiskFullError | None:
+    """One clear error when tasks failed because the run's disk is full (they may not even have been able to
+    write their logs), with the space the missing shards need, estimated from the finished ones; else None."""
+    free = shutil.disk_usage(run.dir).free
+    written = [t for t in tasks if Path(t.path).is_file()]  # only complete shards take their final name
+    missing = [t for t in tasks if not Path(t.path).is_file()]
+    per_image = sum(Path(t.path).stat().st_size for t in written) / max(1, sum(len(t.records) for t in written))
+    next_shard = per_image * max((len(t.records) for t in missing), default=0)
+    if not (is_disk_full(err) or free < max(1 << 20, next_shard)):  # a failed task's partial shard is deleted
+        return None
+    needed = per_image * sum(len(t.records) for t in missing) if written else None
+    return DiskFullError(run.tiles, needed, free, f"the {len(missing)} shard(s) still to write")
 
 
 def tile_in_process(by_phase: dict[str, list[ImageRecord]], tiles_dir: Path, classes: list[str],

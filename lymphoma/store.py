@@ -8,13 +8,17 @@ Layout of a shard:
   /cases     String [N]          case (patient) of each tile
   /images    table, one row per source image: filename, case, label, height, width, n_tiles, n_background
 Attributes: the tile settings, classes, per-class tile and image counts, skipped images, a fingerprint of
-what the shard was made from, and ``complete``.
+what the shard was made from, a BLAKE2b digest of every array and the image table as written (``digests``:
+a shard is renamed into place only after it was closed, re-opened and found equal to them; reruns and
+training check them again), and ``complete``.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import shutil
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -23,12 +27,13 @@ from pathlib import Path
 import numpy as np
 import tables
 
-from lymphoma.errors import ImageError, InputError
+from lymphoma.errors import DiskFullError, ImageError, InputError, is_disk_full
 from lymphoma.inputs import ImageRecord
 from lymphoma.settings import TileSettings
 from lymphoma.tile_sources import open_tiles
 
-STORE_FORMAT = 1
+STORE_FORMAT = 2  # 2: digests of every array
+ARRAYS = ("imgs", "labels", "coords", "filenames", "cases")  # the per-tile arrays, in the order they are appended
 
 
 @dataclass
@@ -92,22 +97,24 @@ class _ShardArrays:
         self.tiles_per_class = dict.fromkeys(classes, 0)
         self.images_per_class = dict.fromkeys(classes, 0)
         self.n_background = 0
+        self.digests = {name: hashlib.blake2b() for name in ARRAYS}  # of the bytes appended, as meant to be stored
 
     def add(self, record: ImageRecord, settings: TileSettings, qc: Path | None) -> None:
         """Append one image's tiles and its row; on an error, drop what it had appended and re-raise."""
-        rows_before = int(self.imgs.nrows)
+        rows_before, digests_before = int(self.imgs.nrows), {k: d.copy() for k, d in self.digests.items()}
         name, label = Path(record.path).name.encode(), self.label_of[record.label]
         try:
             source = open_tiles(record.path, settings, qc_path=qc)
             for pixels in source.batches:  # whole slides arrive a batch at a time: memory stays bounded
-                self.imgs.append(pixels)
-                self.labels.append(np.full(len(pixels), label, dtype=np.int16))
-                self.filenames.append(np.full(len(pixels), name, dtype=f"S{self.name_len}"))
-                self.cases.append(np.full(len(pixels), record.case.encode(), dtype=f"S{self.case_len}"))
-            self.coords.append(source.coords)
+                self._append("imgs", pixels)
+                self._append("labels", np.full(len(pixels), label, dtype=np.int16))
+                self._append("filenames", np.full(len(pixels), name, dtype=f"S{self.name_len}"))
+                self._append("cases", np.full(len(pixels), record.case.encode(), dtype=f"S{self.case_len}"))
+            self._append("coords", np.asarray(source.coords, dtype=np.int32))
         except BaseException:
-            for array in (self.imgs, self.labels, self.coords, self.filenames, self.cases):
-                array.truncate(rows_before)
+            for array in ARRAYS:
+                getattr(self, array).truncate(rows_before)
+            self.digests = digests_before
             raise
         n = int(self.imgs.nrows - rows_before)
         (height, width), row = source.shape, self.images.row
@@ -117,6 +124,38 @@ class _ShardArrays:
         self.tiles_per_class[record.label] += n
         self.images_per_class[record.label] += 1
         self.n_background += source.n_background
+
+
+    def _append(self, array: str, values: np.ndarray) -> None:
+        getattr(self, array).append(values)
+        self.digests[array].update(np.ascontiguousarray(values).tobytes())
+
+    def digest_table(self) -> str:
+        """The digest of the image table as written (read back from PyTables' buffers before closing)."""
+        self.images.flush()
+        return hashlib.blake2b(self.images.read().tobytes()).hexdigest()
+
+
+def _digest(node: tables.Leaf, block: int = 256) -> str:
+    """BLAKE2b of a stored array or table's bytes, read back in blocks of rows."""
+    digest = hashlib.blake2b()
+    for start in range(0, node.nrows, block):
+        digest.update(np.ascontiguousarray(node.read(start, min(start + block, node.nrows))).tobytes())
+    return digest.hexdigest()
+
+
+def verify_shard(path: Path) -> str | None:
+    """What is wrong with the stored bytes of a shard (None: every array and the image table read back equal
+    to the digests recorded when it was written)."""
+    try:
+        with tables.open_file(path, mode="r") as h5:
+            recorded = json.loads(h5.root._v_attrs.digests)
+            for name in (*ARRAYS, "images"):
+                if _digest(h5.get_node("/", name)) != recorded[name]:
+                    return f"the bytes of /{name} differ from the digest recorded when it was written"
+    except (OSError, tables.HDF5ExtError, tables.NoSuchNodeError, AttributeError, KeyError, ValueError) as err:
+        return f"it cannot be read back ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+    return None
 
 
 def _write_attrs(h5: tables.File, arrays: _ShardArrays, phase: str, classes: Sequence[str], settings: TileSettings,
@@ -137,6 +176,7 @@ def _write_attrs(h5: tables.File, arrays: _ShardArrays, phase: str, classes: Seq
     attrs.n_background = arrays.n_background
     attrs.skipped = json.dumps(skipped)
     attrs.fingerprint = fingerprint
+    attrs.digests = json.dumps({**{k: d.hexdigest() for k, d in arrays.digests.items()}, "images": arrays.digest_table()})
     attrs.seconds = seconds
     attrs.complete = True
 
@@ -161,13 +201,20 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
                 try:
                     arrays.add(record, settings, qc)
                 except (InputError, OSError) as err:
+                    if is_disk_full(err):
+                        raise
                     reason = err.problem if isinstance(err, ImageError) else f"cannot be read ({err})"
                     if strict:
                         raise ImageError(record.path, reason) from None
                     skipped.append({"path": record.path, "reason": reason})
             seconds = time.perf_counter() - start
             _write_attrs(h5, arrays, phase, classes, settings, compression, skipped, fingerprint, seconds)
+        _check_written(tmp, path)
         os.replace(tmp, path)
+    except (OSError, tables.HDF5ExtError) as err:
+        if is_disk_full(err) and not isinstance(err, DiskFullError):
+            raise DiskFullError(path.parent, _size(tmp), shutil.disk_usage(path.parent).free, f"{path.name}") from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
     return ShardSummary(path=str(path), phase=phase, n_images=sum(arrays.images_per_class.values()),
@@ -176,8 +223,36 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
                         bytes=path.stat().st_size, seconds=seconds, skipped=skipped)
 
 
+def _size(path: Path) -> int:
+    return path.stat().st_size if path.exists() else 0
+
+
+def _check_written(tmp: Path, path: Path) -> None:
+    """A closed shard goes to disk and is read back equal to its digests before it may take its final name;
+    HDF5 can close a file whose writes failed (a full disk) without an error."""
+    with tmp.open("rb") as handle:
+        os.fsync(handle.fileno())
+    problem = verify_shard(tmp)
+    if problem is None:
+        return
+    free = shutil.disk_usage(tmp.parent).free
+    if free < max(_size(tmp), 1 << 20):  # the writes that went missing did not fit
+        raise DiskFullError(path.parent, _size(tmp), free, path.name)
+    raise OSError(f"{path}: the shard written just now does not read back ({problem}); check the disk under "
+                  f"{path.parent}, then rerun")
+
+
 def read_complete_shard(path: Path, fingerprint: str) -> ShardSummary | None:
-    """The summary of a complete shard made from the same inputs and settings, else None."""
+    """The summary of a complete shard made from the same inputs and settings whose bytes read back equal to
+    their digests, else None (a rerun writes it again)."""
+    summary = _complete_summary(path, fingerprint)
+    if summary is None or verify_shard(Path(path)) is not None:
+        return None
+    return summary
+
+
+def _complete_summary(path: Path, fingerprint: str) -> ShardSummary | None:
+    """The summary a complete shard of this fingerprint records, else None."""
     path = Path(path)
     if not path.is_file():
         return None

@@ -38,6 +38,7 @@ from lymphoma.selection import best_index, explain, stop_early
 from lymphoma.settings import AugmentSettings, FitSettings, TrainSettings
 from lymphoma.sharding import load_manifest, phase_shards
 from lymphoma.stain import StainNormalizer, fit_target
+from lymphoma.store import verify_shard
 
 
 @dataclass(frozen=True)
@@ -91,6 +92,11 @@ def preflight(settings: FitSettings, tiles_dir: Path, out_dir: Path) -> None:
     tiles = [open_phase(tiles_dir, phase, settings.tile_size, settings.augment.crop)
              for phase in ("train", settings.train.eval_phase)]
     class_weights(tiles[0].class_counts(), tiles[0].classes or [])
+    for path in (p for dataset in tiles for p in dataset.paths):
+        problem = verify_shard(path)
+        if problem is not None:
+            raise InputError(f"{path} is damaged: {problem}; rerun `lymphoma tile` with the same config, which "
+                             "rewrites it")
     _check_backbone(settings, tiles_dir)
     last = out_dir / "checkpoints" / "last.pt"
     if last.is_file():

@@ -16,7 +16,7 @@ from lymphoma.inputs import discover
 from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.settings import TileSettings
 from lymphoma.sharding import ShardPlan, fingerprint
-from lymphoma.store import parse_compression, read_complete_shard, write_shard
+from lymphoma.store import parse_compression, read_complete_shard, verify_shard, write_shard
 from lymphoma.tiling import cut_tiles
 
 SETTINGS = TileSettings(size=96, stride=80)
@@ -78,6 +78,25 @@ def test_complete_shard_is_recognised_and_a_damaged_or_stale_one_is_not(tmp_path
     (tmp_path / "cut.h5").write_bytes(data[: len(data) // 2])
     assert read_complete_shard(tmp_path / "cut.h5", fp) is None
     assert read_complete_shard(tmp_path / "absent.h5", fp) is None
+
+
+def test_bytes_changed_inside_a_finished_shard_are_found(tmp_path, records):
+    """One byte of one stored tile changed on disk: readers would return the wrong pixel; the digests notice,
+    so a rerun does not call the shard complete."""
+    path = tmp_path / "s.h5"
+    _, fp = write(path, records, compression="none")
+    with tables.open_file(path) as h5:
+        tile = h5.root.imgs[7]
+    data = bytearray(path.read_bytes())
+    at = data.find(tile.tobytes())
+    assert at > 0
+    data[at + 100] ^= 0xFF
+    path.write_bytes(data)
+    reader = PhaseTiles([path])
+    assert reader[7][0].tobytes() != tile.tobytes()  # what a reader now gets
+    reader.close()
+    assert verify_shard(path) == "the bytes of /imgs differ from the digest recorded when it was written"
+    assert read_complete_shard(path, fp) is None
 
 
 def test_compression_spec_names_allowed_values():

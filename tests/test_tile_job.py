@@ -11,6 +11,7 @@ import sys
 import time
 
 import numpy as np
+import pytest
 import tables
 import yaml
 
@@ -147,3 +148,59 @@ def test_full_resolution_jpeg_and_tiff_inputs_with_a_resize_factor(data_root, ma
     with tables.open_file(phase_shards(result.manifest, "train")[0]) as h5:
         assert h5.root._v_attrs.resize == 0.3
         assert set(h5.root.images.col("width")) == {1388}
+
+
+def test_a_damaged_shard_is_rewritten_by_a_rerun_and_named_by_training(make_dataset, make_config, capsys):
+    from jobs.train import run_train
+    from lymphoma.errors import InputError
+    from lymphoma.store import verify_shard
+
+    run = make_config(make_dataset(2, 2), "split.val_fraction=0.5", "tiles.images_per_shard=2")
+    run_tile(run, progress=False)
+    shard = phase_shards(run.manifest, "train")[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # inside the compressed tiles
+    shard.write_bytes(data)
+    assert verify_shard(shard) is not None
+    with pytest.raises(InputError, match=f"{shard} is damaged: .*rerun `lymphoma tile` with the same config"):
+        run_train(run)
+    again = run_tile(run, progress=False)
+    assert again.n_written == 1 and verify_shard(shard) is None
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 4 MiB filesystem (tmpfs, mounted as root) that fills up after a couple of shards."""
+    import shutil
+
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:  # e.g. a container without the right to mount
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
+
+
+def test_a_full_disk_is_one_clear_error_and_no_broken_shard_takes_a_final_name(make_dataset, small_disk, capsys):
+    """Tiling 18 real images (about 2 MiB a shard) onto 4 MiB: exit 1, one message naming the folder and the
+    space needed, never a traceback; every shard under its final name reads back whole; with room, a rerun
+    keeps those and writes the rest."""
+    from jobs.cli import main
+    from lymphoma.store import verify_shard
+
+    words = ["tile", "--no-progress", f"data.source={make_dataset(2, 3)}", f"run.root={small_disk}",
+             "tiles.images_per_shard=3", "split.val_fraction=0"]
+    assert main(words) == 1
+    err = capsys.readouterr().err
+    assert f"no space left in {small_disk}/default/tiles" in err and "MiB needed" in err, err
+    assert "Traceback" not in err
+    finished = sorted(small_disk.rglob("shard-*.h5"))
+    assert 0 < len(finished) < 6 and not list(small_disk.rglob("*.tmp-*"))
+    assert all(verify_shard(path) is None for path in finished)
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert main(words) == 0
+    assert f"{6 - len(finished)} shard(s) written, {len(finished)} already complete" in capsys.readouterr().out
