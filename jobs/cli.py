@@ -53,6 +53,9 @@ def _add_pipeline_commands(sub: Any) -> None:
     train.add_argument("--here", action="store_true",
                        help="run in this process as one rank, without submitting: for launchers that start the "
                             "processes themselves (torchrun, mpiexec, srun); ranks come from their variables")
+    train.add_argument("--restart", action="store_true",
+                       help="train afresh instead of resuming: the run's train/ folder is first renamed "
+                            "train.before-<date-time>/ (kept, not deleted)")
     _command(sub, "run", "the whole pipeline: tile, train, predict the held-out cases, report",
              "Tile, train and predict the held-out (val, or test if split.test_fraction > 0) images of the run, then "
              "print the image- and case-level report.", progress=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -65,8 +66,9 @@ def run_here(run: Run) -> dict[str, Any] | None:
     return summary if summary["rank"] == 0 else None
 
 
-def run_train(run: Run) -> list[dict[str, Any]]:
-    """Submit the training job (one task per process) and wait for every rank's summary (rank 0 first)."""
+def run_train(run: Run, restart: bool = False) -> list[dict[str, Any]]:
+    """Submit the training job (one task per process) and wait for every rank's summary (rank 0 first);
+    ``restart``: train afresh, the earlier ``train/`` folder renamed aside."""
     cfg = run.config
     run.create()
     if not run.manifest.is_file():
@@ -74,6 +76,10 @@ def run_train(run: Run) -> list[dict[str, Any]]:
     if cfg.cluster.kind == "debug" and cfg.cluster.tasks_per_node * cfg.cluster.nodes > 1:
         raise InputError("the debug executor runs one process; set cluster.tasks_per_node=1 or use --cluster local")
     with run.lock("train"), run.tiles_in_use(writing=False):  # no tiling rewrites the shards meanwhile
+        if restart and run.train.exists():
+            aside = run.train.with_name(f"train.before-{time.strftime('%Y%m%d-%H%M%S')}")
+            run.train.rename(aside)
+            print(f"restarting: the earlier training is kept in {aside}", flush=True)
         preflight(fit_settings(run), run.tiles, run.train)
         _warn_if_resuming_other_settings(run.checkpoints / "last.pt", run)
         run.train.mkdir(exist_ok=True)
@@ -85,7 +91,7 @@ def run_train(run: Run) -> list[dict[str, Any]]:
 
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma train`` (``--here``: as one rank of an outside launcher; only rank 0 prints)."""
-    summary = run_here(run) if args.here else run_train(run)[0]
+    summary = run_here(run) if args.here else run_train(run, args.restart)[0]
     if summary is not None:
         print(f"best epoch {summary['best_epoch'] + 1}: val loss {summary['best_val_loss']:.4f}, "
               f"val accuracy {summary['best_val_accuracy']:.3f}; checkpoints in {summary['checkpoints']}")

@@ -99,3 +99,12 @@ def phase_shards(path: str | Path, phase: str) -> list[Path]:
     if phase not in manifest["phases"]:
         raise InputError(f"{path}: no {phase!r} phase; it has {sorted(manifest['phases'])}")
     return [folder / shard["path"] for shard in manifest["phases"][phase]["shards"]]
+
+
+def tiles_fingerprint(tiles_dir: Path) -> str:
+    """One hash of the shards the manifest in ``tiles_dir`` lists, each by what it was made from: equal only
+    for the same images, labels, split and tile settings (a checkpoint records it; resuming compares it)."""
+    manifest = load_manifest(tiles_dir)
+    shards = sorted((phase, shard["path"], shard.get("fingerprint", "")) for phase, entry in manifest["phases"].items()
+                    for shard in entry["shards"])
+    return hashlib.sha256(json.dumps([manifest["tiles"], shards]).encode()).hexdigest()

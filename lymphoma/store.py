@@ -50,6 +50,7 @@ class ShardSummary:
     bytes: int
     seconds: float
     skipped: list[dict[str, str]] = field(default_factory=list)
+    fingerprint: str = ""  # of what the shard was made from (images, labels, settings)
 
 
 def parse_compression(spec: str) -> tables.Filters:
@@ -220,7 +221,7 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
     return ShardSummary(path=str(path), phase=phase, n_images=sum(arrays.images_per_class.values()),
                         n_tiles=sum(arrays.tiles_per_class.values()), tiles_per_class=arrays.tiles_per_class,
                         images_per_class=arrays.images_per_class, n_background=arrays.n_background,
-                        bytes=path.stat().st_size, seconds=seconds, skipped=skipped)
+                        bytes=path.stat().st_size, seconds=seconds, skipped=skipped, fingerprint=fingerprint)
 
 
 def _size(path: Path) -> int:
@@ -269,6 +270,6 @@ def _complete_summary(path: Path, fingerprint: str) -> ShardSummary | None:
                                 n_tiles=int(attrs.n_tiles), tiles_per_class=tiles_per_class,
                                 images_per_class=images_per_class, n_background=int(attrs.n_background),
                                 bytes=path.stat().st_size, seconds=float(attrs.seconds),
-                                skipped=json.loads(attrs.skipped))
+                                skipped=json.loads(attrs.skipped), fingerprint=fingerprint)
     except (OSError, tables.HDF5ExtError, AttributeError, KeyError, ValueError, tables.NoSuchNodeError):
         return None

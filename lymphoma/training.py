@@ -36,7 +36,7 @@ from lymphoma.model import build_model
 from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.selection import best_index, explain, stop_early
 from lymphoma.settings import AugmentSettings, FitSettings, TrainSettings
-from lymphoma.sharding import load_manifest, phase_shards
+from lymphoma.sharding import load_manifest, phase_shards, tiles_fingerprint
 from lymphoma.stain import StainNormalizer, fit_target
 from lymphoma.store import verify_shard
 
@@ -101,6 +101,7 @@ def preflight(settings: FitSettings, tiles_dir: Path, out_dir: Path) -> None:
     last = out_dir / "checkpoints" / "last.pt"
     if last.is_file():
         state = load_checkpoint(last)
+        check_same_tiles(state, last, tiles_dir)
         wanted = settings.model.architecture(len(tiles[0].classes or []))
         if state["architecture"] != wanted:
             raise InputError(f"{last} holds another architecture ({state['architecture']}) than model settings "
@@ -108,6 +109,16 @@ def preflight(settings: FitSettings, tiles_dir: Path, out_dir: Path) -> None:
                              "another run.name to start afresh")
     for dataset in tiles:
         dataset.close()
+
+
+def check_same_tiles(state: dict[str, Any], last: Path, tiles_dir: Path) -> None:
+    """Resume only on the shards the checkpoint was trained on (checkpoints before this check record none)."""
+    saved = state.get("tiles_fingerprint")
+    if saved and saved != tiles_fingerprint(tiles_dir):
+        raise InputError(f"{last} was trained on other tiles than {tiles_dir} holds now (tiled again since, with "
+                         "other images, split or settings); resuming would go on training it on tiles it never "
+                         "saw: train afresh with `lymphoma train --restart` (the old train/ folder is kept, "
+                         "renamed), or tile into another run.name")
 
 
 def _check_backbone(settings: FitSettings, tiles_dir: Path) -> None:
@@ -274,6 +285,7 @@ class Training:
     pipes: Pipelines
     options: StepOptions
     tiles: dict[str, Any]  # the tile settings the stores were written with (their manifest's)
+    tiles_fingerprint: str  # which shards it trains on (sharding.tiles_fingerprint)
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     writer: Any = None
@@ -306,10 +318,11 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
                           train.clip_grad_norm)
     run = Training(settings, out_dir, rank, device, train_tiles, eval_tiles, make_criterion(train_tiles, train, device),
                    parts, build_pipelines(train_tiles, eval_tiles, settings, rank, device), options,
-                   load_manifest(tiles_dir)["tiles"])
+                   load_manifest(tiles_dir)["tiles"], tiles_fingerprint(tiles_dir))
     torch.manual_seed(train.seed + rank.rank)  # augmentation differs per rank; the model came from one seed
     if last.is_file():
         state = load_checkpoint(last)
+        check_same_tiles(state, last, tiles_dir)
         parts.resume(state, last)
         parts.init_weights = state.get("init_weights")
         run.start_epoch, run.history = state["epoch"] + 1, state["history"]
@@ -358,7 +371,7 @@ def checkpoint_fields(run: Training) -> dict[str, Any]:
     return {"architecture": s.model.architecture(len(run.classes)), "classes": run.classes,
             "tiles": run.tiles, "augment": asdict(s.augment), "config": s.config,
             "backend": run.pipes.backend, "stain": run.pipes.target.as_dict() if run.pipes.target is not None else None,
-            "init_weights": run.parts.init_weights}
+            "init_weights": run.parts.init_weights, "tiles_fingerprint": run.tiles_fingerprint}
 
 
 def fit(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: Rank = Rank(),

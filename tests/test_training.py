@@ -125,6 +125,23 @@ def test_tile_and_train_on_one_run_folder_exclude_each_other(tiled):
             run_train(run)
 
 
+def test_resume_refuses_a_checkpoint_trained_on_other_tiles_and_restart_keeps_the_old_one(tiled, capsys):
+    run_train(config_for(tiled, "retile", "train.epochs=1", "train.max_steps_per_epoch=2"))
+    last = tiled[1] / "retile" / "train" / "checkpoints" / "last.pt"
+    first = load_checkpoint(last)["tiles_fingerprint"]
+    run_tile(config_for(tiled, "retile", "tiles.stride=32"), progress=False)  # other tiles, same run folder
+    more = config_for(tiled, "retile", "tiles.stride=32", "train.epochs=2", "train.max_steps_per_epoch=2")
+    with pytest.raises(InputError, match=r"last.pt was trained on other tiles than .*retile/tiles holds now.*--restart"):
+        run_train(more)
+    assert load_checkpoint(last)["epoch"] == 0  # untouched
+    run_train(more, restart=True)
+    assert "restarting: the earlier training is kept in" in capsys.readouterr().out
+    kept = list((tiled[1] / "retile").glob("train.before-*/checkpoints/last.pt"))
+    assert len(kept) == 1 and load_checkpoint(kept[0])["tiles_fingerprint"] == first
+    state = load_checkpoint(last)
+    assert state["epoch"] == 1 and len(state["history"]) == 2 and state["tiles_fingerprint"] != first
+
+
 def test_bad_training_input_gets_clear_errors(tiled, tmp_path, capsys):
     with pytest.raises(InputError, match="stores hold 64-px tiles but tiles.size is 96"):
         run_train(config_for(tiled, "size", "tiles.size=96", "train.epochs=1"))
