@@ -6,7 +6,7 @@ import os
 import sys
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, TypeVar
@@ -66,10 +66,26 @@ def _refused_as_error(executor: submitit.AutoExecutor, submit_now: Callable[[], 
             "configs/cluster/<name>.yaml or as overrides; `sinfo -N -l` lists the nodes)") from None
 
 
+def stop_local_tasks(jobs: Iterable[submitit.Job[Any]], grace_s: float = 10.0) -> int:
+    """Stop the local tasks still running (their controllers pass the signal on and kill them); how many. On
+    SLURM the jobs stay, so that a rerun of the same command can pick them up."""
+    local = [job for job in jobs if isinstance(job, submitit.LocalJob) and not job.done()]
+    for job in local:
+        job.cancel(check=False)
+    deadline = time.monotonic() + grace_s
+    while any(not job.done() for job in local) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return len(local)
+
+
 def wait_for(job: submitit.Job[Any], name: str) -> list[Any]:
-    """The results of every task of one job (e.g. a multi-process training); ArrayJobError names the logs."""
+    """The results of every task of one job (e.g. a multi-process training); ArrayJobError names the logs.
+    Stopping this process (Ctrl-C, SIGTERM) stops the job's local tasks too."""
     try:
         return [_run_in_process(job)] if isinstance(job, submitit.DebugJob) else job.results()
+    except (KeyboardInterrupt, SystemExit):  # this command is being stopped
+        stop_local_tasks([job])
+        raise
     except Exception as err:  # noqa: BLE001 - reported with the job's logs
         failure = TaskFailure(0, str(job.job_id), f"{type(err).__name__}: {err}", job.paths.stdout, job.paths.stderr)
         raise ArrayJobError(name, [failure], [None]) from None
@@ -135,6 +151,26 @@ def _last_error_line(message: str) -> str:
     return lines[-1].strip() if lines else "no message"
 
 
+def _wait_all(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: list[T],
+              running: dict[int, submitit.Job[Any]], waiting: list[int], parallelism: int, poll_s: float,
+              deadline: float | None, failures: list[TaskFailure], finish: Callable[[int, submitit.Job[Any]], None]) -> None:
+    """Submit the waiting items (local: at most ``parallelism`` processes at once) and finish each ended task."""
+    while waiting or running:
+        while waiting and len(running) < parallelism:
+            index = waiting.pop(0)
+            running[index] = submit(executor, fn, items[index])
+            # a local task's process has ended when it is asked: its result file is there or never comes
+            # (submitit waits 15 s for one a shared filesystem may be slow to show, per dead task)
+            running[index]._results_timeout_s = 1
+        for index, job in list(running.items()):
+            if _ended(job, executor.cluster):
+                finish(index, running.pop(index))
+        if running and _expired(deadline, running, waiting, failures):
+            break
+        if running:
+            time.sleep(poll_s)
+
+
 def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequence[T], *,
               parallelism: int = 1, poll_s: float = 0.5, timeout_s: float | None = None,
               on_done: Callable[[int, R | None], None] | None = None) -> list[R]:
@@ -172,20 +208,11 @@ def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequ
     if executor.cluster == "debug":  # each task runs in this process, in order, when its result is asked
         for index in sorted(running):
             finish(index, running.pop(index))
-    while waiting or running:
-        while waiting and len(running) < parallelism:  # local: at most `parallelism` processes at once
-            index = waiting.pop(0)
-            running[index] = submit(executor, fn, items[index])
-            # a local task's process has ended when it is asked: its result file is there or never comes
-            # (submitit waits 15 s for one a shared filesystem may be slow to show, per dead task)
-            running[index]._results_timeout_s = 1
-        for index, job in list(running.items()):
-            if _ended(job, executor.cluster):
-                finish(index, running.pop(index))
-        if running and _expired(deadline, running, waiting, failures):
-            break
-        if running:
-            time.sleep(poll_s)
+    try:
+        _wait_all(executor, fn, items, running, waiting, parallelism, poll_s, deadline, failures, finish)
+    except BaseException:  # stopped (Ctrl-C, SIGTERM) or failing to submit: no local task outlives this command
+        stop_local_tasks(running.values())
+        raise
     if failures:
         raise ArrayJobError(name, sorted(failures, key=lambda f: f.index), results)
     return results

@@ -6,7 +6,9 @@ import argparse
 import importlib
 import re
 import shutil
+import signal
 import sys
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -174,9 +176,19 @@ def _disk_full(err: OSError) -> DiskFullError:
     return DiskFullError(folder, None, shutil.disk_usage(folder).free)
 
 
+class Stopped(SystemExit):
+    """SIGTERM reached this command: unwinding stops its local tasks (hpc.array) before it exits."""
+
+
+def _stop(signum: int, _frame: Any) -> None:
+    raise Stopped(128 + signum)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, build the run once, and hand both to the command's module (``jobs.<module>.command``)."""
     args = parse(build_parser(), argv)
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop)
     try:
         run = open_run(args.config, args.overrides + _launch_overrides(args), args.cluster)
         module = importlib.import_module(f"jobs.{COMMANDS[args.command]}")
@@ -187,6 +199,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"lymphoma {args.command}: error: {err if isinstance(err, DiskFullError) else _disk_full(err)}",
               file=sys.stderr)
         return 1
+    except (KeyboardInterrupt, Stopped) as err:
+        print(f"lymphoma {args.command}: stopped ({'SIGTERM' if isinstance(err, Stopped) else 'Ctrl-C'}); its local "
+              "tasks were stopped too; rerun the same command to resume", file=sys.stderr)
+        return err.code if isinstance(err, Stopped) else 130
     except (InputError, SubmissionError, ArrayJobError) as err:
         print(f"lymphoma {args.command}: error: {err}", file=sys.stderr)
         if isinstance(err, ArrayJobError):

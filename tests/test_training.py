@@ -142,6 +142,45 @@ def test_resume_refuses_a_checkpoint_trained_on_other_tiles_and_restart_keeps_th
     assert state["epoch"] == 1 and len(state["history"]) == 2 and state["tiles_fingerprint"] != first
 
 
+def processes_mentioning(text: str) -> list[int]:
+    """Pids of the live processes whose command line contains ``text`` (read from /proc)."""
+    pids = []
+    for entry in Path("/proc").iterdir():
+        try:
+            if entry.name.isdigit() and text in (entry / "cmdline").read_bytes().decode(errors="replace"):
+                pids.append(int(entry.name))
+        except OSError:
+            continue
+    return pids
+
+
+@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
+def test_stopping_the_command_stops_its_local_tasks(tiled, stop):
+    """SIGTERM or SIGINT to `lymphoma train` alone (not its process group): it exits with 128 + the signal
+    and a message, and no task process of its job outlives it."""
+    name = f"stopped-{stop.name.lower()}"
+    config_for(tiled, name)
+    source, runs = tiled
+    command = [sys.executable, "-m", "jobs.cli", "train", f"data.source={source}", f"run.root={runs}",
+               f"run.name={name}", *FAST, "train.epochs=500"]
+    logs = str(runs / name / "train" / "logs")
+    with subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as proc:
+        deadline = time.monotonic() + 120
+        while not processes_mentioning(logs) and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert processes_mentioning(logs), "the training task never started"
+        time.sleep(1)
+        proc.send_signal(stop)
+        out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + stop, err
+    assert "stopped" in err and "its local tasks were stopped too" in err
+    deadline = time.monotonic() + 15
+    while processes_mentioning(logs) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert processes_mentioning(logs) == []
+
+
 def test_bad_training_input_gets_clear_errors(tiled, tmp_path, capsys):
     with pytest.raises(InputError, match="stores hold 64-px tiles but tiles.size is 96"):
         run_train(config_for(tiled, "size", "tiles.size=96", "train.epochs=1"))
