@@ -110,7 +110,7 @@ class TorchAugmenter(Augmenter):
     def _apply(self, tile: np.ndarray) -> torch.Tensor:
         if self.normalizer is not None:
             tile = self.normalizer(tile)
-        if self.hed:  # drawn from torch's generator, which the loader seeds per worker
+        if self.hed:  # drawn from torch's generator, which the loader seeds per tile (loaders.SeededDraws)
             alpha = 1 + self.settings.hed_scale * (2 * torch.rand(3).numpy() - 1)
             beta = self.settings.hed_shift * (2 * torch.rand(3).numpy() - 1)
             m, t = hed_jitter_affine(alpha, beta)

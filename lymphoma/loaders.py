@@ -1,9 +1,10 @@
-"""PyTorch loaders over the tile shards: a distributed sampler per rank, reshuffled each epoch."""
+"""PyTorch loaders over the tile shards: a distributed sampler per rank, reshuffled each epoch, with augmentation
+draws seeded per tile and epoch."""
 
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -23,9 +24,39 @@ class AugmentedTiles(Dataset):
     def __len__(self) -> int:
         return len(self.tiles)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int]:
+        """The tile at ``key``: an index, or ``(index, seed)`` whose transform draws from torch's generator
+        seeded with ``seed`` (``SeededDraws``); the caller's generator state is left as it was."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
         tile, label = self.tiles[index]
-        return (self.transform(tile) if self.transform else torch.from_numpy(tile)), label
+        if not self.transform:
+            return torch.from_numpy(tile), label
+        if seed is None:
+            return self.transform(tile), label
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            return self.transform(tile), label
+
+
+class SeededDraws(Sampler[tuple[int, int]]):
+    """A training sampler's indices, each with the seed of its augmentation's random draws, a function of
+    (seed, epoch, rank, position in the epoch): an epoch draws the same whichever worker takes a tile and
+    whatever the workers drew before, so a resumed run repeats the uninterrupted one exactly."""
+
+    def __init__(self, sampler: Sampler[int], seed: int, rank: int) -> None:
+        self.sampler, self.seed, self.rank, self.epoch = sampler, seed, rank, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+        self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+
+    def __iter__(self) -> Iterator[tuple[int, int]]:
+        base = int(np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1, np.uint64)[0])
+        for position, index in enumerate(self.sampler):
+            yield index, (base + position) % 2**63
+
+    def __len__(self) -> int:
+        return len(self.sampler)  # type: ignore[arg-type]
 
 
 class StridedSampler(Sampler[int]):
@@ -86,12 +117,16 @@ def make_loader(tiles: PhaseTiles, transform: Optional[Callable[[np.ndarray], to
         raise InputError(f"{len(tiles)} tiles for {world} processes: more processes than samples; "
                          "use fewer processes or more images")
     dataset = AugmentedTiles(tiles, transform)
-    sampler: Sampler[int]
+    sampler: Sampler[Any]
     if train and balance_cases:
         sampler = CaseBalancedSampler(tiles.labels, tiles.cases, samples_per_epoch or len(tiles), rank, world, seed)
     elif train:
         sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
     else:
         sampler = StridedSampler(len(dataset), rank, world)
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers,
+    if train:
+        sampler = SeededDraws(sampler, seed, rank)
+    # its own generator: making the workers' seeds never draws from the global one that dropout uses
+    generator = torch.Generator().manual_seed(seed * 2 + int(train))
+    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, generator=generator,
                       persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), drop_last=False)
