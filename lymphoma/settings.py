@@ -81,7 +81,7 @@ class TileSettings:
             (self.size > 0, f"tiles.size must be positive, got {self.size}"),
             (self.stride > 0, f"tiles.stride must be positive, got {self.stride}"),
             (self.stride <= self.size, f"tiles.stride ({self.stride}) is larger than tiles.size ({self.size}): "
-             f"{1 - (self.size / self.stride) ** 2:.0%} of every image would lie between tiles, never seen; set "
+             f"{1 - (self.size / max(self.stride, 1)) ** 2:.0%} of every image would lie between tiles, never seen; set "
              "tiles.stride <= tiles.size (equal: tiles side by side, smaller: overlapping)"),
             (self.resize > 0, f"tiles.resize must be positive, got {self.resize}"),
             (self.pad >= 0, f"tiles.pad must be >= 0, got {self.pad}"),
