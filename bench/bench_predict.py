@@ -1,5 +1,7 @@
 """Prediction throughput on real images: end to end (read, tile, model, vote, write) against the bare
-model on the same tiles already in memory, and against a tutorial-style loop, in one run; peak memory.
+model on the same tiles already in memory, and against a tutorial-style loop, in one run, for each engine
+and precision (torch fp32, torch bf16 autocast, ONNX Runtime fp32); tile-class agreement with torch fp32;
+peak memory.
 
     .venv/bin/python bench/bench_predict.py [--images 64] [--out bench/results/predict.json]
 
@@ -44,10 +46,21 @@ def make_checkpoint(path: Path, tiles: TileSettings, augment: AugmentSettings) -
                      "tiles": asdict(tiles), "augment": asdict(augment)}, path)
 
 
-def end_to_end(checkpoint: Path, slides: list[SlideInput], out: Path, batch: int) -> int:
-    predictor = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), batch)
+ENGINES = (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"))  # predict.engine, predict.precision
+
+
+def end_to_end(checkpoint: Path, slides: list[SlideInput], out: Path, batch: int, engine: str = "torch",
+               precision: str = "fp32") -> int:
+    predictor = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), batch, engine=engine, precision=precision,
+                                          export_dir=checkpoint.parent / "engine")  # exported once, as tasks share it
     records = predict_slides(predictor, slides, out)
     return sum(r["n_tiles"] for r in records)
+
+
+def timed(fn: object) -> float:
+    start = time.perf_counter()
+    fn()  # type: ignore[operator]
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -78,10 +91,6 @@ def main() -> None:
         n = len(all_tiles)
         results["tiles"] = n
 
-        def bare() -> None:
-            for start in range(0, n, args.batch):
-                predictor.logits(all_tiles[start:start + args.batch])
-
         def tutorial() -> None:  # batch 10, autograd on, read and tile between model calls
             model = predictor.model
             for slide in slides:
@@ -92,18 +101,30 @@ def main() -> None:
                     outputs.append(model(x[:, :, 8:120, 8:120]).detach().numpy())
                 np.concatenate(outputs).argmax(1)
 
-        timings = {}
-        for name, fn in (("bare_model", bare),
-                         ("end_to_end", lambda: end_to_end(checkpoint, slides, tmp_dir / f"out-{time.monotonic_ns()}",
-                                                           args.batch)),
-                         ("tutorial_style", tutorial)):
-            fn() if name == "bare_model" else None  # warm up the model's kernels once
-            start = time.perf_counter()
-            fn()
-            timings[name] = time.perf_counter() - start
-            results[f"{name}_tiles_per_s"] = n / timings[name]
-        results["end_to_end_vs_bare_model"] = timings["bare_model"] / timings["end_to_end"]
-        results["end_to_end_vs_tutorial_style"] = timings["tutorial_style"] / timings["end_to_end"]
+        timings = {"tutorial_style": timed(tutorial)}
+        reference = predictor.logits(all_tiles[:256])
+        for engine, precision in ENGINES:
+            name = f"{engine}_{precision}"
+            engine_predictor = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), args.batch, engine=engine,
+                                                         precision=precision, export_dir=tmp_dir / "engine")
+
+            def bare() -> None:
+                for start in range(0, n, args.batch):
+                    engine_predictor.logits(all_tiles[start:start + args.batch])
+
+            bare()  # warm up the kernels once
+            timings[f"bare_model_{name}"] = timed(bare)
+            timings[f"end_to_end_{name}"] = timed(lambda: end_to_end(
+                checkpoint, slides, tmp_dir / f"out-{time.monotonic_ns()}", args.batch, engine, precision))
+            same = engine_predictor.logits(all_tiles[:256]).argmax(1) == reference.argmax(1)
+            results[f"same_tile_class_as_torch_fp32_{name}"] = float(same.float().mean())
+        for name, seconds in timings.items():
+            results[f"{name}_tiles_per_s"] = n / seconds
+        for engine, precision in ENGINES:
+            name = f"{engine}_{precision}"
+            results[f"end_to_end_vs_tutorial_style_{name}"] = timings["tutorial_style"] / timings[f"end_to_end_{name}"]
+            results[f"end_to_end_vs_bare_model_{name}"] = timings[f"bare_model_{name}"] / timings[f"end_to_end_{name}"]
+            results[f"bare_model_vs_tutorial_style_{name}"] = timings["tutorial_style"] / timings[f"bare_model_{name}"]
 
         listing = tmp_dir / "slides.json"
         listing.write_text(json.dumps([asdict(s) for s in slides]))

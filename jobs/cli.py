@@ -21,7 +21,7 @@ OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 # each command's module, whose ``command(args, run)`` runs it and returns the exit status
 COMMANDS = {"tile": "tile", "train": "train", "validate": "validate", "predict": "predict", "run": "pipeline",
             "cv": "cv", "features": "features", "mil": "mil", "inspect": "inspect_slide", "download": "download",
-            "config": "config"}
+            "config": "config", "export": "export"}
 
 
 def _command(sub: Any, name: str, summary: str, description: str, overrides: bool = True,
@@ -80,6 +80,13 @@ def _add_model_commands(sub: Any) -> None:
     validate.add_argument("--phase", default="val", help="train, val or test (default val)")
     validate.add_argument("--layer", default="features.denseblock1", help="layer whose activations to show")
     validate.add_argument("--out", help="output folder (default: <run folder>/validate)")
+    export = _command(sub, "export", "a checkpoint as ONNX and TorchScript, with its preprocessing recorded",
+                      "Export a checkpoint's model (uint8 NHWC tiles in, logits out; centre crop and normalisation "
+                      "inside) to ONNX and TorchScript, with preprocessing.json saying how to tile, stain-normalise "
+                      "and read the outputs, and export.json with each export's agreement with PyTorch.")
+    export.add_argument("--checkpoint", required=True, help="a checkpoint (best.pt, last.pt, ensemble.pt)")
+    export.add_argument("--out", help="output folder (default: the checkpoint's path without .pt)")
+    export.add_argument("--formats", default="onnx,torchscript", help="comma-separated: onnx, torchscript")
     predict = _command(sub, "predict", "tile-vote inference over images: per-slide outputs and a cohort report",
                        "Tile each image with the checkpoint's settings, run the tiles through the model in batches "
                        "and vote. One array task per chunk of slides; a rerun skips slides already done.",

@@ -56,7 +56,8 @@ def predict_chunk(checkpoint: Path, slides: Sequence[SlideInput], out_dir: Path,
     """Load the model once, then predict each slide that is not complete yet into ``out_dir``."""
     from lymphoma.prediction import Predictor, predict_slides
 
-    predictor = Predictor.from_checkpoint(checkpoint, device, settings.batch_size, settings.tta, tiles)
+    predictor = Predictor.from_checkpoint(checkpoint, device, settings.batch_size, settings.tta, tiles, settings.engine,
+                                          settings.precision, Path(out_dir).parent / "engine")
     return predict_slides(predictor, slides, out_dir, settings.prefetch, settings.heatmaps, readers=settings.readers)
 
 
@@ -130,7 +131,7 @@ def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     out_dir = prepare_out_dir(Path(request.out).absolute() if request.out else run.predict)
     run.save_config(out_dir / "config.yaml")
     slide_dir = out_dir / "slides"
-    fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta)
+    fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision)
     resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}
     per_task = max(1, cfg.predict.slides_per_task)
     chunks = [tuple(slides[i:i + per_task]) for i in range(0, len(slides), per_task)]

@@ -7,7 +7,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
 from collections.abc import Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional, Protocol
@@ -17,6 +19,7 @@ import torch
 
 from lymphoma.augment import eval_batch
 from lymphoma.checkpoint import load_checkpoint, load_model_weights
+from lymphoma.engines import OnnxEngine, TileClassifier, check_engine, dihedral_tiles, onnx_bytes
 from lymphoma.errors import ImageError
 from lymphoma.files import write_text_atomic
 from lymphoma.model import build_model
@@ -50,19 +53,30 @@ class Predictor:
     tta: bool = False
     normalizer: Optional[StainNormalizer] = None
     amp: bool = False  # bf16 autocast on GPUs (feature extraction)
+    precision: str = "fp32"  # fp32 | bf16 (autocast, also on CPUs)
+    onnx: Optional[OnnxEngine] = None  # predict.engine=onnxruntime: this session runs the model instead
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device, batch_size: int = 128,
-                        tta: bool = False, tiles: Optional[dict[str, Any]] = None) -> "Predictor":
+                        tta: bool = False, tiles: Optional[dict[str, Any]] = None, engine: str = "torch",
+                        precision: str = "fp32", export_dir: Optional[Path] = None) -> "Predictor":
         """The checkpoint's model and settings; ``tiles``: tile settings used instead of the checkpoint's
-        (``lymphoma predict --force``), part of the fingerprint."""
+        (``lymphoma predict --force``); ``engine``/``precision``: what runs the model (all part of the
+        fingerprint); ``export_dir``: where the ONNX export is kept for the next task (made once)."""
+        check_engine(engine, precision)
         state = with_tiles(load_checkpoint(path), tiles)
         model = build_model(state["architecture"])
         load_model_weights(model, state, path)
         model.to(device, memory_format=torch.channels_last).eval()
-        return cls(model, list(state["classes"]), TileSettings(**state["tiles"]), AugmentSettings(**state["augment"]),
-                   device, batch_size, checkpoint_fingerprint(path, state, tta), tta,
-                   StainNormalizer.from_state(state.get("stain")))
+        augment, tile_settings = AugmentSettings(**state["augment"]), TileSettings(**state["tiles"])
+        onnx = None
+        fingerprint = checkpoint_fingerprint(path, state, tta, engine, precision)
+        if engine == "onnxruntime":
+            onnx = OnnxEngine(_onnx_export(TileClassifier(model.cpu(), augment, tile_settings.size), tile_settings.size,
+                                           export_dir and export_dir / f"model-{fingerprint[:16]}.onnx"),
+                              torch.get_num_threads())
+        return cls(model, list(state["classes"]), tile_settings, augment, device, batch_size, fingerprint, tta,
+                   StainNormalizer.from_state(state.get("stain")), precision=precision, onnx=onnx)
 
     def normalize_stain(self, tiles: np.ndarray) -> np.ndarray:
         """Stain-normalise uint8 tiles ``[N, H, W, 3]`` when the model was trained on normalised tiles."""
@@ -75,14 +89,19 @@ class Predictor:
         rotations of each tile."""
         if not stain_normalized:
             tiles = self.normalize_stain(tiles)
+        if self.onnx is not None:
+            if not self.tta:
+                return self.onnx(tiles)
+            return (sum(self.onnx(view).softmax(1) for view in dihedral_tiles(np.asarray(tiles))) / 8).log()
         x = eval_batch(tiles, self.augment, self.device).contiguous(memory_format=torch.channels_last)
-        if not self.tta:
-            with torch.autocast("cuda", dtype=torch.bfloat16, enabled=self.amp and self.device.type == "cuda"):
+        bf16 = self.precision == "bf16" or (self.amp and self.device.type == "cuda")
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
+            if not self.tta:
                 return self.model(x).float().cpu()
-        probs = torch.zeros(())
-        for view in dihedral_views(x):
-            probs = probs + self.model(view.contiguous(memory_format=torch.channels_last)).float().softmax(1)
-        return (probs / 8).log().cpu()
+            probs = torch.zeros(())
+            for view in dihedral_views(x):
+                probs = probs + self.model(view.contiguous(memory_format=torch.channels_last)).float().softmax(1)
+            return (probs / 8).log().cpu()
 
 
 def dihedral_views(x: torch.Tensor) -> Iterator[torch.Tensor]:
@@ -93,18 +112,35 @@ def dihedral_views(x: torch.Tensor) -> Iterator[torch.Tensor]:
         yield rotated.flip(3)
 
 
+def _onnx_export(classifier: TileClassifier, tile_size: int, path: Optional[Path]) -> bytes:
+    """The classifier's ONNX export, read from ``path`` when an earlier task made it, else made (and kept there)."""
+    if path is not None and path.is_file():
+        return path.read_bytes()
+    data = onnx_bytes(classifier, tile_size)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+        tmp.write_bytes(data)
+        os.replace(tmp, path)
+    return data
+
+
 def with_tiles(state: dict[str, Any], tiles: Optional[dict[str, Any]]) -> dict[str, Any]:
     """The checkpoint's state with some tile settings replaced (none: unchanged)."""
     return {**state, "tiles": {**state["tiles"], **tiles}} if tiles else state
 
 
-def checkpoint_fingerprint(path: Path, state: dict[str, Any], tta: bool = False) -> str:
-    """What a slide's outputs depend on: the checkpoint file, the tiling and crop it was trained with, TTA."""
+def checkpoint_fingerprint(path: Path, state: dict[str, Any], tta: bool = False, engine: str = "torch",
+                           precision: str = "fp32") -> str:
+    """What a slide's outputs depend on: the checkpoint file, the tiling and crop it was trained with, TTA,
+    the engine and precision that run the model."""
     stat = Path(path).stat()
     payload = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, state["tiles"], state["augment"],
                state.get("stain")]
     if tta:
         payload.append("tta")
+    if (engine, precision) != ("torch", "fp32"):
+        payload.append([engine, precision])
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -177,11 +213,13 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
     progress: dict[int, _Progress] = {}
     batch: list[tuple[int, np.ndarray]] = []  # (slide, tiles) pieces of the next forward pass
     size = 0
+    writing = ThreadPoolExecutor(1, thread_name_prefix="slide-writer")  # files and pictures off the model's path
+    written: dict[int, Future[dict[str, Any]]] = {}
 
     def finish_ready() -> None:
         for i, state in list(progress.items()):
             if state.source is not None and state.done == len(state.source.coords):
-                records[i] = writer.finish(slides[i], state.source, torch.cat(state.parts))
+                written[i] = writing.submit(writer.finish, slides[i], state.source, torch.cat(state.parts))
                 del progress[i]
 
     def flush() -> None:
@@ -218,6 +256,9 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
                 if size == batch_size:
                     flush()
     flush()
+    writing.shutdown(wait=True)
+    for i, future in written.items():
+        records[i] = future.result()  # a writer's error is raised here, as it was in the loop before
     return [r for r in records if r is not None]
 
 

@@ -377,6 +377,8 @@ class PredictSettings:
     heatmaps: bool = True          # a PNG of tile classes over a thumbnail, per slide
     tta: bool = False              # average over the 8 flips / right-angle rotations of each tile (8x cost)
     aggregate: str = "vote"        # vote (majority of tile classes) | mean (mean probability)
+    engine: str = "torch"          # torch | onnxruntime (the model exported to ONNX in each task, run by ONNX Runtime)
+    precision: str = "fp32"        # fp32 | bf16 (engine torch: autocast, on GPUs and on CPUs with bf16 support)
 
     def __post_init__(self) -> None:
         if min(self.batch_size, self.slides_per_task, self.prefetch, self.readers) < 1:
@@ -384,6 +386,16 @@ class PredictSettings:
                              "be >= 1")
         if self.aggregate not in AGGREGATES:
             raise InputError(f"predict.aggregate is {self.aggregate!r}; allowed: {', '.join(AGGREGATES)}")
+        if self.engine not in ENGINES:
+            raise InputError(f"predict.engine is {self.engine!r}; allowed: {', '.join(ENGINES)}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"predict.precision is {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if self.engine == "onnxruntime" and self.precision != "fp32":
+            raise InputError("predict.engine=onnxruntime runs fp32: set predict.precision=fp32 (bf16 is for engine=torch)")
+
+
+ENGINES = ("torch", "onnxruntime")
+PRECISIONS = ("fp32", "bf16")
 
 
 CV_CHECKPOINTS = ("best", "last")

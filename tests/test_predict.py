@@ -25,6 +25,7 @@ from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.images import read_rgb
 from lymphoma.model import build_model
+from lymphoma.prediction import Predictor
 from lymphoma.settings import AugmentSettings, TileSettings
 from lymphoma.stain import StainNormalizer
 from lymphoma.tiling import cut_tiles, grid_shape
@@ -274,7 +275,7 @@ def test_a_task_that_dies_is_reported_with_its_log(checkpoint, cohort, tmp_path)
 
 
 def test_tta_averages_the_eight_symmetries_and_mean_aggregation(checkpoint, cohort, tmp_path):
-    from lymphoma.prediction import Predictor, dihedral_views
+    from lymphoma.prediction import dihedral_views
 
     x = torch.arange(2 * 3 * 4 * 4, dtype=torch.float32).view(2, 3, 4, 4)
     views = list(dihedral_views(x))
@@ -322,3 +323,59 @@ def test_parallel_readers_give_the_same_outputs_and_a_bomb_fails_alone(checkpoin
         three = np.load(tmp_path / "three" / "slides" / f"{image.stem}.npz")
         np.testing.assert_array_equal(one["coords"], three["coords"])
         np.testing.assert_allclose(one["logits"], three["logits"], rtol=1e-4, atol=1e-4)
+
+
+def cohort_tiles(predictor, cohort: Path) -> np.ndarray:
+    """Every tile of the cohort's real images, cut and stain-normalised as prediction does."""
+    tiles = np.concatenate([cut_tiles(read_rgb(p), predictor.tiles).pixels for p in sorted(cohort.rglob("*.png"))])
+    return predictor.normalize_stain(tiles)
+
+
+def test_export_onnx_and_torchscript_agree_with_pytorch_on_real_tiles(checkpoint, cohort, tmp_path, capsys):
+    import onnxruntime
+
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(tmp_path / "served")]) == 0
+    assert "tile classes equal to PyTorch's on 100% of 16 check tiles" in capsys.readouterr().out
+    recipe = json.loads((tmp_path / "served" / "preprocessing.json").read_text())
+    assert recipe["classes"] == ["CLL", "FL", "MCL"] and recipe["input"]["shape"] == ["batch", 64, 64, 3]
+    assert recipe["inside_the_model"]["centre_crop"] == 56 and recipe["before_the_model"]["stain_normalization"]
+    predictor = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64)
+    tiles = cohort_tiles(predictor, cohort)
+    reference = predictor.logits(tiles, stain_normalized=True)
+    session = onnxruntime.InferenceSession(str(tmp_path / "served" / "model.onnx"))  # without this project
+    served = torch.from_numpy(session.run(None, {"tiles": tiles})[0])
+    scripted = torch.jit.load(str(tmp_path / "served" / "model.torchscript.pt"))(torch.from_numpy(tiles))
+    for logits in (served, scripted):
+        assert torch.allclose(logits, reference, atol=1e-4)
+        assert torch.equal(logits.argmax(1), reference.argmax(1))
+
+
+@pytest.fixture(scope="module")
+def decisive(tiled) -> Path:
+    """A model trained a little further (90 steps, no weight average) than ``checkpoint``, whose tile classes
+    are decisions rather than near-ties of an untrained model (where bf16 rounding alone flips 2% of them)."""
+    run_train(config_for(tiled, "decisive", "train.epochs=6", "train.max_steps_per_epoch=15", "train.lr=0.003",
+                         "train.ema=null"))
+    return tiled[1] / "decisive" / "train" / "checkpoints" / "last.pt"
+
+
+def test_every_engine_gives_pytorchs_classes_on_real_tiles(decisive, cohort, tmp_path, capsys):
+    """engine=onnxruntime: PyTorch's logits within 1e-4; precision=bf16: the same class on at least 99% of
+    the real tiles; both through `lymphoma predict` end to end, with the same slide classes."""
+    checkpoint = decisive
+    fp32 = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64)
+    tiles = cohort_tiles(fp32, cohort)
+    reference = fp32.logits(tiles, stain_normalized=True)
+    onnx = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64, engine="onnxruntime")
+    assert torch.allclose(onnx.logits(tiles, stain_normalized=True), reference, atol=1e-4)
+    bf16 = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64, precision="bf16").logits(
+        tiles, stain_normalized=True)
+    assert (bf16.argmax(1) == reference.argmax(1)).float().mean() >= 0.99 and (bf16 - reference).abs().max() < 0.1
+    assert predict(checkpoint, tmp_path / "torch", f"{cohort}/**/*.png") == 0
+    for words in (["predict.engine=onnxruntime"], ["predict.precision=bf16"]):
+        out = tmp_path / words[0].split("=")[1]
+        assert predict(checkpoint, out, f"{cohort}/**/*.png", *words) == 0
+        with (tmp_path / "torch" / "summary.csv").open() as a, (out / "summary.csv").open() as b:
+            assert [r["predicted"] for r in csv.DictReader(a)] == [r["predicted"] for r in csv.DictReader(b)]
+    assert predict(checkpoint, tmp_path / "bad", f"{cohort}/**/*.png", "predict.engine=tensorrt") == 2
+    assert "predict.engine is 'tensorrt'; allowed: torch, onnxruntime" in capsys.readouterr().err

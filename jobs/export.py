@@ -1,0 +1,22 @@
+"""`lymphoma export`: a checkpoint as ONNX and TorchScript, with its preprocessing recorded."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jobs.run_folder import Run
+
+
+def command(args: argparse.Namespace, run: Run) -> int:
+    """Write the exports and ``preprocessing.json`` into ``--out`` and say how close each is to PyTorch."""
+    from lymphoma.engines import write_export
+
+    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("")
+    formats = [f.strip() for f in args.formats.split(",") if f.strip()]
+    report = write_export(Path(args.checkpoint), out, formats)
+    for name, entry in report["files"].items():  # type: ignore[union-attr]
+        print(f"{name}: {out / entry['path']}: tile classes equal to PyTorch's on {entry['same_class']:.0%} of "
+              f"{report['check_tiles']} check tiles, largest logit difference {entry['max_abs_logit_difference']:.1e}")
+    print(f"preprocessing: {out / 'preprocessing.json'}")
+    return 0

@@ -1,0 +1,166 @@
+"""Prediction engines: the model as served, uint8 tiles in and logits out, run by PyTorch (fp32 or bf16
+autocast) or by ONNX Runtime from an ONNX export; and the export itself (ONNX, TorchScript) with its
+preprocessing recorded, so that a site can serve a checkpoint without this project."""
+
+from __future__ import annotations
+
+import io
+import warnings
+from collections.abc import Sequence
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from lymphoma.errors import InputError
+from lymphoma.settings import AugmentSettings, PredictSettings
+
+
+class TileClassifier(torch.nn.Module):
+    """The model with its input handling inside: uint8 tiles ``[N, H, W, 3]`` (stain-normalised where the
+    model was trained so) in, logits ``[N, classes]`` out; centre crop, scaling and normalisation exactly
+    as ``augment.eval_batch`` does them."""
+
+    def __init__(self, model: torch.nn.Module, augment: AugmentSettings, tile_size: int) -> None:
+        super().__init__()
+        self.model, self.crop = model, augment.crop
+        self.offset = int(round((tile_size - augment.crop) / 2.0))  # fixed: exports see one tile size
+        self.register_buffer("mean", torch.tensor(augment.mean, dtype=torch.float32).view(1, 3, 1, 1))
+        self.register_buffer("std", torch.tensor(augment.std, dtype=torch.float32).view(1, 3, 1, 1))
+
+    def forward(self, tiles: torch.Tensor) -> torch.Tensor:
+        start, end = self.offset, self.offset + self.crop
+        x = tiles[:, start:end, start:end].permute(0, 3, 1, 2).float() / 255
+        return self.model((x - self.mean) / self.std)
+
+
+def onnx_bytes(classifier: TileClassifier, tile_size: int) -> bytes:
+    """The classifier as an ONNX model (opset of torch's exporter), the batch dimension left free."""
+    example = torch.zeros(2, tile_size, tile_size, 3, dtype=torch.uint8)
+    with torch.no_grad():
+        program = torch.onnx.export(classifier.eval(), (example,), dynamo=True, input_names=["tiles"],
+                                    output_names=["logits"], verbose=False,
+                                    dynamic_shapes=({0: torch.export.Dim("batch", min=1)},))
+    buffer = io.BytesIO()
+    program.save(buffer)
+    return buffer.getvalue()
+
+
+def torchscript_bytes(classifier: TileClassifier, tile_size: int) -> bytes:
+    """The classifier as TorchScript (traced), loadable with ``torch.jit.load`` alone."""
+    example = torch.zeros(2, tile_size, tile_size, 3, dtype=torch.uint8)
+    buffer = io.BytesIO()
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # torch 2.9+ deprecates TorchScript; sites still serve it
+        torch.jit.save(torch.jit.trace(classifier.eval(), example, check_trace=False), buffer)
+    return buffer.getvalue()
+
+
+class OnnxEngine:
+    """An ONNX Runtime session on the CPU (or CUDA when its provider is there) over an exported classifier."""
+
+    def __init__(self, model: bytes | Path, threads: int | None = None) -> None:
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise InputError("predict.engine=onnxruntime needs the onnxruntime package: pip install onnxruntime") from None
+        options = ort.SessionOptions()
+        if threads:
+            options.intra_op_num_threads = threads
+        available = ort.get_available_providers()
+        providers = [p for p in ("CUDAExecutionProvider", "CPUExecutionProvider") if p in available]
+        source = model if isinstance(model, bytes) else str(model)
+        self.session = ort.InferenceSession(source, options, providers=providers)
+        self.input = self.session.get_inputs()[0].name
+
+    def __call__(self, tiles: np.ndarray) -> torch.Tensor:
+        return torch.from_numpy(self.session.run(None, {self.input: np.ascontiguousarray(tiles, dtype=np.uint8)})[0])
+
+
+def check_engine(engine: str, precision: str) -> None:
+    """Named errors for engine and precision values (PredictSettings' own checks)."""
+    PredictSettings(engine=engine, precision=precision)
+
+
+def dihedral_tiles(tiles: np.ndarray) -> Sequence[np.ndarray]:
+    """The 8 symmetries of square uint8 tiles ``[N, H, W, 3]`` (the order of ``prediction.dihedral_views``)."""
+    views = []
+    for k in range(4):
+        rotated = np.rot90(tiles, k, axes=(1, 2))
+        views += [np.ascontiguousarray(rotated), np.ascontiguousarray(rotated[:, :, ::-1])]
+    return views
+
+
+EXPORT_FORMATS = ("onnx", "torchscript")
+
+
+def write_export(checkpoint: Path, out_dir: Path, formats: Sequence[str] = EXPORT_FORMATS,
+                 check_tiles: np.ndarray | None = None) -> dict[str, object]:
+    """Export a checkpoint's model into ``out_dir`` (``model.onnx``, ``model.torchscript.pt``) with
+    ``preprocessing.json`` (what a server must do before and after); each export is run on ``check_tiles``
+    (uint8 ``[N, H, W, 3]``, default: a fixed random batch) beside PyTorch, and the largest logit
+    difference and the share of equal tile classes are recorded in ``export.json``, which is returned."""
+    import hashlib
+    import json
+
+    from lymphoma.checkpoint import load_checkpoint, load_model_weights
+    from lymphoma.files import write_text_atomic
+    from lymphoma.model import build_model
+    from lymphoma.settings import TileSettings
+
+    unknown = [f for f in formats if f not in EXPORT_FORMATS]
+    if unknown or not formats:
+        raise InputError(f"export formats {list(formats)}: allowed: {', '.join(EXPORT_FORMATS)}")
+    state = load_checkpoint(checkpoint)
+    model = build_model(state["architecture"])
+    load_model_weights(model, state, checkpoint)
+    augment, tiles = AugmentSettings(**state["augment"]), TileSettings(**state["tiles"])
+    classifier = TileClassifier(model.eval(), augment, tiles.size).eval()
+    if check_tiles is None:
+        check_tiles = np.random.default_rng(0).integers(0, 256, (16, tiles.size, tiles.size, 3), dtype=np.uint8)
+    with torch.inference_mode():
+        reference = classifier(torch.from_numpy(check_tiles)).float()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    report: dict[str, object] = {"checkpoint": str(checkpoint),
+                                 "sha256": hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest(),
+                                 "check_tiles": len(check_tiles), "files": {}}
+    for name in formats:
+        data = onnx_bytes(classifier, tiles.size) if name == "onnx" else torchscript_bytes(classifier, tiles.size)
+        path = out_dir / ("model.onnx" if name == "onnx" else "model.torchscript.pt")
+        path.write_bytes(data)
+        if name == "onnx":
+            logits = OnnxEngine(path)(check_tiles)
+        else:
+            with torch.inference_mode(), warnings.catch_warnings():
+                warnings.simplefilter("ignore", FutureWarning)
+                logits = torch.jit.load(io.BytesIO(data))(torch.from_numpy(check_tiles)).float()
+        report["files"][name] = {  # type: ignore[index]
+            "path": path.name, "max_abs_logit_difference": float((logits - reference).abs().max()),
+            "same_class": float((logits.argmax(1) == reference.argmax(1)).float().mean())}
+    write_text_atomic(out_dir / "preprocessing.json", json.dumps(_preprocessing(state, augment, tiles), indent=2) + "\n")
+    write_text_atomic(out_dir / "export.json", json.dumps(report, indent=2) + "\n")
+    return report
+
+
+def _preprocessing(state: dict[str, object], augment: AugmentSettings, tiles: object) -> dict[str, object]:
+    """What a server does around the exported model: how tiles are cut, what happens to them before, inside and
+    after the model."""
+    from dataclasses import asdict
+
+    return {
+        "classes": list(state["classes"]),  # type: ignore[arg-type]
+        "input": {"name": "tiles", "dtype": "uint8", "layout": "NHWC", "channels": "RGB",
+                  "shape": ["batch", tiles.size, tiles.size, 3]},  # type: ignore[attr-defined]
+        "output": {"name": "logits", "shape": ["batch", len(state["classes"])],  # type: ignore[arg-type]
+                   "probabilities": "softmax over the last axis",
+                   "slide": "majority vote of the tile classes (lymphoma predict.aggregate=vote), or the class of "
+                            "the mean tile probability (mean)"},
+        "tiling": {**asdict(tiles),  # type: ignore[call-overload]
+                   "how": "tiles of size x size pixels every stride pixels after resizing the image by resize "
+                          "(or, with target_mpp, read from whole slides at that resolution over tissue)"},
+        "before_the_model": {"stain_normalization": state.get("stain"),
+                             "how": "none when null; else the tile is normalised to this target (method 'reinhard': "
+                                    "per-tile LAB mean/std matched to the target's; 'macenko': stain vectors)"},
+        "inside_the_model": {"centre_crop": augment.crop, "scale": "1/255", "mean": list(augment.mean),
+                             "std": list(augment.std)},
+    }
