@@ -50,8 +50,8 @@ ENGINES = (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"))  # pre
 
 
 def end_to_end(checkpoint: Path, slides: list[SlideInput], out: Path, batch: int, engine: str = "torch",
-               precision: str = "fp32") -> int:
-    predictor = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), batch, engine=engine, precision=precision,
+               precision: str = "fp32", device: str = "cpu") -> int:
+    predictor = Predictor.from_checkpoint(checkpoint, torch.device(device), batch, engine=engine, precision=precision,
                                           export_dir=checkpoint.parent / "engine")  # exported once, as tasks share it
     records = predict_slides(predictor, slides, out)
     return sum(r["n_tiles"] for r in records)
@@ -68,6 +68,8 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--device", default="cpu", help="cpu or cuda (the model's device; ONNX Runtime uses CUDA "
+                                                         "when its GPU package is installed)")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # checkpoint, slide list, out: one task
     args = parser.parse_args()
     if args.child:
@@ -80,13 +82,14 @@ def main() -> None:
     records = records[:: max(1, len(records) // args.images)][: args.images]
     slides = [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in records]
     tiles_settings, augment = TileSettings(size=128, stride=64), AugmentSettings()
-    results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
+    results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "device": args.device,
                                   "torch_threads": torch.get_num_threads(), "images": len(slides), "batch": args.batch}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
         checkpoint = tmp_dir / "model.pt"
         make_checkpoint(checkpoint, tiles_settings, augment)
-        predictor = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), args.batch)
+        device = torch.device(args.device)
+        predictor = Predictor.from_checkpoint(checkpoint, device, args.batch)
         all_tiles = np.concatenate([cut_tiles(read_rgb(s.path), tiles_settings).pixels for s in slides])
         n = len(all_tiles)
         results["tiles"] = n
@@ -97,15 +100,15 @@ def main() -> None:
                 tiles = cut_tiles(read_rgb(slide.path), tiles_settings).pixels
                 outputs = []
                 for start in range(0, len(tiles), 10):
-                    x = torch.from_numpy(tiles[start:start + 10].transpose(0, 3, 1, 2) / 255).float()
-                    outputs.append(model(x[:, :, 8:120, 8:120]).detach().numpy())
+                    x = torch.from_numpy(tiles[start:start + 10].transpose(0, 3, 1, 2) / 255).float().to(device)
+                    outputs.append(model(x[:, :, 8:120, 8:120]).detach().cpu().numpy())
                 np.concatenate(outputs).argmax(1)
 
         timings = {"tutorial_style": timed(tutorial)}
         reference = predictor.logits(all_tiles[:256])
         for engine, precision in ENGINES:
             name = f"{engine}_{precision}"
-            engine_predictor = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), args.batch, engine=engine,
+            engine_predictor = Predictor.from_checkpoint(checkpoint, device, args.batch, engine=engine,
                                                          precision=precision, export_dir=tmp_dir / "engine")
 
             def bare() -> None:
@@ -115,7 +118,7 @@ def main() -> None:
             bare()  # warm up the kernels once
             timings[f"bare_model_{name}"] = timed(bare)
             timings[f"end_to_end_{name}"] = timed(lambda: end_to_end(
-                checkpoint, slides, tmp_dir / f"out-{time.monotonic_ns()}", args.batch, engine, precision))
+                checkpoint, slides, tmp_dir / f"out-{time.monotonic_ns()}", args.batch, engine, precision, args.device))
             same = engine_predictor.logits(all_tiles[:256]).argmax(1) == reference.argmax(1)
             results[f"same_tile_class_as_torch_fp32_{name}"] = float(same.float().mean())
         for name, seconds in timings.items():
@@ -132,7 +135,7 @@ def main() -> None:
                                 str(listing), str(tmp_dir / "child")], check=True, capture_output=True, text=True)
         results["peak_memory_per_task_MiB"] = float(child.stdout.strip().splitlines()[-1])
         with torch.inference_mode():  # the same outputs both ways
-            direct = predictor.model(eval_batch(all_tiles[:8], augment, torch.device("cpu")))
+            direct = predictor.model(eval_batch(all_tiles[:8], augment, device)).cpu()
         first = np.load(next((tmp_dir / "child").glob(f"{slides[0].key}.npz")))["logits"][:8]
         results["outputs_match"] = bool(np.allclose(first, direct.numpy()[: len(first)], atol=1e-4))
     emit(results, args.out)

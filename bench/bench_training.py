@@ -72,7 +72,7 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--preset", default="densenet-reduced")
-    parser.add_argument("--backends", default="dali,torch", help="augmentation backends to compare")
+    parser.add_argument("--backends", default="dali,torch,batch", help="augmentation backends to compare")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -125,9 +125,9 @@ def main() -> None:
             results[f"augment_{backend}_images_per_s"] = rate(
                 lambda: augmenter.batch(batch if augmenter.sample is None else
                                         torch.stack([augmenter.sample(t) for t in raw]), 1), args.batch, 5)
-        if len(backends) == 2:
-            results["augment_dali_vs_torch"] = (results["augment_dali_images_per_s"]
-                                                / results["augment_torch_images_per_s"])
+        for backend in (b for b in backends if b != "torch" and "torch" in backends):
+            results[f"augment_{backend}_vs_torch"] = (results[f"augment_{backend}_images_per_s"]
+                                                      / results["augment_torch_images_per_s"])
 
         def drain(loader: torch.utils.data.DataLoader, limit: int) -> int:
             seen = 0

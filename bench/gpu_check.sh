@@ -2,7 +2,9 @@
 # The checks only a GPU can show, in one short run (on a lent GPU machine or a cluster's GPU node):
 # NCCL process group and a DDP step, training with bf16 autocast and channels_last, prediction on the
 # GPU, a two-fold cross-validation whose fold tasks train and predict on the GPU, and training throughput
-# (model alone, bf16 vs fp32, real loader vs model alone) for the reduced DenseNet and DenseNet-121. Writes its log and JSON figures to $OUT (default /tmp/gpu-check).
+# (model alone, bf16 vs fp32, real loader vs model alone, per augmentation backend: torch in the loader workers,
+# batch on the GPU, DALI when installed) for the reduced DenseNet and DenseNet-121; prediction tiles/s per
+# engine and precision. Writes its log and JSON figures to $OUT (default /tmp/gpu-check).
 #
 #   LYMPHOMA_DATA=/path/to/lymphoma-iicbu2008 bash bench/gpu_check.sh
 #
@@ -19,7 +21,7 @@ export PYTHONUNBUFFERED=1
 RUNS=${RUNS:-/tmp/gpu-check-runs}
 nvidia-smi -L
 python3 -c "import torch, tables, submitit, omegaconf; print('torch', torch.__version__, torch.cuda.get_device_name())"
-python3 -c "import nvidia.dali" 2>/dev/null && echo "DALI installed" || echo "DALI NOT installed: augment.backend=torch"
+python3 -c "import nvidia.dali" 2>/dev/null && echo "DALI installed" || echo "DALI NOT installed: augment.backend=auto is batch (torch operations on the GPU)"
 
 echo "== 1. NCCL process group and a DDP step"
 python3 - <<'PY'
@@ -59,4 +61,5 @@ echo "== 7. throughput"
 [ "${SKIP_BENCH:-0}" = 1 ] || python3 bench/bench_training.py --workers 8 --batch 128 --steps 20 --out "$OUT/training-gpu-reduced.json"
 [ "${SKIP_BENCH:-0}" = 1 ] || python3 bench/bench_training.py --workers 8 --batch 128 --steps 10 --preset densenet121 \
   --out "$OUT/training-gpu-densenet121.json"
+[ "${SKIP_BENCH:-0}" = 1 ] || python3 bench/bench_predict.py --device cuda --batch 256 --out "$OUT/predict-gpu.json"
 echo "== done"

@@ -40,10 +40,13 @@ def dali_available() -> bool:
     return True
 
 
-def choose_backend(settings: AugmentSettings) -> str:
-    """``auto`` is DALI when it is installed, else torch."""
+def choose_backend(settings: AugmentSettings, device: Optional[torch.device] = None) -> str:
+    """``auto`` is DALI when it is installed, else ``batch`` on a GPU (torch operations on the device) and
+    torch (torchvision in the loader workers) on the CPU."""
     if settings.backend == "auto":
-        return "dali" if dali_available() else "torch"
+        if dali_available():
+            return "dali"
+        return "batch" if device is not None and device.type == "cuda" else "torch"
     if settings.backend == "dali" and not dali_available():
         raise InputError("augment.backend=dali but NVIDIA DALI is not installed; pip install nvidia-dali-cuda130 "
                          "(or another CUDA build) or set augment.backend=torch")
@@ -65,13 +68,18 @@ def build_augmenter(settings: AugmentSettings, train: bool, device: torch.device
                     normalizer: Optional[StainNormalizer] = None) -> Augmenter:
     """The augmentation of the chosen backend, in train (random) or eval (centre crop) mode, after the stain
     normalisation if one is given."""
-    if choose_backend(settings) == "dali":
+    backend = choose_backend(settings, device)
+    if backend == "dali":
         return DaliAugmenter(settings, train, device, seed, normalizer=normalizer)
+    if backend == "batch":
+        from lymphoma.batch_augment import BatchAugmenter
+
+        return BatchAugmenter(settings, train, device, seed, normalizer)
     return TorchAugmenter(settings, train, device, normalizer)
 
 
-class _Normalize:
-    """The loader's per-tile step of the DALI backend: stain normalisation only (picklable)."""
+class NormalizeOnly:
+    """The loader's per-tile step of the DALI and batch backends: stain normalisation only (picklable)."""
 
     def __init__(self, normalizer: StainNormalizer) -> None:
         self.normalizer = normalizer
@@ -137,7 +145,7 @@ class DaliAugmenter(Augmenter):
         self.settings, self.train, self.device, self.seed = settings, train, device, seed
         self.max_batch, self.threads = max_batch, threads
         self.hed = train and settings.hed_jitter
-        self.sample = _Normalize(normalizer) if normalizer is not None else None
+        self.sample = NormalizeOnly(normalizer) if normalizer is not None else None
         self._pipes: dict[int, object] = {}
         self._rng = np.random.default_rng(seed)
 

@@ -226,7 +226,7 @@ class ModelSettings:
 DENSENET_KEYS = ("preset", "growth_rate", "block_config", "num_init_features", "bn_size", "drop_rate")
 
 
-BACKENDS = ("auto", "dali", "torch")
+BACKENDS = ("auto", "dali", "torch", "batch")
 
 
 @dataclass
@@ -239,7 +239,7 @@ class AugmentSettings:
     ``hed_scale`` / ``hed_shift``: HED stain jitter (Tellez et al. 2019), each stain's optical density scaled
     by U(1 - hed_scale, 1 + hed_scale) and shifted by U(-hed_shift, hed_shift) (scikit-image HED units)."""
 
-    backend: str = "auto"          # auto (DALI if installed, else torch) | dali | torch
+    backend: str = "auto"          # auto (DALI if installed, else batch on GPUs, torch on CPUs) | dali | torch | batch
     crop: int = 112                # random crop (train) / centre crop (evaluation), pixels
     hflip: float = 0.5             # probabilities
     vflip: float = 0.5

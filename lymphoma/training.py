@@ -257,7 +257,7 @@ def build_pipelines(train_tiles: PhaseTiles, eval_tiles: PhaseTiles, settings: F
                     device: torch.device) -> Pipelines:
     """The stain target, the train and eval augmenters and their loaders."""
     train, augment = settings.train, settings.augment
-    backend = choose_backend(augment)
+    backend = choose_backend(augment, device)
     target = fit_target(settings.stain)
     normalizer = StainNormalizer(target) if target is not None else None
     train_aug = build_augmenter(augment, True, device, seed=train.seed * 1000 + rank.rank, normalizer=normalizer)

@@ -1,4 +1,5 @@
-"""Both augmentation backends (DALI on the CPU, torchvision v2) do what their settings say, alike."""
+"""The augmentation backends (DALI on the CPU, torchvision v2, torch batch operations) do what their settings say,
+alike."""
 
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from lymphoma.errors import InputError
 from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.settings import AugmentSettings
 
-BACKENDS = ["dali", "torch"]
+BACKENDS = ["dali", "torch", "batch"]
 CPU = torch.device("cpu")
 
 
@@ -48,11 +49,14 @@ def as_uint8(x: np.ndarray) -> np.ndarray:
 
 @pytest.mark.parametrize("train", [True, False])
 def test_backends_agree_on_shape_dtype_and_range(tiles, train):
-    outs = [run(AugmentSettings(crop=80, saturation=0.2, brightness=0.2, contrast=0.2), b, train, tiles)
-            for b in BACKENDS]
-    for out in outs:
-        assert 0.0 <= out.min() and out.max() <= 1.0 and out.max() > 0.5
-    assert abs(outs[0].mean() - outs[1].mean()) < 0.1
+    means = []
+    for backend in BACKENDS:
+        outs = [run(AugmentSettings(crop=80, saturation=0.2, brightness=0.2, contrast=0.2), backend, train, tiles, seed)
+                for seed in range(4)]  # one draw of 12 tiles moves the mean by about 0.04
+        for out in outs:
+            assert 0.0 <= out.min() and out.max() <= 1.0 and out.max() > 0.5
+        means.append(np.mean([out.mean() for out in outs]))
+    assert max(means) - min(means) < 0.1
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -112,7 +116,7 @@ def test_grayscale_probability_one_gives_equal_channels(tiles, backend):
 
 
 def test_settings_name_allowed_values():
-    with pytest.raises(InputError, match="allowed: auto, dali, torch"):
+    with pytest.raises(InputError, match="allowed: auto, dali, torch, batch"):
         AugmentSettings(backend="kornia")
     with pytest.raises(InputError, match="augment.hue must be in"):
         AugmentSettings(hue=0.9)

@@ -128,6 +128,20 @@ def test_torch_hed_jitter_is_the_optical_density_map(tiles):
     assert np.abs(out.permute(1, 2, 0).numpy() * 255 - expected).max() < 1e-3
 
 
+def test_batch_hed_jitter_is_the_optical_density_map(tiles):
+    from lymphoma.batch_augment import BatchAugmenter
+
+    out = BatchAugmenter(_hed_only("batch"), True, CPU, seed=3).batch(torch.from_numpy(tiles), epoch=1)
+    g = torch.Generator().manual_seed(3 * 100_003 + 1)  # the epoch's generator: alpha, then beta
+    alpha = 0.8 + 0.4 * torch.rand((len(tiles), 3), generator=g)
+    beta = -0.05 + 0.1 * torch.rand((len(tiles), 3), generator=g)
+    m, t = hed_jitter_affine(alpha.numpy(), beta.numpy())
+    for i, tile in enumerate(tiles):
+        expected = apply_od_affine(tile, m[i], t[i])
+        diff = np.abs(out[i].permute(1, 2, 0).numpy() * 255 - expected)
+        assert diff.max() < 1.001 and diff.mean() < 0.01  # float32 log/exp on either side of a .5
+
+
 def test_hed_identity_keeps_the_tile(tiles):
     m, t = hed_jitter_affine(np.ones(3), np.zeros(3))
     assert np.abs(apply_od_affine(tiles[0], m[0], t[0]).astype(int) - tiles[0]).max() <= 1

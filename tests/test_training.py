@@ -78,7 +78,7 @@ def test_loss_falls_and_tensorboard_holds_every_tag(tiled):
     assert sum(map(sum, result["confusion"])) == result["tiles"]
 
 
-@pytest.mark.parametrize("backend", ["dali", "torch"])
+@pytest.mark.parametrize("backend", ["dali", "torch", "batch"])
 def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiled, backend):
     """kill -9 in epoch 2 of 3, then resume: bit-identical to the uninterrupted run, for both augmentation
     backends, with 2 loader workers (they keep running between epochs: their random streams must not)."""
