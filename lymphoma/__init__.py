@@ -15,7 +15,9 @@ Tiles
   loaders         torch Dataset, samplers (distributed, case-balanced) and DataLoaders over a phase
 Models and training
   stain, augment  stain normalisation and HED jitter; DALI / torch augmentation pipelines
+  batch_augment   the batch backend: torch operations on whole batches on the training device
   model, ensemble the DenseNet presets; fold models averaged as one checkpoint
+  backbones       pretrained torchvision / timm backbones from local weight files, freezing, input adapter
   training        one training: builders, resume, the epoch loop, checkpoints, TensorBoard
   epochs          train_one_epoch and evaluate, written once
   selection       which epoch is kept, early stopping, chance level
@@ -24,6 +26,9 @@ Models and training
 Prediction and reports
   prediction      tile-vote inference over whole images with read-ahead, per-slide outputs
   prediction_inputs  files, wildcards and TSV lists to predict
+  engines         what runs the model (torch fp32/bf16, ONNX Runtime) and its export (ONNX, TorchScript)
+  read_ahead      reader threads that decode, tile and stain-normalise slides ahead of the model
+  features, mil   tile embeddings per slide (CLAM/TRIDENT HDF5); gated attention-MIL on them
   voting, metrics, cohort_report, plots   votes, accuracies, the cohort report, figures
   baseline        the reference logistic regression on colour and texture features
 Common
