@@ -1,5 +1,6 @@
-"""The cohort report of a prediction: one row per slide, image- and case-level metrics and confusion matrices,
-an image's or case's class by majority vote of tiles or by mean probability."""
+"""The cohort report of a prediction: one row per slide, image- and case-level metrics (accuracy, balanced
+accuracy, ROC AUC, F1, calibration), confusion matrices, ROC and reliability plots; an image's or case's class by
+majority vote of tiles or by mean probability."""
 
 from __future__ import annotations
 
@@ -7,13 +8,13 @@ import json
 from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
 from lymphoma.files import write_csv_atomic, write_text_atomic
-from lymphoma.metrics import accuracy, balanced_accuracy
-from lymphoma.plots import save_confusion
+from lymphoma.metrics import accuracy, balanced_accuracy, probability_scores
+from lymphoma.plots import save_confusion, save_reliability, save_roc
 
 
 def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_dir: Path,
@@ -36,9 +37,11 @@ def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_
     known = [r for r in done if r.get("label")]
     if known:
         image, case = confusions(known, classes, aggregate)
+        scores = level_scores(known, classes, aggregate, out_dir)
         for level, confusion in (("image", image), ("case", case)):
             metrics[level] = {"n": int(confusion.sum()), "accuracy": accuracy(confusion),
-                              "balanced_accuracy": balanced_accuracy(confusion), "confusion": confusion.tolist()}
+                              "balanced_accuracy": balanced_accuracy(confusion), "confusion": confusion.tolist(),
+                              **scores[level]}
             save_confusion(confusion, classes, out_dir / f"confusion_{level}.png",
                            f"{level} level: accuracy {metrics[level]['accuracy']:.3f} (n={confusion.sum()})")
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
@@ -76,3 +79,39 @@ def confusions(records: Sequence[dict[str, Any]], classes: Sequence[str],
     for items in by_case.values():
         case[index[items[0]["label"]], index[case_class(items, classes, aggregate)]] += 1
     return image, case
+
+
+def level_inputs(records: Sequence[dict[str, Any]], classes: Sequence[str],
+                 aggregate: str = "vote") -> dict[str, tuple[list[str], list[str], np.ndarray]]:
+    """Per level (image, case): truth, predicted class and class probabilities (an image's mean tile
+    probability; a case's mean over its images), for records that carry a label."""
+    by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        by_case[r["case"]].append(r)
+
+    def probs(items: Sequence[dict[str, Any]]) -> list[float]:
+        return [float(np.mean([r["mean_probs"][c] for r in items])) for c in classes]
+
+    return {"image": ([r["label"] for r in records], [image_class(r, aggregate) for r in records],
+                      np.array([probs([r]) for r in records])),
+            "case": ([items[0]["label"] for items in by_case.values()],
+                     [case_class(items, classes, aggregate) for items in by_case.values()],
+                     np.array([probs(items) for items in by_case.values()]))}
+
+
+def level_scores(records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str = "vote",
+                 out_dir: Optional[Path] = None) -> dict[str, dict[str, Any]]:
+    """``probability_scores`` at image and case level; with ``out_dir``, ``roc_<level>.png`` and
+    ``reliability_<level>.png`` there."""
+    scores = {}
+    for level, (truth, predicted, probs) in level_inputs(records, classes, aggregate).items():
+        scores[level] = probability_scores(truth, predicted, probs, classes)
+        if out_dir is not None:
+            truth_index = np.array([list(classes).index(t) for t in truth])
+            macro = scores[level]["macro_auc"]
+            save_roc(truth_index, probs, classes, out_dir / f"roc_{level}.png",
+                     f"{level} level, one class against the rest (n={len(truth)})"
+                     + (f": macro AUC {macro:.3f}" if macro is not None else ""))
+            save_reliability(scores[level]["reliability"], scores[level]["ece"], out_dir / f"reliability_{level}.png",
+                             f"{level} level (n={len(truth)})")
+    return scores

@@ -10,7 +10,7 @@ from typing import Any
 
 import numpy as np
 
-from lymphoma.cohort_report import confusions
+from lymphoma.cohort_report import confusions, level_scores
 from lymphoma.errors import InputError
 from lymphoma.inputs import ImageRecord
 from lymphoma.metrics import accuracy, balanced_accuracy
@@ -61,16 +61,24 @@ def fold_phases(records: Sequence[ImageRecord], test_cases: Sequence[str], inner
     return phase_of
 
 
-def _metrics(records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str) -> dict[str, Any]:
+def _metrics(records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str,
+             scores: bool = True) -> dict[str, Any]:
+    """Accuracy, balanced accuracy and confusion per level; with ``scores``, ROC AUC, F1 and calibration too."""
     image, case = confusions(records, classes, aggregate)
+    extra = level_scores(records, classes, aggregate) if scores else {level: {} for level in LEVELS}
     return {level: {"n": int(m.sum()), "accuracy": accuracy(m), "balanced_accuracy": balanced_accuracy(m),
-                    "confusion": m.tolist()} for level, m in zip(LEVELS, (image, case))}
+                    "confusion": m.tolist(), **extra[level]} for level, m in zip(LEVELS, (image, case))}
+
+
+SCORE_RESAMPLES = 500  # case resamples for the intervals of macro AUC and ECE (scikit-learn's AUC costs ~1 ms)
 
 
 def bootstrap_intervals(records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str, resamples: int,
-                        confidence: float, seed: int = 0) -> dict[str, dict[str, list[float]]]:
+                        confidence: float, seed: int = 0, scores: bool = False) -> dict[str, dict[str, list[float]]]:
     """Percentile intervals of image- and case-level (balanced) accuracy, resampling cases with replacement:
-    the images of one patient are not independent, so the case is the unit that is drawn."""
+    the images of one patient are not independent, so the case is the unit that is drawn. With ``scores``,
+    of macro ROC AUC and ECE too, from the first ``SCORE_RESAMPLES`` resamples (they do not depend on the
+    aggregation: the probabilities are the same)."""
     by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_case[r["case"]].append(r)
@@ -82,10 +90,15 @@ def bootstrap_intervals(records: Sequence[dict[str, Any]], classes: Sequence[str
         for j, i in enumerate(rng.integers(0, len(cases), len(cases))):
             # a case drawn twice counts as two cases
             sample += [{**r, "case": f"{r['case']}#{j}"} for r in by_case[cases[i]]]
-        m = _metrics(sample, classes, aggregate)
+        m = _metrics(sample, classes, aggregate, scores=False)
         for level in LEVELS:
             draws[f"{level}_accuracy"].append(m[level]["accuracy"])
             draws[f"{level}_balanced_accuracy"].append(m[level]["balanced_accuracy"])
+        if scores and len(draws["image_ece"]) < SCORE_RESAMPLES:
+            for level, values in level_scores(sample, classes, aggregate).items():
+                draws[f"{level}_ece"].append(values["ece"])
+                if values["macro_auc"] is not None:
+                    draws[f"{level}_macro_auc"].append(values["macro_auc"])
     tail = (1 - confidence) / 2 * 100
     return {name: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] for name, v in draws.items()}
 
@@ -103,7 +116,8 @@ def cv_report(records_by_fold: Sequence[Sequence[dict[str, Any]]], classes: Sequ
     for aggregate in ("vote", "mean"):
         entry = _metrics(pooled, classes, aggregate)
         entry["folds"] = [_metrics(fold, classes, aggregate) if fold else None for fold in folds]
-        entry["interval"] = bootstrap_intervals(pooled, classes, aggregate, resamples, confidence, seed)
+        entry["interval"] = bootstrap_intervals(pooled, classes, aggregate, resamples, confidence, seed,
+                                                scores=aggregate == "vote")
         report[aggregate] = entry
     return report
 
@@ -125,6 +139,7 @@ def format_cv_report(report: dict[str, Any]) -> str:
         per_fold = ", ".join("-" if f is None else f"{f['image']['accuracy']:.2f}/{f['case']['accuracy']:.2f}"
                              for f in entry["folds"])
         lines.append(f"  per fold (image/case accuracy): {per_fold}")
+    lines += format_scores(report)
     lines += format_repeats(report)
     for kept in report.get("kept", []):
         lines.append(f"  repeat {kept['repeat']} fold {kept['fold']} kept {kept['why']} ({kept['epochs']} epochs run)")
@@ -133,6 +148,21 @@ def format_cv_report(report: dict[str, Any]) -> str:
     if report.get("seconds"):
         lines.append("task seconds: " + ", ".join(f"{stage} {value:.0f}" for stage, value in report["seconds"].items()))
     return "\n".join(lines)
+
+
+def format_scores(report: dict[str, Any]) -> list[str]:
+    """Macro ROC AUC, macro F1 (majority vote) and ECE per level, with the AUC and ECE intervals."""
+    entry, parts = report["vote"], []
+    for level in LEVELS:
+        values, interval = entry[level], entry["interval"]
+        auc = "AUC -" if values.get("macro_auc") is None else f"macro AUC {values['macro_auc']:.3f}"
+        if f"{level}_macro_auc" in interval and values.get("macro_auc") is not None:
+            auc += " [{:.3f}, {:.3f}]".format(*interval[f"{level}_macro_auc"])
+        ece = f"ECE {values['ece']:.3f}" + (" [{:.3f}, {:.3f}]".format(*interval[f"{level}_ece"])
+                                            if f"{level}_ece" in interval else "")
+        parts.append(f"{level} {auc}, macro F1 {values['macro_f1']:.3f}, {ece}")
+    return ["scores (one class against the rest; F1 of the majority vote): " + "; ".join(parts)] if "ece" in entry[
+        "image"] else []
 
 
 def format_baseline(baseline: dict[str, Any]) -> list[str]:

@@ -1,8 +1,10 @@
-"""Class weights, confusion matrices and accuracies."""
+"""Class weights, confusion matrices, accuracies, and the probability scores the field reports (ROC AUC, F1,
+calibration)."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -37,3 +39,46 @@ def balanced_accuracy(confusion: torch.Tensor | np.ndarray) -> float:
     support = confusion.sum(axis=1)
     present = support > 0
     return float(np.mean(np.diag(confusion)[present] / support[present])) if present.any() else 0.0
+
+
+def probability_scores(truth: Sequence[str], predicted: Sequence[str], probs: np.ndarray, classes: Sequence[str],
+                       bins: int = 10) -> dict[str, Any]:
+    """The figures the field reports beside accuracy, with scikit-learn: per class one-vs-rest ROC AUC (None for a
+    class absent from, or alone in, the truth) and their macro mean; precision, recall and F1 of the predicted
+    classes per class and macro-averaged; the expected calibration error of the probabilities' top class over
+    ``bins`` equal-width confidence bins, and the reliability table it comes from."""
+    from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+
+    probs = np.asarray(probs, dtype=np.float64)
+    truth_index = np.array([list(classes).index(t) for t in truth])
+    auc: dict[str, Optional[float]] = {}
+    for k, name in enumerate(classes):
+        positive = truth_index == k
+        auc[name] = float(roc_auc_score(positive, probs[:, k])) if 0 < positive.sum() < len(positive) else None
+    defined = [v for v in auc.values() if v is not None]
+    precision, recall, f1, _ = precision_recall_fscore_support(list(truth), list(predicted), labels=list(classes),
+                                                               zero_division=0)
+    present = [k for k, name in enumerate(classes) if name in set(truth)]
+    return {"auc": auc, "macro_auc": float(np.mean(defined)) if defined else None,
+            "precision": dict(zip(classes, map(float, precision))), "recall": dict(zip(classes, map(float, recall))),
+            "f1": dict(zip(classes, map(float, f1))), "macro_f1": float(np.mean(f1[present])) if present else 0.0,
+            **calibration(truth_index, probs, bins)}
+
+
+def calibration(truth_index: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """Expected calibration error (Guo et al. 2017) of the top class's probability: the share-weighted mean gap
+    between confidence and accuracy over ``bins`` equal-width bins; with the per-bin table."""
+    confidence, chosen = probs.max(axis=1), probs.argmax(axis=1)
+    correct = (chosen == truth_index).astype(np.float64)
+    which = np.minimum((confidence * bins).astype(int), bins - 1)
+    table = {"count": [], "confidence": [], "accuracy": []}
+    ece = 0.0
+    for b in range(bins):
+        inside = which == b
+        n = int(inside.sum())
+        table["count"].append(n)
+        table["confidence"].append(float(confidence[inside].mean()) if n else None)
+        table["accuracy"].append(float(correct[inside].mean()) if n else None)
+        if n:
+            ece += n / len(probs) * abs(float(confidence[inside].mean()) - float(correct[inside].mean()))
+    return {"ece": ece, "reliability": {"bins": bins, **table}}

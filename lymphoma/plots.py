@@ -1,4 +1,5 @@
-"""PNG figures: confusion matrix, image grids, first-layer kernels, activation maps (matplotlib, no display)."""
+"""PNG figures: confusion matrix, ROC curves, reliability diagram, image grids, first-layer kernels, activation
+maps (matplotlib, no display)."""
 
 from __future__ import annotations
 
@@ -125,3 +126,48 @@ def save_attention(overview: np.ndarray, coords: np.ndarray, attention: np.ndarr
         draw.rectangle(box, fill=(220, 30, 30, int(20 + 200 * a)))
     picture = Image.alpha_composite(Image.fromarray(overview).convert("RGBA"), overlay).convert("RGB")
     picture.save(path, compress_level=1)
+
+
+def save_roc(truth_index: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
+    """One-vs-rest ROC curve of each class that occurs with others in the truth (scikit-learn), AUC in the legend."""
+    from sklearn.metrics import roc_auc_score, roc_curve
+
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    for k, name in enumerate(classes):
+        positive = truth_index == k
+        if 0 < positive.sum() < len(positive):
+            fpr, tpr, _ = roc_curve(positive, probs[:, k])
+            ax.plot(fpr, tpr, label=f"{name} (AUC {roc_auc_score(positive, probs[:, k]):.2f})")
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="chance")
+    ax.set_xlabel("false positive rate")
+    ax.set_ylabel("true positive rate")
+    ax.set_title(title, fontsize=9)
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def save_reliability(reliability: dict[str, object], ece: float, path: Path, title: str) -> None:
+    """Reliability diagram: accuracy against mean confidence per confidence bin, bar width by bin, the diagonal
+    a perfectly calibrated model would follow."""
+    bins = int(reliability["bins"])  # type: ignore[call-overload]
+    edges = np.linspace(0, 1, bins + 1)
+    accuracy = [a if a is not None else 0.0 for a in reliability["accuracy"]]  # type: ignore[union-attr]
+    counts = reliability["count"]
+    fig, ax = plt.subplots(figsize=(4.6, 4.2))
+    ax.bar(edges[:-1], accuracy, width=1 / bins, align="edge", edgecolor="black", color="#4c72b0", alpha=0.8,
+           label="accuracy per bin")
+    for left, n, a in zip(edges[:-1], counts, accuracy):  # type: ignore[arg-type]
+        if n:
+            ax.text(left + 0.5 / bins, a + 0.02, str(n), ha="center", fontsize=7)
+    ax.plot([0, 1], [0, 1], color="grey", linestyle=":", linewidth=1, label="calibrated")
+    ax.set_xlim(0, 1)
+    ax.set_ylim(0, 1.08)
+    ax.set_xlabel("confidence (top class probability)")
+    ax.set_ylabel("accuracy")
+    ax.set_title(f"{title}: ECE {ece:.3f}", fontsize=9)
+    ax.legend(loc="upper left", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

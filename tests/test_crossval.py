@@ -151,8 +151,14 @@ def test_cv_end_to_end(make_dataset, make_config, capsys):
     _check_ensemble(run_dir, source)
     saved = json.loads((run_dir / "cv" / "report.json").read_text())
     assert saved["vote"]["image"]["n"] == 24 and len(saved["vote"]["folds"]) == 2
-    assert (run_dir / "cv" / "confusion_image.png").is_file()
+    assert (run_dir / "cv" / "confusion_image.png").is_file() and (run_dir / "cv" / "roc_case.png").is_file()
+    pooled = saved["vote"]
+    for level in ("image", "case"):  # ROC AUC and calibration pooled over the folds, with case-bootstrap intervals
+        low, high = pooled["interval"][f"{level}_macro_auc"]
+        assert low <= pooled[level]["macro_auc"] <= high and 0 <= pooled[level]["ece"] <= 1
+        assert pooled["interval"][f"{level}_ece"][0] <= pooled["interval"][f"{level}_ece"][1]
     printed = capsys.readouterr().out
+    assert "scores (one class against the rest; F1 of the majority vote): image macro AUC" in printed
     assert "95% intervals from 200 case resamples" in printed and "over 2 fold assignments" in printed
     assert "baseline (logistic regression" in printed and "its null (3 case-label permutations" in printed
     assert "task seconds: tile" in printed and report["seconds"]["train"] > 0

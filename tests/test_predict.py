@@ -91,7 +91,13 @@ def test_outputs_votes_and_the_model_applied_directly(checkpoint, cohort, tmp_pa
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["image"]["n"] == 12 and metrics["case"]["n"] == 6
     assert sum(map(sum, metrics["image"]["confusion"])) == 12
-    for name in ("confusion_image.png", "confusion_case.png", "slides/" + summary[0]["slide"] + ".png"):
+    for level in ("image", "case"):  # the field's figures, from the slides' mean probabilities (scikit-learn)
+        scores = metrics[level]
+        assert set(scores["auc"]) == {"CLL", "FL", "MCL"} and 0 <= scores["macro_auc"] <= 1
+        assert 0 <= scores["macro_f1"] <= 1 and 0 <= scores["ece"] <= 1
+        assert sum(scores["reliability"]["count"]) == scores["n"]
+    for name in ("confusion_image.png", "confusion_case.png", "roc_image.png", "roc_case.png", "reliability_image.png",
+                 "reliability_case.png", "slides/" + summary[0]["slide"] + ".png"):
         assert Image.open(tmp_path / "out" / name).size[0] > 100
 
 
