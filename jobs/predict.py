@@ -27,7 +27,7 @@ SLIDE_KEYS = ("default_mpp", "max_pixels")  # tile settings that describe the sl
 class PredictRequest:
     """What to predict and with what: the checkpoint; the slides, or the patterns and TSV list that name them;
     the output folder (default ``<run>/predict``); whether tile settings given by the user may differ from the
-    checkpoint's (``force``) and whether any were given (``explicit_tiles``)."""
+    checkpoint's (``force``) and which the user set (``explicit_tiles``: key names, from -c and overrides)."""
 
     checkpoint: Path
     patterns: tuple[str, ...] = ()
@@ -35,7 +35,7 @@ class PredictRequest:
     basepath: Optional[Path] = None
     out: Optional[Path] = None
     force: bool = False
-    explicit_tiles: bool = False
+    explicit_tiles: tuple[str, ...] = ()
     slides: Optional[tuple[SlideInput, ...]] = None
 
 
@@ -58,7 +58,8 @@ def predict_chunk(checkpoint: Path, slides: Sequence[SlideInput], out_dir: Path,
 
     predictor = Predictor.from_checkpoint(checkpoint, device, settings.batch_size, settings.tta, tiles, settings.engine,
                                           settings.precision, Path(out_dir).parent / "engine")
-    return predict_slides(predictor, slides, out_dir, settings.prefetch, settings.heatmaps, readers=settings.readers)
+    return predict_slides(predictor, slides, out_dir, settings.prefetch, settings.heatmaps, readers=settings.readers,
+                          geojson=settings.geojson)
 
 
 def run_predict_task(task: PredictTask) -> list[dict[str, Any]]:
@@ -96,7 +97,8 @@ def forced_tiles(run: Run, request: PredictRequest, state: dict[str, Any]) -> di
     it they are an error that says what --force means); ``tiles.default_mpp`` (the resolution of files that
     record none) and ``tiles.max_pixels`` (the largest plain image read) always."""
     mine = run.config.tiles
-    differ = mine.model_input_differences(state["tiles"]) if request.explicit_tiles else {}
+    differ = {key: values for key, values in mine.model_input_differences(state["tiles"]).items()
+              if key in request.explicit_tiles}  # the defaults the user did not touch are not theirs
     if differ and not request.force:
         detail = ", ".join(f"tiles.{k}={new} but the model was trained with {old}" for k, (new, old) in differ.items())
         pixel_model = "target_mpp" in differ and state["tiles"].get("target_mpp") is None and \
@@ -180,9 +182,20 @@ def format_report(result: PredictResult) -> str:
     return "\n".join(lines)
 
 
+def _config_tile_keys(path: Optional[str]) -> list[str]:
+    """The ``tiles`` keys an experiment file sets (none without one)."""
+    if not path:
+        return []
+    import yaml
+
+    tiles = (yaml.safe_load(Path(path).read_text()) or {}).get("tiles") or {}
+    return list(tiles) if isinstance(tiles, dict) else []
+
+
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma predict``: tile settings given in a config or override are checked against the checkpoint's."""
-    explicit = bool(args.config) or any(o.startswith("tiles.") for o in args.overrides)
+    explicit = tuple(set(_config_tile_keys(args.config)) | {o.split("=", 1)[0][len("tiles."):] for o in args.overrides
+                                                            if o.startswith("tiles.")})
     request = PredictRequest(Path(args.checkpoint), tuple(args.inputs), args.list, args.basepath, args.out,
                              args.force, explicit)
     result = run_predict(run, request)

@@ -26,6 +26,7 @@ from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap
 from lymphoma.read_ahead import read_ahead
 from lymphoma.settings import AugmentSettings, TileSettings
+from lymphoma.slide_exports import level0_squares, write_coords_h5, write_geojson
 from lymphoma.stain import StainNormalizer
 from lymphoma.tile_sources import TileSource
 from lymphoma.voting import vote
@@ -187,24 +188,32 @@ class VoteWriter:
     predictor: Predictor
     out_dir: Path
     heatmaps: bool = True
+    geojson: bool = True  # <key>.geojson (QuPath detections) and <key>.h5 (CLAM coords) too
 
     def complete(self, slide: SlideInput) -> Optional[dict[str, Any]]:
         return outputs_complete(self.out_dir, slide, self.predictor.fingerprint)
 
     def finish(self, slide: SlideInput, source: TileSource, outputs: torch.Tensor) -> dict[str, Any]:
-        return _finish(self.predictor, slide, self.out_dir, source, outputs, self.heatmaps)
+        record = _finish(self.predictor, slide, self.out_dir, source, outputs, self.heatmaps)
+        if self.geojson:
+            squares = level0_squares(source.coords, source.extent, source.to_level0)
+            probs = outputs.softmax(1).numpy()
+            write_geojson(self.out_dir / f"{slide.key}.geojson", squares, probs, self.predictor.classes)
+            write_coords_h5(self.out_dir / f"{slide.key}.h5", squares, probs, self.predictor.classes)
+        return record
 
     def failed(self, slide: SlideInput, error: str) -> dict[str, Any]:
         return _failed(slide, self.out_dir, error, self.predictor.fingerprint)
 
 
 def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: Path, prefetch: int = 4,
-                   heatmaps: bool = True, writer: Optional[SlideWriter] = None, readers: int = 1) -> list[dict[str, Any]]:
+                   heatmaps: bool = True, writer: Optional[SlideWriter] = None, readers: int = 1,
+                   geojson: bool = True) -> list[dict[str, Any]]:
     """Run the model over every slide whose outputs are not complete yet and hand each slide's outputs to the
     writer (default: the tile vote); one record per slide, in input order. Tiles of consecutive slides share
     batches of ``predictor.batch_size``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = writer or VoteWriter(predictor, out_dir, heatmaps)
+    writer = writer or VoteWriter(predictor, out_dir, heatmaps, geojson)
     records: list[Optional[dict[str, Any]]] = [writer.complete(s) for s in slides]
     for record in records:
         if record is not None:

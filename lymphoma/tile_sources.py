@@ -33,6 +33,7 @@ class TileSource:
     coord_scale: float
     extent: float
     step: float
+    to_level0: float = 1.0  # coords * to_level0 are pixels of the file's full resolution (plain images: 1 / resize)
 
 
 def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side: int = 256,
@@ -56,7 +57,7 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
         shrink = min(1.0, overview_side / max(h, w))
         overview = np.asarray(Image.fromarray(image).resize((max(1, round(w * shrink)), max(1, round(h * shrink)))))
         return TileSource(iter([cut.pixels]), cut.coords, cut.n_background, (h, w), overview,
-                          shrink / settings.resize, settings.size, settings.stride)
+                          shrink / settings.resize, settings.size, settings.stride, 1 / settings.resize)
     reader = open_slide(path, settings.default_mpp)
     try:
         grid = plan_grid(reader, settings.size, settings.stride, target_mpp(reader, settings), settings.min_tissue)

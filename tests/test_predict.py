@@ -96,9 +96,34 @@ def test_outputs_votes_and_the_model_applied_directly(checkpoint, cohort, tmp_pa
         assert set(scores["auc"]) == {"CLL", "FL", "MCL"} and 0 <= scores["macro_auc"] <= 1
         assert 0 <= scores["macro_f1"] <= 1 and 0 <= scores["ece"] <= 1
         assert sum(scores["reliability"]["count"]) == scores["n"]
+    check_qupath_exports(tmp_path / "out" / "slides", summary[0]["slide"], (417, 312), 64)
     for name in ("confusion_image.png", "confusion_case.png", "roc_image.png", "roc_case.png", "reliability_image.png",
                  "reliability_case.png", "slides/" + summary[0]["slide"] + ".png"):
         assert Image.open(tmp_path / "out" / name).size[0] > 100
+
+
+def check_qupath_exports(slides: Path, key: str, size: tuple[int, int], side: float) -> None:
+    """<key>.geojson read back with shapely: one classified detection square of ``side`` full-resolution pixels
+    per tile, inside the image, its class the tile's and its probabilities the npz's; <key>.h5 the same corners."""
+    import h5py
+    from shapely.geometry import box, shape
+
+    outputs = np.load(slides / f"{key}.npz")
+    collection = json.loads((slides / f"{key}.geojson").read_text())
+    assert collection["type"] == "FeatureCollection" and len(collection["features"]) == len(outputs["probs"])
+    image = box(0, 0, *size)
+    classes = list(outputs["classes"])
+    for feature, probs, tile_class in zip(collection["features"], outputs["probs"], outputs["tile_class"]):
+        square = shape(feature["geometry"])
+        assert square.is_valid and image.buffer(1).contains(square)
+        assert abs(square.area - side * side) < 0.02 * side * side
+        properties = feature["properties"]
+        assert properties["objectType"] == "detection" and properties["classification"]["name"] == classes[tile_class]
+        assert np.allclose([properties["measurements"][f"probability {c}"] for c in classes], probs, atol=1e-5)
+    with h5py.File(slides / f"{key}.h5") as h5:
+        corners = np.array([shape(f["geometry"]).bounds[:2] for f in collection["features"]])
+        assert np.abs(h5["coords"][:] - corners).max() <= 0.5 and h5["coords"].attrs["patch_level"] == 0
+        assert abs(h5["coords"].attrs["patch_size"] - side) <= 1 and np.allclose(h5["probs"][:], outputs["probs"])
 
 
 def test_killed_prediction_resumes_only_the_remaining_slides(checkpoint, data_root, manifest_rows, tmp_path):
@@ -225,6 +250,7 @@ def test_a_whole_slide_and_a_pixel_model_get_advice_that_works(checkpoint, data_
     assert record["n_tiles"] == len(outputs["coords"]) > 0
     step = 64 * 2.0 / 0.499  # 64-px tiles at 2 microns per pixel: about 256 level-0 pixels apart
     assert np.all(np.abs(np.diff(np.unique(outputs["coords"][:, 0])) - step) < 2)
+    check_qupath_exports(tmp_path / "c" / "slides", "CMU-1-Small-Region", (2220, 2967), step)
 
 
 def test_the_whole_pipeline_on_a_small_real_subset(make_dataset, tmp_path, capsys):
