@@ -15,6 +15,7 @@ from typing import Any
 
 from hpc import ArrayJobError, SubmissionError
 from jobs.run_folder import open_run
+from lymphoma import __version__
 from lymphoma.errors import DiskFullError, InputError, is_disk_full
 
 OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
@@ -141,7 +142,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="lymphoma",
         description="Tile, train and predict lymphoma sub-types (CLL, FL, MCL) on H&E images, "
-                    "on this machine or as SLURM array jobs.")
+                    "on this machine or as SLURM array jobs.",
+        epilog="Every command takes -c experiment.yaml, --cluster NAME (local, debug, slurm or a profile) and "
+               "section.key=value overrides (e.g. tiles.stride=64 train.epochs=20; `lymphoma config` lists every "
+               "key with its meaning). Exit status: 0 done; 1 failed tasks or inputs (each named, with its log); "
+               "2 bad input or config; 130/143 stopped by Ctrl-C/SIGTERM (its local tasks too).")
+    parser.add_argument("--version", action="version", version=f"lymphoma {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for add in (_add_pipeline_commands, _add_model_commands, _add_tools):
         add(sub)

@@ -195,3 +195,12 @@ def test_unwritable_run_folder_and_missing_source_through_the_cli(make_dataset, 
                           f"run.root={tmp_path}"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 2 and "nope does not exist" in run.stderr
     assert "Traceback" not in run.stderr
+
+
+def test_version_and_the_top_level_help_name_overrides_and_exit_codes():
+    version = subprocess.run([sys.executable, "-m", "jobs.cli", "--version"], capture_output=True, text=True)
+    assert version.returncode == 0 and version.stdout.strip().startswith("lymphoma 0.")
+    help_text = " ".join(subprocess.run([sys.executable, "-m", "jobs.cli", "--help"], capture_output=True,
+                                        text=True).stdout.split())
+    assert "section.key=value overrides" in help_text and "Exit status: 0 done; 1 failed" in help_text
+    assert "2 bad input or config" in help_text
