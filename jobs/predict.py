@@ -59,7 +59,7 @@ def predict_chunk(checkpoint: Path, slides: Sequence[SlideInput], out_dir: Path,
     predictor = Predictor.from_checkpoint(checkpoint, device, settings.batch_size, settings.tta, tiles, settings.engine,
                                           settings.precision, Path(out_dir).parent / "engine")
     return predict_slides(predictor, slides, out_dir, settings.prefetch, settings.heatmaps, readers=settings.readers,
-                          geojson=settings.geojson)
+                          geojson=settings.geojson, probability_maps=settings.probability_maps)
 
 
 def run_predict_task(task: PredictTask) -> list[dict[str, Any]]:

@@ -171,3 +171,33 @@ def save_reliability(reliability: dict[str, object], ece: float, path: Path, tit
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
+
+
+def probability_grid(shape: tuple[int, int], coords: np.ndarray, probs: np.ndarray, coord_scale: float, extent: float,
+                     step: float) -> np.ndarray:
+    """``[classes, h, w]`` at overview size: each tile's probabilities over the area it owns (its ``step``
+    square at the tile's centre, as the class map), NaN where no tile is."""
+    grid = np.full((probs.shape[1], *shape), np.nan, dtype=np.float32)
+    half = (extent - step) / 2
+    for (x, y), p in zip(np.asarray(coords, dtype=np.float64), probs):
+        x0, y0 = int(round((x + half) * coord_scale)), int(round((y + half) * coord_scale))
+        x1, y1 = int(round((x + half + step) * coord_scale)), int(round((y + half + step) * coord_scale))
+        grid[:, max(y0, 0):max(y1, y0 + 1), max(x0, 0):max(x1, x0 + 1)] = p[:, None, None]
+    return grid
+
+
+def save_probability_maps(overview: np.ndarray, coords: np.ndarray, probs: np.ndarray, classes: Sequence[str],
+                          coord_scale: float, extent: float, step: float, path: Path) -> None:
+    """One panel per class: its tile probabilities in a perceptual colour map (viridis, 0 to 1, with a colour bar)
+    over the thumbnail."""
+    grid = probability_grid(overview.shape[:2], coords, probs, coord_scale, extent, step)
+    fig, axes = plt.subplots(1, len(classes), figsize=(3.2 * len(classes), 3.0), squeeze=False)
+    for ax, name, layer in zip(axes[0], classes, grid):
+        ax.imshow(overview)
+        shown = ax.imshow(np.ma.masked_invalid(layer), cmap="viridis", vmin=0, vmax=1, alpha=0.65)
+        ax.set_title(f"P({name})", fontsize=9)
+        ax.axis("off")
+        fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.02)
+    fig.tight_layout()
+    fig.savefig(path, dpi=90)
+    plt.close(fig)

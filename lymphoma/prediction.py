@@ -23,7 +23,7 @@ from lymphoma.engines import OnnxEngine, TileClassifier, check_engine, dihedral_
 from lymphoma.errors import ImageError
 from lymphoma.files import write_text_atomic
 from lymphoma.model import build_model
-from lymphoma.plots import save_heatmap
+from lymphoma.plots import save_heatmap, save_probability_maps
 from lymphoma.read_ahead import read_ahead
 from lymphoma.settings import AugmentSettings, TileSettings
 from lymphoma.slide_exports import level0_squares, write_coords_h5, write_geojson
@@ -189,12 +189,13 @@ class VoteWriter:
     out_dir: Path
     heatmaps: bool = True
     geojson: bool = True  # <key>.geojson (QuPath detections) and <key>.h5 (CLAM coords) too
+    probability_maps: bool = False  # <key>-probabilities.png: one map per class
 
     def complete(self, slide: SlideInput) -> Optional[dict[str, Any]]:
         return outputs_complete(self.out_dir, slide, self.predictor.fingerprint)
 
     def finish(self, slide: SlideInput, source: TileSource, outputs: torch.Tensor) -> dict[str, Any]:
-        record = _finish(self.predictor, slide, self.out_dir, source, outputs, self.heatmaps)
+        record = _finish(self.predictor, slide, self.out_dir, source, outputs, self.heatmaps, self.probability_maps)
         if self.geojson:
             squares = level0_squares(source.coords, source.extent, source.to_level0)
             probs = outputs.softmax(1).numpy()
@@ -208,12 +209,12 @@ class VoteWriter:
 
 def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: Path, prefetch: int = 4,
                    heatmaps: bool = True, writer: Optional[SlideWriter] = None, readers: int = 1,
-                   geojson: bool = True) -> list[dict[str, Any]]:
+                   geojson: bool = True, probability_maps: bool = False) -> list[dict[str, Any]]:
     """Run the model over every slide whose outputs are not complete yet and hand each slide's outputs to the
     writer (default: the tile vote); one record per slide, in input order. Tiles of consecutive slides share
     batches of ``predictor.batch_size``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = writer or VoteWriter(predictor, out_dir, heatmaps, geojson)
+    writer = writer or VoteWriter(predictor, out_dir, heatmaps, geojson, probability_maps)
     records: list[Optional[dict[str, Any]]] = [writer.complete(s) for s in slides]
     for record in records:
         if record is not None:
@@ -272,7 +273,7 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
 
 
 def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, source: TileSource, logits: torch.Tensor,
-            heatmap: bool) -> dict[str, Any]:
+            heatmap: bool, probability_maps: bool = False) -> dict[str, Any]:
     probs = logits.softmax(1).numpy()
     result = vote(probs)
     classes = predictor.classes
@@ -286,6 +287,9 @@ def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, source: Tile
     if heatmap:
         save_heatmap(source.overview, source.coords, probs.argmax(1), classes, source.coord_scale, source.extent,
                      source.step, out_dir / f"{slide.key}.png")
+    if probability_maps:
+        save_probability_maps(source.overview, source.coords, probs, classes, source.coord_scale, source.extent,
+                              source.step, out_dir / f"{slide.key}-probabilities.png")
     record = {"key": slide.key, "path": slide.path, "status": "ok", "error": "", "label": slide.label,
               "case": slide.case, "n_tiles": int(len(probs)), "n_background": int(source.n_background),
               **result.as_dict(classes), "fingerprint": predictor.fingerprint}

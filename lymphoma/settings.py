@@ -376,6 +376,7 @@ class PredictSettings:
     #                                node wants several: one thread feeds about 1,200 tiles/s, the GPU takes 10x more)
     heatmaps: bool = True          # a PNG of tile classes over a thumbnail, per slide
     geojson: bool = True           # per slide, the tiles as QuPath detections (GeoJSON) and CLAM-style coords (HDF5)
+    probability_maps: bool = False  # per slide, one probability map per class over the thumbnail (matplotlib, ~0.2 s)
     tta: bool = False              # average over the 8 flips / right-angle rotations of each tile (8x cost)
     aggregate: str = "vote"        # vote (majority of tile classes) | mean (mean probability)
     engine: str = "torch"          # torch | onnxruntime (the model exported to ONNX in each task, run by ONNX Runtime)

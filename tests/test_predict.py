@@ -411,3 +411,16 @@ def test_every_engine_gives_pytorchs_classes_on_real_tiles(decisive, cohort, tmp
             assert [r["predicted"] for r in csv.DictReader(a)] == [r["predicted"] for r in csv.DictReader(b)]
     assert predict(checkpoint, tmp_path / "bad", f"{cohort}/**/*.png", "predict.engine=tensorrt") == 2
     assert "predict.engine is 'tensorrt'; allowed: torch, onnxruntime" in capsys.readouterr().err
+
+
+def test_probability_maps_paint_each_class_probability_where_its_tile_is(checkpoint, cohort, tmp_path):
+    from lymphoma.plots import probability_grid
+
+    image = sorted(cohort.rglob("*.png"))[0]
+    assert predict(checkpoint, tmp_path / "maps", str(image), "predict.probability_maps=true") == 0
+    assert Image.open(tmp_path / "maps" / "slides" / f"{image.stem}-probabilities.png").size[0] > 300
+    outputs = np.load(tmp_path / "maps" / "slides" / f"{image.stem}.npz")
+    grid = probability_grid((312, 417), outputs["coords"], outputs["probs"], 1.0, 64, 64)
+    for (x, y), probs in zip(outputs["coords"], outputs["probs"]):
+        np.testing.assert_allclose(grid[:, y + 32, x + 32], probs, rtol=1e-6)
+    assert np.isnan(grid[:, 311, 416]).all()  # the strip no tile covers
