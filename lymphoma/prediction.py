@@ -195,13 +195,8 @@ class VoteWriter:
         return outputs_complete(self.out_dir, slide, self.predictor.fingerprint)
 
     def finish(self, slide: SlideInput, source: TileSource, outputs: torch.Tensor) -> dict[str, Any]:
-        record = _finish(self.predictor, slide, self.out_dir, source, outputs, self.heatmaps, self.probability_maps)
-        if self.geojson:
-            squares = level0_squares(source.coords, source.extent, source.to_level0)
-            probs = outputs.softmax(1).numpy()
-            write_geojson(self.out_dir / f"{slide.key}.geojson", squares, probs, self.predictor.classes)
-            write_coords_h5(self.out_dir / f"{slide.key}.h5", squares, probs, self.predictor.classes)
-        return record
+        return _finish(self.predictor, slide, self.out_dir, source, outputs,
+                       Pictures(self.heatmaps, self.probability_maps, self.geojson))
 
     def failed(self, slide: SlideInput, error: str) -> dict[str, Any]:
         return _failed(slide, self.out_dir, error, self.predictor.fingerprint)
@@ -272,8 +267,18 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
     return [r for r in records if r is not None]
 
 
+@dataclass(frozen=True)
+class Pictures:
+    """Which of a slide's optional outputs to write."""
+
+    heatmap: bool = True
+    probability_maps: bool = False
+    geojson: bool = True
+
+
 def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, source: TileSource, logits: torch.Tensor,
-            heatmap: bool, probability_maps: bool = False) -> dict[str, Any]:
+            pictures: Pictures = Pictures()) -> dict[str, Any]:
+    """Every output of a slide, its ``<key>.json`` record last: a slide with a record has all of them."""
     probs = logits.softmax(1).numpy()
     result = vote(probs)
     classes = predictor.classes
@@ -284,12 +289,16 @@ def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, source: Tile
     tmp = out_dir / f".{slide.key}.npz.tmp"
     tmp.write_bytes(buffer.getvalue())
     tmp.replace(out_dir / f"{slide.key}.npz")
-    if heatmap:
+    if pictures.heatmap:
         save_heatmap(source.overview, source.coords, probs.argmax(1), classes, source.coord_scale, source.extent,
                      source.step, out_dir / f"{slide.key}.png")
-    if probability_maps:
+    if pictures.probability_maps:
         save_probability_maps(source.overview, source.coords, probs, classes, source.coord_scale, source.extent,
                               source.step, out_dir / f"{slide.key}-probabilities.png")
+    if pictures.geojson:
+        squares = level0_squares(source.coords, source.extent, source.to_level0)
+        write_geojson(out_dir / f"{slide.key}.geojson", squares, probs, classes)
+        write_coords_h5(out_dir / f"{slide.key}.h5", squares, probs, classes)
     record = {"key": slide.key, "path": slide.path, "status": "ok", "error": "", "label": slide.label,
               "case": slide.case, "n_tiles": int(len(probs)), "n_background": int(source.n_background),
               **result.as_dict(classes), "fingerprint": predictor.fingerprint}

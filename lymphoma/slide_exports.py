@@ -39,7 +39,7 @@ def write_coords_h5(path: Path, squares: np.ndarray, probs: np.ndarray, classes:
     ``patch_level``), plus ``probs`` ``[N, classes]``; written atomically."""
     import h5py
 
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp")  # one name: a rerun of a slide killed half way overwrites it
     try:
         with h5py.File(tmp, "w") as h5:
             coords = h5.create_dataset("coords", data=np.rint(squares[:, :2]).astype(np.int64))
@@ -53,6 +53,6 @@ def write_coords_h5(path: Path, squares: np.ndarray, probs: np.ndarray, classes:
 
 
 def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp")
     tmp.write_bytes(data)
     os.replace(tmp, path)
