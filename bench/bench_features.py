@@ -61,7 +61,7 @@ def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
     for _ in range(2):
         with tempfile.TemporaryDirectory() as tmp:
             start = time.perf_counter()
-            records = predict_slides(encoder, slides, Path(tmp), 4, heatmaps=False, writer=FeatureWriter(Path(tmp), meta),
+            records = predict_slides(encoder, slides, Path(tmp), 4, writer=FeatureWriter(Path(tmp), meta),
                                      readers=readers)
             whole.append(len(pixels) / (time.perf_counter() - start))
             assert all(r["status"] == "ok" for r in records)

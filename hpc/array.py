@@ -66,16 +66,15 @@ def _refused_as_error(executor: submitit.AutoExecutor, submit_now: Callable[[], 
             "configs/cluster/<name>.yaml or as overrides; `sinfo -N -l` lists the nodes)") from None
 
 
-def stop_local_tasks(jobs: Iterable[submitit.Job[Any]], grace_s: float = 10.0) -> int:
-    """Stop the local tasks still running (their controllers pass the signal on and kill them); how many. On
-    SLURM the jobs stay, so that a rerun of the same command can pick them up."""
+def stop_local_tasks(jobs: Iterable[submitit.Job[Any]], grace_s: float = 10.0) -> None:
+    """Stop the local tasks still running (their controllers pass the signal on and kill them). On SLURM the
+    jobs stay, so that a rerun of the same command can pick them up."""
     local = [job for job in jobs if isinstance(job, submitit.LocalJob) and not job.done()]
     for job in local:
         job.cancel(check=False)
     deadline = time.monotonic() + grace_s
     while any(not job.done() for job in local) and time.monotonic() < deadline:
         time.sleep(0.1)
-    return len(local)
 
 
 def wait_for(job: submitit.Job[Any], name: str) -> list[Any]:

@@ -106,6 +106,13 @@ def cluster_profile(name: str) -> DictConfig:
                       f"{CONFIG_DIR / 'cluster'} ({', '.join(profiles)}) or a YAML file")
 
 
+def keys_set(experiment: str | Path | None, overrides: list[str] | None, section: str) -> set[str]:
+    """The keys of ``section`` that the experiment file or the ``key=value`` overrides set (the others are the
+    defaults)."""
+    keys = set(_read_yaml(Path(experiment)).get(section) or {}) if experiment is not None else set()
+    return keys | {o.split("=", 1)[0].split(".", 1)[1] for o in overrides or [] if o.startswith(f"{section}.")}
+
+
 def load_config(experiment: str | Path | None = None, overrides: list[str] | None = None,
                 cluster: str | None = None) -> DictConfig:
     """Merge the experiment, cluster profile and ``key=value`` overrides onto the schema and its defaults."""

@@ -46,7 +46,7 @@ def run_features_task(task: FeaturesTask) -> list[dict[str, Any]]:
             encoder, meta = encoder_from_settings(cfg.model, cfg.tiles, cfg.augment, cfg.stain, setup.device,
                                                   cfg.predict.batch_size)
         out = Path(task.out_dir)
-        return predict_slides(encoder, task.slides, out, cfg.predict.prefetch, heatmaps=False,
+        return predict_slides(encoder, task.slides, out, cfg.predict.prefetch,
                               writer=FeatureWriter(out, meta), readers=cfg.predict.readers)
 
 

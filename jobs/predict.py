@@ -10,6 +10,7 @@ from typing import Any, Optional
 
 from hpc import ArrayJobError, run_array
 from hpc.task import task_setup, thread_share
+from jobs.config import keys_set
 from jobs.run_folder import Run
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.cohort_report import write_report
@@ -54,12 +55,11 @@ class PredictTask:
 def predict_chunk(checkpoint: Path, slides: Sequence[SlideInput], out_dir: Path, settings: PredictSettings,
                   device: Any, tiles: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
     """Load the model once, then predict each slide that is not complete yet into ``out_dir``."""
-    from lymphoma.prediction import Predictor, predict_slides
+    from lymphoma.prediction import Pictures, Predictor, predict_slides
 
     predictor = Predictor.from_checkpoint(checkpoint, device, settings.batch_size, settings.tta, tiles, settings.engine,
                                           settings.precision, Path(out_dir).parent / "engine")
-    return predict_slides(predictor, slides, out_dir, settings.prefetch, settings.heatmaps, readers=settings.readers,
-                          geojson=settings.geojson, probability_maps=settings.probability_maps)
+    return predict_slides(predictor, slides, out_dir, settings.prefetch, Pictures.of(settings), readers=settings.readers)
 
 
 def run_predict_task(task: PredictTask) -> list[dict[str, Any]]:
@@ -182,20 +182,9 @@ def format_report(result: PredictResult) -> str:
     return "\n".join(lines)
 
 
-def _config_tile_keys(path: Optional[str]) -> list[str]:
-    """The ``tiles`` keys an experiment file sets (none without one)."""
-    if not path:
-        return []
-    import yaml
-
-    tiles = (yaml.safe_load(Path(path).read_text()) or {}).get("tiles") or {}
-    return list(tiles) if isinstance(tiles, dict) else []
-
-
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma predict``: tile settings given in a config or override are checked against the checkpoint's."""
-    explicit = tuple(set(_config_tile_keys(args.config)) | {o.split("=", 1)[0][len("tiles."):] for o in args.overrides
-                                                            if o.startswith("tiles.")})
+    explicit = tuple(keys_set(args.config, args.overrides, "tiles"))
     request = PredictRequest(Path(args.checkpoint), tuple(args.inputs), args.list, args.basepath, args.out,
                              args.force, explicit)
     result = run_predict(run, request)

@@ -11,9 +11,10 @@ import numpy as np
 import torch
 
 from lymphoma.errors import InputError
-from lymphoma.settings import AugmentSettings, TileSettings
+from lymphoma.settings import DENSENET_KEYS, AugmentSettings, TileSettings
 
-DENSENET_FIELDS = ("growth_rate", "block_config", "num_init_features", "bn_size", "drop_rate", "num_classes")
+# what model._densenet reads from a DenseNet's architecture (the preset's name is a label, not needed)
+DENSENET_FIELDS = (*(key for key in DENSENET_KEYS if key != "preset"), "num_classes")
 
 
 def rng_state() -> dict[str, Any]:

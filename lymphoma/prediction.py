@@ -25,7 +25,7 @@ from lymphoma.files import write_text_atomic
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap, save_probability_maps
 from lymphoma.read_ahead import read_ahead
-from lymphoma.settings import AugmentSettings, TileSettings
+from lymphoma.settings import AugmentSettings, PredictSettings, TileSettings
 from lymphoma.slide_exports import level0_squares, write_coords_h5, write_geojson
 from lymphoma.stain import StainNormalizer
 from lymphoma.tile_sources import TileSource
@@ -181,35 +181,46 @@ class SlideWriter(Protocol):
     def failed(self, slide: SlideInput, error: str) -> dict[str, Any]: ...
 
 
+@dataclass(frozen=True)
+class Pictures:
+    """Which of a slide's optional outputs to write: the tile-class heatmap PNG, one probability map per class
+    (``<key>-probabilities.png``), the tiles as QuPath detections and CLAM coords (``<key>.geojson``, ``.h5``)."""
+
+    heatmap: bool = True
+    probability_maps: bool = False
+    geojson: bool = True
+
+    @classmethod
+    def of(cls, settings: PredictSettings) -> "Pictures":
+        return cls(settings.heatmaps, settings.probability_maps, settings.geojson)
+
+
 @dataclass
 class VoteWriter:
     """Per slide: ``<key>.npz`` (coords, logits, probabilities, votes), ``<key>.json`` and a heatmap PNG."""
 
     predictor: Predictor
     out_dir: Path
-    heatmaps: bool = True
-    geojson: bool = True  # <key>.geojson (QuPath detections) and <key>.h5 (CLAM coords) too
-    probability_maps: bool = False  # <key>-probabilities.png: one map per class
+    pictures: Pictures = Pictures()
 
     def complete(self, slide: SlideInput) -> Optional[dict[str, Any]]:
         return outputs_complete(self.out_dir, slide, self.predictor.fingerprint)
 
     def finish(self, slide: SlideInput, source: TileSource, outputs: torch.Tensor) -> dict[str, Any]:
-        return _finish(self.predictor, slide, self.out_dir, source, outputs,
-                       Pictures(self.heatmaps, self.probability_maps, self.geojson))
+        return _finish(self.predictor, slide, self.out_dir, source, outputs, self.pictures)
 
     def failed(self, slide: SlideInput, error: str) -> dict[str, Any]:
         return _failed(slide, self.out_dir, error, self.predictor.fingerprint)
 
 
 def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: Path, prefetch: int = 4,
-                   heatmaps: bool = True, writer: Optional[SlideWriter] = None, readers: int = 1,
-                   geojson: bool = True, probability_maps: bool = False) -> list[dict[str, Any]]:
+                   pictures: Pictures = Pictures(), writer: Optional[SlideWriter] = None,
+                   readers: int = 1) -> list[dict[str, Any]]:
     """Run the model over every slide whose outputs are not complete yet and hand each slide's outputs to the
     writer (default: the tile vote); one record per slide, in input order. Tiles of consecutive slides share
     batches of ``predictor.batch_size``."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    writer = writer or VoteWriter(predictor, out_dir, heatmaps, geojson, probability_maps)
+    writer = writer or VoteWriter(predictor, out_dir, pictures)
     records: list[Optional[dict[str, Any]]] = [writer.complete(s) for s in slides]
     for record in records:
         if record is not None:
@@ -265,15 +276,6 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
     for i, future in written.items():
         records[i] = future.result()  # a writer's error is raised here, as it was in the loop before
     return [r for r in records if r is not None]
-
-
-@dataclass(frozen=True)
-class Pictures:
-    """Which of a slide's optional outputs to write."""
-
-    heatmap: bool = True
-    probability_maps: bool = False
-    geojson: bool = True
 
 
 def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, source: TileSource, logits: torch.Tensor,

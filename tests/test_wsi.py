@@ -167,7 +167,7 @@ else:
     import torch
     from lymphoma.prediction import Predictor, SlideInput, predict_slides
     predictor = Predictor.from_checkpoint(Path(checkpoint), torch.device("cpu"), 32)
-    n = predict_slides(predictor, [SlideInput(slide, Path(slide).stem)], Path(out), heatmaps=True)[0]["n_tiles"]
+    n = predict_slides(predictor, [SlideInput(slide, Path(slide).stem)], Path(out))[0]["n_tiles"]
 # VmHWM: this program's own peak (ru_maxrss would include the parent's memory before exec)
 hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
 print(json.dumps({"tiles": n, "peak_mib": int(hwm.split()[1]) / 1024}))
