@@ -132,7 +132,7 @@ CONF
 /usr/sbin/slurmdbd
 wait_for 30 slurmdbd sacctmgr -n show cluster
 sacctmgr -i add cluster "$CLUSTER" >/dev/null 2>&1 || true
-/usr/sbin/slurmctld
+/usr/sbin/slurmctld -c  # -c: a fresh start forgets jobs and drained nodes left by an earlier run (a full disk drains a node)
 wait_for 30 slurmctld scontrol ping
 for n in $(seq 1 "$NODES"); do /usr/sbin/slurmd -N "n$n"; done
 
