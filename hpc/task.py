@@ -2,7 +2,8 @@
 
 Training, prediction and cross-validation tasks all run inside ``task_setup()`` (dinov2's one
 ``distributed.enable()``): it reads who this process is (``hpc.distributed.resolve``), picks its GPU or the
-CPU, sets the thread count from the allocation, and starts and ends the process group of a multi-process job.
+CPU, sets the thread count from the allocation, logs with times to the task's log, and starts and ends
+the process group of a multi-process job.
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from hpc.distributed import DistEnv, DistributedEnvError, resolve
+from hpc.logs import task_logging
 
 
 @dataclass(frozen=True)
@@ -46,6 +48,7 @@ def task_setup(threads: int | None = None) -> Iterator[Task]:
     """Set this process up as one task of its job; on the CPU it computes with ``SLURM_CPUS_PER_TASK`` threads,
     else ``threads``, else its share of the node's cores. The process group (NCCL on GPUs, gloo on CPUs) is
     started when the job has several processes and destroyed on the way out, also after an error."""
+    task_logging()
     env = resolve()
     device = task_device(env)
     if device.type == "cuda":

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 from typing import Any
@@ -16,6 +17,8 @@ from lymphoma.crossval import across_repeats, cv_report
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.inputs import ImageRecord
 
+log = logging.getLogger(__name__)
+
 
 def load_cohort(records: list[ImageRecord], classes: list[str], out_dir: Path) -> Cohort:
     """Every image's features, read from the cache when it holds exactly these files."""
@@ -27,7 +30,7 @@ def load_cohort(records: list[ImageRecord], classes: list[str], out_dir: Path) -
             if saved["paths"].tolist() == paths:
                 features = saved["features"]
     if features is None:
-        print(f"baseline: features of {len(paths)} images", flush=True)
+        log.info(f"baseline: features of {len(paths)} images")
         features = cohort_features(paths, workers=min(4, os.cpu_count() or 1))
         out_dir.mkdir(parents=True, exist_ok=True)
         tmp = out_dir / ".features.tmp.npz"

@@ -4,16 +4,20 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import logging
+import os
 import re
 import shutil
 import signal
 import sys
 import threading
 from collections.abc import Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from hpc import ArrayJobError, SubmissionError
+from hpc.logs import command_logging, end_logging
 from jobs.run_folder import open_run
 from lymphoma import __version__
 from lymphoma.errors import DiskFullError, InputError, is_disk_full
@@ -23,6 +27,9 @@ OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 COMMANDS = {"tile": "tile", "train": "train", "validate": "validate", "predict": "predict", "run": "pipeline",
             "cv": "cv", "features": "features", "mil": "mil", "inspect": "inspect_slide", "download": "download",
             "config": "config", "export": "export"}
+# the commands that keep a log file (<run folder or --out>/logs/<command>-<date>-<time>-<pid>.log)
+LOGGED = {"tile", "train", "validate", "predict", "run", "cv", "features", "mil", "export"}
+log = logging.getLogger(__name__)
 
 
 def _command(sub: Any, name: str, summary: str, description: str, overrides: bool = True,
@@ -39,6 +46,10 @@ def _command(sub: Any, name: str, summary: str, description: str, overrides: boo
                             help="dotted overrides, e.g. tiles.stride=64 tiles.compression=zlib:6")
     if progress:
         parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    talk = parser.add_mutually_exclusive_group()
+    talk.add_argument("-v", "--verbose", action="count", default=0, help="debug messages too")
+    talk.add_argument("-q", "--quiet", action="count", default=0,
+                      help="warnings and errors only (the command's log file keeps everything)")
     return parser
 
 
@@ -197,32 +208,49 @@ def _stop(signum: int, _frame: Any) -> None:
     raise Stopped(128 + signum)
 
 
+def _log_file(args: argparse.Namespace, folder: Path) -> Path | None:
+    """This command's log file: in the run folder, or in ``--out`` where the command was given one."""
+    if args.command not in LOGGED:
+        return None
+    folder = Path(getattr(args, "out", None) or folder)
+    return folder / "logs" / f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, build the run once, and hand both to the command's module (``jobs.<module>.command``)."""
     args = parse(build_parser(), argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)
+    verbosity = args.verbose - args.quiet
+    command_logging(verbosity)
     try:
         run = open_run(args.config, args.overrides + _launch_overrides(args), args.cluster)
+        log_file = command_logging(verbosity, _log_file(args, run.dir))
+        log.debug("lymphoma %s: %s (log file %s)", __version__, " ".join(sys.argv[1:] if argv is None else argv),
+                  log_file)
         module = importlib.import_module(f"jobs.{COMMANDS[args.command]}")
         return module.command(args, run)
     except OSError as err:
         if not is_disk_full(err):
+            log.debug("unexpected error", exc_info=True)
             raise
-        print(f"lymphoma {args.command}: error: {err if isinstance(err, DiskFullError) else _disk_full(err)}",
-              file=sys.stderr)
+        log.error("lymphoma %s: error: %s", args.command, err if isinstance(err, DiskFullError) else _disk_full(err))
         return 1
     except (KeyboardInterrupt, Stopped) as err:
-        print(f"lymphoma {args.command}: stopped ({'SIGTERM' if isinstance(err, Stopped) else 'Ctrl-C'}); its local "
-              "tasks were stopped too; rerun the same command to resume", file=sys.stderr)
+        log.error("lymphoma %s: stopped (%s); its local tasks were stopped too; rerun the same command to resume",
+                  args.command, "SIGTERM" if isinstance(err, Stopped) else "Ctrl-C")
         return err.code if isinstance(err, Stopped) else 130
     except (InputError, SubmissionError, ArrayJobError) as err:
-        print(f"lymphoma {args.command}: error: {err}", file=sys.stderr)
+        log.error("lymphoma %s: error: %s", args.command, err)
         if isinstance(err, ArrayJobError):
-            print("finished tasks' outputs are kept: fix the cause and rerun the same command to redo only "
-                  "the failed ones", file=sys.stderr)
+            log.error("finished tasks' outputs are kept: fix the cause and rerun the same command to redo only "
+                      "the failed ones")
         return 1 if isinstance(err, ArrayJobError) else 2
-
+    except Exception:
+        log.debug("unexpected error", exc_info=True)
+        raise
+    finally:
+        end_logging()
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import time
 from pathlib import Path
 from typing import Any, Optional
@@ -25,6 +26,8 @@ from lymphoma.selection import at_chance as chance_level
 from lymphoma.selection import best_index, explain
 from lymphoma.settings import CVSettings
 from lymphoma.split import assign_phases
+
+log = logging.getLogger(__name__)
 
 
 def fold_assignments(records: list[ImageRecord], cv: CVSettings) -> list[list[list[str]]]:
@@ -60,9 +63,9 @@ def run_folds(run: Run, tasks: list[FoldTask]) -> tuple[list[list[dict[str, Any]
     """Run every fold as an array task; each fold's prediction records (those written), and the failure if any."""
     cfg = run.config
     sizes = ", ".join(str(len({r.case for r in t.test})) for t in tasks[:cfg.cv.folds])
-    print(f"{cfg.cv.repeats} repeat(s) of {cfg.cv.folds} folds ({sizes} test cases); each trains on its train "
-          f"cases and picks its checkpoint on {cfg.cv.inner_val_fraction:.0%} of them (inner val); logs in "
-          f"{run.logs('cv').parent}", flush=True)
+    log.info(f"{cfg.cv.repeats} repeat(s) of {cfg.cv.folds} folds ({sizes} test cases); each trains on its train "
+             f"cases and picks its checkpoint on {cfg.cv.inner_val_fraction:.0%} of them (inner val); logs in "
+             f"{run.logs('cv').parent}")
     failure = None
     try:
         run_array(run.executor("cv"), FoldJob(), tasks, parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s)
@@ -97,9 +100,9 @@ def run_cv(run: Run) -> dict[str, Any]:
         report["ensemble"] = ship_ensemble(tasks, run.dir, cfg.cv.checkpoint)
         report["minutes"] = (time.perf_counter() - start) / 60
         _write_outputs(out, report, tasks, records, inputs.classes, cfg.predict.aggregate)
-    print(format_cv_report(report), flush=True)
-    print(f"report: {out / 'report.json'}, {out / 'report.txt'}, {out / 'predictions.csv'}; "
-          f"{report['minutes']:.1f} min", flush=True)
+    log.info(format_cv_report(report))
+    log.info(f"report: {out / 'report.json'}, {out / 'report.txt'}, {out / 'predictions.csv'}; "
+             f"{report['minutes']:.1f} min")
     if failure is not None:
         raise failure
     return report
@@ -160,19 +163,19 @@ def ship_ensemble(tasks: list[FoldTask], run_dir: Path, checkpoint: str) -> dict
     fold without a checkpoint, none is written."""
     paths = [Path(t.fold_dir) / "train" / "checkpoints" / f"{checkpoint}.pt" for t in tasks if t.repeat == 0]
     if not all(p.is_file() for p in paths):
-        print("no ensemble written: a fold of the first repeat has no checkpoint", flush=True)
+        log.info("no ensemble written: a fold of the first repeat has no checkpoint")
         return {"path": None, "members": [], "left_out": [], "why": "a fold of the first repeat has no checkpoint"}
     members, left_out = [], []
     for path in paths:
         (left_out if at_chance(path) else members).append(str(path))
     if not members:
-        print("no ensemble written: every fold model is at or below chance on its inner val", flush=True)
+        log.info("no ensemble written: every fold model is at or below chance on its inner val")
         return {"path": None, "members": [], "left_out": left_out,
                 "why": "every fold model is at or below chance on its inner val"}
     out = run_dir / ("ensemble.pt" if checkpoint == "best" else f"ensemble-{checkpoint}.pt")
     write_ensemble([Path(m) for m in members], out)
-    print(f"ensemble of {len(members)} fold model(s): {out}" + (f" ({len(left_out)} left out: at or below chance "
-                                                                  "on inner val)" if left_out else ""), flush=True)
+    log.info(f"ensemble of {len(members)} fold model(s): {out}" + (f" ({len(left_out)} left out: at or below chance "
+                                                                     "on inner val)" if left_out else ""))
     return {"path": str(out), "members": members, "left_out": left_out}
 
 

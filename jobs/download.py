@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import argparse
+import logging
 
 from jobs.run_folder import Run
+
+log = logging.getLogger(__name__)
 
 
 def command(args: argparse.Namespace, run: Run) -> int:
@@ -14,5 +17,5 @@ def command(args: argparse.Namespace, run: Run) -> int:
     settings = run.config.download
     sha1 = args.sha1 if args.sha1 is not None else settings.sha1
     dest = download_dataset(args.dest or settings.dest, args.url or settings.urls, None if sha1 in (None, "none") else sha1)
-    print(f"data set ready in {dest}; use it with data.source={dest}")
+    log.info(f"data set ready in {dest}; use it with data.source={dest}")
     return 0

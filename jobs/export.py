@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from jobs.run_folder import Run
+
+log = logging.getLogger(__name__)
 
 
 def command(args: argparse.Namespace, run: Run) -> int:
@@ -16,7 +19,7 @@ def command(args: argparse.Namespace, run: Run) -> int:
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     report = write_export(Path(args.checkpoint), out, formats)
     for name, entry in report["files"].items():  # type: ignore[union-attr]
-        print(f"{name}: {out / entry['path']}: tile classes equal to PyTorch's on {entry['same_class']:.0%} of "
-              f"{report['check_tiles']} check tiles, largest logit difference {entry['max_abs_logit_difference']:.1e}")
-    print(f"preprocessing: {out / 'preprocessing.json'}")
+        log.info(f"{name}: {out / entry['path']}: tile classes equal to PyTorch's on {entry['same_class']:.0%} of "
+                 f"{report['check_tiles']} check tiles, largest logit difference {entry['max_abs_logit_difference']:.1e}")
+    log.info(f"preprocessing: {out / 'preprocessing.json'}")
     return 0

@@ -4,6 +4,7 @@ HDF5 file per slide in the CLAM/TRIDENT layout, resumable per slide, failed slid
 from __future__ import annotations
 
 import argparse
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -19,6 +20,8 @@ from lymphoma.files import write_csv_atomic
 from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import SlideInput
 from lymphoma.prediction_inputs import expand_inputs
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -106,15 +109,15 @@ def command(args: argparse.Namespace, run: Run) -> int:
     failed = [r for r in records if r["status"] != "ok"]
     dims = sorted({r.get("feature_dim") for r in ok})
     n_resumed = sum(bool(r["resumed"]) for r in ok)
-    print(f"{len(ok)} of {len(records)} slide(s) embedded ({len(ok) - n_resumed} now, {n_resumed} already complete; "
-          f"{sum(r.get('n_tiles', 0) for r in ok)} tiles, {dims[0] if len(dims) == 1 else dims} dimensions), "
-          f"{len(failed)} failed")
+    log.info(f"{len(ok)} of {len(records)} slide(s) embedded ({len(ok) - n_resumed} now, {n_resumed} already complete; "
+             f"{sum(r.get('n_tiles', 0) for r in ok)} tiles, {dims[0] if len(dims) == 1 else dims} dimensions), "
+             f"{len(failed)} failed")
     for r in failed[:10]:
-        print(f"  failed: {r['path']}: {r['error']}")
-    print(f"files:   {out_dir / 'h5_files'}/<slide>.h5 (features, coords)\nsummary: {out_dir / 'features.csv'}")
+        log.info(f"  failed: {r['path']}: {r['error']}")
+    log.info(f"files:   {out_dir / 'h5_files'}/<slide>.h5 (features, coords)\nsummary: {out_dir / 'features.csv'}")
     if failure is not None:
         raise failure
     if failed:
-        print(f"lymphoma features: {len(failed)} of {len(records)} slide(s) failed (listed above and in "
-              f"{out_dir / 'features.csv'}); the others' files are written", flush=True)
+        log.error(f"lymphoma features: {len(failed)} of {len(records)} slide(s) failed (listed above and in "
+                 f"{out_dir / 'features.csv'}); the others' files are written")
     return 1 if failed else 0

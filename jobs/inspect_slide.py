@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from jobs.run_folder import Run
 from lymphoma.settings import TileSettings
 from lymphoma.slides import open_slide
 from lymphoma.wsi import plan_grid, save_grid_overview, target_mpp
+
+log = logging.getLogger(__name__)
 
 
 def inspect_slide(t: TileSettings, path: Path, out: Path | None) -> str:
@@ -36,5 +39,5 @@ def inspect_slide(t: TileSettings, path: Path, out: Path | None) -> str:
 
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma inspect``."""
-    print(inspect_slide(run.config.tiles, args.slide, args.out))
+    log.info(inspect_slide(run.config.tiles, args.slide, args.out))
     return 0

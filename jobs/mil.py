@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import logging
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -22,6 +23,8 @@ from lymphoma.features import read_features
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.inputs import ImageRecord
 from lymphoma.mil import Bag, predict_bag, train_mil
+
+log = logging.getLogger(__name__)
 
 
 def read_cohort(features_dir: Path) -> list[dict[str, str]]:
@@ -205,10 +208,10 @@ def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma mil`` (``--predict DIR``: classify the embedded slides of DIR with the saved model)."""
     if args.predict:
         out = predict_mil(run, Path(args.predict))
-        print(f"predictions: {out / 'predictions.csv'}; attention maps: {out / 'attention'}")
+        log.info(f"predictions: {out / 'predictions.csv'}; attention maps: {out / 'attention'}")
         return 0
     report = run_mil(run)
-    print(format_mil_report(report))
-    print(f"report: {run.dir / 'mil' / 'report.json'}; attention maps: {run.dir / 'mil' / 'attention'}; model for "
-          f"new slides: {run.dir / 'mil' / 'mil.pt'}; {report['minutes']:.1f} min")
+    log.info(format_mil_report(report))
+    log.info(f"report: {run.dir / 'mil' / 'report.json'}; attention maps: {run.dir / 'mil' / 'attention'}; model for "
+             f"new slides: {run.dir / 'mil' / 'mil.pt'}; {report['minutes']:.1f} min")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -15,6 +16,8 @@ from jobs.train import run_train
 from lymphoma.errors import InputError
 from lymphoma.prediction import SlideInput
 from lymphoma.selection import at_chance
+
+log = logging.getLogger(__name__)
 
 
 def held_out_slides(split_csv: Path, phase: str) -> list[SlideInput]:
@@ -30,26 +33,25 @@ def held_out_slides(split_csv: Path, phase: str) -> list[SlideInput]:
 def run_pipeline(run: Run, progress: bool = True) -> dict[str, Any]:
     """Run every stage, printing where each output is; reruns resume every stage."""
     start = time.perf_counter()
-    print("== 1/3 tile", flush=True)
+    log.info("== 1/3 tile")
     tiled = run_tile(run, progress=progress)
-    print(format_summary(tiled), flush=True)
-    print("== 2/3 train", flush=True)
+    log.info(format_summary(tiled))
+    log.info("== 2/3 train")
     summary = run_train(run)[0]
-    print(f"best epoch {summary['best_epoch'] + 1} of {summary['epochs']}: val loss {summary['best_val_loss']:.4f}, "
-          f"val tile accuracy {summary['best_val_accuracy']:.3f}; kept {summary['selection']}; checkpoints in "
-          f"{summary['checkpoints']}", flush=True)
+    log.info(f"best epoch {summary['best_epoch'] + 1} of {summary['epochs']}: val loss {summary['best_val_loss']:.4f}, "
+             f"val tile accuracy {summary['best_val_accuracy']:.3f}; kept {summary['selection']}; checkpoints in "
+             f"{summary['checkpoints']}")
     if at_chance(summary["best_val_balanced_accuracy"], len(summary["classes"])):
-        print("warning: the kept model predicts one class for every validation tile (balanced accuracy at chance): "
-              "it has not learnt the sub-types; train longer (train.epochs) and judge models with `lymphoma cv`",
-              flush=True)
+        log.warning("the kept model predicts one class for every validation tile (balanced accuracy at chance): "
+                    "it has not learnt the sub-types; train longer (train.epochs) and judge models with `lymphoma cv`")
     phase = "test" if run.config.split.test_fraction > 0 else "val"
-    print(f"== 3/3 predict the held-out {phase} images", flush=True)
+    log.info(f"== 3/3 predict the held-out {phase} images")
     request = PredictRequest(run.checkpoints / "best.pt", slides=tuple(held_out_slides(run.split_csv, phase)))
     result: PredictResult = run_predict(run, request)
-    print(format_report(result), flush=True)
+    log.info(format_report(result))
     minutes = (time.perf_counter() - start) / 60
-    print(f"== done in {minutes:.1f} min; run folder {run.dir}: config.yaml, split.csv, tiles/, train/ "
-          f"(checkpoints/, tensorboard/, history.json), predict/", flush=True)
+    log.info(f"== done in {minutes:.1f} min; run folder {run.dir}: config.yaml, split.csv, tiles/, train/ "
+             f"(checkpoints/, tensorboard/, history.json), predict/")
     return {"tile": tiled, "train": summary, "predict": result}
 
 

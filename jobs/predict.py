@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +20,8 @@ from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import SlideInput, checkpoint_fingerprint, outputs_complete, read_record, with_tiles
 from lymphoma.prediction_inputs import expand_inputs
 from lymphoma.settings import PredictSettings, TileSettings
+
+log = logging.getLogger(__name__)
 
 MARKER = ".lymphoma-predict"
 SLIDE_KEYS = ("default_mpp", "max_pixels")  # tile settings that describe the slides: the user's, not the checkpoint's
@@ -188,12 +191,12 @@ def command(args: argparse.Namespace, run: Run) -> int:
     request = PredictRequest(Path(args.checkpoint), tuple(args.inputs), args.list, args.basepath, args.out,
                              args.force, explicit)
     result = run_predict(run, request)
-    print(format_report(result))
+    log.info(format_report(result))
     if result.task_failures is not None:
         raise result.task_failures
     failed = result.metrics["failed"]
     if failed:
-        print(f"lymphoma predict: {failed} of {result.metrics['slides']} slide(s) failed (listed above and in "
-              f"{result.out_dir / 'summary.csv'}); the others' outputs are written", flush=True)
+        log.error(f"lymphoma predict: {failed} of {result.metrics['slides']} slide(s) failed (listed above and in "
+                 f"{result.out_dir / 'summary.csv'}); the others' outputs are written")
         return 1
     return 0

@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import shutil
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +19,8 @@ from lymphoma.settings import TileSettings
 from lymphoma.sharding import ShardPlan, fingerprint, plan_shards, write_manifest
 from lymphoma.split import assign_phases, split_cases, write_split_csv
 from lymphoma.store import ShardSummary, parse_compression, read_complete_shard, write_shard
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -123,8 +125,8 @@ def _report_stale(tiles_dir: Path, plans: list[ShardPlan]) -> None:
     planned = {tiles_dir / p.relpath for p in plans}
     stale = sorted(p for p in tiles_dir.glob("*/shard-*.h5") if p not in planned)
     if stale:
-        print(f"note: {len(stale)} shard(s) from an earlier layout are not in the manifest and are ignored: "
-              f"{', '.join(str(p) for p in stale[:3])}{' ...' if len(stale) > 3 else ''}", file=sys.stderr)
+        log.warning(f"{len(stale)} shard(s) from an earlier layout are not in the manifest and are ignored: "
+                    f"{', '.join(str(p) for p in stale[:3])}{' ...' if len(stale) > 3 else ''}")
 
 
 def format_summary(result: TileResult) -> str:
@@ -148,5 +150,5 @@ def format_summary(result: TileResult) -> str:
 
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma tile``."""
-    print(format_summary(run_tile(run, progress=not args.no_progress)))
+    log.info(format_summary(run_tile(run, progress=not args.no_progress)))
     return 0

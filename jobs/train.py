@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import argparse
-import sys
+import logging
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -18,6 +18,8 @@ from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.settings import FitSettings
 from lymphoma.training import Rank, fit, preflight
+
+log = logging.getLogger(__name__)
 
 
 def fit_settings(run: Run, eval_phase: str | None = None) -> FitSettings:
@@ -55,8 +57,8 @@ def _warn_if_resuming_other_settings(last: Path, run: Run) -> None:
     changed = [f"{section}.{key}" for section in ("train", "model", "augment") for key in now[section]
                if saved.get(section, {}).get(key) != now[section][key] and f"{section}.{key}" != "train.epochs"]
     if changed:  # more epochs is the ordinary way to continue, not worth a note
-        print(f"note: resuming {last} (epoch {state['epoch'] + 1} done) with changed settings "
-              f"{changed}; to train afresh with them, use another run.name", file=sys.stderr, flush=True)
+        log.warning(f"resuming {last} (epoch {state['epoch'] + 1} done) with changed settings "
+                    f"{changed}; to train afresh with them, use another run.name")
 
 
 def run_here(run: Run) -> dict[str, Any] | None:
@@ -79,12 +81,12 @@ def run_train(run: Run, restart: bool = False) -> list[dict[str, Any]]:
         if restart and run.train.exists():
             aside = run.train.with_name(f"train.before-{time.strftime('%Y%m%d-%H%M%S')}")
             run.train.rename(aside)
-            print(f"restarting: the earlier training is kept in {aside}", flush=True)
+            log.info(f"restarting: the earlier training is kept in {aside}")
         preflight(fit_settings(run), run.tiles, run.train)
         _warn_if_resuming_other_settings(run.checkpoints / "last.pt", run)
         run.train.mkdir(exist_ok=True)
         job = submit(run.executor("train"), TrainJob(), run)
-        print(f"training job {job.job_id}: logs in {run.train / 'logs'}", flush=True)
+        log.info(f"training job {job.job_id}: logs in {run.train / 'logs'}")
         results = wait_for(job, f"train-{cfg.run.name}")
     return results
 
@@ -93,6 +95,6 @@ def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma train`` (``--here``: as one rank of an outside launcher; only rank 0 prints)."""
     summary = run_here(run) if args.here else run_train(run, args.restart)[0]
     if summary is not None:
-        print(f"best epoch {summary['best_epoch'] + 1}: val loss {summary['best_val_loss']:.4f}, "
-              f"val accuracy {summary['best_val_accuracy']:.3f}; checkpoints in {summary['checkpoints']}")
+        log.info(f"best epoch {summary['best_epoch'] + 1}: val loss {summary['best_val_loss']:.4f}, "
+                 f"val accuracy {summary['best_val_accuracy']:.3f}; checkpoints in {summary['checkpoints']}")
     return 0

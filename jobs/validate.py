@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import argparse
+import logging
 from pathlib import Path
 
 from jobs.run_folder import Run
+
+log = logging.getLogger(__name__)
 
 
 def command(args: argparse.Namespace, run: Run) -> int:
@@ -14,6 +17,6 @@ def command(args: argparse.Namespace, run: Run) -> int:
 
     out = Path(args.out) if args.out else run.dir / "validate"
     summary = validate(Path(args.checkpoint), run.tiles, args.phase, out, args.layer)
-    print(f"{args.phase}: {summary['tiles']} tiles, accuracy {summary['accuracy']:.3f}, balanced accuracy "
-          f"{summary['balanced_accuracy']:.3f}; files in {out}")
+    log.info(f"{args.phase}: {summary['tiles']} tiles, accuracy {summary['accuracy']:.3f}, balanced accuracy "
+             f"{summary['balanced_accuracy']:.3f}; files in {out}")
     return 0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import http.client
+import logging
 import shutil
 import sys
 import tarfile
@@ -14,6 +15,8 @@ from pathlib import Path, PurePosixPath
 
 from lymphoma.errors import InputError
 from lymphoma.images import is_image_file
+
+log = logging.getLogger(__name__)
 
 CLASSES = ("CLL", "FL", "MCL")
 CHUNK = 1 << 20
@@ -73,7 +76,7 @@ def _fetch(url: str, archive: Path, sha1: str | None, attempts: int, timeout_s: 
                 break
             raise
         except (OSError, http.client.HTTPException) as err:
-            print(f"\n{url}: download interrupted ({err}); attempt {attempt} of {attempts}", file=sys.stderr)
+            log.warning(f"\n{url}: download interrupted ({err}); attempt {attempt} of {attempts}")
             if attempt == attempts:
                 raise
     print(file=sys.stderr)

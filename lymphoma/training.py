@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -39,6 +40,8 @@ from lymphoma.settings import AugmentSettings, FitSettings, TrainSettings
 from lymphoma.sharding import load_manifest, phase_shards, tiles_fingerprint
 from lymphoma.stain import StainNormalizer, fit_target
 from lymphoma.store import verify_shard
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -131,8 +134,8 @@ def _check_backbone(settings: FitSettings, tiles_dir: Path) -> None:
     tiled_at = load_manifest(tiles_dir)["tiles"].get("target_mpp")
     if model.mpp is not None and tiled_at != model.mpp:
         where = f"tiles.target_mpp={tiled_at}" if tiled_at else "the images' own pixels (tiles.target_mpp=null)"
-        print(f"note: model.mpp={model.mpp} (the backbone's pretraining resolution) but the tiles were cut at "
-              f"{where}; features transfer best at the pretraining resolution", flush=True)
+        log.warning(f"model.mpp={model.mpp} (the backbone's pretraining resolution) but the tiles were cut at "
+                    f"{where}; features transfer best at the pretraining resolution")
 
 
 def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
@@ -331,8 +334,8 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     if rank.main:
         where = (f"from epoch {run.start_epoch + 1} of {train.epochs}" if run.start_epoch < train.epochs
                  else f"all {train.epochs} epochs trained already (last.pt)")
-        print(f"training on {device} x {rank.world} process(es), {run.pipes.backend} augmentation, {len(train_tiles)} "
-              f"train and {len(eval_tiles)} {train.eval_phase} tiles, {where}", flush=True)
+        log.info(f"training on {device} x {rank.world} process(es), {run.pipes.backend} augmentation, {len(train_tiles)} "
+                 f"train and {len(eval_tiles)} {train.eval_phase} tiles, {where}")
         run.writer = _open_writer(out_dir, run.start_epoch, train_tiles, run.pipes.train_aug, augment)
     return run
 
@@ -358,9 +361,9 @@ def run_epoch(run: Training, epoch: int) -> None:
         _save_epoch({**checkpoint_fields(run), **parts.state(), "epoch": epoch, "val_loss": val.loss,
                      "val_accuracy": val.accuracy, "history": run.history, "rng": rngs}, run.ckpt_dir, kept)
         write_text_atomic(run.out_dir / "history.json", json.dumps(run.history, indent=2) + "\n")
-        print(f"epoch {epoch + 1}/{train.epochs}: train loss {stats.loss:.4f}, val loss {val.loss:.4f}, "
-              f"val accuracy {val.accuracy:.3f} (balanced {val.balanced_accuracy:.3f}), "
-              f"{stats.images_per_s:.0f} images/s" + (" (kept)" if kept else ""), flush=True)
+        log.info(f"epoch {epoch + 1}/{train.epochs}: train loss {stats.loss:.4f}, val loss {val.loss:.4f}, "
+                 f"val accuracy {val.accuracy:.3f} (balanced {val.balanced_accuracy:.3f}), "
+                 f"{stats.images_per_s:.0f} images/s" + (" (kept)" if kept else ""))
     if run.rank.world > 1:
         dist.barrier()
 
@@ -419,8 +422,8 @@ def _summary(history: list[dict[str, Any]], train: TrainSettings, rank: Rank, de
     best = history[index] if index is not None else {}
     stopped = stop_early(history, train.patience, train.select, train.first_candidate) and len(history) < train.epochs
     if rank.main and stopped:
-        print(f"stopped early after epoch {len(history)}: no better {train.select.replace('_', ' ')} for "
-              f"{train.patience} epoch(s)", flush=True)
+        log.info(f"stopped early after epoch {len(history)}: no better {train.select.replace('_', ' ')} for "
+                 f"{train.patience} epoch(s)")
     return {"epochs": len(history), "stopped_early": stopped, "best_epoch": best.get("epoch"),
             "best_val_loss": best.get("val_loss"), "best_val_accuracy": best.get("val_accuracy"),
             "best_val_balanced_accuracy": best.get("val_balanced_accuracy"),

@@ -188,9 +188,10 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     listing.write_text(f"{good}\n{bad / 'corrupt_001.png'}\n{bad / 'tiny_001.png'}\n{bad / 'missing_001.png'}\n"
                        f"{bad / 'blank_001.tif'}\n")
     assert predict(checkpoint, tmp_path / "d", "--list", str(listing)) == 1  # any failed input: exit 1
-    out = capsys.readouterr().out
+    captured = capsys.readouterr()
+    out = captured.out
     assert "1 of 5 slide(s) predicted" in out and "4 failed" in out
-    assert out.strip().splitlines()[-1].startswith("lymphoma predict: 4 of 5 slide(s) failed")
+    assert captured.err.strip().splitlines()[-1].startswith("lymphoma predict: 4 of 5 slide(s) failed")
     with (tmp_path / "d" / "summary.csv").open() as handle:
         errors = {r["slide"]: r["error"] for r in csv.DictReader(handle)}
     assert errors[good.stem] == ""

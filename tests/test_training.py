@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -52,6 +53,10 @@ def test_loss_falls_and_tensorboard_holds_every_tag(tiled):
     history = json.loads((tiled[1] / "learn" / "train" / "history.json").read_text())
     assert len(history) == 4 and summary["epochs"] == 4
     assert history[-1]["train_loss"] < 0.8 * history[0]["train_loss"]
+    task_log = "".join(p.read_text() for p in (tiled[1] / "learn" / "train" / "logs").rglob("*_log.out"))
+    epochs = re.findall(r"^\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3} INFO    lymphoma\.training: epoch (\d)/4: train loss",
+                        task_log, re.MULTILINE)  # the task logs each epoch with its time
+    assert epochs == ["1", "2", "3", "4"], task_log[-2000:]
     events = EventAccumulator(str(tiled[1] / "learn" / "train" / "tensorboard"))
     events.Reload()
     scalars = set(events.Tags()["scalars"])

@@ -1,0 +1,51 @@
+"""Logging: a log file per command in its run folder, -v and -q on the terminal, task logs with times."""
+
+from __future__ import annotations
+
+import logging
+import re
+
+from jobs.cli import main
+
+
+def _command_log(run_dir, command: str) -> str:
+    files = sorted((run_dir / "logs").glob(f"{command}-*.log"))
+    assert len(files) == 1, files
+    return files[0].read_text()
+
+
+def test_a_command_logs_to_the_terminal_and_in_full_to_its_own_file(make_dataset, tmp_path, capsys):
+    source = make_dataset(cases_per_class=1, images_per_case=2)
+    args = ["tile", "--no-progress", f"data.source={source}", f"run.root={tmp_path}", "split.val_fraction=0"]
+    assert main(args) == 0
+    out, err = capsys.readouterr()
+    assert "1 shard(s) written, 0 already complete; 90 tiles" in out and err == ""
+    text = _command_log(tmp_path / "default", "tile")
+    lines = text.splitlines()
+    stamp = r"\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}"
+    assert re.match(stamp + r" DEBUG   jobs\.cli: lymphoma \S+: tile --no-progress data\.source=", lines[0])
+    assert re.search(stamp + r" INFO    jobs\.tile: run folder: ", text)  # what the terminal showed, with its time
+    assert "1 shard(s) written, 0 already complete; 90 tiles" in text
+
+    assert main(args + ["run.name=quiet", "-q"]) == 0  # -q: nothing but warnings and errors on the terminal
+    assert capsys.readouterr() == ("", "")
+    assert "90 tiles" in _command_log(tmp_path / "quiet", "tile")  # the file keeps everything
+
+    assert main(args + ["run.name=loud", "-v"]) == 0  # -v: the debug records on the terminal too
+    assert "jobs.cli" not in (out := capsys.readouterr().out) and "tile --no-progress" in out.splitlines()[0]
+    assert not [h for h in logging.getLogger().handlers if getattr(h, "_lymphoma_handler", False)]  # removed, closed
+
+
+def test_errors_go_to_stderr_and_into_the_log_file(make_dataset, tmp_path, capsys):
+    source = make_dataset(cases_per_class=1, images_per_case=1)
+    assert main(["tile", "--no-progress", f"data.source={source}", f"run.root={tmp_path}",
+                 "tiles.compression=foo:9"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("lymphoma tile: error: tiles.compression 'foo:9'")
+    assert "ERROR   jobs.cli: lymphoma tile: error:" in _command_log(tmp_path / "default", "tile")
+    damaged = tmp_path / "damaged.pt"
+    damaged.write_text("not a checkpoint")
+    assert main(["export", "--checkpoint", str(damaged), "--out", str(tmp_path / "export")]) == 2
+    assert f"lymphoma export: error: checkpoint {damaged} cannot be read" in capsys.readouterr().err
+    text = _command_log(tmp_path / "export", "export")  # a command given --out keeps its log there
+    assert f"ERROR   jobs.cli: lymphoma export: error: checkpoint {damaged} cannot be read" in text
