@@ -42,6 +42,31 @@ class _ConsoleFormat(logging.Formatter):
         return f"warning: {text}" if record.levelno == logging.WARNING else text
 
 
+class _FolderLog(logging.FileHandler):
+    """A log file inside a folder the command makes (``anchor``): records wait in memory until that folder
+    exists, so that a command refused before it wrote anything leaves nothing behind (not even its log)."""
+
+    def __init__(self, path: Path, anchor: Path) -> None:
+        super().__init__(path, encoding="utf-8", delay=True)
+        self.anchor, self.pending = anchor, []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if self.stream is None:
+            if not self.anchor.is_dir():
+                self.pending.append(record)
+                return
+            Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+            waiting, self.pending = self.pending, []
+            for earlier in waiting:
+                super().emit(earlier)
+        super().emit(record)
+
+    def close(self) -> None:
+        if self.pending and self.anchor.is_dir():  # the folder appeared after the last record
+            self.emit(self.pending.pop())
+        super().close()
+
+
 def _mark(handler: logging.Handler) -> logging.Handler:
     setattr(handler, _MARK, True)
     handler.addFilter(_Ours())
@@ -52,20 +77,21 @@ def _ours(handlers: Iterable[logging.Handler]) -> list[logging.Handler]:
     return [h for h in handlers if getattr(h, _MARK, False)]
 
 
-def command_logging(verbosity: int = 0, log_file: Path | None = None) -> Path | None:
+def command_logging(verbosity: int = 0, log_file: Path | None = None, anchor: Path | None = None) -> Path | None:
     """Log this command to the terminal at ``verbosity`` (-1 quiet: warnings up; 0: information; 1: debug)
-    and, with times and tracebacks, to ``log_file`` (debug up; its folder is made). Replaces an earlier
-    set-up of this process; returns the log file."""
+    and, with times and tracebacks, to ``log_file`` (debug up) once the folder ``anchor`` exists (default: the
+    log file's folder; records wait until then). Replaces an earlier set-up of this process; returns the
+    log file."""
     end_logging()
     root = logging.getLogger()
-    root.setLevel(logging.DEBUG)
+    for name in OURS:  # our records from debug up; other libraries' at the root's level (warnings)
+        logging.getLogger(name).setLevel(logging.DEBUG)
     console = _mark(_Console())
     console.setLevel({-1: logging.WARNING, 0: logging.INFO}.get(max(-1, min(verbosity, 1)), logging.DEBUG))
     console.setFormatter(_ConsoleFormat())
     root.addHandler(console)
     if log_file is not None:
-        log_file.parent.mkdir(parents=True, exist_ok=True)
-        file = _mark(logging.FileHandler(log_file, encoding="utf-8", delay=False))
+        file = _mark(_FolderLog(log_file, anchor or log_file.parent))
         file.setLevel(logging.DEBUG)
         file.setFormatter(logging.Formatter(FILE_FORMAT))
         root.addHandler(file)

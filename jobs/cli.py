@@ -208,12 +208,9 @@ def _stop(signum: int, _frame: Any) -> None:
     raise Stopped(128 + signum)
 
 
-def _log_file(args: argparse.Namespace, folder: Path) -> Path | None:
-    """This command's log file: in the run folder, or in ``--out`` where the command was given one."""
-    if args.command not in LOGGED:
-        return None
-    folder = Path(getattr(args, "out", None) or folder)
-    return folder / "logs" / f"{args.command}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log"
+def _log_folder(args: argparse.Namespace, run_dir: Path) -> Path | None:
+    """The folder whose ``logs/`` keeps this command's log file: its ``--out`` where given, else the run folder."""
+    return Path(getattr(args, "out", None) or run_dir) if args.command in LOGGED else None
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -225,7 +222,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     command_logging(verbosity)
     try:
         run = open_run(args.config, args.overrides + _launch_overrides(args), args.cluster)
-        log_file = command_logging(verbosity, _log_file(args, run.dir))
+        folder = _log_folder(args, run.dir)
+        log_file = command_logging(verbosity, folder and folder / "logs" / f"{args.command}-"
+                                   f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log", folder)
         log.debug("lymphoma %s: %s (log file %s)", __version__, " ".join(sys.argv[1:] if argv is None else argv),
                   log_file)
         module = importlib.import_module(f"jobs.{COMMANDS[args.command]}")

@@ -57,8 +57,8 @@ def features_slides(run: Run, patterns: list[str], list_file: Optional[Path], ba
     """The slides named on the command line or in a TSV list; without any, every image of the run's data."""
     if patterns or list_file:
         return expand_inputs(patterns, list_file, basepath, list(run.config.data.classes or []),
-                             compile_case_pattern(run.config.data.case_pattern))
-    return [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in run.inputs().records]
+                             compile_case_pattern(run.config.data.case_pattern), run.config.data.regions)
+    return [SlideInput(r.path, Path(r.path).stem, r.label, r.case, r.regions) for r in run.inputs().records]
 
 
 def check_encoder(run: Run, checkpoint: Optional[Path]) -> None:

@@ -83,8 +83,9 @@ class PredictResult:
 
 
 def prepare_out_dir(out_dir: Path) -> Path:
-    """An empty folder or one an earlier prediction made (it holds the marker); never someone else's files."""
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / MARKER).exists():
+    """An empty folder (but for this command's log) or one an earlier prediction made (it holds the marker);
+    never someone else's files."""
+    if out_dir.exists() and any(p.name != "logs" for p in out_dir.iterdir()) and not (out_dir / MARKER).exists():
         raise InputError(f"output folder {out_dir} exists and holds other files; give an empty or new folder "
                          "(or the folder of an earlier prediction, to resume it)")
     try:
@@ -122,7 +123,7 @@ def request_slides(run: Run, request: PredictRequest, state: dict[str, Any]) -> 
     if request.slides is not None:
         return list(request.slides)
     return expand_inputs(list(request.patterns), request.list_file, request.basepath, list(state["classes"]),
-                         compile_case_pattern(run.config.data.case_pattern))
+                         compile_case_pattern(run.config.data.case_pattern), run.config.predict.regions)
 
 
 def run_predict(run: Run, request: PredictRequest) -> PredictResult:

@@ -121,7 +121,8 @@ class Run:
     def inputs(self) -> Inputs:
         """The labelled images of ``data`` (bad ones skipped with their reason unless tiles.strict)."""
         data = self.config.data
-        return discover(data.source, data.classes, data.case_pattern, data.columns, self.config.tiles.strict)
+        return discover(data.source, data.classes, data.case_pattern, data.columns, self.config.tiles.strict,
+                        data.regions)
 
     @contextmanager
     def lock(self, job: str) -> Iterator[None]:

@@ -24,7 +24,7 @@ from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.model import Ensemble, build_model
-from lymphoma.prediction import Predictor, SlideInput, read_record
+from lymphoma.prediction import Predictor, SlideInput, read_record, regions_stamp
 from lymphoma.settings import AugmentSettings, ModelSettings, StainSettings, TileSettings
 from lymphoma.stain import StainNormalizer, fit_target
 from lymphoma.tile_sources import TileSource
@@ -104,7 +104,8 @@ class FeatureWriter:
     def complete(self, slide: SlideInput) -> Optional[dict[str, Any]]:
         record = read_record(self.out_dir / "records", slide)
         ok = (record is not None and record.get("status") == "ok"
-              and record.get("fingerprint") == self.meta["fingerprint"] and Path(record["file"]).is_file())
+              and record.get("fingerprint") == self.meta["fingerprint"] and Path(record["file"]).is_file()
+              and record.get("regions", "") == regions_stamp(slide.regions))
         return {**record, "resumed": True} if ok else None
 
     def finish(self, slide: SlideInput, source: TileSource, outputs: torch.Tensor) -> dict[str, Any]:
@@ -133,7 +134,7 @@ class FeatureWriter:
             tmp.unlink(missing_ok=True)
         record = {"key": slide.key, "path": slide.path, "status": "ok", "error": "", "label": slide.label,
                   "case": slide.case, "n_tiles": int(len(features)), "feature_dim": attrs["feature_dim"],
-                  "file": str(path), "fingerprint": self.meta["fingerprint"]}
+                  "file": str(path), "fingerprint": self.meta["fingerprint"], "regions": regions_stamp(slide.regions)}
         write_text_atomic(self._record_path(slide), json.dumps(record, indent=1) + "\n")
         return record
 

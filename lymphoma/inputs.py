@@ -10,6 +10,7 @@ from pathlib import Path
 
 from lymphoma.errors import InputError
 from lymphoma.images import IMAGE_SUFFIXES, WSI_SUFFIXES, is_image_file
+from lymphoma.regions import REGION_SUFFIXES, find_region_file
 
 DEFAULT_CASE_PATTERN = r"^(?P<case>.+?)(?:-R\d+)?_\d+$"
 
@@ -21,6 +22,7 @@ class ImageRecord:
     path: str
     label: str
     case: str
+    regions: str = ""  # a GeoJSON file of annotated regions (lymphoma.regions), or ""
 
     @property
     def name(self) -> str:
@@ -69,18 +71,22 @@ def discover(
     case_pattern: str = DEFAULT_CASE_PATTERN,
     columns: Mapping[str, str] | None = None,
     strict: bool = False,
+    regions: str | Path | None = None,
 ) -> Inputs:
     """List the images of ``source``: a folder with one sub-folder per class, or a CSV manifest.
 
     Images of unknown classes, missing files and names without a case are skipped and reported
-    (errors in strict mode). An empty source or duplicate file names are always errors.
+    (errors in strict mode). An empty source or duplicate file names are always errors. Each image's region
+    file comes from the manifest's ``regions`` column, else ``<regions>/<file stem>.geojson``; a region file
+    of that folder that names no image is reported as skipped.
     """
     source = Path(source)
     pattern = compile_case_pattern(case_pattern)
     if source.is_dir():
         rows, class_names = _rows_from_folders(source, classes)
+        region_column = {}
     elif source.is_file():
-        rows = _rows_from_csv(source, columns or {})
+        rows, region_column = _rows_from_csv(source, columns or {})
         class_names = list(classes) if classes else sorted({label for _, label, _ in rows})
     else:
         raise InputError(f"data.source {source} does not exist; give a folder with one sub-folder per class "
@@ -101,8 +107,12 @@ def discover(
             if not case:
                 reason = (f"file name does not match data.case_pattern {pattern.pattern!r}; "
                           "fix the pattern or give the case in a manifest column")
+        region_file = region_column.get(path) or find_region_file(regions, path.stem)
+        if reason is None and region_file is not None and not Path(region_file).is_file():
+            reason = f"its region file {region_file} is not found; fix the manifest's regions column"
         if reason is None:
-            records.append(ImageRecord(str(path.resolve()), label, case))
+            records.append(ImageRecord(str(path.resolve()), label, case,
+                                       str(Path(region_file).resolve()) if region_file else ""))
         elif strict:
             raise InputError(f"{path}: {reason}")
         else:
@@ -114,6 +124,7 @@ def discover(
                          + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))
     _check_unique_names(records)
     _check_case_labels(records)
+    skipped += _unused_region_files(regions, [Path(p) for p, _, _ in rows])
     return Inputs(records=sorted(records, key=lambda r: r.path), classes=class_names, skipped=skipped)
 
 
@@ -125,8 +136,22 @@ def _rows_from_folders(root: Path, classes: Sequence[str] | None) -> tuple[list[
     return rows, class_names
 
 
-def _rows_from_csv(manifest: Path, columns: Mapping[str, str]) -> list[tuple[Path, str, str]]:
-    names = {"path": "path", "label": "label", "case": "case", **columns}
+def _unused_region_files(folder: str | Path | None, images: Sequence[Path]) -> list[Skipped]:
+    """The region files of ``folder`` whose stem is no image's: named, so that a typo is seen."""
+    if not folder:
+        return []
+    if not Path(folder).is_dir():
+        raise InputError(f"data.regions {folder} is not a folder; give the folder that holds <image name>.geojson "
+                         "region files, or null")
+    stems = {p.stem for p in images}
+    return [Skipped(str(f), f"a region file for no image of data.source (no image named {f.stem}.*); rename it "
+                            "after its image's file name") for f in sorted(Path(folder).iterdir())
+            if f.suffix.lower() in REGION_SUFFIXES and f.stem not in stems]
+
+
+def _rows_from_csv(manifest: Path, columns: Mapping[str, str]) -> tuple[list[tuple[Path, str, str]], dict[Path, Path]]:
+    """The (path, label, case) rows of a manifest, and the region file of each row that has one."""
+    names = {"path": "path", "label": "label", "case": "case", "regions": "regions", **columns}
     with manifest.open(newline="") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
@@ -134,7 +159,7 @@ def _rows_from_csv(manifest: Path, columns: Mapping[str, str]) -> list[tuple[Pat
         if missing:
             raise InputError(f"{manifest}: missing column(s) {missing}; the header has {header}. "
                              "Name them path,label[,case] or map them with data.columns")
-        rows = []
+        rows, region_files = [], {}
         for line_no, row in enumerate(reader, start=2):
             raw_path = (row.get(names["path"]) or "").strip()
             if not raw_path:
@@ -143,7 +168,10 @@ def _rows_from_csv(manifest: Path, columns: Mapping[str, str]) -> list[tuple[Pat
             if not path.is_absolute():
                 path = manifest.parent / path
             rows.append((path, (row.get(names["label"]) or "").strip(), (row.get(names["case"]) or "").strip()))
-    return rows
+            region = (row.get(names["regions"]) or "").strip()
+            if region:
+                region_files[path] = Path(region) if Path(region).is_absolute() else manifest.parent / region
+    return rows, region_files
 
 
 def _check_unique_names(records: Sequence[ImageRecord]) -> None:

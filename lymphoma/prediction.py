@@ -40,6 +40,7 @@ class SlideInput:
     key: str
     label: Optional[str] = None
     case: Optional[str] = None
+    regions: str = ""  # a GeoJSON region file (lymphoma.regions): only the tiles tiles.region_mode keeps
 
 
 @dataclass
@@ -154,11 +155,19 @@ def read_record(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]]:
     return record if record.get("path") == slide.path else None
 
 
+def regions_stamp(path: str) -> str:
+    """A region file as a slide's record remembers it (path, size, time): an edited file is predicted again."""
+    if not path or not Path(path).is_file():
+        return path
+    stat = Path(path).stat()
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def outputs_complete(out_dir: Path, slide: SlideInput, fingerprint: str) -> Optional[dict[str, Any]]:
     """The slide's record if its outputs exist, succeeded and were made by the same model and settings."""
     record = read_record(out_dir, slide)
     ok = (record is not None and record.get("status") == "ok" and record.get("fingerprint") == fingerprint
-          and (out_dir / f"{slide.key}.npz").is_file())
+          and record.get("regions", "") == regions_stamp(slide.regions) and (out_dir / f"{slide.key}.npz").is_file())
     return record if ok else None
 
 
@@ -303,7 +312,7 @@ def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, source: Tile
         write_coords_h5(out_dir / f"{slide.key}.h5", squares, probs, classes)
     record = {"key": slide.key, "path": slide.path, "status": "ok", "error": "", "label": slide.label,
               "case": slide.case, "n_tiles": int(len(probs)), "n_background": int(source.n_background),
-              **result.as_dict(classes), "fingerprint": predictor.fingerprint}
+              **result.as_dict(classes), "fingerprint": predictor.fingerprint, "regions": regions_stamp(slide.regions)}
     write_text_atomic(out_dir / f"{slide.key}.json", json.dumps(record, indent=1) + "\n")
     return record
 

@@ -14,13 +14,15 @@ from lymphoma.errors import InputError
 from lymphoma.images import is_image_file
 from lymphoma.inputs import case_of
 from lymphoma.prediction import SlideInput
+from lymphoma.regions import find_region_file
 
 
 def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: Optional[Path],
-                  classes: Sequence[str], case_pattern: re.Pattern[str]) -> list[SlideInput]:
+                  classes: Sequence[str], case_pattern: re.Pattern[str],
+                  regions: Optional[str] = None) -> list[SlideInput]:
     """Slides from names and wildcards (``**`` recursive) and from a TSV whose columns are path[, label[, case]]
     (``#`` lines and blank lines skipped; relative paths under ``basepath``). Truth comes from the TSV's label
-    column or, for files, from a parent folder named after a class."""
+    column or, for files, from a parent folder named after a class; region files from ``<regions>/<stem>.geojson``."""
     rows: list[tuple[str, Optional[str], Optional[str]]] = []
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
@@ -46,7 +48,9 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
         if key in seen:
             continue
         seen[key] = str(p.resolve())
-        slides.append(SlideInput(str(p.resolve()), key, label, case or case_of(p.stem, case_pattern) or p.stem))
+        region_file = find_region_file(regions, p.stem)
+        slides.append(SlideInput(str(p.resolve()), key, label, case or case_of(p.stem, case_pattern) or p.stem,
+                                 str(region_file.resolve()) if region_file else ""))
     return slides
 
 

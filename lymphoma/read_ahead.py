@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lymphoma.errors import ImageError, InputError
+from lymphoma.regions import read_regions
 from lymphoma.settings import TileSettings
 from lymphoma.stain import StainNormalizer
 from lymphoma.tile_sources import open_tiles
@@ -31,16 +32,17 @@ def _as_error(path: str, err: BaseException) -> Exception:
     return ImageError(path, f"cannot be read ({type(err).__name__}: {err})")
 
 
-def _read(slides: Sequence[tuple[int, str]], settings: TileSettings, batch: int, stain: Optional[dict[str, Any]],
+def _read(slides: Sequence[tuple[int, str, str]], settings: TileSettings, batch: int, stain: Optional[dict[str, Any]],
           put: Any, stop: Any) -> None:
     """One reader: its slides' normalised tile batches, then each slide's TileSource, or the slide's error;
     stops early when ``stop`` is set."""
     normalizer = StainNormalizer.from_state(stain)
-    for index, path in slides:
+    for index, path, region_file in slides:
         if stop.is_set():
             return
         try:
-            source = open_tiles(path, settings, batch)
+            regions = read_regions(region_file, path) if region_file else None
+            source = open_tiles(path, settings, batch, regions=regions)
             for pixels in source.batches:
                 if stop.is_set():
                     return
@@ -56,7 +58,8 @@ def read_ahead(slides: Sequence[Any], settings: TileSettings, depth: int, batch:
     all its tiles were yielded, or the error that stopped it. ``readers`` threads (slide i read by reader i mod
     readers), each with a queue of ``depth`` items."""
     readers = max(1, min(readers, len(slides) or 1))
-    work = [[(i, slides[i].path) for i in range(r, len(slides), readers)] for r in range(readers)]
+    work = [[(i, slides[i].path, getattr(slides[i], "regions", "")) for i in range(r, len(slides), readers)]
+            for r in range(readers)]
     queues: list[queue.Queue] = [queue.Queue(maxsize=max(1, depth)) for _ in range(readers)]
     stop = threading.Event()
     workers = [threading.Thread(target=_read, args=(work[r], settings, batch, stain, queues[r].put, stop), daemon=True)

@@ -29,8 +29,11 @@ class DataSettings:
     classes: Optional[List[str]] = field(default_factory=lambda: ["CLL", "FL", "MCL"])  # label order; null: the
     #                                class folders' names, sorted
     case_pattern: str = r"^(?P<case>.+?)(?:-R\d+)?_\d+$"  # file stem -> case (patient): drops _NNN and -R<k>
-    columns: Dict[str, str] = field(default_factory=lambda: {"path": "path", "label": "label", "case": "case"})
-    #                                a manifest's column names
+    columns: Dict[str, str] = field(default_factory=lambda: {"path": "path", "label": "label", "case": "case",
+                                                             "regions": "regions"})
+    #                                a manifest's column names (regions: a GeoJSON region file per image, optional)
+    regions: Optional[str] = None  # a folder of <image file stem>.geojson region files (QuPath's export); images
+    #                                without one are tiled whole; tiles.region_mode says what the regions mean
 
 
 @dataclass
@@ -70,6 +73,11 @@ class TileSettings:
     strict: bool = False           # true: a bad image fails the job instead of being skipped
     max_pixels: int = 178_956_970  # plain images declaring more pixels are skipped as possible decompression
     #                                bombs (PIL's own limit); raise it for real large exports (3 bytes a pixel)
+    region_mode: str = "include"   # an image with a region file (data.regions): include: tile only inside its
+    #                                regions; exclude: only outside them (marked artefacts, pen, folds)
+    min_region: float = 0.5        # the share of a tile's area that must lie inside (include) / outside (exclude)
+    region_labels: bool = False    # true: a tile's label is the class of the region covering most of it (QuPath's
+    #                                classification; it must be one of data.classes), else its image's
 
     @property
     def by_resolution(self) -> bool:
@@ -97,6 +105,9 @@ class TileSettings:
             (self.default_mpp is None or self.default_mpp > 0, f"tiles.default_mpp must be > 0, got {self.default_mpp}"),
             (0.0 <= self.min_tissue <= 1.0, f"tiles.min_tissue must be in [0, 1], got {self.min_tissue}"),
             (self.max_pixels >= 1, f"tiles.max_pixels must be >= 1, got {self.max_pixels}"),
+            (self.region_mode in ("include", "exclude"),
+             f"tiles.region_mode is {self.region_mode!r}; allowed: include, exclude"),
+            (0.0 < self.min_region <= 1.0, f"tiles.min_region must be in (0, 1], got {self.min_region}"),
             (self.images_per_shard >= 1, f"tiles.images_per_shard must be >= 1, got {self.images_per_shard}"),
         ]
         for ok, message in checks:
@@ -381,6 +392,8 @@ class PredictSettings:
     aggregate: str = "vote"        # vote (majority of tile classes) | mean (mean probability)
     engine: str = "torch"          # torch | onnxruntime (the model exported to ONNX in each task, run by ONNX Runtime)
     precision: str = "fp32"        # fp32 | bf16 (engine torch: autocast, on GPUs and on CPUs with bf16 support)
+    regions: Optional[str] = None  # a folder of <slide file stem>.geojson region files: only the tiles inside
+    #                                (tiles.region_mode of the model) are predicted; slides without one, all
 
     def __post_init__(self) -> None:
         if min(self.batch_size, self.slides_per_task, self.prefetch, self.readers) < 1:

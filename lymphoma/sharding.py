@@ -43,11 +43,15 @@ def plan_shards(by_phase: Mapping[str, Sequence[ImageRecord]], images_per_shard:
 
 
 def fingerprint(plan: ShardPlan, classes: Sequence[str], settings: TileSettings, compression: str) -> str:
-    """A hash of everything a shard's content depends on: images (path, size, mtime), labels, settings."""
+    """A hash of everything a shard's content depends on: images and region files (path, size, mtime), labels,
+    settings."""
     images = []
     for record in plan.records:
         stat = Path(record.path).stat() if Path(record.path).exists() else None
         images.append([record.path, record.label, record.case, stat and stat.st_size, stat and stat.st_mtime_ns])
+        if record.regions:  # an edited region file re-tiles its shard
+            regions = Path(record.regions).stat() if Path(record.regions).exists() else None
+            images[-1] += [record.regions, regions and regions.st_size, regions and regions.st_mtime_ns]
     payload = {"format": STORE_FORMAT, "phase": plan.phase, "classes": list(classes),
                "tiles": settings.as_dict(), "compression": compression, "images": images}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -29,6 +29,7 @@ import tables
 
 from lymphoma.errors import DiskFullError, ImageError, InputError, is_disk_full
 from lymphoma.inputs import ImageRecord
+from lymphoma.regions import read_regions
 from lymphoma.settings import TileSettings
 from lymphoma.tile_sources import open_tiles
 
@@ -94,6 +95,7 @@ class _ShardArrays:
                                           filters=filters)
         self.cases = h5.create_earray("/", "cases", tables.StringAtom(self.case_len), shape=(0,), filters=filters)
         self.images = h5.create_table("/", "images", _ImageRow)
+        self.classes = list(classes)
         self.label_of = {name: i for i, name in enumerate(classes)}
         self.tiles_per_class = dict.fromkeys(classes, 0)
         self.images_per_class = dict.fromkeys(classes, 0)
@@ -105,10 +107,14 @@ class _ShardArrays:
         rows_before, digests_before = int(self.imgs.nrows), {k: d.copy() for k, d in self.digests.items()}
         name, label = Path(record.path).name.encode(), self.label_of[record.label]
         try:
-            source = open_tiles(record.path, settings, qc_path=qc)
+            regions = read_regions(record.regions, record.path) if record.regions else None
+            source = open_tiles(record.path, settings, qc_path=qc, regions=regions)
+            tile_labels = self._tile_labels(record, source.labels, len(source.coords))
+            done = 0
             for pixels in source.batches:  # whole slides arrive a batch at a time: memory stays bounded
                 self._append("imgs", pixels)
-                self._append("labels", np.full(len(pixels), label, dtype=np.int16))
+                self._append("labels", tile_labels[done:done + len(pixels)])
+                done += len(pixels)
                 self._append("filenames", np.full(len(pixels), name, dtype=f"S{self.name_len}"))
                 self._append("cases", np.full(len(pixels), record.case.encode(), dtype=f"S{self.case_len}"))
             self._append("coords", np.asarray(source.coords, dtype=np.int32))
@@ -122,10 +128,24 @@ class _ShardArrays:
         row["filename"], row["case"], row["label"] = Path(record.path).name.encode(), record.case.encode(), label
         row["height"], row["width"], row["n_tiles"], row["n_background"] = height, width, n, source.n_background
         row.append()
-        self.tiles_per_class[record.label] += n
+        for index, count in zip(*np.unique(tile_labels, return_counts=True)):
+            self.tiles_per_class[self.classes[index]] += int(count)
         self.images_per_class[record.label] += 1
         self.n_background += source.n_background
 
+
+    def _tile_labels(self, record: ImageRecord, region_classes: list[str | None] | None, n: int) -> np.ndarray:
+        """Each tile's class index: its region's class (tiles.region_labels), else its image's."""
+        labels = np.full(n, self.label_of[record.label], dtype=np.int16)
+        for i, name in enumerate(region_classes or []):
+            if name is None:
+                continue
+            if name not in self.label_of:
+                raise ImageError(record.path, f"its region file {record.regions} has a region of class {name!r}, "
+                                              f"not one of {list(self.label_of)}; rename it in QuPath, or set "
+                                              "tiles.region_labels=false to label tiles by their image")
+            labels[i] = self.label_of[name]
+        return labels
 
     def _append(self, array: str, values: np.ndarray) -> None:
         getattr(self, array).append(values)

@@ -13,6 +13,7 @@ from PIL import Image
 
 from lymphoma.errors import ImageError, InputError
 from lymphoma.images import WSI_SUFFIXES, read_rgb
+from lymphoma.regions import Regions, select_tiles
 from lymphoma.settings import TileSettings
 from lymphoma.slides import open_slide
 from lymphoma.tiling import cut_tiles
@@ -34,13 +35,28 @@ class TileSource:
     extent: float
     step: float
     to_level0: float = 1.0  # coords * to_level0 are pixels of the file's full resolution (plain images: 1 / resize)
+    labels: Optional[list[Optional[str]]] = None  # each tile's region class (tiles.region_labels), None: unclassified
+
+
+def _in_regions(path: str, regions: Optional[Regions], corners: np.ndarray, side: float, shape: tuple[int, int],
+                settings: TileSettings) -> tuple[np.ndarray, Optional[list[Optional[str]]]]:
+    """Which tiles the image's regions keep (all without regions), and their region classes when asked for."""
+    if regions is None:
+        return np.ones(len(corners), dtype=bool), None
+    keep, labels = select_tiles(regions, corners, side, shape, settings.region_mode, settings.min_region)
+    if not keep.any():
+        where = "inside" if settings.region_mode == "include" else "outside"
+        raise ImageError(path, f"has no tile with {settings.min_region:.0%} of its area {where} its regions "
+                               f"({regions.path}); lower tiles.min_region, or check the regions")
+    return keep, labels if settings.region_labels else None
 
 
 def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side: int = 256,
-               qc_path: Optional[Path] = None) -> TileSource:
+               qc_path: Optional[Path] = None, regions: Optional[Regions] = None) -> TileSource:
     """Tiles of ``path``: pixel tiling of a decoded image or, with ``settings.target_mpp``, region reads of a
-    slide over its tissue (with ``qc_path``, a picture of the tissue mask and kept tiles is saved there).
-    Raises ImageError naming the file when it cannot give any tile."""
+    slide over its tissue (with ``qc_path``, a picture of the tissue mask and kept tiles is saved there); with
+    ``regions``, only the tiles that tiles.region_mode keeps. Raises ImageError naming the file when it cannot
+    give any tile."""
     if not settings.by_resolution:
         if Path(path).suffix.lower() in WSI_SUFFIXES:
             raise ImageError(path, "is a whole-slide file, and these tiles are cut by pixels (tiles.target_mpp "
@@ -54,13 +70,21 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
                                    "tiles.background_level if its tissue is that pale")
         cut = cut_tiles(image, settings)
         h, w = image.shape[:2]
+        keep, labels = _in_regions(path, regions, cut.coords / settings.resize, settings.size / settings.resize,
+                                   (h, w), settings)
+        pixels, coords = (cut.pixels, cut.coords) if keep.all() else (cut.pixels[keep], cut.coords[keep])
         shrink = min(1.0, overview_side / max(h, w))
         overview = np.asarray(Image.fromarray(image).resize((max(1, round(w * shrink)), max(1, round(h * shrink)))))
-        return TileSource(iter([cut.pixels]), cut.coords, cut.n_background, (h, w), overview,
-                          shrink / settings.resize, settings.size, settings.stride, 1 / settings.resize)
+        return TileSource(iter([pixels]), coords, cut.n_background, (h, w), overview,
+                          shrink / settings.resize, settings.size, settings.stride, 1 / settings.resize, labels)
     reader = open_slide(path, settings.default_mpp)
     try:
         grid = plan_grid(reader, settings.size, settings.stride, target_mpp(reader, settings), settings.min_tissue)
+        width, height = reader.info.dimensions
+        labels = None
+        if len(grid.coords):  # a slide without tissue is reported as such, below
+            keep, labels = _in_regions(path, regions, grid.coords, grid.size0, (height, width), settings)
+            grid.coords = grid.coords[keep]
         if qc_path is not None:
             qc_path.parent.mkdir(parents=True, exist_ok=True)
             save_grid_overview(reader, grid, str(qc_path))
@@ -76,6 +100,5 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
         with reader:
             yield from iter_tiles(reader, grid, settings.size, batch)
 
-    width, height = reader.info.dimensions
     return TileSource(batches(), grid.coords.astype(np.int32), grid.n_background, (height, width), overview,
-                      overview.shape[1] / width, grid.size0, grid.step0)
+                      overview.shape[1] / width, grid.size0, grid.step0, labels=labels)

@@ -203,3 +203,12 @@ def decompression_bomb(path: Path) -> Path:
     path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 30000, 30000, 8, 2, 0, 0, 0))
                      + chunk(b"IDAT", zlib.compress(b"\x00" * 1000)) + chunk(b"IEND", b""))
     return path
+
+
+@pytest.fixture(scope="session")
+def wsi_dir(data_root: Path) -> Path:
+    """The small real whole-slide files beside the data set (../shared/data/wsi)."""
+    folder = data_root.parent / "wsi"
+    if not (folder / "CMU-1-Small-Region.svs").is_file():
+        pytest.fail(f"the whole-slide test files are not in {folder}")
+    return folder

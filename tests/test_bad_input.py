@@ -125,9 +125,7 @@ def test_a_bad_compression_is_refused_before_any_task_is_submitted(make_dataset,
     assert main(["tile", f"data.source={source}", f"run.root={tmp_path}", "tiles.compression=foo:9"]) == 2
     err = capsys.readouterr().err
     assert "tiles.compression 'foo:9': unknown library 'foo'; allowed: none, zlib[:level]" in err
-    assert err.count("unknown library") == 1 and not (tmp_path / "default" / "logs" / "tile").exists()  # no task
-    command_log = next((tmp_path / "default" / "logs").glob("tile-*.log")).read_text()  # the refusal is in the log
-    assert "ERROR   jobs.cli: lymphoma tile: error: tiles.compression 'foo:9'" in command_log
+    assert err.count("unknown library") == 1 and not (tmp_path / "default" / "logs").exists()
 
 
 def test_a_stride_larger_than_the_tile_is_refused_saying_how_much_would_be_lost(make_dataset, tmp_path, capsys):

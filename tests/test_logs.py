@@ -36,16 +36,19 @@ def test_a_command_logs_to_the_terminal_and_in_full_to_its_own_file(make_dataset
     assert not [h for h in logging.getLogger().handlers if getattr(h, "_lymphoma_handler", False)]  # removed, closed
 
 
-def test_errors_go_to_stderr_and_into_the_log_file(make_dataset, tmp_path, capsys):
+def test_errors_go_to_stderr_and_into_the_log_file_and_a_refused_command_leaves_nothing(make_dataset, tmp_path,
+                                                                                         capsys):
     source = make_dataset(cases_per_class=1, images_per_case=1)
-    assert main(["tile", "--no-progress", f"data.source={source}", f"run.root={tmp_path}",
-                 "tiles.compression=foo:9"]) == 2
-    out, err = capsys.readouterr()
-    assert out == "" and err.startswith("lymphoma tile: error: tiles.compression 'foo:9'")
-    assert "ERROR   jobs.cli: lymphoma tile: error:" in _command_log(tmp_path / "default", "tile")
     damaged = tmp_path / "damaged.pt"
     damaged.write_text("not a checkpoint")
     assert main(["export", "--checkpoint", str(damaged), "--out", str(tmp_path / "export")]) == 2
-    assert f"lymphoma export: error: checkpoint {damaged} cannot be read" in capsys.readouterr().err
-    text = _command_log(tmp_path / "export", "export")  # a command given --out keeps its log there
-    assert f"ERROR   jobs.cli: lymphoma export: error: checkpoint {damaged} cannot be read" in text
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith(f"lymphoma export: error: checkpoint {damaged} cannot be read")
+    assert not (tmp_path / "export").exists()  # refused before it wrote anything: not even a log folder
+
+    args = ["tile", "--no-progress", f"data.source={source}", f"run.root={tmp_path}", "split.val_fraction=0"]
+    assert main(args) == 0
+    assert main(args + ["tiles.compression=foo:9"]) == 2  # an existing run folder keeps the refusal in its log
+    assert capsys.readouterr().err.startswith("lymphoma tile: error: tiles.compression 'foo:9'")
+    logs = sorted((tmp_path / "default" / "logs").glob("tile-*.log"))
+    assert len(logs) == 2 and "ERROR   jobs.cli: lymphoma tile: error: tiles.compression 'foo:9'" in logs[-1].read_text()

@@ -18,14 +18,6 @@ from lymphoma.tissue import detect_tissue
 from lymphoma.wsi import iter_tiles, plan_grid
 
 
-@pytest.fixture(scope="session")
-def wsi_dir(data_root):
-    folder = data_root.parent / "wsi"
-    if not (folder / "CMU-1-Small-Region.svs").is_file():
-        pytest.fail(f"the whole-slide test files are not in {folder}")
-    return folder
-
-
 @pytest.mark.parametrize("level", [0, 1, 2])
 def test_region_reads_equal_a_reference_decode_of_each_level(wsi_dir, level):
     reference = Image.open(wsi_dir / "boxes.tiff")
