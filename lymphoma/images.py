@@ -28,6 +28,21 @@ def is_image_file(path: Path) -> bool:
     return path.suffix.lower() in IMAGE_SUFFIXES + WSI_SUFFIXES
 
 
+def one_file_per_dicom_slide(paths: list[str]) -> list[str]:
+    """``paths`` with the DICOM files of one folder (the instances of one slide's series: its levels, label and
+    overview) reduced to the first; OpenSlide finds the others beside it."""
+    seen: set[Path] = set()
+    out = []
+    for path in paths:
+        folder = Path(path).parent
+        if Path(path).suffix.lower() == ".dcm":
+            if folder in seen:
+                continue
+            seen.add(folder)
+        out.append(path)
+    return out
+
+
 DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own refusal threshold (2 x Image.MAX_IMAGE_PIXELS)
 Image.MAX_IMAGE_PIXELS = None  # read_rgb applies its own, configurable limit (tiles.max_pixels) instead
 

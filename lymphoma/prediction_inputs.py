@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Optional
 
 from lymphoma.errors import InputError
-from lymphoma.images import is_image_file
+from lymphoma.images import is_image_file, one_file_per_dicom_slide
 from lymphoma.inputs import case_of
 from lymphoma.prediction import SlideInput
 from lymphoma.regions import find_region_file
@@ -27,6 +27,7 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
     for pattern in patterns:
         matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
         matches = [m for m in matches if not glob.has_magic(pattern) or (Path(m).is_file() and is_image_file(Path(m)))]
+        matches = one_file_per_dicom_slide(matches)
         if not matches:
             raise InputError(f"{pattern!r} matches no image file; check the path and quote wildcards so the shell "
                              "leaves them to lymphoma (e.g. 'cohort/**/*.tif')")
@@ -41,7 +42,7 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
         label = label or (p.parent.name if p.parent.name in classes else None)
         if label is not None and label not in classes:
             raise InputError(f"{path}: label {label!r} is not one of the model's classes {list(classes)}")
-        key = p.stem
+        key = p.parent.name if p.suffix.lower() == ".dcm" else p.stem  # a DICOM slide: its series' folder
         if key in seen and seen[key] != str(p.resolve()):
             raise InputError(f"two inputs named {key}: {seen[key]} and {p}; outputs are named after the file, "
                              "rename one or predict them separately")

@@ -75,7 +75,7 @@ class OpenSlideReader(SlideReader):
                               tuple(float(d) for d in self._slide.level_downsamples),
                               mpp if mpp and mpp < 100 else None,  # generic TIFFs may carry a meaningless DPI
                               _float(props.get("openslide.objective-power")))
-        _check_levels(self.info)
+        check_levels(self.info)
 
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         region = self._slide.read_region((int(x), int(y)), level, (int(width), int(height)))
@@ -116,16 +116,23 @@ class ImageReader(SlideReader):
 
 
 def open_slide(path: str | Path, default_mpp: Optional[float] = None) -> SlideReader:
-    """A reader for ``path``: OpenSlide for whole-slide formats (and pyramidal TIFFs), else the plain image."""
+    """A reader for ``path``: every level of an OME-TIFF through tifffile, OpenSlide for whole-slide formats
+    (DICOM WSI, SVS, ... and pyramidal TIFFs), else the plain image."""
+    from lymphoma.ome_tiff import OmeTiffReader, is_ome_tiff
+
     path = Path(path)
     if not path.is_file():
         raise ImageError(path, "file not found; fix the path or remove it from the input list")
-    if path.suffix.lower() in WSI_SUFFIXES or (path.suffix.lower() in (".tif", ".tiff") and _is_tiled_tiff(path)):
-        reader: SlideReader = OpenSlideReader(path)
-        if reader.info.mpp is None and default_mpp is not None:
-            reader.info = SlideInfo(**{**reader.info.__dict__, "mpp": default_mpp})
-        return reader
-    return ImageReader(path, default_mpp)
+    suffix = path.suffix.lower()
+    if suffix in (".tif", ".tiff") and is_ome_tiff(path):
+        reader: SlideReader = OmeTiffReader(path)
+    elif suffix in WSI_SUFFIXES or (suffix in (".tif", ".tiff") and _is_tiled_tiff(path)):
+        reader = OpenSlideReader(path)
+    else:
+        return ImageReader(path, default_mpp)
+    if reader.info.mpp is None and default_mpp is not None:
+        reader.info = SlideInfo(**{**reader.info.__dict__, "mpp": default_mpp})
+    return reader
 
 
 def _is_tiled_tiff(path: Path) -> bool:
@@ -145,7 +152,7 @@ def _float(value: Optional[str]) -> Optional[float]:
         return None
 
 
-def _check_levels(info: SlideInfo) -> None:
+def check_levels(info: SlideInfo) -> None:
     """Each level's size must match level 0 divided by its downsample (a few pixels of rounding allowed)."""
     w0, h0 = info.dimensions
     for (w, h), d in zip(info.level_dimensions, info.level_downsamples):

@@ -13,7 +13,7 @@ from PIL import Image
 from jobs.cli import main
 from lymphoma.errors import ImageError
 from lymphoma.sharding import load_manifest, phase_shards
-from lymphoma.slides import SlideInfo, _check_levels, open_slide
+from lymphoma.slides import SlideInfo, check_levels, open_slide
 from lymphoma.tissue import detect_tissue
 from lymphoma.wsi import iter_tiles, plan_grid
 
@@ -80,7 +80,7 @@ def test_tiles_at_a_target_mpp_have_the_right_physical_size(wsi_dir):
 def test_levels_that_disagree_are_an_error():
     info = SlideInfo("bad.svs", "aperio", ((4000, 3000), (1000, 3000)), (1.0, 4.0), 0.5, 20.0)
     with pytest.raises(ImageError, match="bad.svs: its levels disagree"):
-        _check_levels(info)
+        check_levels(info)
 
 
 def test_tile_job_on_whole_slides_with_bad_ones_skipped(wsi_dir, data_root, tmp_path, capsys):

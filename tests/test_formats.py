@@ -1,0 +1,84 @@
+"""Slide formats people have, through the one slide reader: OME-TIFF pyramids (every level, which OpenSlide does
+not see) and DICOM WSI, on files the tests write from real tissue, read back pixel for pixel."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from lymphoma.settings import TileSettings
+from lymphoma.slides import open_slide
+from lymphoma.tile_sources import open_tiles
+from synthetic_slides import mosaic_levels, write_ome_pyramid
+
+
+@pytest.fixture(scope="module")
+def levels(data_root):
+    images = sorted((data_root / "lowres").rglob("*.png"))[::25]
+    return mosaic_levels(images, 1300, 900, levels=3)  # not a multiple of the 256-px tiles: ragged edges
+
+
+def test_ome_tiff_reads_every_level_pixel_for_pixel(levels, tmp_path):
+    import openslide
+
+    path = write_ome_pyramid(tmp_path / "slide.ome.tif", levels, mpp=0.5)
+    with open_slide(path) as reader:
+        info = reader.info
+        assert info.vendor == "ome-tiff" and info.mpp == pytest.approx(0.5)
+        assert info.level_dimensions == tuple((a.shape[1], a.shape[0]) for a in levels)
+        assert info.level_downsamples == pytest.approx([1.0, 1300 / 650, 1300 / 325])
+        for level, pixels in enumerate(levels):
+            d = info.level_downsamples[level]
+            h, w = pixels.shape[:2]
+            for x, y, size in [(0, 0, 64), (250, 200, 300), (w - 100, h - 80, 150), (0, 0, max(w, h))]:
+                region = reader.read_region(round(x * d), round(y * d), level, size, size)
+                expected = np.full((size, size, 3), 255, dtype=np.uint8)  # beyond the edge: white
+                part = pixels[y:y + size, x:x + size]
+                expected[:part.shape[0], :part.shape[1]] = part
+                np.testing.assert_array_equal(region, expected, err_msg=f"level {level} at {(x, y)}")
+        assert reader.thumbnail(200).shape == (138, 200, 3)
+    with openslide.OpenSlide(str(path)) as other:  # what OpenSlide alone would have given
+        assert other.level_count < len(levels)
+
+
+def test_ome_tiff_slides_are_tiled_from_the_level_of_their_resolution(levels, tmp_path):
+    path = write_ome_pyramid(tmp_path / "slide.ome.tiff", levels, mpp=0.5)
+    source = open_tiles(str(path), TileSettings(size=128, stride=128, target_mpp=1.0, min_tissue=0.0))
+    tiles = np.concatenate(list(source.batches))
+    assert len(tiles) == len(source.coords) == (900 // 256) * (1300 // 256)  # 128 px at 1 mpp = 256 level-0 px
+    for (x, y), tile in zip(source.coords, tiles):  # level 1 (1 mpp), no resampling: the level's own pixels
+        np.testing.assert_array_equal(tile, levels[1][y // 2:y // 2 + 128, x // 2:x // 2 + 128])
+
+
+def test_dicom_wsi_reads_every_level_pixel_for_pixel_from_any_file_of_its_series(levels, tmp_path):
+    from synthetic_slides import write_dicom_pyramid
+
+    files = write_dicom_pyramid(tmp_path / "slide-7", levels, mpp=0.5)
+    for given in (files[0], files[2]):  # OpenSlide finds the series' other instances beside the one given
+        with open_slide(given) as reader:
+            assert reader.info.vendor == "dicom" and reader.info.mpp == pytest.approx(0.5)
+            assert reader.info.level_dimensions == tuple((a.shape[1], a.shape[0]) for a in levels)
+            for level, pixels in enumerate(levels):
+                d = round(reader.info.level_downsamples[level])
+                h, w = pixels.shape[:2]
+                for x, y, size in [(0, 0, 64), (250, 200, 300), (w - 100, h - 80, 90)]:
+                    region = reader.read_region(x * d, y * d, level, size, size)
+                    np.testing.assert_array_equal(region[:h - y, :w - x], pixels[y:y + size, x:x + size],
+                                                  err_msg=f"level {level} at {(x, y)}")
+
+
+def test_a_dicom_slide_is_predicted_once_named_after_its_folder(levels, tmp_path):
+    import re
+
+    from lymphoma.prediction_inputs import expand_inputs
+    from synthetic_slides import write_dicom_pyramid
+
+    for name in ("slide-1", "slide-2"):
+        write_dicom_pyramid(tmp_path / "cohort" / name, levels)
+    slides = expand_inputs([f"{tmp_path}/cohort/**/*.dcm"], None, None, ["CLL", "FL", "MCL"],
+                           re.compile(r"^(?P<case>.+)$"))
+    assert [s.key for s in slides] == ["slide-1", "slide-2"]  # six files, two slides
+    source = open_tiles(slides[0].path, TileSettings(size=128, stride=128, target_mpp=1.0, min_tissue=0.0))
+    tiles = np.concatenate(list(source.batches))
+    for (x, y), tile in zip(source.coords, tiles):
+        np.testing.assert_array_equal(tile, levels[1][y // 2:y // 2 + 128, x // 2:x // 2 + 128])
