@@ -26,7 +26,7 @@ OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 # each command's module, whose ``command(args, run)`` runs it and returns the exit status
 COMMANDS = {"tile": "tile", "train": "train", "validate": "validate", "predict": "predict", "run": "pipeline",
             "cv": "cv", "features": "features", "mil": "mil", "inspect": "inspect_slide", "download": "download",
-            "config": "config", "export": "export"}
+            "config": "config", "export": "export", "report": "report"}
 # the commands that keep a log file (<run folder or --out>/logs/<command>-<date>-<time>-<pid>.log)
 LOGGED = {"tile", "train", "validate", "predict", "run", "cv", "features", "mil", "export"}
 log = logging.getLogger(__name__)
@@ -144,6 +144,12 @@ def _add_tools(sub: Any) -> None:
     download.add_argument("--dest", help="where the class folders go (default: download.dest)")
     download.add_argument("--url", action="append", help="tarball address; repeat for mirrors (default: download.urls)")
     download.add_argument("--sha1", help="expected SHA-1 of the tarball, or 'none' to skip the check")
+    report = _command(sub, "report", "the run folder on one self-contained HTML page (report.html)",
+                      "Write <run folder>/report.html: config, split, tiles, training curves, prediction metrics "
+                      "with confusion, ROC and reliability plots, every slide with its heat map, cross-validation "
+                      "figures, and links to the files; pictures are embedded, so the page travels alone. "
+                      "`lymphoma run` and `lymphoma cv` write it too.")
+    report.add_argument("--predict", metavar="DIR", help="the prediction folder to show (default <run>/predict)")
     _command(sub, "config", "print the resolved config: every setting, its value and its meaning",
              "Merge the defaults, the experiment (-c), the cluster profile and the overrides, and print the result "
              "as YAML with every key's meaning.")
@@ -208,6 +214,10 @@ def _stop(signum: int, _frame: Any) -> None:
     raise Stopped(128 + signum)
 
 
+def _ignore(_signum: int, _frame: Any) -> None:
+    """SIGINT ignored as before, by a handler instead of SIG_IGN, which processes started from here inherit."""
+
+
 def _log_folder(args: argparse.Namespace, run_dir: Path) -> Path | None:
     """The folder whose ``logs/`` keeps this command's log file: its ``--out`` where given, else the run folder."""
     return Path(getattr(args, "out", None) or run_dir) if args.command in LOGGED else None
@@ -218,6 +228,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parse(build_parser(), argv)
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, _stop)
+        if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:  # started in the background by a script: still ignore
+            signal.signal(signal.SIGINT, _ignore)  # Ctrl-C here, but local tasks must not inherit SIG_IGN: their
+            #                                        controllers stop them on SIGINT (stop_local_tasks)
     verbosity = args.verbose - args.quiet
     command_logging(verbosity)
     try:

@@ -167,31 +167,50 @@ def processes_mentioning(text: str) -> list[int]:
     return pids
 
 
-@pytest.mark.parametrize("stop", [signal.SIGTERM, signal.SIGINT])
-def test_stopping_the_command_stops_its_local_tasks(tiled, stop):
+def _sigint_default() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # as a terminal starts it, however pytest itself was started
+
+
+def _sigint_ignored() -> None:
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # as a script's `command &` starts it (no job control)
+
+
+@pytest.mark.parametrize("stop, started", [(signal.SIGTERM, "plainly"), (signal.SIGINT, "plainly"),
+                                           (signal.SIGTERM, "in the background")])
+def test_stopping_the_command_stops_its_local_tasks(tiled, stop, started):
     """SIGTERM or SIGINT to `lymphoma train` alone (not its process group): it exits with 128 + the signal
-    and a message, and no task process of its job outlives it."""
-    name = f"stopped-{stop.name.lower()}"
+    and a message, and no task process of its job outlives it; also when it was started with SIGINT ignored,
+    which its task controllers would inherit (they stop their tasks on SIGINT)."""
+    name = f"stopped-{stop.name.lower()}-{started.replace(' ', '-')}"
     config_for(tiled, name)
     source, runs = tiled
     command = [sys.executable, "-m", "jobs.cli", "train", f"data.source={source}", f"run.root={runs}",
                f"run.name={name}", *FAST, "train.epochs=500"]
     logs = str(runs / name / "train" / "logs")
-    with subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                          text=True) as proc:
+    with subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                          preexec_fn=_sigint_default if started == "plainly" else _sigint_ignored) as proc:
         deadline = time.monotonic() + 120
         while not processes_mentioning(logs) and time.monotonic() < deadline and proc.poll() is None:
             time.sleep(0.1)
         assert processes_mentioning(logs), "the training task never started"
         time.sleep(1)
         proc.send_signal(stop)
-        out, err = proc.communicate(timeout=60)
+        try:
+            out, err = proc.communicate(timeout=60)
+            deadline = time.monotonic() + 15
+            while processes_mentioning(logs) and time.monotonic() < deadline:
+                time.sleep(0.2)
+            left = processes_mentioning(logs)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+            err, left = "the command did not stop within 60 s\n" + err, processes_mentioning(logs)
+        finally:
+            for pid in processes_mentioning(logs):  # never leave a 500-epoch training behind for the next tests
+                os.kill(pid, signal.SIGKILL)
     assert proc.returncode == 128 + stop, err
     assert "stopped" in err and "its local tasks were stopped too" in err
-    deadline = time.monotonic() + 15
-    while processes_mentioning(logs) and time.monotonic() < deadline:
-        time.sleep(0.2)
-    assert processes_mentioning(logs) == []
+    assert left == []
 
 
 def test_bad_training_input_gets_clear_errors(tiled, tmp_path, capsys):
