@@ -22,6 +22,7 @@ from lymphoma.ensemble import write_ensemble
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.inputs import ImageRecord
 from lymphoma.prediction import read_record
+from lymphoma.run_report import write_run_report
 from lymphoma.selection import at_chance as chance_level
 from lymphoma.selection import best_index, explain
 from lymphoma.settings import CVSettings
@@ -101,8 +102,8 @@ def run_cv(run: Run) -> dict[str, Any]:
         report["minutes"] = (time.perf_counter() - start) / 60
         _write_outputs(out, report, tasks, records, inputs.classes, cfg.predict.aggregate)
     log.info(format_cv_report(report))
-    log.info(f"report: {out / 'report.json'}, {out / 'report.txt'}, {out / 'predictions.csv'}; "
-             f"{report['minutes']:.1f} min")
+    log.info(f"report: {out / 'report.json'}, {out / 'report.txt'}, {out / 'predictions.csv'}, "
+             f"{write_run_report(run.dir)}; {report['minutes']:.1f} min")
     if failure is not None:
         raise failure
     return report

@@ -15,6 +15,7 @@ from jobs.tile import format_summary, run_tile
 from jobs.train import run_train
 from lymphoma.errors import InputError
 from lymphoma.prediction import SlideInput
+from lymphoma.run_report import write_run_report
 from lymphoma.selection import at_chance
 
 log = logging.getLogger(__name__)
@@ -50,8 +51,9 @@ def run_pipeline(run: Run, progress: bool = True) -> dict[str, Any]:
     result: PredictResult = run_predict(run, request)
     log.info(format_report(result))
     minutes = (time.perf_counter() - start) / 60
+    page = write_run_report(run.dir)
     log.info(f"== done in {minutes:.1f} min; run folder {run.dir}: config.yaml, split.csv, tiles/, train/ "
-             f"(checkpoints/, tensorboard/, history.json), predict/")
+             f"(checkpoints/, tensorboard/, history.json), predict/; all of it on one page: {page}")
     return {"tile": tiled, "train": summary, "predict": result}
 
 

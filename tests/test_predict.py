@@ -275,6 +275,30 @@ def test_the_whole_pipeline_on_a_small_real_subset(make_dataset, tmp_path, capsy
         assert json.loads((run / "predict" / "slides" / f"{stem}.json").read_text())["label"] == row["label"]
         assert np.load(run / "predict" / "slides" / f"{stem}.npz")["probs"].shape[1] == 3
     assert "== done in" in out and str(run) in out
+    check_report_in_a_browser(run, val, tmp_path / "report.png")
+
+
+def check_report_in_a_browser(run: Path, val: list[dict[str, str]], screenshot: Path) -> None:
+    """report.html in real headless Chromium: no error, every picture decoded, every section and slide shown, the
+    links lead to files of the run."""
+    from browser import chromium, render_page
+
+    if chromium() is None:
+        if os.environ.get("LYMPHOMA_REQUIRE_BROWSER"):
+            pytest.fail("Chromium is not installed (scripts/test.sh installs Debian's chromium)")
+        pytest.skip("no Chromium here (scripts/test.sh installs it)")
+    page = render_page(run / "report.html", screenshot)
+    assert page.errors == []
+    alts = [alt for alt, _ in page.images]
+    assert page.images and all(decoded for _, decoded in page.images), page.images
+    assert "training curves" in alts and "confusion matrix (image level)" in alts and "ROC curves, one-vs-rest (case level)" in alts
+    for row in val:  # every held-out slide has its row and its heat map
+        assert Path(row["path"]).stem in page.text and f"tile classes of {Path(row['path']).stem}" in alts
+    for heading in ("Config", "Split by case", "Tiles", "Training", "Prediction"):
+        assert heading in page.text
+    files = [link for link in page.links if not link.startswith("#")]
+    assert files and all((run / link).exists() for link in files), [f for f in files if not (run / f).exists()]
+    assert screenshot.stat().st_size > 20_000  # a rendered page, not a blank one
 
 
 def test_a_task_that_dies_is_reported_with_its_log(checkpoint, cohort, tmp_path):

@@ -1,0 +1,22 @@
+"""`lymphoma report`: the run folder on one self-contained HTML page (lymphoma.run_report)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+from pathlib import Path
+
+from jobs.run_folder import Run
+from lymphoma.errors import InputError
+from lymphoma.run_report import write_run_report
+
+log = logging.getLogger(__name__)
+
+
+def command(args: argparse.Namespace, run: Run) -> int:
+    """Write ``<run folder>/report.html`` (prediction from ``--predict``, default ``<run>/predict``)."""
+    if not run.dir.is_dir():
+        raise InputError(f"run folder {run.dir} does not exist; give the run's -c config or run.name=<name> "
+                         f"(and run.root) of a run made before")
+    log.info(f"report: {write_run_report(run.dir, Path(args.predict) if args.predict else None)}")
+    return 0
