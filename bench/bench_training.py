@@ -1,5 +1,6 @@
 """Training throughput on real tiles: the real loader against the model alone, DALI against torch
-augmentation, and this loader against a tutorial-style one, as ratios measured in one run.
+augmentation, this loader against a tutorial-style one, and a training step of `lymphoma train` against the
+tutorial's whole training loop (its loader, float32 NCHW), as ratios measured in one run.
 
     .venv/bin/python bench/bench_training.py [--images 48] [--steps 20] [--out bench/results/training.json]
 
@@ -22,7 +23,7 @@ import torch
 
 from common import emit
 from jobs.config import default_data_root
-from lymphoma.augment import build_augmenter, dali_available
+from lymphoma.augment import build_augmenter, choose_backend, dali_available
 from lymphoma.epochs import StepOptions, train_one_epoch
 from lymphoma.inputs import discover
 from lymphoma.loaders import make_loader
@@ -55,6 +56,29 @@ class TutorialStyleDataset(torch.utils.data.Dataset):
         with tables.open_file(self.path) as h5:
             tile, label = h5.root.imgs[index], int(h5.root.labels[index])
         return self.transform(tile), label
+
+
+def tutorial_loop(loader: torch.utils.data.DataLoader, preset: str, device: torch.device, steps: int) -> float:
+    """Images/s of the tutorial's training loop: its loader, the same model and crop in float32 NCHW, Adam and
+    cross-entropy, one optimiser step per batch (the second pass is measured)."""
+    torch.manual_seed(0)
+    model = build_model(ModelSettings(preset=preset).architecture(3)).to(device)
+    optimizer, criterion = torch.optim.Adam(model.parameters(), lr=1e-4), torch.nn.CrossEntropyLoss()
+    speed = 0.0
+    for _ in range(2):
+        seen, start = 0, time.perf_counter()
+        for i, (x, y) in enumerate(loader):
+            optimizer.zero_grad(set_to_none=True)
+            loss = criterion(model(x.to(device)), y.to(device))
+            loss.backward()
+            optimizer.step()
+            seen += len(x)
+            if i + 1 >= steps:
+                break
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        speed = seen / (time.perf_counter() - start)
+    return speed
 
 
 def rate(fn, images_per_call: int, calls: int) -> float:
@@ -147,6 +171,12 @@ def main() -> None:
             seen = drain(loader, n_batches)
             results[f"loader_{name}_images_per_s"] = seen / (time.perf_counter() - start)
         results["loader_ours_vs_tutorial"] = results["loader_ours_images_per_s"] / results["loader_tutorial_images_per_s"]
+        results["tutorial_loop_images_per_s"] = tutorial_loop(tutorial, args.preset, device, n_batches)
+        default = choose_backend(AugmentSettings(), device)  # what `lymphoma train` uses here
+        if f"real_loader_{default}_images_per_s" in results:
+            results["training_default_backend"] = default
+            results["training_vs_tutorial_loop"] = (results[f"real_loader_{default}_images_per_s"]
+                                                    / results["tutorial_loop_images_per_s"])
         tiles.close()
     emit(results, args.out)
 

@@ -28,7 +28,8 @@ def held_out_slides(split_csv: Path, phase: str) -> list[SlideInput]:
     if not rows:
         raise InputError(f"{split_csv}: no {phase!r} images to predict; set split.val_fraction (or "
                          "split.test_fraction and predict the test phase)")
-    return [SlideInput(row["path"], Path(row["path"]).stem, row["label"], row["case"]) for row in rows]
+    return [SlideInput(row["path"], Path(row["path"]).stem, row["label"], row["case"], row.get("regions") or "")
+            for row in rows]
 
 
 def run_pipeline(run: Run, progress: bool = True) -> dict[str, Any]:

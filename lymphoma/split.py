@@ -68,6 +68,7 @@ def check_no_leakage(by_phase: dict[str, Sequence[ImageRecord]]) -> None:
 
 
 def write_split_csv(path: Path, by_phase: dict[str, Sequence[ImageRecord]]) -> None:
-    """Write ``phase,case,label,path`` rows, one per image."""
-    write_csv_atomic(path, ["phase", "case", "label", "path"],
-                     ([phase, r.case, r.label, r.path] for phase, records in by_phase.items() for r in records))
+    """Write ``phase,case,label,path,regions`` rows, one per image (regions: its region file, or empty)."""
+    write_csv_atomic(path, ["phase", "case", "label", "path", "regions"],
+                     ([phase, r.case, r.label, r.path, r.regions] for phase, records in by_phase.items()
+                      for r in records))

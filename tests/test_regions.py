@@ -60,6 +60,11 @@ def test_tiles_lie_inside_their_regions_and_images_without_regions_are_tiled_who
     run = make_config(source, f"data.regions={regions}", f"tiles.size={size}", "tiles.stride=32",
                       "tiles.min_region=1.0", "split.val_fraction=0")
     manifest = run_tile(run, progress=False).manifest
+    from jobs.pipeline import held_out_slides
+
+    held_out = {s.key: s.regions for s in held_out_slides(run.split_csv, "train")}  # what `lymphoma run` predicts
+    assert held_out == {images[0].stem: str(regions / f"{images[0].stem}.geojson"),
+                        images[1].stem: str(regions / f"{images[1].stem}.geojson"), images[2].stem: ""}
     ring = shape({"type": "Polygon", "coordinates": RING})
     everything = open_tiles(str(images[0]), TileSettings(size=size, stride=32)).coords
     kept, labels = tiles_of(manifest, images[0].name)
