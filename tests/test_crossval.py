@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from collections import defaultdict
 from pathlib import Path
 
@@ -102,7 +103,8 @@ def _shard_cases(paths: list[Path]) -> set[str]:
     return cases
 
 
-def test_cv_end_to_end(make_dataset, make_config, capsys):
+def test_cv_end_to_end(make_dataset, make_config, caplog):
+    caplog.set_level(logging.INFO)  # run_cv, called as a library, logs its report (the CLI shows it)
     source = make_dataset(cases_per_class=4, images_per_case=2)
     overrides = [*FAST, "cv.folds=2", "cv.inner_val_fraction=0.3", "cv.bootstrap=200", "train.epochs=2",
                  "train.max_steps_per_epoch=2", "predict.heatmaps=false", "train.patience=1", "cv.repeats=2",
@@ -157,7 +159,7 @@ def test_cv_end_to_end(make_dataset, make_config, capsys):
         low, high = pooled["interval"][f"{level}_macro_auc"]
         assert low <= pooled[level]["macro_auc"] <= high and 0 <= pooled[level]["ece"] <= 1
         assert pooled["interval"][f"{level}_ece"][0] <= pooled["interval"][f"{level}_ece"][1]
-    printed = capsys.readouterr().out
+    printed = caplog.text
     assert "scores (one class against the rest; F1 of the majority vote): image macro AUC" in printed
     assert "95% intervals from 200 case resamples" in printed and "over 2 fold assignments" in printed
     assert "baseline (logistic regression" in printed and "its null (3 case-label permutations" in printed

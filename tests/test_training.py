@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import re
 import shutil
@@ -138,7 +139,8 @@ def test_tile_and_train_on_one_run_folder_exclude_each_other(tiled):
             run_train(run)
 
 
-def test_resume_refuses_a_checkpoint_trained_on_other_tiles_and_restart_keeps_the_old_one(tiled, capsys):
+def test_resume_refuses_a_checkpoint_trained_on_other_tiles_and_restart_keeps_the_old_one(tiled, caplog):
+    caplog.set_level(logging.INFO)  # run_train, called as a library, logs (the CLI shows the records)
     run_train(config_for(tiled, "retile", "train.epochs=1", "train.max_steps_per_epoch=2"))
     last = tiled[1] / "retile" / "train" / "checkpoints" / "last.pt"
     first = load_checkpoint(last)["tiles_fingerprint"]
@@ -148,7 +150,7 @@ def test_resume_refuses_a_checkpoint_trained_on_other_tiles_and_restart_keeps_th
         run_train(more)
     assert load_checkpoint(last)["epoch"] == 0  # untouched
     run_train(more, restart=True)
-    assert "restarting: the earlier training is kept in" in capsys.readouterr().out
+    assert "restarting: the earlier training is kept in" in caplog.text
     kept = list((tiled[1] / "retile").glob("train.before-*/checkpoints/last.pt"))
     assert len(kept) == 1 and load_checkpoint(kept[0])["tiles_fingerprint"] == first
     state = load_checkpoint(last)
@@ -213,15 +215,15 @@ def test_stopping_the_command_stops_its_local_tasks(tiled, stop, started):
     assert left == []
 
 
-def test_bad_training_input_gets_clear_errors(tiled, tmp_path, capsys):
+def test_bad_training_input_gets_clear_errors(tiled, tmp_path, caplog):
     with pytest.raises(InputError, match="stores hold 64-px tiles but tiles.size is 96"):
         run_train(config_for(tiled, "size", "tiles.size=96", "train.epochs=1"))
     with pytest.raises(InputError, match="augment.crop=80 is larger than the stored 64-px tiles"):
         run_train(config_for(tiled, "crop", "augment.crop=80", "train.epochs=1"))
     run_train(config_for(tiled, "arch", "train.epochs=1", "train.max_steps_per_epoch=1"))
     run_train(config_for(tiled, "arch", "train.epochs=1", "train.max_steps_per_epoch=1", "train.lr=0.01"))
-    assert "with changed settings ['train.lr']; to train afresh with them, use another run.name" in \
-        capsys.readouterr().err
+    assert any(r.levelname == "WARNING" and "with changed settings ['train.lr']; to train afresh with them, use "
+               "another run.name" in r.getMessage() for r in caplog.records)
     with pytest.raises(InputError, match="holds another architecture"):
         run_train(config_for(tiled, "arch", "train.epochs=2", "model.preset=densenet121"))
     with pytest.raises(InputError, match="not found"):
