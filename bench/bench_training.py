@@ -121,7 +121,7 @@ def main() -> None:
 
         def model_step(amp: bool = gpu) -> None:
             optimizer.zero_grad(set_to_none=True)
-            with torch.autocast("cuda", dtype=torch.bfloat16) if amp else torch.autocast("cpu", enabled=False):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
                 loss = criterion(model(x.contiguous(memory_format=torch.channels_last)), y)
             loss.backward()
             optimizer.step()
@@ -133,9 +133,13 @@ def main() -> None:
         if gpu:
             results["model_alone_fp32_images_per_s"] = rate(lambda: model_step(False), args.batch, args.steps)
             results["bf16_vs_fp32"] = model_alone / results["model_alone_fp32_images_per_s"]
+        else:  # train.amp=true on a CPU with bf16 units
+            results["model_alone_bf16_images_per_s"] = rate(lambda: model_step(True), args.batch, args.steps)
+            results["bf16_vs_fp32"] = results["model_alone_bf16_images_per_s"] / model_alone
 
         n_batches = args.steps
         backends = [b for b in args.backends.split(",") if b != "dali" or dali_available()]
+        default = choose_backend(AugmentSettings(), device)  # what `lymphoma train` uses here
         for backend in backends:
             settings = AugmentSettings(backend=backend)
             augmenter = build_augmenter(settings, True, device, seed=0)
@@ -144,7 +148,11 @@ def main() -> None:
                 stats = train_one_epoch(model, loader, augmenter, criterion, optimizer, device, 0,
                                         StepOptions(amp=gpu, channels_last=True, max_steps=n_batches))
             results[f"real_loader_{backend}_images_per_s"] = stats.images_per_s
-            results[f"real_loader_{backend}_vs_model_alone"] = stats.images_per_s / model_alone
+            if backend == default and not gpu:  # the same with train.amp=true
+                stats = train_one_epoch(model, loader, augmenter, criterion, optimizer, device, 0,
+                                        StepOptions(amp=True, channels_last=True, max_steps=n_batches))
+                results[f"real_loader_{backend}_bf16_images_per_s"] = stats.images_per_s
+            results[f"real_loader_{backend}_vs_model_alone"] = results[f"real_loader_{backend}_images_per_s"] / model_alone
             batch = torch.stack([augmenter.sample(t) for t in raw]) if augmenter.sample else torch.from_numpy(raw)
             results[f"augment_{backend}_images_per_s"] = rate(
                 lambda: augmenter.batch(batch if augmenter.sample is None else
@@ -172,11 +180,12 @@ def main() -> None:
             results[f"loader_{name}_images_per_s"] = seen / (time.perf_counter() - start)
         results["loader_ours_vs_tutorial"] = results["loader_ours_images_per_s"] / results["loader_tutorial_images_per_s"]
         results["tutorial_loop_images_per_s"] = tutorial_loop(tutorial, args.preset, device, n_batches)
-        default = choose_backend(AugmentSettings(), device)  # what `lymphoma train` uses here
         if f"real_loader_{default}_images_per_s" in results:
             results["training_default_backend"] = default
-            results["training_vs_tutorial_loop"] = (results[f"real_loader_{default}_images_per_s"]
-                                                    / results["tutorial_loop_images_per_s"])
+            for suffix in ("", "_bf16"):
+                if f"real_loader_{default}{suffix}_images_per_s" in results:
+                    results[f"training{suffix}_vs_tutorial_loop"] = (
+                        results[f"real_loader_{default}{suffix}_images_per_s"] / results["tutorial_loop_images_per_s"])
         tiles.close()
     emit(results, args.out)
 

@@ -45,7 +45,8 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
 
 
 def _autocast(device: torch.device, amp: bool):  # type: ignore[no-untyped-def]
-    return torch.autocast(device_type="cuda", dtype=torch.bfloat16) if amp and device.type == "cuda" else nullcontext()
+    """bf16 autocast on GPUs and CPUs (weights, gradients and the optimiser stay float32)."""
+    return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else nullcontext()
 
 
 def _inputs(batch: torch.Tensor, augmenter: Augmenter, epoch: int, device: torch.device,

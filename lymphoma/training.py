@@ -317,8 +317,7 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     last = out_dir / "checkpoints" / "last.pt"
     parts = build_parts(settings.model.architecture(len(train_tiles.classes or [])), train, rank, device,
                         None if last.is_file() else settings.model.weights)
-    options = StepOptions(train.amp and device.type == "cuda", train.channels_last, train.max_steps_per_epoch,
-                          train.clip_grad_norm)
+    options = StepOptions(train.amp, train.channels_last, train.max_steps_per_epoch, train.clip_grad_norm)
     run = Training(settings, out_dir, rank, device, train_tiles, eval_tiles, make_criterion(train_tiles, train, device),
                    parts, build_pipelines(train_tiles, eval_tiles, settings, rank, device), options,
                    load_manifest(tiles_dir)["tiles"], tiles_fingerprint(tiles_dir))
