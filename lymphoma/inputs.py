@@ -95,28 +95,14 @@ def discover(
     records: list[ImageRecord] = []
     skipped: list[Skipped] = []
     for path, label, case in rows:
-        reason = None
-        if label not in class_names:
-            reason = f"unknown class {label!r}; known classes are {class_names} (set data.classes or move the file)"
-        elif not path.is_file():
-            reason = "file not found; fix the path in the manifest or remove the line"
-        elif not is_image_file(path):
-            reason = f"not a supported image type; use one of {', '.join(IMAGE_SUFFIXES + WSI_SUFFIXES)}"
-        else:
-            case = case or case_of(path.stem, pattern)
-            if not case:
-                reason = (f"file name does not match data.case_pattern {pattern.pattern!r}; "
-                          "fix the pattern or give the case in a manifest column")
         region_file = region_column.get(path) or find_region_file(regions, path.stem)
-        if reason is None and region_file is not None and not Path(region_file).is_file():
-            reason = f"its region file {region_file} is not found; fix the manifest's regions column"
-        if reason is None:
-            records.append(ImageRecord(str(path.resolve()), label, case,
-                                       str(Path(region_file).resolve()) if region_file else ""))
+        record = _record(path, label, case, class_names, pattern, region_file)
+        if isinstance(record, ImageRecord):
+            records.append(record)
         elif strict:
-            raise InputError(f"{path}: {reason}")
+            raise InputError(f"{path}: {record}")
         else:
-            skipped.append(Skipped(str(path), reason))
+            skipped.append(Skipped(str(path), record))
 
     if not records:
         raise InputError(f"no usable images in {source} (expected class sub-folders {class_names or ''} holding "
@@ -134,6 +120,24 @@ def _rows_from_folders(root: Path, classes: Sequence[str] | None) -> tuple[list[
     rows = [(f, folder.name, "") for folder in folders for f in sorted(folder.iterdir())
             if f.is_file() and not f.name.startswith(".") and (is_image_file(f) or folder.name in class_names)]
     return rows, class_names
+
+
+def _record(path: Path, label: str, case: str, class_names: Sequence[str], pattern: re.Pattern[str],
+            region_file: Path | None) -> ImageRecord | str:
+    """The image's record, or the reason it cannot be used."""
+    if label not in class_names:
+        return f"unknown class {label!r}; known classes are {list(class_names)} (set data.classes or move the file)"
+    if not path.is_file():
+        return "file not found; fix the path in the manifest or remove the line"
+    if not is_image_file(path):
+        return f"not a supported image type; use one of {', '.join(IMAGE_SUFFIXES + WSI_SUFFIXES)}"
+    case = case or case_of(path.stem, pattern) or ""
+    if not case:
+        return (f"file name does not match data.case_pattern {pattern.pattern!r}; "
+                "fix the pattern or give the case in a manifest column")
+    if region_file is not None and not Path(region_file).is_file():
+        return f"its region file {region_file} is not found; fix the manifest's regions column"
+    return ImageRecord(str(path.resolve()), label, case, str(Path(region_file).resolve()) if region_file else "")
 
 
 def _unused_region_files(folder: str | Path | None, images: Sequence[Path]) -> list[Skipped]:
