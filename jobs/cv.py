@@ -102,8 +102,9 @@ def run_cv(run: Run) -> dict[str, Any]:
         report["minutes"] = (time.perf_counter() - start) / 60
         _write_outputs(out, report, tasks, records, inputs.classes, cfg.predict.aggregate)
     log.info(format_cv_report(report))
-    log.info(f"report: {out / 'report.json'}, {out / 'report.txt'}, {out / 'predictions.csv'}, "
-             f"{write_run_report(run.dir)}; {report['minutes']:.1f} min")
+    page = write_run_report(run.dir)
+    log.info(f"report: {out / 'report.json'}, {out / 'report.txt'}, {out / 'predictions.csv'}, {page}; "
+             f"{report['minutes']:.1f} min")
     if failure is not None:
         raise failure
     return report

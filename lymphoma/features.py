@@ -24,7 +24,8 @@ from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.model import Ensemble, build_model
-from lymphoma.prediction import Predictor, SlideInput, read_record, regions_stamp
+from lymphoma.prediction import Predictor, SlideInput, read_record
+from lymphoma.regions import regions_stamp
 from lymphoma.settings import AugmentSettings, ModelSettings, StainSettings, TileSettings
 from lymphoma.stain import StainNormalizer, fit_target
 from lymphoma.tile_sources import TileSource

@@ -25,6 +25,7 @@ from lymphoma.files import write_text_atomic
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap, save_probability_maps
 from lymphoma.read_ahead import read_ahead
+from lymphoma.regions import regions_stamp
 from lymphoma.settings import AugmentSettings, PredictSettings, TileSettings
 from lymphoma.slide_exports import level0_squares, write_coords_h5, write_geojson
 from lymphoma.stain import StainNormalizer
@@ -153,14 +154,6 @@ def read_record(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]]:
     except (OSError, json.JSONDecodeError):
         return None
     return record if record.get("path") == slide.path else None
-
-
-def regions_stamp(path: str) -> str:
-    """A region file as a slide's record remembers it (path, size, time): an edited file is predicted again."""
-    if not path or not Path(path).is_file():
-        return path
-    stat = Path(path).stat()
-    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
 
 
 def outputs_complete(out_dir: Path, slide: SlideInput, fingerprint: str) -> Optional[dict[str, Any]]:

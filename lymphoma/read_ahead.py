@@ -18,7 +18,6 @@ from typing import Any, Optional
 import numpy as np
 
 from lymphoma.errors import ImageError, InputError
-from lymphoma.regions import read_regions
 from lymphoma.settings import TileSettings
 from lymphoma.stain import StainNormalizer
 from lymphoma.tile_sources import open_tiles
@@ -41,8 +40,7 @@ def _read(slides: Sequence[tuple[int, str, str]], settings: TileSettings, batch:
         if stop.is_set():
             return
         try:
-            regions = read_regions(region_file, path) if region_file else None
-            source = open_tiles(path, settings, batch, regions=regions)
+            source = open_tiles(path, settings, batch, region_file=region_file)
             for pixels in source.batches:
                 if stop.is_set():
                     return
@@ -58,8 +56,7 @@ def read_ahead(slides: Sequence[Any], settings: TileSettings, depth: int, batch:
     all its tiles were yielded, or the error that stopped it. ``readers`` threads (slide i read by reader i mod
     readers), each with a queue of ``depth`` items."""
     readers = max(1, min(readers, len(slides) or 1))
-    work = [[(i, slides[i].path, getattr(slides[i], "regions", "")) for i in range(r, len(slides), readers)]
-            for r in range(readers)]
+    work = [[(i, slides[i].path, slides[i].regions) for i in range(r, len(slides), readers)] for r in range(readers)]
     queues: list[queue.Queue] = [queue.Queue(maxsize=max(1, depth)) for _ in range(readers)]
     stop = threading.Event()
     workers = [threading.Thread(target=_read, args=(work[r], settings, batch, stain, queues[r].put, stop), daemon=True)

@@ -115,6 +115,14 @@ def select_tiles(regions: Regions, corners: np.ndarray, side: float, shape: tupl
     return keep, labels
 
 
+def regions_stamp(path: str) -> str:
+    """A region file as records and fingerprints remember it (path, size, time): an edited file is noticed."""
+    if not path or not Path(path).is_file():
+        return path
+    stat = Path(path).stat()
+    return f"{path}:{stat.st_size}:{stat.st_mtime_ns}"
+
+
 def find_region_file(folder: Optional[str | Path], stem: str) -> Optional[Path]:
     """``<folder>/<stem>.geojson`` (or ``.json``) when it exists."""
     if not folder:

@@ -12,6 +12,7 @@ from typing import Any
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.inputs import ImageRecord, Skipped
+from lymphoma.regions import regions_stamp
 from lymphoma.settings import TileSettings
 from lymphoma.store import STORE_FORMAT, ShardSummary
 
@@ -50,8 +51,7 @@ def fingerprint(plan: ShardPlan, classes: Sequence[str], settings: TileSettings,
         stat = Path(record.path).stat() if Path(record.path).exists() else None
         images.append([record.path, record.label, record.case, stat and stat.st_size, stat and stat.st_mtime_ns])
         if record.regions:  # an edited region file re-tiles its shard
-            regions = Path(record.regions).stat() if Path(record.regions).exists() else None
-            images[-1] += [record.regions, regions and regions.st_size, regions and regions.st_mtime_ns]
+            images[-1].append(regions_stamp(record.regions))
     payload = {"format": STORE_FORMAT, "phase": plan.phase, "classes": list(classes),
                "tiles": settings.as_dict(), "compression": compression, "images": images}
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()

@@ -29,7 +29,6 @@ import tables
 
 from lymphoma.errors import DiskFullError, ImageError, InputError, is_disk_full
 from lymphoma.inputs import ImageRecord
-from lymphoma.regions import read_regions
 from lymphoma.settings import TileSettings
 from lymphoma.tile_sources import open_tiles
 
@@ -107,8 +106,7 @@ class _ShardArrays:
         rows_before, digests_before = int(self.imgs.nrows), {k: d.copy() for k, d in self.digests.items()}
         name, label = Path(record.path).name.encode(), self.label_of[record.label]
         try:
-            regions = read_regions(record.regions, record.path) if record.regions else None
-            source = open_tiles(record.path, settings, qc_path=qc, regions=regions)
+            source = open_tiles(record.path, settings, qc_path=qc, region_file=record.regions)
             tile_labels = self._tile_labels(record, source.labels, len(source.coords))
             done = 0
             for pixels in source.batches:  # whole slides arrive a batch at a time: memory stays bounded
@@ -132,7 +130,6 @@ class _ShardArrays:
             self.tiles_per_class[self.classes[index]] += int(count)
         self.images_per_class[record.label] += 1
         self.n_background += source.n_background
-
 
     def _tile_labels(self, record: ImageRecord, region_classes: list[str | None] | None, n: int) -> np.ndarray:
         """Each tile's class index: its region's class (tiles.region_labels), else its image's."""

@@ -13,7 +13,7 @@ from PIL import Image
 
 from lymphoma.errors import ImageError, InputError
 from lymphoma.images import WSI_SUFFIXES, read_rgb
-from lymphoma.regions import Regions, select_tiles
+from lymphoma.regions import read_regions, select_tiles
 from lymphoma.settings import TileSettings
 from lymphoma.slides import open_slide
 from lymphoma.tiling import cut_tiles
@@ -38,11 +38,12 @@ class TileSource:
     labels: Optional[list[Optional[str]]] = None  # each tile's region class (tiles.region_labels), None: unclassified
 
 
-def _in_regions(path: str, regions: Optional[Regions], corners: np.ndarray, side: float, shape: tuple[int, int],
+def _in_regions(path: str, region_file: str, corners: np.ndarray, side: float, shape: tuple[int, int],
                 settings: TileSettings) -> tuple[np.ndarray, Optional[list[Optional[str]]]]:
-    """Which tiles the image's regions keep (all without regions), and their region classes when asked for."""
-    if regions is None:
+    """Which tiles the image's regions keep (all without a region file), and their region classes when asked for."""
+    if not region_file:
         return np.ones(len(corners), dtype=bool), None
+    regions = read_regions(region_file, path)
     keep, labels = select_tiles(regions, corners, side, shape, settings.region_mode, settings.min_region)
     if not keep.any():
         where = "inside" if settings.region_mode == "include" else "outside"
@@ -52,11 +53,11 @@ def _in_regions(path: str, regions: Optional[Regions], corners: np.ndarray, side
 
 
 def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side: int = 256,
-               qc_path: Optional[Path] = None, regions: Optional[Regions] = None) -> TileSource:
+               qc_path: Optional[Path] = None, region_file: str = "") -> TileSource:
     """Tiles of ``path``: pixel tiling of a decoded image or, with ``settings.target_mpp``, region reads of a
     slide over its tissue (with ``qc_path``, a picture of the tissue mask and kept tiles is saved there); with
-    ``regions``, only the tiles that tiles.region_mode keeps. Raises ImageError naming the file when it cannot
-    give any tile."""
+    a GeoJSON ``region_file`` (lymphoma.regions), only the tiles that tiles.region_mode keeps. Raises ImageError
+    naming the file when it cannot give any tile."""
     if not settings.by_resolution:
         if Path(path).suffix.lower() in WSI_SUFFIXES:
             raise ImageError(path, "is a whole-slide file, and these tiles are cut by pixels (tiles.target_mpp "
@@ -70,7 +71,7 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
                                    "tiles.background_level if its tissue is that pale")
         cut = cut_tiles(image, settings)
         h, w = image.shape[:2]
-        keep, labels = _in_regions(path, regions, cut.coords / settings.resize, settings.size / settings.resize,
+        keep, labels = _in_regions(path, region_file, cut.coords / settings.resize, settings.size / settings.resize,
                                    (h, w), settings)
         pixels, coords = (cut.pixels, cut.coords) if keep.all() else (cut.pixels[keep], cut.coords[keep])
         shrink = min(1.0, overview_side / max(h, w))
@@ -83,7 +84,7 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
         width, height = reader.info.dimensions
         labels = None
         if len(grid.coords):  # a slide without tissue is reported as such, below
-            keep, labels = _in_regions(path, regions, grid.coords, grid.size0, (height, width), settings)
+            keep, labels = _in_regions(path, region_file, grid.coords, grid.size0, (height, width), settings)
             grid.coords = grid.coords[keep]
         if qc_path is not None:
             qc_path.parent.mkdir(parents=True, exist_ok=True)

@@ -13,7 +13,6 @@ import tables
 from shapely.geometry import box, shape
 
 from jobs.tile import run_tile
-from lymphoma.regions import read_regions
 from lymphoma.settings import TileSettings
 from lymphoma.sharding import load_manifest, phase_shards
 from lymphoma.tile_sources import open_tiles
@@ -134,7 +133,7 @@ def test_slide_regions_are_in_level0_pixels(wsi_dir, tmp_path):
     path.write_text(json.dumps(feature(region)))
     settings = TileSettings(size=128, stride=128, target_mpp=1.0, min_tissue=0.1, min_region=1.0)
     everything = open_tiles(str(slide), settings)
-    source = open_tiles(str(slide), settings, regions=read_regions(path, str(slide)))
+    source = open_tiles(str(slide), settings, region_file=str(path))
     polygon, side = shape(region), source.extent
     assert 0 < len(source.coords) < len(everything.coords) and side > 250  # 128 px at 1 mpp: ~256 level-0 pixels
     assert all(polygon.covers(box(x, y, x + side, y + side)) for x, y in source.coords)
