@@ -49,7 +49,7 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
         if key in seen:
             continue
         seen[key] = str(p.resolve())
-        region_file = find_region_file(regions, p.stem)
+        region_file = find_region_file(regions, key)  # <slide name>.geojson: a DICOM slide's is its folder's
         slides.append(SlideInput(str(p.resolve()), key, label, case or case_of(p.stem, case_pattern) or p.stem,
                                  str(region_file.resolve()) if region_file else ""))
     return slides

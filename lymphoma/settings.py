@@ -393,7 +393,8 @@ class PredictSettings:
     aggregate: str = "vote"        # vote (majority of tile classes) | mean (mean probability)
     engine: str = "torch"          # torch | onnxruntime (the model exported to ONNX in each task, run by ONNX Runtime)
     precision: str = "fp32"        # fp32 | bf16 (engine torch: autocast, on GPUs and on CPUs with bf16 support)
-    regions: Optional[str] = None  # a folder of <slide file stem>.geojson region files: only the tiles inside
+    regions: Optional[str] = None  # a folder of <slide name>.geojson region files (the file's stem; a DICOM
+    #                                slide's folder name): only the tiles inside
     #                                (tiles.region_mode of the model) are predicted; slides without one, all
 
     def __post_init__(self) -> None:

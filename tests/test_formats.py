@@ -3,6 +3,8 @@ not see) and DICOM WSI, on files the tests write from real tissue, read back pix
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
@@ -75,9 +77,12 @@ def test_a_dicom_slide_is_predicted_once_named_after_its_folder(levels, tmp_path
 
     for name in ("slide-1", "slide-2"):
         write_dicom_pyramid(tmp_path / "cohort" / name, levels)
+    (tmp_path / "regions").mkdir()
+    (tmp_path / "regions" / "slide-2.geojson").write_text("{}")
     slides = expand_inputs([f"{tmp_path}/cohort/**/*.dcm"], None, None, ["CLL", "FL", "MCL"],
-                           re.compile(r"^(?P<case>.+)$"))
+                           re.compile(r"^(?P<case>.+)$"), str(tmp_path / "regions"))
     assert [s.key for s in slides] == ["slide-1", "slide-2"]  # six files, two slides
+    assert [Path(s.regions).name for s in slides if s.regions] == ["slide-2.geojson"]  # found by the slide's name
     source = open_tiles(slides[0].path, TileSettings(size=128, stride=128, target_mpp=1.0, min_tissue=0.0))
     tiles = np.concatenate(list(source.batches))
     for (x, y), tile in zip(source.coords, tiles):
