@@ -44,7 +44,7 @@ class TrainJob(submitit.helpers.Checkpointable):
 
     def __call__(self, run: Run) -> dict[str, Any]:
         with task_setup() as task:
-            rank = Rank(task.env.rank, task.env.local_rank, task.env.world_size)
+            rank = Rank(task.env.rank, task.env.local_rank, task.env.world_size, task.env.local_world)
             return fit_here(run, run.tiles, run.train, fit_settings(run), task.device, rank)
 
 

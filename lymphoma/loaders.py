@@ -10,8 +10,10 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
+from lymphoma.augment import NormalizeOnly
 from lymphoma.errors import InputError
 from lymphoma.phase_tiles import PhaseTiles
+from lymphoma.tile_cache import CachedLoader, cached_loader
 
 
 class AugmentedTiles(Dataset):
@@ -108,25 +110,40 @@ class CaseBalancedSampler(Sampler[int]):
         return self.per_rank
 
 
-def make_loader(tiles: PhaseTiles, transform: Optional[Callable[[np.ndarray], torch.Tensor]], batch_size: int,
-                rank: int, world: int, train: bool, seed: int, workers: int, balance_cases: bool = False,
-                samples_per_epoch: Optional[int] = None) -> DataLoader:
-    """A loader for this rank: shuffled and split across ranks (train; ``balance_cases``: drawn evenly by
-    class and case), or a strided part (eval)."""
+def cacheable(transform: Optional[Callable[[np.ndarray], torch.Tensor]]) -> bool:
+    """Whether a phase read through ``transform`` can be cached: no per-tile step, or a deterministic one."""
+    return transform is None or isinstance(transform, NormalizeOnly)
+
+
+def make_sampler(tiles: PhaseTiles, rank: int, world: int, train: bool, seed: int, balance_cases: bool = False,
+                 samples_per_epoch: Optional[int] = None) -> Sampler[Any]:
+    """This rank's sampler: shuffled and split across ranks with a seed per draw (train; ``balance_cases``:
+    drawn evenly by class and case), or a strided part (eval)."""
     if len(tiles) < world:
         raise InputError(f"{len(tiles)} tiles for {world} processes: more processes than samples; "
                          "use fewer processes or more images")
-    dataset = AugmentedTiles(tiles, transform)
     sampler: Sampler[Any]
     if train and balance_cases:
         sampler = CaseBalancedSampler(tiles.labels, tiles.cases, samples_per_epoch or len(tiles), rank, world, seed)
     elif train:
-        sampler = DistributedSampler(dataset, num_replicas=world, rank=rank, shuffle=True, seed=seed)
+        sampler = DistributedSampler(range(len(tiles)), num_replicas=world, rank=rank, shuffle=True, seed=seed)
     else:
-        sampler = StridedSampler(len(dataset), rank, world)
-    if train:
-        sampler = SeededDraws(sampler, seed, rank)
+        sampler = StridedSampler(len(tiles), rank, world)
+    return SeededDraws(sampler, seed, rank) if train else sampler
+
+
+def make_loader(tiles: PhaseTiles, transform: Optional[Callable[[np.ndarray], torch.Tensor]], batch_size: int,
+                rank: int, world: int, train: bool, seed: int, workers: int, balance_cases: bool = False,
+                samples_per_epoch: Optional[int] = None, cache: str = "none",
+                device: Optional[torch.device] = None) -> DataLoader | CachedLoader:
+    """A loader for this rank (``make_sampler``): loader processes reading the shards (``cache`` none, or a
+    random per-tile ``transform``), or the phase read whole into memory or onto ``device``
+    (``lymphoma.tile_cache``)."""
+    sampler = make_sampler(tiles, rank, world, train, seed, balance_cases, samples_per_epoch)
+    if cache in ("memory", "device") and cacheable(transform):
+        return cached_loader(tiles, transform, sampler, batch_size, cache, device, workers)
     # its own generator: making the workers' seeds never draws from the global one that dropout uses
     generator = torch.Generator().manual_seed(seed * 2 + int(train))
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, num_workers=workers, generator=generator,
-                      persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(), drop_last=False)
+    return DataLoader(AugmentedTiles(tiles, transform), batch_size=batch_size, sampler=sampler, num_workers=workers,
+                      generator=generator, persistent_workers=workers > 0, pin_memory=torch.cuda.is_available(),
+                      drop_last=False)

@@ -82,6 +82,21 @@ class PhaseTiles:
         tiles = np.stack([self[i][0] for i in indices]) if len(indices) else np.empty((0,), np.uint8)
         return tiles, self.labels[np.asarray(indices, dtype=np.int64)]
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes of all tile pixels, uint8."""
+        return len(self) * (self.tile_size or 0) ** 2 * 3
+
+    def read_all(self) -> np.ndarray:
+        """Every tile, ``[N, H, W, 3]`` uint8, in index order (read shard by shard into one array)."""
+        size = self.tile_size or 0
+        pixels = np.empty((len(self), size, size, 3), dtype=np.uint8)
+        for shard in range(len(self.paths)):
+            start, stop = int(self.offsets[shard]), int(self.offsets[shard + 1])
+            if stop > start:
+                pixels[start:stop] = self._imgs(shard).read()
+        return pixels
+
     def close(self) -> None:
         if self._pid == os.getpid():
             for handle in self._handles.values():

@@ -287,6 +287,7 @@ OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "step")
 SELECTIONS = ("balanced_accuracy", "loss", "last")
 SAMPLINGS = ("tiles", "cases")
+CACHES = ("auto", "device", "memory", "none")
 
 
 @dataclass
@@ -332,6 +333,8 @@ class TrainSettings:
     samples_per_epoch: Optional[int] = 2048  # with sampling: cases; null: as many as there are training tiles
     clip_grad_norm: Optional[float] = None  # clip the gradient norm to this value; null: no clipping
     eval_phase: str = "val"        # the phase that selects the checkpoint
+    cache: str = "auto"            # auto | device | memory | none: where the loaders hold the tiles for batch
+    #                                augmenters (lymphoma.tile_cache); auto: on the GPU or in memory where they fit
 
     @property
     def first_candidate(self) -> int:
@@ -358,6 +361,8 @@ class TrainSettings:
             raise InputError(f"train.select is {self.select!r}; allowed: {', '.join(SELECTIONS)}")
         if self.sampling not in SAMPLINGS:
             raise InputError(f"train.sampling is {self.sampling!r}; allowed: {', '.join(SAMPLINGS)}")
+        if self.cache not in CACHES:
+            raise InputError(f"train.cache is {self.cache!r}; allowed: {', '.join(CACHES)}")
         if self.min_epochs < 1 or self.warmup_epochs < 0:
             raise InputError(f"train.min_epochs must be >= 1 and train.warmup_epochs >= 0, got {self.min_epochs} and "
                              f"{self.warmup_epochs}")

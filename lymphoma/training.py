@@ -21,6 +21,7 @@ import torch
 import torch.distributed as dist
 
 from lymphoma.augment import build_augmenter, choose_backend
+from lymphoma.batch_augment import BatchAugmenter
 from lymphoma.checkpoint import (
     load_checkpoint,
     load_model_weights,
@@ -31,7 +32,7 @@ from lymphoma.checkpoint import (
 from lymphoma.epochs import EpochStats, StepOptions, evaluate, train_one_epoch
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
-from lymphoma.loaders import make_loader
+from lymphoma.loaders import cacheable, make_loader
 from lymphoma.metrics import class_weights
 from lymphoma.model import build_model
 from lymphoma.phase_tiles import PhaseTiles
@@ -40,6 +41,7 @@ from lymphoma.settings import AugmentSettings, FitSettings, TrainSettings
 from lymphoma.sharding import load_manifest, phase_shards, tiles_fingerprint
 from lymphoma.stain import StainNormalizer, fit_target
 from lymphoma.store import verify_shard
+from lymphoma.tile_cache import choose_cache
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +53,14 @@ class Rank:
     rank: int = 0
     local_rank: int = 0
     world: int = 1
+    local_world: int = 1  # processes of the job on this node
 
     @property
     def main(self) -> bool:
         return self.rank == 0
+
+
+CACHE_WORDS = {"none": "by loader processes", "memory": "from memory", "device": "from GPU memory"}
 
 
 def loader_workers(device: torch.device) -> int:
@@ -254,6 +260,7 @@ class Pipelines:
     eval_aug: Any
     train_loader: Any
     eval_loader: Any
+    cache: str = "none"  # where the loaders hold the tiles: none (read by loader processes), memory, device
 
 
 def build_pipelines(train_tiles: PhaseTiles, eval_tiles: PhaseTiles, settings: FitSettings, rank: Rank,
@@ -266,11 +273,14 @@ def build_pipelines(train_tiles: PhaseTiles, eval_tiles: PhaseTiles, settings: F
     train_aug = build_augmenter(augment, True, device, seed=train.seed * 1000 + rank.rank, normalizer=normalizer)
     eval_aug = build_augmenter(augment, False, device, normalizer=normalizer)
     workers = train.num_workers if train.num_workers is not None else loader_workers(device)
+    cache = choose_cache(train.cache, train_tiles.nbytes + eval_tiles.nbytes, device,
+                         isinstance(train_aug, BatchAugmenter), rank.local_world)
     train_loader = make_loader(train_tiles, train_aug.sample, train.batch_size, rank.rank, rank.world, True,
-                               train.seed, workers, train.sampling == "cases", train.samples_per_epoch)
+                               train.seed, workers, train.sampling == "cases", train.samples_per_epoch, cache, device)
     eval_loader = make_loader(eval_tiles, eval_aug.sample, train.eval_batch_size, rank.rank, rank.world, False,
-                              train.seed, workers)
-    return Pipelines(backend, target, train_aug, eval_aug, train_loader, eval_loader)
+                              train.seed, workers, cache=cache, device=device)
+    cached = cache if cacheable(train_aug.sample) else "none"
+    return Pipelines(backend, target, train_aug, eval_aug, train_loader, eval_loader, cached)
 
 
 @dataclass
@@ -333,8 +343,9 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     if rank.main:
         where = (f"from epoch {run.start_epoch + 1} of {train.epochs}" if run.start_epoch < train.epochs
                  else f"all {train.epochs} epochs trained already (last.pt)")
-        log.info(f"training on {device} x {rank.world} process(es), {run.pipes.backend} augmentation, {len(train_tiles)} "
-                 f"train and {len(eval_tiles)} {train.eval_phase} tiles, {where}")
+        log.info(f"training on {device} x {rank.world} process(es), {run.pipes.backend} augmentation, tiles read "
+                 f"{CACHE_WORDS[run.pipes.cache]}, {len(train_tiles)} train and {len(eval_tiles)} {train.eval_phase} "
+                 f"tiles, {where}")
         run.writer = _open_writer(out_dir, run.start_epoch, train_tiles, run.pipes.train_aug, augment)
     return run
 

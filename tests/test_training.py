@@ -321,7 +321,8 @@ def test_new_training_options_are_checked():
                               ("train.sampling=slides", "allowed: tiles, cases"),
                               ("train.min_epochs=0", "train.min_epochs must be >= 1"),
                               ("train.ema=1.5", "train.ema must be in"),
-                              ("train.warmup_epochs=-1", "train.warmup_epochs >= 0")):
+                              ("train.warmup_epochs=-1", "train.warmup_epochs >= 0"),
+                              ("train.cache=disk", "train.cache is 'disk'; allowed: auto, device, memory, none")):
         with pytest.raises(ConfigError, match=message):
             to_object(load_config(None, [override]))
 
@@ -368,3 +369,41 @@ def test_ema_weights_are_what_training_keeps_and_resumes(tiled):
     run_train(one)
     run_train(config_for(tiled, "ema-resumed", *epochs))
     assert final_digest(tiled[1], "ema-resumed") == final_digest(tiled[1], "ema")
+
+
+@pytest.mark.parametrize("backend", ["batch", "dali"])
+def test_tiles_cached_in_memory_train_exactly_as_tiles_read_by_loader_processes(tiled, backend):
+    """train.cache=memory (what auto picks here for batch augmenters) gathers the same batches in the same order
+    as loader processes reading the shards: same history and bit-identical weights; the loaders say where they
+    read. Asking for the GPU cache on a CPU is an error naming the alternatives."""
+    import torch
+
+    from lymphoma.loaders import make_loader
+    from lymphoma.phase_tiles import PhaseTiles
+    from lymphoma.sharding import phase_shards
+    from lymphoma.tile_cache import CachedLoader, choose_cache
+
+    common = ["train.epochs=2", "train.max_steps_per_epoch=5", "train.deterministic=true", f"augment.backend={backend}",
+              "train.num_workers=2"]
+    digests, histories = {}, {}
+    for cache in ("none", "memory"):
+        name = f"cache-{cache}-{backend}"
+        run_train(config_for(tiled, name, *common, f"train.cache={cache}"))
+        digests[cache] = final_digest(tiled[1], name)
+        histories[cache] = [{k: v for k, v in h.items() if k != "images_per_s"}
+                            for h in json.loads((tiled[1] / name / "train" / "history.json").read_text())]
+        task_logs = "".join(p.read_text() for p in (tiled[1] / name / "train" / "logs").rglob("*_log.*"))
+        assert ("tiles read from memory" if cache == "memory" else "tiles read by loader processes") in task_logs
+    assert digests["none"] == digests["memory"] and histories["none"] == histories["memory"]
+    tiles = PhaseTiles(phase_shards(tiled[1] / "base" / "tiles", "train"))
+    for train in (True, False):
+        read = make_loader(tiles, None, 7, 0, 1, train, 3, 2, train, 40)
+        cached = make_loader(tiles, None, 7, 0, 1, train, 3, 2, train, 40, cache="memory")
+        assert isinstance(cached, CachedLoader) and len(cached) == len(read)
+        for (a, la), (b, lb) in zip(read, cached, strict=True):
+            assert torch.equal(a, b) and torch.equal(la, lb)
+    tiles.close()
+    assert choose_cache("auto", tiles.nbytes, torch.device("cpu"), True) == "memory"
+    assert choose_cache("auto", 10**15, torch.device("cpu"), True) == "none"
+    with pytest.raises(InputError, match="train.cache=device needs a GPU.*use train.cache=memory or auto"):
+        choose_cache("device", tiles.nbytes, torch.device("cpu"), True)
