@@ -10,7 +10,8 @@ and normalisation only (no randomness).
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+import functools
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -27,9 +28,16 @@ def eval_batch(tiles: np.ndarray | torch.Tensor, settings: AugmentSettings, devi
     top = int(round((x.shape[1] - settings.crop) / 2.0))
     left = int(round((x.shape[2] - settings.crop) / 2.0))
     x = x[:, top:top + settings.crop, left:left + settings.crop].permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(settings.mean, device=device).view(1, 3, 1, 1)
-    std = torch.tensor(settings.std, device=device).view(1, 3, 1, 1)
-    return (x - mean) / std
+    mean, std = on_device(tuple(settings.mean), x.device), on_device(tuple(settings.std), x.device)
+    return (x - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
+
+
+@functools.lru_cache(maxsize=64)
+def on_device(values: tuple[Any, ...], device: torch.device) -> torch.Tensor:
+    """A float32 constant (a tuple, of tuples for a matrix) on ``device``, made once: copying a new tensor from
+    the host to a GPU makes the host wait until the GPU has done all the work queued before it (a stall on every
+    batch)."""
+    return torch.tensor(values, dtype=torch.float32, device=device)
 
 
 def dali_available() -> bool:

@@ -6,13 +6,14 @@ a resumed run repeats them."""
 
 from __future__ import annotations
 
+import functools
 import math
 from typing import Optional
 
 import torch
 import torch.nn.functional as F
 
-from lymphoma.augment import Augmenter, NormalizeOnly, eval_batch
+from lymphoma.augment import Augmenter, NormalizeOnly, eval_batch, on_device
 from lymphoma.settings import AugmentSettings
 from lymphoma.stain import SKIMAGE_OD_UNIT, StainNormalizer, hed_matrices
 
@@ -52,9 +53,8 @@ class BatchAugmenter(Augmenter):
             x = _rotate(x, s.rotate, g)
         x = _colour(x, s, g)
         x = _crop(x, s.crop, g)
-        mean = torch.tensor(s.mean, device=x.device).view(1, 3, 1, 1)
-        std = torch.tensor(s.std, device=x.device).view(1, 3, 1, 1)
-        return (x / 255 - mean) / std
+        mean, std = on_device(tuple(s.mean), x.device), on_device(tuple(s.std), x.device)
+        return (x / 255 - mean.view(1, 3, 1, 1)) / std.view(1, 3, 1, 1)
 
 
 def _uniform(g: torch.Generator, shape: tuple[int, ...], low: float, high: float) -> torch.Tensor:
@@ -67,12 +67,17 @@ def hed_jitter(x: torch.Tensor, scale: float, shift: float, g: torch.Generator) 
     as the other backends' uint8 steps do. Draws: alpha ``[B, 3]`` then beta ``[B, 3]``."""
     n = len(x)
     alpha, beta = _uniform(g, (n, 3), 1 - scale, 1 + scale), _uniform(g, (n, 3), -shift, shift)
-    to_hed, to_rgb = (torch.as_tensor(m, dtype=torch.float32, device=x.device) for m in hed_matrices())
-    m = torch.einsum("ij,nj,jk->nik", to_hed, alpha, to_rgb)
+    to_hed, to_rgb = _hed_on(x.device)
+    m = (to_hed * alpha[:, None, :]) @ to_rgb  # [B, 3, 3]: to_hed diag(alpha) to_rgb
     t = (beta * SKIMAGE_OD_UNIT) @ to_rgb
-    od = -torch.log((x + 1) / 256)
-    od = torch.einsum("nchw,nck->nkhw", od, m) + t[:, :, None, None]
+    od = -torch.log((x + 1) / 256).flatten(2)  # [B, 3, H*W]
+    od = torch.baddbmm(t[:, :, None], m.transpose(1, 2), od).view_as(x)  # od' = od M + T, one batched product
     return (256 * torch.exp(-od) - 1).clamp(0, 255).round()
+
+
+@functools.lru_cache(maxsize=8)
+def _hed_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return tuple(on_device(tuple(map(tuple, m.tolist())), device) for m in hed_matrices())  # type: ignore[return-value]
 
 
 def _flip(x: torch.Tensor, p: float, dim: int, g: torch.Generator) -> torch.Tensor:
@@ -82,11 +87,11 @@ def _flip(x: torch.Tensor, p: float, dim: int, g: torch.Generator) -> torch.Tens
 
 def _rotate90(x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
     """Each tile rotated by k * 90 degrees, k uniform in 0..3 (counter-clockwise, as the other backends)."""
-    k = torch.randint(0, 4, (len(x),), generator=g, device=g.device)
-    out = x.clone()
-    for turns in (1, 2, 3):
-        chosen = k == turns
-        out[chosen] = torch.rot90(x[chosen], turns, dims=(2, 3))
+    k = torch.randint(0, 4, (len(x),), generator=g, device=g.device).view(-1, 1, 1, 1)
+    out = x
+    for turns in (1, 2, 3):  # every turn of the whole batch, then a choice per tile: no masked indexing, whose
+        #                      sizes would make the host wait for the GPU on every batch
+        out = torch.where(k == turns, torch.rot90(x, turns, dims=(2, 3)), out)
     return out
 
 
@@ -101,7 +106,7 @@ def _rotate(x: torch.Tensor, degrees: float, g: torch.Generator) -> torch.Tensor
 
 
 def _gray(x: torch.Tensor) -> torch.Tensor:
-    weights = torch.tensor(GRAY, device=x.device).view(1, 3, 1, 1)
+    weights = on_device(GRAY, x.device).view(1, 3, 1, 1)
     return (x * weights).sum(1, keepdim=True)
 
 

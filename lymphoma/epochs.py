@@ -44,6 +44,13 @@ def _all_reduce(values: torch.Tensor) -> torch.Tensor:
     return values
 
 
+def _count(total: torch.Tensor, loss: torch.Tensor, images: int) -> None:
+    """Add a batch's summed loss and its image count to ``total`` where it lies, with no copy from the host
+    (a host-to-GPU copy of a new tensor would make the host wait for the GPU every step)."""
+    total[0] += loss.double() * images
+    total[1] += images
+
+
 def _autocast(device: torch.device, amp: bool):  # type: ignore[no-untyped-def]
     """bf16 autocast on GPUs and CPUs (weights, gradients and the optimiser stay float32)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else nullcontext()
@@ -88,8 +95,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, augmenter: Augme
         optimizer.step()
         if averaged is not None:
             averaged.update_parameters(model)  # type: ignore[operator]
-        total += torch.stack([loss.detach().double() * len(y), torch.tensor(float(len(y)), device=device,
-                                                                             dtype=torch.float64)])
+        _count(total, loss.detach(), len(y))
     total = _all_reduce(total)
     return EpochStats(loss=float(total[0] / max(total[1], 1)), images=int(total[1]),
                       seconds=time.perf_counter() - start)
@@ -110,8 +116,7 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, augmenter: Augmenter, c
         y = labels.to(device, non_blocking=True)
         with _autocast(device, amp):
             logits = model(x).float()
-        total += torch.stack([criterion(logits, y).double() * len(y),
-                              torch.tensor(float(len(y)), device=device, dtype=torch.float64)])
+        _count(total, criterion(logits, y), len(y))
         confusion += confusion_matrix(y, logits.argmax(1), num_classes)
         if keep_outputs:
             outputs.append(logits.cpu())

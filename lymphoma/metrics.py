@@ -25,7 +25,9 @@ def class_weights(counts: Sequence[int], classes: Sequence[str]) -> torch.Tensor
 def confusion_matrix(truth: torch.Tensor, predicted: torch.Tensor, num_classes: int) -> torch.Tensor:
     """``[true, predicted]`` counts."""
     index = truth.to(torch.int64) * num_classes + predicted.to(torch.int64)
-    return torch.bincount(index, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+    counts = torch.zeros(num_classes * num_classes, dtype=torch.int64, device=index.device)
+    # index_add, not bincount: bincount sizes its output from the data, which makes the host wait for a GPU
+    return counts.index_add_(0, index, torch.ones_like(index)).reshape(num_classes, num_classes)
 
 
 def accuracy(confusion: torch.Tensor | np.ndarray) -> float:
