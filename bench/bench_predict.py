@@ -74,7 +74,7 @@ def main() -> None:
     args = parser.parse_args()
     if args.child:
         slides = [SlideInput(**s) for s in json.loads(Path(args.child[1]).read_text())]
-        end_to_end(Path(args.child[0]), slides, Path(args.child[2]), args.batch)
+        end_to_end(Path(args.child[0]), slides, Path(args.child[2]), args.batch, device=args.device)
         hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
         print(int(hwm.split()[1]) / 1024)  # this task's own peak (ru_maxrss would count the parent's pre-exec memory)
         return
@@ -131,13 +131,16 @@ def main() -> None:
 
         listing = tmp_dir / "slides.json"
         listing.write_text(json.dumps([asdict(s) for s in slides]))
-        child = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--child", str(checkpoint),
+        child = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--device", args.device,
+                                "--child", str(checkpoint),
                                 str(listing), str(tmp_dir / "child")], check=True, capture_output=True, text=True)
         results["peak_memory_per_task_MiB"] = float(child.stdout.strip().splitlines()[-1])
         with torch.inference_mode():  # the same outputs both ways
             direct = predictor.model(eval_batch(all_tiles[:8], augment, device)).cpu()
         first = np.load(next((tmp_dir / "child").glob(f"{slides[0].key}.npz")))["logits"][:8]
-        results["outputs_match"] = bool(np.allclose(first, direct.numpy()[: len(first)], atol=1e-4))
+        # cuDNN convolutions use TF32 by default and pick kernels by batch size: agreement to 1e-2 there
+        results["outputs_tolerance"] = tolerance = 1e-4 if device.type == "cpu" else 1e-2
+        results["outputs_match"] = bool(np.allclose(first, direct.numpy()[: len(first)], atol=tolerance))
     emit(results, args.out)
 
 

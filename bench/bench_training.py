@@ -1,6 +1,7 @@
-"""Training throughput on real tiles: the real loader against the model alone, DALI against torch
-augmentation, this loader against a tutorial-style one, and a training step of `lymphoma train` against the
-tutorial's whole training loop (its loader, float32 NCHW), as ratios measured in one run.
+"""Training throughput on real tiles: the real loader (tiles cached as `lymphoma train` caches them, and read
+by loader processes) against the model alone, DALI against torch augmentation, this loader against a
+tutorial-style one, and a training step of `lymphoma train` against the tutorial's whole training loop (its
+loader, float32 NCHW), as ratios measured in one run.
 
     .venv/bin/python bench/bench_training.py [--images 48] [--steps 20] [--out bench/results/training.json]
 
@@ -24,13 +25,15 @@ import torch
 from common import emit
 from jobs.config import default_data_root
 from lymphoma.augment import build_augmenter, choose_backend, dali_available
+from lymphoma.batch_augment import BatchAugmenter
 from lymphoma.epochs import StepOptions, train_one_epoch
 from lymphoma.inputs import discover
-from lymphoma.loaders import make_loader
+from lymphoma.loaders import cacheable, make_loader
 from lymphoma.model import build_model
 from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.settings import AugmentSettings, ModelSettings, TileSettings
 from lymphoma.store import write_shard
+from lymphoma.tile_cache import choose_cache
 
 CLASSES = ["CLL", "FL", "MCL"]
 
@@ -82,16 +85,22 @@ def tutorial_loop(loader: torch.utils.data.DataLoader, preset: str, device: torc
 
 
 def rate(fn, images_per_call: int, calls: int) -> float:
-    fn()  # warm up
+    """Images/s of ``calls`` calls of ``fn`` after one to warm up, the GPU's work finished within the time."""
+    fn()
+    synchronize = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)
+    synchronize()
     start = time.perf_counter()
     for _ in range(calls):
         fn()
+    synchronize()
     return images_per_call * calls / (time.perf_counter() - start)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=48)
+    parser.add_argument("--repeat", type=int, default=1, help="each image's tiles this many times (longer epochs "
+                                                                 "from a small carried subset)")
     parser.add_argument("--steps", type=int, default=20)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--workers", type=int, default=1)
@@ -102,10 +111,11 @@ def main() -> None:
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     gpu = device.type == "cuda"
     records = discover(Path(default_data_root()) / "lowres", CLASSES).records
-    records = records[:: max(1, len(records) // args.images)][: args.images]
+    records = records[:: max(1, len(records) // args.images)][: args.images] * args.repeat
     results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
                                   "device": torch.cuda.get_device_name() if gpu else "cpu", "model": args.preset,
-                                  "batch": args.batch, "workers": args.workers}
+                                  "batch": args.batch, "workers": args.workers,
+                                  "images": len(records) // args.repeat, "repeat": args.repeat}
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp) / "shard.h5"
         write_shard(shard, "train", records, CLASSES, TileSettings(size=128, stride=64), "blosc:zstd:1", "bench")
@@ -125,8 +135,6 @@ def main() -> None:
                 loss = criterion(model(x.contiguous(memory_format=torch.channels_last)), y)
             loss.backward()
             optimizer.step()
-            if gpu:
-                torch.cuda.synchronize()
 
         model_alone = rate(model_step, args.batch, args.steps)
         results["model_alone_images_per_s"] = model_alone
@@ -143,16 +151,26 @@ def main() -> None:
         for backend in backends:
             settings = AugmentSettings(backend=backend)
             augmenter = build_augmenter(settings, True, device, seed=0)
-            loader = make_loader(tiles, augmenter.sample, args.batch, 0, 1, True, 0, args.workers)
-            for _ in range(2):  # the second pass is measured: workers and pipelines are warm
-                stats = train_one_epoch(model, loader, augmenter, criterion, optimizer, device, 0,
-                                        StepOptions(amp=gpu, channels_last=True, max_steps=n_batches))
-            results[f"real_loader_{backend}_images_per_s"] = stats.images_per_s
+            cache = choose_cache("auto", tiles.nbytes, device, isinstance(augmenter, BatchAugmenter))
+            for mode in ("none", cache) if cacheable(augmenter.sample) and cache != "none" else ("none",):
+                loader = make_loader(tiles, augmenter.sample, args.batch, 0, 1, True, 0, args.workers, cache=mode,
+                                     device=device)
+                for _ in range(2):  # the second pass is measured: workers and pipelines are warm
+                    stats = train_one_epoch(model, loader, augmenter, criterion, optimizer, device, 0,
+                                            StepOptions(amp=gpu, channels_last=True, max_steps=n_batches))
+                if mode != "none":  # what `lymphoma train` does (train.cache=auto)
+                    results[f"real_loader_{backend}_uncached_images_per_s"] = results[
+                        f"real_loader_{backend}_images_per_s"]
+                    results[f"real_loader_{backend}_cache"] = mode
+                results[f"real_loader_{backend}_images_per_s"] = stats.images_per_s
             if backend == default and not gpu:  # the same with train.amp=true
                 stats = train_one_epoch(model, loader, augmenter, criterion, optimizer, device, 0,
                                         StepOptions(amp=True, channels_last=True, max_steps=n_batches))
                 results[f"real_loader_{backend}_bf16_images_per_s"] = stats.images_per_s
-            results[f"real_loader_{backend}_vs_model_alone"] = results[f"real_loader_{backend}_images_per_s"] / model_alone
+            for key in ("", "_uncached"):
+                if f"real_loader_{backend}{key}_images_per_s" in results:
+                    results[f"real_loader_{backend}{key}_vs_model_alone"] = (
+                        results[f"real_loader_{backend}{key}_images_per_s"] / model_alone)
             batch = torch.stack([augmenter.sample(t) for t in raw]) if augmenter.sample else torch.from_numpy(raw)
             results[f"augment_{backend}_images_per_s"] = rate(
                 lambda: augmenter.batch(batch if augmenter.sample is None else
