@@ -136,7 +136,7 @@ class DownloadSettings:
     dest: str = "data/lymphoma"
 
 
-STAIN_METHODS = ("none", "macenko", "reinhard")
+STAIN_METHODS = ("none", "macenko", "reinhard", "haematoxylin")
 
 
 @dataclass(frozen=True)
@@ -144,7 +144,9 @@ class StainSettings:
     """Stain normalisation of every tile, in training, validation and prediction alike."""
 
     normalize: str = "reinhard"    # none | macenko | reinhard (estimated per tile with torchstain; the fitted
-    #                                reference goes into the checkpoint, so prediction needs no reference file)
+    #                                reference goes into the checkpoint, so prediction needs no reference file) |
+    #                                haematoxylin (the haematoxylin channel alone, its intensity scaled to the
+    #                                reference's, drawn in the reference's haematoxylin colour: no eosin)
     reference: Optional[str] = None  # an H&E image whose staining is the target; null: a standard H&E (torchstain's
     #                                  Macenko reference; for reinhard, the LAB statistics of an IICBU 2008 CLL image)
 

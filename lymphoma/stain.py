@@ -116,6 +116,8 @@ class StainNormalizer:
         return normalizer
 
     def __call__(self, tile: np.ndarray) -> np.ndarray:
+        if self.target.method == "haematoxylin":
+            return haematoxylin_only(tile, np.asarray(self.target.he)[:, 0], float((self.target.max_c or [1.0])[0]))
         if self._normalizer is None:
             self._normalizer = self._build()
         if _stained_share(tile) < MIN_TILE_STAINED:
@@ -137,6 +139,25 @@ class StainNormalizer:
 
     def __getstate__(self) -> dict[str, Any]:
         return {"target": self.target, "_normalizer": None}
+
+
+def haematoxylin_only(tile: np.ndarray, h_vector: np.ndarray, max_h: float) -> np.ndarray:
+    """The tile's haematoxylin alone: each pixel's H concentration by colour deconvolution (scikit-image's
+    matrices, natural-log optical density), scaled so that its 99th percentile over stained pixels is ``max_h``
+    (the reference's, Macenko's convention), and drawn as optical density along ``h_vector`` (the reference's
+    H direction). Eosin, DAB and the tile's stain intensity are gone; a tile with too little stained tissue to
+    measure keeps its own scale."""
+    to_hed, _ = hed_matrices()
+    od = -np.log((tile.reshape(-1, 3).astype(np.float32) + 1) / 256)
+    h = np.clip(od @ to_hed[:, 0].astype(np.float32), 0, None)
+    stained = np.all(od >= BETA, axis=1)
+    if stained.mean() >= MIN_TILE_STAINED:
+        top = float(np.percentile(h[stained], 99))
+        if top > 1e-3:
+            h *= max_h / top
+    vector = np.asarray(h_vector, dtype=np.float32) / max(float(np.linalg.norm(h_vector)), 1e-6)
+    out = 256 * np.exp(-h[:, None] * vector[None, :]) - 1
+    return np.clip(np.rint(out), 0, 255).astype(np.uint8).reshape(tile.shape)
 
 
 def hed_matrices() -> tuple[np.ndarray, np.ndarray]:

@@ -71,6 +71,26 @@ def test_reinhard_matches_the_reference_lab_statistics(data_root, tiles):
     assert np.abs(std / target.lab_std - 1).max() < 0.1 < np.abs(before_std / target.lab_std - 1).max()
 
 
+def test_haematoxylin_only_drops_eosin_and_the_tiles_stain_intensity(tiles):
+    """stain.normalize=haematoxylin: every pixel's optical density lies along the reference's H direction, and a
+    tile whose haematoxylin is 0.7x as strong and eosin 1.6x (a different lab's staining, 29 levels off on
+    average) comes out within half a level of the original's output."""
+    target = fit_target(StainSettings("haematoxylin"))
+    normalizer = StainNormalizer(target)
+    out = normalizer(tiles[1])
+    assert out.dtype == np.uint8 and out.shape == tiles[1].shape
+    od = -np.log((out.reshape(-1, 3).astype(np.float64) + 1) / 256)
+    h = np.asarray(target.he)[:, 0] / np.linalg.norm(np.asarray(target.he)[:, 0])
+    stained = od.sum(1) > 0.3
+    assert stained.mean() > 0.5 and (od[stained] @ h / np.linalg.norm(od[stained], axis=1)).min() > 0.999
+    m, t = hed_jitter_affine(np.array([0.7, 1.6, 1.0]), np.zeros(3))
+    restained = apply_od_affine(tiles[1], m[0], t[0])
+    assert np.abs(restained.astype(int) - tiles[1]).mean() > 20
+    assert np.abs(normalizer(restained).astype(int) - out).mean() < 0.5
+    reinhard = StainNormalizer(fit_target(StainSettings("reinhard")))
+    assert np.abs(reinhard(restained).astype(int) - reinhard(tiles[1])).mean() > 2  # which Reinhard does not undo
+
+
 def test_a_tile_without_tissue_is_left_alone(data_root):
     blank = np.full((128, 128, 3), 236, np.uint8)
     for method in ("macenko", "reinhard"):
