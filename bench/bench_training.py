@@ -106,6 +106,8 @@ def main() -> None:
     parser.add_argument("--workers", type=int, default=1)
     parser.add_argument("--preset", default="densenet-reduced")
     parser.add_argument("--backends", default="dali,torch,batch", help="augmentation backends to compare")
+    parser.add_argument("--pairs", type=int, default=0, help="alternate the default backend's cached loader and "
+                                                                 "loader processes this many times")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
@@ -178,6 +180,18 @@ def main() -> None:
         for backend in (b for b in backends if b != "torch" and "torch" in backends):
             results[f"augment_{backend}_vs_torch"] = (results[f"augment_{backend}_images_per_s"]
                                                       / results["augment_torch_images_per_s"])
+
+        if args.pairs:  # the default backend's cached loader against loader processes, alternating (a noisy machine)
+            augmenter = build_augmenter(AugmentSettings(backend=default), True, device, seed=0)
+            cache = choose_cache("auto", tiles.nbytes, device, isinstance(augmenter, BatchAugmenter))
+            pair = {mode: make_loader(tiles, augmenter.sample, args.batch, 0, 1, True, 0, args.workers, cache=mode,
+                                      device=device) for mode in ("none", cache)}
+            speeds: dict[str, list[float]] = {mode: [] for mode in pair}
+            for _ in range(args.pairs):
+                for mode, loader in pair.items():
+                    speeds[mode].append(train_one_epoch(model, loader, augmenter, criterion, optimizer, device, 0, StepOptions(
+                        amp=gpu, channels_last=True, max_steps=n_batches)).images_per_s)
+            results[f"{cache}_cache_vs_loader_processes_pairs"] = [c / n for c, n in zip(speeds[cache], speeds["none"])]
 
         def drain(loader: torch.utils.data.DataLoader, limit: int) -> int:
             seen = 0
