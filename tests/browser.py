@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import base64
 import json
+import os
 import shutil
+import signal
 import subprocess
 import tempfile
 import time
@@ -74,9 +76,11 @@ def _errors(events: list[dict[str, Any]]) -> list[str]:
 
 def render_page(path: Path, screenshot: Path) -> Page:
     """Load ``path`` in headless Chromium; what went wrong on the way, what the page shows, and a screenshot."""
-    with tempfile.TemporaryDirectory() as profile:
+    # the profile outlives a slow Chromium's last write only if every one of its processes is gone first
+    with tempfile.TemporaryDirectory(ignore_cleanup_errors=True) as profile:
         process = subprocess.Popen([chromium(), *CHROMIUM_FLAGS, f"--user-data-dir={profile}", "about:blank"],
-                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                                   start_new_session=True)
         try:
             port = None
             for line in process.stderr:  # "DevTools listening on ws://127.0.0.1:<port>/devtools/browser/<id>"
@@ -95,5 +99,21 @@ def render_page(path: Path, screenshot: Path) -> Page:
             screenshot.write_bytes(base64.b64decode(shot["data"]))
             return Page(_errors(tools.events), [tuple(i) for i in facts["images"]], facts["text"], facts["links"])
         finally:
-            process.kill()
-            process.wait()
+            _kill_group(process)
+
+
+def _kill_group(process: subprocess.Popen) -> None:
+    """SIGKILL Chromium and every process it started (renderer, GPU, utility: one process group), and wait
+    until none is left writing into its profile."""
+    try:
+        os.killpg(process.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    process.wait()
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.killpg(process.pid, 0)
+        except ProcessLookupError:
+            return
+        time.sleep(0.05)
