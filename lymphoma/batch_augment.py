@@ -77,7 +77,9 @@ def hed_jitter(x: torch.Tensor, scale: float, shift: float, g: torch.Generator) 
 
 @functools.lru_cache(maxsize=8)
 def _hed_on(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    return tuple(on_device(tuple(map(tuple, m.tolist())), device) for m in hed_matrices())  # type: ignore[return-value]
+    """scikit-image's HED matrices on ``device``, copied there once."""
+    to_hed, to_rgb = (torch.as_tensor(m, dtype=torch.float32, device=device) for m in hed_matrices())
+    return to_hed, to_rgb
 
 
 def _flip(x: torch.Tensor, p: float, dim: int, g: torch.Generator) -> torch.Tensor:

@@ -20,7 +20,6 @@ from torch.utils.data import BatchSampler, DataLoader, Sampler
 
 from lymphoma.errors import InputError
 from lymphoma.phase_tiles import PhaseTiles
-from lymphoma.settings import CACHES
 
 SHARE = 4  # auto uses at most 1/SHARE of the free device memory, or of the available host memory
 
@@ -40,9 +39,7 @@ def available_memory() -> int:
 def choose_cache(setting: str, nbytes: int, device: torch.device, on_device: bool, processes: int = 1) -> str:
     """The cache mode for a phase of ``nbytes`` pixels (see the module's docstring); ``on_device``: the
     augmenter accepts batches that are already on ``device``; ``processes``: training processes on this node."""
-    if setting not in CACHES:
-        raise InputError(f"train.cache is {setting!r}; allowed: {', '.join(CACHES)}")
-    if setting != "auto":
+    if setting != "auto":  # one of CACHES: TrainSettings checked it
         if setting == "device" and not (device.type == "cuda" and on_device):
             raise InputError(f"train.cache=device needs a GPU and a batch augmenter that runs there "
                              f"(augment.backend=batch); here: {device.type}; use train.cache=memory or auto")
@@ -57,7 +54,8 @@ def choose_cache(setting: str, nbytes: int, device: torch.device, on_device: boo
 class CachedLoader:
     """Batches ``(uint8 [B, H, W, 3], labels [B])`` of ``pixels`` (a tensor in memory or on the device) in the
     order of ``sampler``, which may yield ``(index, seed)`` pairs (the seed is for per-tile augmentation, which
-    a cached phase does not have). Exposes ``sampler`` and ``len`` as a DataLoader does."""
+    a cached phase does not have). Exposes ``sampler`` and ``len`` as a DataLoader does, and ``mode``: where the
+    tiles are held (memory or device)."""
 
     def __init__(self, pixels: torch.Tensor, labels: torch.Tensor, sampler: Sampler, batch_size: int) -> None:
         self.pixels, self.labels, self.sampler = pixels, labels, sampler
@@ -65,6 +63,10 @@ class CachedLoader:
 
     def __len__(self) -> int:
         return len(self.batches)
+
+    @property
+    def mode(self) -> str:
+        return "memory" if self.pixels.device.type == "cpu" else "device"
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         for keys in self.batches:

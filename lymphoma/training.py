@@ -32,7 +32,7 @@ from lymphoma.checkpoint import (
 from lymphoma.epochs import EpochStats, StepOptions, evaluate, train_one_epoch
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
-from lymphoma.loaders import cacheable, make_loader
+from lymphoma.loaders import make_loader
 from lymphoma.metrics import class_weights
 from lymphoma.model import build_model
 from lymphoma.phase_tiles import PhaseTiles
@@ -41,7 +41,7 @@ from lymphoma.settings import AugmentSettings, FitSettings, TrainSettings
 from lymphoma.sharding import load_manifest, phase_shards, tiles_fingerprint
 from lymphoma.stain import StainNormalizer, fit_target
 from lymphoma.store import verify_shard
-from lymphoma.tile_cache import choose_cache
+from lymphoma.tile_cache import CachedLoader, choose_cache
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,11 @@ class Pipelines:
     eval_aug: Any
     train_loader: Any
     eval_loader: Any
-    cache: str = "none"  # where the loaders hold the tiles: none (read by loader processes), memory, device
+
+    @property
+    def cache(self) -> str:
+        """Where the training loader holds the tiles: none (read by loader processes), memory or device."""
+        return self.train_loader.mode if isinstance(self.train_loader, CachedLoader) else "none"
 
 
 def build_pipelines(train_tiles: PhaseTiles, eval_tiles: PhaseTiles, settings: FitSettings, rank: Rank,
@@ -279,8 +283,7 @@ def build_pipelines(train_tiles: PhaseTiles, eval_tiles: PhaseTiles, settings: F
                                train.seed, workers, train.sampling == "cases", train.samples_per_epoch, cache, device)
     eval_loader = make_loader(eval_tiles, eval_aug.sample, train.eval_batch_size, rank.rank, rank.world, False,
                               train.seed, workers, cache=cache, device=device)
-    cached = cache if cacheable(train_aug.sample) else "none"
-    return Pipelines(backend, target, train_aug, eval_aug, train_loader, eval_loader, cached)
+    return Pipelines(backend, target, train_aug, eval_aug, train_loader, eval_loader)
 
 
 @dataclass
