@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader
 
 from lymphoma.augment import Augmenter
 from lymphoma.metrics import accuracy, balanced_accuracy, confusion_matrix
+from lymphoma.mixing import BatchMix
 
 
 @dataclass
@@ -65,12 +66,13 @@ def _inputs(batch: torch.Tensor, augmenter: Augmenter, epoch: int, device: torch
 @dataclass(frozen=True)
 class StepOptions:
     """How each training step runs: bf16 autocast on GPUs, NHWC input, a step cap per epoch, gradient-norm
-    clipping."""
+    clipping, mixup or CutMix of the batch."""
 
     amp: bool = False
     channels_last: bool = False
     max_steps: Optional[int] = None
     clip_grad_norm: Optional[float] = None
+    mix: Optional[BatchMix] = None
 
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, augmenter: Augmenter, criterion: torch.nn.Module,
@@ -88,7 +90,11 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, augmenter: Augme
         y = labels.to(device, non_blocking=True)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, options.amp):
-            loss = criterion(model(x), y)
+            if options.mix is None:
+                loss = criterion(model(x), y)
+            else:
+                mixed = options.mix(x, y)
+                loss = mixed.loss(criterion, model(mixed.x))
         loss.backward()  # bf16 autocast needs no loss scaling
         if options.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)

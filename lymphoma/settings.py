@@ -136,7 +136,7 @@ class DownloadSettings:
     dest: str = "data/lymphoma"
 
 
-STAIN_METHODS = ("none", "macenko", "reinhard", "haematoxylin")
+STAIN_METHODS = ("none", "macenko", "reinhard", "haematoxylin", "grey")
 
 
 @dataclass(frozen=True)
@@ -146,7 +146,8 @@ class StainSettings:
     normalize: str = "reinhard"    # none | macenko | reinhard (estimated per tile with torchstain; the fitted
     #                                reference goes into the checkpoint, so prediction needs no reference file) |
     #                                haematoxylin (the haematoxylin channel alone, its intensity scaled to the
-    #                                reference's, drawn in the reference's haematoxylin colour: no eosin)
+    #                                reference's, drawn in the reference's haematoxylin colour: no eosin) |
+    #                                grey (Reinhard, then the luminance alone in all three channels: no colour)
     reference: Optional[str] = None  # an H&E image whose staining is the target; null: a standard H&E (torchstain's
     #                                  Macenko reference; for reinhard, the LAB statistics of an IICBU 2008 CLL image)
 
@@ -290,6 +291,7 @@ SCHEDULERS = ("none", "cosine", "step")
 SELECTIONS = ("balanced_accuracy", "loss", "last")
 SAMPLINGS = ("tiles", "cases")
 CACHES = ("auto", "device", "memory", "none")
+MIXES = ("none", "mixup", "cutmix")
 
 
 @dataclass
@@ -334,6 +336,9 @@ class TrainSettings:
     sampling: str = "cases"        # tiles: every tile once per epoch | cases: drawn evenly by class and by case
     samples_per_epoch: Optional[int] = 2048  # with sampling: cases; null: as many as there are training tiles
     clip_grad_norm: Optional[float] = None  # clip the gradient norm to this value; null: no clipping
+    mix: str = "none"              # none | mixup | cutmix: each training tile blended with (or a box pasted from)
+    #                                another of its batch, the loss mixed alike (lymphoma.mixing)
+    mix_alpha: float = 0.4         # the mixing weight ~ Beta(alpha, alpha) (mixup: 0.2-0.4; cutmix: 1.0)
     eval_phase: str = "val"        # the phase that selects the checkpoint
     cache: str = "auto"            # auto | device | memory | none: where the loaders hold the tiles for batch
     #                                augmenters (lymphoma.tile_cache); auto: on the GPU or in memory where they fit
@@ -374,6 +379,10 @@ class TrainSettings:
             raise InputError(f"train.samples_per_epoch must be >= 1 or null, got {self.samples_per_epoch}")
         if self.clip_grad_norm is not None and self.clip_grad_norm <= 0:
             raise InputError(f"train.clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}")
+        if self.mix not in MIXES:
+            raise InputError(f"train.mix is {self.mix!r}; allowed: {', '.join(MIXES)}")
+        if self.mix_alpha <= 0:
+            raise InputError(f"train.mix_alpha must be > 0 (e.g. 0.4 for mixup, 1.0 for cutmix), got {self.mix_alpha}")
 
 
 AGGREGATES = ("vote", "mean")

@@ -1,6 +1,6 @@
 """Stain handling for H&E: normalisation of each tile to a reference (Macenko or Reinhard, estimated with
-torchstain) and the HED jitter of Tellez et al. 2019 (a random scale and shift of each stain's optical
-density, with scikit-image's colour-deconvolution matrices)."""
+torchstain; or the haematoxylin or grey level alone) and the HED jitter of Tellez et al. 2019 (a random scale
+and shift of each stain's optical density, with scikit-image's colour-deconvolution matrices)."""
 
 from __future__ import annotations
 
@@ -118,6 +118,12 @@ class StainNormalizer:
     def __call__(self, tile: np.ndarray) -> np.ndarray:
         if self.target.method == "haematoxylin":
             return haematoxylin_only(tile, np.asarray(self.target.he)[:, 0], float((self.target.max_c or [1.0])[0]))
+        if self.target.method == "grey":
+            return grey_level(self._normalized(tile))
+        return self._normalized(tile)
+
+    def _normalized(self, tile: np.ndarray) -> np.ndarray:
+        """The tile normalised by Macenko's or Reinhard's method (Reinhard for grey)."""
         if self._normalizer is None:
             self._normalizer = self._build()
         if _stained_share(tile) < MIN_TILE_STAINED:
@@ -139,6 +145,13 @@ class StainNormalizer:
 
     def __getstate__(self) -> dict[str, Any]:
         return {"target": self.target, "_normalizer": None}
+
+
+def grey_level(tile: np.ndarray) -> np.ndarray:
+    """The tile's luminance (ITU-R BT.601 weights) in all three channels: the shapes and densities of the tissue
+    without the hue and saturation that differ between staining runs."""
+    luma = tile.astype(np.float32) @ np.asarray([0.299, 0.587, 0.114], dtype=np.float32)
+    return np.repeat(np.clip(np.rint(luma), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
 
 
 def haematoxylin_only(tile: np.ndarray, h_vector: np.ndarray, max_h: float) -> np.ndarray:

@@ -34,6 +34,7 @@ from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.loaders import make_loader
 from lymphoma.metrics import class_weights
+from lymphoma.mixing import batch_mix
 from lymphoma.model import build_model
 from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.selection import best_index, explain, stop_early
@@ -330,7 +331,8 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     last = out_dir / "checkpoints" / "last.pt"
     parts = build_parts(settings.model.architecture(len(train_tiles.classes or [])), train, rank, device,
                         None if last.is_file() else settings.model.weights)
-    options = StepOptions(train.amp, train.channels_last, train.max_steps_per_epoch, train.clip_grad_norm)
+    options = StepOptions(train.amp, train.channels_last, train.max_steps_per_epoch, train.clip_grad_norm,
+                          batch_mix(train.mix, train.mix_alpha))
     run = Training(settings, out_dir, rank, device, train_tiles, eval_tiles, make_criterion(train_tiles, train, device),
                    parts, build_pipelines(train_tiles, eval_tiles, settings, rank, device), options,
                    load_manifest(tiles_dir)["tiles"], tiles_fingerprint(tiles_dir))

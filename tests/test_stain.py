@@ -91,6 +91,20 @@ def test_haematoxylin_only_drops_eosin_and_the_tiles_stain_intensity(tiles):
     assert np.abs(reinhard(restained).astype(int) - reinhard(tiles[1])).mean() > 2  # which Reinhard does not undo
 
 
+def test_grey_level_keeps_the_reinhard_tiles_luminance_and_no_colour(tiles):
+    """stain.normalize=grey: three equal channels holding the Reinhard-normalised tile's luminance; a tile
+    restained with 1.6x eosin keeps its structure (correlation) but loses every hue difference."""
+    target = fit_target(StainSettings("grey"))
+    reinhard = StainNormalizer(fit_target(StainSettings("reinhard")))(tiles[2]).astype(np.float64)
+    out = StainNormalizer(target)(tiles[2])
+    assert out.dtype == np.uint8 and out.shape == tiles[2].shape
+    assert np.array_equal(out[..., 0], out[..., 1]) and np.array_equal(out[..., 0], out[..., 2])
+    assert np.abs(out[..., 0] - reinhard @ [0.299, 0.587, 0.114]).max() <= 0.5 + 1e-9
+    m, t = hed_jitter_affine(np.array([1.0, 1.6, 1.0]), np.zeros(3))
+    again = StainNormalizer(target)(apply_od_affine(tiles[2], m[0], t[0]))
+    assert np.corrcoef(again[..., 0].ravel(), out[..., 0].ravel())[0, 1] > 0.95
+
+
 def test_a_tile_without_tissue_is_left_alone(data_root):
     blank = np.full((128, 128, 3), 236, np.uint8)
     for method in ("macenko", "reinhard"):

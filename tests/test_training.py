@@ -322,7 +322,9 @@ def test_new_training_options_are_checked():
                               ("train.min_epochs=0", "train.min_epochs must be >= 1"),
                               ("train.ema=1.5", "train.ema must be in"),
                               ("train.warmup_epochs=-1", "train.warmup_epochs >= 0"),
-                              ("train.cache=disk", "train.cache is 'disk'; allowed: auto, device, memory, none")):
+                              ("train.cache=disk", "train.cache is 'disk'; allowed: auto, device, memory, none"),
+                              ("train.mix=cutout", "train.mix is 'cutout'; allowed: none, mixup, cutmix"),
+                              ("train.mix_alpha=0", "train.mix_alpha must be > 0")):
         with pytest.raises(ConfigError, match=message):
             to_object(load_config(None, [override]))
 
