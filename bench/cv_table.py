@@ -46,6 +46,27 @@ def row(run: Path, variant: str, report: dict) -> str:
             f"{report['minutes']:.0f} |")
 
 
+def summarise(runs: list[Path], variants: tuple[str, ...] = tuple(VARIANTS), echo: bool = True) -> dict:
+    """The figures of these run folders by ``<run>/<variant>``, printing each as a row of the table."""
+    summary = {}
+    for run in runs:
+        for variant in variants:
+            path = run / variant / "report.json"
+            if not path.is_file():
+                continue
+            report = json.loads(path.read_text())
+            if echo:
+                print(row(run, variant, report))
+            keep = ("vote", "mean", "n_images", "n_cases", "minutes", "tta", "checkpoint", "across_repeats", "kept")
+            entry = {k: report.get(k) for k in keep}
+            if report.get("baseline"):
+                entry["baseline"] = {k: report["baseline"].get(k) for k in ("across_repeats", "null", "cnn_above_null")}
+            for aggregate in ("vote", "mean"):
+                entry[aggregate] = {k: v for k, v in entry[aggregate].items() if k != "folds"}
+            summary[f"{run.name}/{variant}"] = entry
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
@@ -54,21 +75,7 @@ def main() -> None:
     print("| run | image acc. (vote) | image balanced acc. | case acc. (vote) | image acc. (mean prob.) "
           "| baseline image / case acc. (same folds) | epoch kept per fold | minutes |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    summary = {}
-    for run in args.runs:
-        for variant in VARIANTS:
-            path = run / variant / "report.json"
-            if not path.is_file():
-                continue
-            report = json.loads(path.read_text())
-            print(row(run, variant, report))
-            keep = ("vote", "mean", "n_images", "n_cases", "minutes", "tta", "checkpoint", "across_repeats", "kept")
-            entry = {k: report.get(k) for k in keep}
-            if report.get("baseline"):
-                entry["baseline"] = {k: report["baseline"].get(k) for k in ("across_repeats", "null", "cnn_above_null")}
-            for aggregate in ("vote", "mean"):
-                entry[aggregate] = {k: v for k, v in entry[aggregate].items() if k != "folds"}
-            summary[f"{run.name}/{variant}"] = entry
+    summary = summarise(args.runs)
     if args.out:
         emit(summary, args.out)
 
