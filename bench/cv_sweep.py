@@ -3,7 +3,7 @@ stain-normalise, its GPU trains): each row is `lymphoma cv` of one config plus o
 assignments; finished rows go into one table (cv_table.py's JSON) and one archive of their reports, rewritten
 after every row, so a run stopped at its deadline still returns every finished row. Reruns resume.
 
-    python bench/cv_sweep.py bench/sweeps/levers.txt --concurrent 3 --parallelism 6 --out $OUT
+    .venv/bin/python bench/cv_sweep.py bench/sweeps/levers.txt --concurrent 3 --parallelism 6 --out <folder>
 
 A rows file holds one row a line: a name, then `key=value` overrides (`#` starts a comment).
 """

@@ -1,7 +1,9 @@
 """The experiment table of the README from cross-validation runs: one row per run folder and prediction
 variant (cv, cv-last, cv-tta), with pooled image- and case-level accuracy (majority vote) as the mean +- sd
 over the run's fold assignments (cv.repeats) and, with one assignment, its case-bootstrap interval; the
-reference baseline in the same folds and its permutation null.
+reference baseline in the same folds and its permutation null; and where each run fails, over all its
+assignments: how often it predicts each class, each class's recall, and with ``--case-groups REGEX`` the image
+accuracy per group of cases (the regex's first group of the case id, e.g. the year prefix ``^(sj-0[345])``).
 
     .venv/bin/python bench/cv_table.py runs/cv-tutorial runs/cv-stable ... [--out bench/results/cv.json]
 """
@@ -9,8 +11,12 @@ reference baseline in the same folds and its permutation null.
 from __future__ import annotations
 
 import argparse
+import csv
 import json
+import re
+from collections import Counter
 from pathlib import Path
+from typing import Optional
 
 from common import emit
 
@@ -46,7 +52,26 @@ def row(run: Path, variant: str, report: dict) -> str:
             f"{report['minutes']:.0f} |")
 
 
-def summarise(runs: list[Path], variants: tuple[str, ...] = tuple(VARIANTS), echo: bool = True) -> dict:
+def where_it_fails(predictions: Path, case_groups: Optional[str] = None) -> dict:
+    """Over every fold assignment's predicted images: the count of each voted class, each true class's recall
+    and, with ``case_groups``, the accuracy per group of cases."""
+    rows = [r for r in csv.DictReader(predictions.open()) if r["status"] == "ok"]
+    truths = Counter(r["truth"] for r in rows)
+    right = Counter(r["truth"] for r in rows if r["vote_class"] == r["truth"])
+    out = {"images": len(rows), "predicted": dict(sorted(Counter(r["vote_class"] for r in rows).items())),
+           "recall": {c: round(right[c] / n, 3) for c, n in sorted(truths.items())}}
+    if case_groups:
+        groups: dict[str, list[bool]] = {}
+        for r in rows:
+            match = re.search(case_groups, r["case"])
+            groups.setdefault(match.group(1) if match else "other", []).append(r["vote_class"] == r["truth"])
+        out["accuracy_by_group"] = {g: {"images": len(v), "accuracy": round(sum(v) / len(v), 3)}
+                                    for g, v in sorted(groups.items())}
+    return out
+
+
+def summarise(runs: list[Path], variants: tuple[str, ...] = tuple(VARIANTS), echo: bool = True,
+              case_groups: Optional[str] = None) -> dict:
     """The figures of these run folders by ``<run>/<variant>``, printing each as a row of the table."""
     summary = {}
     for run in runs:
@@ -63,6 +88,8 @@ def summarise(runs: list[Path], variants: tuple[str, ...] = tuple(VARIANTS), ech
                 entry["baseline"] = {k: report["baseline"].get(k) for k in ("across_repeats", "null", "cnn_above_null")}
             for aggregate in ("vote", "mean"):
                 entry[aggregate] = {k: v for k, v in entry[aggregate].items() if k != "folds"}
+            if (run / variant / "predictions.csv").is_file():
+                entry["errors"] = where_it_fails(run / variant / "predictions.csv", case_groups)
             summary[f"{run.name}/{variant}"] = entry
     return summary
 
@@ -71,11 +98,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="+", type=Path)
     parser.add_argument("--out", type=Path)
+    parser.add_argument("--case-groups", metavar="REGEX", help="accuracy per group of cases: the regex's first "
+                        "group of each case id (e.g. '^(sj-0[345])', the year prefix of this data set)")
     args = parser.parse_args()
     print("| run | image acc. (vote) | image balanced acc. | case acc. (vote) | image acc. (mean prob.) "
           "| baseline image / case acc. (same folds) | epoch kept per fold | minutes |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
-    summary = summarise(args.runs)
+    summary = summarise(args.runs, case_groups=args.case_groups)
     if args.out:
         emit(summary, args.out)
 
