@@ -1,6 +1,7 @@
-"""The cost of stain handling per tile, on real 128-px tiles: Macenko and Reinhard normalisation (torchstain,
-the same per-tile step for both backends and for prediction), and HED jitter in each augmentation
-backend, as ratios against the same backend's augmentation without it, measured in one run.
+"""The cost of stain handling per tile, on real 128-px tiles: Macenko (torchstain) and Reinhard (lymphoma.reinhard,
+against torchstain's NumpyReinhardNormalizer in the same run) normalisation, the same per-tile step for both
+backends, prediction and features, and HED jitter in each augmentation backend, as ratios against the same
+backend's augmentation without it, measured in one run.
 
     .venv/bin/python bench/bench_stain.py [--tiles 256] [--out bench/results/stain.json]
 """
@@ -21,7 +22,7 @@ from jobs.config import default_data_root
 from lymphoma.augment import build_augmenter
 from lymphoma.images import read_rgb
 from lymphoma.settings import AugmentSettings, StainSettings
-from lymphoma.stain import StainNormalizer, fit_target
+from lymphoma.stain import DEFAULT_LAB, StainNormalizer, fit_target
 
 
 def real_tiles(n: int) -> np.ndarray:
@@ -44,6 +45,15 @@ def per_tile_ms(fn, tiles: np.ndarray, repeats: int = 3) -> float:
         fn(tiles)
         best = min(best, time.perf_counter() - start)
     return best / len(tiles) * 1000
+
+
+def torchstain_reinhard():
+    """torchstain's Reinhard normaliser, what lymphoma.reinhard replaces, with the same target."""
+    from torchstain.numpy.normalizers import NumpyReinhardNormalizer
+
+    normalizer = NumpyReinhardNormalizer()
+    normalizer.target_means, normalizer.target_stds = np.asarray(DEFAULT_LAB[0]), np.asarray(DEFAULT_LAB[1])
+    return lambda tiles: [normalizer.normalize(t) for t in tiles]
 
 
 def augment_ms(backend: str, hed: bool, tiles: np.ndarray, batch: int = 64) -> float:
@@ -72,6 +82,9 @@ def main() -> None:
     for method in ("macenko", "reinhard"):
         normalizer = StainNormalizer(fit_target(StainSettings(method)))
         results[f"normalize_{method}_ms_per_tile"] = round(per_tile_ms(normalizer.batch, tiles), 3)
+    results["normalize_reinhard_torchstain_ms_per_tile"] = round(per_tile_ms(torchstain_reinhard(), tiles), 3)
+    results["reinhard_speedup_over_torchstain"] = round(results["normalize_reinhard_torchstain_ms_per_tile"]
+                                                        / results["normalize_reinhard_ms_per_tile"], 2)
     for backend in ("torch", "dali"):
         base, hed = augment_ms(backend, False, tiles), augment_ms(backend, True, tiles)
         results[f"augment_{backend}_ms_per_tile"] = round(base, 3)

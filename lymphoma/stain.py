@@ -13,6 +13,7 @@ import numpy as np
 
 from lymphoma.errors import ImageError, InputError
 from lymphoma.images import read_rgb
+from lymphoma.reinhard import reinhard
 from lymphoma.settings import StainSettings
 
 # torchstain's optical density: -log((I + 1) / IO), pixels whose OD is below BETA in any channel are background
@@ -43,9 +44,12 @@ class StainTarget:
 DEFAULT_LAB = ([45.38, 5.62, -11.24], [13.32, 4.53, 5.11])
 
 
+_STAINED_LEVEL = -np.log((np.arange(256) + 1) / IO) >= BETA  # which uint8 values absorb enough to be stain
+
+
 def _stained_share(image: np.ndarray) -> float:
-    od = -np.log((image.reshape(-1, 3).astype(np.float64) + 1) / IO)
-    return float(np.mean(np.all(od >= BETA, axis=1)))
+    """The share of pixels whose optical density is at least BETA in every channel."""
+    return float(np.mean(_STAINED_LEVEL[image.reshape(-1, 3)].all(axis=1)))
 
 
 def check_he(he: np.ndarray, source: str) -> None:
@@ -103,17 +107,13 @@ class StainNormalizer:
     def from_state(cls, state: Optional[dict[str, Any]]) -> Optional["StainNormalizer"]:
         return cls(StainTarget(**state)) if state else None
 
-    def _build(self) -> Any:
-        from torchstain.numpy.normalizers import NumpyMacenkoNormalizer, NumpyReinhardNormalizer
+    def _macenko(self) -> Any:
+        from torchstain.numpy.normalizers import NumpyMacenkoNormalizer
 
-        t = self.target
-        if t.method == "macenko":
-            normalizer = NumpyMacenkoNormalizer()
-            normalizer.HERef, normalizer.maxCRef = np.asarray(t.he), np.asarray(t.max_c)
-        else:
-            normalizer = NumpyReinhardNormalizer()
-            normalizer.target_means, normalizer.target_stds = np.asarray(t.lab_mean), np.asarray(t.lab_std)
-        return normalizer
+        if self._normalizer is None:
+            self._normalizer = NumpyMacenkoNormalizer()
+            self._normalizer.HERef, self._normalizer.maxCRef = np.asarray(self.target.he), np.asarray(self.target.max_c)
+        return self._normalizer
 
     def __call__(self, tile: np.ndarray) -> np.ndarray:
         if self.target.method == "haematoxylin":
@@ -124,17 +124,15 @@ class StainNormalizer:
 
     def _normalized(self, tile: np.ndarray) -> np.ndarray:
         """The tile normalised by Macenko's or Reinhard's method (Reinhard for grey)."""
-        if self._normalizer is None:
-            self._normalizer = self._build()
         if _stained_share(tile) < MIN_TILE_STAINED:
             return tile
+        if self.target.method != "macenko":
+            out = reinhard(tile, self.target.lab_mean or DEFAULT_LAB[0], self.target.lab_std or DEFAULT_LAB[1])
+            return tile if out is None else out
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", RuntimeWarning)
             try:
-                if self.target.method == "macenko":
-                    out = self._normalizer.normalize(tile, stains=False)[0]
-                else:
-                    out = self._normalizer.normalize(tile)
+                out = self._macenko().normalize(tile, stains=False)[0]
             except (np.linalg.LinAlgError, ValueError, IndexError):
                 return tile  # degenerate tissue (one stain only): keep the tile rather than invent colours
         return out if np.isfinite(out).all() else tile
