@@ -16,12 +16,14 @@ from typing import Optional
 
 import numpy as np
 import torch
-from torch.utils.data import BatchSampler, DataLoader, Sampler
+import torch.distributed as dist
+from torch.utils.data import BatchSampler, DataLoader, Sampler, Subset
 
 from lymphoma.errors import InputError
 from lymphoma.phase_tiles import PhaseTiles
 
 SHARE = 4  # auto uses at most 1/SHARE of the free device memory, or of the available host memory
+GATHER_BYTES = 256 << 20  # tiles each process sends per round when the processes pool their parts
 
 
 def available_memory() -> int:
@@ -51,6 +53,19 @@ def choose_cache(setting: str, nbytes: int, device: torch.device, on_device: boo
     return "none"
 
 
+MODES = ("none", "memory", "device")  # from the most to the least cautious
+
+
+def agreed_cache(mode: str, device: torch.device) -> str:
+    """The most cautious of the modes the job's processes chose (each judges its own free memory): they read
+    the phases together, so they must all cache or all not."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return mode
+    code = torch.tensor([MODES.index(mode)], device=device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(code, op=dist.ReduceOp.MIN)
+    return MODES[int(code.item())]
+
+
 class CachedLoader:
     """Batches ``(uint8 [B, H, W, 3], labels [B])`` of ``pixels`` (a tensor in memory or on the device) in the
     order of ``sampler``, which may yield ``(index, seed)`` pairs (the seed is for per-tile augmentation, which
@@ -75,16 +90,28 @@ class CachedLoader:
             yield self.pixels.index_select(0, index), self.labels.index_select(0, index)
 
 
-def read_phase(tiles: PhaseTiles, step: Optional[Callable[[np.ndarray], torch.Tensor]], workers: int) -> torch.Tensor:
+def read_phase(tiles: PhaseTiles, step: Optional[Callable[[np.ndarray], torch.Tensor]], workers: int,
+               device: Optional[torch.device] = None) -> torch.Tensor:
     """Every tile of the phase, ``[N, H, W, 3]`` uint8, after the deterministic per-tile ``step`` if any (stain
-    normalisation: computed once instead of every epoch), by ``workers`` loader processes."""
+    normalisation: computed once instead of every epoch), by ``workers`` loader processes. In a job of several
+    processes each computes the step on its own ``1/world`` of the tiles and the parts are gathered (through
+    ``device`` with NCCL), so a node's processes share the work instead of each doing all of it."""
     if step is None:
         return torch.from_numpy(tiles.read_all())
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    per = -(-len(tiles) // world)
+    rank = dist.get_rank() if world > 1 else 0
+    part = _read(tiles, step, workers, range(rank * per, min(len(tiles), (rank + 1) * per)))
+    return part if world == 1 else _gather(part, per, len(tiles), world, device)
+
+
+def _read(tiles: PhaseTiles, step: Callable[[np.ndarray], torch.Tensor], workers: int,
+          indices: range) -> torch.Tensor:
     from lymphoma.loaders import AugmentedTiles
 
     size = tiles.tile_size or 0
-    pixels = torch.empty((len(tiles), size, size, 3), dtype=torch.uint8)
-    loader = DataLoader(AugmentedTiles(tiles, step), batch_size=256, num_workers=workers)
+    pixels = torch.empty((len(indices), size, size, 3), dtype=torch.uint8)
+    loader = DataLoader(Subset(AugmentedTiles(tiles, step), indices), batch_size=256, num_workers=workers)
     start = 0
     for batch, _ in loader:
         pixels[start:start + len(batch)] = batch
@@ -92,10 +119,28 @@ def read_phase(tiles: PhaseTiles, step: Optional[Callable[[np.ndarray], torch.Te
     return pixels
 
 
+def _gather(part: torch.Tensor, per: int, n: int, world: int, device: Optional[torch.device]) -> torch.Tensor:
+    """Every process's ``part`` (``per`` tiles each, the last may hold fewer) in rank order, ``[n, ...]`` in
+    memory; gathered in rounds of at most GATHER_BYTES a process, through the GPU where the group is NCCL."""
+    through = device if dist.get_backend() == "nccl" and device is not None else torch.device("cpu")
+    shape = part.shape[1:]
+    rows = max(1, GATHER_BYTES // max(1, int(np.prod(shape))))
+    padded = torch.zeros((per, *shape), dtype=torch.uint8)
+    padded[:len(part)] = part
+    out = torch.empty((per * world, *shape), dtype=torch.uint8)
+    for start in range(0, per, rows):
+        chunk = padded[start:start + rows].to(through)
+        pieces = [torch.empty_like(chunk) for _ in range(world)]
+        dist.all_gather(pieces, chunk)
+        for r, piece in enumerate(pieces):
+            out[r * per + start:r * per + start + len(piece)] = piece.cpu()
+    return out[:n]
+
+
 def cached_loader(tiles: PhaseTiles, step: Optional[Callable[[np.ndarray], torch.Tensor]], sampler: Sampler,
                   batch_size: int, mode: str, device: Optional[torch.device], workers: int) -> CachedLoader:
     """Read the phase whole (``read_phase``) into memory, or onto ``device`` (``mode`` device), and batch it."""
-    pixels, labels = read_phase(tiles, step, workers), torch.from_numpy(tiles.labels)
+    pixels, labels = read_phase(tiles, step, workers, device), torch.from_numpy(tiles.labels)
     if mode == "device" and device is not None:
         pixels, labels = pixels.to(device), labels.to(device)
     return CachedLoader(pixels, labels, sampler, batch_size)

@@ -42,7 +42,7 @@ from lymphoma.settings import AugmentSettings, FitSettings, TrainSettings
 from lymphoma.sharding import load_manifest, phase_shards, tiles_fingerprint
 from lymphoma.stain import StainNormalizer, fit_target
 from lymphoma.store import verify_shard
-from lymphoma.tile_cache import CachedLoader, choose_cache
+from lymphoma.tile_cache import CachedLoader, agreed_cache, choose_cache
 
 log = logging.getLogger(__name__)
 
@@ -278,8 +278,8 @@ def build_pipelines(train_tiles: PhaseTiles, eval_tiles: PhaseTiles, settings: F
     train_aug = build_augmenter(augment, True, device, seed=train.seed * 1000 + rank.rank, normalizer=normalizer)
     eval_aug = build_augmenter(augment, False, device, normalizer=normalizer)
     workers = train.num_workers if train.num_workers is not None else loader_workers(device)
-    cache = choose_cache(train.cache, train_tiles.nbytes + eval_tiles.nbytes, device,
-                         isinstance(train_aug, BatchAugmenter), rank.local_world)
+    cache = agreed_cache(choose_cache(train.cache, train_tiles.nbytes + eval_tiles.nbytes, device,
+                                      isinstance(train_aug, BatchAugmenter), rank.local_world), device)
     train_loader = make_loader(train_tiles, train_aug.sample, train.batch_size, rank.rank, rank.world, True,
                                train.seed, workers, train.sampling == "cases", train.samples_per_epoch, cache, device)
     eval_loader = make_loader(eval_tiles, eval_aug.sample, train.eval_batch_size, rank.rank, rank.world, False,

@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from conftest import DDP_STEPS, FAST, config_for
@@ -371,6 +372,61 @@ def test_ema_weights_are_what_training_keeps_and_resumes(tiled):
     run_train(one)
     run_train(config_for(tiled, "ema-resumed", *epochs))
     assert final_digest(tiled[1], "ema-resumed") == final_digest(tiled[1], "ema")
+
+
+def _read_phase_as_rank(rank: int, tiles_dir: str, port: int, out: str) -> None:
+    """One of two gloo processes: the cache mode the two agree on, and the phase read together, stain-normalised."""
+    import hashlib
+
+    import numpy as np
+    import torch
+    import torch.distributed as dist
+
+    from lymphoma.stain import StainNormalizer, StainSettings, fit_target
+    from lymphoma.tile_cache import agreed_cache, read_phase
+    from lymphoma.training import open_phase
+
+    dist.init_process_group("gloo", rank=rank, world_size=2, init_method=f"tcp://127.0.0.1:{port}")
+    normalizer, calls = StainNormalizer(fit_target(StainSettings("reinhard"))), []
+
+    def step(tile: np.ndarray) -> torch.Tensor:
+        calls.append(1)
+        return torch.from_numpy(normalizer(tile))
+
+    mode = agreed_cache(("memory", "none")[rank], torch.device("cpu"))
+    phase = open_phase(Path(tiles_dir), "train", None, 56)
+    pixels = read_phase(phase, step, 0)
+    phase.close()
+    Path(out, f"rank{rank}.json").write_text(json.dumps({
+        "mode": mode, "steps": len(calls), "sha1": hashlib.sha1(pixels.numpy().tobytes()).hexdigest()}))
+    dist.destroy_process_group()
+
+
+def test_processes_of_a_job_share_the_reading_of_a_cached_phase(tiled, tmp_path):
+    """Two gloo processes each stain-normalise half of the phase and pool the halves: both hold exactly what one
+    process reading it alone holds, with half the work each; a process that cannot cache makes neither cache."""
+    import hashlib
+    import socket
+
+    import torch.multiprocessing as mp
+
+    from lymphoma.stain import StainNormalizer, StainSettings, fit_target
+    from lymphoma.tile_cache import read_phase
+    from lymphoma.training import open_phase
+
+    tiles_dir = tiled[1] / "base" / "tiles"
+    normalizer = StainNormalizer(fit_target(StainSettings("reinhard")))
+    phase = open_phase(tiles_dir, "train", None, 56)
+    alone = read_phase(phase, lambda t: torch.from_numpy(normalizer(t)), 0).numpy()
+    phase.close()
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_read_phase_as_rank, args=(str(tiles_dir), port, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert {r["sha1"] for r in ranks} == {hashlib.sha1(alone.tobytes()).hexdigest()}
+    assert [r["steps"] for r in ranks] == [-(-len(phase) // 2), len(phase) // 2]
+    assert {r["mode"] for r in ranks} == {"none"}
 
 
 @pytest.mark.parametrize("backend", ["batch", "dali"])
