@@ -1,9 +1,10 @@
 """Prediction throughput on real images: end to end (read, tile, model, vote, write) against the bare
 model on the same tiles already in memory, and against a tutorial-style loop, in one run, for each engine
 and precision (torch fp32, torch bf16 autocast, ONNX Runtime fp32); tile-class agreement with torch fp32;
-peak memory.
+peak memory. ``--stain reinhard`` predicts as a model trained with the default config does (every tile
+Reinhard-normalised in the reader); the bare model then runs on tiles normalised beforehand.
 
-    .venv/bin/python bench/bench_predict.py [--images 64] [--out bench/results/predict.json]
+    .venv/bin/python bench/bench_predict.py [--images 64] [--stain none|reinhard] [--out bench/results/predict.json]
 
 The model is the reduced DenseNet with its initial weights (speed does not depend on training).
 """
@@ -33,17 +34,20 @@ from lymphoma.inputs import discover
 from lymphoma.model import build_model
 from lymphoma.prediction import Predictor, SlideInput, predict_slides
 from lymphoma.settings import AugmentSettings, ModelSettings, TileSettings
+from lymphoma.stain import StainSettings, fit_target
 from lymphoma.tiling import cut_tiles
 
 CLASSES = ["CLL", "FL", "MCL"]
 
 
-def make_checkpoint(path: Path, tiles: TileSettings, augment: AugmentSettings) -> None:
+def make_checkpoint(path: Path, tiles: TileSettings, augment: AugmentSettings, stain: str = "none") -> None:
     torch.manual_seed(0)
     architecture = ModelSettings().architecture(len(CLASSES))
     model = build_model(architecture)
+    target = fit_target(StainSettings(stain))
     save_checkpoint({"model": model.state_dict(), "architecture": architecture, "classes": CLASSES, "epoch": 0,
-                     "tiles": asdict(tiles), "augment": asdict(augment)}, path)
+                     "tiles": asdict(tiles), "augment": asdict(augment),
+                     "stain": target.as_dict() if target is not None else None}, path)
 
 
 ENGINES = (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"))  # predict.engine, predict.precision
@@ -67,6 +71,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--stain", default="none", help="the checkpoint's stain.normalize (none, reinhard, ...)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the model's device; ONNX Runtime uses CUDA "
                                                          "when its GPU package is installed)")
@@ -83,15 +88,19 @@ def main() -> None:
     slides = [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in records]
     tiles_settings, augment = TileSettings(size=128, stride=64), AugmentSettings()
     results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "device": args.device,
-                                  "torch_threads": torch.get_num_threads(), "images": len(slides), "batch": args.batch}
+                                  "torch_threads": torch.get_num_threads(), "images": len(slides), "batch": args.batch,
+                                  "stain": args.stain}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
         checkpoint = tmp_dir / "model.pt"
-        make_checkpoint(checkpoint, tiles_settings, augment)
+        make_checkpoint(checkpoint, tiles_settings, augment, args.stain)
         device = torch.device(args.device)
         predictor = Predictor.from_checkpoint(checkpoint, device, args.batch)
         all_tiles = np.concatenate([cut_tiles(read_rgb(s.path), tiles_settings).pixels for s in slides])
         n = len(all_tiles)
+        start = time.perf_counter()
+        normalized = predictor.normalize_stain(all_tiles)  # what the bare model is fed: the reader's work done
+        results["stain_ms_per_tile"] = (time.perf_counter() - start) / n * 1000
         results["tiles"] = n
 
         def tutorial() -> None:  # batch 10, autograd on, read and tile between model calls
@@ -113,7 +122,7 @@ def main() -> None:
 
             def bare() -> None:
                 for start in range(0, n, args.batch):
-                    engine_predictor.logits(all_tiles[start:start + args.batch])
+                    engine_predictor.logits(normalized[start:start + args.batch], stain_normalized=True)
 
             bare()  # warm up the kernels once
             timings[f"bare_model_{name}"] = timed(bare)
@@ -136,7 +145,7 @@ def main() -> None:
                                 str(listing), str(tmp_dir / "child")], check=True, capture_output=True, text=True)
         results["peak_memory_per_task_MiB"] = float(child.stdout.strip().splitlines()[-1])
         with torch.inference_mode():  # the same outputs both ways
-            direct = predictor.model(eval_batch(all_tiles[:8], augment, device)).cpu()
+            direct = predictor.model(eval_batch(normalized[:8], augment, device)).cpu()
         first = np.load(next((tmp_dir / "child").glob(f"{slides[0].key}.npz")))["logits"][:8]
         # cuDNN convolutions use TF32 by default and pick kernels by batch size: agreement to 1e-2 there
         results["outputs_tolerance"] = tolerance = 1e-4 if device.type == "cpu" else 1e-2
