@@ -128,6 +128,7 @@ def main() -> None:
     parser.add_argument("--root", type=Path, default=Path("/tmp/cv-sweep"), help="run folders")
     parser.add_argument("--out", type=Path, required=True, help="sweep.json and reports.tar.gz")
     args = parser.parse_args()
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))  # stop the rows too (the sweep's finally), not just the sweep
     args.root.mkdir(parents=True, exist_ok=True)
     args.out.mkdir(parents=True, exist_ok=True)
     sweep(read_rows(args.rows), args)
