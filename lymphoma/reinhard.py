@@ -38,10 +38,10 @@ def to_lab(tile: np.ndarray) -> np.ndarray:
 def from_lab(lab: np.ndarray) -> np.ndarray:
     """``[P, 3]`` uint8 sRGB of ``[3, P]`` LAB, clipped to the gamut and truncated (torchstain's rounding)."""
     y = (lab[0] + _F32(16)) / _F32(116)
-    linear = (_FROM_XYZ @ _lab_f_inverse(np.stack([lab[1] / _F32(500) + y, y, y - lab[2] / _F32(200)]))).T
+    linear = _FROM_XYZ @ _lab_f_inverse(np.stack([lab[1] / _F32(500) + y, y, y - lab[2] / _F32(200)]))
     rgb = np.where(linear > 0.0031308, _F32(1.055) * np.power(np.maximum(linear, 0), _F32(1 / 2.4)) - _F32(0.055),
                    _F32(12.92) * linear)
-    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
+    return np.ascontiguousarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8).T)
 
 
 def reinhard(tile: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> Optional[np.ndarray]:

@@ -44,12 +44,13 @@ class StainTarget:
 DEFAULT_LAB = ([45.38, 5.62, -11.24], [13.32, 4.53, 5.11])
 
 
-_STAINED_LEVEL = -np.log((np.arange(256) + 1) / IO) >= BETA  # which uint8 values absorb enough to be stain
+# the brightest uint8 value whose optical density, -log((I + 1) / IO), reaches BETA
+_STAINED_MAX = int(np.flatnonzero(-np.log((np.arange(256) + 1) / IO) >= BETA).max())
 
 
 def _stained_share(image: np.ndarray) -> float:
     """The share of pixels whose optical density is at least BETA in every channel."""
-    return float(np.mean(_STAINED_LEVEL[image.reshape(-1, 3)].all(axis=1)))
+    return float(np.mean((image <= _STAINED_MAX).all(axis=-1)))
 
 
 def check_he(he: np.ndarray, source: str) -> None:
