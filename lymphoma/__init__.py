@@ -15,11 +15,14 @@ Tiles
   loaders         torch Dataset, samplers (distributed, case-balanced) and DataLoaders over a phase
 Models and training
   stain, augment  stain normalisation and HED jitter; DALI / torch augmentation pipelines
+  reinhard        Reinhard normalisation of a tile in float32 (torchstain's formulas, faster)
   batch_augment   the batch backend: torch operations on whole batches on the training device
   model, ensemble the DenseNet presets; fold models averaged as one checkpoint
   backbones       pretrained torchvision / timm backbones from local weight files, freezing, input adapter
   training        one training: builders, resume, the epoch loop, checkpoints, TensorBoard
   epochs          train_one_epoch and evaluate, written once
+  mixing          mixup and CutMix of a training batch and their mixed loss
+  tile_cache      a phase held whole in memory or on the GPU, read once (shared by a job's processes)
   selection       which epoch is kept, early stopping, chance level
   checkpoint      atomic checkpoints with errors that say what to do
   validation      the tutorial's per-tile outputs, confusion, kernels, activations
