@@ -91,18 +91,19 @@ class CachedLoader:
 
 
 def read_phase(tiles: PhaseTiles, step: Optional[Callable[[np.ndarray], torch.Tensor]], workers: int,
-               device: Optional[torch.device] = None) -> torch.Tensor:
+               device: Optional[torch.device] = None, keep_on_device: bool = False) -> torch.Tensor:
     """Every tile of the phase, ``[N, H, W, 3]`` uint8, after the deterministic per-tile ``step`` if any (stain
     normalisation: computed once instead of every epoch), by ``workers`` loader processes. In a job of several
     processes each computes the step on its own ``1/world`` of the tiles and the parts are gathered (through
-    ``device`` with NCCL), so a node's processes share the work instead of each doing all of it."""
+    ``device`` with NCCL, and left there with ``keep_on_device``), so a node's processes share the work instead
+    of each doing all of it."""
     if step is None:
         return torch.from_numpy(tiles.read_all())
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
     per = -(-len(tiles) // world)
     rank = dist.get_rank() if world > 1 else 0
     part = _read(tiles, step, workers, range(rank * per, min(len(tiles), (rank + 1) * per)))
-    return part if world == 1 else _gather(part, per, len(tiles), world, device)
+    return part if world == 1 else _gather(part, per, len(tiles), world, device, keep_on_device)
 
 
 def _read(tiles: PhaseTiles, step: Callable[[np.ndarray], torch.Tensor], workers: int,
@@ -119,28 +120,32 @@ def _read(tiles: PhaseTiles, step: Callable[[np.ndarray], torch.Tensor], workers
     return pixels
 
 
-def _gather(part: torch.Tensor, per: int, n: int, world: int, device: Optional[torch.device]) -> torch.Tensor:
-    """Every process's ``part`` (``per`` tiles each, the last may hold fewer) in rank order, ``[n, ...]`` in
-    memory; gathered in rounds of at most GATHER_BYTES a process, through the GPU where the group is NCCL."""
+def _gather(part: torch.Tensor, per: int, n: int, world: int, device: Optional[torch.device],
+            keep_on_device: bool) -> torch.Tensor:
+    """Every process's ``part`` (``per`` tiles each, the last may hold fewer) in rank order, ``[n, ...]``;
+    gathered in rounds of at most GATHER_BYTES a process, through the GPU where the group is NCCL, and held
+    there with ``keep_on_device`` (else in memory)."""
     through = device if dist.get_backend() == "nccl" and device is not None else torch.device("cpu")
+    held = through if keep_on_device else torch.device("cpu")
     shape = part.shape[1:]
     rows = max(1, GATHER_BYTES // max(1, int(np.prod(shape))))
     padded = torch.zeros((per, *shape), dtype=torch.uint8)
     padded[:len(part)] = part
-    out = torch.empty((per * world, *shape), dtype=torch.uint8)
+    out = torch.empty((per * world, *shape), dtype=torch.uint8, device=held)
     for start in range(0, per, rows):
         chunk = padded[start:start + rows].to(through)
         pieces = [torch.empty_like(chunk) for _ in range(world)]
         dist.all_gather(pieces, chunk)
         for r, piece in enumerate(pieces):
-            out[r * per + start:r * per + start + len(piece)] = piece.cpu()
+            out[r * per + start:r * per + start + len(piece)] = piece.to(held)
     return out[:n]
 
 
 def cached_loader(tiles: PhaseTiles, step: Optional[Callable[[np.ndarray], torch.Tensor]], sampler: Sampler,
                   batch_size: int, mode: str, device: Optional[torch.device], workers: int) -> CachedLoader:
     """Read the phase whole (``read_phase``) into memory, or onto ``device`` (``mode`` device), and batch it."""
-    pixels, labels = read_phase(tiles, step, workers, device), torch.from_numpy(tiles.labels)
-    if mode == "device" and device is not None:
+    on_device = mode == "device" and device is not None
+    pixels, labels = read_phase(tiles, step, workers, device, on_device), torch.from_numpy(tiles.labels)
+    if on_device:
         pixels, labels = pixels.to(device), labels.to(device)
     return CachedLoader(pixels, labels, sampler, batch_size)
