@@ -23,6 +23,7 @@ from lymphoma.files import write_text_atomic
 from lymphoma.inputs import ImageRecord
 from lymphoma.prediction import SlideInput
 from lymphoma.split import check_no_leakage
+from lymphoma.stain import tiling_stain
 
 GRID_SECTIONS = ("train", "model", "augment", "stain", "tiles")
 
@@ -98,7 +99,7 @@ def _fit(task: FoldTask, run: Run, tiles_dir: Path, device: Any, seconds: dict[s
     stage's seconds."""
     start = time.perf_counter()
     tile_in_process({"train": list(task.train), "val": list(task.val)}, tiles_dir, list(task.classes),
-                    run.config.tiles)
+                    run.config.tiles, tiling_stain(run.config.stain))
     seconds["tile"] += time.perf_counter() - start
     start = time.perf_counter()
     summary = fit_here(run, tiles_dir, run.train, fit_settings(run, eval_phase="val"), device)

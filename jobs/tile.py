@@ -8,6 +8,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, Optional
 
 from tqdm import tqdm
 
@@ -18,6 +19,7 @@ from lymphoma.inputs import ImageRecord
 from lymphoma.settings import TileSettings
 from lymphoma.sharding import ShardPlan, fingerprint, plan_shards, write_manifest
 from lymphoma.split import assign_phases, split_cases, write_split_csv
+from lymphoma.stain import tiling_stain
 from lymphoma.store import ShardSummary, parse_compression, read_complete_shard, write_shard
 
 log = logging.getLogger(__name__)
@@ -33,12 +35,13 @@ class ShardTask:
     classes: tuple[str, ...]
     settings: TileSettings
     fingerprint: str
+    stain: Optional[dict[str, Any]] = None  # the target tiling normalises to (stain.scope image), else None
 
 
 def run_shard_task(task: ShardTask) -> ShardSummary:
     """The array task's entry point: write one shard."""
     return write_shard(Path(task.path), task.phase, task.records, task.classes, task.settings,
-                       task.settings.compression, task.fingerprint, task.settings.strict)
+                       task.settings.compression, task.fingerprint, task.settings.strict, task.stain)
 
 
 @dataclass
@@ -63,7 +66,8 @@ def run_tile(run: Run, progress: bool = True) -> TileResult:
         by_phase = assign_phases(inputs.records, phase_of)
         write_split_csv(run.split_csv, by_phase)
         plans = plan_shards(by_phase, cfg.tiles.images_per_shard)
-        tasks = [shard_task(plan, run.tiles, inputs.classes, cfg.tiles) for plan in plans]
+        stain = tiling_stain(cfg.stain)
+        tasks = [shard_task(plan, run.tiles, inputs.classes, cfg.tiles, stain) for plan in plans]
         summaries: list[ShardSummary | None] = [read_complete_shard(Path(t.path), t.fingerprint) for t in tasks]
         todo = [i for i, s in enumerate(summaries) if s is None]
         for phase in by_phase:
@@ -82,7 +86,8 @@ def run_tile(run: Run, progress: bool = True) -> TileResult:
         for i, summary in zip(todo, written):
             summaries[i] = summary
         done = [s for s in summaries if s is not None]
-        manifest = write_manifest(run.tiles, inputs.classes, cfg.tiles, cfg.tiles.compression, done, inputs.skipped)
+        manifest = write_manifest(run.tiles, inputs.classes, cfg.tiles, cfg.tiles.compression, done, inputs.skipped,
+                                  stain)
     n_skipped = len(inputs.skipped) + sum(len(s.skipped) for s in done)
     return TileResult(run.dir, manifest, inputs.classes, done, len(todo), n_skipped, time.perf_counter() - start)
 
@@ -102,23 +107,24 @@ def _disk_full(run: Run, err: Exception, tasks: list[ShardTask]) -> DiskFullErro
 
 
 def tile_in_process(by_phase: dict[str, list[ImageRecord]], tiles_dir: Path, classes: list[str],
-                    settings: TileSettings) -> list[ShardSummary]:
+                    settings: TileSettings, stain: Optional[dict[str, Any]] = None) -> list[ShardSummary]:
     """Write the phases' shards one after the other in this process (a task that tiles its own share, such as
     a cross-validation fold), skipping complete ones, then the manifest."""
     summaries = []
     for plan in plan_shards(by_phase, settings.images_per_shard):
-        task = shard_task(plan, tiles_dir, classes, settings)
+        task = shard_task(plan, tiles_dir, classes, settings, stain)
         (tiles_dir / plan.phase).mkdir(parents=True, exist_ok=True)
         summaries.append(read_complete_shard(Path(task.path), task.fingerprint) or run_shard_task(task))
-    write_manifest(tiles_dir, classes, settings, settings.compression, summaries, [])
+    write_manifest(tiles_dir, classes, settings, settings.compression, summaries, [], stain)
     return summaries
 
 
-def shard_task(plan: ShardPlan, tiles_dir: Path, classes: list[str], settings: TileSettings) -> ShardTask:
+def shard_task(plan: ShardPlan, tiles_dir: Path, classes: list[str], settings: TileSettings,
+               stain: Optional[dict[str, Any]] = None) -> ShardTask:
     """The task that writes one planned shard, with the fingerprint that tells a rerun whether it is current."""
     return ShardTask(path=str(tiles_dir / plan.relpath), phase=plan.phase, records=plan.records,
                      classes=tuple(classes), settings=settings,
-                     fingerprint=fingerprint(plan, classes, settings, settings.compression))
+                     fingerprint=fingerprint(plan, classes, settings, settings.compression, stain), stain=stain)
 
 
 def _report_stale(tiles_dir: Path, plans: list[ShardPlan]) -> None:

@@ -160,7 +160,9 @@ def _preprocessing(state: dict[str, object], augment: AugmentSettings, tiles: ob
                           "(or, with target_mpp, read from whole slides at that resolution over tissue)"},
         "before_the_model": {"stain_normalization": state.get("stain"),
                              "how": "none when null; else the tile is normalised to this target (method 'reinhard': "
-                                    "per-tile LAB mean/std matched to the target's; 'macenko': stain vectors)"},
+                                    "LAB mean/std matched to the target's, those of each tile with scope 'tile', "
+                                    "those of its whole image, or of a slide's tissue in its thumbnail, with "
+                                    "scope 'image'; 'macenko': stain vectors)"},
         "inside_the_model": {"centre_crop": augment.crop, "scale": "1/255", "mean": list(augment.mean),
                              "std": list(augment.std)},
     }

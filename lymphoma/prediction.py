@@ -82,8 +82,9 @@ class Predictor:
                    StainNormalizer.from_state(state.get("stain")), precision=precision, onnx=onnx)
 
     def normalize_stain(self, tiles: np.ndarray) -> np.ndarray:
-        """Stain-normalise uint8 tiles ``[N, H, W, 3]`` when the model was trained on normalised tiles."""
-        return self.normalizer.batch(tiles) if self.normalizer is not None else tiles
+        """Stain-normalise uint8 tiles ``[N, H, W, 3]`` when the model was trained on tiles normalised one by one
+        (with stain.scope image, tiles are normalised by image where they are cut: read_ahead)."""
+        return self.normalizer.batch(tiles) if self.normalizer is not None and self.normalizer.per_tile else tiles
 
     @torch.inference_mode()
     def logits(self, tiles: np.ndarray, stain_normalized: bool = False) -> torch.Tensor:

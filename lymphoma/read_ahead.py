@@ -33,18 +33,20 @@ def _as_error(path: str, err: BaseException) -> Exception:
 
 def _read(slides: Sequence[tuple[int, str, str]], settings: TileSettings, batch: int, stain: Optional[dict[str, Any]],
           put: Any, stop: Any) -> None:
-    """One reader: its slides' normalised tile batches, then each slide's TileSource, or the slide's error;
-    stops early when ``stop`` is set."""
+    """One reader: its slides' normalised tile batches (tile by tile, or by image where the target's scope is
+    image), then each slide's TileSource, or the slide's error; stops early when ``stop`` is set."""
     normalizer = StainNormalizer.from_state(stain)
+    per_tile = normalizer if normalizer is not None and normalizer.per_tile else None
+    by_image = normalizer if per_tile is None else None
     for index, path, region_file in slides:
         if stop.is_set():
             return
         try:
-            source = open_tiles(path, settings, batch, region_file=region_file)
+            source = open_tiles(path, settings, batch, region_file=region_file, stain=by_image)
             for pixels in source.batches:
                 if stop.is_set():
                     return
-                put((index, normalizer.batch(pixels) if normalizer is not None else pixels))
+                put((index, per_tile.batch(pixels) if per_tile is not None else pixels))
             put((index, source))
         except Exception as err:  # noqa: BLE001 - the slide fails, never the reader
             put((index, _as_error(path, err)))

@@ -137,6 +137,8 @@ class DownloadSettings:
 
 
 STAIN_METHODS = ("none", "macenko", "reinhard", "haematoxylin", "grey")
+STAIN_SCOPES = ("tile", "image")
+IMAGE_SCOPE_METHODS = ("none", "reinhard", "grey")  # those whose statistics a slide's thumbnail can give
 
 
 @dataclass(frozen=True)
@@ -150,10 +152,18 @@ class StainSettings:
     #                                grey (Reinhard, then the luminance alone in all three channels: no colour)
     reference: Optional[str] = None  # an H&E image whose staining is the target; null: a standard H&E (torchstain's
     #                                  Macenko reference; for reinhard, the LAB statistics of an IICBU 2008 CLL image)
+    scope: str = "tile"            # tile: each tile moved from its own statistics | image: every tile of an image
+    #                                moved from the whole image's (a slide's: its tissue in the thumbnail), once, at
+    #                                tiling and prediction, so tiles keep their differences in density (reinhard, grey)
 
     def __post_init__(self) -> None:
         if self.normalize not in STAIN_METHODS:
             raise InputError(f"stain.normalize is {self.normalize!r}; allowed: {', '.join(STAIN_METHODS)}")
+        if self.scope not in STAIN_SCOPES:
+            raise InputError(f"stain.scope is {self.scope!r}; allowed: {', '.join(STAIN_SCOPES)}")
+        if self.scope == "image" and self.normalize not in IMAGE_SCOPE_METHODS:
+            raise InputError(f"stain.scope=image works with stain.normalize {', '.join(IMAGE_SCOPE_METHODS)}, not "
+                             f"{self.normalize!r}; use stain.scope=tile for it")
 
 
 PRESETS = {

@@ -7,7 +7,7 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
@@ -43,9 +43,10 @@ def plan_shards(by_phase: Mapping[str, Sequence[ImageRecord]], images_per_shard:
     return plans
 
 
-def fingerprint(plan: ShardPlan, classes: Sequence[str], settings: TileSettings, compression: str) -> str:
+def fingerprint(plan: ShardPlan, classes: Sequence[str], settings: TileSettings, compression: str,
+                stain: Optional[dict[str, Any]] = None) -> str:
     """A hash of everything a shard's content depends on: images and region files (path, size, mtime), labels,
-    settings."""
+    settings, and the stain target where tiling normalises (stain.scope image)."""
     images = []
     for record in plan.records:
         stat = Path(record.path).stat() if Path(record.path).exists() else None
@@ -54,12 +55,16 @@ def fingerprint(plan: ShardPlan, classes: Sequence[str], settings: TileSettings,
             images[-1].append(regions_stamp(record.regions))
     payload = {"format": STORE_FORMAT, "phase": plan.phase, "classes": list(classes),
                "tiles": settings.as_dict(), "compression": compression, "images": images}
+    if stain is not None:
+        payload["stain"] = stain
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
 def write_manifest(tiles_dir: Path, classes: Sequence[str], settings: TileSettings, compression: str,
-                   summaries: Sequence[ShardSummary], skipped_inputs: Sequence[Skipped]) -> Path:
-    """Write ``manifest.json``: every shard with its counts, per-phase totals and everything skipped."""
+                   summaries: Sequence[ShardSummary], skipped_inputs: Sequence[Skipped],
+                   stain: Optional[dict[str, Any]] = None) -> Path:
+    """Write ``manifest.json``: every shard with its counts, per-phase totals, everything skipped, and the stain
+    target the tiles were normalised to (null: stored as read)."""
     phases: dict[str, dict[str, Any]] = {}
     for summary in summaries:
         entry = asdict(summary)
@@ -76,7 +81,7 @@ def write_manifest(tiles_dir: Path, classes: Sequence[str], settings: TileSettin
     skipped = [asdict(s) for s in skipped_inputs]
     skipped += [item for summary in summaries for item in summary.skipped]
     manifest = {"format": STORE_FORMAT, "classes": list(classes), "tiles": settings.as_dict(),
-                "compression": compression, "phases": phases, "skipped": skipped}
+                "compression": compression, "stain": stain, "phases": phases, "skipped": skipped}
     path = tiles_dir / MANIFEST_NAME
     write_text_atomic(path, json.dumps(manifest, indent=2) + "\n")
     return path

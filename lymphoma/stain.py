@@ -13,7 +13,7 @@ import numpy as np
 
 from lymphoma.errors import ImageError, InputError
 from lymphoma.images import read_rgb
-from lymphoma.reinhard import reinhard
+from lymphoma.reinhard import lab_statistics, reinhard
 from lymphoma.settings import StainSettings
 
 # torchstain's optical density: -log((I + 1) / IO), pixels whose OD is below BETA in any channel are background
@@ -34,6 +34,7 @@ class StainTarget:
     lab_mean: Optional[list[float]] = None      # Reinhard: LAB channel means and standard deviations
     lab_std: Optional[list[float]] = None
     reference: Optional[str] = None
+    scope: str = "tile"                         # tile | image: whose statistics each tile is moved from
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -73,7 +74,7 @@ def fit_target(settings: StainSettings) -> Optional[StainTarget]:
     if settings.reference is None:
         default = NumpyMacenkoNormalizer()
         return StainTarget(settings.normalize, default.HERef.tolist(), default.maxCRef.tolist(),
-                           DEFAULT_LAB[0], DEFAULT_LAB[1])
+                           DEFAULT_LAB[0], DEFAULT_LAB[1], scope=settings.scope)
     path = Path(settings.reference)
     try:
         image = read_rgb(path)
@@ -93,12 +94,22 @@ def fit_target(settings: StainSettings) -> Optional[StainTarget]:
     reinhard = NumpyReinhardNormalizer()
     reinhard.fit(image)
     return StainTarget(settings.normalize, np.asarray(macenko.HERef).tolist(), np.asarray(macenko.maxCRef).tolist(),
-                       np.asarray(reinhard.target_means).tolist(), np.asarray(reinhard.target_stds).tolist(), str(path))
+                       np.asarray(reinhard.target_means).tolist(), np.asarray(reinhard.target_stds).tolist(), str(path),
+                       settings.scope)
+
+
+def tiling_stain(settings: StainSettings) -> Optional[dict[str, Any]]:
+    """The target that tiling normalises to (as a dict, recorded in shards and their manifest): the fitted one
+    with stain.scope image, else None (tiles are stored as read, and normalised one by one where they are used)."""
+    target = fit_target(settings) if settings.scope == "image" else None
+    return target.as_dict() if target is not None else None
 
 
 class StainNormalizer:
     """Normalise uint8 ``[H, W, 3]`` tiles to a target; tiles with too little tissue to estimate their stains
-    are returned unchanged. Picklable, for loader workers."""
+    are returned unchanged. With the target's scope ``image``, tiles are normalised where they are cut, with
+    their image's statistics (``image_statistics``, ``apply``), and not again tile by tile. Picklable, for
+    loader workers."""
 
     def __init__(self, target: StainTarget) -> None:
         self.target = target
@@ -137,6 +148,25 @@ class StainNormalizer:
             except (np.linalg.LinAlgError, ValueError, IndexError):
                 return tile  # degenerate tissue (one stain only): keep the tile rather than invent colours
         return out if np.isfinite(out).all() else tile
+
+    @property
+    def per_tile(self) -> bool:
+        """Whether each tile is normalised on its own (scope tile), rather than where its image is tiled."""
+        return self.target.scope == "tile"
+
+    def image_statistics(self, pixels: np.ndarray) -> Optional[tuple[np.ndarray, np.ndarray]]:
+        """The LAB statistics to move an image's tiles from, of its pixels ``[..., 3]`` (a slide: its thumbnail's
+        tissue); None where too few of them are stained to estimate them."""
+        return lab_statistics(pixels) if _stained_share(pixels) >= MIN_TILE_STAINED else None
+
+    def apply(self, tiles: np.ndarray, statistics: Optional[tuple[np.ndarray, np.ndarray]]) -> np.ndarray:
+        """Tiles ``[N, H, W, 3]`` of one image moved from its ``statistics`` (unchanged where None)."""
+        if statistics is None or not len(tiles):
+            return tiles
+        mean, std = self.target.lab_mean or DEFAULT_LAB[0], self.target.lab_std or DEFAULT_LAB[1]
+        out = [reinhard(t, mean, std, statistics) for t in tiles]
+        out = [t if o is None else o for t, o in zip(tiles, out)]
+        return np.stack([grey_level(t) for t in out] if self.target.method == "grey" else out)
 
     def batch(self, tiles: np.ndarray) -> np.ndarray:
         """Normalise ``[N, H, W, 3]``."""

@@ -7,10 +7,10 @@ Layout of a shard:
   /filenames String [N]          source file name of each tile
   /cases     String [N]          case (patient) of each tile
   /images    table, one row per source image: filename, case, label, height, width, n_tiles, n_background
-Attributes: the tile settings, classes, per-class tile and image counts, skipped images, a fingerprint of
-what the shard was made from, a BLAKE2b digest of every array and the image table as written (``digests``:
-a shard is renamed into place only after it was closed, re-opened and found equal to them; reruns and
-training check them again), and ``complete``.
+Attributes: the tile settings, the stain target the tiles were normalised to (JSON null: stored as read),
+classes, per-class tile and image counts, skipped images, a fingerprint of what the shard was made from, a
+BLAKE2b digest of every array and the image table as written (``digests``: a shard is renamed into place only
+after it was closed, re-opened and found equal to them; reruns and training check them again), and ``complete``.
 """
 
 from __future__ import annotations
@@ -23,6 +23,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import tables
@@ -30,6 +31,7 @@ import tables
 from lymphoma.errors import DiskFullError, ImageError, InputError, is_disk_full
 from lymphoma.inputs import ImageRecord
 from lymphoma.settings import TileSettings
+from lymphoma.stain import StainNormalizer
 from lymphoma.tile_sources import open_tiles
 
 STORE_FORMAT = 2  # 2: digests of every array
@@ -101,12 +103,13 @@ class _ShardArrays:
         self.n_background = 0
         self.digests = {name: hashlib.blake2b() for name in ARRAYS}  # of the bytes appended, as meant to be stored
 
-    def add(self, record: ImageRecord, settings: TileSettings, qc: Path | None) -> None:
+    def add(self, record: ImageRecord, settings: TileSettings, qc: Path | None,
+            stain: StainNormalizer | None = None) -> None:
         """Append one image's tiles and its row; on an error, drop what it had appended and re-raise."""
         rows_before, digests_before = int(self.imgs.nrows), {k: d.copy() for k, d in self.digests.items()}
         name, label = Path(record.path).name.encode(), self.label_of[record.label]
         try:
-            source = open_tiles(record.path, settings, qc_path=qc, region_file=record.regions)
+            source = open_tiles(record.path, settings, qc_path=qc, region_file=record.regions, stain=stain)
             tile_labels = self._tile_labels(record, source.labels, len(source.coords))
             done = 0
             for pixels in source.batches:  # whole slides arrive a batch at a time: memory stays bounded
@@ -200,11 +203,14 @@ def _write_attrs(h5: tables.File, arrays: _ShardArrays, phase: str, classes: Seq
 
 
 def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes: Sequence[str],
-                settings: TileSettings, compression: str, fingerprint: str, strict: bool = False) -> ShardSummary:
-    """Tile ``records`` into the shard at ``path``; the file appears only once it is complete.
+                settings: TileSettings, compression: str, fingerprint: str, strict: bool = False,
+                stain: Optional[dict[str, Any]] = None) -> ShardSummary:
+    """Tile ``records`` into the shard at ``path``; the file appears only once it is complete. ``stain``: the
+    target of image-scope stain normalisation (tiles stored normalised), None to store them as read.
 
     Unusable images are skipped and listed (raised in strict mode).
     """
+    normalizer = StainNormalizer.from_state(stain)
     start = time.perf_counter()
     path = Path(path)
     for stale in path.parent.glob(path.name + ".tmp-*"):
@@ -217,7 +223,7 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
             for record in records:
                 qc = path.parent.parent / "qc" / f"{Path(record.path).stem}.png" if settings.by_resolution else None
                 try:
-                    arrays.add(record, settings, qc)
+                    arrays.add(record, settings, qc, normalizer)
                 except (InputError, OSError) as err:
                     if is_disk_full(err):
                         raise
@@ -227,6 +233,7 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
                     skipped.append({"path": record.path, "reason": reason})
             seconds = time.perf_counter() - start
             _write_attrs(h5, arrays, phase, classes, settings, compression, skipped, fingerprint, seconds)
+            h5.root._v_attrs.stain = json.dumps(stain)
         _check_written(tmp, path)
         os.replace(tmp, path)
     except (OSError, tables.HDF5ExtError) as err:

@@ -15,9 +15,10 @@ from lymphoma.errors import ImageError, InputError
 from lymphoma.images import WSI_SUFFIXES, read_rgb
 from lymphoma.regions import read_regions, select_tiles
 from lymphoma.settings import TileSettings
-from lymphoma.slides import open_slide
+from lymphoma.slides import SlideReader, open_slide
+from lymphoma.stain import StainNormalizer
 from lymphoma.tiling import cut_tiles
-from lymphoma.wsi import iter_tiles, plan_grid, save_grid_overview, target_mpp
+from lymphoma.wsi import THUMBNAIL_SIDE, iter_tiles, plan_grid, save_grid_overview, target_mpp
 
 
 @dataclass
@@ -52,12 +53,25 @@ def _in_regions(path: str, region_file: str, corners: np.ndarray, side: float, s
     return keep, labels if settings.region_labels else None
 
 
+def _tissue_statistics(reader: SlideReader, mask: np.ndarray,
+                       stain: StainNormalizer) -> Optional[tuple[np.ndarray, np.ndarray]]:
+    """The stain statistics of a slide: of its thumbnail's pixels inside the tissue ``mask`` (all of them where
+    the mask is empty)."""
+    thumbnail = reader.thumbnail(THUMBNAIL_SIDE)
+    if mask.shape != thumbnail.shape[:2]:
+        mask = np.asarray(Image.fromarray(mask).resize(thumbnail.shape[1::-1], Image.Resampling.NEAREST))
+    return stain.image_statistics(thumbnail[mask] if mask.any() else thumbnail)
+
+
 def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side: int = 256,
-               qc_path: Optional[Path] = None, region_file: str = "") -> TileSource:
+               qc_path: Optional[Path] = None, region_file: str = "",
+               stain: Optional[StainNormalizer] = None) -> TileSource:
     """Tiles of ``path``: pixel tiling of a decoded image or, with ``settings.target_mpp``, region reads of a
     slide over its tissue (with ``qc_path``, a picture of the tissue mask and kept tiles is saved there); with
-    a GeoJSON ``region_file`` (lymphoma.regions), only the tiles that tiles.region_mode keeps. Raises ImageError
-    naming the file when it cannot give any tile."""
+    a GeoJSON ``region_file`` (lymphoma.regions), only the tiles that tiles.region_mode keeps; with an
+    image-scope ``stain`` normaliser, stain-normalised with the statistics of the whole image (before it is
+    cut) or of the slide's tissue in its thumbnail. Raises ImageError naming the file when it cannot give any
+    tile."""
     if not settings.by_resolution:
         if Path(path).suffix.lower() in WSI_SUFFIXES:
             raise ImageError(path, "is a whole-slide file, and these tiles are cut by pixels (tiles.target_mpp "
@@ -69,7 +83,7 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
             raise ImageError(path, f"has no tissue: every pixel is background (all channels >= "
                                    f"tiles.background_level={settings.background_level}); check the file, or lower "
                                    "tiles.background_level if its tissue is that pale")
-        cut = cut_tiles(image, settings)
+        cut = cut_tiles(image if stain is None else stain(image), settings)
         h, w = image.shape[:2]
         keep, labels = _in_regions(path, region_file, cut.coords / settings.resize, settings.size / settings.resize,
                                    (h, w), settings)
@@ -93,13 +107,15 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
             raise ImageError(path, f"has no tile with at least {settings.min_tissue:.0%} tissue; check the slide or "
                                    "lower tiles.min_tissue")
         overview = reader.thumbnail(overview_side)
+        statistics = _tissue_statistics(reader, grid.tissue.mask, stain) if stain is not None else None
     except (InputError, OSError):
         reader.close()
         raise
 
     def batches() -> Iterator[np.ndarray]:
         with reader:
-            yield from iter_tiles(reader, grid, settings.size, batch)
+            for pixels in iter_tiles(reader, grid, settings.size, batch):
+                yield pixels if stain is None else stain.apply(pixels, statistics)
 
     return TileSource(batches(), grid.coords.astype(np.int32), grid.n_background, (height, width), overview,
                       overview.shape[1] / width, grid.size0, grid.step0, labels=labels)

@@ -38,9 +38,9 @@ from lymphoma.mixing import batch_mix
 from lymphoma.model import build_model
 from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.selection import best_index, explain, stop_early
-from lymphoma.settings import AugmentSettings, FitSettings, TrainSettings
+from lymphoma.settings import AugmentSettings, FitSettings, StainSettings, TrainSettings
 from lymphoma.sharding import load_manifest, phase_shards, tiles_fingerprint
-from lymphoma.stain import StainNormalizer, fit_target
+from lymphoma.stain import StainNormalizer, fit_target, tiling_stain
 from lymphoma.store import verify_shard
 from lymphoma.tile_cache import CachedLoader, agreed_cache, choose_cache
 
@@ -108,6 +108,7 @@ def preflight(settings: FitSettings, tiles_dir: Path, out_dir: Path) -> None:
             raise InputError(f"{path} is damaged: {problem}; rerun `lymphoma tile` with the same config, which "
                              "rewrites it")
     _check_backbone(settings, tiles_dir)
+    check_tiles_stain(load_manifest(tiles_dir), settings.stain, tiles_dir)
     last = out_dir / "checkpoints" / "last.pt"
     if last.is_file():
         state = load_checkpoint(last)
@@ -119,6 +120,21 @@ def preflight(settings: FitSettings, tiles_dir: Path, out_dir: Path) -> None:
                              "another run.name to start afresh")
     for dataset in tiles:
         dataset.close()
+
+
+def check_tiles_stain(manifest: dict[str, Any], stain: StainSettings, tiles_dir: Path) -> None:
+    """Train only on tiles stored as the stain settings need them: as read (stain.scope tile: each tile is
+    normalised as it is used), or normalised by their images to the same target (stain.scope image)."""
+    made, wanted = manifest.get("stain"), tiling_stain(stain)
+    if made != wanted:
+        def told(target: Optional[dict[str, Any]]) -> str:
+            return (f"normalised by image ({target['method']}, reference {target['reference'] or 'standard'})"
+                    if target else "stored as read (stain.scope tile)")
+
+        raise InputError(f"the tiles in {tiles_dir} were {told(made)}, and the stain settings (normalize="
+                         f"{stain.normalize}, scope={stain.scope}, reference={stain.reference}) need them "
+                         f"{told(wanted)}: tile again with these settings (`lymphoma tile`, or `lymphoma run`), "
+                         "or train with the settings they were tiled with")
 
 
 def check_same_tiles(state: dict[str, Any], last: Path, tiles_dir: Path) -> None:
@@ -274,7 +290,7 @@ def build_pipelines(train_tiles: PhaseTiles, eval_tiles: PhaseTiles, settings: F
     train, augment = settings.train, settings.augment
     backend = choose_backend(augment, device)
     target = fit_target(settings.stain)
-    normalizer = StainNormalizer(target) if target is not None else None
+    normalizer = StainNormalizer(target) if target is not None and target.scope == "tile" else None
     train_aug = build_augmenter(augment, True, device, seed=train.seed * 1000 + rank.rank, normalizer=normalizer)
     eval_aug = build_augmenter(augment, False, device, normalizer=normalizer)
     workers = train.num_workers if train.num_workers is not None else loader_workers(device)
@@ -336,6 +352,7 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     run = Training(settings, out_dir, rank, device, train_tiles, eval_tiles, make_criterion(train_tiles, train, device),
                    parts, build_pipelines(train_tiles, eval_tiles, settings, rank, device), options,
                    load_manifest(tiles_dir)["tiles"], tiles_fingerprint(tiles_dir))
+    check_tiles_stain(load_manifest(tiles_dir), settings.stain, tiles_dir)
     torch.manual_seed(train.seed + rank.rank)  # augmentation differs per rank; the model came from one seed
     if last.is_file():
         state = load_checkpoint(last)

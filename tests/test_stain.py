@@ -3,6 +3,7 @@ prediction, and the errors for references that cannot serve."""
 
 from __future__ import annotations
 
+import json
 import shutil
 from pathlib import Path
 
@@ -237,3 +238,79 @@ def test_prediction_normalises_with_the_checkpoint_target_without_the_reference(
         unnormalised = predictor.model(eval_batch(small, predictor.augment, CPU).contiguous(
             memory_format=torch.channels_last))
     assert not torch.allclose(got, unnormalised, atol=1e-4)
+
+
+def _lightness_of_each(tiles: np.ndarray) -> np.ndarray:
+    from lymphoma.reinhard import to_lab
+
+    return np.asarray([to_lab(t)[0].mean() for t in tiles])
+
+
+def test_image_scope_moves_every_tile_by_its_images_statistics(data_root, wsi_dir):
+    from lymphoma.reinhard import lab_statistics
+    from lymphoma.settings import TileSettings
+    from lymphoma.tile_sources import open_tiles
+    from lymphoma.tiling import cut_tiles
+
+    by_image = StainNormalizer(fit_target(StainSettings("reinhard", scope="image")))
+    by_tile = StainNormalizer(fit_target(StainSettings("reinhard")))
+    assert not by_image.per_tile and by_tile.per_tile
+    path = data_root / "lowres/MCL/sj-04-3077-R2_001.png"
+    settings = TileSettings(size=128, stride=64)
+    got = np.concatenate(list(open_tiles(str(path), settings, stain=by_image).batches))
+    image = read_rgb(path)
+    assert np.array_equal(got, cut_tiles(by_image(image), settings).pixels)  # the image normalised whole, then cut
+    # tile by tile, every tile's lightness is the target's; by image, tiles keep their differences in density
+    assert np.ptp(_lightness_of_each(by_tile.batch(cut_tiles(image, settings).pixels))) < 0.2
+    assert np.ptp(_lightness_of_each(got)) > 2
+    # a slide: the statistics of its tissue in the thumbnail move every tile, so its tissue ends on the target
+    slide = TileSettings(size=128, stride=128, target_mpp=1.0, min_tissue=0.5)
+    path = wsi_dir / "CMU-1-Small-Region.svs"
+    normalised = np.concatenate(list(open_tiles(str(path), slide, stain=by_image).batches))
+    raw = np.concatenate(list(open_tiles(str(path), slide).batches))
+    target = np.asarray(by_image.target.lab_mean)
+    assert np.abs(lab_statistics(normalised)[0] - target).max() < 4 < np.abs(lab_statistics(raw)[0] - target).max()
+    assert np.ptp(_lightness_of_each(normalised)) > 2
+
+
+def test_image_scope_needs_a_method_that_a_thumbnail_can_estimate():
+    with pytest.raises(InputError, match="stain.scope=image works with stain.normalize none, reinhard, grey"):
+        StainSettings("macenko", scope="image")
+    with pytest.raises(InputError, match="stain.scope is 'slide'; allowed: tile, image"):
+        StainSettings("reinhard", scope="slide")
+
+
+def test_image_scope_tiles_train_and_predict_normalised_once_by_image(tiled, tmp_path, data_root):
+    import tables
+
+    from jobs.tile import run_tile
+    from jobs.train import run_train
+    from lymphoma.prediction import Predictor, SlideInput, predict_slides
+    from lymphoma.sharding import load_manifest
+    from lymphoma.tile_sources import open_tiles
+
+    cfg = config_for(tiled, "image-scope", "train.epochs=1", "train.max_steps_per_epoch=2", "stain.scope=image")
+    with pytest.raises(InputError, match="stored as read .* tile again with these settings"):
+        run_train(cfg)  # its tiles are the shared ones, stored as read
+    run_tile(cfg, progress=False)  # the stain target is part of every shard's fingerprint: all tiled again
+    manifest = load_manifest(cfg.tiles)
+    assert manifest["stain"]["scope"] == "image" and manifest["stain"]["method"] == "reinhard"
+    shard = Path(cfg.tiles) / manifest["phases"]["train"]["shards"][0]["path"]
+    with tables.open_file(shard) as h5:
+        first = h5.root.images[0]
+        stored = h5.root.imgs[:int(first["n_tiles"])]
+        assert json.loads(h5.root._v_attrs.stain) == manifest["stain"]
+    path = next(Path(tiled[0]).rglob(first["filename"].decode()))
+    normalizer = StainNormalizer(fit_target(StainSettings("reinhard", scope="image")))
+    settings = cfg.config.tiles
+    assert np.array_equal(stored, np.concatenate(list(open_tiles(str(path), settings, stain=normalizer).batches)))
+
+    checkpoint = Path(run_train(cfg)[0]["checkpoints"]) / "best.pt"
+    predictor = Predictor.from_checkpoint(checkpoint, CPU, 32)
+    assert predictor.normalizer.target.scope == "image"
+    predict_slides(predictor, [SlideInput(str(path), "one")], tmp_path / "slides")
+    logits = np.load(tmp_path / "slides" / "one.npz")["logits"]
+    assert np.allclose(logits, predictor.logits(stored).numpy(), atol=1e-5)  # normalised by image, not again
+    by_tile = StainNormalizer(fit_target(StainSettings("reinhard")))
+    raw = np.concatenate(list(open_tiles(str(path), settings).batches))
+    assert not np.allclose(logits, predictor.logits(by_tile.batch(raw)).numpy(), atol=1e-3)
