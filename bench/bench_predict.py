@@ -2,9 +2,10 @@
 model on the same tiles already in memory, and against a tutorial-style loop, in one run, for each engine
 and precision (torch fp32, torch bf16 autocast, ONNX Runtime fp32); tile-class agreement with torch fp32;
 peak memory. ``--stain reinhard`` predicts as a model trained with the default config does (every tile
-Reinhard-normalised in the reader); the bare model then runs on tiles normalised beforehand.
+Reinhard-normalised in the reader); the bare model then runs on tiles normalised beforehand. ``--scope image``:
+each image normalised whole before it is cut (stain.scope=image) instead of each tile.
 
-    .venv/bin/python bench/bench_predict.py [--images 64] [--stain none|reinhard] [--out bench/results/predict.json]
+    .venv/bin/python bench/bench_predict.py [--images 64] [--stain none|reinhard] [--scope tile|image] [--out ...]
 
 The model is the reduced DenseNet with its initial weights (speed does not depend on training).
 """
@@ -40,11 +41,12 @@ from lymphoma.tiling import cut_tiles
 CLASSES = ["CLL", "FL", "MCL"]
 
 
-def make_checkpoint(path: Path, tiles: TileSettings, augment: AugmentSettings, stain: str = "none") -> None:
+def make_checkpoint(path: Path, tiles: TileSettings, augment: AugmentSettings, stain: str = "none",
+                    scope: str = "tile") -> None:
     torch.manual_seed(0)
     architecture = ModelSettings().architecture(len(CLASSES))
     model = build_model(architecture)
-    target = fit_target(StainSettings(stain))
+    target = fit_target(StainSettings(stain, scope=scope))
     save_checkpoint({"model": model.state_dict(), "architecture": architecture, "classes": CLASSES, "epoch": 0,
                      "tiles": asdict(tiles), "augment": asdict(augment),
                      "stain": target.as_dict() if target is not None else None}, path)
@@ -72,6 +74,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--stain", default="none", help="the checkpoint's stain.normalize (none, reinhard, ...)")
+    parser.add_argument("--scope", default="tile", help="the checkpoint's stain.scope (tile, image)")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the model's device; ONNX Runtime uses CUDA "
                                                          "when its GPU package is installed)")
@@ -89,17 +92,20 @@ def main() -> None:
     tiles_settings, augment = TileSettings(size=128, stride=64), AugmentSettings()
     results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "device": args.device,
                                   "torch_threads": torch.get_num_threads(), "images": len(slides), "batch": args.batch,
-                                  "stain": args.stain}
+                                  "stain": args.stain, "scope": args.scope}
     with tempfile.TemporaryDirectory() as tmp:
         tmp_dir = Path(tmp)
         checkpoint = tmp_dir / "model.pt"
-        make_checkpoint(checkpoint, tiles_settings, augment, args.stain)
+        make_checkpoint(checkpoint, tiles_settings, augment, args.stain, args.scope)
         device = torch.device(args.device)
         predictor = Predictor.from_checkpoint(checkpoint, device, args.batch)
         all_tiles = np.concatenate([cut_tiles(read_rgb(s.path), tiles_settings).pixels for s in slides])
         n = len(all_tiles)
-        start = time.perf_counter()
-        normalized = predictor.normalize_stain(all_tiles)  # what the bare model is fed: the reader's work done
+        by_image = predictor.normalizer is not None and not predictor.normalizer.per_tile
+        images = [read_rgb(s.path) for s in slides] if by_image else []
+        start = time.perf_counter()  # what the bare model is fed: the reader's work done
+        normalized = (np.concatenate([cut_tiles(predictor.normalizer(i), tiles_settings).pixels for i in images])
+                      if by_image else predictor.normalize_stain(all_tiles))
         results["stain_ms_per_tile"] = (time.perf_counter() - start) / n * 1000
         results["tiles"] = n
 
