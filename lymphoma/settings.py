@@ -145,7 +145,7 @@ IMAGE_SCOPE_METHODS = ("none", "reinhard", "grey")  # those whose statistics a s
 class StainSettings:
     """Stain normalisation of every tile, in training, validation and prediction alike."""
 
-    normalize: str = "reinhard"    # none | macenko | reinhard (estimated per tile with torchstain; the fitted
+    normalize: str = "reinhard"    # none | macenko | reinhard (estimated per tile, or per image: scope; the fitted
     #                                reference goes into the checkpoint, so prediction needs no reference file) |
     #                                haematoxylin (the haematoxylin channel alone, its intensity scaled to the
     #                                reference's, drawn in the reference's haematoxylin colour: no eosin) |
