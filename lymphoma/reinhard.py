@@ -20,6 +20,7 @@ _LINEAR = np.where(_LEVELS > 0.04045, ((_LEVELS + 0.055) / 1.055) ** 2.4, _LEVEL
 _TO_XYZ = (_RGB_TO_XYZ / _WHITE[:, None]).astype(np.float32)                   # white-scaled XYZ of linear RGB
 _FROM_XYZ = (np.linalg.inv(_RGB_TO_XYZ) * _WHITE[None, :]).astype(np.float32)
 _F32 = np.float32
+BLOCK = 1 << 14  # pixels converted at once: a 128-px tile
 
 
 def _lab_f(t: np.ndarray) -> np.ndarray:
@@ -45,23 +46,31 @@ def from_lab(lab: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8).T)
 
 
+def _lab_blocks(pixels: np.ndarray) -> list[np.ndarray]:
+    """LAB of ``[..., 3]`` uint8 pixels, BLOCK pixels at a time: a whole image converted at once runs 3x slower
+    per pixel than in blocks whose temporaries stay in the cache."""
+    flat = pixels.reshape(-1, 3)
+    return [to_lab(flat[i:i + BLOCK]) for i in range(0, len(flat), BLOCK)]
+
+
 def lab_statistics(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The LAB channels' means and standard deviations ``([3], [3])`` of uint8 pixels ``[..., 3]``."""
-    lab = to_lab(pixels)
+    lab = np.concatenate(_lab_blocks(pixels), axis=1)
     return lab.mean(1), lab.std(1)
 
 
 def reinhard(tile: np.ndarray, mean: Sequence[float], std: Sequence[float],
              source: Optional[tuple[np.ndarray, np.ndarray]] = None) -> Optional[np.ndarray]:
-    """The ``[H, W, 3]`` uint8 tile with its LAB channels' means and standard deviations moved to ``mean`` and
-    ``std``; ``source``: the statistics to move from (those of the tile's image, ``lab_statistics``), else the
-    tile's own. None where a channel does not vary (nothing to scale)."""
-    lab = to_lab(tile)
+    """The ``[H, W, 3]`` uint8 tile (or whole image) with its LAB channels' means and standard deviations moved
+    to ``mean`` and ``std``; ``source``: the statistics to move from (those of the tile's image,
+    ``lab_statistics``), else the tile's own. None where a channel does not vary (nothing to scale)."""
+    blocks = _lab_blocks(tile)
     if source is None:
+        lab = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
         mu, sd = lab.mean(1, keepdims=True), lab.std(1, keepdims=True)
     else:
         mu, sd = (np.asarray(v, np.float32)[:, None] for v in source)
     if not (sd > 0).all():
         return None
-    lab = (lab - mu) * (np.asarray(std, np.float32)[:, None] / sd) + np.asarray(mean, np.float32)[:, None]
-    return from_lab(lab).reshape(tile.shape)
+    ratio, target = np.asarray(std, np.float32)[:, None] / sd, np.asarray(mean, np.float32)[:, None]
+    return np.concatenate([from_lab((lab - mu) * ratio + target) for lab in blocks]).reshape(tile.shape)
