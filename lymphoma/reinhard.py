@@ -53,10 +53,14 @@ def _lab_blocks(pixels: np.ndarray) -> list[np.ndarray]:
     return [to_lab(flat[i:i + BLOCK]) for i in range(0, len(flat), BLOCK)]
 
 
+def _statistics(blocks: list[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    lab = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
+    return lab.mean(1), lab.std(1)
+
+
 def lab_statistics(pixels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The LAB channels' means and standard deviations ``([3], [3])`` of uint8 pixels ``[..., 3]``."""
-    lab = np.concatenate(_lab_blocks(pixels), axis=1)
-    return lab.mean(1), lab.std(1)
+    return _statistics(_lab_blocks(pixels))
 
 
 def reinhard(tile: np.ndarray, mean: Sequence[float], std: Sequence[float],
@@ -65,11 +69,7 @@ def reinhard(tile: np.ndarray, mean: Sequence[float], std: Sequence[float],
     to ``mean`` and ``std``; ``source``: the statistics to move from (those of the tile's image,
     ``lab_statistics``), else the tile's own. None where a channel does not vary (nothing to scale)."""
     blocks = _lab_blocks(tile)
-    if source is None:
-        lab = np.concatenate(blocks, axis=1) if len(blocks) > 1 else blocks[0]
-        mu, sd = lab.mean(1, keepdims=True), lab.std(1, keepdims=True)
-    else:
-        mu, sd = (np.asarray(v, np.float32)[:, None] for v in source)
+    mu, sd = (np.asarray(v, np.float32)[:, None] for v in (source if source is not None else _statistics(blocks)))
     if not (sd > 0).all():
         return None
     ratio, target = np.asarray(std, np.float32)[:, None] / sd, np.asarray(mean, np.float32)[:, None]

@@ -180,13 +180,15 @@ def verify_shard(path: Path) -> str | None:
 
 
 def _write_attrs(h5: tables.File, arrays: _ShardArrays, phase: str, classes: Sequence[str], settings: TileSettings,
-                 compression: str, skipped: list[dict[str, str]], fingerprint: str, seconds: float) -> None:
+                 compression: str, skipped: list[dict[str, str]], fingerprint: str, seconds: float,
+                 stain: Optional[dict[str, Any]]) -> None:
     """The shard's attributes; ``complete`` last of all."""
     attrs = h5.root._v_attrs
     attrs.format = STORE_FORMAT
     attrs.phase = phase
     attrs.classes = json.dumps(list(classes))
     attrs.tiles = json.dumps(settings.as_dict())
+    attrs.stain = json.dumps(stain)
     attrs.tile_size, attrs.stride, attrs.resize, attrs.pad = settings.size, settings.stride, settings.resize, settings.pad
     attrs.compression = compression
     attrs.coords_convention = ("top-left (x, y) in level-0 pixels of the slide" if settings.by_resolution else
@@ -232,8 +234,7 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
                         raise ImageError(record.path, reason) from None
                     skipped.append({"path": record.path, "reason": reason})
             seconds = time.perf_counter() - start
-            _write_attrs(h5, arrays, phase, classes, settings, compression, skipped, fingerprint, seconds)
-            h5.root._v_attrs.stain = json.dumps(stain)
+            _write_attrs(h5, arrays, phase, classes, settings, compression, skipped, fingerprint, seconds, stain)
         _check_written(tmp, path)
         os.replace(tmp, path)
     except (OSError, tables.HDF5ExtError) as err:

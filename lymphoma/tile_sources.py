@@ -15,10 +15,10 @@ from lymphoma.errors import ImageError, InputError
 from lymphoma.images import WSI_SUFFIXES, read_rgb
 from lymphoma.regions import read_regions, select_tiles
 from lymphoma.settings import TileSettings
-from lymphoma.slides import SlideReader, open_slide
+from lymphoma.slides import open_slide
 from lymphoma.stain import StainNormalizer
 from lymphoma.tiling import cut_tiles
-from lymphoma.wsi import THUMBNAIL_SIDE, iter_tiles, plan_grid, save_grid_overview, target_mpp
+from lymphoma.wsi import iter_tiles, plan_grid, save_grid_overview, slide_tissue, target_mpp
 
 
 @dataclass
@@ -53,16 +53,6 @@ def _in_regions(path: str, region_file: str, corners: np.ndarray, side: float, s
     return keep, labels if settings.region_labels else None
 
 
-def _tissue_statistics(reader: SlideReader, mask: np.ndarray,
-                       stain: StainNormalizer) -> Optional[tuple[np.ndarray, np.ndarray]]:
-    """The stain statistics of a slide: of its thumbnail's pixels inside the tissue ``mask`` (all of them where
-    the mask is empty)."""
-    thumbnail = reader.thumbnail(THUMBNAIL_SIDE)
-    if mask.shape != thumbnail.shape[:2]:
-        mask = np.asarray(Image.fromarray(mask).resize(thumbnail.shape[1::-1], Image.Resampling.NEAREST))
-    return stain.image_statistics(thumbnail[mask] if mask.any() else thumbnail)
-
-
 def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side: int = 256,
                qc_path: Optional[Path] = None, region_file: str = "",
                stain: Optional[StainNormalizer] = None) -> TileSource:
@@ -94,7 +84,10 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
                           shrink / settings.resize, settings.size, settings.stride, 1 / settings.resize, labels)
     reader = open_slide(path, settings.default_mpp)
     try:
-        grid = plan_grid(reader, settings.size, settings.stride, target_mpp(reader, settings), settings.min_tissue)
+        # with stain statistics to take, one thumbnail gives them and the tissue mask (the grid's own otherwise)
+        thumbnail, tissue = slide_tissue(reader) if stain is not None else (None, None)
+        grid = plan_grid(reader, settings.size, settings.stride, target_mpp(reader, settings), settings.min_tissue,
+                         tissue)
         width, height = reader.info.dimensions
         labels = None
         if len(grid.coords):  # a slide without tissue is reported as such, below
@@ -107,7 +100,9 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
             raise ImageError(path, f"has no tile with at least {settings.min_tissue:.0%} tissue; check the slide or "
                                    "lower tiles.min_tissue")
         overview = reader.thumbnail(overview_side)
-        statistics = _tissue_statistics(reader, grid.tissue.mask, stain) if stain is not None else None
+        statistics = None
+        if stain is not None:  # of the thumbnail's tissue (the whole thumbnail where none was found)
+            statistics = stain.image_statistics(thumbnail[tissue.mask] if tissue.mask.any() else thumbnail)
     except (InputError, OSError):
         reader.close()
         raise

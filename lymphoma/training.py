@@ -349,10 +349,11 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
                         None if last.is_file() else settings.model.weights)
     options = StepOptions(train.amp, train.channels_last, train.max_steps_per_epoch, train.clip_grad_norm,
                           batch_mix(train.mix, train.mix_alpha))
+    manifest = load_manifest(tiles_dir)
+    check_tiles_stain(manifest, settings.stain, tiles_dir)
     run = Training(settings, out_dir, rank, device, train_tiles, eval_tiles, make_criterion(train_tiles, train, device),
                    parts, build_pipelines(train_tiles, eval_tiles, settings, rank, device), options,
-                   load_manifest(tiles_dir)["tiles"], tiles_fingerprint(tiles_dir))
-    check_tiles_stain(load_manifest(tiles_dir), settings.stain, tiles_dir)
+                   manifest["tiles"], tiles_fingerprint(tiles_dir))
     torch.manual_seed(train.seed + rank.rank)  # augmentation differs per rank; the model came from one seed
     if last.is_file():
         state = load_checkpoint(last)

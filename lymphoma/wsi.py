@@ -48,6 +48,12 @@ def target_mpp(reader: SlideReader, settings: "TileSettings") -> float:
     return info.mpp * info.objective_power / float(settings.target_power)
 
 
+def slide_tissue(reader: SlideReader) -> tuple[np.ndarray, TissueMask]:
+    """The slide's thumbnail (THUMBNAIL_SIDE on its longer side) and its tissue mask."""
+    thumbnail = reader.thumbnail(THUMBNAIL_SIDE)
+    return thumbnail, detect_tissue(thumbnail, thumbnail.shape[1] / reader.info.dimensions[0])
+
+
 def plan_grid(reader: SlideReader, tile_size: int, stride: int, target_mpp: float, min_tissue: float,
               tissue: Optional[TissueMask] = None) -> WsiGrid:
     """The tile grid of a slide at ``target_mpp`` microns per pixel, keeping tiles whose tissue share is at
@@ -69,8 +75,7 @@ def plan_grid(reader: SlideReader, tile_size: int, stride: int, target_mpp: floa
                                     f"at {target_mpp} mpp ({size0:.0f} level-0 pixels); lower tiles.size or "
                                     "tiles.target_mpp")
     if tissue is None:
-        thumbnail = reader.thumbnail(THUMBNAIL_SIDE)
-        tissue = detect_tissue(thumbnail, thumbnail.shape[1] / width)
+        tissue = slide_tissue(reader)[1]
     xs = np.arange(0, width - size0 + 1e-6, step0)
     ys = np.arange(0, height - size0 + 1e-6, step0)
     grid = [(x, y) for y in ys for x in xs]
