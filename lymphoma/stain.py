@@ -101,8 +101,12 @@ def fit_target(settings: StainSettings) -> Optional[StainTarget]:
 def tiling_stain(settings: StainSettings) -> Optional[dict[str, Any]]:
     """The target that tiling normalises to (as a dict, recorded in shards and their manifest): the fitted one
     with stain.scope image, else None (tiles are stored as read, and normalised one by one where they are used)."""
-    target = fit_target(settings) if settings.scope == "image" else None
-    return target.as_dict() if target is not None else None
+    return stored_stain(fit_target(settings)) if settings.scope == "image" else None
+
+
+def stored_stain(target: Optional[StainTarget]) -> Optional[dict[str, Any]]:
+    """What tiling records for a fitted target: the target itself with scope image, None with scope tile."""
+    return target.as_dict() if target is not None and target.scope == "image" else None
 
 
 class StainNormalizer:

@@ -40,7 +40,7 @@ from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.selection import best_index, explain, stop_early
 from lymphoma.settings import AugmentSettings, FitSettings, StainSettings, TrainSettings
 from lymphoma.sharding import load_manifest, phase_shards, tiles_fingerprint
-from lymphoma.stain import StainNormalizer, fit_target, tiling_stain
+from lymphoma.stain import StainNormalizer, StainTarget, fit_target, stored_stain, tiling_stain
 from lymphoma.store import verify_shard
 from lymphoma.tile_cache import CachedLoader, agreed_cache, choose_cache
 
@@ -108,7 +108,7 @@ def preflight(settings: FitSettings, tiles_dir: Path, out_dir: Path) -> None:
             raise InputError(f"{path} is damaged: {problem}; rerun `lymphoma tile` with the same config, which "
                              "rewrites it")
     _check_backbone(settings, tiles_dir)
-    check_tiles_stain(load_manifest(tiles_dir), settings.stain, tiles_dir)
+    check_tiles_stain(load_manifest(tiles_dir), settings.stain, tiles_dir, tiling_stain(settings.stain))
     last = out_dir / "checkpoints" / "last.pt"
     if last.is_file():
         state = load_checkpoint(last)
@@ -122,10 +122,12 @@ def preflight(settings: FitSettings, tiles_dir: Path, out_dir: Path) -> None:
         dataset.close()
 
 
-def check_tiles_stain(manifest: dict[str, Any], stain: StainSettings, tiles_dir: Path) -> None:
-    """Train only on tiles stored as the stain settings need them: as read (stain.scope tile: each tile is
-    normalised as it is used), or normalised by their images to the same target (stain.scope image)."""
-    made, wanted = manifest.get("stain"), tiling_stain(stain)
+def check_tiles_stain(manifest: dict[str, Any], stain: StainSettings, tiles_dir: Path,
+                      wanted: Optional[dict[str, Any]]) -> None:
+    """Train only on tiles stored as the stain settings need them (``wanted``, their ``stain.tiling_stain``): as
+    read (stain.scope tile: each tile is normalised as it is used), or normalised by their images to the same
+    target (stain.scope image)."""
+    made = manifest.get("stain")
     if made != wanted:
         def told(target: Optional[dict[str, Any]]) -> str:
             return (f"normalised by image ({target['method']}, reference {target['reference'] or 'standard'})"
@@ -285,11 +287,11 @@ class Pipelines:
 
 
 def build_pipelines(train_tiles: PhaseTiles, eval_tiles: PhaseTiles, settings: FitSettings, rank: Rank,
-                    device: torch.device) -> Pipelines:
-    """The stain target, the train and eval augmenters and their loaders."""
+                    device: torch.device, target: Optional[StainTarget]) -> Pipelines:
+    """The train and eval augmenters and their loaders, normalising to the stain ``target`` (fitted from the
+    settings) where it applies tile by tile."""
     train, augment = settings.train, settings.augment
     backend = choose_backend(augment, device)
-    target = fit_target(settings.stain)
     normalizer = StainNormalizer(target) if target is not None and target.scope == "tile" else None
     train_aug = build_augmenter(augment, True, device, seed=train.seed * 1000 + rank.rank, normalizer=normalizer)
     eval_aug = build_augmenter(augment, False, device, normalizer=normalizer)
@@ -349,10 +351,10 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
                         None if last.is_file() else settings.model.weights)
     options = StepOptions(train.amp, train.channels_last, train.max_steps_per_epoch, train.clip_grad_norm,
                           batch_mix(train.mix, train.mix_alpha))
-    manifest = load_manifest(tiles_dir)
-    check_tiles_stain(manifest, settings.stain, tiles_dir)
+    manifest, target = load_manifest(tiles_dir), fit_target(settings.stain)  # the target, fitted once
+    check_tiles_stain(manifest, settings.stain, tiles_dir, stored_stain(target))
     run = Training(settings, out_dir, rank, device, train_tiles, eval_tiles, make_criterion(train_tiles, train, device),
-                   parts, build_pipelines(train_tiles, eval_tiles, settings, rank, device), options,
+                   parts, build_pipelines(train_tiles, eval_tiles, settings, rank, device, target), options,
                    manifest["tiles"], tiles_fingerprint(tiles_dir))
     torch.manual_seed(train.seed + rank.rank)  # augmentation differs per rank; the model came from one seed
     if last.is_file():
