@@ -9,12 +9,13 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 from conftest import tiny_timm_file
 from jobs.cli import main
 from lymphoma.crossval import grouped_folds
 from lymphoma.inputs import discover
-from lymphoma.mil import Bag, predict_bag, train_mil
+from lymphoma.mil import SMALL_BAG, Bag, predict_bag, train_mil
 from lymphoma.settings import MILSettings
 
 pytestmark = pytest.mark.usefixtures("no_network")
@@ -50,6 +51,27 @@ def test_mil_learns_a_few_instance_task_and_attends_to_those_instances():
             top.append(order[0] in key and attention[key].mean() > 50 * np.delete(attention, key).mean())
     assert correct / len(test) >= 0.9
     assert np.mean(recall) >= 0.9 and all(top)
+
+
+def test_mil_runs_small_bags_on_one_thread_and_large_ones_on_all_then_restores_the_setting():
+    """Small bags train and predict on one thread (with several, each step waits for the slowest thread: 85x
+    slower on this machine while another process held a core); bags of at least SMALL_BAG values on all."""
+    seen: list[int] = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        small, _ = synthetic_bags(6, np.random.default_rng(0))
+        model = train_mil(small, 3, MILSettings(epochs=1))
+        predict_bag(model, small[0].features)
+        assert set(seen) == {1} and torch.get_num_threads() == 2
+        seen.clear()
+        large = np.zeros((SMALL_BAG // 16 + 1, 16), dtype=np.float32)
+        predict_bag(model, large)
+        assert set(seen) == {2} and torch.get_num_threads() == 2
+    finally:
+        hook.remove()
+        torch.set_num_threads(before)
 
 
 def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, tmp_path, capsys):
