@@ -152,9 +152,14 @@ def fold_records(cohort: Cohort, labels: np.ndarray, test_cases: Sequence[str], 
 
 def cv_records(cohort: Cohort, folds: Sequence[Sequence[str]], seed: int,
                labels: np.ndarray | None = None) -> list[list[dict[str, Any]]]:
-    """Every fold's test records (``labels`` replaces the truth, for the permutation null)."""
+    """Every fold's test records (``labels`` replaces the truth, for the permutation null). BLAS runs on one
+    thread: these fits are too small to share, and with two threads beside a busy process they ran 24x slower."""
+    import sklearn.linear_model  # noqa: F401  (its BLAS and OpenMP libraries loaded first, so the limit holds them)
+    from threadpoolctl import threadpool_limits
+
     labels = cohort.labels if labels is None else labels
-    return [fold_records(cohort, labels, test_cases, seed) for test_cases in folds]
+    with threadpool_limits(1):
+        return [fold_records(cohort, labels, test_cases, seed) for test_cases in folds]
 
 
 def permuted_labels(cohort: Cohort, rng: np.random.Generator) -> np.ndarray:

@@ -244,3 +244,36 @@ def test_grid_is_chosen_on_the_inner_val_of_each_fold(make_dataset, make_config)
         assert (fold_dir / "grid-0" / "tiles" / "manifest.json").is_file()  # tiles.stride in the grid: own tiles
     with pytest.raises(ConfigError, match="'train.nope' is not a setting"):
         run_cv(make_config(source, *FAST, "cv.folds=2", "cv.grid={train.nope: [1]}", "run.name=grid-bad"))
+
+
+def test_baseline_fits_on_one_blas_thread_with_the_same_predictions(records, monkeypatch):
+    """The baseline's small fits run on one BLAS thread (two ran 24x slower beside a busy process) and predict
+    what they predict with every thread; the thread setting is restored after."""
+    import numpy as np
+    from threadpoolctl import threadpool_info, threadpool_limits
+
+    import lymphoma.baseline as baseline
+
+    by_case: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in records:
+        by_case[record.case].append(record)
+    cases = [c for label in ("CLL", "FL", "MCL") for c in sorted(c for c in by_case if by_case[c][0].label == label)[:3]]
+    chosen = [r for c in cases for r in by_case[c][:2]]
+    classes = ["CLL", "FL", "MCL"]
+    cohort = baseline.Cohort([Path(r.path).stem for r in chosen], [r.path for r in chosen],
+                             baseline.cohort_features([r.path for r in chosen]),
+                             np.asarray([classes.index(r.label) for r in chosen]), np.asarray([r.case for r in chosen]),
+                             classes)
+    folds = [cases[i::3] for i in range(3)]  # one case of each class per fold
+    seen: list[int] = []
+    real = baseline._classifier
+    monkeypatch.setattr(baseline, "_classifier",
+                        lambda c: seen.append(max(i["num_threads"] for i in threadpool_info())) or real(c))
+    with threadpool_limits(2):
+        one = baseline.cv_records(cohort, folds, seed=0)
+        assert seen and set(seen) == {1}
+        assert {i["num_threads"] for i in threadpool_info()} == {2}
+        with monkeypatch.context() as patch:
+            patch.setattr("threadpoolctl.threadpool_limits", lambda *_: threadpool_limits(2))
+            every = baseline.cv_records(cohort, folds, seed=0)
+    assert [[r["majority_class"] for r in fold] for fold in one] == [[r["majority_class"] for r in fold] for fold in every]

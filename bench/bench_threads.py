@@ -1,8 +1,9 @@
-"""Attention-MIL training time: small bags on one thread (``lymphoma.mil.bag_threads``) against all of torch's
-threads, on a quiet machine and beside another process that holds one core (a shared node, or a sweep beside),
-in one run. Bags shaped as this cohort's: 230 bags of 15 tiles x 128 dimensions (one fold of `lymphoma mil`).
+"""Small fits on one thread against all of them, on a quiet machine and beside another process that holds one
+core (a shared node, or a sweep beside), in one run: attention-MIL training (``lymphoma.mil.bag_threads``; 230
+bags of 15 tiles x 128 dimensions, one fold of `lymphoma mil` on this cohort) and the reference baseline's
+logistic regressions (``lymphoma.baseline.cv_records``; 307 images x 93 features, 4 folds with C chosen inside).
 
-    .venv/bin/python bench/bench_mil.py [--bags 230] [--tiles 15] [--dim 128] [--epochs 5] [--out ...]
+    .venv/bin/python bench/bench_threads.py [--bags 230] [--tiles 15] [--dim 128] [--epochs 5] [--out ...]
 """
 
 from __future__ import annotations
@@ -14,10 +15,12 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
 
+import lymphoma.baseline as baseline
 import lymphoma.mil as mil
 from common import emit
 from lymphoma.settings import MILSettings
@@ -34,6 +37,21 @@ def seconds(bags: list[mil.Bag], settings: MILSettings, small_bag: int) -> float
         mil.SMALL_BAG = saved
 
 
+def baseline_seconds(cohort: baseline.Cohort, folds: list[list[str]], threads: Optional[int]) -> float:
+    """Wall seconds of the baseline's fits in ``folds`` with BLAS on ``threads`` (None: as many as it has)."""
+    import threadpoolctl
+
+    saved = threadpoolctl.threadpool_limits
+    if threads is None:  # what cv_records did before: no limit
+        threadpoolctl.threadpool_limits = lambda *_: saved(None)  # type: ignore[assignment]
+    try:
+        start = time.perf_counter()
+        baseline.cv_records(cohort, folds, 0)
+        return time.perf_counter() - start
+    finally:
+        threadpoolctl.threadpool_limits = saved  # type: ignore[assignment]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--bags", type=int, default=230)
@@ -46,6 +64,10 @@ def main() -> None:
     bags = [mil.Bag(str(i), rng.standard_normal((args.tiles, args.dim)).astype(np.float32), i % 3,
                     np.asarray([str(i)] * args.tiles)) for i in range(args.bags)]
     settings = MILSettings(epochs=args.epochs)
+    cases = np.asarray([f"case{i % 23}" for i in range(307)])
+    cohort = baseline.Cohort([str(i) for i in range(307)], [""] * 307, rng.standard_normal((307, 93)),
+                             np.asarray([int(c[4:]) % 3 for c in cases]), cases, ["CLL", "FL", "MCL"])
+    folds = [[f"case{i}" for i in range(23) if i % 4 == k] for k in range(4)]
     results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
                                   "torch_threads": torch.get_num_threads(), "bags": args.bags,
                                   "bag": f"{args.tiles} tiles x {args.dim}", "epochs": args.epochs}
@@ -54,11 +76,15 @@ def main() -> None:
         try:
             chosen = seconds(bags, settings, mil.SMALL_BAG)
             every = seconds(bags, settings, 0)
+            one_blas = baseline_seconds(cohort, folds, 1)
+            all_blas = baseline_seconds(cohort, folds, None)
         finally:
             if busy is not None:
                 busy.kill()
                 busy.wait()
-        results[where] = {"one_thread_s": chosen, "all_threads_s": every, "speedup": every / chosen}
+        results[where] = {"mil_one_thread_s": chosen, "mil_all_threads_s": every, "mil_speedup": every / chosen,
+                          "baseline_one_thread_s": one_blas, "baseline_all_threads_s": all_blas,
+                          "baseline_speedup": all_blas / one_blas}
     emit(results, args.out)
 
 
