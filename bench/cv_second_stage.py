@@ -86,9 +86,9 @@ def summary(per_repeat: list[dict[str, list[list[dict[str, Any]]]]], classes: li
         flat = [r for by_fold in per_repeat for fold in by_fold[method] for r in fold]
         recall = {c: float(np.mean([r["majority_class"] == c for r in flat if r["label"] == c])) for c in classes}
         rows[method] = {"image": scores[:, 0].round(3).tolist(), "case": scores[:, 1].round(3).tolist(),
-                        "image_mean_sd": [round(float(scores[:, 0].mean()), 3), round(float(scores[:, 0].std(ddof=1)), 3)]
+                        "image_mean_sd": [round(float(scores[:, 0].mean()), 3), round(float(scores[:, 0].std()), 3)]
                         if len(scores) > 1 else None,
-                        "case_mean_sd": [round(float(scores[:, 1].mean()), 3), round(float(scores[:, 1].std(ddof=1)), 3)]
+                        "case_mean_sd": [round(float(scores[:, 1].mean()), 3), round(float(scores[:, 1].std()), 3)]
                         if len(scores) > 1 else None, "recall": recall}
     return rows
 
