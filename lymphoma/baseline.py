@@ -153,7 +153,7 @@ def fold_records(cohort: Cohort, labels: np.ndarray, test_cases: Sequence[str], 
 def cv_records(cohort: Cohort, folds: Sequence[Sequence[str]], seed: int,
                labels: np.ndarray | None = None) -> list[list[dict[str, Any]]]:
     """Every fold's test records (``labels`` replaces the truth, for the permutation null). BLAS runs on one
-    thread: these fits are too small to share, and with two threads beside a busy process they ran 24x slower."""
+    thread: these fits are too small to share (with two, 24x slower beside a CV run's two processes on 2 cores)."""
     import sklearn.linear_model  # noqa: F401  (its BLAS and OpenMP libraries loaded first, so the limit holds them)
     from threadpoolctl import threadpool_limits
 

@@ -48,7 +48,7 @@ def torch_threads(n: int) -> Iterator[None]:
 
 def bag_threads(values: float) -> int:
     """Threads for bags of ``values`` embedding values: one for small bags, whose every operation is too short to
-    share (with threads, each waits for the slowest: 85x slower when another process holds a core), else all."""
+    share (with threads each waits for the slowest: 85x slower beside a CV run's two processes on 2 cores), else all."""
     return 1 if values < SMALL_BAG else torch.get_num_threads()
 
 

@@ -247,7 +247,7 @@ def test_grid_is_chosen_on_the_inner_val_of_each_fold(make_dataset, make_config)
 
 
 def test_baseline_fits_on_one_blas_thread_with_the_same_predictions(records, monkeypatch):
-    """The baseline's small fits run on one BLAS thread (two ran 24x slower beside a busy process) and predict
+    """The baseline's small fits run on one BLAS thread (two ran 24x slower beside two busy processes) and predict
     what they predict with every thread; the thread setting is restored after."""
     import numpy as np
     from threadpoolctl import threadpool_info, threadpool_limits

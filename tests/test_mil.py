@@ -55,7 +55,7 @@ def test_mil_learns_a_few_instance_task_and_attends_to_those_instances():
 
 def test_mil_runs_small_bags_on_one_thread_and_large_ones_on_all_then_restores_the_setting():
     """Small bags train and predict on one thread (with several, each step waits for the slowest thread: 85x
-    slower on this machine while another process held a core); bags of at least SMALL_BAG values on all."""
+    slower on this 2-core machine beside two busy processes); bags of at least SMALL_BAG values on all."""
     seen: list[int] = []
     hook = torch.nn.modules.module.register_module_forward_pre_hook(lambda *_: seen.append(torch.get_num_threads()))
     before = torch.get_num_threads()
