@@ -79,7 +79,8 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
                                    (h, w), settings)
         pixels, coords = (cut.pixels, cut.coords) if keep.all() else (cut.pixels[keep], cut.coords[keep])
         shrink = min(1.0, overview_side / max(h, w))
-        overview = np.asarray(Image.fromarray(image).resize((max(1, round(w * shrink)), max(1, round(h * shrink)))))
+        overview = np.asarray(Image.fromarray(image).resize((max(1, round(w * shrink)), max(1, round(h * shrink))),
+                                                            Image.Resampling.BOX))  # 2x faster than bicubic
         return TileSource(iter([pixels]), coords, cut.n_background, (h, w), overview,
                           shrink / settings.resize, settings.size, settings.stride, 1 / settings.resize, labels)
     reader = open_slide(path, settings.default_mpp)

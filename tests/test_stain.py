@@ -132,6 +132,16 @@ def test_a_tile_without_tissue_is_left_alone(data_root):
         assert np.array_equal(StainNormalizer(fit_target(StainSettings(method)))(blank), blank)
 
 
+def test_the_stained_share_is_the_share_of_pixels_dark_in_every_channel(data_root):
+    from lymphoma.stain import _STAINED_MAX, _stained_share
+
+    images = [read_rgb(path) for path in sorted((data_root / "lowres").glob("*/*.png"))[::40]]
+    for image in [*images, images[0][:40, :50], np.full((8, 8, 3), 236, np.uint8)]:
+        assert _stained_share(image) == float(np.mean((image <= _STAINED_MAX).all(axis=-1)))
+    assert 0.05 < _stained_share(images[0]) < 1
+    assert _stained_share(images[0][:0]) == 0.0  # no pixel: no tissue to normalise, rather than NaN
+
+
 def test_bad_references_are_named(tmp_path, data_root):
     white = tmp_path / "white.png"
     Image.fromarray(np.full((200, 200, 3), 245, np.uint8)).save(white)
