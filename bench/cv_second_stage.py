@@ -24,6 +24,7 @@ import numpy as np
 from common import emit
 from jobs.baseline import load_cohort
 from lymphoma.baseline import cv_records, pooled_accuracy
+from lymphoma.cohort_report import probability_record
 from lymphoma.features import read_features
 from lymphoma.inputs import ImageRecord
 
@@ -32,10 +33,7 @@ METHODS = ("tile vote", "mean tile probability", "baseline", "CNN + baseline", "
 
 def as_record(source: dict[str, Any], probs: np.ndarray, classes: list[str]) -> dict[str, Any]:
     """A prediction record (image class and one vote) from class probabilities."""
-    name = classes[int(probs.argmax())]
-    return {"key": source["key"], "label": source["label"], "case": source["case"], "majority_class": name,
-            "mean_prob_class": name, "mean_probs": dict(zip(classes, probs.tolist())),
-            "votes": {c: int(c == name) for c in classes}}
+    return probability_record(probs, classes, key=source["key"], label=source["label"], case=source["case"])
 
 
 def probabilities(record: dict[str, Any], classes: list[str]) -> np.ndarray:

@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from jobs.run_folder import Run
+from lymphoma.cohort_report import probability_record
 from lymphoma.crossval import across_repeats, cv_report, format_cv_report, grouped_folds
 from lymphoma.errors import InputError
 from lymphoma.features import read_features
@@ -68,14 +69,11 @@ def fold_records(bags: list[Bag], case_of: dict[str, str], rows_by_key: dict[str
     records, attention = [], {}
     for bag in (b for b in bags if case_of[b.key] in test_cases):
         probs, weights = predict_bag(model, bag.features)
-        name = classes[int(probs.argmax())]
         for key in dict.fromkeys(bag.slides.tolist()):
             row = rows_by_key[key]
             attention[key] = weights[bag.slides == key]
-            records.append({"key": key, "path": row["path"], "status": "ok", "label": row["label"], "case": row["case"],
-                            "majority_class": name, "mean_prob_class": name, "confidence": float(probs.max()),
-                            "mean_probs": dict(zip(classes, probs.tolist())),
-                            "votes": {c: int(c == name) for c in classes}, "bag": bag.key})
+            records.append(probability_record(probs, classes, key=key, path=row["path"], label=row["label"],
+                                              case=row["case"], bag=bag.key))
     return records, attention
 
 

@@ -17,6 +17,7 @@ from typing import Any
 
 import numpy as np
 
+from lymphoma.cohort_report import probability_record
 from lymphoma.images import read_rgb
 from lymphoma.settings import StainSettings
 from lymphoma.stain import StainNormalizer, fit_target
@@ -140,14 +141,9 @@ def fold_records(cohort: Cohort, labels: np.ndarray, test_cases: Sequence[str], 
     model = _classifier(c).fit(x, y)
     probs = np.zeros((int(test.sum()), len(cohort.classes)))
     probs[:, model.classes_] = model.predict_proba(cohort.features[test])
-    records = []
-    for i, p in zip(np.flatnonzero(test), probs):
-        name = cohort.classes[int(p.argmax())]
-        records.append({"key": cohort.keys[i], "path": cohort.paths[i], "status": "ok", "label": cohort.classes[labels[i]],
-                        "case": str(cohort.cases[i]), "majority_class": name, "mean_prob_class": name,
-                        "confidence": float(p.max()), "mean_probs": dict(zip(cohort.classes, p.tolist())),
-                        "votes": {c: int(c == name) for c in cohort.classes}, "c": c})
-    return records
+    return [probability_record(p, cohort.classes, key=cohort.keys[i], path=cohort.paths[i],
+                               label=cohort.classes[labels[i]], case=str(cohort.cases[i]), c=c)
+            for i, p in zip(np.flatnonzero(test), probs)]
 
 
 def cv_records(cohort: Cohort, folds: Sequence[Sequence[str]], seed: int,

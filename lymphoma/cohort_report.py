@@ -48,6 +48,14 @@ def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_
     return metrics
 
 
+def probability_record(probs: np.ndarray, classes: Sequence[str], **fields: Any) -> dict[str, Any]:
+    """A record of an image classified from one probability vector (a linear model, a MIL bag) rather than a tile
+    vote: one vote for its class, so vote and mean agree; ``fields`` (key, path, label, case, ...) go in as given."""
+    name = classes[int(probs.argmax())]
+    return {**fields, "status": "ok", "majority_class": name, "mean_prob_class": name, "confidence": float(probs.max()),
+            "mean_probs": dict(zip(classes, probs.tolist())), "votes": {c: int(c == name) for c in classes}}
+
+
 def image_class(record: dict[str, Any], aggregate: str) -> str:
     """An image's class from its record: the tiles' majority ``vote`` or their ``mean`` probability's class."""
     return record["majority_class"] if aggregate == "vote" else record["mean_prob_class"]
