@@ -71,6 +71,8 @@ class Predictor:
         model = build_model(state["architecture"])
         load_model_weights(model, state, path)
         model.to(device, memory_format=torch.channels_last).eval()
+        if engine == "compile":
+            model = torch.compile(model)  # compiled at the first batch; a second batch size compiles once more
         augment, tile_settings = AugmentSettings(**state["augment"]), TileSettings(**state["tiles"])
         onnx = None
         fingerprint = checkpoint_fingerprint(path, state, tta, engine, precision)

@@ -417,7 +417,7 @@ def decisive(tiled) -> Path:
 
 
 def test_every_engine_gives_pytorchs_classes_on_real_tiles(decisive, cohort, tmp_path, capsys):
-    """engine=onnxruntime: PyTorch's logits within 1e-4; precision=bf16: the same class on at least 99% of
+    """engine=onnxruntime and engine=compile: PyTorch's logits within 1e-4; precision=bf16: the same class on at least 99% of
     the real tiles; both through `lymphoma predict` end to end, with the same slide classes."""
     checkpoint = decisive
     fp32 = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64)
@@ -425,17 +425,19 @@ def test_every_engine_gives_pytorchs_classes_on_real_tiles(decisive, cohort, tmp
     reference = fp32.logits(tiles, stain_normalized=True)
     onnx = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64, engine="onnxruntime")
     assert torch.allclose(onnx.logits(tiles, stain_normalized=True), reference, atol=1e-4)
+    compiled = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64, engine="compile")
+    assert torch.allclose(compiled.logits(tiles, stain_normalized=True), reference, atol=1e-4)
     bf16 = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64, precision="bf16").logits(
         tiles, stain_normalized=True)
     assert (bf16.argmax(1) == reference.argmax(1)).float().mean() >= 0.99 and (bf16 - reference).abs().max() < 0.1
     assert predict(checkpoint, tmp_path / "torch", f"{cohort}/**/*.png") == 0
-    for words in (["predict.engine=onnxruntime"], ["predict.precision=bf16"]):
+    for words in (["predict.engine=onnxruntime"], ["predict.precision=bf16"], ["predict.engine=compile"]):
         out = tmp_path / words[0].split("=")[1]
         assert predict(checkpoint, out, f"{cohort}/**/*.png", *words) == 0
         with (tmp_path / "torch" / "summary.csv").open() as a, (out / "summary.csv").open() as b:
             assert [r["predicted"] for r in csv.DictReader(a)] == [r["predicted"] for r in csv.DictReader(b)]
     assert predict(checkpoint, tmp_path / "bad", f"{cohort}/**/*.png", "predict.engine=tensorrt") == 2
-    assert "predict.engine is 'tensorrt'; allowed: torch, onnxruntime" in capsys.readouterr().err
+    assert "predict.engine is 'tensorrt'; allowed: torch, compile, onnxruntime" in capsys.readouterr().err
 
 
 def test_probability_maps_paint_each_class_probability_where_its_tile_is(checkpoint, cohort, tmp_path):
