@@ -1,9 +1,10 @@
 """Reinhard normalisation of a uint8 tile: torchstain's formulas (sRGB -> CIE LAB, each channel's mean and
 standard deviation moved to the target's, back to sRGB, truncated to uint8) computed in float32, with the sRGB
-decoding of the 256 possible values read from a table and every channel contiguous. About 3x faster than
+decoding of the 256 possible values read from a table, every channel contiguous and every step in place (1.4x
+faster than the same formulas written as expressions, with the same bits: tested). About 4x faster than
 torchstain's NumpyReinhardNormalizer, which it matches within one level (on 14 pixels in a million of the
-real tiles; tested); it runs once per tile of every training phase, prediction and embedding. The statistics
-moved from are the tile's own, or given (those of its whole image: stain.scope image)."""
+real tiles; tested); it runs once per image or tile of every tiling, training phase, prediction and embedding.
+The statistics moved from are the tile's own, or given (those of its whole image: stain.scope image)."""
 
 from __future__ import annotations
 
@@ -23,27 +24,53 @@ _F32 = np.float32
 BLOCK = 1 << 14  # pixels converted at once: a 128-px tile
 
 
-def _lab_f(t: np.ndarray) -> np.ndarray:
-    return np.where(t > 0.008856, np.cbrt(t), _F32(7.787) * t + _F32(16 / 116))
-
-
-def _lab_f_inverse(t: np.ndarray) -> np.ndarray:
-    return np.where(t > 0.2068966, t * t * t, (t - _F32(16 / 116)) / _F32(7.787))
-
-
 def to_lab(tile: np.ndarray) -> np.ndarray:
-    """``[3, P]`` float32: L in [0, 100], a and b about 0, of the ``[..., 3]`` uint8 pixels."""
-    fx, fy, fz = _lab_f(_TO_XYZ @ _LINEAR[tile.reshape(-1, 3)].T)
-    return np.stack([_F32(116) * fy - _F32(16), _F32(500) * (fx - fy), _F32(200) * (fy - fz)])
+    """``[3, P]`` float32: L in [0, 100], a and b about 0, of the ``[..., 3]`` uint8 pixels. CIE's f(t): the cube
+    root above 0.008856, 7.787 t + 16/116 below; every step in place."""
+    xyz = _TO_XYZ @ np.take(_LINEAR, tile.reshape(-1, 3)).T
+    f = np.cbrt(xyz)
+    low = xyz <= _F32(0.008856)
+    if low.any():
+        f[low] = _F32(7.787) * xyz[low] + _F32(16 / 116)
+    fx, fy, fz = f
+    lab = np.empty_like(f)
+    np.multiply(_F32(116), fy, out=lab[0])
+    lab[0] -= _F32(16)
+    np.subtract(fx, fy, out=lab[1])
+    lab[1] *= _F32(500)
+    np.subtract(fy, fz, out=lab[2])
+    lab[2] *= _F32(200)
+    return lab
 
 
 def from_lab(lab: np.ndarray) -> np.ndarray:
     """``[P, 3]`` uint8 sRGB of ``[3, P]`` LAB, clipped to the gamut and truncated (torchstain's rounding)."""
-    y = (lab[0] + _F32(16)) / _F32(116)
-    linear = _FROM_XYZ @ _lab_f_inverse(np.stack([lab[1] / _F32(500) + y, y, y - lab[2] / _F32(200)]))
-    rgb = np.where(linear > 0.0031308, _F32(1.055) * np.power(np.maximum(linear, 0), _F32(1 / 2.4)) - _F32(0.055),
-                   _F32(12.92) * linear)
-    return np.ascontiguousarray((np.clip(rgb, 0, 1) * 255).astype(np.uint8).T)
+    t = np.empty_like(lab)  # f(X/Xn), f(Y/Yn), f(Z/Zn)
+    y = t[1]
+    np.add(lab[0], _F32(16), out=y)
+    y /= _F32(116)
+    np.divide(lab[1], _F32(500), out=t[0])
+    t[0] += y
+    np.divide(lab[2], _F32(200), out=t[2])
+    np.subtract(y, t[2], out=t[2])
+    xyz = t * t
+    xyz *= t
+    low = t <= _F32(0.2068966)
+    if low.any():
+        xyz[low] = (t[low] - _F32(16 / 116)) / _F32(7.787)
+    linear = _FROM_XYZ @ xyz
+    rgb = np.maximum(linear, 0)
+    np.power(rgb, _F32(1 / 2.4), out=rgb)
+    rgb *= _F32(1.055)
+    rgb -= _F32(0.055)
+    low = linear <= 0.0031308
+    if low.any():
+        rgb[low] = _F32(12.92) * linear[low]
+    np.clip(rgb, 0, 1, out=rgb)
+    rgb *= 255
+    out = np.empty(rgb.shape[::-1], np.uint8)
+    np.copyto(out, rgb.T, casting="unsafe")  # truncated, as astype(uint8)
+    return out
 
 
 def _lab_blocks(pixels: np.ndarray) -> list[np.ndarray]:
@@ -73,4 +100,8 @@ def reinhard(tile: np.ndarray, mean: Sequence[float], std: Sequence[float],
     if not (sd > 0).all():
         return None
     ratio, target = np.asarray(std, np.float32)[:, None] / sd, np.asarray(mean, np.float32)[:, None]
-    return np.concatenate([from_lab((lab - mu) * ratio + target) for lab in blocks]).reshape(tile.shape)
+    for lab in blocks:
+        lab -= mu
+        lab *= ratio
+        lab += target
+    return np.concatenate([from_lab(lab) for lab in blocks]).reshape(tile.shape)

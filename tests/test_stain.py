@@ -92,6 +92,35 @@ def test_reinhard_matches_torchstain_within_one_level_on_real_tiles(data_root):
     assert np.array_equal(StainNormalizer(fit_target(StainSettings("reinhard")))(flat), flat)
 
 
+def _reinhard_as_expressions(pixels: np.ndarray, mean, std) -> np.ndarray:
+    """The formulas of lymphoma.reinhard written plainly (its version before every step was made in place)."""
+    from lymphoma.reinhard import _FROM_XYZ, _LINEAR, _TO_XYZ
+
+    f32 = np.float32
+    t = _TO_XYZ @ _LINEAR[pixels.reshape(-1, 3)].T
+    fx, fy, fz = np.where(t > 0.008856, np.cbrt(t), f32(7.787) * t + f32(16 / 116))
+    lab = np.stack([f32(116) * fy - f32(16), f32(500) * (fx - fy), f32(200) * (fy - fz)])
+    mu, sd = lab.mean(1)[:, None], lab.std(1)[:, None]
+    lab = (lab - mu) * (np.asarray(std, f32)[:, None] / sd) + np.asarray(mean, f32)[:, None]
+    y = (lab[0] + f32(16)) / f32(116)
+    t = np.stack([lab[1] / f32(500) + y, y, y - lab[2] / f32(200)])
+    linear = _FROM_XYZ @ np.where(t > 0.2068966, t * t * t, (t - f32(16 / 116)) / f32(7.787))
+    rgb = np.where(linear > 0.0031308, f32(1.055) * np.power(np.maximum(linear, 0), f32(1 / 2.4)) - f32(0.055),
+                   f32(12.92) * linear)
+    return (np.clip(rgb, 0, 1) * 255).astype(np.uint8).T.reshape(pixels.shape)
+
+
+def test_reinhard_in_place_gives_the_bits_of_its_formulas(data_root):
+    """Tiles (one block) and whole images of several blocks, and pixels at the ends of the gamut (both branches of
+    both piecewise functions): the same bytes as the formulas written as expressions."""
+    extremes = np.array([[0, 0, 0], [255, 255, 255], [255, 0, 0], [0, 255, 0], [0, 0, 255], [1, 2, 3], [9, 9, 9]],
+                        np.uint8)[None].repeat(20, 0)
+    for path in sorted((data_root / "lowres").glob("*/*.png"))[::25]:
+        image = read_rgb(path)
+        for pixels in (image[:128, :128], image, extremes):
+            assert np.array_equal(reinhard(pixels, *DEFAULT_LAB), _reinhard_as_expressions(pixels, *DEFAULT_LAB))
+
+
 def test_haematoxylin_only_drops_eosin_and_the_tiles_stain_intensity(tiles):
     """stain.normalize=haematoxylin: every pixel's optical density lies along the reference's H direction, and a
     tile whose haematoxylin is 0.7x as strong and eosin 1.6x (a different lab's staining, 29 levels off on
