@@ -6,7 +6,8 @@ peak memory. ``--stain reinhard`` predicts as a model trained with the default c
 Reinhard-normalised in the reader); the bare model then runs on tiles normalised beforehand. ``--scope image``:
 each image normalised whole before it is cut (stain.scope=image) instead of each tile.
 
-    .venv/bin/python bench/bench_predict.py [--images 64] [--stain none|reinhard] [--scope tile|image] [--out ...]
+    .venv/bin/python bench/bench_predict.py [--images 64] [--stain none|reinhard] [--scope tile|image]
+        [--engines torch:fp32,torch:bf16,onnxruntime:fp32,compile:bf16] [--out ...]
 
 The model is the reduced DenseNet with its initial weights (speed does not depend on training).
 """
@@ -81,6 +82,8 @@ def main() -> None:
     parser.add_argument("--out", type=Path)
     parser.add_argument("--device", default="cpu", help="cpu or cuda (the model's device; ONNX Runtime uses CUDA "
                                                          "when its GPU package is installed)")
+    parser.add_argument("--engines", default=",".join(f"{e}:{p}" for e, p in ENGINES),
+                        help="engine:precision pairs to measure, comma-separated")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # checkpoint, slide list, out: one task
     args = parser.parse_args()
     if args.child:
@@ -126,7 +129,8 @@ def main() -> None:
         cpu: dict[str, float] = {}
         timings = {"tutorial_style": timed(tutorial, cpu, "tutorial_style")}
         reference = predictor.logits(all_tiles[:256])
-        for engine, precision in ENGINES:
+        engines = [tuple(pair.split(":")) for pair in args.engines.split(",")]
+        for engine, precision in engines:
             name = f"{engine}_{precision}"
             engine_predictor = Predictor.from_checkpoint(checkpoint, device, args.batch, engine=engine,
                                                          precision=precision, export_dir=tmp_dir / "engine")
@@ -145,7 +149,7 @@ def main() -> None:
         for name, seconds in timings.items():
             results[f"{name}_tiles_per_s"] = n / seconds
             results[f"{name}_cpu_ms_per_tile"] = cpu[name] / n * 1000  # core-milliseconds: where the time goes
-        for engine, precision in ENGINES:
+        for engine, precision in engines:
             name = f"{engine}_{precision}"
             results[f"end_to_end_vs_tutorial_style_{name}"] = timings["tutorial_style"] / timings[f"end_to_end_{name}"]
             results[f"end_to_end_vs_bare_model_{name}"] = timings[f"bare_model_{name}"] / timings[f"end_to_end_{name}"]
