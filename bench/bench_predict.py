@@ -22,6 +22,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -73,7 +74,7 @@ def timed(fn: object, cpu: dict[str, float], name: str) -> float:
     return wall
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
     parser.add_argument("--batch", type=int, default=32)
@@ -85,88 +86,118 @@ def main() -> None:
     parser.add_argument("--engines", default=",".join(f"{e}:{p}" for e, p in ENGINES),
                         help="engine:precision pairs to measure, comma-separated")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # checkpoint, slide list, out: one task
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def child_task(args: argparse.Namespace) -> None:
+    """One prediction task in its own process; prints its peak memory."""
+    slides = [SlideInput(**s) for s in json.loads(Path(args.child[1]).read_text())]
+    end_to_end(Predictor.from_checkpoint(Path(args.child[0]), torch.device(args.device), args.batch), slides,
+               Path(args.child[2]))
+    hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
+    print(int(hwm.split()[1]) / 1024)  # this task's own peak (ru_maxrss would count the parent's pre-exec memory)
+
+
+def tiles_in_memory(predictor: Predictor, slides: list[SlideInput], settings: TileSettings,
+                    results: dict[str, object]) -> tuple[np.ndarray, np.ndarray]:
+    """Every slide's tiles as read, and as the bare model is fed them (the reader's stain work done, timed)."""
+    all_tiles = np.concatenate([cut_tiles(read_rgb(s.path), settings).pixels for s in slides])
+    by_image = predictor.normalizer is not None and not predictor.normalizer.per_tile
+    images = [read_rgb(s.path) for s in slides] if by_image else []
+    start = time.perf_counter()
+    normalized = (np.concatenate([cut_tiles(predictor.normalizer(i), settings).pixels for i in images])
+                  if by_image else predictor.normalize_stain(all_tiles))
+    results["stain_ms_per_tile"] = (time.perf_counter() - start) / len(all_tiles) * 1000
+    results["tiles"] = len(all_tiles)
+    return all_tiles, normalized
+
+
+def tutorial_loop(model: torch.nn.Module, slides: list[SlideInput], settings: TileSettings,
+                  device: torch.device) -> Callable[[], None]:
+    """The tutorial's prediction: batch 10, autograd on, read and tile between model calls, nothing written."""
+    def run() -> None:
+        for slide in slides:
+            tiles = cut_tiles(read_rgb(slide.path), settings).pixels
+            outputs = []
+            for start in range(0, len(tiles), 10):
+                x = torch.from_numpy(tiles[start:start + 10].transpose(0, 3, 1, 2) / 255).float().to(device)
+                outputs.append(model(x[:, :, 8:120, 8:120]).detach().cpu().numpy())
+            np.concatenate(outputs).argmax(1)
+    return run
+
+
+def measure_engines(args: argparse.Namespace, checkpoint: Path, slides: list[SlideInput], all_tiles: np.ndarray,
+                    normalized: np.ndarray, tutorial: Callable[[], None], results: dict[str, object]) -> None:
+    """Tiles/s and CPU time of the tutorial's loop, then of each engine's bare model and end to end, with ratios."""
+    device, n, work = torch.device(args.device), len(all_tiles), checkpoint.parent
+    cpu: dict[str, float] = {}
+    timings = {"tutorial_style": timed(tutorial, cpu, "tutorial_style")}
+    reference = Predictor.from_checkpoint(checkpoint, device, args.batch).logits(all_tiles[:256])
+    engines = [tuple(pair.split(":")) for pair in args.engines.split(",")]
+    for engine, precision in engines:
+        name = f"{engine}_{precision}"
+        predictor = Predictor.from_checkpoint(checkpoint, device, args.batch, engine=engine, precision=precision,
+                                              export_dir=work / "engine")
+
+        def bare() -> None:
+            for start in range(0, n, args.batch):
+                predictor.logits(normalized[start:start + args.batch], stain_normalized=True)
+
+        bare()  # warm up the kernels once (a compiled model: compiled at its first batch)
+        timings[f"bare_model_{name}"] = timed(bare, cpu, f"bare_model_{name}")
+        end_to_end(predictor, slides[:2], work / f"warm-{name}")  # and at a smaller last batch
+        timings[f"end_to_end_{name}"] = timed(lambda: end_to_end(predictor, slides, work / f"out-{name}"),
+                                              cpu, f"end_to_end_{name}")
+        same = predictor.logits(all_tiles[:256]).argmax(1) == reference.argmax(1)
+        results[f"same_tile_class_as_torch_fp32_{name}"] = float(same.float().mean())
+    for name, seconds in timings.items():
+        results[f"{name}_tiles_per_s"] = n / seconds
+        results[f"{name}_cpu_ms_per_tile"] = cpu[name] / n * 1000  # core-milliseconds: where the time goes
+    for engine, precision in engines:
+        name = f"{engine}_{precision}"
+        results[f"end_to_end_vs_tutorial_style_{name}"] = timings["tutorial_style"] / timings[f"end_to_end_{name}"]
+        results[f"end_to_end_vs_bare_model_{name}"] = timings[f"bare_model_{name}"] / timings[f"end_to_end_{name}"]
+        results[f"bare_model_vs_tutorial_style_{name}"] = timings["tutorial_style"] / timings[f"bare_model_{name}"]
+
+
+def check_task(args: argparse.Namespace, checkpoint: Path, slides: list[SlideInput], predictor: Predictor,
+               normalized: np.ndarray, results: dict[str, object]) -> None:
+    """A prediction task in its own process: its peak memory, and its outputs against the model applied directly."""
+    work, device = checkpoint.parent, torch.device(args.device)
+    listing = work / "slides.json"
+    listing.write_text(json.dumps([asdict(s) for s in slides]))
+    child = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--device", args.device,
+                            "--child", str(checkpoint), str(listing), str(work / "child")],
+                           check=True, capture_output=True, text=True)
+    results["peak_memory_per_task_MiB"] = float(child.stdout.strip().splitlines()[-1])
+    with torch.inference_mode():  # the same outputs both ways
+        direct = predictor.model(eval_batch(normalized[:8], predictor.augment, device)).cpu()
+    first = np.load(next((work / "child").glob(f"{slides[0].key}.npz")))["logits"][:8]
+    # cuDNN convolutions use TF32 by default and pick kernels by batch size: agreement to 1e-2 there
+    results["outputs_tolerance"] = tolerance = 1e-4 if device.type == "cpu" else 1e-2
+    results["outputs_match"] = bool(np.allclose(first, direct.numpy()[: len(first)], atol=tolerance))
+
+
+def main() -> None:
+    args = parse_args()
     if args.child:
-        slides = [SlideInput(**s) for s in json.loads(Path(args.child[1]).read_text())]
-        end_to_end(Predictor.from_checkpoint(Path(args.child[0]), torch.device(args.device), args.batch), slides,
-                   Path(args.child[2]))
-        hwm = next(line for line in open("/proc/self/status") if line.startswith("VmHWM:"))
-        print(int(hwm.split()[1]) / 1024)  # this task's own peak (ru_maxrss would count the parent's pre-exec memory)
+        child_task(args)
         return
     records = discover(Path(default_data_root()) / "lowres", CLASSES).records
     records = records[:: max(1, len(records) // args.images)][: args.images]
     slides = [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in records]
-    tiles_settings, augment = TileSettings(size=128, stride=64), AugmentSettings()
+    tiles_settings = TileSettings(size=128, stride=64)
     results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "device": args.device,
                                   "torch_threads": torch.get_num_threads(), "images": len(slides), "batch": args.batch,
                                   "stain": args.stain, "scope": args.scope}
     with tempfile.TemporaryDirectory() as tmp:
-        tmp_dir = Path(tmp)
-        checkpoint = tmp_dir / "model.pt"
-        make_checkpoint(checkpoint, tiles_settings, augment, args.stain, args.scope)
-        device = torch.device(args.device)
-        predictor = Predictor.from_checkpoint(checkpoint, device, args.batch)
-        all_tiles = np.concatenate([cut_tiles(read_rgb(s.path), tiles_settings).pixels for s in slides])
-        n = len(all_tiles)
-        by_image = predictor.normalizer is not None and not predictor.normalizer.per_tile
-        images = [read_rgb(s.path) for s in slides] if by_image else []
-        start = time.perf_counter()  # what the bare model is fed: the reader's work done
-        normalized = (np.concatenate([cut_tiles(predictor.normalizer(i), tiles_settings).pixels for i in images])
-                      if by_image else predictor.normalize_stain(all_tiles))
-        results["stain_ms_per_tile"] = (time.perf_counter() - start) / n * 1000
-        results["tiles"] = n
-
-        def tutorial() -> None:  # batch 10, autograd on, read and tile between model calls
-            model = predictor.model
-            for slide in slides:
-                tiles = cut_tiles(read_rgb(slide.path), tiles_settings).pixels
-                outputs = []
-                for start in range(0, len(tiles), 10):
-                    x = torch.from_numpy(tiles[start:start + 10].transpose(0, 3, 1, 2) / 255).float().to(device)
-                    outputs.append(model(x[:, :, 8:120, 8:120]).detach().cpu().numpy())
-                np.concatenate(outputs).argmax(1)
-
-        cpu: dict[str, float] = {}
-        timings = {"tutorial_style": timed(tutorial, cpu, "tutorial_style")}
-        reference = predictor.logits(all_tiles[:256])
-        engines = [tuple(pair.split(":")) for pair in args.engines.split(",")]
-        for engine, precision in engines:
-            name = f"{engine}_{precision}"
-            engine_predictor = Predictor.from_checkpoint(checkpoint, device, args.batch, engine=engine,
-                                                         precision=precision, export_dir=tmp_dir / "engine")
-
-            def bare() -> None:
-                for start in range(0, n, args.batch):
-                    engine_predictor.logits(normalized[start:start + args.batch], stain_normalized=True)
-
-            bare()  # warm up the kernels once (a compiled model: compiled at its first batch)
-            timings[f"bare_model_{name}"] = timed(bare, cpu, f"bare_model_{name}")
-            end_to_end(engine_predictor, slides[:2], tmp_dir / f"warm-{name}")  # and at a smaller last batch
-            timings[f"end_to_end_{name}"] = timed(lambda: end_to_end(engine_predictor, slides, tmp_dir / f"out-{name}"),
-                                                  cpu, f"end_to_end_{name}")
-            same = engine_predictor.logits(all_tiles[:256]).argmax(1) == reference.argmax(1)
-            results[f"same_tile_class_as_torch_fp32_{name}"] = float(same.float().mean())
-        for name, seconds in timings.items():
-            results[f"{name}_tiles_per_s"] = n / seconds
-            results[f"{name}_cpu_ms_per_tile"] = cpu[name] / n * 1000  # core-milliseconds: where the time goes
-        for engine, precision in engines:
-            name = f"{engine}_{precision}"
-            results[f"end_to_end_vs_tutorial_style_{name}"] = timings["tutorial_style"] / timings[f"end_to_end_{name}"]
-            results[f"end_to_end_vs_bare_model_{name}"] = timings[f"bare_model_{name}"] / timings[f"end_to_end_{name}"]
-            results[f"bare_model_vs_tutorial_style_{name}"] = timings["tutorial_style"] / timings[f"bare_model_{name}"]
-
-        listing = tmp_dir / "slides.json"
-        listing.write_text(json.dumps([asdict(s) for s in slides]))
-        child = subprocess.run([sys.executable, __file__, "--batch", str(args.batch), "--device", args.device,
-                                "--child", str(checkpoint),
-                                str(listing), str(tmp_dir / "child")], check=True, capture_output=True, text=True)
-        results["peak_memory_per_task_MiB"] = float(child.stdout.strip().splitlines()[-1])
-        with torch.inference_mode():  # the same outputs both ways
-            direct = predictor.model(eval_batch(normalized[:8], augment, device)).cpu()
-        first = np.load(next((tmp_dir / "child").glob(f"{slides[0].key}.npz")))["logits"][:8]
-        # cuDNN convolutions use TF32 by default and pick kernels by batch size: agreement to 1e-2 there
-        results["outputs_tolerance"] = tolerance = 1e-4 if device.type == "cpu" else 1e-2
-        results["outputs_match"] = bool(np.allclose(first, direct.numpy()[: len(first)], atol=tolerance))
+        checkpoint = Path(tmp) / "model.pt"
+        make_checkpoint(checkpoint, tiles_settings, AugmentSettings(), args.stain, args.scope)
+        predictor = Predictor.from_checkpoint(checkpoint, torch.device(args.device), args.batch)
+        all_tiles, normalized = tiles_in_memory(predictor, slides, tiles_settings, results)
+        tutorial = tutorial_loop(predictor.model, slides, tiles_settings, torch.device(args.device))
+        measure_engines(args, checkpoint, slides, all_tiles, normalized, tutorial, results)
+        check_task(args, checkpoint, slides, predictor, normalized, results)
     emit(results, args.out)
 
 
