@@ -133,8 +133,8 @@ def measure_engines(args: argparse.Namespace, checkpoint: Path, slides: list[Sli
     cpu: dict[str, float] = {}
     timings = {"tutorial_style": timed(tutorial, cpu, "tutorial_style")}
     reference = Predictor.from_checkpoint(checkpoint, device, args.batch).logits(all_tiles[:256])
-    engines = [tuple(pair.split(":")) for pair in args.engines.split(",")]
-    for engine, precision in engines:
+    engines = []
+    for engine, precision in (tuple(pair.split(":")) for pair in args.engines.split(",")):
         name = f"{engine}_{precision}"
         predictor = Predictor.from_checkpoint(checkpoint, device, args.batch, engine=engine, precision=precision,
                                               export_dir=work / "engine")
@@ -143,7 +143,12 @@ def measure_engines(args: argparse.Namespace, checkpoint: Path, slides: list[Sli
             for start in range(0, n, args.batch):
                 predictor.logits(normalized[start:start + args.batch], stain_normalized=True)
 
-        bare()  # warm up the kernels once (a compiled model: compiled at its first batch)
+        try:
+            bare()  # warm up the kernels once (a compiled model: compiled at its first batch)
+        except Exception as err:  # noqa: BLE001 - an engine this machine cannot run (no compiler, no provider)
+            results[f"error_{name}"] = f"{type(err).__name__}: {err}"[:500]
+            continue
+        engines.append((engine, precision))
         timings[f"bare_model_{name}"] = timed(bare, cpu, f"bare_model_{name}")
         end_to_end(predictor, slides[:2], work / f"warm-{name}")  # and at a smaller last batch
         timings[f"end_to_end_{name}"] = timed(lambda: end_to_end(predictor, slides, work / f"out-{name}"),

@@ -77,6 +77,21 @@ class OnnxEngine:
         return torch.from_numpy(self.session.run(None, {self.input: np.ascontiguousarray(tiles, dtype=np.uint8)})[0])
 
 
+def compiled_model(model: torch.nn.Module, example: torch.Tensor, bf16: bool) -> torch.nn.Module:
+    """``torch.compile(model)``, compiled now on ``example`` (a batch as prediction feeds it, under the same
+    autocast), so that a machine that cannot compile says so before any slide is read."""
+    compiled = torch.compile(model)
+    try:
+        with torch.inference_mode(), torch.autocast(example.device.type, dtype=torch.bfloat16, enabled=bf16):
+            compiled(example)
+    except Exception as err:  # noqa: BLE001 - inductor raises many types; each becomes the same named error
+        first = (str(err).strip().splitlines() or [""])[0]
+        raise InputError(f"predict.engine=compile cannot compile the model on this machine ({type(err).__name__}: "
+                         f"{first}); install what it names (inductor needs a C++ compiler on CPUs, Triton on "
+                         "GPUs) or set predict.engine=torch") from None
+    return compiled
+
+
 def check_engine(engine: str, precision: str) -> None:
     """Named errors for engine and precision values (PredictSettings' own checks)."""
     PredictSettings(engine=engine, precision=precision)

@@ -19,7 +19,7 @@ import torch
 
 from lymphoma.augment import eval_batch
 from lymphoma.checkpoint import load_checkpoint, load_model_weights
-from lymphoma.engines import OnnxEngine, TileClassifier, check_engine, dihedral_tiles, onnx_bytes
+from lymphoma.engines import OnnxEngine, TileClassifier, check_engine, compiled_model, dihedral_tiles, onnx_bytes
 from lymphoma.errors import ImageError
 from lymphoma.files import write_text_atomic
 from lymphoma.model import build_model
@@ -71,9 +71,11 @@ class Predictor:
         model = build_model(state["architecture"])
         load_model_weights(model, state, path)
         model.to(device, memory_format=torch.channels_last).eval()
-        if engine == "compile":
-            model = torch.compile(model)  # compiled at the first batch; a second batch size compiles once more
         augment, tile_settings = AugmentSettings(**state["augment"]), TileSettings(**state["tiles"])
+        if engine == "compile":  # compiled here for full batches; a last, smaller batch compiles once more
+            blank = np.zeros((batch_size, tile_settings.size, tile_settings.size, 3), np.uint8)
+            example = eval_batch(blank, augment, device).contiguous(memory_format=torch.channels_last)
+            model = compiled_model(model, example, precision == "bf16")
         onnx = None
         fingerprint = checkpoint_fingerprint(path, state, tta, engine, precision)
         if engine == "onnxruntime":

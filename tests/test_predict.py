@@ -440,6 +440,19 @@ def test_every_engine_gives_pytorchs_classes_on_real_tiles(decisive, cohort, tmp
     assert "predict.engine is 'tensorrt'; allowed: torch, compile, onnxruntime" in capsys.readouterr().err
 
 
+def test_a_machine_that_cannot_compile_is_named_before_any_slide_is_read(checkpoint, cohort, tmp_path):
+    """predict.engine=compile without a working C++ compiler (and with an empty inductor cache, so that it must
+    compile): the task stops at the model with a named error, and no slide gets a class."""
+    env = {**os.environ, "CXX": "/bin/false", "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor")}
+    command = [sys.executable, "-m", "jobs.cli", "predict", "--checkpoint", str(checkpoint), f"{cohort}/**/*.png",
+               "--out", str(tmp_path / "out"), "predict.engine=compile"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 1
+    assert "predict.engine=compile cannot compile the model on this machine" in done.stderr
+    assert "set predict.engine=torch" in done.stderr
+    assert not list((tmp_path / "out" / "slides").glob("*.npz"))
+
+
 def test_probability_maps_paint_each_class_probability_where_its_tile_is(checkpoint, cohort, tmp_path):
     from lymphoma.plots import probability_grid
 
