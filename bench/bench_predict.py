@@ -127,12 +127,13 @@ def tutorial_loop(model: torch.nn.Module, slides: list[SlideInput], settings: Ti
 
 
 def measure_engines(args: argparse.Namespace, checkpoint: Path, slides: list[SlideInput], all_tiles: np.ndarray,
-                    normalized: np.ndarray, tutorial: Callable[[], None], results: dict[str, object]) -> None:
-    """Tiles/s and CPU time of the tutorial's loop, then of each engine's bare model and end to end, with ratios."""
+                    normalized: np.ndarray, tutorial: Callable[[], None], reference: torch.Tensor,
+                    results: dict[str, object]) -> None:
+    """Tiles/s and CPU time of the tutorial's loop, then of each engine's bare model and end to end, with ratios;
+    ``reference``: torch fp32's logits of the first 256 tiles, which each engine's tile classes are compared to."""
     device, n, work = torch.device(args.device), len(all_tiles), checkpoint.parent
     cpu: dict[str, float] = {}
     timings = {"tutorial_style": timed(tutorial, cpu, "tutorial_style")}
-    reference = Predictor.from_checkpoint(checkpoint, device, args.batch).logits(all_tiles[:256])
     engines = []
     for engine, precision in (tuple(pair.split(":")) for pair in args.engines.split(",")):
         name = f"{engine}_{precision}"
@@ -201,7 +202,8 @@ def main() -> None:
         predictor = Predictor.from_checkpoint(checkpoint, torch.device(args.device), args.batch)
         all_tiles, normalized = tiles_in_memory(predictor, slides, tiles_settings, results)
         tutorial = tutorial_loop(predictor.model, slides, tiles_settings, torch.device(args.device))
-        measure_engines(args, checkpoint, slides, all_tiles, normalized, tutorial, results)
+        measure_engines(args, checkpoint, slides, all_tiles, normalized, tutorial, predictor.logits(all_tiles[:256]),
+                        results)
         check_task(args, checkpoint, slides, predictor, normalized, results)
     emit(results, args.out)
 
