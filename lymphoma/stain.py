@@ -52,10 +52,10 @@ _STAINED_MAX = int(np.flatnonzero(-np.log((np.arange(256) + 1) / IO) >= BETA).ma
 def _stained_share(image: np.ndarray) -> float:
     """The share of pixels whose optical density is at least BETA in every channel (their brightest channel at
     most _STAINED_MAX: 16x faster than a reduction over the channel axis, for it runs on every image and tile)."""
-    flat = image.reshape(-1, image.shape[-1])
+    flat = image.reshape(-1, 3)
     if not len(flat):
         return 0.0
-    brightest = np.maximum(np.maximum(flat[:, 0], flat[:, 1]), flat[:, 2]) if flat.shape[1] == 3 else flat.max(1)
+    brightest = np.maximum(np.maximum(flat[:, 0], flat[:, 1]), flat[:, 2])
     return np.count_nonzero(brightest <= _STAINED_MAX) / len(flat)
 
 
