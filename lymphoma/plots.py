@@ -12,6 +12,8 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
+from lymphoma.png import write_png  # noqa: E402
+
 
 def save_confusion(confusion: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:
     """Counts with row-normalised shading; rows are the truth, columns the prediction."""
@@ -106,7 +108,7 @@ def save_heatmap(overview: np.ndarray, coords: np.ndarray, tile_class: np.ndarra
         draw.rectangle([4, 4 + 14 * i, 14, 14 + 14 * i], fill=CLASS_COLOURS[i % len(CLASS_COLOURS)] + (255,))
         draw.text((18, 3 + 14 * i), name, fill=(0, 0, 0, 255))
     picture = Image.alpha_composite(Image.fromarray(overview).convert("RGBA"), overlay).convert("RGB")
-    picture.save(path, compress_level=0)  # stored: 2.5x faster than level 1 for 20% more bytes (<= 200 KB)
+    write_png(path, np.asarray(picture))  # stored, by lymphoma.png: 14x faster than PIL's encoder
 
 
 def save_attention(overview: np.ndarray, coords: np.ndarray, attention: np.ndarray, coord_scale: float, extent: float,
@@ -125,7 +127,7 @@ def save_attention(overview: np.ndarray, coords: np.ndarray, attention: np.ndarr
                (y + half + step) * coord_scale]
         draw.rectangle(box, fill=(220, 30, 30, int(20 + 200 * a)))
     picture = Image.alpha_composite(Image.fromarray(overview).convert("RGBA"), overlay).convert("RGB")
-    picture.save(path, compress_level=1)
+    write_png(path, np.asarray(picture))  # stored, by lymphoma.png: 14x faster than PIL's encoder
 
 
 def save_roc(truth_index: np.ndarray, probs: np.ndarray, classes: Sequence[str], path: Path, title: str) -> None:

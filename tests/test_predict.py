@@ -25,6 +25,7 @@ from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.images import read_rgb
 from lymphoma.model import build_model
+from lymphoma.png import encode_png, write_png
 from lymphoma.prediction import Predictor
 from lymphoma.settings import AugmentSettings, TileSettings
 from lymphoma.stain import StainNormalizer
@@ -100,6 +101,22 @@ def test_outputs_votes_and_the_model_applied_directly(checkpoint, cohort, tmp_pa
     for name in ("confusion_image.png", "confusion_case.png", "roc_image.png", "roc_case.png", "reliability_image.png",
                  "reliability_case.png", "slides/" + summary[0]["slide"] + ".png"):
         assert Image.open(tmp_path / "out" / name).size[0] > 100
+    with Image.open(tmp_path / "out" / "slides" / (summary[0]["slide"] + ".png")) as heatmap:  # lymphoma.png's
+        assert heatmap.mode == "RGB" and heatmap.size == (256, 192) and np.asarray(heatmap).std() > 10
+
+
+def test_pictures_are_pngs_that_any_reader_decodes_to_their_pixels(cohort, tmp_path):
+    """lymphoma.png, which writes every slide's heatmap: PIL and libspng read back its pixels, odd sizes too."""
+    import pyspng
+
+    image = read_rgb(next(cohort.rglob("*.png")))
+    for pixels in (image, image[:1, :7], image[:5, :1], image[::-1, ::3]):
+        write_png(tmp_path / "p.png", pixels)
+        with Image.open(tmp_path / "p.png") as decoded:
+            np.testing.assert_array_equal(np.asarray(decoded), pixels)
+        np.testing.assert_array_equal(pyspng.load((tmp_path / "p.png").read_bytes()), pixels)
+    with pytest.raises(ValueError, match=r"\[H, W, 3\] uint8"):
+        encode_png(image.astype(np.float32))
 
 
 def check_qupath_exports(slides: Path, key: str, size: tuple[int, int], side: float) -> None:
