@@ -2,7 +2,10 @@
 crop, encoder without its head, HDF5 file per slide) against the encoder's bare forward on the same tiles
 already in memory, in one run, for the reduced DenseNet and a ViT-S (timm, input resized to 224).
 
-    .venv/bin/python bench/bench_features.py [--images 40] [--out bench/results/features.json]
+    .venv/bin/python bench/bench_features.py [--images 40] [--tasks 1] [--out bench/results/features.json]
+
+``--tasks 2``: both sides timed as 2 processes of half the cores at once, each on half the images, as `lymphoma
+features` runs on a CPU node (its array tasks, cluster.parallelism at once, the cores shared among them).
 
 Encoders are randomly initialised (speed does not depend on the weights). Target: the whole path at 0.9 of
 the bare forward or better.
@@ -13,14 +16,17 @@ from __future__ import annotations
 import argparse
 import os
 import platform
+import shutil
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from common import emit
+from common import emit, timed_in_tasks
+from hpc.task import thread_share
 from jobs.config import default_data_root
 from lymphoma.augment import eval_batch
 from lymphoma.features import FeatureWriter, _encoder
@@ -35,9 +41,10 @@ from lymphoma.tiling import cut_tiles
 CLASSES = ["CLL", "FL", "MCL"]
 
 
-def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int, device: torch.device,
-            readers: int = 1, scope: str = "tile") -> dict[str, float]:
-    """Tiles per second of the bare forward and of the whole path, best of two each."""
+def prepare(settings: ModelSettings, paths: list[str], stain: str, batch: int, device: torch.device,
+            readers: int, scope: str, mode: str, out: Path) -> Callable[[], None]:
+    """The timed part of one measurement, prepared (encoder built, tiles read, one warm-up run): the bare forward
+    on the tiles already read and normalised (``mode`` bare), or the whole path (``mode`` whole) into ``out``."""
     tiles, augment = TileSettings(), AugmentSettings()
     target = fit_target(StainSettings(stain, scope=scope))
     normalizer = StainNormalizer(target) if target is not None else None
@@ -45,31 +52,55 @@ def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
     about = {"backbone": settings.backbone or "densenet-reduced", "encoder": "random", "tiles": tiles.as_dict(),
              "stain": stain}
     encoder, meta = _encoder(build_model(settings.architecture(1)), tiles, augment, normalizer, device, batch, about)
+    if mode == "whole":
+        slides = [SlideInput(p, Path(p).stem) for p in paths]
+
+        def whole() -> None:
+            shutil.rmtree(out, ignore_errors=True)  # every slide written again, none resumed
+            records = predict_slides(encoder, slides, out, 4, writer=FeatureWriter(out, meta), readers=readers)
+            assert all(r["status"] == "ok" for r in records)
+        whole()
+        return whole
     images = [read_rgb(p) for p in paths]
     if normalizer is not None and not normalizer.per_tile:
         images = [normalizer(image) for image in images]
     pixels = np.concatenate([cut_tiles(image, tiles).pixels for image in images])
     normalized = normalizer.batch(pixels) if normalizer is not None and normalizer.per_tile else pixels
-    bare = []
-    for _ in range(2):
-        start = time.perf_counter()
+
+    def bare() -> None:
         with torch.inference_mode():
             for i in range(0, len(normalized), batch):
                 x = eval_batch(normalized[i:i + batch], augment, device)
                 with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
                     encoder.model(x.contiguous(memory_format=torch.channels_last)).float().cpu()
-        bare.append(len(pixels) / (time.perf_counter() - start))
-    whole = []
-    slides = [SlideInput(p, Path(p).stem) for p in paths]
-    for _ in range(2):
-        with tempfile.TemporaryDirectory() as tmp:
-            start = time.perf_counter()
-            records = predict_slides(encoder, slides, Path(tmp), 4, writer=FeatureWriter(Path(tmp), meta),
-                                     readers=readers)
-            whole.append(len(pixels) / (time.perf_counter() - start))
-            assert all(r["status"] == "ok" for r in records)
-    return {"tiles": len(pixels), "bare_tiles_per_s": max(bare), "features_tiles_per_s": max(whole),
-            "ratio_features_vs_bare": max(whole) / max(bare)}
+    bare()
+    return bare
+
+
+def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int, device: torch.device,
+            readers: int = 1, scope: str = "tile", tasks: int = 1) -> dict[str, float]:
+    """Tiles per second of the bare forward and of the whole path, best of two each; with ``tasks`` > 1, both in
+    that many processes at once, each on its share of the images and of the cores (as the job's array tasks)."""
+    n_tiles = sum(len(cut_tiles(read_rgb(p), TileSettings()).pixels) for p in paths)
+    rates = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for mode in ("bare", "whole"):
+            per_task = [(settings, paths[i::tasks], stain, batch, device, readers, scope, mode, Path(tmp) / f"{i}")
+                        for i in range(tasks)]
+            if tasks > 1:
+                seconds = [timed_in_tasks(prepare, per_task, thread_share(tasks))[0] for _ in range(2)]
+            else:
+                run = prepare(*per_task[0])
+                seconds = [timed(run) for _ in range(2)]
+            rates[mode] = n_tiles / min(seconds)
+    return {"tiles": n_tiles, "bare_tiles_per_s": rates["bare"], "features_tiles_per_s": rates["whole"],
+            "ratio_features_vs_bare": rates["whole"] / rates["bare"]}
+
+
+def timed(run: Callable[[], None]) -> float:
+    start = time.perf_counter()
+    run()
+    return time.perf_counter() - start
 
 
 def main() -> None:
@@ -79,15 +110,21 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--readers", type=int, default=1, help="reader threads (predict.readers)")
+    parser.add_argument("--tasks", type=int, default=1,
+                        help="processes at once, each on its share of the images and cores, as `lymphoma features` "
+                             "runs its array tasks on a CPU node (cluster.parallelism, default 2)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    if args.tasks > 1 and args.device != "cpu":
+        raise SystemExit("--tasks measures CPU nodes: use it with --device cpu")
     device = torch.device(args.device)
     records = discover(Path(default_data_root()) / "lowres", CLASSES).records
     paths = [r.path for r in records[:: max(1, len(records) // args.images)][: args.images]]
     results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores, "
                                              f"{torch.get_num_threads()} torch threads", "device": str(device),
                                   "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
-                                  "images": len(paths), "readers": args.readers,
+                                  "images": len(paths), "readers": args.readers, "tasks": args.tasks,
+                                  "threads_per_task": thread_share(args.tasks),
                                   "tile": "128 px, stride 64, centre crop 112", "batch": args.batch}
     encoders = {"densenet-reduced": ModelSettings(), "vit_small_patch16_224": ModelSettings(
         backbone="timm:vit_small_patch16_224")}
@@ -96,7 +133,7 @@ def main() -> None:
         for stain, scope in (("none", "tile"), ("reinhard", "tile"), ("reinhard", "image")):
             row = f"{name}, stain {stain}" + (f" by {scope}" if stain != "none" else "")
             results[row] = {"images": len(chosen), **measure(settings, chosen, stain, args.batch, device,
-                                                             args.readers, scope)}
+                                                             args.readers, scope, args.tasks)}
     emit(results, args.out)
 
 
