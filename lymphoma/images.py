@@ -84,6 +84,8 @@ def _check_chunks(data: bytes) -> None:
         end = pos + 8 + length
         if end + 4 > len(data) or zlib.crc32(view[pos + 4:end]) != int.from_bytes(view[end:end + 4], "big"):
             raise ValueError(f"PNG chunk {bytes(view[pos + 4:pos + 8])!r} at byte {pos} is truncated or fails its CRC")
+        if view[pos + 4:pos + 8] == b"IEND":
+            return  # bytes some writers leave after the image's end are not its chunks (PIL ignores them too)
         pos = end + 4
 
 

@@ -68,6 +68,8 @@ def test_every_png_of_the_data_set_decodes_to_the_pixels_pil_gives(data_root, tm
         with Image.open(path) as img:
             assert np.array_equal(read_rgb(path), np.asarray(img))
     rgb = read_rgb(paths[0])
+    (tmp_path / "trailing.png").write_bytes(paths[0].read_bytes() + b"bytes after IEND" * 4)  # some writers do
+    assert np.array_equal(read_rgb(tmp_path / "trailing.png"), rgb)
     Image.fromarray(rgb).quantize(64).save(tmp_path / "palette.png")  # PIL opens it as P: refused as before
     with pytest.raises(ImageError, match="colour mode P"):
         read_rgb(tmp_path / "palette.png")
