@@ -145,8 +145,9 @@ def task_run(checkpoint: Path, slides: list[SlideInput], engine: str, precision:
     if mode == "e2e":
         end_to_end(predictor, slides[:2], out / "warm")
         return lambda: end_to_end(predictor, slides, out / "out")  # type: ignore[return-value]
-    tiles = np.concatenate([next(open_tiles(s.path, predictor.tiles, stain=predictor.normalizer).batches)
-                            for s in slides])
+    by_image = predictor.normalizer if predictor.normalizer is not None and not predictor.normalizer.per_tile else None
+    tiles = predictor.normalize_stain(np.concatenate([  # as the reader gives them, then normalised tile by tile
+        next(open_tiles(s.path, predictor.tiles, stain=by_image).batches) for s in slides]))
 
     def run() -> None:
         for start in range(0, len(tiles), batch):
