@@ -11,7 +11,7 @@ from typing import Any, Optional
 
 from hpc import ArrayJobError, run_array
 from hpc.task import task_setup, thread_share
-from jobs.predict import gather_records
+from jobs.predict import gather_records, slide_chunks
 from jobs.run_folder import Run
 from lymphoma.backbones import require_weight_file
 from lymphoma.checkpoint import load_checkpoint
@@ -81,8 +81,7 @@ def run_features(run: Run, checkpoint: Optional[Path], slides: list[SlideInput],
     out_dir = (Path(out) if out else run.dir / "features").absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     run.save_config(out_dir / "config.yaml")
-    per_task = max(1, cfg.predict.slides_per_task)
-    chunks = [tuple(slides[i:i + per_task]) for i in range(0, len(slides), per_task)]
+    chunks = slide_chunks(slides, cfg.predict.slides_per_task, cfg.cluster.parallelism)
     threads = thread_share(min(cfg.cluster.parallelism, len(chunks)))
     tasks = [FeaturesTask(run, str(Path(checkpoint).resolve()) if checkpoint else None, chunk, str(out_dir), threads)
              for chunk in chunks]

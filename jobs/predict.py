@@ -126,6 +126,19 @@ def request_slides(run: Run, request: PredictRequest, state: dict[str, Any]) -> 
                          compile_case_pattern(run.config.data.case_pattern), run.config.predict.regions)
 
 
+def slide_chunks(slides: Sequence[SlideInput], per_task: int, parallelism: int) -> list[tuple[SlideInput, ...]]:
+    """The slides in chunks of at most ``per_task``, one array task each, of equal sizes (within one slide), and
+    at least as many as run at once (``parallelism``) where there are enough slides: a job of fewer slides than
+    ``per_task`` then runs as tasks of one thread each, not as one task of every thread whose threads wait for
+    each other (README, Benchmarks), and no task is left alone with a short remainder."""
+    if not slides:
+        return []
+    count = min(len(slides), max(-(-len(slides) // max(1, per_task)), max(1, parallelism)))
+    size, longer = divmod(len(slides), count)
+    bounds = [i * size + min(i, longer) for i in range(count + 1)]
+    return [tuple(slides[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
 def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     """Predict every slide (resuming complete ones) as an array job and write the cohort report."""
     cfg = run.config
@@ -139,8 +152,7 @@ def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     slide_dir = out_dir / "slides"
     fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision)
     resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}
-    per_task = max(1, cfg.predict.slides_per_task)
-    chunks = [tuple(slides[i:i + per_task]) for i in range(0, len(slides), per_task)]
+    chunks = slide_chunks(slides, cfg.predict.slides_per_task, cfg.cluster.parallelism)
     threads = thread_share(min(cfg.cluster.parallelism, len(chunks)))
     tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads, tiles) for chunk in chunks]
     failure = None

@@ -408,7 +408,7 @@ class PredictSettings:
     majority ``vote`` of its tiles or by ``mean`` tile probability."""
 
     batch_size: int = 32           # tiles per forward pass (CPU: 32 is fastest here; GPUs want 256+)
-    slides_per_task: int = 64      # slides per array task (the model is loaded once per task)
+    slides_per_task: int = 64      # at most this many slides per array task (the model is loaded once per task)
     prefetch: int = 4              # tile batches each reader keeps ready ahead of the model
     readers: int = 1               # slides read, tiled and stain-normalised at once, each by its own thread (a GPU
     #                                node wants several: one thread feeds about 1,200 tiles/s, the GPU takes 10x more)

@@ -19,6 +19,7 @@ from PIL import Image
 
 from conftest import FAST, config_for, decompression_bomb, pick_images
 from jobs.cli import main
+from jobs.predict import slide_chunks
 from jobs.train import run_train
 from lymphoma.augment import build_augmenter, eval_batch
 from lymphoma.checkpoint import load_checkpoint
@@ -26,7 +27,7 @@ from lymphoma.errors import InputError
 from lymphoma.images import read_rgb
 from lymphoma.model import build_model
 from lymphoma.png import encode_png, write_png
-from lymphoma.prediction import Predictor
+from lymphoma.prediction import Predictor, SlideInput
 from lymphoma.settings import AugmentSettings, TileSettings
 from lymphoma.stain import StainNormalizer
 from lymphoma.tiling import cut_tiles, grid_shape
@@ -117,6 +118,17 @@ def test_pictures_are_pngs_that_any_reader_decodes_to_their_pixels(cohort, tmp_p
         np.testing.assert_array_equal(pyspng.load((tmp_path / "p.png").read_bytes()), pixels)
     with pytest.raises(ValueError, match=r"\[H, W, 3\] uint8"):
         encode_png(image.astype(np.float32))
+
+
+def test_slides_are_dealt_into_equal_chunks_one_per_task_and_at_least_one_per_core_share():
+    """A job of fewer slides than predict.slides_per_task still runs cluster.parallelism tasks, chunks differ by
+    one slide at most, none is over slides_per_task, and every slide is in one chunk, in order."""
+    for n, per_task, parallelism, sizes in [(79, 64, 2, [40, 39]), (307, 64, 2, [62, 62, 61, 61, 61]),
+                                             (6, 2, 2, [2, 2, 2]), (128, 64, 2, [64, 64]), (1, 64, 2, [1]),
+                                             (0, 64, 2, []), (9, 64, 1, [9])]:
+        slides = [SlideInput(f"s{i}.png", f"s{i}") for i in range(n)]
+        chunks = slide_chunks(slides, per_task, parallelism)
+        assert [len(c) for c in chunks] == sizes and [s for c in chunks for s in c] == slides
 
 
 def check_qupath_exports(slides: Path, key: str, size: tuple[int, int], side: float) -> None:
