@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from hpc import ArrayJobError, run_array
+from hpc import ArrayJobError, ExecutorSettings, run_array
 from hpc.task import task_setup, thread_share
 from jobs.config import keys_set
 from jobs.run_folder import Run
@@ -126,17 +126,23 @@ def request_slides(run: Run, request: PredictRequest, state: dict[str, Any]) -> 
                          compile_case_pattern(run.config.data.case_pattern), run.config.predict.regions)
 
 
-def slide_chunks(slides: Sequence[SlideInput], per_task: int, parallelism: int) -> list[tuple[SlideInput, ...]]:
-    """The slides in chunks of at most ``per_task``, one array task each, of equal sizes (within one slide), and
-    at least as many as run at once (``parallelism``) where there are enough slides: a job of fewer slides than
-    ``per_task`` then runs as tasks of one thread each, not as one task of every thread whose threads wait for
-    each other (README, Benchmarks), and no task is left alone with a short remainder."""
+def slide_chunks(slides: Sequence[SlideInput], per_task: int, parallelism: int = 1) -> list[tuple[SlideInput, ...]]:
+    """The slides in chunks of at most ``per_task``, one array task each, of equal sizes (within one slide: no task
+    left alone with a short remainder), and at least ``parallelism`` of them where there are enough slides: given
+    the local executor's processes at once, a job of fewer slides than ``per_task`` then runs as tasks of one
+    thread each, not as one task of every thread whose threads wait for each other (README, Benchmarks)."""
     if not slides:
         return []
     count = min(len(slides), max(-(-len(slides) // max(1, per_task)), max(1, parallelism)))
     size, longer = divmod(len(slides), count)
     bounds = [i * size + min(i, longer) for i in range(count + 1)]
     return [tuple(slides[a:b]) for a, b in zip(bounds, bounds[1:])]
+
+
+def local_processes(cluster: ExecutorSettings) -> int:
+    """The tasks that share this machine's cores at once: ``cluster.parallelism`` on the local executor; 1 on
+    SLURM, where each task has its own ``cpus_per_task``."""
+    return cluster.parallelism if cluster.kind == "local" else 1
 
 
 def run_predict(run: Run, request: PredictRequest) -> PredictResult:
@@ -152,7 +158,7 @@ def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     slide_dir = out_dir / "slides"
     fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision)
     resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}
-    chunks = slide_chunks(slides, cfg.predict.slides_per_task, cfg.cluster.parallelism)
+    chunks = slide_chunks(slides, cfg.predict.slides_per_task, local_processes(cfg.cluster))
     threads = thread_share(min(cfg.cluster.parallelism, len(chunks)))
     tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads, tiles) for chunk in chunks]
     failure = None

@@ -18,8 +18,9 @@ import torch
 from PIL import Image
 
 from conftest import FAST, config_for, decompression_bomb, pick_images
+from hpc import ExecutorSettings
 from jobs.cli import main
-from jobs.predict import slide_chunks
+from jobs.predict import local_processes, slide_chunks
 from jobs.train import run_train
 from lymphoma.augment import build_augmenter, eval_batch
 from lymphoma.checkpoint import load_checkpoint
@@ -129,6 +130,8 @@ def test_slides_are_dealt_into_equal_chunks_one_per_task_and_at_least_one_per_co
         slides = [SlideInput(f"s{i}.png", f"s{i}") for i in range(n)]
         chunks = slide_chunks(slides, per_task, parallelism)
         assert [len(c) for c in chunks] == sizes and [s for c in chunks for s in c] == slides
+    # only the local executor's tasks share this machine's cores; a SLURM task has its own
+    assert [local_processes(ExecutorSettings(kind, parallelism=4)) for kind in ("local", "debug", "slurm")] == [4, 1, 1]
 
 
 def check_qupath_exports(slides: Path, key: str, size: tuple[int, int], side: float) -> None:
