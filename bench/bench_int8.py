@@ -29,7 +29,7 @@ from lymphoma.engines import OnnxEngine, TileClassifier, onnx_bytes
 from lymphoma.model import build_model
 from lymphoma.settings import AugmentSettings, TileSettings
 from lymphoma.stain import StainNormalizer
-from lymphoma.tile_sources import open_tiles
+from lymphoma.tile_sources import open_normalized_tiles
 
 
 def quantised(onnx_model: bytes, calibration: np.ndarray, folder: Path) -> bytes:
@@ -72,11 +72,8 @@ def main() -> None:
     load_model_weights(model, state, args.checkpoint)
     augment, tiling = AugmentSettings(**state["augment"]), TileSettings(**state["tiles"])
     normalizer = StainNormalizer.from_state(state.get("stain"))
-    by_image = normalizer if normalizer is not None and not normalizer.per_tile else None
     images = sorted(Path(default_data_root()).glob("lowres/*/*.png"))
-    tiles = np.concatenate([batch for p in images for batch in open_tiles(str(p), tiling, stain=by_image).batches])
-    if normalizer is not None and normalizer.per_tile:
-        tiles = normalizer.batch(tiles)
+    tiles = np.concatenate([batch for p in images for batch in open_normalized_tiles(str(p), tiling, normalizer).batches])
     order = np.random.default_rng(0).permutation(len(tiles))
     calibration, test = tiles[order[:256]], tiles[order[256:]]
     classifier = TileClassifier(model.eval(), augment, tiling.size).eval()

@@ -44,7 +44,7 @@ from lymphoma.model import build_model
 from lymphoma.prediction import Predictor, SlideInput, predict_slides
 from lymphoma.settings import AugmentSettings, ModelSettings, TileSettings
 from lymphoma.stain import StainSettings, fit_target
-from lymphoma.tile_sources import open_tiles
+from lymphoma.tile_sources import open_normalized_tiles
 from lymphoma.tiling import cut_tiles
 
 CLASSES = ["CLL", "FL", "MCL"]
@@ -145,9 +145,8 @@ def task_run(checkpoint: Path, slides: list[SlideInput], engine: str, precision:
     if mode == "e2e":
         end_to_end(predictor, slides[:2], out / "warm")
         return lambda: end_to_end(predictor, slides, out / "out")  # type: ignore[return-value]
-    by_image = predictor.normalizer if predictor.normalizer is not None and not predictor.normalizer.per_tile else None
-    tiles = predictor.normalize_stain(np.concatenate([  # as the reader gives them, then normalised tile by tile
-        next(open_tiles(s.path, predictor.tiles, stain=by_image).batches) for s in slides]))
+    tiles = np.concatenate([pixels for s in slides  # as the reader gives them to the model
+                            for pixels in open_normalized_tiles(s.path, predictor.tiles, predictor.normalizer).batches])
 
     def run() -> None:
         for start in range(0, len(tiles), batch):

@@ -20,7 +20,7 @@ import numpy as np
 from lymphoma.errors import ImageError, InputError
 from lymphoma.settings import TileSettings
 from lymphoma.stain import StainNormalizer
-from lymphoma.tile_sources import open_tiles
+from lymphoma.tile_sources import open_normalized_tiles
 
 
 def _as_error(path: str, err: BaseException) -> Exception:
@@ -36,17 +36,15 @@ def _read(slides: Sequence[tuple[int, str, str]], settings: TileSettings, batch:
     """One reader: its slides' normalised tile batches (tile by tile, or by image where the target's scope is
     image), then each slide's TileSource, or the slide's error; stops early when ``stop`` is set."""
     normalizer = StainNormalizer.from_state(stain)
-    per_tile = normalizer if normalizer is not None and normalizer.per_tile else None
-    by_image = normalizer if per_tile is None else None
     for index, path, region_file in slides:
         if stop.is_set():
             return
         try:
-            source = open_tiles(path, settings, batch, region_file=region_file, stain=by_image)
+            source = open_normalized_tiles(path, settings, normalizer, batch, region_file)
             for pixels in source.batches:
                 if stop.is_set():
                     return
-                put((index, per_tile.batch(pixels) if per_tile is not None else pixels))
+                put((index, pixels))
             put((index, source))
         except Exception as err:  # noqa: BLE001 - the slide fails, never the reader
             put((index, _as_error(path, err)))

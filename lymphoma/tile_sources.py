@@ -115,3 +115,14 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
 
     return TileSource(batches(), grid.coords.astype(np.int32), grid.n_background, (height, width), overview,
                       overview.shape[1] / width, grid.size0, grid.step0, labels=labels)
+
+
+def open_normalized_tiles(path: str, settings: TileSettings, normalizer: Optional[StainNormalizer],
+                          batch: int = 64, region_file: str = "") -> TileSource:
+    """``open_tiles`` with the stain work of a model trained with ``normalizer``: by image where the image is cut
+    (its target's scope image), else each batch tile by tile (scope tile); as read without a normalizer."""
+    if normalizer is None or not normalizer.per_tile:
+        return open_tiles(path, settings, batch, region_file=region_file, stain=normalizer)
+    source = open_tiles(path, settings, batch, region_file=region_file)
+    source.batches = (normalizer.batch(pixels) for pixels in source.batches)
+    return source
