@@ -166,15 +166,15 @@ def measure_engines(args: argparse.Namespace, checkpoint: Path, slides: list[Sli
     engines = []
     for engine, precision in (tuple(pair.split(":")) for pair in args.engines.split(",")):
         name = f"{engine}_{precision}"
-        predictor = Predictor.from_checkpoint(checkpoint, device, args.batch, engine=engine, precision=precision,
-                                              export_dir=work / "engine")
 
         def bare() -> None:
             for start in range(0, n, args.batch):
                 predictor.logits(normalized[start:start + args.batch], stain_normalized=True)
 
-        try:
-            bare()  # warm up the kernels once (a compiled model: compiled at its first batch)
+        try:  # built (a compiled model: compiled here), then warmed up once
+            predictor = Predictor.from_checkpoint(checkpoint, device, args.batch, engine=engine, precision=precision,
+                                                  export_dir=work / "engine")
+            bare()
         except Exception as err:  # noqa: BLE001 - an engine this machine cannot run (no compiler, no provider)
             results[f"error_{name}"] = f"{type(err).__name__}: {err}"[:500]
             continue

@@ -31,4 +31,4 @@ def encode_png(rgb: np.ndarray) -> bytes:
 
 def write_png(path: Path, rgb: np.ndarray) -> None:
     """``encode_png`` of the pixels, written to ``path``."""
-    Path(path).write_bytes(encode_png(np.ascontiguousarray(rgb)))
+    Path(path).write_bytes(encode_png(rgb))
