@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from hpc import ArrayJobError, run_array
-from hpc.task import task_setup, thread_share
-from jobs.predict import gather_records, local_processes, slide_chunks
+from hpc.task import task_setup
+from jobs.predict import gather_records, task_chunks
 from jobs.run_folder import Run
 from lymphoma.backbones import require_weight_file
 from lymphoma.checkpoint import load_checkpoint
@@ -81,8 +81,7 @@ def run_features(run: Run, checkpoint: Optional[Path], slides: list[SlideInput],
     out_dir = (Path(out) if out else run.dir / "features").absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     run.save_config(out_dir / "config.yaml")
-    chunks = slide_chunks(slides, cfg.predict.slides_per_task, local_processes(cfg.cluster))
-    threads = thread_share(min(cfg.cluster.parallelism, len(chunks)))
+    chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
     tasks = [FeaturesTask(run, str(Path(checkpoint).resolve()) if checkpoint else None, chunk, str(out_dir), threads)
              for chunk in chunks]
     failure, results = None, []

@@ -145,6 +145,14 @@ def local_processes(cluster: ExecutorSettings) -> int:
     return cluster.parallelism if cluster.kind == "local" else 1
 
 
+def task_chunks(slides: Sequence[SlideInput], predict: PredictSettings,
+                cluster: ExecutorSettings) -> tuple[list[tuple[SlideInput, ...]], int]:
+    """The chunks of slides of an array job (``slide_chunks``) and the threads of each of its tasks: the
+    machine's cores shared among the tasks that run at once."""
+    chunks = slide_chunks(slides, predict.slides_per_task, local_processes(cluster))
+    return chunks, thread_share(min(cluster.parallelism, len(chunks)))
+
+
 def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     """Predict every slide (resuming complete ones) as an array job and write the cohort report."""
     cfg = run.config
@@ -158,8 +166,7 @@ def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     slide_dir = out_dir / "slides"
     fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision)
     resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}
-    chunks = slide_chunks(slides, cfg.predict.slides_per_task, local_processes(cfg.cluster))
-    threads = thread_share(min(cfg.cluster.parallelism, len(chunks)))
+    chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
     tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads, tiles) for chunk in chunks]
     failure = None
     try:
