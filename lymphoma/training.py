@@ -368,7 +368,8 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     if rank.main:
         where = (f"from epoch {run.start_epoch + 1} of {train.epochs}" if run.start_epoch < train.epochs
                  else f"all {train.epochs} epochs trained already (last.pt)")
-        log.info(f"training on {device} x {rank.world} process(es), {run.pipes.backend} augmentation, tiles read "
+        threads = f" of {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
+        log.info(f"training on {device} x {rank.world} process(es){threads}, {run.pipes.backend} augmentation, tiles read "
                  f"{CACHE_WORDS[run.pipes.cache]}, {len(train_tiles)} train and {len(eval_tiles)} {train.eval_phase} "
                  f"tiles, {where}")
         run.writer = _open_writer(out_dir, run.start_epoch, train_tiles, run.pipes.train_aug, augment)

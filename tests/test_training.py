@@ -35,6 +35,12 @@ def final_digest(runs: Path, name: str) -> str:
     return weights_digest(model)
 
 
+def started_lines(runs: Path, name: str) -> list[str]:
+    """The start line of each training process of a run (device, processes, threads, loaders), from its logs."""
+    logs = sorted((runs / name / "train" / "logs").rglob("*_log.out"))
+    return [f"{name}: {line}" for log in logs for line in log.read_text().splitlines() if "training on" in line]
+
+
 def test_two_process_gloo_ddp_keeps_ranks_identical(tiled, local_ddp):
     results = local_ddp
     assert sorted(r["rank"] for r in results) == [0, 1] and {r["world_size"] for r in results} == {2}
@@ -111,7 +117,8 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiled, b
     assert load_checkpoint(last)["epoch"] == 2 and len(load_checkpoint(last)["history"]) == 3
     history = [{k: v for k, v in h.items() if k != "images_per_s"} for h in load_checkpoint(last)["history"]]
     straight_last = load_checkpoint(runs / straight / "train" / "checkpoints" / "last.pt")
-    assert history == [{k: v for k, v in h.items() if k != "images_per_s"} for h in straight_last["history"]]
+    assert history == [{k: v for k, v in h.items() if k != "images_per_s"} for h in straight_last["history"]], \
+        started_lines(runs, straight) + started_lines(runs, killed)  # threads and loaders of each process
     assert final_digest(runs, killed) == final_digest(runs, straight)
 
 
