@@ -10,7 +10,7 @@ array tasks, cluster.parallelism at once, the cores shared among them); one proc
 The tutorial-style loop reads images as this project does (libspng: 5.2 ms a data-set image, where the tutorial's
 cv2.imread takes 6.9 and PIL 8.5, measured beside it): if anything, it flatters the tutorial.
 
-    .venv/bin/python bench/bench_predict.py [--images 64] [--stain none|reinhard] [--scope tile|image]
+    .venv/bin/python bench/bench_predict.py [--images 64] [--folder lowres|fullres-jpeg] [--stain none|reinhard] [--scope tile|image]
         [--engines torch:fp32,torch:bf16,onnxruntime:fp32,compile:bf16] [--tasks 1] [--out ...]
 
 The model is the reduced DenseNet with its initial weights (speed does not depend on training).
@@ -83,6 +83,9 @@ def timed(fn: object, cpu: dict[str, float], name: str) -> float:
 def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=64)
+    parser.add_argument("--folder", default="lowres", choices=("lowres", "fullres-jpeg"),
+                        help="the data set's images: lowres (417x312 PNG, 15 tiles each) or fullres-jpeg (the 30 at "
+                             "1388x1040, JPEG, 300 tiles each: per-image costs spread over 20x the tiles)")
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--stain", default="none", help="the checkpoint's stain.normalize (none, reinhard, ...)")
     parser.add_argument("--scope", default="tile", help="the checkpoint's stain.scope (tile, image)")
@@ -226,12 +229,13 @@ def main() -> None:
     if args.child:
         child_task(args)
         return
-    records = discover(Path(default_data_root()) / "lowres", CLASSES).records
+    records = discover(Path(default_data_root()) / args.folder, CLASSES).records
     records = records[:: max(1, len(records) // args.images)][: args.images]
     slides = [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in records]
     tiles_settings = TileSettings(size=128, stride=64)
     results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores", "device": args.device,
-                                  "torch_threads": torch.get_num_threads(), "images": len(slides), "batch": args.batch,
+                                  "torch_threads": torch.get_num_threads(), "images": len(slides), "folder": args.folder,
+                                  "batch": args.batch,
                                   "stain": args.stain, "scope": args.scope, "tasks": args.tasks,
                                   "threads_per_task": thread_share(args.tasks)}
     with tempfile.TemporaryDirectory() as tmp:
