@@ -10,8 +10,8 @@ array tasks, cluster.parallelism at once, the cores shared among them); one proc
 The tutorial-style loop reads images as this project does (libspng: 5.2 ms a data-set image, where the tutorial's
 cv2.imread takes 6.9 and PIL 8.5, measured beside it): if anything, it flatters the tutorial.
 
-    .venv/bin/python bench/bench_predict.py [--images 64] [--folder lowres|fullres-jpeg] [--stain none|reinhard] [--scope tile|image]
-        [--engines torch:fp32,torch:bf16,onnxruntime:fp32,compile:bf16] [--tasks 1] [--out ...]
+    .venv/bin/python bench/bench_predict.py [--images 64] [--folder lowres|fullres-jpeg] [--stain none|reinhard]
+        [--scope tile|image] [--engines torch:fp32,torch:bf16,onnxruntime:fp32,compile:bf16] [--tasks 1] [--out ...]
 
 The model is the reduced DenseNet with its initial weights (speed does not depend on training).
 """
