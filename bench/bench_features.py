@@ -36,6 +36,7 @@ from lymphoma.model import build_model
 from lymphoma.prediction import SlideInput, predict_slides
 from lymphoma.settings import AugmentSettings, ModelSettings, StainSettings, TileSettings
 from lymphoma.stain import StainNormalizer, fit_target
+from lymphoma.tile_sources import open_normalized_tiles
 from lymphoma.tiling import cut_tiles
 
 CLASSES = ["CLL", "FL", "MCL"]
@@ -61,11 +62,8 @@ def prepare(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
             assert all(r["status"] == "ok" for r in records)
         whole()
         return whole
-    images = [read_rgb(p) for p in paths]
-    if normalizer is not None and not normalizer.per_tile:
-        images = [normalizer(image) for image in images]
-    pixels = np.concatenate([cut_tiles(image, tiles).pixels for image in images])
-    normalized = normalizer.batch(pixels) if normalizer is not None and normalizer.per_tile else pixels
+    normalized = np.concatenate([pixels for p in paths  # as the reader gives them to the encoder
+                                 for pixels in open_normalized_tiles(p, tiles, normalizer).batches])
 
     def bare() -> None:
         with torch.inference_mode():
