@@ -1,0 +1,84 @@
+"""Linear probes on frozen encoders in the folds of `lymphoma cv`: each image's mean tile embedding (a `lymphoma
+features` folder) classified by the reference baseline's logistic regression (C chosen by an inner case-grouped
+CV of the training cases), beside the baseline's colour/texture features, over the same fold assignments as
+`lymphoma cv cv.repeats=R` (seeds cv.seed + r), with a case-label permutation null on the first assignment.
+An encoder that no case of the cohort trained (ImageNet weights) leaks nothing across folds, so one features
+folder serves every fold.
+
+    .venv/bin/python bench/cv_embeddings.py -c configs/lymphoma-lowres.yaml lite0=FEATURES_DIR \\
+        [--repeats 3] [--permutations 50] [--out bench/results/cv-embeddings.json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from common import emit
+from jobs.baseline import load_cohort
+from jobs.run_folder import open_run
+from lymphoma.baseline import Cohort, cv_records, permutation_null, pooled_accuracy
+from lymphoma.crossval import grouped_folds
+from lymphoma.features import read_features
+
+
+def mean_embeddings(folder: Path, paths: list[str]) -> np.ndarray:
+    """Every image's mean tile embedding, in the order of ``paths`` (an image without one is an error)."""
+    files = {}
+    with open(folder / "features.csv", newline="") as handle:
+        for row in csv.DictReader(handle):
+            if row["status"] == "ok":
+                files[row["path"]] = row["file"]
+    missing = [p for p in paths if p not in files]
+    if missing:
+        raise SystemExit(f"{folder}: no features for {len(missing)} image(s) (first: {missing[0]}); rerun "
+                         "lymphoma features into it")
+    return np.stack([read_features(files[p])[0].mean(0) for p in paths])
+
+
+def scores(cohort: Cohort, assignments: list[list[list[str]]], seed: int, permutations: int) -> dict[str, Any]:
+    """Pooled image and case accuracy per assignment, their mean +- sd, class recall, and the null."""
+    per, flat = [], []
+    for r, folds in enumerate(assignments):
+        by_fold = cv_records(cohort, folds, seed + r)
+        per.append(pooled_accuracy(by_fold, cohort.classes))
+        flat += [rec for fold in by_fold for rec in fold]
+        if r == 0:
+            null = permutation_null(cohort, folds, seed, permutations, per[0])
+    arr = np.asarray(per)
+    recall = {c: round(float(np.mean([r["majority_class"] == c for r in flat if r["label"] == c])), 3)
+              for c in cohort.classes}
+    return {"image": arr[:, 0].round(3).tolist(), "case": arr[:, 1].round(3).tolist(),
+            "image_mean_sd": [round(float(arr[:, 0].mean()), 3), round(float(arr[:, 0].std()), 3)],
+            "case_mean_sd": [round(float(arr[:, 1].mean()), 3), round(float(arr[:, 1].std()), 3)],
+            "recall": recall, "null": null}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", required=True)
+    parser.add_argument("encoders", nargs="+", help="name=features folder")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--permutations", type=int, default=50)
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    run = open_run(args.config)
+    inputs, cv = run.inputs(), run.config.cv
+    assignments = [grouped_folds(inputs.records, cv.folds, cv.seed + r) for r in range(args.repeats)]
+    cohort = load_cohort(inputs.records, inputs.classes, run.dir / "baseline")
+    methods = {"baseline (colour/texture)": cohort}
+    for spec in args.encoders:
+        name, folder = spec.split("=", 1)
+        methods[name] = replace(cohort, features=mean_embeddings(Path(folder), cohort.paths))
+    results = {name: scores(c, assignments, cv.seed, args.permutations) for name, c in methods.items()}
+    emit({"config": args.config, "folds": cv.folds, "seeds": [cv.seed + r for r in range(args.repeats)],
+          "assignments": assignments, "methods": results}, args.out)
+
+
+if __name__ == "__main__":
+    main()
