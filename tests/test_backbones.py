@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -15,7 +16,8 @@ from lymphoma.backbones import file_digest, load_pretrained
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.model import build_model
-from lymphoma.settings import ModelSettings
+from lymphoma.settings import ModelSettings, TileSettings
+from lymphoma.tile_sources import open_tiles
 
 pytestmark = pytest.mark.usefixtures("no_network")
 
@@ -79,6 +81,27 @@ def test_bad_weight_files_and_names_say_what_to_do(tmp_path):
         ModelSettings(weights="w.pth")
     with pytest.raises(InputError, match=r"model.freeze='features.nope' is not a block of DenseNet.*features.denseblock1"):
         build_model(ModelSettings(backbone="torchvision:densenet121", freeze="features.nope").architecture(3))
+
+
+def test_a_fresh_head_on_loaded_weights_starts_at_chance_on_real_tiles(tmp_path, data_root):
+    """timm initialises an EfficientNet's 3-class head from +-0.58: its logits on real tiles reached 35 (a first
+    loss of 5.4 with ImageNet weights, which wrecked them); the head left fresh by a 1000-class file starts
+    near zero instead, while every loaded tensor stays as the file has it."""
+    source = tiny_timm_file(tmp_path / "lite0.safetensors", "tf_efficientnet_lite0", num_classes=1000)
+    images = sorted((data_root / "lowres").glob("*/*.png"))[::40]
+    pixels = np.concatenate([b for p in images for b in open_tiles(str(p), TileSettings()).batches])
+    x = torch.from_numpy(pixels[:, 8:120, 8:120]).permute(0, 3, 1, 2).float() / 255
+    model = build_model(ModelSettings(backbone="timm:tf_efficientnet_lite0").architecture(3)).eval()
+    loaded = load_pretrained(model, tmp_path / "lite0.safetensors")
+    assert loaded.head_skipped == ["classifier.bias", "classifier.weight"]
+    assert torch.equal(model.net.conv_head.weight, source.conv_head.weight)
+    with torch.no_grad():
+        logits = model(x)
+        loss = torch.nn.functional.cross_entropy(logits, torch.zeros(len(x), dtype=torch.long))
+    assert len(x) >= 90 and logits.abs().max() < 3, logits.abs().max()
+    assert abs(float(loss) - np.log(3)) < 0.5, float(loss)  # 37 with timm's head
+    assert float(model.net.classifier.weight.std()) == pytest.approx(0.01, rel=0.1)
+    assert not model.net.classifier.bias.any()
 
 
 def test_freeze_all_or_up_to_a_block_keeps_frozen_batch_norms_in_eval():
