@@ -3,16 +3,18 @@ features` folder) classified by the reference baseline's logistic regression (C 
 CV of the training cases), beside the baseline's colour/texture features, over the same fold assignments as
 `lymphoma cv cv.repeats=R` (seeds cv.seed + r), with a case-label permutation null on the first assignment.
 An encoder that no case of the cohort trained (ImageNet weights) leaks nothing across folds, so one features
-folder serves every fold.
+folder serves every fold. ``--cases REGEX``: only the cases whose id matches (e.g. ``^sj-05``: one year's
+staining run, which holds all three classes), their folds dealt as `lymphoma cv` deals them.
 
     .venv/bin/python bench/cv_embeddings.py -c configs/lymphoma-lowres.yaml lite0=FEATURES_DIR \\
-        [--repeats 3] [--permutations 50] [--out bench/results/cv-embeddings.json]
+        [--repeats 3] [--permutations 50] [--cases REGEX] [--out bench/results/cv-embeddings.json]
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import re
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -65,18 +67,21 @@ def main() -> None:
     parser.add_argument("encoders", nargs="+", help="name=features folder")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--permutations", type=int, default=50)
+    parser.add_argument("--cases", help="a regex: only the cases whose id it matches")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     run = open_run(args.config)
     inputs, cv = run.inputs(), run.config.cv
-    assignments = [grouped_folds(inputs.records, cv.folds, cv.seed + r) for r in range(args.repeats)]
-    cohort = load_cohort(inputs.records, inputs.classes, run.dir / "baseline")
+    records = [r for r in inputs.records if args.cases is None or re.search(args.cases, r.case)]
+    assignments = [grouped_folds(records, cv.folds, cv.seed + r) for r in range(args.repeats)]
+    cohort = load_cohort(records, inputs.classes, run.dir / ("baseline" if args.cases is None else "baseline-subset"))
     methods = {"baseline (colour/texture)": cohort}
     for spec in args.encoders:
         name, folder = spec.split("=", 1)
         methods[name] = replace(cohort, features=mean_embeddings(Path(folder), cohort.paths))
     results = {name: scores(c, assignments, cv.seed, args.permutations) for name, c in methods.items()}
-    emit({"config": args.config, "folds": cv.folds, "seeds": [cv.seed + r for r in range(args.repeats)],
+    emit({"config": args.config, "cases": args.cases, "images": len(records), "folds": cv.folds,
+          "seeds": [cv.seed + r for r in range(args.repeats)],
           "assignments": assignments, "methods": results}, args.out)
 
 
