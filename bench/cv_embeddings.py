@@ -80,7 +80,8 @@ def main() -> None:
         name, folder = spec.split("=", 1)
         methods[name] = replace(cohort, features=mean_embeddings(Path(folder), cohort.paths))
     results = {name: scores(c, assignments, cv.seed, args.permutations) for name, c in methods.items()}
-    emit({"config": args.config, "cases": args.cases, "images": len(records), "folds": cv.folds,
+    emit({"config": args.config, "features": dict(spec.split("=", 1) for spec in args.encoders), "cases": args.cases,
+          "images": len(records), "folds": cv.folds,
           "seeds": [cv.seed + r for r in range(args.repeats)],
           "assignments": assignments, "methods": results}, args.out)
 
