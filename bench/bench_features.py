@@ -14,6 +14,7 @@ the bare forward or better.
 from __future__ import annotations
 
 import argparse
+import itertools
 import os
 import platform
 import tempfile
@@ -55,7 +56,7 @@ def prepare(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
     if mode == "whole":
         slides = [SlideInput(p, Path(p).stem) for p in paths]
 
-        passes = iter(range(1 << 30))
+        passes = itertools.count()
 
         def whole() -> None:
             if out.exists():  # every slide written again, none resumed; moved aside, as deleting 120 files took

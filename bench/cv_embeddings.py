@@ -75,12 +75,12 @@ def main() -> None:
     records = [r for r in inputs.records if args.cases is None or re.search(args.cases, r.case)]
     assignments = [grouped_folds(records, cv.folds, cv.seed + r) for r in range(args.repeats)]
     cohort = load_cohort(records, inputs.classes, run.dir / ("baseline" if args.cases is None else "baseline-subset"))
+    folders = dict(spec.split("=", 1) for spec in args.encoders)
     methods = {"baseline (colour/texture)": cohort}
-    for spec in args.encoders:
-        name, folder = spec.split("=", 1)
+    for name, folder in folders.items():
         methods[name] = replace(cohort, features=mean_embeddings(Path(folder), cohort.paths))
     results = {name: scores(c, assignments, cv.seed, args.permutations) for name, c in methods.items()}
-    emit({"config": args.config, "features": dict(spec.split("=", 1) for spec in args.encoders), "cases": args.cases,
+    emit({"config": args.config, "features": folders, "cases": args.cases,
           "images": len(records), "folds": cv.folds,
           "seeds": [cv.seed + r for r in range(args.repeats)],
           "assignments": assignments, "methods": results}, args.out)

@@ -181,7 +181,7 @@ def reset_head(model: Backbone) -> None:
     the first steps' large gradients wrecked the pretrained layers (inner-val accuracy at chance after 4 epochs)."""
     head = dict(model.net.named_modules())[model.head]
     with torch.no_grad():
-        for name, parameter in head.named_parameters():
+        for parameter in head.parameters():
             if parameter.ndim > 1:
                 torch.nn.init.normal_(parameter, std=0.01)
             else:
