@@ -19,6 +19,23 @@ def emit(results: dict[str, Any], out: Optional[Path]) -> None:
         out.write_text(text + "\n")
 
 
+def assignment_scores(per_assignment: list[tuple[float, float]], records: list[dict[str, Any]],
+                      classes: list[str]) -> dict[str, Any]:
+    """Image and case accuracy of each fold assignment, their mean and sd, and each class's image recall over
+    ``records`` (every image's out-of-fold record, ``label`` and ``majority_class``, of every assignment)."""
+    import numpy as np
+
+    arr = np.asarray(per_assignment, dtype=float).reshape(-1, 2)
+
+    def mean_sd(column: np.ndarray) -> list[float]:
+        return [round(float(column.mean()), 3), round(float(column.std()), 3)]
+
+    recall = {c: round(float(np.mean([r["majority_class"] == c for r in records if r["label"] == c])), 3)
+              for c in classes}
+    return {"image": arr[:, 0].round(3).tolist(), "case": arr[:, 1].round(3).tolist(),
+            "image_mean_sd": mean_sd(arr[:, 0]), "case_mean_sd": mean_sd(arr[:, 1]), "recall": recall}
+
+
 def _timed_task(prepare: Callable[..., Callable[[], None]], args: tuple[Any, ...], threads: int, barrier: Any,
                 queue: Any) -> None:
     import torch

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from common import emit
+from common import assignment_scores, emit
 from jobs.baseline import load_cohort
 from jobs.run_folder import open_run
 from lymphoma.baseline import Cohort, cv_records, permutation_null, pooled_accuracy
@@ -52,13 +52,7 @@ def scores(cohort: Cohort, assignments: list[list[list[str]]], seed: int, permut
         flat += [rec for fold in by_fold for rec in fold]
         if r == 0:
             null = permutation_null(cohort, folds, seed, permutations, per[0])
-    arr = np.asarray(per)
-    recall = {c: round(float(np.mean([r["majority_class"] == c for r in flat if r["label"] == c])), 3)
-              for c in cohort.classes}
-    return {"image": arr[:, 0].round(3).tolist(), "case": arr[:, 1].round(3).tolist(),
-            "image_mean_sd": [round(float(arr[:, 0].mean()), 3), round(float(arr[:, 0].std()), 3)],
-            "case_mean_sd": [round(float(arr[:, 1].mean()), 3), round(float(arr[:, 1].std()), 3)],
-            "recall": recall, "null": null}
+    return {**assignment_scores(per, flat, cohort.classes), "null": null}
 
 
 def main() -> None:

@@ -21,7 +21,7 @@ from typing import Any
 
 import numpy as np
 
-from common import emit
+from common import assignment_scores, emit
 from jobs.baseline import load_cohort
 from lymphoma.baseline import cv_records, pooled_accuracy
 from lymphoma.cohort_report import probability_record
@@ -80,14 +80,9 @@ def summary(per_repeat: list[dict[str, list[list[dict[str, Any]]]]], classes: li
     """Per method: image and case accuracy per assignment, their mean +- sd, and each class's image recall."""
     rows = {}
     for method in METHODS:
-        scores = np.asarray([pooled_accuracy(by_fold[method], classes) for by_fold in per_repeat])
+        per = [pooled_accuracy(by_fold[method], classes) for by_fold in per_repeat]
         flat = [r for by_fold in per_repeat for fold in by_fold[method] for r in fold]
-        recall = {c: float(np.mean([r["majority_class"] == c for r in flat if r["label"] == c])) for c in classes}
-        rows[method] = {"image": scores[:, 0].round(3).tolist(), "case": scores[:, 1].round(3).tolist(),
-                        "image_mean_sd": [round(float(scores[:, 0].mean()), 3), round(float(scores[:, 0].std()), 3)]
-                        if len(scores) > 1 else None,
-                        "case_mean_sd": [round(float(scores[:, 1].mean()), 3), round(float(scores[:, 1].std()), 3)]
-                        if len(scores) > 1 else None, "recall": recall}
+        rows[method] = assignment_scores(per, flat, classes)
     return rows
 
 
