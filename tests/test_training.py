@@ -124,9 +124,9 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiled, b
 
     Up to 3 attempts, each a fresh uninterrupted run and a fresh killed one. Now and then a fresh CPU process
     trains a few ulps away from the others on the same inputs and starting weights, before any kill (3 of about
-    200 processes, 2 of 15 uninstrumented ones, all beside a CI run; in the one caught with its gradients, the
-    first step's gradients were equal): the losses part by 1e-8 in epoch 1 and 1e-3 by epoch 3. That lands in
-    one attempt and not the next; a resume that does not restore the run differs in every attempt."""
+    200 processes, 2 of the 15 that printed hashes or nothing, all beside a CI run; in the one caught with its
+    gradients, the first step's gradients were equal): the losses part by 1e-8 in epoch 1 and 1e-3 by epoch 3.
+    That lands in one attempt and not the next; a resume that does not restore the run differs in every attempt."""
     epochs = ["train.epochs=3", "train.max_steps_per_epoch=6", "train.deterministic=true",
               f"augment.backend={backend}", "train.num_workers=2"]
     runs, mismatches = tiled[1], []
