@@ -14,7 +14,6 @@ the bare forward or better.
 from __future__ import annotations
 
 import argparse
-import itertools
 import os
 import platform
 import tempfile
@@ -56,11 +55,10 @@ def prepare(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
     if mode == "whole":
         slides = [SlideInput(p, Path(p).stem) for p in paths]
 
-        passes = itertools.count()
-
         def whole() -> None:
-            if out.exists():  # every slide written again, none resumed; moved aside, as deleting 120 files took
-                out.rename(out.with_name(f"{out.name}-{next(passes)}"))  # 3% of a timed pass (the temp dir goes)
+            if out.exists():  # every slide written again, none resumed; moved aside into a folder of its own
+                # (unique across the processes of repeated timings), as deleting 120 files took 3% of a pass
+                out.rename(Path(tempfile.mkdtemp(dir=out.parent, prefix=f"{out.name}-done-")) / out.name)
             records = predict_slides(encoder, slides, out, 4, writer=FeatureWriter(out, meta), readers=readers)
             assert all(r["status"] == "ok" for r in records)
         whole()
