@@ -134,9 +134,10 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiled, b
         straight, killed = f"straight-{backend}-{attempt}", f"killed-{backend}-{attempt}"
         run_train(config_for(tiled, straight, *epochs))
         killed_and_resumed(tiled, killed, epochs)
-        if history_of(runs, killed) == history_of(runs, straight):
+        resumed, uninterrupted = history_of(runs, killed), history_of(runs, straight)
+        if resumed == uninterrupted:
             break
-        mismatches.append([history_of(runs, killed), history_of(runs, straight),
+        mismatches.append([resumed, uninterrupted,
                            started_lines(runs, straight) + started_lines(runs, killed)])  # threads, loaders
     else:
         pytest.fail(f"every attempt's resumed run differs from its uninterrupted one: {mismatches}")
