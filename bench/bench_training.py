@@ -16,6 +16,7 @@ import os
 import platform
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -96,7 +97,124 @@ def rate(fn, images_per_call: int, calls: int) -> float:
     return images_per_call * calls / (time.perf_counter() - start)
 
 
-def main() -> None:
+@dataclass
+class Bench:
+    """One run's shared state: the tiles of a real shard, the model and its optimiser, a batch in memory, and
+    the figures measured so far (``results``)."""
+
+    args: argparse.Namespace
+    device: torch.device
+    tiles: PhaseTiles
+    results: dict[str, object]
+
+    def __post_init__(self) -> None:
+        self.gpu = self.device.type == "cuda"
+        self.model = build_model(ModelSettings(preset=self.args.preset).architecture(3)).to(self.device)
+        self.model = self.model.to(memory_format=torch.channels_last)  # as training does, on GPUs and CPUs
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=1e-4)
+        self.criterion = torch.nn.CrossEntropyLoss()
+        self.raw, labels = self.tiles.read_batch(list(range(self.args.batch)))
+        self.x = (torch.from_numpy(self.raw[:, 8:120, 8:120]).permute(0, 3, 1, 2).float() / 255).to(self.device)
+        self.y = torch.from_numpy(labels).to(self.device)
+        self.default = choose_backend(AugmentSettings(), self.device)  # what `lymphoma train` uses here
+
+    def model_step(self, amp: bool) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = self.criterion(self.model(self.x.contiguous(memory_format=torch.channels_last)), self.y)
+        loss.backward()
+        self.optimizer.step()
+
+    def epoch(self, loader: torch.utils.data.DataLoader, augmenter, amp: bool) -> float:
+        """Images/s of ``--steps`` steps of `lymphoma train`'s epoch loop."""
+        return train_one_epoch(self.model, loader, augmenter, self.criterion, self.optimizer, self.device, 0,
+                               StepOptions(amp=amp, channels_last=True, max_steps=self.args.steps)).images_per_s
+
+    def loader(self, augmenter, cache: str) -> torch.utils.data.DataLoader:
+        return make_loader(self.tiles, augmenter.sample, self.args.batch, 0, 1, True, 0, self.args.workers,
+                           cache=cache, device=self.device)
+
+    def model_alone(self) -> None:
+        """The model's step on the batch in memory (bf16 against fp32 as a ratio)."""
+        r, steps = self.results, self.args.steps
+        r["model_alone_images_per_s"] = rate(lambda: self.model_step(self.gpu), self.args.batch, steps)
+        if self.gpu:
+            r["model_alone_fp32_images_per_s"] = rate(lambda: self.model_step(False), self.args.batch, steps)
+            r["bf16_vs_fp32"] = r["model_alone_images_per_s"] / r["model_alone_fp32_images_per_s"]
+        else:  # train.amp=true on a CPU with bf16 units
+            r["model_alone_bf16_images_per_s"] = rate(lambda: self.model_step(True), self.args.batch, steps)
+            r["bf16_vs_fp32"] = r["model_alone_bf16_images_per_s"] / r["model_alone_images_per_s"]
+
+    def backend(self, backend: str) -> None:
+        """The real loader with one augmentation backend (cached as training caches, and uncached), against the
+        model alone; the backend's augmentation throughput."""
+        r = self.results
+        augmenter = build_augmenter(AugmentSettings(backend=backend), True, self.device, seed=0)
+        cache = choose_cache("auto", self.tiles.nbytes, self.device, isinstance(augmenter, BatchAugmenter))
+        for mode in ("none", cache) if cacheable(augmenter.sample) and cache != "none" else ("none",):
+            loader = self.loader(augmenter, mode)
+            self.epoch(loader, augmenter, self.gpu)  # the second pass is measured: workers and pipelines are warm
+            speed = self.epoch(loader, augmenter, self.gpu)
+            if mode != "none":  # what `lymphoma train` does (train.cache=auto)
+                r[f"real_loader_{backend}_uncached_images_per_s"] = r[f"real_loader_{backend}_images_per_s"]
+                r[f"real_loader_{backend}_cache"] = mode
+            r[f"real_loader_{backend}_images_per_s"] = speed
+        if backend == self.default and not self.gpu:  # the same with train.amp=true
+            r[f"real_loader_{backend}_bf16_images_per_s"] = self.epoch(loader, augmenter, True)
+        for key in ("", "_uncached"):
+            if f"real_loader_{backend}{key}_images_per_s" in r:
+                r[f"real_loader_{backend}{key}_vs_model_alone"] = (r[f"real_loader_{backend}{key}_images_per_s"]
+                                                                   / r["model_alone_images_per_s"])
+        raw = self.raw
+        batch = torch.stack([augmenter.sample(t) for t in raw]) if augmenter.sample else torch.from_numpy(raw)
+        r[f"augment_{backend}_images_per_s"] = rate(
+            lambda: augmenter.batch(batch if augmenter.sample is None else
+                                    torch.stack([augmenter.sample(t) for t in raw]), 1), self.args.batch, 5)
+
+    def pairs(self) -> None:
+        """The default backend's cached loader against loader processes, alternating (a noisy machine)."""
+        augmenter = build_augmenter(AugmentSettings(backend=self.default), True, self.device, seed=0)
+        cache = choose_cache("auto", self.tiles.nbytes, self.device, isinstance(augmenter, BatchAugmenter))
+        pair = {mode: self.loader(augmenter, mode) for mode in ("none", cache)}
+        speeds: dict[str, list[float]] = {mode: [] for mode in pair}
+        for _ in range(self.args.pairs):
+            for mode, loader in pair.items():
+                speeds[mode].append(self.epoch(loader, augmenter, self.gpu))
+        self.results[f"{cache}_cache_vs_loader_processes_pairs"] = [c / n for c, n in zip(speeds[cache], speeds["none"])]
+
+    def against_tutorial(self, shard: Path) -> None:
+        """This project's loader against the tutorial-style one, and training against the tutorial's loop."""
+        r, args = self.results, self.args
+        ours = make_loader(self.tiles, build_augmenter(AugmentSettings(backend="torch"), True, self.device).sample,
+                           args.batch, 0, 1, True, 0, args.workers)
+        tutorial = torch.utils.data.DataLoader(TutorialStyleDataset(shard, 112), batch_size=args.batch, shuffle=True,
+                                               num_workers=args.workers)
+        for name, loader in (("ours", ours), ("tutorial", tutorial)):
+            drain(loader, 2)
+            start = time.perf_counter()
+            seen = drain(loader, args.steps)
+            r[f"loader_{name}_images_per_s"] = seen / (time.perf_counter() - start)
+        r["loader_ours_vs_tutorial"] = r["loader_ours_images_per_s"] / r["loader_tutorial_images_per_s"]
+        r["tutorial_loop_images_per_s"] = tutorial_loop(tutorial, args.preset, self.device, args.steps)
+        if f"real_loader_{self.default}_images_per_s" in r:
+            r["training_default_backend"] = self.default
+            for suffix in ("", "_bf16"):
+                if f"real_loader_{self.default}{suffix}_images_per_s" in r:
+                    r[f"training{suffix}_vs_tutorial_loop"] = (r[f"real_loader_{self.default}{suffix}_images_per_s"]
+                                                               / r["tutorial_loop_images_per_s"])
+
+
+def drain(loader: torch.utils.data.DataLoader, limit: int) -> int:
+    """Images in the first ``limit`` batches of ``loader``."""
+    seen = 0
+    for i, (batch, _) in enumerate(loader):
+        seen += len(batch)
+        if i + 1 >= limit:
+            break
+    return seen
+
+
+def parse_args() -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--images", type=int, default=48)
     parser.add_argument("--repeat", type=int, default=1, help="each image's tiles this many times (longer epochs "
@@ -109,115 +227,34 @@ def main() -> None:
     parser.add_argument("--pairs", type=int, default=0, help="alternate the default backend's cached loader and "
                                                                  "loader processes this many times")
     parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
-    gpu = device.type == "cuda"
     records = discover(Path(default_data_root()) / "lowres", CLASSES).records
     records = records[:: max(1, len(records) // args.images)][: args.images] * args.repeat
     results: dict[str, object] = {"machine": f"{platform.machine()}, {os.cpu_count()} cores",
-                                  "device": torch.cuda.get_device_name() if gpu else "cpu", "model": args.preset,
-                                  "batch": args.batch, "workers": args.workers,
+                                  "device": torch.cuda.get_device_name() if device.type == "cuda" else "cpu",
+                                  "model": args.preset, "batch": args.batch, "workers": args.workers,
                                   "images": len(records) // args.repeat, "repeat": args.repeat}
     with tempfile.TemporaryDirectory() as tmp:
         shard = Path(tmp) / "shard.h5"
         write_shard(shard, "train", records, CLASSES, TileSettings(size=128, stride=64), "blosc:zstd:1", "bench")
         tiles = PhaseTiles([shard])
         results["tiles"] = len(tiles)
-        model = build_model(ModelSettings(preset=args.preset).architecture(3)).to(device)
-        model = model.to(memory_format=torch.channels_last)  # as training does, on GPUs and CPUs
-        optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-        criterion = torch.nn.CrossEntropyLoss()
-        raw, labels = tiles.read_batch(list(range(args.batch)))
-        x = (torch.from_numpy(raw[:, 8:120, 8:120]).permute(0, 3, 1, 2).float() / 255).to(device)
-        y = torch.from_numpy(labels).to(device)
-
-        def model_step(amp: bool = gpu) -> None:
-            optimizer.zero_grad(set_to_none=True)
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
-                loss = criterion(model(x.contiguous(memory_format=torch.channels_last)), y)
-            loss.backward()
-            optimizer.step()
-
-        model_alone = rate(model_step, args.batch, args.steps)
-        results["model_alone_images_per_s"] = model_alone
-        if gpu:
-            results["model_alone_fp32_images_per_s"] = rate(lambda: model_step(False), args.batch, args.steps)
-            results["bf16_vs_fp32"] = model_alone / results["model_alone_fp32_images_per_s"]
-        else:  # train.amp=true on a CPU with bf16 units
-            results["model_alone_bf16_images_per_s"] = rate(lambda: model_step(True), args.batch, args.steps)
-            results["bf16_vs_fp32"] = results["model_alone_bf16_images_per_s"] / model_alone
-
-        n_batches = args.steps
+        bench = Bench(args, device, tiles, results)
+        bench.model_alone()
         backends = [b for b in args.backends.split(",") if b != "dali" or dali_available()]
-        default = choose_backend(AugmentSettings(), device)  # what `lymphoma train` uses here
         for backend in backends:
-            settings = AugmentSettings(backend=backend)
-            augmenter = build_augmenter(settings, True, device, seed=0)
-            cache = choose_cache("auto", tiles.nbytes, device, isinstance(augmenter, BatchAugmenter))
-            for mode in ("none", cache) if cacheable(augmenter.sample) and cache != "none" else ("none",):
-                loader = make_loader(tiles, augmenter.sample, args.batch, 0, 1, True, 0, args.workers, cache=mode,
-                                     device=device)
-                for _ in range(2):  # the second pass is measured: workers and pipelines are warm
-                    stats = train_one_epoch(model, loader, augmenter, criterion, optimizer, device, 0,
-                                            StepOptions(amp=gpu, channels_last=True, max_steps=n_batches))
-                if mode != "none":  # what `lymphoma train` does (train.cache=auto)
-                    results[f"real_loader_{backend}_uncached_images_per_s"] = results[
-                        f"real_loader_{backend}_images_per_s"]
-                    results[f"real_loader_{backend}_cache"] = mode
-                results[f"real_loader_{backend}_images_per_s"] = stats.images_per_s
-            if backend == default and not gpu:  # the same with train.amp=true
-                stats = train_one_epoch(model, loader, augmenter, criterion, optimizer, device, 0,
-                                        StepOptions(amp=True, channels_last=True, max_steps=n_batches))
-                results[f"real_loader_{backend}_bf16_images_per_s"] = stats.images_per_s
-            for key in ("", "_uncached"):
-                if f"real_loader_{backend}{key}_images_per_s" in results:
-                    results[f"real_loader_{backend}{key}_vs_model_alone"] = (
-                        results[f"real_loader_{backend}{key}_images_per_s"] / model_alone)
-            batch = torch.stack([augmenter.sample(t) for t in raw]) if augmenter.sample else torch.from_numpy(raw)
-            results[f"augment_{backend}_images_per_s"] = rate(
-                lambda: augmenter.batch(batch if augmenter.sample is None else
-                                        torch.stack([augmenter.sample(t) for t in raw]), 1), args.batch, 5)
+            bench.backend(backend)
         for backend in (b for b in backends if b != "torch" and "torch" in backends):
             results[f"augment_{backend}_vs_torch"] = (results[f"augment_{backend}_images_per_s"]
                                                       / results["augment_torch_images_per_s"])
-
-        if args.pairs:  # the default backend's cached loader against loader processes, alternating (a noisy machine)
-            augmenter = build_augmenter(AugmentSettings(backend=default), True, device, seed=0)
-            cache = choose_cache("auto", tiles.nbytes, device, isinstance(augmenter, BatchAugmenter))
-            pair = {mode: make_loader(tiles, augmenter.sample, args.batch, 0, 1, True, 0, args.workers, cache=mode,
-                                      device=device) for mode in ("none", cache)}
-            speeds: dict[str, list[float]] = {mode: [] for mode in pair}
-            for _ in range(args.pairs):
-                for mode, loader in pair.items():
-                    speeds[mode].append(train_one_epoch(model, loader, augmenter, criterion, optimizer, device, 0, StepOptions(
-                        amp=gpu, channels_last=True, max_steps=n_batches)).images_per_s)
-            results[f"{cache}_cache_vs_loader_processes_pairs"] = [c / n for c, n in zip(speeds[cache], speeds["none"])]
-
-        def drain(loader: torch.utils.data.DataLoader, limit: int) -> int:
-            seen = 0
-            for i, (batch, _) in enumerate(loader):
-                seen += len(batch)
-                if i + 1 >= limit:
-                    break
-            return seen
-
-        ours = make_loader(tiles, build_augmenter(AugmentSettings(backend="torch"), True, device).sample, args.batch,
-                           0, 1, True, 0, args.workers)
-        tutorial = torch.utils.data.DataLoader(TutorialStyleDataset(shard, 112), batch_size=args.batch, shuffle=True,
-                                               num_workers=args.workers)
-        for name, loader in (("ours", ours), ("tutorial", tutorial)):
-            drain(loader, 2)
-            start = time.perf_counter()
-            seen = drain(loader, n_batches)
-            results[f"loader_{name}_images_per_s"] = seen / (time.perf_counter() - start)
-        results["loader_ours_vs_tutorial"] = results["loader_ours_images_per_s"] / results["loader_tutorial_images_per_s"]
-        results["tutorial_loop_images_per_s"] = tutorial_loop(tutorial, args.preset, device, n_batches)
-        if f"real_loader_{default}_images_per_s" in results:
-            results["training_default_backend"] = default
-            for suffix in ("", "_bf16"):
-                if f"real_loader_{default}{suffix}_images_per_s" in results:
-                    results[f"training{suffix}_vs_tutorial_loop"] = (
-                        results[f"real_loader_{default}{suffix}_images_per_s"] / results["tutorial_loop_images_per_s"])
+        if args.pairs:
+            bench.pairs()
+        bench.against_tutorial(shard)
         tiles.close()
     emit(results, args.out)
 
