@@ -8,7 +8,8 @@ already in memory, in one run, for the reduced DenseNet and a ViT-S (timm, input
 features` runs on a CPU node (its array tasks, cluster.parallelism at once, the cores shared among them).
 
 Encoders are randomly initialised (speed does not depend on the weights). Target: the whole path at 0.9 of
-the bare forward or better.
+the bare forward or better. Each row also gives the CPU time a tile of both sides and of reading alone, and
+the ratio that reading's CPU time leaves when every core is busy (``ratio_ceiling_cpu_bound``).
 """
 
 from __future__ import annotations
@@ -79,27 +80,45 @@ def prepare(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
 def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int, device: torch.device,
             readers: int = 1, scope: str = "tile", tasks: int = 1) -> dict[str, float]:
     """Tiles per second of the bare forward and of the whole path, best of two each; with ``tasks`` > 1, both in
-    that many processes at once, each on its share of the images and of the cores (as the job's array tasks)."""
+    that many processes at once, each on its share of the images and of the cores (as the job's array tasks).
+    Also the CPU time of each per tile, that of reading alone (decode, tile, stain; one thread), and the ratio
+    a CPU-bound node cannot pass: the forward's CPU time over the forward's and the reading's."""
     n_tiles = sum(len(cut_tiles(read_rgb(p), TileSettings()).pixels) for p in paths)
-    rates = {}
+    rates, cpu = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("bare", "whole"):
             per_task = [(settings, paths[i::tasks], stain, batch, device, readers, scope, mode, Path(tmp) / f"{i}")
                         for i in range(tasks)]
             if tasks > 1:
-                seconds = [timed_in_tasks(prepare, per_task, thread_share(tasks))[0] for _ in range(2)]
+                timings = [timed_in_tasks(prepare, per_task, thread_share(tasks)) for _ in range(2)]
             else:
                 run = prepare(*per_task[0])
-                seconds = [timed(run) for _ in range(2)]
-            rates[mode] = n_tiles / min(seconds)
+                timings = [timed(run) for _ in range(2)]
+            wall, seconds = min(timings)
+            rates[mode], cpu[mode] = n_tiles / wall, 1e3 * seconds / n_tiles
+    reading = reading_cpu_ms(paths, stain, scope) / n_tiles
     return {"tiles": n_tiles, "bare_tiles_per_s": rates["bare"], "features_tiles_per_s": rates["whole"],
-            "ratio_features_vs_bare": rates["whole"] / rates["bare"]}
+            "ratio_features_vs_bare": rates["whole"] / rates["bare"], "bare_cpu_ms_per_tile": cpu["bare"],
+            "features_cpu_ms_per_tile": cpu["whole"], "reading_cpu_ms_per_tile": reading,
+            "ratio_ceiling_cpu_bound": cpu["bare"] / (cpu["bare"] + reading)}
 
 
-def timed(run: Callable[[], None]) -> float:
-    start = time.perf_counter()
+def reading_cpu_ms(paths: list[str], stain: str, scope: str) -> float:
+    """CPU milliseconds of reading every image as the reader thread does (decode, tile, stain normalisation)."""
+    target = fit_target(StainSettings(stain, scope=scope))
+    normalizer = StainNormalizer(target) if target is not None else None
+    start = time.process_time()
+    for path in paths:
+        for _ in open_normalized_tiles(path, TileSettings(), normalizer).batches:
+            pass
+    return 1e3 * (time.process_time() - start)
+
+
+def timed(run: Callable[[], None]) -> tuple[float, float]:
+    """Wall and CPU seconds of ``run()``."""
+    cpu_start, start = time.process_time(), time.perf_counter()
     run()
-    return time.perf_counter() - start
+    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def main() -> None:
@@ -112,6 +131,8 @@ def main() -> None:
     parser.add_argument("--tasks", type=int, default=1,
                         help="processes at once, each on its share of the images and cores, as `lymphoma features` "
                              "runs its array tasks on a CPU node (cluster.parallelism, default 2)")
+    parser.add_argument("--encoders", default="densenet-reduced,vit_small_patch16_224",
+                        help="which of densenet-reduced, vit_small_patch16_224 to measure")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.tasks > 1 and args.device != "cpu":
@@ -127,6 +148,10 @@ def main() -> None:
                                   "tile": "128 px, stride 64, centre crop 112", "batch": args.batch}
     encoders = {"densenet-reduced": ModelSettings(), "vit_small_patch16_224": ModelSettings(
         backbone="timm:vit_small_patch16_224")}
+    unknown = set(args.encoders.split(",")) - set(encoders)
+    if unknown:
+        raise SystemExit(f"--encoders: {', '.join(sorted(unknown))} unknown; allowed: {', '.join(encoders)}")
+    encoders = {name: encoders[name] for name in args.encoders.split(",")}
     for name, settings in encoders.items():
         chosen = paths if settings.backbone is None else paths[:: max(1, len(paths) // args.vit_images)][:args.vit_images]
         for stain, scope in (("none", "tile"), ("reinhard", "tile"), ("reinhard", "image")):
