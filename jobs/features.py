@@ -44,10 +44,11 @@ def run_features_task(task: FeaturesTask) -> list[dict[str, Any]]:
     cfg = task.run.config
     with task_setup(task.threads) as setup:
         if task.checkpoint:
-            encoder, meta = encoder_from_checkpoint(Path(task.checkpoint), setup.device, cfg.predict.batch_size)
+            encoder, meta = encoder_from_checkpoint(Path(task.checkpoint), setup.device, cfg.predict.batch_size,
+                                                    cfg.predict.precision)
         else:
             encoder, meta = encoder_from_settings(cfg.model, cfg.tiles, cfg.augment, cfg.stain, setup.device,
-                                                  cfg.predict.batch_size)
+                                                  cfg.predict.batch_size, cfg.predict.precision)
         out = Path(task.out_dir)
         return predict_slides(encoder, task.slides, out, cfg.predict.prefetch,
                               writer=FeatureWriter(out, meta), readers=cfg.predict.readers)
@@ -78,6 +79,9 @@ def run_features(run: Run, checkpoint: Optional[Path], slides: list[SlideInput],
     """Embed every slide as an array job; ``features.csv`` lists each slide's file or error."""
     cfg = run.config
     check_encoder(run, checkpoint)
+    if cfg.predict.engine != "torch":
+        log.info(f"predict.engine={cfg.predict.engine} is for `lymphoma predict`; embeddings run on torch "
+                 f"(predict.precision={cfg.predict.precision} applies)")
     out_dir = (Path(out) if out else run.dir / "features").absolute()
     out_dir.mkdir(parents=True, exist_ok=True)
     run.save_config(out_dir / "config.yaml")

@@ -48,15 +48,20 @@ def strip_head(model: torch.nn.Module) -> torch.nn.Module:
 
 
 def _encoder(model: torch.nn.Module, tiles: TileSettings, augment: AugmentSettings, normalizer: Any,
-             device: torch.device, batch_size: int, about: dict[str, Any]) -> tuple[Predictor, dict[str, Any]]:
+             device: torch.device, batch_size: int, about: dict[str, Any],
+             precision: str = "fp32") -> tuple[Predictor, dict[str, Any]]:
+    """The encoder as a Predictor whose outputs are the embeddings; bf16 autocast on GPUs, and on CPUs with
+    ``precision`` bf16 (predict.precision), which enters the fingerprint (fp32's stays what it was)."""
     model = strip_head(model).to(device, memory_format=torch.channels_last).eval()
+    about = {**about, "precision": "bf16"} if precision == "bf16" else about
     fingerprint = hashlib.sha1(json.dumps(about, sort_keys=True, default=str).encode()).hexdigest()
     predictor = Predictor(model, [], tiles, augment, device, batch_size, fingerprint, False, normalizer,
-                          amp=device.type == "cuda")
+                          amp=device.type == "cuda", precision=precision)
     return predictor, {**about, "fingerprint": fingerprint}
 
 
-def encoder_from_checkpoint(path: Path, device: torch.device, batch_size: int = 128) -> tuple[Predictor, dict[str, Any]]:
+def encoder_from_checkpoint(path: Path, device: torch.device, batch_size: int = 128,
+                            precision: str = "fp32") -> tuple[Predictor, dict[str, Any]]:
     """A trained model of this project as an encoder: its tiling, crop and stain normalisation."""
     state = load_checkpoint(path)
     model = build_model(state["architecture"])
@@ -66,11 +71,12 @@ def encoder_from_checkpoint(path: Path, device: torch.device, batch_size: int = 
              "backbone": state["architecture"].get("backbone") or f"densenet:{state['architecture'].get('preset')}",
              "tiles": state["tiles"], "augment": state["augment"], "stain": state.get("stain")}
     return _encoder(model, TileSettings(**state["tiles"]), AugmentSettings(**state["augment"]),
-                    StainNormalizer.from_state(state.get("stain")), device, batch_size, about)
+                    StainNormalizer.from_state(state.get("stain")), device, batch_size, about, precision)
 
 
 def encoder_from_settings(model_settings: ModelSettings, tiles: TileSettings, augment: AugmentSettings,
-                          stain: StainSettings, device: torch.device, batch_size: int = 128) -> tuple[Predictor, dict[str, Any]]:
+                          stain: StainSettings, device: torch.device, batch_size: int = 128,
+                          precision: str = "fp32") -> tuple[Predictor, dict[str, Any]]:
     """A pretrained backbone as configured (``model.backbone``, ``model.weights``), with the run's tiling,
     crop and stain normalisation."""
     if model_settings.backbone is None:
@@ -84,7 +90,7 @@ def encoder_from_settings(model_settings: ModelSettings, tiles: TileSettings, au
              "backbone": model_settings.backbone, "tiles": tiles.as_dict(), "augment": asdict(augment),
              "stain": target.as_dict() if target is not None else None, "model": asdict(model_settings)}
     return _encoder(model, tiles, augment, StainNormalizer(target) if target is not None else None, device,
-                    batch_size, about)
+                    batch_size, about, precision)
 
 
 @dataclass
@@ -127,6 +133,7 @@ class FeatureWriter:
                          "coords_convention": "top-left (x, y) in level-0 pixels of the slide"
                          if self.meta["tiles"].get("target_mpp") or self.meta["tiles"].get("target_power")
                          else "top-left (x, y) in the resized image", "fingerprint": self.meta["fingerprint"],
+                         "precision": str(self.meta.get("precision", "fp32")),
                          "tiles": json.dumps(self.meta["tiles"])}
                 h5.attrs.update(attrs)
                 coords.attrs.update({"patch_size": attrs["tile_size"], "patch_level": 0})

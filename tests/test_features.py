@@ -123,3 +123,27 @@ def test_killed_features_resume_only_the_remaining_slides(data_root, manifest_ro
         if Path(name).stem in done_records:
             assert (out / "h5_files" / name).stat().st_mtime_ns == done[name]
     assert len(list((out / "h5_files").glob("*.h5"))) == len(rows) and not list((out / "h5_files").glob(".*tmp*"))
+
+
+def test_bf16_embeddings_are_near_fp32_and_never_taken_for_them(make_dataset, resnet_file, tmp_path, capsys):
+    source = make_dataset(cases_per_class=1, images_per_case=1)
+    words = [f"data.source={source}", f"run.root={tmp_path}", "model.backbone=timm:resnet10t",
+             f"model.weights={resnet_file}", "cluster.kind=debug"]
+    assert features(tmp_path / "fp32", *words) == 0
+    assert features(tmp_path / "bf16", *words, "predict.precision=bf16") == 0
+    pairs = [(path, tmp_path / "bf16" / "h5_files" / path.name)
+             for path in sorted((tmp_path / "fp32" / "h5_files").glob("*.h5"))]
+    assert len(pairs) == 3
+    for fp32_file, bf16_file in pairs:
+        with h5py.File(fp32_file) as full, h5py.File(bf16_file) as half:
+            exact, approx = full["features"][:], half["features"][:]
+            np.testing.assert_array_equal(full["coords"][:], half["coords"][:])
+            assert (full.attrs["precision"], half.attrs["precision"]) == ("fp32", "bf16")
+            assert full.attrs["fingerprint"] != half.attrs["fingerprint"]
+        assert approx.dtype == np.float32 and not np.array_equal(exact, approx)  # bf16 ran, on the CPU too
+        cosine = (exact * approx).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(approx, axis=1)
+        assert cosine.min() > 0.999, cosine.min()  # measured: 0.99999, and at most 0.5% of the largest value off
+        assert np.abs(exact - approx).max() < 0.02 * np.abs(exact).max()
+    capsys.readouterr()
+    assert features(tmp_path / "bf16", *words) == 0  # fp32 into the bf16 folder: nothing is taken as done
+    assert "3 of 3 slide(s) embedded (3 now, 0 already complete" in capsys.readouterr().out
