@@ -2,7 +2,7 @@
 crop, encoder without its head, HDF5 file per slide) against the encoder's bare forward on the same tiles
 already in memory, in one run, for the reduced DenseNet and a ViT-S (timm, input resized to 224).
 
-    .venv/bin/python bench/bench_features.py [--images 40] [--tasks 1] [--out bench/results/features.json]
+    .venv/bin/python bench/bench_features.py [--images 40] [--tasks 1] [--precision fp32] [--encoders ...] [--out F]
 
 ``--tasks 2``: both sides timed as 2 processes of half the cores at once, each on half the images, as `lymphoma
 features` runs on a CPU node (its array tasks, cluster.parallelism at once, the cores shared among them).
@@ -43,7 +43,7 @@ CLASSES = ["CLL", "FL", "MCL"]
 
 
 def prepare(settings: ModelSettings, paths: list[str], stain: str, batch: int, device: torch.device,
-            readers: int, scope: str, mode: str, out: Path) -> Callable[[], None]:
+            readers: int, scope: str, mode: str, out: Path, precision: str = "fp32") -> Callable[[], None]:
     """The timed part of one measurement, prepared (encoder built, tiles read, one warm-up run): the bare forward
     on the tiles already read and normalised (``mode`` bare), or the whole path (``mode`` whole) into ``out``."""
     tiles, augment = TileSettings(), AugmentSettings()
@@ -52,7 +52,8 @@ def prepare(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
     torch.manual_seed(0)
     about = {"backbone": settings.backbone or "densenet-reduced", "encoder": "random", "tiles": tiles.as_dict(),
              "stain": stain}
-    encoder, meta = _encoder(build_model(settings.architecture(1)), tiles, augment, normalizer, device, batch, about)
+    encoder, meta = _encoder(build_model(settings.architecture(1)), tiles, augment, normalizer, device, batch, about,
+                             precision)
     if mode == "whole":
         slides = [SlideInput(p, Path(p).stem) for p in paths]
 
@@ -71,14 +72,15 @@ def prepare(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
         with torch.inference_mode():
             for i in range(0, len(normalized), batch):
                 x = eval_batch(normalized[i:i + batch], augment, device)
-                with torch.autocast("cuda", dtype=torch.bfloat16, enabled=device.type == "cuda"):
+                with torch.autocast(device.type, dtype=torch.bfloat16,
+                                    enabled=device.type == "cuda" or precision == "bf16"):
                     encoder.model(x.contiguous(memory_format=torch.channels_last)).float().cpu()
     bare()
     return bare
 
 
 def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int, device: torch.device,
-            readers: int = 1, scope: str = "tile", tasks: int = 1) -> dict[str, float]:
+            readers: int = 1, scope: str = "tile", tasks: int = 1, precision: str = "fp32") -> dict[str, float]:
     """Tiles per second of the bare forward and of the whole path, best of two each; with ``tasks`` > 1, both in
     that many processes at once, each on its share of the images and of the cores (as the job's array tasks).
     Also the CPU time of each per tile, that of reading alone (decode, tile, stain; one thread), and the ratio
@@ -87,8 +89,8 @@ def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
     rates, cpu = {}, {}
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("bare", "whole"):
-            per_task = [(settings, paths[i::tasks], stain, batch, device, readers, scope, mode, Path(tmp) / f"{i}")
-                        for i in range(tasks)]
+            per_task = [(settings, paths[i::tasks], stain, batch, device, readers, scope, mode, Path(tmp) / f"{i}",
+                         precision) for i in range(tasks)]
             if tasks > 1:
                 timings = [timed_in_tasks(prepare, per_task, thread_share(tasks)) for _ in range(2)]
             else:
@@ -133,6 +135,8 @@ def main() -> None:
                              "runs its array tasks on a CPU node (cluster.parallelism, default 2)")
     parser.add_argument("--encoders", default="densenet-reduced,vit_small_patch16_224",
                         help="which of densenet-reduced, vit_small_patch16_224 to measure")
+    parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
+                        help="predict.precision of both sides (bf16: autocast, on CPUs too)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     if args.tasks > 1 and args.device != "cpu":
@@ -145,7 +149,8 @@ def main() -> None:
                                   "gpu": torch.cuda.get_device_name() if device.type == "cuda" else None,
                                   "images": len(paths), "readers": args.readers, "tasks": args.tasks,
                                   "threads_per_task": thread_share(args.tasks),
-                                  "tile": "128 px, stride 64, centre crop 112", "batch": args.batch}
+                                  "tile": "128 px, stride 64, centre crop 112", "batch": args.batch,
+                                  "precision": args.precision}
     encoders = {"densenet-reduced": ModelSettings(), "vit_small_patch16_224": ModelSettings(
         backbone="timm:vit_small_patch16_224")}
     unknown = set(args.encoders.split(",")) - set(encoders)
@@ -157,7 +162,7 @@ def main() -> None:
         for stain, scope in (("none", "tile"), ("reinhard", "tile"), ("reinhard", "image")):
             row = f"{name}, stain {stain}" + (f" by {scope}" if stain != "none" else "")
             results[row] = {"images": len(chosen), **measure(settings, chosen, stain, args.batch, device,
-                                                             args.readers, scope, args.tasks)}
+                                                             args.readers, scope, args.tasks, args.precision)}
     emit(results, args.out)
 
 
