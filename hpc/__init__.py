@@ -2,7 +2,8 @@
 
 One import path per public name: executors and array jobs from ``hpc`` itself; the task side, which imports
 torch, from its own modules: ``hpc.task`` (``task_setup``, the device, threads and process group every task
-runs in) and ``hpc.distributed`` (``resolve``, who this process is in its job).
+runs in), ``hpc.distributed`` (``resolve``, who this process is in its job) and ``hpc.memory``
+(``keep_freed_memory``, which ``task_setup`` applies).
 """
 
 from hpc.array import ArrayJobError, SubmissionError, TaskFailure, run_array, submit, wait_for

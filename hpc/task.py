@@ -2,8 +2,8 @@
 
 Training, prediction and cross-validation tasks all run inside ``task_setup()`` (dinov2's one
 ``distributed.enable()``): it reads who this process is (``hpc.distributed.resolve``), picks its GPU or the
-CPU, sets the thread count from the allocation, logs with times to the task's log, and starts and ends
-the process group of a multi-process job.
+CPU, sets the thread count from the allocation, keeps freed memory for reuse (``hpc.memory``), logs with times
+to the task's log, and starts and ends the process group of a multi-process job.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import torch.distributed as dist
 
 from hpc.distributed import DistEnv, DistributedEnvError, resolve
 from hpc.logs import task_logging
+from hpc.memory import keep_freed_memory
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,7 @@ def task_setup(threads: int | None = None) -> Iterator[Task]:
     else ``threads``, else its share of the node's cores. The process group (NCCL on GPUs, gloo on CPUs) is
     started when the job has several processes and destroyed on the way out, also after an error."""
     task_logging()
+    keep_freed_memory()  # no page faults per batch (hpc.memory)
     env = resolve()
     device = task_device(env)
     if device.type == "cuda":

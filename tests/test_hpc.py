@@ -44,3 +44,38 @@ def test_debug_executor_runs_in_this_process(tmp_path, tasks_importable):
 def test_settings_name_the_allowed_values():
     with pytest.raises(ValueError, match="allowed: local, debug, slurm"):
         ExecutorSettings(kind="kubernetes")
+
+
+FORWARDS = """
+import resource, sys, torch
+from hpc.task import task_setup
+from lymphoma.model import build_model
+from lymphoma.settings import ModelSettings
+
+with task_setup(1):
+    model = build_model(ModelSettings().architecture(3)).eval()
+    x = torch.rand(32, 3, 112, 112)
+    with torch.inference_mode():
+        for _ in range(2):
+            model(x)
+        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        for _ in range(3):
+            model(x)
+    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+"""
+
+
+@pytest.mark.parametrize("keep", ["1", "0"])
+def test_a_task_reuses_freed_memory_instead_of_faulting_it_in_every_forward_pass(keep):
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
+    done = subprocess.run([sys.executable, "-c", FORWARDS], env={**env, "HPC_KEEP_FREED_MEMORY": keep},
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    faults = int(done.stdout.split()[-1])  # minor page faults of 3 forward passes of a batch of 32 tiles
+    if keep == "1":  # the task's setup: glibc keeps the activations' blocks for the next batch
+        assert faults < 300, faults
+    else:  # malloc as it is: each pass maps its large buffers afresh (this is what the setup removes)
+        assert faults > 3000, faults
