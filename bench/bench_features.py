@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from common import emit, timed_in_tasks
+from hpc.memory import keep_freed_memory
 from hpc.task import thread_share
 from jobs.config import default_data_root
 from lymphoma.augment import eval_batch
@@ -139,6 +140,7 @@ def main() -> None:
                         help="predict.precision of both sides (bf16: autocast, on CPUs too)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
+    keep_freed_memory()  # as every job's task does (hpc.task.task_setup); HPC_KEEP_FREED_MEMORY=0: malloc as it is
     if args.tasks > 1 and args.device != "cpu":
         raise SystemExit("--tasks measures CPU nodes: use it with --device cpu")
     device = torch.device(args.device)

@@ -6,7 +6,8 @@ peak memory. ``--stain reinhard`` predicts as a model trained with the default c
 Reinhard-normalised in the reader); the bare model then runs on tiles normalised beforehand. ``--scope image``:
 each image normalised whole before it is cut (stain.scope=image) instead of each tile. ``--tasks 2``: the bare
 model and end to end each timed as 2 processes of half the cores, as `lymphoma predict` runs on a CPU node (its
-array tasks, cluster.parallelism at once, the cores shared among them); one process of every core otherwise.
+array tasks, cluster.parallelism at once, the cores shared among them), with the model's own CPU time a tile
+both ways (the thread that runs the forward); one process of every core otherwise.
 The tutorial-style loop reads images as this project does (libspng: 5.2 ms a data-set image, where the tutorial's
 cv2.imread takes 6.9 and PIL 8.5, measured beside it): if anything, it flatters the tutorial.
 
@@ -22,6 +23,7 @@ import argparse
 import json
 import os
 import platform
+import resource
 import subprocess
 import sys
 import tempfile
@@ -34,6 +36,7 @@ import numpy as np
 import torch
 
 from common import emit, timed_in_tasks
+from hpc.memory import keep_freed_memory
 from hpc.task import thread_share
 from jobs.config import default_data_root
 from lymphoma.augment import eval_batch
@@ -139,22 +142,56 @@ def tutorial_loop(model: torch.nn.Module, slides: list[SlideInput], settings: Ti
     return run
 
 
+def count_model_cpu(predictor: Predictor) -> dict[str, float]:
+    """From now on, what the thread that runs ``predictor.logits`` spends inside its calls (the model's own work:
+    with one torch thread a task, the forward runs on that thread) adds up in the returned dict: user and system
+    CPU seconds and minor page faults (getrusage of the thread). Whether the model itself runs slower end to end
+    than bare, beside the reader and writer threads, and why."""
+    spent, logits = {"user": 0.0, "system": 0.0, "minor_faults": 0.0}, predictor.logits
+
+    def usage() -> tuple[float, float, int]:
+        use = resource.getrusage(resource.RUSAGE_THREAD)
+        return use.ru_utime, use.ru_stime, use.ru_minflt
+
+    def counted(*args: object, **kwargs: object) -> torch.Tensor:
+        before = usage()
+        try:
+            return logits(*args, **kwargs)
+        finally:
+            for key, start, end in zip(spent, before, usage()):
+                spent[key] += end - start
+    predictor.logits = counted  # type: ignore[method-assign]
+    return spent
+
+
 def task_run(checkpoint: Path, slides: list[SlideInput], engine: str, precision: str, mode: str, out: Path,
              batch: int) -> Callable[[], None]:
     """One of ``--tasks`` processes, prepared: its engine built and warmed up; returns its timed part, its slides
-    predicted end to end (``mode`` e2e) or its tiles, read and normalised beforehand, through the model (bare)."""
+    predicted end to end (``mode`` e2e) or its tiles, read and normalised beforehand, through the model (bare).
+    The timed part leaves the model's own CPU use in ``out/model_cpu.json``."""
     predictor = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), batch, engine=engine, precision=precision,
                                           export_dir=out / "engine")
     if mode == "e2e":
         end_to_end(predictor, slides[:2], out / "warm")
-        return lambda: end_to_end(predictor, slides, out / "out")  # type: ignore[return-value]
-    tiles = np.concatenate([pixels for s in slides  # as the reader gives them to the model
-                            for pixels in open_normalized_tiles(s.path, predictor.tiles, predictor.normalizer).batches])
+
+        def work() -> None:
+            end_to_end(predictor, slides, out / "out")
+    else:
+        tiles = np.concatenate([pixels for s in slides  # as the reader gives them to the model
+                                for pixels in open_normalized_tiles(s.path, predictor.tiles,
+                                                                    predictor.normalizer).batches])
+
+        def work() -> None:
+            for start in range(0, len(tiles), batch):
+                predictor.logits(tiles[start:start + batch], stain_normalized=True)
+        work()
+    spent = count_model_cpu(predictor)
 
     def run() -> None:
-        for start in range(0, len(tiles), batch):
-            predictor.logits(tiles[start:start + batch], stain_normalized=True)
-    run()
+        spent.update(dict.fromkeys(spent, 0.0))
+        work()
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "model_cpu.json").write_text(json.dumps(spent))
     return run
 
 
@@ -165,6 +202,7 @@ def measure_engines(args: argparse.Namespace, checkpoint: Path, slides: list[Sli
     ``reference``: torch fp32's logits of the first 256 tiles, which each engine's tile classes are compared to."""
     device, n, work = torch.device(args.device), len(all_tiles), checkpoint.parent
     cpu: dict[str, float] = {}
+    model_cpu: dict[str, dict[str, float]] = {}  # with --tasks: the model's own CPU use, bare and end to end
     timings = {"tutorial_style": timed(tutorial, cpu, "tutorial_style")}
     engines = []
     for engine, precision in (tuple(pair.split(":")) for pair in args.engines.split(",")):
@@ -187,6 +225,8 @@ def measure_engines(args: argparse.Namespace, checkpoint: Path, slides: list[Sli
                 per_task = [(checkpoint, slides[i::args.tasks], engine, precision, mode, work / f"task-{key}-{i}",
                              args.batch) for i in range(args.tasks)]
                 timings[key], cpu[key] = timed_in_tasks(task_run, per_task, thread_share(args.tasks))
+                used = [json.loads((task[5] / "model_cpu.json").read_text()) for task in per_task]
+                model_cpu[key] = {k: sum(u[k] for u in used) for k in used[0]}
         else:
             timings[f"bare_model_{name}"] = timed(bare, cpu, f"bare_model_{name}")
             end_to_end(predictor, slides[:2], work / f"warm-{name}")  # and at a smaller last batch
@@ -197,6 +237,11 @@ def measure_engines(args: argparse.Namespace, checkpoint: Path, slides: list[Sli
     for name, seconds in timings.items():
         results[f"{name}_tiles_per_s"] = n / seconds
         results[f"{name}_cpu_ms_per_tile"] = cpu[name] / n * 1000  # core-milliseconds: where the time goes
+        if name in model_cpu:  # of which the model's own forward passes, user and system, and its page faults
+            used = model_cpu[name]
+            results[f"{name}_model_cpu_ms_per_tile"] = (used["user"] + used["system"]) / n * 1000
+            results[f"{name}_model_system_cpu_ms_per_tile"] = used["system"] / n * 1000
+            results[f"{name}_model_minor_faults_per_tile"] = used["minor_faults"] / n
     for engine, precision in engines:
         name = f"{engine}_{precision}"
         results[f"end_to_end_vs_tutorial_style_{name}"] = timings["tutorial_style"] / timings[f"end_to_end_{name}"]
@@ -224,6 +269,7 @@ def check_task(args: argparse.Namespace, checkpoint: Path, slides: list[SlideInp
 
 def main() -> None:
     args = parse_args()
+    keep_freed_memory()  # as every job's task does (hpc.task.task_setup); HPC_KEEP_FREED_MEMORY=0: malloc as it is
     if args.tasks > 1 and args.device != "cpu":
         raise SystemExit("--tasks measures CPU nodes: use it with --device cpu")
     if args.child:

@@ -24,6 +24,7 @@ import tables
 import torch
 
 from common import emit
+from hpc.memory import keep_freed_memory
 from jobs.config import default_data_root
 from lymphoma.augment import build_augmenter, choose_backend, dali_available
 from lymphoma.batch_augment import BatchAugmenter
@@ -232,6 +233,7 @@ def parse_args() -> argparse.Namespace:
 
 def main() -> None:
     args = parse_args()
+    keep_freed_memory()  # as every job's task does (hpc.task.task_setup); HPC_KEEP_FREED_MEMORY=0: malloc as it is
     device = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     records = discover(Path(default_data_root()) / "lowres", CLASSES).records
     records = records[:: max(1, len(records) // args.images)][: args.images] * args.repeat

@@ -40,12 +40,30 @@ def _timed_task(prepare: Callable[..., Callable[[], None]], args: tuple[Any, ...
                 queue: Any) -> None:
     import torch
 
+    from hpc.memory import keep_freed_memory
+
+    keep_freed_memory()  # as every job's task does (hpc.task.task_setup)
     torch.set_num_threads(threads)
     run = prepare(*args)  # built and warmed up, untimed
     barrier.wait()
     cpu_start, start = time.process_time(), time.perf_counter()
     run()
     queue.put((time.perf_counter() - start, time.process_time() - cpu_start))
+
+
+def _next_result(queue: Any, tasks: list[Any], limit_s: float = 1800) -> tuple[float, float]:
+    """The next task's timing; a task that died without one (its error is on stderr) stops the wait at once."""
+    import queue as queues
+
+    deadline = time.monotonic() + limit_s
+    while time.monotonic() < deadline:
+        try:
+            return queue.get(timeout=1.0)
+        except queues.Empty:
+            dead = [t for t in tasks if t.exitcode not in (None, 0)]
+            if dead:
+                raise RuntimeError(f"a timed task exited with code {dead[0].exitcode} (its traceback is above)")
+    raise TimeoutError(f"no timing from the tasks within {limit_s:.0f} s")
 
 
 def timed_in_tasks(prepare: Callable[..., Callable[[], None]], per_task: list[tuple[Any, ...]],
@@ -59,7 +77,7 @@ def timed_in_tasks(prepare: Callable[..., Callable[[], None]], per_task: list[tu
     for task in tasks:
         task.start()
     try:
-        results = [queue.get(timeout=1800) for _ in tasks]
+        results = [_next_result(queue, tasks) for _ in tasks]
     finally:
         for task in tasks:
             task.join(timeout=60)
