@@ -148,6 +148,8 @@ from pathlib import Path
 from lymphoma.inputs import ImageRecord
 from lymphoma.store import write_shard
 from lymphoma.settings import TileSettings
+from hpc.memory import keep_freed_memory
+keep_freed_memory()  # as the jobs' tasks run (hpc.task.task_setup): freed memory kept for reuse
 mode, slide, out, checkpoint = sys.argv[1:5]
 settings = TileSettings(size=128, stride=128, target_mpp=1.0, min_tissue=0.5)
 Path(out).parent.mkdir(parents=True, exist_ok=True)
