@@ -51,13 +51,15 @@ def _encoder(model: torch.nn.Module, tiles: TileSettings, augment: AugmentSettin
              device: torch.device, batch_size: int, about: dict[str, Any],
              precision: str = "fp32") -> tuple[Predictor, dict[str, Any]]:
     """The encoder as a Predictor whose outputs are the embeddings; bf16 autocast on GPUs, and on CPUs with
-    ``precision`` bf16 (predict.precision), which enters the fingerprint (fp32's stays what it was)."""
+    ``precision`` bf16 (predict.precision), which enters the fingerprint (fp32's stays what it was). The
+    metadata's ``precision`` is what runs."""
     model = strip_head(model).to(device, memory_format=torch.channels_last).eval()
     about = {**about, "precision": "bf16"} if precision == "bf16" else about
     fingerprint = hashlib.sha1(json.dumps(about, sort_keys=True, default=str).encode()).hexdigest()
     predictor = Predictor(model, [], tiles, augment, device, batch_size, fingerprint, False, normalizer,
                           amp=device.type == "cuda", precision=precision)
-    return predictor, {**about, "fingerprint": fingerprint}
+    runs = "bf16" if precision == "bf16" or device.type == "cuda" else "fp32"
+    return predictor, {**about, "precision": runs, "fingerprint": fingerprint}
 
 
 def encoder_from_checkpoint(path: Path, device: torch.device, batch_size: int = 128,
@@ -133,7 +135,7 @@ class FeatureWriter:
                          "coords_convention": "top-left (x, y) in level-0 pixels of the slide"
                          if self.meta["tiles"].get("target_mpp") or self.meta["tiles"].get("target_power")
                          else "top-left (x, y) in the resized image", "fingerprint": self.meta["fingerprint"],
-                         "precision": str(self.meta.get("precision", "fp32")),
+                         "precision": str(self.meta["precision"]),
                          "tiles": json.dumps(self.meta["tiles"])}
                 h5.attrs.update(attrs)
                 coords.attrs.update({"patch_size": attrs["tile_size"], "patch_level": 0})
