@@ -13,7 +13,6 @@ until the process ends.
 from __future__ import annotations
 
 import ctypes
-import ctypes.util
 import os
 
 M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # glibc's malloc.h
@@ -29,10 +28,7 @@ def keep_freed_memory() -> bool:
     environment (``MALLOC_*_``, ``GLIBC_TUNABLES``), or with ``HPC_KEEP_FREED_MEMORY=0``."""
     if os.environ.get(OFF, "1") == "0" or any(os.environ.get(name) for name in USER_SETTINGS):
         return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-    except OSError:
-        return False
+    libc = ctypes.CDLL(None)  # the C library this process already runs on (no ldconfig subprocess to find it)
     if not hasattr(libc, "gnu_get_libc_version") or not hasattr(libc, "mallopt"):  # glibc only
         return False
     mallopt = libc.mallopt
