@@ -25,11 +25,10 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import emit, timed_in_tasks
+from common import emit, timed, timed_in_tasks
 from hpc.memory import keep_freed_memory
 from hpc.task import thread_share
 from jobs.config import default_data_root
-from lymphoma.augment import eval_batch
 from lymphoma.features import FeatureWriter, _encoder
 from lymphoma.images import read_rgb
 from lymphoma.inputs import discover
@@ -43,13 +42,18 @@ from lymphoma.tiling import cut_tiles
 CLASSES = ["CLL", "FL", "MCL"]
 
 
+def stain_normalizer(stain: str, scope: str) -> StainNormalizer | None:
+    """The normaliser of a model trained with ``stain.normalize`` and ``stain.scope`` (None: none)."""
+    target = fit_target(StainSettings(stain, scope=scope))
+    return StainNormalizer(target) if target is not None else None
+
+
 def prepare(settings: ModelSettings, paths: list[str], stain: str, batch: int, device: torch.device,
             readers: int, scope: str, mode: str, out: Path, precision: str = "fp32") -> Callable[[], None]:
     """The timed part of one measurement, prepared (encoder built, tiles read, one warm-up run): the bare forward
     on the tiles already read and normalised (``mode`` bare), or the whole path (``mode`` whole) into ``out``."""
     tiles, augment = TileSettings(), AugmentSettings()
-    target = fit_target(StainSettings(stain, scope=scope))
-    normalizer = StainNormalizer(target) if target is not None else None
+    normalizer = stain_normalizer(stain, scope)
     torch.manual_seed(0)
     about = {"backbone": settings.backbone or "densenet-reduced", "encoder": "random", "tiles": tiles.as_dict(),
              "stain": stain}
@@ -69,13 +73,9 @@ def prepare(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
     normalized = np.concatenate([pixels for p in paths  # as the reader gives them to the encoder
                                  for pixels in open_normalized_tiles(p, tiles, normalizer).batches])
 
-    def bare() -> None:
-        with torch.inference_mode():
-            for i in range(0, len(normalized), batch):
-                x = eval_batch(normalized[i:i + batch], augment, device)
-                with torch.autocast(device.type, dtype=torch.bfloat16,
-                                    enabled=device.type == "cuda" or precision == "bf16"):
-                    encoder.model(x.contiguous(memory_format=torch.channels_last)).float().cpu()
+    def bare() -> None:  # the encoder's forward as the pipeline calls it (crop, precision), nothing else
+        for i in range(0, len(normalized), batch):
+            encoder.logits(normalized[i:i + batch], stain_normalized=True)
     bare()
     return bare
 
@@ -108,20 +108,12 @@ def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
 
 def reading_cpu_ms(paths: list[str], stain: str, scope: str) -> float:
     """CPU milliseconds of reading every image as the reader thread does (decode, tile, stain normalisation)."""
-    target = fit_target(StainSettings(stain, scope=scope))
-    normalizer = StainNormalizer(target) if target is not None else None
+    normalizer = stain_normalizer(stain, scope)
     start = time.process_time()
     for path in paths:
         for _ in open_normalized_tiles(path, TileSettings(), normalizer).batches:
             pass
     return 1e3 * (time.process_time() - start)
-
-
-def timed(run: Callable[[], None]) -> tuple[float, float]:
-    """Wall and CPU seconds of ``run()``."""
-    cpu_start, start = time.process_time(), time.perf_counter()
-    run()
-    return time.perf_counter() - start, time.process_time() - cpu_start
 
 
 def main() -> None:

@@ -35,7 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from common import emit, timed_in_tasks
+from common import emit, timed, timed_in_tasks
 from hpc.memory import keep_freed_memory
 from hpc.task import thread_share
 from jobs.config import default_data_root
@@ -71,16 +71,6 @@ ENGINES = (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("comp
 def end_to_end(predictor: Predictor, slides: list[SlideInput], out: Path) -> int:
     records = predict_slides(predictor, slides, out)
     return sum(r["n_tiles"] for r in records)
-
-
-def timed(fn: object, cpu: dict[str, float], name: str) -> float:
-    """Wall seconds of ``fn()``; the process's CPU seconds in it (all threads: model, readers, writer) go to
-    ``cpu[name]``."""
-    cpu_start, start = time.process_time(), time.perf_counter()
-    fn()  # type: ignore[operator]
-    wall = time.perf_counter() - start
-    cpu[name] = time.process_time() - cpu_start
-    return wall
 
 
 def parse_args() -> argparse.Namespace:
@@ -203,7 +193,8 @@ def measure_engines(args: argparse.Namespace, checkpoint: Path, slides: list[Sli
     device, n, work = torch.device(args.device), len(all_tiles), checkpoint.parent
     cpu: dict[str, float] = {}
     model_cpu: dict[str, dict[str, float]] = {}  # with --tasks: the model's own CPU use, bare and end to end
-    timings = {"tutorial_style": timed(tutorial, cpu, "tutorial_style")}
+    timings = {}
+    timings["tutorial_style"], cpu["tutorial_style"] = timed(tutorial)
     engines = []
     for engine, precision in (tuple(pair.split(":")) for pair in args.engines.split(",")):
         name = f"{engine}_{precision}"
@@ -228,10 +219,10 @@ def measure_engines(args: argparse.Namespace, checkpoint: Path, slides: list[Sli
                 used = [json.loads((task[5] / "model_cpu.json").read_text()) for task in per_task]
                 model_cpu[key] = {k: sum(u[k] for u in used) for k in used[0]}
         else:
-            timings[f"bare_model_{name}"] = timed(bare, cpu, f"bare_model_{name}")
+            timings[f"bare_model_{name}"], cpu[f"bare_model_{name}"] = timed(bare)
             end_to_end(predictor, slides[:2], work / f"warm-{name}")  # and at a smaller last batch
-            timings[f"end_to_end_{name}"] = timed(lambda: end_to_end(predictor, slides, work / f"out-{name}"),
-                                                  cpu, f"end_to_end_{name}")
+            timings[f"end_to_end_{name}"], cpu[f"end_to_end_{name}"] = timed(
+                lambda: end_to_end(predictor, slides, work / f"out-{name}"))
         same = predictor.logits(all_tiles[:256]).argmax(1) == reference.argmax(1)
         results[f"same_tile_class_as_torch_fp32_{name}"] = float(same.float().mean())
     for name, seconds in timings.items():

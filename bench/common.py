@@ -36,6 +36,13 @@ def assignment_scores(per_assignment: list[tuple[float, float]], records: list[d
             "image_mean_sd": mean_sd(arr[:, 0]), "case_mean_sd": mean_sd(arr[:, 1]), "recall": recall}
 
 
+def timed(run: Callable[[], Any]) -> tuple[float, float]:
+    """Wall and CPU seconds (the process's, all threads) of ``run()``."""
+    cpu_start, start = time.process_time(), time.perf_counter()
+    run()
+    return time.perf_counter() - start, time.process_time() - cpu_start
+
+
 def _timed_task(prepare: Callable[..., Callable[[], None]], args: tuple[Any, ...], threads: int, barrier: Any,
                 queue: Any) -> None:
     import torch
@@ -46,9 +53,7 @@ def _timed_task(prepare: Callable[..., Callable[[], None]], args: tuple[Any, ...
     torch.set_num_threads(threads)
     run = prepare(*args)  # built and warmed up, untimed
     barrier.wait()
-    cpu_start, start = time.process_time(), time.perf_counter()
-    run()
-    queue.put((time.perf_counter() - start, time.process_time() - cpu_start))
+    queue.put(timed(run))
 
 
 def _next_result(queue: Any, tasks: list[Any], limit_s: float = 1800) -> tuple[float, float]:
