@@ -223,6 +223,17 @@ def _log_folder(args: argparse.Namespace, run_dir: Path) -> Path | None:
     return Path(getattr(args, "out", None) or run_dir) if args.command in LOGGED else None
 
 
+def _log_file(logs: Path, command: str) -> Path:
+    """A new log file for this command: ``<command>-<date>-<time>-<pid>.log``, with ``-2``, ``-3``... added where
+    a command of this process already wrote that name in the same second (its log is never appended to)."""
+    stem = f"{command}-{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}"
+    path, n = logs / f"{stem}.log", 1
+    while path.exists():
+        n += 1
+        path = logs / f"{stem}-{n}.log"
+    return path
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Parse, build the run once, and hand both to the command's module (``jobs.<module>.command``)."""
     args = parse(build_parser(), argv)
@@ -236,8 +247,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         run = open_run(args.config, args.overrides + _launch_overrides(args), args.cluster)
         folder = _log_folder(args, run.dir)
-        log_file = command_logging(verbosity, folder and folder / "logs" / f"{args.command}-"
-                                   f"{datetime.now():%Y%m%d-%H%M%S}-{os.getpid()}.log", folder)
+        log_file = command_logging(verbosity, folder and _log_file(folder / "logs", args.command), folder)
         log.debug("lymphoma %s: %s (log file %s)", __version__, " ".join(sys.argv[1:] if argv is None else argv),
                   log_file)
         module = importlib.import_module(f"jobs.{COMMANDS[args.command]}")

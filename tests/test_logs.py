@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import re
+import time
 
 from jobs.cli import main
 
@@ -48,7 +50,15 @@ def test_errors_go_to_stderr_and_into_the_log_file_and_a_refused_command_leaves_
 
     args = ["tile", "--no-progress", f"data.source={source}", f"run.root={tmp_path}", "split.val_fraction=0"]
     assert main(args) == 0
+    logs = tmp_path / "default" / "logs"
+    first = {path: path.read_text() for path in logs.glob("tile-*.log")}
+    now = time.time()  # the names this process's next command would take in the coming seconds are taken
+    taken = [logs / f"tile-{time.strftime('%Y%m%d-%H%M%S', time.localtime(now + s))}-{os.getpid()}.log" for s in range(4)]
+    for path in taken:
+        path.exists() or path.write_text("an earlier command's log\n")
     assert main(args + ["tiles.compression=foo:9"]) == 2  # an existing run folder keeps the refusal in its log
     assert capsys.readouterr().err.startswith("lymphoma tile: error: tiles.compression 'foo:9'")
-    logs = sorted((tmp_path / "default" / "logs").glob("tile-*.log"))
-    assert len(logs) == 2 and "ERROR   jobs.cli: lymphoma tile: error: tiles.compression 'foo:9'" in logs[-1].read_text()
+    assert all(path.read_text() == first.get(path, "an earlier command's log\n") for path in taken + list(first))
+    new = set(logs.glob("tile-*.log")) - set(taken) - set(first)
+    assert len(first) == 1 and len(new) == 1  # the refusal has a log of its own, none appended to
+    assert "ERROR   jobs.cli: lymphoma tile: error: tiles.compression 'foo:9'" in new.pop().read_text()
