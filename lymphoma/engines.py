@@ -90,7 +90,7 @@ class OpenVinoEngine:
             raise InputError("predict.engine=openvino needs the openvino package: pip install openvino") from None
         core = openvino.Core()
         config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
-                                     "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1}
+                                     "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
         if threads:
             config["INFERENCE_NUM_THREADS"] = threads
         compiled = core.compile_model(core.read_model(model if isinstance(model, bytes) else str(model)), "CPU", config)
