@@ -87,8 +87,8 @@ class Predictor:
         exported = None
         fingerprint = checkpoint_fingerprint(path, state, tta, engine, precision)
         if engine in EXPORTED_ENGINES:  # on the CPU (ONNX Runtime also on CUDA where its GPU package is installed)
-            onnx = _onnx_export(TileClassifier(model.cpu(), augment, tile_settings.size), tile_settings.size,
-                                export_dir and export_dir / f"model-{fingerprint[:16]}.onnx")
+            onnx = onnx_export(TileClassifier(model.cpu(), augment, tile_settings.size), tile_settings.size,
+                               export_dir and export_dir / f"model-{fingerprint[:16]}.onnx")
             exported = exported_engine(engine, onnx, torch.get_num_threads(), precision)
         return cls(model, list(state["classes"]), tile_settings, augment, device, batch_size, fingerprint, tta,
                    StainNormalizer.from_state(state.get("stain")), precision=precision, exported=exported)
@@ -128,7 +128,7 @@ def dihedral_views(x: torch.Tensor) -> Iterator[torch.Tensor]:
         yield rotated.flip(3)
 
 
-def _onnx_export(classifier: TileClassifier, tile_size: int, path: Optional[Path]) -> bytes:
+def onnx_export(classifier: TileClassifier, tile_size: int, path: Optional[Path]) -> bytes:
     """The classifier's ONNX export, read from ``path`` when an earlier task made it, else made (and kept there)."""
     if path is not None and path.is_file():
         return path.read_bytes()
