@@ -2,7 +2,8 @@
 crop, encoder without its head, HDF5 file per slide) against the encoder's bare forward on the same tiles
 already in memory, in one run, for the reduced DenseNet and a ViT-S (timm, input resized to 224).
 
-    .venv/bin/python bench/bench_features.py [--images 40] [--tasks 1] [--precision fp32] [--encoders ...] [--out F]
+    .venv/bin/python bench/bench_features.py [--images 40] [--tasks 1] [--precision fp32] [--engine torch]
+        [--encoders ...] [--out F]
 
 ``--tasks 2``: both sides timed as 2 processes of half the cores at once, each on half the images, as `lymphoma
 features` runs on a CPU node (its array tasks, cluster.parallelism at once, the cores shared among them).
@@ -29,7 +30,7 @@ from common import emit, timed, timed_in_tasks
 from hpc.memory import keep_freed_memory
 from hpc.task import thread_share
 from jobs.config import default_data_root
-from lymphoma.features import FeatureWriter, _encoder
+from lymphoma.features import Engine, FeatureWriter, _encoder
 from lymphoma.images import read_rgb
 from lymphoma.inputs import discover
 from lymphoma.model import build_model
@@ -49,7 +50,7 @@ def stain_normalizer(stain: str, scope: str) -> StainNormalizer | None:
 
 
 def prepare(settings: ModelSettings, paths: list[str], stain: str, batch: int, device: torch.device,
-            readers: int, scope: str, mode: str, out: Path, precision: str = "fp32") -> Callable[[], None]:
+            readers: int, scope: str, mode: str, out: Path, engine: Engine = Engine()) -> Callable[[], None]:
     """The timed part of one measurement, prepared (encoder built, tiles read, one warm-up run): the bare forward
     on the tiles already read and normalised (``mode`` bare), or the whole path (``mode`` whole) into ``out``."""
     tiles, augment = TileSettings(), AugmentSettings()
@@ -58,7 +59,7 @@ def prepare(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
     about = {"backbone": settings.backbone or "densenet-reduced", "encoder": "random", "tiles": tiles.as_dict(),
              "stain": stain}
     encoder, meta = _encoder(build_model(settings.architecture(1)), tiles, augment, normalizer, device, batch, about,
-                             precision)
+                             engine)
     if mode == "whole":
         slides = [SlideInput(p, Path(p).stem) for p in paths]
 
@@ -81,7 +82,7 @@ def prepare(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
 
 
 def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int, device: torch.device,
-            readers: int = 1, scope: str = "tile", tasks: int = 1, precision: str = "fp32") -> dict[str, float]:
+            readers: int = 1, scope: str = "tile", tasks: int = 1, engine: Engine = Engine()) -> dict[str, float]:
     """Tiles per second of the bare forward and of the whole path, best of two each; with ``tasks`` > 1, both in
     that many processes at once, each on its share of the images and of the cores (as the job's array tasks).
     Also the CPU time of each per tile, that of reading alone (decode, tile, stain; one thread), and the ratio
@@ -91,7 +92,7 @@ def measure(settings: ModelSettings, paths: list[str], stain: str, batch: int, d
     with tempfile.TemporaryDirectory() as tmp:
         for mode in ("bare", "whole"):
             per_task = [(settings, paths[i::tasks], stain, batch, device, readers, scope, mode, Path(tmp) / f"{i}",
-                         precision) for i in range(tasks)]
+                         engine) for i in range(tasks)]
             if tasks > 1:
                 timings = [timed_in_tasks(prepare, per_task, thread_share(tasks)) for _ in range(2)]
             else:
@@ -130,6 +131,8 @@ def main() -> None:
                         help="which of densenet-reduced, vit_small_patch16_224 to measure")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32",
                         help="predict.precision of both sides (bf16: autocast, on CPUs too)")
+    parser.add_argument("--engine", choices=("torch", "onnxruntime", "openvino"), default="torch",
+                        help="predict.engine of both sides (onnxruntime, openvino: the encoder's ONNX export)")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     keep_freed_memory()  # as every job's task does (hpc.task.task_setup); HPC_KEEP_FREED_MEMORY=0: malloc as it is
@@ -144,7 +147,7 @@ def main() -> None:
                                   "images": len(paths), "readers": args.readers, "tasks": args.tasks,
                                   "threads_per_task": thread_share(args.tasks),
                                   "tile": "128 px, stride 64, centre crop 112", "batch": args.batch,
-                                  "precision": args.precision}
+                                  "precision": args.precision, "engine": args.engine}
     encoders = {"densenet-reduced": ModelSettings(), "vit_small_patch16_224": ModelSettings(
         backbone="timm:vit_small_patch16_224")}
     unknown = set(args.encoders.split(",")) - set(encoders)
@@ -156,7 +159,8 @@ def main() -> None:
         for stain, scope in (("none", "tile"), ("reinhard", "tile"), ("reinhard", "image")):
             row = f"{name}, stain {stain}" + (f" by {scope}" if stain != "none" else "")
             results[row] = {"images": len(chosen), **measure(settings, chosen, stain, args.batch, device,
-                                                             args.readers, scope, args.tasks, args.precision)}
+                                                             args.readers, scope, args.tasks,
+                                                             Engine(args.engine, args.precision))}
     emit(results, args.out)
 
 

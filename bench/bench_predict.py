@@ -12,7 +12,8 @@ The tutorial-style loop reads images as this project does (libspng: 5.2 ms a dat
 cv2.imread takes 6.9 and PIL 8.5, measured beside it): if anything, it flatters the tutorial.
 
     .venv/bin/python bench/bench_predict.py [--images 64] [--folder lowres|fullres-jpeg] [--stain none|reinhard]
-        [--scope tile|image] [--engines torch:fp32,torch:bf16,onnxruntime:fp32,compile:bf16] [--tasks 1] [--out ...]
+        [--scope tile|image] [--engines torch:fp32,torch:bf16,onnxruntime:fp32,compile:bf16,openvino:fp32,
+        openvino:bf16] [--tasks 1] [--out ...]
 
 The model is the reduced DenseNet with its initial weights (speed does not depend on training).
 """
@@ -65,7 +66,8 @@ def make_checkpoint(path: Path, tiles: TileSettings, augment: AugmentSettings, s
 
 
 # predict.engine, predict.precision
-ENGINES = (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("compile", "bf16"))
+ENGINES = (("torch", "fp32"), ("torch", "bf16"), ("onnxruntime", "fp32"), ("compile", "bf16"), ("openvino", "fp32"),
+           ("openvino", "bf16"))
 
 
 def end_to_end(predictor: Predictor, slides: list[SlideInput], out: Path) -> int:

@@ -20,6 +20,7 @@ from lymphoma.files import write_csv_atomic
 from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import SlideInput
 from lymphoma.prediction_inputs import expand_inputs
+from lymphoma.settings import EXPORTED_ENGINES
 
 log = logging.getLogger(__name__)
 
@@ -38,18 +39,19 @@ class FeaturesTask:
 
 def run_features_task(task: FeaturesTask) -> list[dict[str, Any]]:
     """Build the encoder once, then embed each slide that has no complete file yet."""
-    from lymphoma.features import FeatureWriter, encoder_from_checkpoint, encoder_from_settings
+    from lymphoma.features import Engine, FeatureWriter, encoder_from_checkpoint, encoder_from_settings
     from lymphoma.prediction import predict_slides
 
     cfg = task.run.config
+    out = Path(task.out_dir)
+    engine = Engine(cfg.predict.engine if cfg.predict.engine in EXPORTED_ENGINES else "torch", cfg.predict.precision,
+                    out / "engine")
     with task_setup(task.threads) as setup:
         if task.checkpoint:
-            encoder, meta = encoder_from_checkpoint(Path(task.checkpoint), setup.device, cfg.predict.batch_size,
-                                                    cfg.predict.precision)
+            encoder, meta = encoder_from_checkpoint(Path(task.checkpoint), setup.device, cfg.predict.batch_size, engine)
         else:
             encoder, meta = encoder_from_settings(cfg.model, cfg.tiles, cfg.augment, cfg.stain, setup.device,
-                                                  cfg.predict.batch_size, cfg.predict.precision)
-        out = Path(task.out_dir)
+                                                  cfg.predict.batch_size, engine)
         return predict_slides(encoder, task.slides, out, cfg.predict.prefetch,
                               writer=FeatureWriter(out, meta), readers=cfg.predict.readers)
 
@@ -79,8 +81,8 @@ def run_features(run: Run, checkpoint: Optional[Path], slides: list[SlideInput],
     """Embed every slide as an array job; ``features.csv`` lists each slide's file or error."""
     cfg = run.config
     check_encoder(run, checkpoint)
-    if cfg.predict.engine != "torch":
-        log.info(f"predict.engine={cfg.predict.engine} is for `lymphoma predict`; embeddings run on torch "
+    if cfg.predict.engine == "compile":
+        log.info("predict.engine=compile is for `lymphoma predict`; embeddings run on torch "
                  f"(predict.precision={cfg.predict.precision} applies)")
     out_dir = (Path(out) if out else run.dir / "features").absolute()
     out_dir.mkdir(parents=True, exist_ok=True)

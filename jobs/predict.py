@@ -60,6 +60,9 @@ def predict_chunk(checkpoint: Path, slides: Sequence[SlideInput], out_dir: Path,
     """Load the model once, then predict each slide that is not complete yet into ``out_dir``."""
     from lymphoma.prediction import Pictures, Predictor, predict_slides
 
+    if settings.engine == "openvino" and str(device) != "cpu":
+        log.warning(f"predict.engine=openvino runs the model on the CPU: this task's {device} stays idle (on GPU nodes, "
+                    "predict.engine=torch or compile)")
     predictor = Predictor.from_checkpoint(checkpoint, device, settings.batch_size, settings.tta, tiles, settings.engine,
                                           settings.precision, Path(out_dir).parent / "engine")
     return predict_slides(predictor, slides, out_dir, settings.prefetch, Pictures.of(settings), readers=settings.readers)

@@ -1,6 +1,6 @@
 """Prediction engines: the model as served, uint8 tiles in and logits out, run by PyTorch (fp32 or bf16
-autocast) or by ONNX Runtime from an ONNX export; and the export itself (ONNX, TorchScript) with its
-preprocessing recorded, so that a site can serve a checkpoint without this project."""
+autocast), or from an ONNX export by ONNX Runtime or OpenVINO; and the export itself (ONNX, TorchScript) with
+its preprocessing recorded, so that a site can serve a checkpoint without this project."""
 
 from __future__ import annotations
 
@@ -75,6 +75,41 @@ class OnnxEngine:
 
     def __call__(self, tiles: np.ndarray) -> torch.Tensor:
         return torch.from_numpy(self.session.run(None, {self.input: np.ascontiguousarray(tiles, dtype=np.uint8)})[0])
+
+
+class OpenVinoEngine:
+    """An OpenVINO model compiled for the CPU over an exported classifier, one inference at a time (latency hint,
+    one stream) on ``threads`` threads; ``precision`` bf16 asks for bfloat16 inference, which OpenVINO gives on
+    CPUs with bf16 instructions (avx512_bf16, AMX) and replaces by fp32 elsewhere (``precision`` afterwards: what
+    runs)."""
+
+    def __init__(self, model: bytes | Path, threads: int | None = None, precision: str = "fp32") -> None:
+        try:
+            import openvino
+        except ImportError:
+            raise InputError("predict.engine=openvino needs the openvino package: pip install openvino") from None
+        core = openvino.Core()
+        config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
+                                     "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
+        if threads:
+            config["INFERENCE_NUM_THREADS"] = threads
+        compiled = core.compile_model(core.read_model(model if isinstance(model, bytes) else str(model)), "CPU", config)
+        self.precision = "bf16" if compiled.get_property("INFERENCE_PRECISION_HINT") == openvino.Type.bf16 else "fp32"
+        self.request = compiled.create_infer_request()
+
+    def __call__(self, tiles: np.ndarray) -> torch.Tensor:
+        outputs = self.request.infer({0: np.ascontiguousarray(tiles, dtype=np.uint8)}, share_inputs=True)
+        return torch.from_numpy(outputs[0])  # a copy of the request's output (share_outputs is off)
+
+
+ExportedEngine = OnnxEngine | OpenVinoEngine  # what runs the ONNX export: predict.engine onnxruntime or openvino
+
+
+def exported_engine(engine: str, model: bytes, threads: int | None, precision: str) -> ExportedEngine:
+    """The engine named by predict.engine over an ONNX export: onnxruntime or openvino."""
+    if engine == "openvino":
+        return OpenVinoEngine(model, threads, precision)
+    return OnnxEngine(model, threads)
 
 
 def compiled_model(model: torch.nn.Module, example: torch.Tensor, bf16: bool) -> torch.nn.Module:

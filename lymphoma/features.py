@@ -21,12 +21,13 @@ import torch
 
 from lymphoma.backbones import Backbone, load_pretrained
 from lymphoma.checkpoint import load_checkpoint
+from lymphoma.engines import TileClassifier, exported_engine
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.model import Ensemble, build_model
-from lymphoma.prediction import Predictor, SlideInput, read_record
+from lymphoma.prediction import Predictor, SlideInput, onnx_export, read_record
 from lymphoma.regions import regions_stamp
-from lymphoma.settings import AugmentSettings, ModelSettings, StainSettings, TileSettings
+from lymphoma.settings import EXPORTED_ENGINES, AugmentSettings, ModelSettings, StainSettings, TileSettings
 from lymphoma.stain import StainNormalizer, fit_target
 from lymphoma.tile_sources import TileSource
 
@@ -47,23 +48,39 @@ def strip_head(model: torch.nn.Module) -> torch.nn.Module:
     return model
 
 
+@dataclass(frozen=True)
+class Engine:
+    """What runs the encoder (predict.engine, predict.precision): torch (bf16 autocast on GPUs, and on CPUs with
+    bf16), or its ONNX export run by onnxruntime or openvino, kept in ``export_dir`` for the next task."""
+
+    name: str = "torch"
+    precision: str = "fp32"
+    export_dir: Optional[Path] = None
+
+
 def _encoder(model: torch.nn.Module, tiles: TileSettings, augment: AugmentSettings, normalizer: Any,
              device: torch.device, batch_size: int, about: dict[str, Any],
-             precision: str = "fp32") -> tuple[Predictor, dict[str, Any]]:
-    """The encoder as a Predictor whose outputs are the embeddings; bf16 autocast on GPUs, and on CPUs with
-    ``precision`` bf16 (predict.precision), which enters the fingerprint (fp32's stays what it was). The
-    metadata's ``precision`` is what runs."""
+             engine: Engine = Engine()) -> tuple[Predictor, dict[str, Any]]:
+    """The encoder as a Predictor whose outputs are the embeddings. bf16 and an exported engine enter the
+    fingerprint (torch fp32's stays what it was); the metadata's ``precision`` and ``engine`` are what runs."""
     model = strip_head(model).to(device, memory_format=torch.channels_last).eval()
-    about = {**about, "precision": "bf16"} if precision == "bf16" else about
+    about = {**about, "precision": "bf16"} if engine.precision == "bf16" else about
+    exported = engine.name in EXPORTED_ENGINES
+    about = {**about, "engine": engine.name} if exported else about
     fingerprint = hashlib.sha1(json.dumps(about, sort_keys=True, default=str).encode()).hexdigest()
     predictor = Predictor(model, [], tiles, augment, device, batch_size, fingerprint, False, normalizer,
-                          amp=device.type == "cuda", precision=precision)
-    runs = "bf16" if precision == "bf16" or device.type == "cuda" else "fp32"
-    return predictor, {**about, "precision": runs, "fingerprint": fingerprint}
+                          amp=device.type == "cuda", precision=engine.precision)
+    runs = "bf16" if engine.precision == "bf16" or device.type == "cuda" else "fp32"
+    if exported:
+        onnx = onnx_export(TileClassifier(model.cpu(), augment, tiles.size), tiles.size,
+                           engine.export_dir and engine.export_dir / f"encoder-{fingerprint[:16]}.onnx")
+        predictor.exported = exported_engine(engine.name, onnx, torch.get_num_threads(), engine.precision)
+        runs = getattr(predictor.exported, "precision", "fp32")
+    return predictor, {**about, "precision": runs, "engine": engine.name, "fingerprint": fingerprint}
 
 
 def encoder_from_checkpoint(path: Path, device: torch.device, batch_size: int = 128,
-                            precision: str = "fp32") -> tuple[Predictor, dict[str, Any]]:
+                            engine: Engine = Engine()) -> tuple[Predictor, dict[str, Any]]:
     """A trained model of this project as an encoder: its tiling, crop and stain normalisation."""
     state = load_checkpoint(path)
     model = build_model(state["architecture"])
@@ -73,12 +90,12 @@ def encoder_from_checkpoint(path: Path, device: torch.device, batch_size: int = 
              "backbone": state["architecture"].get("backbone") or f"densenet:{state['architecture'].get('preset')}",
              "tiles": state["tiles"], "augment": state["augment"], "stain": state.get("stain")}
     return _encoder(model, TileSettings(**state["tiles"]), AugmentSettings(**state["augment"]),
-                    StainNormalizer.from_state(state.get("stain")), device, batch_size, about, precision)
+                    StainNormalizer.from_state(state.get("stain")), device, batch_size, about, engine)
 
 
 def encoder_from_settings(model_settings: ModelSettings, tiles: TileSettings, augment: AugmentSettings,
                           stain: StainSettings, device: torch.device, batch_size: int = 128,
-                          precision: str = "fp32") -> tuple[Predictor, dict[str, Any]]:
+                          engine: Engine = Engine()) -> tuple[Predictor, dict[str, Any]]:
     """A pretrained backbone as configured (``model.backbone``, ``model.weights``), with the run's tiling,
     crop and stain normalisation."""
     if model_settings.backbone is None:
@@ -92,7 +109,7 @@ def encoder_from_settings(model_settings: ModelSettings, tiles: TileSettings, au
              "backbone": model_settings.backbone, "tiles": tiles.as_dict(), "augment": asdict(augment),
              "stain": target.as_dict() if target is not None else None, "model": asdict(model_settings)}
     return _encoder(model, tiles, augment, StainNormalizer(target) if target is not None else None, device,
-                    batch_size, about, precision)
+                    batch_size, about, engine)
 
 
 @dataclass
@@ -135,7 +152,7 @@ class FeatureWriter:
                          "coords_convention": "top-left (x, y) in level-0 pixels of the slide"
                          if self.meta["tiles"].get("target_mpp") or self.meta["tiles"].get("target_power")
                          else "top-left (x, y) in the resized image", "fingerprint": self.meta["fingerprint"],
-                         "precision": str(self.meta["precision"]),
+                         "precision": str(self.meta["precision"]), "engine": str(self.meta.get("engine", "torch")),
                          "tiles": json.dumps(self.meta["tiles"])}
                 h5.attrs.update(attrs)
                 coords.attrs.update({"patch_size": attrs["tile_size"], "patch_level": 0})

@@ -19,14 +19,22 @@ import torch
 
 from lymphoma.augment import eval_batch
 from lymphoma.checkpoint import load_checkpoint, load_model_weights
-from lymphoma.engines import OnnxEngine, TileClassifier, check_engine, compiled_model, dihedral_tiles, onnx_bytes
+from lymphoma.engines import (
+    ExportedEngine,
+    TileClassifier,
+    check_engine,
+    compiled_model,
+    dihedral_tiles,
+    exported_engine,
+    onnx_bytes,
+)
 from lymphoma.errors import ImageError
 from lymphoma.files import write_text_atomic
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap, save_probability_maps
 from lymphoma.read_ahead import read_ahead
 from lymphoma.regions import regions_stamp
-from lymphoma.settings import AugmentSettings, PredictSettings, TileSettings
+from lymphoma.settings import EXPORTED_ENGINES, AugmentSettings, PredictSettings, TileSettings
 from lymphoma.slide_exports import level0_squares, write_coords_h5, write_geojson
 from lymphoma.stain import StainNormalizer
 from lymphoma.tile_sources import TileSource
@@ -57,7 +65,7 @@ class Predictor:
     normalizer: Optional[StainNormalizer] = None
     amp: bool = False  # bf16 autocast on GPUs (feature extraction)
     precision: str = "fp32"  # fp32 | bf16 (autocast, also on CPUs)
-    onnx: Optional[OnnxEngine] = None  # predict.engine=onnxruntime: this session runs the model instead
+    exported: Optional[ExportedEngine] = None  # predict.engine onnxruntime or openvino: runs the model
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device, batch_size: int = 128,
@@ -76,14 +84,14 @@ class Predictor:
             blank = np.zeros((batch_size, tile_settings.size, tile_settings.size, 3), np.uint8)
             example = eval_batch(blank, augment, device).contiguous(memory_format=torch.channels_last)
             model = compiled_model(model, example, precision == "bf16")
-        onnx = None
+        exported = None
         fingerprint = checkpoint_fingerprint(path, state, tta, engine, precision)
-        if engine == "onnxruntime":
-            onnx = OnnxEngine(_onnx_export(TileClassifier(model.cpu(), augment, tile_settings.size), tile_settings.size,
-                                           export_dir and export_dir / f"model-{fingerprint[:16]}.onnx"),
-                              torch.get_num_threads())
+        if engine in EXPORTED_ENGINES:  # on the CPU (ONNX Runtime also on CUDA where its GPU package is installed)
+            onnx = onnx_export(TileClassifier(model.cpu(), augment, tile_settings.size), tile_settings.size,
+                               export_dir and export_dir / f"model-{fingerprint[:16]}.onnx")
+            exported = exported_engine(engine, onnx, torch.get_num_threads(), precision)
         return cls(model, list(state["classes"]), tile_settings, augment, device, batch_size, fingerprint, tta,
-                   StainNormalizer.from_state(state.get("stain")), precision=precision, onnx=onnx)
+                   StainNormalizer.from_state(state.get("stain")), precision=precision, exported=exported)
 
     def normalize_stain(self, tiles: np.ndarray) -> np.ndarray:
         """Stain-normalise uint8 tiles ``[N, H, W, 3]`` when the model was trained on tiles normalised one by one
@@ -97,10 +105,10 @@ class Predictor:
         rotations of each tile."""
         if not stain_normalized:
             tiles = self.normalize_stain(tiles)
-        if self.onnx is not None:
+        if self.exported is not None:
             if not self.tta:
-                return self.onnx(tiles)
-            return (sum(self.onnx(view).softmax(1) for view in dihedral_tiles(np.asarray(tiles))) / 8).log()
+                return self.exported(tiles)
+            return (sum(self.exported(view).softmax(1) for view in dihedral_tiles(np.asarray(tiles))) / 8).log()
         x = eval_batch(tiles, self.augment, self.device).contiguous(memory_format=torch.channels_last)
         bf16 = self.precision == "bf16" or (self.amp and self.device.type == "cuda")
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16):
@@ -120,7 +128,7 @@ def dihedral_views(x: torch.Tensor) -> Iterator[torch.Tensor]:
         yield rotated.flip(3)
 
 
-def _onnx_export(classifier: TileClassifier, tile_size: int, path: Optional[Path]) -> bytes:
+def onnx_export(classifier: TileClassifier, tile_size: int, path: Optional[Path]) -> bytes:
     """The classifier's ONNX export, read from ``path`` when an earlier task made it, else made (and kept there)."""
     if path is not None and path.is_file():
         return path.read_bytes()

@@ -419,7 +419,9 @@ class PredictSettings:
     aggregate: str = "vote"        # vote (majority of tile classes) | mean (mean probability)
     engine: str = "torch"          # torch | compile (torch.compile: once per task, ~40 s cold; the bare model 1.1x
     #                                fp32, 1.4x bf16 on this CPU) | onnxruntime (exported to ONNX, run by ONNX Runtime)
-    precision: str = "fp32"        # fp32 | bf16 (engine torch: autocast, on GPUs and on CPUs with bf16 support)
+    #                                | openvino (the ONNX export run by OpenVINO on the CPU; no compiler needed)
+    precision: str = "fp32"        # fp32 | bf16 (torch, compile: autocast, on GPUs and on CPUs with bf16 support;
+    #                                openvino: bf16 inference where the CPU has bf16 instructions, else fp32)
     regions: Optional[str] = None  # a folder of <slide name>.geojson region files (the file's stem; a DICOM
     #                                slide's folder name): only the tiles inside
     #                                (tiles.region_mode of the model) are predicted; slides without one, all
@@ -435,10 +437,12 @@ class PredictSettings:
         if self.precision not in PRECISIONS:
             raise InputError(f"predict.precision is {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
         if self.engine == "onnxruntime" and self.precision != "fp32":
-            raise InputError("predict.engine=onnxruntime runs fp32: set predict.precision=fp32 (bf16 is for engine=torch)")
+            raise InputError("predict.engine=onnxruntime runs fp32: set predict.precision=fp32 (bf16 is for engines "
+                             "torch, compile and openvino)")
 
 
-ENGINES = ("torch", "compile", "onnxruntime")
+ENGINES = ("torch", "compile", "onnxruntime", "openvino")
+EXPORTED_ENGINES = ("onnxruntime", "openvino")  # run from the model's ONNX export
 PRECISIONS = ("fp32", "bf16")
 
 

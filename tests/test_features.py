@@ -147,3 +147,29 @@ def test_bf16_embeddings_are_near_fp32_and_never_taken_for_them(make_dataset, re
     capsys.readouterr()
     assert features(tmp_path / "bf16", *words) == 0  # fp32 into the bf16 folder: nothing is taken as done
     assert "3 of 3 slide(s) embedded (3 now, 0 already complete" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_openvino_embeddings_match_torchs_and_are_kept_apart(make_dataset, resnet_file, tmp_path, precision):
+    """predict.engine=openvino: the encoder's ONNX export run by OpenVINO gives torch's fp32 embeddings within 1e-4 of
+    their scale (bf16 where this CPU has it: cosine above 0.999), says so in every file, and has a fingerprint
+    of its own."""
+    source = make_dataset(cases_per_class=1, images_per_case=1)
+    words = [f"data.source={source}", f"run.root={tmp_path}", "model.backbone=timm:resnet10t",
+             f"model.weights={resnet_file}", "cluster.kind=debug"]
+    assert features(tmp_path / "torch", *words) == 0
+    assert features(tmp_path / "openvino", *words, "predict.engine=openvino", f"predict.precision={precision}") == 0
+    files = sorted((tmp_path / "torch" / "h5_files").glob("*.h5"))
+    assert len(files) == 3
+    for path in files:
+        with h5py.File(path) as ours, h5py.File(tmp_path / "openvino" / "h5_files" / path.name) as theirs:
+            exact, served = ours["features"][:], theirs["features"][:]
+            assert (ours.attrs["engine"], theirs.attrs["engine"]) == ("torch", "openvino")
+            assert ours.attrs["fingerprint"] != theirs.attrs["fingerprint"]
+            runs = theirs.attrs["precision"]
+        assert runs == precision or (precision, runs) == ("bf16", "fp32")  # fp32 where the CPU has no bf16
+        if runs == "fp32":
+            assert np.abs(exact - served).max() < 1e-4 * np.abs(exact).max()
+        cosine = (exact * served).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(served, axis=1)
+        assert cosine.min() > 0.999, cosine.min()
+    assert list((tmp_path / "openvino" / "engine").glob("encoder-*.onnx"))  # exported once, for the next task

@@ -449,8 +449,9 @@ def decisive(tiled) -> Path:
 
 
 def test_every_engine_gives_pytorchs_classes_on_real_tiles(decisive, cohort, tmp_path, capsys):
-    """engine=onnxruntime and engine=compile: PyTorch's logits within 1e-4; precision=bf16: the same class on at least 99% of
-    the real tiles; both through `lymphoma predict` end to end, with the same slide classes."""
+    """engine=onnxruntime, openvino and compile: PyTorch's logits within 1e-4; precision=bf16 (torch, openvino): the
+    same class on at least 99% of the real tiles; all through `lymphoma predict` end to end, with the same slide
+    classes."""
     checkpoint = decisive
     fp32 = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64)
     tiles = cohort_tiles(fp32, cohort)
@@ -462,14 +463,21 @@ def test_every_engine_gives_pytorchs_classes_on_real_tiles(decisive, cohort, tmp
     bf16 = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64, precision="bf16").logits(
         tiles, stain_normalized=True)
     assert (bf16.argmax(1) == reference.argmax(1)).float().mean() >= 0.99 and (bf16 - reference).abs().max() < 0.1
+    openvino = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64, engine="openvino")
+    assert openvino.exported.precision == "fp32"
+    assert torch.allclose(openvino.logits(tiles, stain_normalized=True), reference, atol=1e-4)
+    openvino_bf16 = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64, engine="openvino", precision="bf16")
+    bf16 = openvino_bf16.logits(tiles, stain_normalized=True)
+    assert (bf16.argmax(1) == reference.argmax(1)).float().mean() >= 0.99 and (bf16 - reference).abs().max() < 0.1
     assert predict(checkpoint, tmp_path / "torch", f"{cohort}/**/*.png") == 0
-    for words in (["predict.engine=onnxruntime"], ["predict.precision=bf16"], ["predict.engine=compile"]):
-        out = tmp_path / words[0].split("=")[1]
+    for words in (["predict.engine=onnxruntime"], ["predict.precision=bf16"], ["predict.engine=compile"],
+                  ["predict.engine=openvino", "predict.precision=bf16"]):
+        out = tmp_path / "-".join(w.split("=")[1] for w in words)
         assert predict(checkpoint, out, f"{cohort}/**/*.png", *words) == 0
         with (tmp_path / "torch" / "summary.csv").open() as a, (out / "summary.csv").open() as b:
             assert [r["predicted"] for r in csv.DictReader(a)] == [r["predicted"] for r in csv.DictReader(b)]
     assert predict(checkpoint, tmp_path / "bad", f"{cohort}/**/*.png", "predict.engine=tensorrt") == 2
-    assert "predict.engine is 'tensorrt'; allowed: torch, compile, onnxruntime" in capsys.readouterr().err
+    assert "predict.engine is 'tensorrt'; allowed: torch, compile, onnxruntime, openvino" in capsys.readouterr().err
 
 
 def test_a_machine_that_cannot_compile_is_named_before_any_slide_is_read(checkpoint, cohort, tmp_path):
