@@ -4,6 +4,7 @@ its preprocessing recorded, so that a site can serve a checkpoint without this p
 
 from __future__ import annotations
 
+import functools
 import io
 import warnings
 from collections.abc import Sequence
@@ -77,6 +78,18 @@ class OnnxEngine:
         return torch.from_numpy(self.session.run(None, {self.input: np.ascontiguousarray(tiles, dtype=np.uint8)})[0])
 
 
+@functools.cache
+def openvino_core() -> object:
+    """The process's one OpenVINO Core, never released. Each Core's CPU plugin points the thread that creates it at
+    a signal stack of its own and, when released, points it back at the stack it found: two Cores released in
+    another order than made (a fp32 engine replaced by a bf16 one) leave the thread on freed memory, and the
+    next signal handled there (SIGTERM, SIGINT, faulthandler's SIGSEGV) kills the process with a segmentation
+    fault instead (tests/test_predict.py reproduces it in a child process)."""
+    import openvino
+
+    return openvino.Core()
+
+
 class OpenVinoEngine:
     """An OpenVINO model compiled for the CPU over an exported classifier, one inference at a time (latency hint,
     one stream) on ``threads`` threads; ``precision`` bf16 asks for bfloat16 inference, which OpenVINO gives on
@@ -88,7 +101,7 @@ class OpenVinoEngine:
             import openvino
         except ImportError:
             raise InputError("predict.engine=openvino needs the openvino package: pip install openvino") from None
-        core = openvino.Core()
+        core = openvino_core()
         config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
                                      "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}
         if threads:

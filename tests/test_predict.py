@@ -480,6 +480,37 @@ def test_every_engine_gives_pytorchs_classes_on_real_tiles(decisive, cohort, tmp
     assert "predict.engine is 'tensorrt'; allowed: torch, compile, onnxruntime, openvino" in capsys.readouterr().err
 
 
+OPENVINO_ENGINES_RELEASED_OUT_OF_ORDER = """
+import gc, os, signal, sys
+import faulthandler
+import numpy as np, torch
+from lymphoma.engines import OpenVinoEngine, TileClassifier, onnx_bytes
+from lymphoma.settings import AugmentSettings
+faulthandler.enable()  # as pytest and the task processes do: a signal stack of Python's own
+model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.AdaptiveAvgPool2d(1), torch.nn.Flatten()).eval()
+onnx = onnx_bytes(TileClassifier(model, AugmentSettings(), 32), 32)
+engine = OpenVinoEngine(onnx, 1, "fp32")
+engine(np.zeros((2, 32, 32, 3), np.uint8))
+engine = OpenVinoEngine(onnx, 1, "bf16")  # the fp32 engine is released first, then the bf16 one
+engine(np.zeros((2, 32, 32, 3), np.uint8))
+del engine
+gc.collect()
+signal.signal(signal.SIGTERM, lambda *_: print("handled", flush=True))
+os.kill(os.getpid(), signal.SIGTERM)
+print("alive", flush=True)
+"""
+
+
+def test_openvino_engines_released_in_any_order_leave_signals_handled(tmp_path):
+    """OpenVINO's CPU plugin points the thread that makes it at a signal stack of its own and, released, at the one
+    it found: with a Core per engine, a fp32 engine replaced by a bf16 one left the thread on freed memory, and the
+    next handled signal killed the process with a segmentation fault (a pytest run died so). One Core a process:
+    the child handles SIGTERM and lives on."""
+    done = subprocess.run([sys.executable, "-c", OPENVINO_ENGINES_RELEASED_OUT_OF_ORDER], capture_output=True,
+                          text=True, timeout=300, cwd=Path(__file__).parents[1])
+    assert (done.returncode, done.stdout.split()) == (0, ["handled", "alive"]), done.stderr[-2000:]
+
+
 def test_a_machine_that_cannot_compile_is_named_before_any_slide_is_read(checkpoint, cohort, tmp_path):
     """predict.engine=compile without a working C++ compiler (and with an empty inductor cache, so that it must
     compile): the task stops at the model with a named error, and no slide gets a class."""
