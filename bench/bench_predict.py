@@ -1,7 +1,7 @@
 """Prediction throughput on real images: end to end (read, tile, model, vote, write) against the bare
 model on the same tiles already in memory, and against a tutorial-style loop, in one run, for each engine
-and precision (torch fp32, torch bf16 autocast, ONNX Runtime fp32, torch.compile bf16), each engine built and
-warmed up (compiled) before it is timed; tile-class agreement with torch fp32;
+and precision (torch fp32, torch bf16 autocast, ONNX Runtime fp32, torch.compile bf16, OpenVINO fp32 and bf16),
+each engine built and warmed up (compiled) before it is timed; tile-class agreement with torch fp32;
 peak memory. ``--stain reinhard`` predicts as a model trained with the default config does (every tile
 Reinhard-normalised in the reader); the bare model then runs on tiles normalised beforehand. ``--scope image``:
 each image normalised whole before it is cut (stain.scope=image) instead of each tile. ``--tasks 2``: the bare
