@@ -1,0 +1,95 @@
+"""Prediction end to end in 2 spawned processes at once (as `--tasks 2` and the job's array tasks run), with torch
+imported while each process starts (as the benchmark's tasks and submitit's import the job's modules) or only
+inside the task: tiles/s and CPU time over wall time of each process. With OpenVINO the first idles about a
+quarter of the time on this 2-core machine (README, the prediction engines row); the cause is not found yet.
+
+    .venv/bin/python bench/bench_import_order.py [--engine openvino] [--precision bf16] [--images 120] [--out F]
+
+The model is the reduced DenseNet with its initial weights and Reinhard by image, as in bench_predict.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+AT_START = "BENCH_IMPORT_TORCH_AT_START"
+if os.environ.get(AT_START) == "1":  # runs again in every spawned process, before its task is unpickled
+    import torch  # noqa: F401
+
+
+def task(checkpoint: str, slides: list[Any], engine: str, precision: str, barrier: Any, queue: Any) -> None:
+    """One process: its engine built and warmed up, then every process starts together; puts its figures."""
+    import torch
+    from bench_predict import end_to_end
+
+    from hpc.memory import keep_freed_memory
+    from lymphoma.prediction import Predictor
+
+    keep_freed_memory()
+    torch.set_num_threads(1)
+    work = Path(tempfile.mkdtemp())
+    predictor = Predictor.from_checkpoint(Path(checkpoint), torch.device("cpu"), 32, engine=engine,
+                                          precision=precision, export_dir=work / "engine")
+    end_to_end(predictor, slides[:4], work / "warm")
+    barrier.wait()
+    cpu, start = time.process_time(), time.perf_counter()
+    tiles = end_to_end(predictor, slides, work / "out")
+    wall = time.perf_counter() - start
+    queue.put({"tiles_per_s": tiles / wall, "cpu_over_wall": (time.process_time() - cpu) / wall})
+
+
+def run(checkpoint: Path, slides: list[Any], engine: str, precision: str, at_start: bool) -> list[dict[str, float]]:
+    """Both processes' figures, torch imported at their start or not."""
+    os.environ[AT_START] = "1" if at_start else "0"
+    context = multiprocessing.get_context("spawn")
+    barrier, queue = context.Barrier(2), context.Queue()
+    processes = [context.Process(target=task, args=(str(checkpoint), slides, engine, precision, barrier, queue))
+                 for _ in range(2)]
+    for process in processes:
+        process.start()
+    figures = [queue.get(timeout=1800) for _ in processes]
+    for process in processes:
+        process.join()
+    return figures
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--engine", default="openvino", help="predict.engine")
+    parser.add_argument("--precision", default="bf16", help="predict.precision")
+    parser.add_argument("--images", type=int, default=60, help="images each process predicts (the same ones)")
+    parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of both orders")
+    parser.add_argument("--out", type=Path)
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).parent))
+    from bench_predict import CLASSES, make_checkpoint
+
+    from common import emit
+    from jobs.config import default_data_root
+    from lymphoma.inputs import discover
+    from lymphoma.prediction import SlideInput
+    from lymphoma.settings import AugmentSettings, TileSettings
+
+    records = discover(Path(default_data_root()) / "lowres", CLASSES).records[: args.images]
+    slides = [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in records]
+    results: dict[str, Any] = {"engine": args.engine, "precision": args.precision, "images": len(slides)}
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = Path(tmp) / "model.pt"
+        make_checkpoint(checkpoint, TileSettings(size=128, stride=64), AugmentSettings(), "reinhard", "image")
+        for round_ in range(args.rounds):
+            for at_start in (True, False):
+                key = f"round_{round_}_torch_imported_{'at_start' if at_start else 'in_task'}"
+                results[key] = run(checkpoint, slides, args.engine, args.precision, at_start)
+                print(key, results[key], flush=True)
+    emit(results, args.out)
+
+
+if __name__ == "__main__":
+    main()
