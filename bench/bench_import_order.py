@@ -1,9 +1,9 @@
 """Prediction end to end in 2 spawned processes at once (as `--tasks 2` and the job's array tasks run), with torch
 imported while each process starts (as the benchmark's tasks and submitit's import the job's modules) or only
-inside the task: tiles/s and CPU time over wall time of each process. With OpenVINO the first idles about a
+inside the task: tiles/s of both and their CPU time over the wall time of their cores. With OpenVINO the first idles about a
 quarter of the time on this 2-core machine (README, the prediction engines row); the cause is not found yet.
 
-    .venv/bin/python bench/bench_import_order.py [--engine openvino] [--precision bf16] [--images 120] [--out F]
+    .venv/bin/python bench/bench_import_order.py [--engine openvino] [--precision bf16] [--images 60] [--rounds 2] [--out F]
 
 The model is the reduced DenseNet with its initial weights and Reinhard by image, as in bench_predict.py.
 """
@@ -11,53 +11,43 @@ The model is the reduced DenseNet with its initial weights and Reinhard by image
 from __future__ import annotations
 
 import argparse
-import multiprocessing
+import json
 import os
 import sys
 import tempfile
-import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from common import emit, timed_in_tasks  # imports no torch
 
 AT_START = "BENCH_IMPORT_TORCH_AT_START"
 if os.environ.get(AT_START) == "1":  # runs again in every spawned process, before its task is unpickled
     import torch  # noqa: F401
 
 
-def task(checkpoint: str, slides: list[Any], engine: str, precision: str, barrier: Any, queue: Any) -> None:
-    """One process: its engine built and warmed up, then every process starts together; puts its figures."""
+def prepare(checkpoint: str, slides: list[Any], engine: str, precision: str, work: Path) -> Callable[[], None]:
+    """One process's engine built and warmed up (``common.timed_in_tasks`` times what it returns: its slides
+    predicted into ``work/out``)."""
     import torch
     from bench_predict import end_to_end
 
-    from hpc.memory import keep_freed_memory
     from lymphoma.prediction import Predictor
 
-    keep_freed_memory()
-    torch.set_num_threads(1)
-    work = Path(tempfile.mkdtemp())
     predictor = Predictor.from_checkpoint(Path(checkpoint), torch.device("cpu"), 32, engine=engine,
                                           precision=precision, export_dir=work / "engine")
     end_to_end(predictor, slides[:4], work / "warm")
-    barrier.wait()
-    cpu, start = time.process_time(), time.perf_counter()
-    tiles = end_to_end(predictor, slides, work / "out")
-    wall = time.perf_counter() - start
-    queue.put({"tiles_per_s": tiles / wall, "cpu_over_wall": (time.process_time() - cpu) / wall})
+    return lambda: end_to_end(predictor, slides, work / "out")
 
 
-def run(checkpoint: Path, slides: list[Any], engine: str, precision: str, at_start: bool) -> list[dict[str, float]]:
-    """Both processes' figures, torch imported at their start or not."""
+def run(checkpoint: Path, slides: list[Any], engine: str, precision: str, at_start: bool) -> dict[str, float]:
+    """Both processes at once, torch imported at their start or not: tiles/s of both (the tiles their slide
+    records count), CPU over their cores' wall time."""
     os.environ[AT_START] = "1" if at_start else "0"
-    context = multiprocessing.get_context("spawn")
-    barrier, queue = context.Barrier(2), context.Queue()
-    processes = [context.Process(target=task, args=(str(checkpoint), slides, engine, precision, barrier, queue))
-                 for _ in range(2)]
-    for process in processes:
-        process.start()
-    figures = [queue.get(timeout=1800) for _ in processes]
-    for process in processes:
-        process.join()
-    return figures
+    works = [Path(tempfile.mkdtemp()) for _ in range(2)]
+    wall, cpu = timed_in_tasks(prepare, [(str(checkpoint), slides, engine, precision, w) for w in works], 1)
+    tiles = sum(json.loads(p.read_text())["n_tiles"] for w in works for p in (w / "out").glob("*.json"))
+    return {"tiles_per_s": tiles / wall, "cpu_over_wall": cpu / (2 * wall)}
 
 
 def main() -> None:
@@ -71,7 +61,6 @@ def main() -> None:
     sys.path.insert(0, str(Path(__file__).parent))
     from bench_predict import CLASSES, make_checkpoint
 
-    from common import emit
     from jobs.config import default_data_root
     from lymphoma.inputs import discover
     from lymphoma.prediction import SlideInput
