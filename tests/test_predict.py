@@ -481,7 +481,7 @@ def test_every_engine_gives_pytorchs_classes_on_real_tiles(decisive, cohort, tmp
 
 
 OPENVINO_ENGINES_RELEASED_OUT_OF_ORDER = """
-import gc, os, signal, sys
+import gc, os, signal
 import faulthandler
 import numpy as np, torch
 from lymphoma.engines import OpenVinoEngine, TileClassifier, onnx_bytes
@@ -501,7 +501,7 @@ print("alive", flush=True)
 """
 
 
-def test_openvino_engines_released_in_any_order_leave_signals_handled(tmp_path):
+def test_openvino_engines_released_in_any_order_leave_signals_handled():
     """OpenVINO's CPU plugin points the thread that makes it at a signal stack of its own and, released, at the one
     it found: with a Core per engine, a fp32 engine replaced by a bf16 one left the thread on freed memory, and the
     next handled signal killed the process with a segmentation fault (a pytest run died so). One Core a process:
