@@ -9,6 +9,8 @@ from collections.abc import Sequence
 import torch
 from torchvision.models import DenseNet
 
+from lymphoma.stochastic_depth import add_stochastic_depth
+
 
 class Ensemble(torch.nn.Module):
     """Members of one architecture whose output is the log of their mean softmax: softmax of it is the mean
@@ -24,9 +26,12 @@ class Ensemble(torch.nn.Module):
 
 
 def _densenet(architecture: dict[str, object]) -> torch.nn.Module:
-    return DenseNet(growth_rate=int(architecture["growth_rate"]), block_config=tuple(architecture["block_config"]),
-                    num_init_features=int(architecture["num_init_features"]), bn_size=int(architecture["bn_size"]),
-                    drop_rate=float(architecture["drop_rate"]), num_classes=int(architecture["num_classes"]))
+    net = DenseNet(growth_rate=int(architecture["growth_rate"]), block_config=tuple(architecture["block_config"]),
+                   num_init_features=int(architecture["num_init_features"]), bn_size=int(architecture["bn_size"]),
+                   drop_rate=float(architecture["drop_rate"]), num_classes=int(architecture["num_classes"]))
+    if float(architecture.get("drop_path") or 0.0) > 0:
+        add_stochastic_depth(net, float(architecture["drop_path"]))
+    return net
 
 
 def _single(architecture: dict[str, object]) -> torch.nn.Module:

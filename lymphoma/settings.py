@@ -195,6 +195,9 @@ class ModelSettings:
     num_init_features: int = 64
     bn_size: int = 4
     drop_rate: float = 0.2         # dropout in the dense layers (the head, with a backbone), with every preset
+    drop_path: float = 0.0         # stochastic depth of the DenseNet presets: in training each dense layer's new
+    #                                features are dropped for a whole sample, with a probability rising linearly
+    #                                from 0 to this at the last layer (lymphoma.stochastic_depth); 0: off
     backbone: Optional[str] = None  # null: the preset above | torchvision:densenet121 | timm:<name>, e.g.
     #                                 timm:vit_small_patch16_224
     weights: Optional[str] = None  # a local weight file the backbone starts from; null: random initialisation
@@ -223,6 +226,11 @@ class ModelSettings:
             values = getattr(self, key)
             if values is not None and (len(values) != 3 or (key == "std" and min(values) <= 0)):
                 raise InputError(f"model.{key} needs 3 values (std > 0) or null, got {values}")
+        if not 0.0 <= self.drop_path < 1.0:
+            raise InputError(f"model.drop_path must be in [0, 1), got {self.drop_path}")
+        if self.drop_path and self.backbone is not None:
+            raise InputError("model.drop_path applies to the DenseNet presets; a timm backbone takes its own "
+                             "(set it to 0 with model.backbone)")
         if self.input_size is not None and self.input_size < 16:
             raise InputError(f"model.input_size must be >= 16 pixels or null, got {self.input_size}")
 
@@ -244,6 +252,8 @@ class ModelSettings:
         arch = {key: value for key, value in asdict(self.resolved()).items() if key in DENSENET_KEYS}
         arch["block_config"] = list(arch["block_config"])
         arch["num_classes"] = num_classes
+        if self.drop_path:  # only when on: checkpoints and fingerprints without it stay as they were
+            arch["drop_path"] = self.drop_path
         return arch
 
 
