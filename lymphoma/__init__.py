@@ -18,6 +18,7 @@ Models and training
   reinhard        Reinhard normalisation of a tile in float32 (torchstain's formulas, faster)
   batch_augment   the batch backend: torch operations on whole batches on the training device
   model, ensemble the DenseNet presets; fold models averaged as one checkpoint
+  stochastic_depth  model.drop_path: dense layers dropped per sample in training (forward hooks)
   backbones       pretrained torchvision / timm backbones from local weight files, freezing, input adapter
   training        one training: builders, resume, the epoch loop, checkpoints, TensorBoard
   epochs          train_one_epoch and evaluate, written once
@@ -29,7 +30,7 @@ Models and training
 Prediction and reports
   prediction      tile-vote inference over whole images with read-ahead, per-slide outputs
   prediction_inputs  files, wildcards and TSV lists to predict
-  engines         what runs the model (torch fp32/bf16, ONNX Runtime) and its export (ONNX, TorchScript)
+  engines         what runs the model (torch fp32/bf16, ONNX Runtime, OpenVINO) and its export (ONNX, TorchScript)
   read_ahead      reader threads that decode, tile and stain-normalise slides ahead of the model
   features, mil   tile embeddings per slide (CLAM/TRIDENT HDF5); gated attention-MIL on them
   voting, metrics, cohort_report, plots   votes, accuracies, the cohort report, figures
