@@ -1,9 +1,12 @@
 """Prediction end to end in 2 spawned processes at once (as `--tasks 2` and the job's array tasks run), with torch
 imported while each process starts (as the benchmark's tasks and submitit's import the job's modules) or only
 inside the task: tiles/s of both and their CPU time over the wall time of their cores. With OpenVINO the first idles about a
-quarter of the time on this 2-core machine (README, the prediction engines row); the cause is not found yet.
+quarter of the time on this 2-core machine (README, the prediction engines row) unless openvino was imported before
+torch: ``--openvino-first`` has every process do so (LYMPHOMA_OPENVINO_FIRST=1, as `lymphoma predict` and `features`
+set for their tasks with predict.engine=openvino; ``jobs/__init__.py``).
 
-    .venv/bin/python bench/bench_import_order.py [--engine openvino] [--precision bf16] [--images 60] [--rounds 2] [--out F]
+    .venv/bin/python bench/bench_import_order.py [--engine openvino] [--precision bf16] [--images 60] [--rounds 2]
+        [--openvino-first] [--out F]
 
 The model is the reduced DenseNet with its initial weights and Reinhard by image, as in bench_predict.py.
 """
@@ -19,6 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import jobs  # noqa: F401  (imports openvino, before torch, where LYMPHOMA_OPENVINO_FIRST=1)
 from common import emit, timed_in_tasks  # imports no torch
 
 AT_START = "BENCH_IMPORT_TORCH_AT_START"
@@ -56,9 +60,14 @@ def main() -> None:
     parser.add_argument("--precision", default="bf16", help="predict.precision")
     parser.add_argument("--images", type=int, default=60, help="images each process predicts (the same ones)")
     parser.add_argument("--rounds", type=int, default=2, help="alternating rounds of both orders")
+    parser.add_argument("--openvino-first", action="store_true", help="every process imports openvino before torch")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
+    if args.openvino_first:
+        from jobs import openvino_first_in_tasks
+
+        openvino_first_in_tasks(args.engine)
     from bench_predict import CLASSES, make_checkpoint
 
     from jobs.config import default_data_root
@@ -68,7 +77,8 @@ def main() -> None:
 
     records = discover(Path(default_data_root()) / "lowres", CLASSES).records[: args.images]
     slides = [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in records]
-    results: dict[str, Any] = {"engine": args.engine, "precision": args.precision, "images": len(slides)}
+    results: dict[str, Any] = {"engine": args.engine, "precision": args.precision, "images": len(slides),
+                               "openvino_first": args.openvino_first}
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = Path(tmp) / "model.pt"
         make_checkpoint(checkpoint, TileSettings(size=128, stride=64), AugmentSettings(), "reinhard", "image")

@@ -33,6 +33,7 @@ from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
+import jobs  # isort: skip  (imports openvino before torch in every process where LYMPHOMA_OPENVINO_FIRST=1)
 import numpy as np
 import torch
 
@@ -268,6 +269,8 @@ def main() -> None:
     if args.child:
         child_task(args)
         return
+    if "openvino" in args.engines:  # its task processes import it before torch, as `lymphoma predict`'s do
+        jobs.openvino_first_in_tasks("openvino")
     records = discover(Path(default_data_root()) / args.folder, CLASSES).records
     records = records[:: max(1, len(records) // args.images)][: args.images]
     slides = [SlideInput(r.path, Path(r.path).stem, r.label, r.case) for r in records]

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from hpc import ArrayJobError, run_array
 from hpc.task import task_setup
+from jobs import openvino_first_in_tasks
 from jobs.predict import gather_records, task_chunks
 from jobs.run_folder import Run
 from lymphoma.backbones import require_weight_file
@@ -90,6 +91,7 @@ def run_features(run: Run, checkpoint: Optional[Path], slides: list[SlideInput],
     chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
     tasks = [FeaturesTask(run, str(Path(checkpoint).resolve()) if checkpoint else None, chunk, str(out_dir), threads)
              for chunk in chunks]
+    openvino_first_in_tasks(cfg.predict.engine)
     failure, results = None, []
     try:
         results = run_array(run.executor("features", out_dir / "logs" / "%j"), run_features_task, tasks,

@@ -11,6 +11,7 @@ from typing import Any, Optional
 
 from hpc import ArrayJobError, ExecutorSettings, run_array
 from hpc.task import task_setup, thread_share
+from jobs import openvino_first_in_tasks
 from jobs.config import keys_set
 from jobs.run_folder import Run
 from lymphoma.checkpoint import load_checkpoint
@@ -171,6 +172,7 @@ def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}
     chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
     tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads, tiles) for chunk in chunks]
+    openvino_first_in_tasks(cfg.predict.engine)
     failure = None
     try:
         run_array(run.executor("predict", out_dir / "logs" / "%j"), run_predict_task, tasks,

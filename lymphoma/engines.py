@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 import io
+import logging
+import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
@@ -15,6 +17,8 @@ import torch
 
 from lymphoma.errors import InputError
 from lymphoma.settings import AugmentSettings, PredictSettings
+
+log = logging.getLogger(__name__)
 
 
 class TileClassifier(torch.nn.Module):
@@ -78,6 +82,12 @@ class OnnxEngine:
         return torch.from_numpy(self.session.run(None, {self.input: np.ascontiguousarray(tiles, dtype=np.uint8)})[0])
 
 
+def imported_after_torch() -> bool:
+    """Whether this process imported torch before openvino (modules enter ``sys.modules`` as their import starts)."""
+    names = list(sys.modules)
+    return "torch" in sys.modules and "openvino" in sys.modules and names.index("torch") < names.index("openvino")
+
+
 @functools.cache
 def openvino_core() -> object:
     """The process's one OpenVINO Core, never released. Each Core's CPU plugin points the thread that creates it at
@@ -101,6 +111,9 @@ class OpenVinoEngine:
             import openvino
         except ImportError:
             raise InputError("predict.engine=openvino needs the openvino package: pip install openvino") from None
+        if imported_after_torch():
+            log.warning("openvino was imported after torch in this process: its CPU inference may leave the core idle "
+                        "about a quarter of the time (jobs/__init__.py); import openvino first where you can")
         core = openvino_core()
         config: dict[str, object] = {"INFERENCE_PRECISION_HINT": "bf16" if precision == "bf16" else "f32",
                                      "PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": 1, "ENABLE_CPU_PINNING": False}

@@ -511,6 +511,48 @@ def test_openvino_engines_released_in_any_order_leave_signals_handled():
     assert (done.returncode, done.stdout.split()) == (0, ["handled", "alive"]), done.stderr[-2000:]
 
 
+def test_openvino_is_imported_before_torch_where_tasks_are_told_to(monkeypatch):
+    """In a process that imported torch first, OpenVINO's CPU inference idled a quarter of the time (2 tasks on 2
+    cores: 0.78 to 0.80 of the wall busy against 0.93 to 0.99; bench/bench_import_order.py). With the variable that
+    `predict` and `features` set for their tasks, importing the job's module imports openvino first; without it,
+    not at all; and only predict.engine=openvino sets it."""
+    from jobs import OPENVINO_FIRST, openvino_first_in_tasks
+
+    code = ("import sys, jobs.predict; from lymphoma.engines import imported_after_torch; names = list(sys.modules); "
+            "print('openvino' in sys.modules and names.index('openvino') < names.index('torch'), imported_after_torch())")
+    env = {k: v for k, v in os.environ.items() if k != OPENVINO_FIRST}
+    for value, expected in (("1", "True False"), (None, "False False")):
+        done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              env={**env, OPENVINO_FIRST: value} if value else env)
+        assert done.stdout.strip() == expected, done.stderr[-2000:]
+    monkeypatch.setenv(OPENVINO_FIRST, "0")  # restored afterwards
+    openvino_first_in_tasks("torch")
+    assert os.environ[OPENVINO_FIRST] == "0"
+    openvino_first_in_tasks("openvino")
+    assert os.environ[OPENVINO_FIRST] == "1"
+
+
+def test_predict_tasks_run_openvino_imported_before_torch(checkpoint, cohort, tmp_path, monkeypatch):
+    """End to end: `lymphoma predict` with predict.engine=openvino, its task a separate local process: every image
+    gets a class, and the task's log has no word of openvino imported after torch (which this test's own process
+    did, and says so)."""
+    from jobs import OPENVINO_FIRST
+    from lymphoma.engines import imported_after_torch
+
+    monkeypatch.delenv(OPENVINO_FIRST, raising=False)
+    monkeypatch.setenv(OPENVINO_FIRST, "0")  # what run_predict sets is undone afterwards
+    assert predict(checkpoint, tmp_path / "out", f"{cohort}/**/*.png", "predict.engine=openvino",
+                   "predict.precision=fp32", "cluster.kind=local") == 0
+    records = [json.loads(p.read_text()) for p in (tmp_path / "out" / "slides").glob("*.json")]
+    assert len(records) == 12 and all(r["status"] == "ok" for r in records)
+    logs = "".join(p.read_text(errors="replace") for p in (tmp_path / "out" / "logs").rglob("*") if p.is_file())
+    assert "predict" in logs  # the task's own log lines are there
+    assert "imported after torch" not in logs
+    import openvino  # noqa: F401  (this process imported torch long before)
+
+    assert imported_after_torch()
+
+
 def test_a_machine_that_cannot_compile_is_named_before_any_slide_is_read(checkpoint, cohort, tmp_path):
     """predict.engine=compile without a working C++ compiler (and with an empty inductor cache, so that it must
     compile): the task stops at the model with a named error, and no slide gets a class."""
