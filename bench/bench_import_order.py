@@ -22,7 +22,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import jobs  # noqa: F401  (imports openvino, before torch, where LYMPHOMA_OPENVINO_FIRST=1)
+import jobs  # (imports openvino, before torch, where LYMPHOMA_OPENVINO_FIRST=1)
 from common import emit, timed_in_tasks  # imports no torch
 
 AT_START = "BENCH_IMPORT_TORCH_AT_START"
@@ -65,9 +65,7 @@ def main() -> None:
     args = parser.parse_args()
     sys.path.insert(0, str(Path(__file__).parent))
     if args.openvino_first:
-        from jobs import openvino_first_in_tasks
-
-        openvino_first_in_tasks(args.engine)
+        jobs.openvino_first_in_tasks(args.engine)
     from bench_predict import CLASSES, make_checkpoint
 
     from jobs.config import default_data_root

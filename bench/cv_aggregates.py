@@ -18,7 +18,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
-from collections import Counter, defaultdict
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable
 
@@ -26,6 +26,8 @@ import numpy as np
 from scipy.stats import trim_mean
 
 from common import emit
+from lymphoma.cohort_report import case_class
+from lymphoma.voting import vote
 
 RULES: dict[str, Callable[[dict[str, Any]], np.ndarray]] = {
     "mean": lambda image: image["probs"].mean(0),
@@ -74,33 +76,26 @@ def fold_images(run: Path, repeat: int) -> list[dict[str, Any]]:
     return images
 
 
-def _vote(probs: np.ndarray) -> int:
-    counts = np.bincount(probs.argmax(1), minlength=probs.shape[1])
-    tied = np.flatnonzero(counts == counts.max())
-    return int(tied[np.argmax(probs.mean(0)[tied])])
-
-
 def scores(images: list[dict[str, Any]], rule: str) -> tuple[float, float]:
-    """Pooled image and case accuracy of one rule over one assignment's images."""
+    """Pooled image and case accuracy of one rule over one assignment's images; the vote's cases as the CV report
+    counts them (``lymphoma.cohort_report.case_class``)."""
     classes = images[0]["classes"]
-    by_case: dict[str, list[tuple[int, np.ndarray, np.ndarray]]] = defaultdict(list)
+    by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
     right = 0
     for image in images:
-        aggregated = image["probs"].mean(0) if rule == "vote" else RULES[rule](image)
-        predicted = _vote(image["probs"]) if rule == "vote" else int(aggregated.argmax())
-        right += classes[predicted] == image["label"]
-        by_case[image["case"]].append((predicted, aggregated, image["probs"].mean(0)))
+        result = vote(image["probs"])
+        aggregated = RULES[rule](image) if rule != "vote" else np.asarray(result.mean_probs)
+        predicted = classes[result.majority if rule == "vote" else int(aggregated.argmax())]
+        right += predicted == image["label"]
+        by_case[image["case"]].append({"label": image["label"], "majority_class": predicted,
+                                       "mean_probs": dict(zip(classes, result.mean_probs)), "aggregated": aggregated})
     cases_right = 0
-    for case, items in by_case.items():
-        label = next(i["label"] for i in images if i["case"] == case)
+    for items in by_case.values():
         if rule == "vote":
-            counts = Counter(p for p, _, _ in items)
-            best = max(counts.values())
-            summed = sum(m for _, _, m in items)
-            predicted = max((c for c in counts if counts[c] == best), key=lambda c: summed[c])
+            predicted = case_class(items, classes, "vote")
         else:
-            predicted = int(np.mean([a for _, a, _ in items], axis=0).argmax())
-        cases_right += classes[predicted] == label
+            predicted = classes[int(np.mean([i["aggregated"] for i in items], axis=0).argmax())]
+        cases_right += predicted == items[0]["label"]
     return right / len(images), cases_right / len(by_case)
 
 
