@@ -192,6 +192,16 @@ def tiny_timm_file(path: Path, name: str, num_classes: int = 3) -> torch.nn.Modu
     return source
 
 
+def real_tiles(data_root: Path) -> torch.Tensor:
+    """Centre crops (112 px, scaled to [0, 1]) of the default tiles of every 40th low-resolution image: about 100."""
+    from lymphoma.settings import TileSettings
+    from lymphoma.tile_sources import open_tiles
+
+    images = sorted((data_root / "lowres").glob("*/*.png"))[::40]
+    pixels = np.concatenate([b for p in images for b in open_tiles(str(p), TileSettings()).batches])
+    return torch.from_numpy(pixels[:, 8:120, 8:120]).permute(0, 3, 1, 2).float() / 255
+
+
 def decompression_bomb(path: Path) -> Path:
     """A PNG whose header declares 30000 x 30000 pixels (PIL refuses it as a decompression bomb)."""
     import struct

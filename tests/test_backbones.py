@@ -10,14 +10,13 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import config_for, legacy_densenet_file, tiny_timm_file
+from conftest import config_for, legacy_densenet_file, real_tiles, tiny_timm_file
 from jobs.train import run_train
 from lymphoma.backbones import file_digest, load_pretrained
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.model import build_model
-from lymphoma.settings import ModelSettings, TileSettings
-from lymphoma.tile_sources import open_tiles
+from lymphoma.settings import ModelSettings
 
 pytestmark = pytest.mark.usefixtures("no_network")
 
@@ -88,9 +87,7 @@ def test_a_fresh_head_on_loaded_weights_starts_at_chance_on_real_tiles(tmp_path,
     loss of 5.4 with ImageNet weights, which wrecked them); the head left fresh by a 1000-class file starts
     near zero instead, while every loaded tensor stays as the file has it."""
     source = tiny_timm_file(tmp_path / "lite0.safetensors", "tf_efficientnet_lite0", num_classes=1000)
-    images = sorted((data_root / "lowres").glob("*/*.png"))[::40]
-    pixels = np.concatenate([b for p in images for b in open_tiles(str(p), TileSettings()).batches])
-    x = torch.from_numpy(pixels[:, 8:120, 8:120]).permute(0, 3, 1, 2).float() / 255
+    x = real_tiles(data_root)
     model = build_model(ModelSettings(backbone="timm:tf_efficientnet_lite0").architecture(3)).eval()
     loaded = load_pretrained(model, tmp_path / "lite0.safetensors")
     assert loaded.head_skipped == ["classifier.bias", "classifier.weight"]

@@ -4,31 +4,23 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 from torchvision.models.densenet import _DenseLayer
 
-from conftest import config_for
+from conftest import config_for, real_tiles
 from jobs.train import run_train
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.model import build_model
-from lymphoma.settings import ModelSettings, TileSettings
-from lymphoma.tile_sources import open_tiles
-
-
-def _real_tiles(data_root: Path) -> torch.Tensor:
-    images = sorted((data_root / "lowres").glob("*/*.png"))[::40]
-    pixels = np.concatenate([b for p in images for b in open_tiles(str(p), TileSettings()).batches])
-    return torch.from_numpy(pixels[:, 8:120, 8:120]).permute(0, 3, 1, 2).float() / 255
+from lymphoma.settings import ModelSettings
 
 
 def test_stochastic_depth_drops_whole_samples_in_training_only(data_root):
     """On real tiles: in training, every dense layer's new features are, per sample, either zero or the plain
     layer's scaled by 1 / (1 - p), with p rising to model.drop_path at the last layer; in evaluation the network
     gives bit for bit what the same weights without stochastic depth give, under the same weight names."""
-    x = _real_tiles(data_root)
+    x = real_tiles(data_root)
     torch.manual_seed(0)
     plain = build_model(ModelSettings(drop_rate=0.0).architecture(3))
     architecture = ModelSettings(drop_rate=0.0, drop_path=0.5).architecture(3)
