@@ -1,9 +1,9 @@
 """The cost of stain handling per tile, on real 128-px tiles: Macenko (torchstain) and Reinhard (lymphoma.reinhard,
-against torchstain's NumpyReinhardNormalizer in the same run) normalisation, the same per-tile step for both
+against torchstain's NumpyReinhardNormalizer in the same run, also on whole images) normalisation, the same per-tile step for both
 backends, prediction and features, and HED jitter in each augmentation backend, as ratios against the same
 backend's augmentation without it, measured in one run.
 
-    .venv/bin/python bench/bench_stain.py [--tiles 256] [--out bench/results/stain.json]
+    .venv/bin/python bench/bench_stain.py [--tiles 256] [--images 32] [--out bench/results/stain.json]
 """
 
 from __future__ import annotations
@@ -56,6 +56,17 @@ def torchstain_reinhard():
     return lambda tiles: [normalizer.normalize(t) for t in tiles]
 
 
+def whole_images(n: int) -> dict[str, float]:
+    """Reinhard by image (stain.scope image, what the default models' tiling and prediction run): each whole
+    417x312 image normalised with its own statistics, against torchstain's normaliser on the same images."""
+    images = np.stack([read_rgb(p) for p in sorted(Path(default_data_root(), "lowres").glob("*/*.png"))[:n]])
+    ours = StainNormalizer(fit_target(StainSettings("reinhard", scope="image")))
+    ms, theirs = per_tile_ms(ours.batch, images), per_tile_ms(torchstain_reinhard(), images)
+    return {"images": len(images), "reinhard_by_image_ms_per_image": round(ms, 2),
+            "reinhard_by_image_torchstain_ms_per_image": round(theirs, 2),
+            "reinhard_by_image_speedup_over_torchstain": round(theirs / ms, 2)}
+
+
 def augment_ms(backend: str, hed: bool, tiles: np.ndarray, batch: int = 64) -> float:
     settings = AugmentSettings(backend=backend, hed_scale=0.05 if hed else 0.0, hed_shift=0.05 if hed else 0.0)
     augmenter = build_augmenter(settings, True, torch.device("cpu"), seed=0)
@@ -73,6 +84,7 @@ def augment_ms(backend: str, hed: bool, tiles: np.ndarray, batch: int = 64) -> f
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tiles", type=int, default=256)
+    parser.add_argument("--images", type=int, default=32, help="whole images for Reinhard by image")
     parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(1)  # one loader worker's view: the cost each tile adds to a worker
@@ -85,6 +97,7 @@ def main() -> None:
     results["normalize_reinhard_torchstain_ms_per_tile"] = round(per_tile_ms(torchstain_reinhard(), tiles), 3)
     results["reinhard_speedup_over_torchstain"] = round(results["normalize_reinhard_torchstain_ms_per_tile"]
                                                         / results["normalize_reinhard_ms_per_tile"], 2)
+    results.update(whole_images(args.images))
     for backend in ("torch", "dali"):
         base, hed = augment_ms(backend, False, tiles), augment_ms(backend, True, tiles)
         results[f"augment_{backend}_ms_per_tile"] = round(base, 3)
