@@ -173,9 +173,9 @@ class StainNormalizer:
         if statistics is None or not len(tiles):
             return tiles
         mean, std = self.target.lab_mean or DEFAULT_LAB[0], self.target.lab_std or DEFAULT_LAB[1]
-        out = [reinhard(t, mean, std, statistics) for t in tiles]
-        out = [t if o is None else o for t, o in zip(tiles, out)]
-        return np.stack([grey_level(t) for t in out] if self.target.method == "grey" else out)
+        out = reinhard(tiles, mean, std, statistics)  # the whole batch at once: every pixel moved alike
+        out = tiles if out is None else out
+        return np.stack([grey_level(t) for t in out]) if self.target.method == "grey" else out
 
     def batch(self, tiles: np.ndarray) -> np.ndarray:
         """Normalise ``[N, H, W, 3]``."""

@@ -63,26 +63,39 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
     cut) or of the slide's tissue in its thumbnail. Raises ImageError naming the file when it cannot give any
     tile."""
     if not settings.by_resolution:
-        if Path(path).suffix.lower() in WSI_SUFFIXES:
-            raise ImageError(path, "is a whole-slide file, and these tiles are cut by pixels (tiles.target_mpp "
-                                   "unset). Tiling: set tiles.target_mpp (e.g. 0.5) or tiles.target_power (e.g. 20). "
-                                   "Predicting: use a model trained with tiles.target_mpp, or pass --force "
-                                   "tiles.target_mpp=<microns per pixel of this model's training images>")
-        image = read_rgb(path, settings.max_pixels)
-        if (image >= settings.background_level).all():
-            raise ImageError(path, f"has no tissue: every pixel is background (all channels >= "
-                                   f"tiles.background_level={settings.background_level}); check the file, or lower "
-                                   "tiles.background_level if its tissue is that pale")
-        cut = cut_tiles(image if stain is None else stain(image), settings)
-        h, w = image.shape[:2]
-        keep, labels = _in_regions(path, region_file, cut.coords / settings.resize, settings.size / settings.resize,
-                                   (h, w), settings)
-        pixels, coords = (cut.pixels, cut.coords) if keep.all() else (cut.pixels[keep], cut.coords[keep])
-        shrink = min(1.0, overview_side / max(h, w))
-        overview = np.asarray(Image.fromarray(image).resize((max(1, round(w * shrink)), max(1, round(h * shrink))),
-                                                            Image.Resampling.BOX))  # 2x faster than bicubic
-        return TileSource(iter([pixels]), coords, cut.n_background, (h, w), overview,
-                          shrink / settings.resize, settings.size, settings.stride, 1 / settings.resize, labels)
+        return _image_tiles(path, settings, overview_side, region_file, stain)
+    return _slide_tiles(path, settings, batch, overview_side, qc_path, region_file, stain)
+
+
+def _image_tiles(path: str, settings: TileSettings, overview_side: int, region_file: str,
+                 stain: Optional[StainNormalizer]) -> TileSource:
+    """A plain image decoded whole (stain-normalised whole with its own statistics), then cut by pixels."""
+    if Path(path).suffix.lower() in WSI_SUFFIXES:
+        raise ImageError(path, "is a whole-slide file, and these tiles are cut by pixels (tiles.target_mpp "
+                               "unset). Tiling: set tiles.target_mpp (e.g. 0.5) or tiles.target_power (e.g. 20). "
+                               "Predicting: use a model trained with tiles.target_mpp, or pass --force "
+                               "tiles.target_mpp=<microns per pixel of this model's training images>")
+    image = read_rgb(path, settings.max_pixels)
+    if (image >= settings.background_level).all():
+        raise ImageError(path, f"has no tissue: every pixel is background (all channels >= "
+                               f"tiles.background_level={settings.background_level}); check the file, or lower "
+                               "tiles.background_level if its tissue is that pale")
+    cut = cut_tiles(image if stain is None else stain(image), settings)
+    h, w = image.shape[:2]
+    keep, labels = _in_regions(path, region_file, cut.coords / settings.resize, settings.size / settings.resize,
+                               (h, w), settings)
+    pixels, coords = (cut.pixels, cut.coords) if keep.all() else (cut.pixels[keep], cut.coords[keep])
+    shrink = min(1.0, overview_side / max(h, w))
+    overview = np.asarray(Image.fromarray(image).resize((max(1, round(w * shrink)), max(1, round(h * shrink))),
+                                                        Image.Resampling.BOX))  # 2x faster than bicubic
+    return TileSource(iter([pixels]), coords, cut.n_background, (h, w), overview,
+                      shrink / settings.resize, settings.size, settings.stride, 1 / settings.resize, labels)
+
+
+def _slide_tiles(path: str, settings: TileSettings, batch: int, overview_side: int, qc_path: Optional[Path],
+                 region_file: str, stain: Optional[StainNormalizer]) -> TileSource:
+    """A whole slide read region by region at the target resolution, over its tissue; stain-normalised with the
+    statistics of its tissue in the thumbnail."""
     reader = open_slide(path, settings.default_mpp)
     try:
         # with stain statistics to take, one thumbnail gives them and the tissue mask (the grid's own otherwise)

@@ -327,6 +327,17 @@ def test_image_scope_moves_every_tile_by_its_images_statistics(data_root, wsi_di
     assert np.ptp(_lightness_of_each(normalised)) > 2
 
 
+def test_image_scope_moves_a_batch_of_tiles_as_each_tile_alone(data_root):
+    """A slide's batch of tiles is moved in one call (stain.apply): the same bytes as each tile moved alone."""
+    image = read_rgb(data_root / "lowres/MCL/sj-04-3077-R2_001.png")  # another year's staining than the target's
+    tiles = np.stack([image[y:y + 128, x:x + 128] for y, x in ((0, 0), (100, 200), (180, 280), (60, 120))])
+    normalizer = StainNormalizer(fit_target(StainSettings("reinhard", scope="image")))
+    statistics = normalizer.image_statistics(tiles)
+    got = normalizer.apply(tiles, statistics)
+    assert np.array_equal(got, np.stack([reinhard(t, *DEFAULT_LAB, statistics) for t in tiles]))
+    assert got.shape == tiles.shape and np.abs(got.astype(int) - tiles).mean() > 5
+
+
 def test_image_scope_needs_a_method_that_a_thumbnail_can_estimate():
     with pytest.raises(InputError, match="stain.scope=image works with stain.normalize none, reinhard, grey"):
         StainSettings("macenko", scope="image")
