@@ -441,17 +441,28 @@ def test_export_onnx_and_torchscript_agree_with_pytorch_on_real_tiles(checkpoint
 
 @pytest.fixture(scope="module")
 def decisive(tiled) -> Path:
-    """A model trained a little further (90 steps, no weight average) than ``checkpoint``, whose tile classes
-    are decisions rather than near-ties of an untrained model (where bf16 rounding alone flips 2% of them)."""
-    run_train(config_for(tiled, "decisive", "train.epochs=6", "train.max_steps_per_epoch=15", "train.lr=0.003",
+    """A model trained further (200 steps, no weight average) than ``checkpoint``, whose tile classes are
+    decisions rather than near-ties of an untrained model (where bf16 rounding alone flips 2% to 4% of them; 90
+    steps were not enough once Reinhard's arithmetic changed the tiles by one level on a few values)."""
+    run_train(config_for(tiled, "decisive", "train.epochs=10", "train.max_steps_per_epoch=20", "train.lr=0.003",
                          "train.ema=null"))
     return tiled[1] / "decisive" / "train" / "checkpoints" / "last.pt"
 
 
+def _same_clear_decisions(low: torch.Tensor, reference: torch.Tensor, tolerance: float = 0.02) -> None:
+    """bf16's logits within ``tolerance`` of fp32's, and the same class on every tile whose fp32 decision is
+    clearer than twice that (a top-two margin rounding cannot cross), over a quarter of them. Tiles nearer a tie may
+    flip: how many depends on how the model happened to train (1% to 4% of real tiles)."""
+    top_two = reference.topk(2, 1).values
+    clear = top_two[:, 0] - top_two[:, 1] > 2 * tolerance
+    assert (low - reference).abs().max() < tolerance and clear.float().mean() > 0.25
+    assert torch.equal(low.argmax(1)[clear], reference.argmax(1)[clear])
+
+
 def test_every_engine_gives_pytorchs_classes_on_real_tiles(decisive, cohort, tmp_path, capsys):
-    """engine=onnxruntime, openvino and compile: PyTorch's logits within 1e-4; precision=bf16 (torch, openvino): the
-    same class on at least 99% of the real tiles; all through `lymphoma predict` end to end, with the same slide
-    classes."""
+    """engine=onnxruntime, openvino and compile: PyTorch's logits within 1e-4; precision=bf16 (torch, openvino):
+    logits within 0.02 and the same class wherever fp32's is clear (_same_clear_decisions); all through
+    `lymphoma predict` end to end, with the same slide classes."""
     checkpoint = decisive
     fp32 = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64)
     tiles = cohort_tiles(fp32, cohort)
@@ -462,13 +473,12 @@ def test_every_engine_gives_pytorchs_classes_on_real_tiles(decisive, cohort, tmp
     assert torch.allclose(compiled.logits(tiles, stain_normalized=True), reference, atol=1e-4)
     bf16 = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64, precision="bf16").logits(
         tiles, stain_normalized=True)
-    assert (bf16.argmax(1) == reference.argmax(1)).float().mean() >= 0.99 and (bf16 - reference).abs().max() < 0.1
+    _same_clear_decisions(bf16, reference)
     openvino = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64, engine="openvino")
     assert openvino.exported.precision == "fp32"
     assert torch.allclose(openvino.logits(tiles, stain_normalized=True), reference, atol=1e-4)
     openvino_bf16 = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64, engine="openvino", precision="bf16")
-    bf16 = openvino_bf16.logits(tiles, stain_normalized=True)
-    assert (bf16.argmax(1) == reference.argmax(1)).float().mean() >= 0.99 and (bf16 - reference).abs().max() < 0.1
+    _same_clear_decisions(openvino_bf16.logits(tiles, stain_normalized=True), reference)
     assert predict(checkpoint, tmp_path / "torch", f"{cohort}/**/*.png") == 0
     for words in (["predict.engine=onnxruntime"], ["predict.precision=bf16"], ["predict.engine=compile"],
                   ["predict.engine=openvino", "predict.precision=bf16"]):
