@@ -31,6 +31,7 @@ _FROM_XYZ = (np.linalg.inv(_RGB_TO_XYZ) * _WHITE[None, :]).astype(np.float32)
 # LAB = _LAB_OF_F @ f + _LAB_OFFSET: L = 116 fy - 16, a = 500 (fx - fy), b = 200 (fy - fz)
 _LAB_OF_F = np.array([[0.0, 116.0, 0.0], [500.0, -500.0, 0.0], [0.0, 200.0, -200.0]])
 _LAB_OFFSET = np.array([-16.0, 0.0, 0.0])
+_F_OF_LAB = np.linalg.inv(_LAB_OF_F)
 _LAB_OF_F32 = _LAB_OF_F.astype(np.float32)
 _F32 = np.float32
 BLOCK = 1 << 14  # pixels converted at once (a 128-px tile): temporaries that stay in the cache
@@ -63,8 +64,8 @@ def to_lab(tile: np.ndarray) -> np.ndarray:
 
 
 def from_f(f: np.ndarray, out: np.ndarray) -> None:
-    """Writes into ``out`` (``[n, 3]`` uint8) the sRGB of ``[3, n]`` f values (changed in place): clipped to the
-    gamut and truncated (torchstain's rounding)."""
+    """Writes into ``out`` (``[n, 3]`` uint8) the sRGB of ``[3, n]`` f values, clipped to the gamut and truncated
+    (torchstain's rounding)."""
     xyz = f * f
     xyz *= f
     if f.min() <= _F32(0.2068966):
@@ -119,9 +120,8 @@ def _move(source: tuple[np.ndarray, np.ndarray], mean: Sequence[float], std: Seq
     ``source``'s mean and deviation to ``mean`` and ``std``, back to f."""
     mu, sd = (np.asarray(v, np.float64) for v in source)
     ratio = np.asarray(std, np.float64) / sd
-    back = np.linalg.inv(_LAB_OF_F)
-    matrix = back @ (ratio[:, None] * _LAB_OF_F)
-    offset = back @ (ratio * (_LAB_OFFSET - mu) + np.asarray(mean, np.float64) - _LAB_OFFSET)
+    matrix = _F_OF_LAB @ (ratio[:, None] * _LAB_OF_F)
+    offset = _F_OF_LAB @ (ratio * (_LAB_OFFSET - mu) + np.asarray(mean, np.float64) - _LAB_OFFSET)
     return matrix.astype(np.float32), offset.astype(np.float32)[:, None]
 
 
