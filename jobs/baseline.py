@@ -1,5 +1,6 @@
 """The reference baseline of `lymphoma cv`, run in the parent after the folds: image features (cached in
-``<run>/baseline/features.npz``), the logistic regression in every repeat's folds, its permutation null."""
+``<run>/baseline/features.npz``), the logistic regression in every repeat's folds, its permutation null, and
+its spread over many more fold assignments."""
 
 from __future__ import annotations
 
@@ -13,7 +14,7 @@ import numpy as np
 
 from jobs.config import Config
 from lymphoma.baseline import Cohort, cohort_features, cv_records, permutation_null, pooled_accuracy
-from lymphoma.crossval import across_repeats, cv_report
+from lymphoma.crossval import LEVELS, across_repeats, cv_report, grouped_folds
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.inputs import ImageRecord
 
@@ -58,6 +59,8 @@ def run_baseline(cfg: Config, records: list[ImageRecord], classes: list[str], ou
             null = permutation_null(cohort, folds, seed, cfg.cv.permutations, pooled_accuracy(by_fold, classes))
     out = {"method": "logistic regression (C by inner case-grouped CV) on colour/texture features after Reinhard",
            "repeats": reports, "across_repeats": across_repeats(reports), "null": null}
+    out["assignments"] = assignment_spread(cfg, records, cohort, reports)
+    out["cnn_minus_baseline"] = paired_differences(cnn, reports)
     if null["permutations"]:
         out["cnn_above_null"] = {level: bool(cnn["vote"][level]["accuracy"] > null[level]["p95"])
                                  for level in ("image", "case")}
@@ -65,3 +68,37 @@ def run_baseline(cfg: Config, records: list[ImageRecord], classes: list[str], ou
                                                     "confidence"], rows)
     write_text_atomic(out_dir / "report.json", json.dumps(out, indent=1) + "\n")
     return out
+
+
+def assignment_spread(cfg: Config, records: list[ImageRecord], cohort: Cohort,
+                      reports: list[dict[str, Any]]) -> dict[str, Any]:
+    """The baseline's pooled accuracies over ``cv.baseline_assignments`` fold assignments, the run's own first
+    (seeds cv.seed, cv.seed + 1, ...), and the percentile of each of the run's assignments in that spread: a
+    low one means folds that are hard for a model of stain and texture, and likely for the CNN too."""
+    total = cfg.cv.baseline_assignments
+    if total <= len(reports):
+        return {"n": 0}
+    values = [[rep["vote"][level]["accuracy"] for level in LEVELS] for rep in reports]
+    for r in range(len(reports), total):
+        folds = grouped_folds(records, cfg.cv.folds, cfg.cv.seed + r)
+        values.append(list(pooled_accuracy(cv_records(cohort, folds, cfg.cv.seed + r), cohort.classes)))
+    table = np.asarray(values)
+    out: dict[str, Any] = {"n": total, "seeds": [cfg.cv.seed, cfg.cv.seed + total - 1]}
+    for j, level in enumerate(LEVELS):
+        column = table[:, j]
+        out[level] = {"mean": float(column.mean()), "sd": float(column.std()), "values": column.tolist(),
+                      "run_percentiles": mid_percentiles(column, len(reports))}
+    return out
+
+
+def mid_percentiles(values: np.ndarray, first: int) -> list[float]:
+    """Where each of the first ``first`` values lies among all ``values``, in percent (ties count half)."""
+    return [float(100 * (np.mean(values < v) + np.mean(values == v) / 2)) for v in values[:first]]
+
+
+def paired_differences(cnn: dict[str, Any], reports: list[dict[str, Any]]) -> dict[str, list[float | None]]:
+    """The CNN's pooled accuracy less the baseline's, assignment by assignment in the same folds (None where the
+    CNN's repeat failed): the comparison that the dealing of cases does not blur."""
+    repeats = cnn.get("repeats") or [cnn]
+    return {level: [None if mine is None else mine["vote"][level]["accuracy"] - base["vote"][level]["accuracy"]
+                    for mine, base in zip(repeats, reports)] for level in LEVELS}

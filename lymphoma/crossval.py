@@ -179,6 +179,29 @@ def format_baseline(baseline: dict[str, Any]) -> list[str]:
                      f"case {null['case']['mean']:.3f} +- {null['case']['sd']:.3f}; baseline p = "
                      f"{null['image']['p_value']:.3f} (image), {null['case']['p_value']:.3f} (case); CNN above the null's "
                      f"95th percentile: image {baseline['cnn_above_null']['image']}, case {baseline['cnn_above_null']['case']}")
+    return lines + _format_spread(baseline)
+
+
+def _signed(values: Sequence[float | None]) -> str:
+    return ", ".join("failed" if v is None else f"{v:+.3f}" for v in values)
+
+
+def _format_spread(baseline: dict[str, Any]) -> list[str]:
+    """The CNN less the baseline in the same folds, and the baseline's spread over many fold assignments."""
+    lines = []
+    paired = baseline.get("cnn_minus_baseline")
+    if paired:
+        lines.append(f"  CNN less baseline, same folds, assignment by assignment: image {_signed(paired['image'])}; "
+                     f"case {_signed(paired['case'])}")
+    spread = baseline.get("assignments") or {}
+    if spread.get("n"):
+        first, last = spread["seeds"]
+        image, case = spread["image"], spread["case"]
+        lines.append(f"  baseline alone over {spread['n']} fold assignments (seeds {first}-{last}, this run's first): "
+                     f"image {image['mean']:.3f} +- {image['sd']:.3f}, case {case['mean']:.3f} +- {case['sd']:.3f}; "
+                     f"this run's assignments at percentiles {', '.join(f'{p:.0f}' for p in image['run_percentiles'])} "
+                     f"(image), {', '.join(f'{p:.0f}' for p in case['run_percentiles'])} (case) of that spread "
+                     "(low: folds harder than most)")
     return lines
 
 

@@ -466,7 +466,8 @@ class CVSettings:
     from ``bootstrap`` resamples of the cases at ``confidence``; ``checkpoint``: each fold predicts with its
     ``best`` (kept by train.select) or its ``last`` epoch (a rerun with the other reuses the trained folds);
     ``repeats``: fold assignments (seeds ``seed``, ``seed + 1``, ...); ``baseline``: also run the reference
-    linear model in the same folds, with a null of ``permutations`` case-label permutations; ``grid``:
+    linear model in the same folds, with a null of ``permutations`` case-label permutations, and alone over
+    ``baseline_assignments`` fold assignments; ``grid``:
     settings to try in every fold (``{"train.lr": [0.001, 0.003]}``), the point chosen on the fold's inner val
     alone."""
 
@@ -479,13 +480,16 @@ class CVSettings:
     repeats: int = 1               # fold assignments (seeds seed, seed+1, ...): mean +- sd across them; 3+ for a figure
     baseline: bool = True          # the reference logistic regression on colour/texture features, in the same folds
     permutations: int = 50         # case-label permutations of the baseline's null (its p-value); 0: none
+    baseline_assignments: int = 30  # the baseline alone over this many fold assignments (the run's first; about 2 s
+    #                                each on 300 images): how much the dealing of cases moves a figure, and how hard
+    #                                the run's own assignments are within that spread; 0: none
     grid: Dict[str, List[Any]] = field(default_factory=dict)  # e.g. {train.lr: [0.001, 0.003]}: every fold trains
     #                                each combination and keeps the best on its inner val
 
     def __post_init__(self) -> None:
-        if self.repeats < 1 or self.permutations < 0:
-            raise InputError(f"cv.repeats must be >= 1 and cv.permutations >= 0, got {self.repeats} and "
-                             f"{self.permutations}")
+        if self.repeats < 1 or self.permutations < 0 or self.baseline_assignments < 0:
+            raise InputError(f"cv.repeats must be >= 1, cv.permutations and cv.baseline_assignments >= 0, got "
+                             f"{self.repeats}, {self.permutations} and {self.baseline_assignments}")
         if self.checkpoint not in CV_CHECKPOINTS:
             raise InputError(f"cv.checkpoint is {self.checkpoint!r}; allowed: {', '.join(CV_CHECKPOINTS)}")
         if self.folds < 2:

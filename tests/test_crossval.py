@@ -108,7 +108,7 @@ def test_cv_end_to_end(make_dataset, make_config, caplog):
     source = make_dataset(cases_per_class=4, images_per_case=2)
     overrides = [*FAST, "cv.folds=2", "cv.inner_val_fraction=0.3", "cv.bootstrap=200", "train.epochs=2",
                  "train.max_steps_per_epoch=2", "predict.heatmaps=false", "train.patience=1", "cv.repeats=2",
-                 "cv.permutations=3"]
+                 "cv.permutations=3", "cv.baseline_assignments=6"]
     report = run_cv(make_config(source, *overrides))
     run_dir = make_config(source).dir
     assert report["n_images"] == 24 and report["n_cases"] == 12 and report["failed_folds"] == []
@@ -145,6 +145,13 @@ def test_cv_end_to_end(make_dataset, make_config, caplog):
         base_rows = list(csv.DictReader(handle))
     assert len(base_rows) == 48
     assert all(row["case"] in test_of[int(row["repeat"]), int(row["fold"])] for row in base_rows)
+    spread = baseline["assignments"]  # alone over 6 assignments, the run's 2 first: the same figures as in its folds
+    for level in ("image", "case"):
+        assert spread["n"] == 6 and len(spread[level]["values"]) == 6
+        assert spread[level]["values"][:2] == baseline["across_repeats"][f"vote_{level}_accuracy"]["values"]
+        assert all(0 < p < 100 for p in spread[level]["run_percentiles"])
+        assert baseline["cnn_minus_baseline"][level] == pytest.approx(
+            [report["repeats"][r]["vote"][level]["accuracy"] - spread[level]["values"][r] for r in (0, 1)])
 
     # the first repeat's fold models: shipped as one ensemble, less those at or below chance on their inner val
     shipped = report["ensemble"]
@@ -163,6 +170,7 @@ def test_cv_end_to_end(make_dataset, make_config, caplog):
     assert "scores (one class against the rest; F1 of the majority vote): image macro AUC" in printed
     assert "95% intervals from 200 case resamples" in printed and "over 2 fold assignments" in printed
     assert "baseline (logistic regression" in printed and "its null (3 case-label permutations" in printed
+    assert "CNN less baseline, same folds" in printed and "baseline alone over 6 fold assignments (seeds 0-5" in printed
     assert "task seconds: tile" in printed and report["seconds"]["train"] > 0
 
     # TTA on the same run: the trained folds are reused (no new epoch), the predictions are new
