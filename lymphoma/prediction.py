@@ -228,6 +228,65 @@ class VoteWriter:
         return _failed(slide, self.out_dir, error, self.predictor.fingerprint)
 
 
+class _Batches:
+    """Tiles of consecutive slides gathered into forward passes of ``predictor.batch_size``; each slide's outputs
+    go to the writer, on a thread of their own (files and pictures off the model's path), once all its tiles
+    have been through the model."""
+
+    def __init__(self, predictor: Predictor, slides: Sequence[SlideInput], writer: SlideWriter) -> None:
+        self.predictor, self.slides, self.writer = predictor, slides, writer
+        self.progress: dict[int, _Progress] = {}
+        self.batch: list[tuple[int, np.ndarray]] = []  # (slide, tiles) pieces of the next forward pass
+        self.size = 0
+        self.writing = ThreadPoolExecutor(1, thread_name_prefix="slide-writer")
+        self.written: dict[int, Future[dict[str, Any]]] = {}
+
+    def add(self, index: int, tiles: np.ndarray) -> None:
+        """Slide ``index``'s next tiles, split across batches where they straddle one's end."""
+        self.progress.setdefault(index, _Progress([]))
+        batch_size, start = self.predictor.batch_size, 0
+        while start < len(tiles):
+            take = min(batch_size - self.size, len(tiles) - start)
+            self.batch.append((index, tiles[start:start + take]))
+            self.size, start = self.size + take, start + take
+            if self.size == batch_size:
+                self.flush()
+
+    def source(self, index: int, source: TileSource) -> None:
+        """Slide ``index``'s tiles have all been read: its outputs are written once they have all been through."""
+        self.progress.setdefault(index, _Progress([])).source = source
+        self._finish_ready()
+
+    def drop(self, index: int) -> None:
+        """A slide that failed half way: its tiles still in the batch are run but not kept."""
+        self.progress.pop(index, None)
+
+    def flush(self) -> None:
+        if self.batch:
+            logits = self.predictor.logits(np.concatenate([pixels for _, pixels in self.batch]), stain_normalized=True)
+            offset = 0
+            for i, pixels in self.batch:
+                if i in self.progress:
+                    self.progress[i].parts.append(logits[offset:offset + len(pixels)])
+                    self.progress[i].done += len(pixels)
+                offset += len(pixels)
+            self.batch, self.size = [], 0
+        self._finish_ready()
+
+    def _finish_ready(self) -> None:
+        for i, state in list(self.progress.items()):
+            if state.source is not None and state.done == len(state.source.coords):
+                self.written[i] = self.writing.submit(self.writer.finish, self.slides[i], state.source,
+                                                      torch.cat(state.parts))
+                del self.progress[i]
+
+    def records(self) -> dict[int, dict[str, Any]]:
+        """Every finished slide's record, after the last batch and the last write (a writer's error is raised here)."""
+        self.flush()
+        self.writing.shutdown(wait=True)
+        return {i: future.result() for i, future in self.written.items()}
+
+
 def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: Path, prefetch: int = 4,
                    pictures: Pictures = Pictures(), writer: Optional[SlideWriter] = None,
                    readers: int = 1) -> list[dict[str, Any]]:
@@ -241,55 +300,20 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
         if record is not None:
             record["resumed"] = True
     pending = [i for i, r in enumerate(records) if r is None]
-    progress: dict[int, _Progress] = {}
-    batch: list[tuple[int, np.ndarray]] = []  # (slide, tiles) pieces of the next forward pass
-    size = 0
-    writing = ThreadPoolExecutor(1, thread_name_prefix="slide-writer")  # files and pictures off the model's path
-    written: dict[int, Future[dict[str, Any]]] = {}
-
-    def finish_ready() -> None:
-        for i, state in list(progress.items()):
-            if state.source is not None and state.done == len(state.source.coords):
-                written[i] = writing.submit(writer.finish, slides[i], state.source, torch.cat(state.parts))
-                del progress[i]
-
-    def flush() -> None:
-        nonlocal batch, size
-        if batch:
-            logits = predictor.logits(np.concatenate([pixels for _, pixels in batch]), stain_normalized=True)
-            offset = 0
-            for i, pixels in batch:
-                if i in progress:  # a slide that failed half way was dropped
-                    progress[i].parts.append(logits[offset:offset + len(pixels)])
-                    progress[i].done += len(pixels)
-                offset += len(pixels)
-            batch, size = [], 0
-        finish_ready()
-
-    batch_size = predictor.batch_size
+    batches = _Batches(predictor, slides, writer)
     stain = predictor.normalizer.target.as_dict() if predictor.normalizer is not None else None
-    for local, item in read_ahead([slides[i] for i in pending], predictor.tiles, prefetch, batch_size, stain, readers):
+    for local, item in read_ahead([slides[i] for i in pending], predictor.tiles, prefetch, predictor.batch_size,
+                                  stain, readers):
         index = pending[local]
-        state = progress.setdefault(index, _Progress([]))
         if isinstance(item, Exception):
-            problem = item.problem if isinstance(item, ImageError) else str(item)
-            records[index] = writer.failed(slides[index], problem)
-            del progress[index]
+            records[index] = writer.failed(slides[index], item.problem if isinstance(item, ImageError) else str(item))
+            batches.drop(index)
         elif isinstance(item, TileSource):
-            state.source = item
-            finish_ready()
+            batches.source(index, item)
         else:
-            start = 0
-            while start < len(item):
-                take = min(batch_size - size, len(item) - start)
-                batch.append((index, item[start:start + take]))
-                size, start = size + take, start + take
-                if size == batch_size:
-                    flush()
-    flush()
-    writing.shutdown(wait=True)
-    for i, future in written.items():
-        records[i] = future.result()  # a writer's error is raised here, as it was in the loop before
+            batches.add(index, item)
+    for i, record in batches.records().items():
+        records[i] = record
     return [r for r in records if r is not None]
 
 
