@@ -56,15 +56,17 @@ def joined_features(spec: str, cohort: Cohort) -> np.ndarray:
     return np.hstack(parts)
 
 
-def scores(cohort: Cohort, assignments: list[list[list[str]]], seed: int, permutations: int) -> dict[str, Any]:
-    """Pooled image and case accuracy per assignment, their mean +- sd, class recall, and the null."""
+def scores(cohort: Cohort, assignments: list[list[list[str]]], seed: int, permutations: int,
+           balance: str = "images") -> dict[str, Any]:
+    """Pooled image and case accuracy per assignment, their mean +- sd, class recall, and the null (``balance``:
+    the logistic regression's classes weighted by ``images`` or ``cases``)."""
     per, flat = [], []
     for r, folds in enumerate(assignments):
-        by_fold = cv_records(cohort, folds, seed + r)
+        by_fold = cv_records(cohort, folds, seed + r, balance=balance)
         per.append(pooled_accuracy(by_fold, cohort.classes))
         flat += [rec for fold in by_fold for rec in fold]
         if r == 0:
-            null = permutation_null(cohort, folds, seed, permutations, per[0])
+            null = permutation_null(cohort, folds, seed, permutations, per[0], balance)
     return {**assignment_scores(per, flat, cohort.classes), "null": null}
 
 

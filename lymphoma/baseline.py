@@ -6,7 +6,8 @@ sub-types.
 Features per image (scikit-image): RGB percentiles, haematoxylin and eosin optical-density statistics,
 uniform LBP histograms of the grey and haematoxylin images, GLCM contrast, dissimilarity, homogeneity,
 energy and correlation at three distances on both. The regularisation strength is chosen by an inner
-case-grouped CV on the training cases of each fold only.
+case-grouped CV on the training cases of each fold only. Classes are balanced by their image counts; ``balance=
+"cases"`` weighs every case of a class alike instead (measured in bench/cv_baseline_levers.py: no better here).
 """
 
 from __future__ import annotations
@@ -103,6 +104,9 @@ class Cohort:
     classes: list[str]
 
 
+BALANCES = ("images", "cases")
+
+
 def _classifier(c: float) -> Any:
     from sklearn.linear_model import LogisticRegression
     from sklearn.pipeline import make_pipeline
@@ -111,7 +115,28 @@ def _classifier(c: float) -> Any:
     return make_pipeline(StandardScaler(), LogisticRegression(C=c, class_weight="balanced", max_iter=5000))
 
 
-def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> float:
+def case_weights(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
+    """Sample weights that give every case the same total weight, then every class the same total (mean 1):
+    class balance counted by case, so that a patient with many images does not outweigh one with few."""
+    weights = np.zeros(len(y))
+    for case in np.unique(groups):
+        weights[groups == case] = 1.0 / np.sum(groups == case)
+    for k in np.unique(y):
+        weights[y == k] /= weights[y == k].sum()
+    return weights * len(y) / weights.sum()
+
+
+def _fit(c: float, x: np.ndarray, y: np.ndarray, groups: np.ndarray, balance: str) -> Any:
+    """The classifier at ``c`` fitted with classes balanced by image count (``images``) or by case (``cases``)."""
+    if balance == "images":
+        return _classifier(c).fit(x, y)
+    if balance == "cases":
+        model = _classifier(c).set_params(logisticregression__class_weight=None)
+        return model.fit(x, y, logisticregression__sample_weight=case_weights(y, groups))
+    raise ValueError(f"baseline balance {balance!r}: use one of {', '.join(BALANCES)}")
+
+
+def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int, balance: str = "images") -> float:
     """The C of ``C_GRID`` with the best balanced accuracy over an inner case-grouped CV (3 folds, fewer when
     a class has fewer cases); ties go to the stronger regularisation."""
     from sklearn.model_selection import StratifiedGroupKFold
@@ -125,20 +150,21 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int) -> flo
     for c in C_GRID:
         per_fold = []
         for train, test in folds:
-            predicted = _classifier(c).fit(x[train], y[train]).predict(x[test])
+            predicted = _fit(c, x[train], y[train], groups[train], balance).predict(x[test])
             recalls = [np.mean(predicted[y[test] == k] == k) for k in np.unique(y[test])]
             per_fold.append(np.mean(recalls))
         scores.append(np.mean(per_fold))
     return C_GRID[int(np.argmax(scores))]
 
 
-def fold_records(cohort: Cohort, labels: np.ndarray, test_cases: Sequence[str], seed: int) -> list[dict[str, Any]]:
+def fold_records(cohort: Cohort, labels: np.ndarray, test_cases: Sequence[str], seed: int,
+                 balance: str = "images") -> list[dict[str, Any]]:
     """Fit on every case outside ``test_cases`` (C chosen inside them) and predict the test images, as
     records shaped like prediction records (one image = one unit, so vote and mean agree)."""
     test = np.isin(cohort.cases, list(test_cases))
     x, y, groups = cohort.features[~test], labels[~test], cohort.cases[~test]
-    c = choose_c(x, y, groups, seed)
-    model = _classifier(c).fit(x, y)
+    c = choose_c(x, y, groups, seed, balance)
+    model = _fit(c, x, y, groups, balance)
     probs = np.zeros((int(test.sum()), len(cohort.classes)))
     probs[:, model.classes_] = model.predict_proba(cohort.features[test])
     return [probability_record(p, cohort.classes, key=cohort.keys[i], path=cohort.paths[i],
@@ -146,16 +172,17 @@ def fold_records(cohort: Cohort, labels: np.ndarray, test_cases: Sequence[str], 
             for i, p in zip(np.flatnonzero(test), probs)]
 
 
-def cv_records(cohort: Cohort, folds: Sequence[Sequence[str]], seed: int,
-               labels: np.ndarray | None = None) -> list[list[dict[str, Any]]]:
-    """Every fold's test records (``labels`` replaces the truth, for the permutation null). BLAS runs on one
-    thread: these fits are too small to share (with two, 24x slower beside a CV run's two processes on 2 cores)."""
+def cv_records(cohort: Cohort, folds: Sequence[Sequence[str]], seed: int, labels: np.ndarray | None = None,
+               balance: str = "images") -> list[list[dict[str, Any]]]:
+    """Every fold's test records (``labels`` replaces the truth, for the permutation null; ``balance``: classes
+    weighted by their ``images`` or their ``cases``). BLAS runs on one thread: these fits are too small to share
+    (with two, 24x slower beside a CV run's two processes on 2 cores)."""
     import sklearn.linear_model  # noqa: F401  (its BLAS and OpenMP libraries loaded first, so the limit holds them)
     from threadpoolctl import threadpool_limits
 
     labels = cohort.labels if labels is None else labels
     with threadpool_limits(1):
-        return [fold_records(cohort, labels, test_cases, seed) for test_cases in folds]
+        return [fold_records(cohort, labels, test_cases, seed, balance) for test_cases in folds]
 
 
 def permuted_labels(cohort: Cohort, rng: np.random.Generator) -> np.ndarray:
@@ -176,14 +203,14 @@ def pooled_accuracy(records_by_fold: Sequence[Sequence[dict[str, Any]]], classes
 
 
 def permutation_null(cohort: Cohort, folds: Sequence[Sequence[str]], seed: int, permutations: int,
-                     observed: tuple[float, float]) -> dict[str, Any]:
+                     observed: tuple[float, float], balance: str = "images") -> dict[str, Any]:
     """The whole baseline CV (C chosen inside each fold) rerun on case-permuted labels: the accuracies a
     model reaches when features say nothing of the class, and the p-value of the observed ones."""
     if permutations == 0:
         return {"permutations": 0}
     rng = np.random.default_rng(seed)
-    draws = np.asarray([pooled_accuracy(cv_records(cohort, folds, seed, permuted_labels(cohort, rng)), cohort.classes)
-                        for _ in range(permutations)]).reshape(-1, 2)
+    draws = np.asarray([pooled_accuracy(cv_records(cohort, folds, seed, permuted_labels(cohort, rng), balance),
+                                        cohort.classes) for _ in range(permutations)]).reshape(-1, 2)
     out: dict[str, Any] = {"permutations": permutations}
     for j, level in enumerate(("image", "case")):
         values = draws[:, j]

@@ -257,22 +257,11 @@ def test_grid_is_chosen_on_the_inner_val_of_each_fold(make_dataset, make_config)
 def test_baseline_fits_on_one_blas_thread_with_the_same_predictions(records, monkeypatch):
     """The baseline's small fits run on one BLAS thread (two ran 24x slower beside two busy processes) and predict
     what they predict with every thread; the thread setting is restored after."""
-    import numpy as np
     from threadpoolctl import threadpool_info, threadpool_limits
 
     import lymphoma.baseline as baseline
 
-    by_case: dict[str, list[ImageRecord]] = defaultdict(list)
-    for record in records:
-        by_case[record.case].append(record)
-    cases = [c for label in ("CLL", "FL", "MCL") for c in sorted(c for c in by_case if by_case[c][0].label == label)[:3]]
-    chosen = [r for c in cases for r in by_case[c][:2]]
-    classes = ["CLL", "FL", "MCL"]
-    cohort = baseline.Cohort([Path(r.path).stem for r in chosen], [r.path for r in chosen],
-                             baseline.cohort_features([r.path for r in chosen]),
-                             np.asarray([classes.index(r.label) for r in chosen]), np.asarray([r.case for r in chosen]),
-                             classes)
-    folds = [cases[i::3] for i in range(3)]  # one case of each class per fold
+    cohort, folds = _small_cohort(records, [2] * 9)
     seen: list[int] = []
     real = baseline._classifier
     monkeypatch.setattr(baseline, "_classifier",
@@ -285,3 +274,49 @@ def test_baseline_fits_on_one_blas_thread_with_the_same_predictions(records, mon
             patch.setattr("threadpoolctl.threadpool_limits", lambda *_: threadpool_limits(2))
             every = baseline.cv_records(cohort, folds, seed=0)
     assert [[r["majority_class"] for r in fold] for fold in one] == [[r["majority_class"] for r in fold] for fold in every]
+
+
+def _small_cohort(records: list[ImageRecord], images_per_case: list[int]):
+    """A baseline cohort of 3 real cases per class (``images_per_case[i]`` images of the i-th, CLL's first) and
+    3 folds that each hold one case of every class."""
+    import numpy as np
+
+    import lymphoma.baseline as baseline
+
+    by_case: dict[str, list[ImageRecord]] = defaultdict(list)
+    for record in records:
+        by_case[record.case].append(record)
+    cases = [c for label in ("CLL", "FL", "MCL") for c in sorted(c for c in by_case if by_case[c][0].label == label)[:3]]
+    chosen = [r for c, n in zip(cases, images_per_case) for r in by_case[c][:n]]
+    classes = ["CLL", "FL", "MCL"]
+    cohort = baseline.Cohort([Path(r.path).stem for r in chosen], [r.path for r in chosen],
+                             baseline.cohort_features([r.path for r in chosen]),
+                             np.asarray([classes.index(r.label) for r in chosen]), np.asarray([r.case for r in chosen]),
+                             classes)
+    return cohort, [cases[i::3] for i in range(3)]
+
+
+def test_baseline_balanced_by_case_weighs_every_case_alike(records):
+    """``balance="cases"``: every case of a class carries the same total weight however many images it has, every
+    class the same total, mean weight 1; its CV predicts every test image once, with probabilities that differ from
+    balance by image count; any other balance is an error naming the allowed ones."""
+    import numpy as np
+
+    import lymphoma.baseline as baseline
+
+    cohort, folds = _small_cohort(records, [1, 2, 4, 3, 1, 2, 4, 2, 1])
+    weights = baseline.case_weights(cohort.labels, cohort.cases)
+    assert weights.mean() == pytest.approx(1.0)
+    case_totals = {c: weights[cohort.cases == c].sum() for c in np.unique(cohort.cases)}
+    for k in range(3):
+        in_class = {c: t for c, t in case_totals.items() if cohort.labels[cohort.cases == c][0] == k}
+        assert len(in_class) == 3 and max(in_class.values()) == pytest.approx(min(in_class.values()))
+        assert weights[cohort.labels == k].sum() == pytest.approx(len(weights) / 3)
+    by_case = baseline.cv_records(cohort, folds, seed=0, balance="cases")
+    by_image = baseline.cv_records(cohort, folds, seed=0)
+    assert sorted(r["path"] for fold in by_case for r in fold) == sorted(cohort.paths)
+    probs = [[r["mean_probs"][c] for c in cohort.classes] for fold in by_case for r in fold]
+    assert np.allclose(np.sum(probs, axis=1), 1.0)
+    assert not np.allclose(probs, [[r["mean_probs"][c] for c in cohort.classes] for fold in by_image for r in fold])
+    with pytest.raises(ValueError, match="use one of images, cases"):
+        baseline.cv_records(cohort, folds, seed=0, balance="slides")
