@@ -17,6 +17,7 @@ from jobs.run_folder import Run
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.cohort_report import write_report
 from lymphoma.errors import InputError
+from lymphoma.image_scale import scale_warning
 from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import SlideInput, checkpoint_fingerprint, outputs_complete, read_record, with_tiles
 from lymphoma.prediction_inputs import expand_inputs
@@ -84,6 +85,7 @@ class PredictResult:
     n_predicted: int
     n_resumed: int
     task_failures: Optional[ArrayJobError] = None
+    scale_warning: Optional[str] = None  # images at another scale than the model's training images (image_scale)
 
 
 def prepare_out_dir(out_dir: Path) -> Path:
@@ -183,7 +185,7 @@ def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate)
     n_ok = sum(r["status"] == "ok" for r in records)
     return PredictResult(out_dir, records, metrics, n_ok - len(resumed & {r["key"] for r in records if r["status"] == "ok"}),
-                         len(resumed), failure)
+                         len(resumed), failure, scale_warning(records, saved, float(state["tiles"].get("resize", 1.0))))
 
 
 def gather_records(slide_dir: Path, chunks: list[tuple[SlideInput, ...]],
@@ -223,6 +225,8 @@ def command(args: argparse.Namespace, run: Run) -> int:
                              args.force, explicit)
     result = run_predict(run, request)
     log.info(format_report(result))
+    if result.scale_warning:
+        log.warning(f"lymphoma predict: {result.scale_warning}")
     if result.task_failures is not None:
         raise result.task_failures
     failed = result.metrics["failed"]

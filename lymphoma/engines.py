@@ -233,7 +233,11 @@ def _preprocessing(state: dict[str, object], augment: AugmentSettings, tiles: ob
                             "the mean tile probability (mean)"},
         "tiling": {**asdict(tiles),  # type: ignore[call-overload]
                    "how": "tiles of size x size pixels every stride pixels after resizing the image by resize "
-                          "(or, with target_mpp, read from whole slides at that resolution over tissue)"},
+                          "(or, with target_mpp, read from whole slides at that resolution over tissue)",
+                   "training_image_size": state.get("image_size"),
+                   "scale": "without target_mpp the model knows its images' scale only by their size: the median "
+                            "[height, width] of its training images; images of the same field of view at another "
+                            "size need resize scaled by the ratio of the sizes"},
         "before_the_model": {"stain_normalization": state.get("stain"),
                              "how": "none when null; else the tile is normalised to this target (method 'reinhard': "
                                     "LAB mean/std matched to the target's, those of each tile with scope 'tile', "

@@ -7,8 +7,11 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from lymphoma.checkpoint import load_checkpoint, save_checkpoint
 from lymphoma.errors import InputError
+from lymphoma.image_scale import training_image_size
 
 SHARED = ("classes", "tiles", "augment", "stain")  # what every member must agree on to be averaged
 
@@ -30,7 +33,13 @@ def ensemble_state(paths: Sequence[Path]) -> dict[str, Any]:
                 "val_accuracy": state.get("val_accuracy")} for path, state in zip(paths, states)]
     return {**{key: first.get(key) for key in SHARED}, "architecture": {**first["architecture"], "members": len(states)},
             "model": weights, "epoch": max(m["epoch"] for m in members), "config": first.get("config"),
-            "backend": first.get("backend"), "ensemble": members}
+            "backend": first.get("backend"), "ensemble": members, "image_size": members_image_size(states)}
+
+
+def members_image_size(states: Sequence[dict[str, Any]]) -> Any:
+    """The median of the members' training-image sizes (None when none records one)."""
+    sizes = [s["image_size"] for s in states if s.get("image_size") is not None]
+    return training_image_size(np.asarray(sizes)) if sizes else None
 
 
 def write_ensemble(paths: Sequence[Path], out: Path) -> Path:

@@ -26,7 +26,7 @@ class PhaseTiles:
         if not shard_paths:
             raise InputError("no shards given for this phase; run `lymphoma tile` first or check the manifest")
         self.paths = [Path(p) for p in shard_paths]
-        labels, cases, names, sizes = [], [], [], []
+        labels, cases, names, sizes, shapes = [], [], [], [], []
         self.classes: list[str] | None = None
         self.tile_size: int | None = None
         for path in self.paths:
@@ -37,6 +37,8 @@ class PhaseTiles:
                     labels.append(h5.root.labels[:])
                     cases.append(h5.root.cases[:])
                     names.append(h5.root.filenames[:])
+                    images = h5.root.images
+                    shapes.append(np.stack([images.col("height"), images.col("width")], axis=1))
             except (OSError, tables.HDF5ExtError, tables.NoSuchNodeError, AttributeError) as err:
                 raise InputError(f"{path}: not a readable tile shard ({err}); rerun `lymphoma tile` to rebuild it") from None
             if self.classes is not None and (classes != self.classes or size != self.tile_size):
@@ -47,6 +49,7 @@ class PhaseTiles:
         self.labels = np.concatenate(labels).astype(np.int64)
         self.cases = np.char.decode(np.concatenate(cases), "utf-8")  # stored as UTF-8 bytes
         self.filenames = np.char.decode(np.concatenate(names), "utf-8")
+        self.image_shapes = np.concatenate(shapes)  # [images, 2]: each source image's height and width
         self.offsets = np.concatenate([[0], np.cumsum(sizes)])
         self._pid = -1
         self._handles: dict[int, tables.File] = {}

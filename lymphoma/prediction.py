@@ -342,6 +342,7 @@ def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, source: Tile
         write_coords_h5(out_dir / f"{slide.key}.h5", squares, probs, classes)
     record = {"key": slide.key, "path": slide.path, "status": "ok", "error": "", "label": slide.label,
               "case": slide.case, "n_tiles": int(len(probs)), "n_background": int(source.n_background),
+              "image_size": [int(v) for v in source.shape],
               **result.as_dict(classes), "fingerprint": predictor.fingerprint, "regions": regions_stamp(slide.regions)}
     write_text_atomic(out_dir / f"{slide.key}.json", json.dumps(record, indent=1) + "\n")
     return record

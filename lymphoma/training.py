@@ -32,6 +32,7 @@ from lymphoma.checkpoint import (
 from lymphoma.epochs import EpochStats, StepOptions, evaluate, train_one_epoch
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
+from lymphoma.image_scale import training_image_size
 from lymphoma.loaders import make_loader
 from lymphoma.metrics import class_weights
 from lymphoma.mixing import batch_mix
@@ -410,7 +411,8 @@ def checkpoint_fields(run: Training) -> dict[str, Any]:
     return {"architecture": s.model.architecture(len(run.classes)), "classes": run.classes,
             "tiles": run.tiles, "augment": asdict(s.augment), "config": s.config,
             "backend": run.pipes.backend, "stain": run.pipes.target.as_dict() if run.pipes.target is not None else None,
-            "init_weights": run.parts.init_weights, "tiles_fingerprint": run.tiles_fingerprint}
+            "init_weights": run.parts.init_weights, "tiles_fingerprint": run.tiles_fingerprint,
+            "image_size": training_image_size(run.train_tiles.image_shapes)}
 
 
 def fit(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: Rank = Rank(),

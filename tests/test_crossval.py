@@ -197,6 +197,7 @@ def _check_ensemble(run_dir: Path, source: Path) -> None:
     write_ensemble(folds, run_dir / "ensemble.pt")
     ensemble = load_checkpoint(run_dir / "ensemble.pt")
     assert ensemble["architecture"]["members"] == 2 and len(ensemble["ensemble"]) == 2
+    assert ensemble["image_size"] == [312, 417]  # the training images' size, for prediction's scale check
     members = [Predictor.from_checkpoint(Path(m["path"]), torch.device("cpu")) for m in ensemble["ensemble"]]
     both = Predictor.from_checkpoint(run_dir / "ensemble.pt", torch.device("cpu"))
     tiles = np.random.default_rng(0).integers(0, 255, (5, 64, 64, 3), dtype=np.uint8)

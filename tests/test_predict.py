@@ -286,6 +286,30 @@ def test_a_whole_slide_and_a_pixel_model_get_advice_that_works(checkpoint, data_
     check_qupath_exports(tmp_path / "c" / "slides", "CMU-1-Small-Region", (2220, 2967), step)
 
 
+def test_images_at_another_scale_than_the_training_images_are_named_with_the_resize_that_matches(
+        checkpoint, data_root, manifest_rows, tmp_path, capsys):
+    """The model trained on the 417x312 copies records that size; the same fields of view at full size (1388x1040)
+    are predicted with a warning that names them and the tiles.resize that brings them to the training scale, and
+    with that resize they are cut into the grid of the training-size images, with no warning."""
+    assert load_checkpoint(checkpoint)["image_size"] == [312, 417]
+    full = [r for r in manifest_rows if r["fullres_jpeg_path"]][:2]
+    paths = [str(data_root / r["fullres_jpeg_path"]) for r in full] + [str(data_root / manifest_rows[0]["lowres_path"])]
+    assert predict(checkpoint, tmp_path / "a", *paths) == 0
+    err = capsys.readouterr().err
+    assert "2 of 3 image(s) are at 3.3x the scale of the model's training images" in err
+    assert "1388x1040 pixels, resized by 1, against the training images' median 417x312" in err
+    assert "predict again with --force tiles.resize=0.3" in err
+    record = json.loads((tmp_path / "a" / "slides" / f"{Path(paths[0]).stem}.json").read_text())
+    settings = TileSettings(**load_checkpoint(checkpoint)["tiles"])
+    assert record["image_size"] == [1040, 1388] and record["n_tiles"] == np.prod(grid_shape(1040, 1388, settings))
+    lowres = json.loads((tmp_path / "a" / "slides" / f"{Path(paths[2]).stem}.json").read_text())
+    assert lowres["image_size"] == [312, 417]
+    assert predict(checkpoint, tmp_path / "b", *paths[:2], "tiles.resize=0.3", "--force") == 0
+    assert "scale of the model's training images" not in capsys.readouterr().err
+    record = json.loads((tmp_path / "b" / "slides" / f"{Path(paths[0]).stem}.json").read_text())
+    assert record["image_size"] == [1040, 1388] and record["n_tiles"] == lowres["n_tiles"]  # as the 417x312 copies
+
+
 def test_the_whole_pipeline_on_a_small_real_subset(make_dataset, tmp_path, capsys):
     source = make_dataset(2, 2)
     code = main(["run", "--no-progress", f"data.source={source}", f"run.root={tmp_path}", "run.name=e2e", *FAST,
@@ -428,6 +452,7 @@ def test_export_onnx_and_torchscript_agree_with_pytorch_on_real_tiles(checkpoint
     recipe = json.loads((tmp_path / "served" / "preprocessing.json").read_text())
     assert recipe["classes"] == ["CLL", "FL", "MCL"] and recipe["input"]["shape"] == ["batch", 64, 64, 3]
     assert recipe["inside_the_model"]["centre_crop"] == 56 and recipe["before_the_model"]["stain_normalization"]
+    assert recipe["tiling"]["training_image_size"] == [312, 417]  # the scale of pixel tiles, for a server
     predictor = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64)
     tiles = cohort_tiles(predictor, cohort)
     reference = predictor.logits(tiles, stain_normalized=True)
