@@ -182,10 +182,11 @@ def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     except ArrayJobError as err:
         failure = err
     records = gather_records(slide_dir, chunks, failure)
-    metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate)
+    warning = scale_warning(records, saved, float(state["tiles"].get("resize", 1.0)))
+    metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate, [warning] if warning else [])
     n_ok = sum(r["status"] == "ok" for r in records)
     return PredictResult(out_dir, records, metrics, n_ok - len(resumed & {r["key"] for r in records if r["status"] == "ok"}),
-                         len(resumed), failure, scale_warning(records, saved, float(state["tiles"].get("resize", 1.0))))
+                         len(resumed), failure, warning)
 
 
 def gather_records(slide_dir: Path, chunks: list[tuple[SlideInput, ...]],

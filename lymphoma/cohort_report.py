@@ -18,9 +18,10 @@ from lymphoma.plots import save_confusion, save_reliability, save_roc
 
 
 def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_dir: Path,
-                 aggregate: str = "vote") -> dict[str, Any]:
+                 aggregate: str = "vote", warnings: Sequence[str] = ()) -> dict[str, Any]:
     """summary.csv (one row per slide), metrics.json and confusion PNGs at image and case level; an image's
-    class is its tiles' majority ``vote`` or their ``mean`` probability's class."""
+    class is its tiles' majority ``vote`` or their ``mean`` probability's class; ``warnings`` about the whole
+    prediction go into metrics.json (and from there onto the run's report page)."""
     rows = []
     for r in records:
         ok = r["status"] == "ok"
@@ -34,6 +35,8 @@ def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_
     done = [r for r in records if r["status"] == "ok"]
     metrics: dict[str, Any] = {"slides": len(records), "predicted": len(done), "failed": len(records) - len(done),
                                "classes": list(classes), "aggregate": aggregate}
+    if warnings:
+        metrics["warnings"] = list(warnings)
     known = [r for r in done if r.get("label")]
     if known:
         image, case = confusions(known, classes, aggregate)

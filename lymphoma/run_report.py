@@ -26,6 +26,7 @@ STYLE = """body{font:14px/1.45 system-ui,sans-serif;margin:2em auto;max-width:12
 h1{font-size:1.6em}h2{border-bottom:1px solid #ccc;padding-bottom:.2em;margin-top:1.8em}
 table{border-collapse:collapse;margin:.6em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
 th{background:#f3f3f3}td.l,th.l{text-align:left}.ok{color:#1a7f37}.bad{color:#c62828}
+.warn{background:#fff4e5;border-left:4px solid #ef6c00;padding:.4em .8em}
 figure{display:inline-block;margin:.4em 1em .4em 0;vertical-align:top;max-width:380px}figcaption{font-size:.85em;color:#555}
 img{max-width:100%}.thumb{max-height:96px}pre{background:#f7f7f7;padding:.8em;overflow:auto;font-size:12px}
 nav a{margin-right:1em}"""
@@ -211,6 +212,7 @@ def _prediction(run_dir: Path, folder: Path) -> str:
     return (f"<h2 id=prediction>Prediction</h2><p>{metrics.get('predicted', '?')} of {metrics.get('slides', '?')} "
             f"slide(s) predicted, {metrics.get('failed', 0)} failed; {metrics.get('aggregate', 'vote')} of tiles. "
             f"{_link(run_dir, metrics_path)}, {_link(run_dir, summary)}</p>"
+            + "".join(f"<p class=warn>Warning: {html.escape(w)}</p>" for w in metrics.get("warnings", []))
             + _table(["level", "n", "accuracy", "balanced", "macro AUC", "ECE"], _metrics_rows(metrics))
             + _plots(folder) + f"<h3>Slides{shown}</h3>" + _slide_rows(run_dir, folder, rows))
 

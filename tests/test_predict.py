@@ -29,6 +29,7 @@ from lymphoma.images import read_rgb
 from lymphoma.model import build_model
 from lymphoma.png import encode_png, write_png
 from lymphoma.prediction import Predictor, SlideInput
+from lymphoma.run_report import write_run_report
 from lymphoma.settings import AugmentSettings, TileSettings
 from lymphoma.stain import StainNormalizer
 from lymphoma.tiling import cut_tiles, grid_shape
@@ -299,6 +300,10 @@ def test_images_at_another_scale_than_the_training_images_are_named_with_the_res
     assert "2 of 3 image(s) are at 3.3x the scale of the model's training images" in err
     assert "1388x1040 pixels, resized by 1, against the training images' median 417x312" in err
     assert "predict again with --force tiles.resize=0.3" in err
+    warnings = json.loads((tmp_path / "a" / "metrics.json").read_text())["warnings"]  # kept with the prediction
+    assert len(warnings) == 1 and "2 of 3 image(s) are at 3.3x the scale" in warnings[0]
+    page = write_run_report(tmp_path, tmp_path / "a").read_text()
+    assert "<p class=warn>Warning: 2 of 3 image(s) are at 3.3x the scale" in page
     record = json.loads((tmp_path / "a" / "slides" / f"{Path(paths[0]).stem}.json").read_text())
     settings = TileSettings(**load_checkpoint(checkpoint)["tiles"])
     assert record["image_size"] == [1040, 1388] and record["n_tiles"] == np.prod(grid_shape(1040, 1388, settings))
@@ -306,6 +311,7 @@ def test_images_at_another_scale_than_the_training_images_are_named_with_the_res
     assert lowres["image_size"] == [312, 417]
     assert predict(checkpoint, tmp_path / "b", *paths[:2], "tiles.resize=0.3", "--force") == 0
     assert "scale of the model's training images" not in capsys.readouterr().err
+    assert "warnings" not in json.loads((tmp_path / "b" / "metrics.json").read_text())
     record = json.loads((tmp_path / "b" / "slides" / f"{Path(paths[0]).stem}.json").read_text())
     assert record["image_size"] == [1040, 1388] and record["n_tiles"] == lowres["n_tiles"]  # as the 417x312 copies
 
