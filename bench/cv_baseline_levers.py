@@ -25,13 +25,10 @@ from cv_embeddings import paired, scores
 from scipy import ndimage as ndi
 
 from common import emit
-from jobs.baseline import load_cohort
+from jobs.baseline import cached_features, load_cohort
 from jobs.run_folder import open_run
-from lymphoma.baseline import Cohort
+from lymphoma.baseline import Cohort, cohort_features
 from lymphoma.crossval import grouped_folds
-from lymphoma.images import read_rgb
-from lymphoma.settings import StainSettings
-from lymphoma.stain import StainNormalizer, fit_target
 
 SIGMAS = (0.8, 1.0, 1.3, 1.6, 2.0, 2.5, 3.2, 4.0)  # nuclei are 3 to 5 px across at 0.3x
 COLOUR, STAINS = slice(0, 15), slice(15, 25)  # the baseline's columns: RGB percentiles, H and E statistics
@@ -113,32 +110,10 @@ def nucleus_features(h: np.ndarray) -> list[float]:
             inside.mean(), inside.std(), texture.mean(), h[mask].mean() - h[~mask].mean(), *granules]
 
 
-def _nuclear_rows(paths: list[str]) -> np.ndarray:
-    normalizer = StainNormalizer(fit_target(StainSettings("reinhard")))
-    rows = []
-    for path in paths:
-        h = haematoxylin(normalizer(read_rgb(path)))
-        rows.append(blob_features(h) + nucleus_features(h))
-    return np.asarray(rows, np.float64)
-
-
-def nuclear_features(paths: list[str], cache: Path) -> np.ndarray:
-    """``[N, 44]`` nuclear features of the images at ``paths`` (2 processes), read from ``cache`` when it holds
-    exactly these files."""
-    if cache.is_file():
-        with np.load(cache) as saved:
-            if saved["paths"].tolist() == paths:
-                return saved["features"]
-    from concurrent.futures import ProcessPoolExecutor
-
-    workers = min(2, os.cpu_count() or 1)
-    with ProcessPoolExecutor(workers) as pool:
-        parts = list(pool.map(_nuclear_rows, [paths[i::workers] for i in range(workers)]))
-    features = np.empty((len(paths), parts[0].shape[1]))
-    for i, part in enumerate(parts):
-        features[i::workers] = part
-    np.savez(cache, paths=np.asarray(paths), features=features)
-    return features
+def nuclear_image_features(rgb: np.ndarray) -> list[float]:
+    """The 44 nuclear features of one stain-normalised image (``lymphoma.baseline.cohort_features`` normalises)."""
+    h = haematoxylin(rgb)
+    return blob_features(h) + nucleus_features(h)
 
 
 def levers(cohort: Cohort, nuclei: np.ndarray) -> dict[str, tuple[Cohort, str]]:
@@ -162,7 +137,8 @@ def main() -> None:
     inputs, cv = run.inputs(), run.config.cv
     assignments = [grouped_folds(inputs.records, cv.folds, cv.seed + r) for r in range(args.repeats)]
     cohort = load_cohort(inputs.records, inputs.classes, run.dir / "baseline")
-    nuclei = nuclear_features(cohort.paths, run.dir / "baseline" / "nuclei.npz")
+    nuclei = cached_features(run.dir / "baseline" / "nuclei.npz", cohort.paths, lambda: cohort_features(
+        cohort.paths, workers=min(2, os.cpu_count() or 1), describe=nuclear_image_features))
     results: dict[str, Any] = {"baseline (colour/texture)": scores(cohort, assignments, cv.seed, 0)}
     for name, (variant, balance) in levers(cohort, nuclei).items():
         results[name] = scores(variant, assignments, cv.seed, 0, balance)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -21,22 +22,27 @@ from lymphoma.inputs import ImageRecord
 log = logging.getLogger(__name__)
 
 
-def load_cohort(records: list[ImageRecord], classes: list[str], out_dir: Path) -> Cohort:
-    """Every image's features, read from the cache when it holds exactly these files."""
-    paths = [r.path for r in records]
-    cache = out_dir / "features.npz"
-    features = None
+def cached_features(cache: Path, paths: list[str], compute: Callable[[], np.ndarray]) -> np.ndarray:
+    """The features in ``cache`` when it holds exactly these ``paths``; else ``compute()``'s, written there
+    (atomically) for the next run."""
     if cache.is_file():
         with np.load(cache) as saved:
             if saved["paths"].tolist() == paths:
-                features = saved["features"]
-    if features is None:
-        log.info(f"baseline: features of {len(paths)} images")
-        features = cohort_features(paths, workers=min(4, os.cpu_count() or 1))
-        out_dir.mkdir(parents=True, exist_ok=True)
-        tmp = out_dir / ".features.tmp.npz"
-        np.savez(tmp, paths=np.asarray(paths), features=features)
-        tmp.replace(cache)
+                return saved["features"]
+    log.info(f"baseline: features of {len(paths)} images ({cache.name})")
+    features = compute()
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    tmp = cache.with_name(f".{cache.stem}.tmp.npz")
+    np.savez(tmp, paths=np.asarray(paths), features=features)
+    tmp.replace(cache)
+    return features
+
+
+def load_cohort(records: list[ImageRecord], classes: list[str], out_dir: Path) -> Cohort:
+    """Every image's features, read from the cache when it holds exactly these files."""
+    paths = [r.path for r in records]
+    features = cached_features(out_dir / "features.npz", paths,
+                               lambda: cohort_features(paths, workers=min(4, os.cpu_count() or 1)))
     return Cohort([Path(p).stem for p in paths], paths, features, np.asarray([classes.index(r.label) for r in records]),
                   np.asarray([r.case for r in records]), list(classes))
 

@@ -12,7 +12,7 @@ case-grouped CV on the training cases of each fold only. Classes are balanced by
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -65,27 +65,28 @@ def image_features(rgb: np.ndarray) -> np.ndarray:
     return np.concatenate([colour, stains, *texture]).astype(np.float64)
 
 
-def _features_of_files(paths: Sequence[str], stain: StainSettings) -> np.ndarray:
+def _features_of_files(paths: Sequence[str], stain: StainSettings,
+                       describe: Callable[[np.ndarray], Any] = image_features) -> np.ndarray:
     target = fit_target(stain)
     normalizer = StainNormalizer(target) if target is not None else None
     rows = []
     for path in paths:
         rgb = read_rgb(path)
-        rows.append(image_features(normalizer(rgb) if normalizer is not None else rgb))
+        rows.append(np.asarray(describe(normalizer(rgb) if normalizer is not None else rgb), np.float64))
     return np.stack(rows)
 
 
-def cohort_features(paths: Sequence[str], stain: StainSettings = StainSettings("reinhard"),
-                    workers: int = 1) -> np.ndarray:
+def cohort_features(paths: Sequence[str], stain: StainSettings = StainSettings("reinhard"), workers: int = 1,
+                    describe: Callable[[np.ndarray], Any] = image_features) -> np.ndarray:
     """``[N, D]`` features of the images at ``paths``, each normalised whole to the stain target first, in
-    ``workers`` processes."""
+    ``workers`` processes; ``describe`` (a module-level function, for the processes) makes one image's vector."""
     if workers <= 1 or len(paths) < 2 * workers:
-        return _features_of_files(paths, stain)
+        return _features_of_files(paths, stain, describe)
     from concurrent.futures import ProcessPoolExecutor
 
     chunks = [list(paths[i::workers]) for i in range(workers)]
     with ProcessPoolExecutor(workers) as pool:
-        parts = list(pool.map(_features_of_files, chunks, [stain] * workers))
+        parts = list(pool.map(_features_of_files, chunks, [stain] * workers, [describe] * workers))
     out = np.empty((len(paths), parts[0].shape[1]))
     for i, part in enumerate(parts):
         out[i::workers] = part
