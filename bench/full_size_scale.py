@@ -1,7 +1,8 @@
 """What a pixel-tile model does with images at another scale: each fold model of a `lymphoma cv` run on the data
-set's 417x312 copies predicts the full-size originals (1388x1040 JPEG, ``fullres-jpeg/``) of its own test cases,
-as they are and with ``--force tiles.resize=0.3`` (the scale the warning of `lymphoma predict` names), against
-its predictions of the same images' copies in the CV run. Every image is predicted by the fold that never saw its
+set's 417x312 copies predicts the full-size originals (1388x1040 JPEG, ``fullres-jpeg/``) of its own test cases:
+as `lymphoma predict` does by default (``predict.scale=match``: resized to the training scale, their aspect being
+the copies'), as they are (``predict.scale=keep``) and with ``--force tiles.resize=0.3`` (the scale its warning
+names), against its predictions of the same images' copies in the CV run. Every image is predicted by the fold that never saw its
 patient, so the accuracies are honest, on the 30 images that exist at full size.
 
     .venv/bin/python bench/full_size_scale.py runs/<cv run> [--out bench/results/full-size-scale.json]
@@ -18,6 +19,8 @@ from typing import Any
 from common import emit
 from jobs.cli import main as lymphoma
 from jobs.config import default_data_root
+
+WAYS = ("matched", "as_is", "resize_0.3")
 
 
 def fold_images(fold: Path, full_of: dict[str, str]) -> list[dict[str, str]]:
@@ -49,7 +52,7 @@ def main() -> None:
         if not images:
             continue
         checkpoint = str(fold / "train" / "checkpoints" / "best.pt")
-        ways = {"as_is": [], "resize_0.3": ["tiles.resize=0.3", "--force"]}
+        ways = {"matched": [], "as_is": ["predict.scale=keep"], "resize_0.3": ["tiles.resize=0.3", "--force"]}
         for way, words in ways.items():
             out = args.run / "full-size" / fold.name / way
             lymphoma(["predict", "--checkpoint", checkpoint, "--out", str(out), "-q", *words, *[i["full"] for i in images]])
@@ -59,13 +62,13 @@ def main() -> None:
         rows += [{**image, "fold": fold.name, "path": Path(image["path"]).name,
                   "full": str(Path(image["full"]).relative_to(root))} for image in images]
     accuracy = {way: round(sum(r[way] == r["truth"] for r in rows) / len(rows), 3)
-                for way in ("copy", "as_is", "resize_0.3")}
+                for way in ("copy", *WAYS)}
     emit({"run": str(args.run), "images": len(rows), "slides": len({r["path"].rsplit("_", 1)[0] for r in rows}),
           "image_accuracy": accuracy,
           "agreement_with_copy": {way: round(sum(r[way] == r["copy"] for r in rows) / len(rows), 3)
-                                  for way in ("as_is", "resize_0.3")},
+                                  for way in WAYS},
           "predicted_classes": {way: {c: sum(r[way] == c for r in rows) for c in sorted({r["truth"] for r in rows})}
-                                for way in ("copy", "as_is", "resize_0.3")},
+                                for way in ("copy", *WAYS)},
           "rows": rows}, args.out)
 
 

@@ -17,7 +17,7 @@ from jobs.run_folder import Run
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.cohort_report import write_report
 from lymphoma.errors import InputError
-from lymphoma.image_scale import scale_warning
+from lymphoma.image_scale import scale_notes, training_scale
 from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import SlideInput, checkpoint_fingerprint, outputs_complete, read_record, with_tiles
 from lymphoma.prediction_inputs import expand_inputs
@@ -66,7 +66,7 @@ def predict_chunk(checkpoint: Path, slides: Sequence[SlideInput], out_dir: Path,
         log.warning(f"predict.engine=openvino runs the model on the CPU: this task's {device} stays idle (on GPU nodes, "
                     "predict.engine=torch or compile)")
     predictor = Predictor.from_checkpoint(checkpoint, device, settings.batch_size, settings.tta, tiles, settings.engine,
-                                          settings.precision, Path(out_dir).parent / "engine")
+                                          settings.precision, Path(out_dir).parent / "engine", settings.scale)
     return predict_slides(predictor, slides, out_dir, settings.prefetch, Pictures.of(settings), readers=settings.readers)
 
 
@@ -85,7 +85,7 @@ class PredictResult:
     n_predicted: int
     n_resumed: int
     task_failures: Optional[ArrayJobError] = None
-    scale_warning: Optional[str] = None  # images at another scale than the model's training images (image_scale)
+    scale_notes: tuple[str, ...] = ()  # images resized to, or left at another scale than, the training images'
 
 
 def prepare_out_dir(out_dir: Path) -> Path:
@@ -170,7 +170,8 @@ def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     out_dir = prepare_out_dir(Path(request.out).absolute() if request.out else run.predict)
     run.save_config(out_dir / "config.yaml")
     slide_dir = out_dir / "slides"
-    fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision)
+    fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision,
+                                         training_scale(saved, cfg.predict.scale))
     resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}
     chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
     tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads, tiles) for chunk in chunks]
@@ -182,11 +183,11 @@ def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     except ArrayJobError as err:
         failure = err
     records = gather_records(slide_dir, chunks, failure)
-    warning = scale_warning(records, saved, float(state["tiles"].get("resize", 1.0)))
-    metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate, [warning] if warning else [])
+    notes = scale_notes(records, saved, float(state["tiles"].get("resize", 1.0)))
+    metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate, notes)
     n_ok = sum(r["status"] == "ok" for r in records)
     return PredictResult(out_dir, records, metrics, n_ok - len(resumed & {r["key"] for r in records if r["status"] == "ok"}),
-                         len(resumed), failure, warning)
+                         len(resumed), failure, tuple(notes))
 
 
 def gather_records(slide_dir: Path, chunks: list[tuple[SlideInput, ...]],
@@ -226,8 +227,8 @@ def command(args: argparse.Namespace, run: Run) -> int:
                              args.force, explicit)
     result = run_predict(run, request)
     log.info(format_report(result))
-    if result.scale_warning:
-        log.warning(f"lymphoma predict: {result.scale_warning}")
+    for note in result.scale_notes:
+        log.warning(f"lymphoma predict: {note}")
     if result.task_failures is not None:
         raise result.task_failures
     failed = result.metrics["failed"]

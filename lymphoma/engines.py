@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from lymphoma.errors import InputError
+from lymphoma.image_scale import ASPECT_TOLERANCE, TOLERANCE
 from lymphoma.settings import AugmentSettings, PredictSettings
 
 log = logging.getLogger(__name__)
@@ -237,7 +238,9 @@ def _preprocessing(state: dict[str, object], augment: AugmentSettings, tiles: ob
                    "training_image_size": state.get("image_size"),
                    "scale": "without target_mpp the model knows its images' scale only by their size: the median "
                             "[height, width] of its training images; images of the same field of view at another "
-                            "size need resize scaled by the ratio of the sizes"},
+                            "size need resize scaled by the ratio of the sizes (lymphoma predict, predict.scale=match: "
+                            f"an image more than {TOLERANCE:g}x off along a side, with the training images' "
+                            f"width:height within {ASPECT_TOLERANCE:.0%}, is resized so)"},
         "before_the_model": {"stain_normalization": state.get("stain"),
                              "how": "none when null; else the tile is normalised to this target (method 'reinhard': "
                                     "LAB mean/std matched to the target's, those of each tile with scope 'tile', "

@@ -1,17 +1,25 @@
 """Whether images predicted by a pixel-tile model are at the scale of its training images. A model trained on
 images that record no resolution (the data set's 417x312 copies at 0.3x) knows its scale only through their
-size: the same field of view given at full size (1388x1040) shows every nucleus 3.3 times larger, and the model
-answers without complaint. The checkpoint keeps the median size of its training images; prediction compares
-each image with it and says what ``tiles.resize`` would bring the images to the training scale."""
+size: the same field of view given at full size (1388x1040) shows every nucleus 3.3 times larger, and a model
+that took it as it is would answer without complaint (0.23 of such images right against 0.47 at the training
+scale: bench/full_size_scale.py). The checkpoint keeps the median size of its training images; prediction
+compares each image with it. With ``predict.scale=match`` (the default) an image off by more than ``TOLERANCE``
+that has the training images' aspect ratio, the signature of the same field at another resolution, is resized to
+the training scale before it is cut; any other image off the scale is predicted as it is, and named in a warning
+with the ``tiles.resize`` that would match it (a crop at the training magnification also differs in size)."""
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
 
-TOLERANCE = 1.5  # a linear size ratio beyond this (either way) is worth a warning
+TOLERANCE = 1.5  # a linear size ratio beyond this (either way) is another scale
+ASPECT_TOLERANCE = 0.03  # width:height within 3% of the training images': the same field of view
+SCALES = ("match", "keep")  # predict.scale
 
 
 def training_image_size(shapes: np.ndarray) -> Optional[list[int]]:
@@ -27,24 +35,75 @@ def scale_ratio(shape: Sequence[int], resize: float, trained: Sequence[int], tra
     return float(np.sqrt(shape[0] * shape[1] / (trained[0] * trained[1]))) * resize / trained_resize
 
 
-def scale_warning(records: Sequence[dict[str, Any]], state: dict[str, Any], resize: float) -> Optional[str]:
-    """One warning for the images (``image_size`` in their records) whose scale, at ``resize``, differs from the
-    training images' by more than ``TOLERANCE``, with the ``tiles.resize`` that would match the first; None when
-    all match, for models tiled by resolution, and for checkpoints that do not record their images' size."""
-    trained, tiles = state.get("image_size"), state["tiles"]
-    if trained is None or tiles.get("target_mpp") is not None or tiles.get("target_power") is not None:
+def same_aspect(shape: Sequence[int], trained: Sequence[int]) -> bool:
+    """Whether two ``[height, width]`` have the same width:height within ``ASPECT_TOLERANCE``."""
+    return abs(math.log((shape[1] / shape[0]) / (trained[1] / trained[0]))) <= math.log1p(ASPECT_TOLERANCE)
+
+
+@dataclass(frozen=True)
+class TrainingScale:
+    """What a pixel-tile model knows of its scale: its training images' median ``size`` ``(height, width)`` and
+    the ``resize`` they were tiled with."""
+
+    size: tuple[int, int]
+    resize: float
+
+    def matched_resize(self, shape: Sequence[int], resize: float) -> Optional[float]:
+        """The resize that brings an image of ``shape``, to be tiled at ``resize``, to the training scale, where it is
+        off by more than ``TOLERANCE`` and has the training images' aspect ratio; None otherwise."""
+        ratio = scale_ratio(shape, resize, self.size, self.resize)
+        if 1 / TOLERANCE <= ratio <= TOLERANCE or not same_aspect(shape, self.size):
+            return None
+        return resize / ratio
+
+
+def pixel_model(state: dict[str, Any]) -> bool:
+    """Whether the checkpoint's tiles were cut by pixels (not at a resolution) and it recorded its images' size."""
+    tiles = state["tiles"]
+    return (state.get("image_size") is not None and tiles.get("target_mpp") is None
+            and tiles.get("target_power") is None)
+
+
+def training_scale(state: dict[str, Any], policy: str) -> Optional[TrainingScale]:
+    """The scale images are matched to under ``policy`` (predict.scale): None with ``keep``, for models tiled by
+    resolution and for checkpoints that do not record their images' size."""
+    if policy not in SCALES:
+        raise ValueError(f"predict.scale is {policy!r}; allowed: {', '.join(SCALES)}")
+    if policy == "keep" or not pixel_model(state):
         return None
-    trained_resize = float(tiles.get("resize", 1.0))
-    off = [(r, scale_ratio(r["image_size"], resize, trained, trained_resize)) for r in records
-           if r.get("status") == "ok" and r.get("image_size")]
+    height, width = state["image_size"]
+    return TrainingScale((int(height), int(width)), float(state["tiles"].get("resize", 1.0)))
+
+
+def scale_notes(records: Sequence[dict[str, Any]], state: dict[str, Any], resize: float) -> list[str]:
+    """What prediction says of the images' scale: the images resized to the training scale (``matched_resize`` in
+    their records), and one warning for the images (``image_size``) left more than ``TOLERANCE`` off it at
+    ``resize``, with the ``tiles.resize`` that would match the first; nothing when all match, for models tiled by
+    resolution, and for checkpoints that do not record their images' size."""
+    if not pixel_model(state):
+        return []
+    trained, trained_resize = state["image_size"], float(state["tiles"].get("resize", 1.0))
+    ok = [r for r in records if r.get("status") == "ok" and r.get("image_size")]
+    matched = [r for r in ok if r.get("matched_resize")]
+    off = [(r, scale_ratio(r["image_size"], resize, trained, trained_resize)) for r in ok if r not in matched]
     off = [(r, ratio) for r, ratio in off if not 1 / TOLERANCE <= ratio <= TOLERANCE]
-    if not off:
-        return None
-    first, ratio = off[0]
-    height, width = first["image_size"]
-    suggested = resize / ratio
-    return (f"{len(off)} of {len(records)} image(s) are at {ratio:.2g}x the scale of the model's training images "
-            f"(e.g. {first['path']}: {width}x{height} pixels, resized by {resize:g}, against the training images' "
-            f"median {trained[1]}x{trained[0]}, resized by {trained_resize:g}); the model knows no other scale of "
-            f"them. If they show the same field of view as its training images, predict again with --force "
-            f"tiles.resize={suggested:.3g}; if they are crops at the training magnification, this is expected")
+    notes = []
+    if matched:
+        first = matched[0]
+        height, width = first["image_size"]
+        notes.append(f"{len(matched)} of {len(records)} image(s) were resized to the scale of the model's training "
+                     f"images before tiling (e.g. {first['path']}: {width}x{height} pixels, resized by "
+                     f"{first['matched_resize']:.3g}, against the training images' median {trained[1]}x{trained[0]}, "
+                     f"resized by {trained_resize:g}): their width:height is the training images', so they were taken "
+                     "for the same field of view at another resolution (predict.scale=match). If they are crops at "
+                     "the training magnification, predict them again with predict.scale=keep")
+    if off:
+        first, ratio = off[0]
+        height, width = first["image_size"]
+        notes.append(f"{len(off)} of {len(records)} image(s) are at {ratio:.2g}x the scale of the model's training "
+                     f"images (e.g. {first['path']}: {width}x{height} pixels, resized by {resize:g}, against the "
+                     f"training images' median {trained[1]}x{trained[0]}, resized by {trained_resize:g}); the model "
+                     f"knows no other scale of them. If they show the same field of view as its training images, "
+                     f"predict again with --force tiles.resize={resize / ratio:.3g}; if they are crops at the "
+                     "training magnification, this is expected")
+    return notes

@@ -30,6 +30,7 @@ from lymphoma.engines import (
 )
 from lymphoma.errors import ImageError
 from lymphoma.files import write_text_atomic
+from lymphoma.image_scale import TrainingScale, training_scale
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap, save_probability_maps
 from lymphoma.read_ahead import read_ahead
@@ -66,16 +67,20 @@ class Predictor:
     amp: bool = False  # bf16 autocast on GPUs (feature extraction)
     precision: str = "fp32"  # fp32 | bf16 (autocast, also on CPUs)
     exported: Optional[ExportedEngine] = None  # predict.engine onnxruntime or openvino: runs the model
+    scale: Optional[TrainingScale] = None  # predict.scale=match: plain images at another scale matched to this one
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device, batch_size: int = 128,
                         tta: bool = False, tiles: Optional[dict[str, Any]] = None, engine: str = "torch",
-                        precision: str = "fp32", export_dir: Optional[Path] = None) -> "Predictor":
+                        precision: str = "fp32", export_dir: Optional[Path] = None, scale: str = "match") -> "Predictor":
         """The checkpoint's model and settings; ``tiles``: tile settings used instead of the checkpoint's
-        (``lymphoma predict --force``); ``engine``/``precision``: what runs the model (all part of the
-        fingerprint); ``export_dir``: where the ONNX export is kept for the next task (made once)."""
+        (``lymphoma predict --force``); ``engine``/``precision``: what runs the model; ``scale`` (predict.scale):
+        ``match`` resizes plain images at another scale to the training images' (lymphoma.image_scale), ``keep``
+        takes them as they are (all part of the fingerprint); ``export_dir``: where the ONNX export is kept for
+        the next task (made once)."""
         check_engine(engine, precision)
-        state = with_tiles(load_checkpoint(path), tiles)
+        saved = load_checkpoint(path)
+        state, matched = with_tiles(saved, tiles), training_scale(saved, scale)  # the scale it was trained at
         model = build_model(state["architecture"])
         load_model_weights(model, state, path)
         model.to(device, memory_format=torch.channels_last).eval()
@@ -85,13 +90,14 @@ class Predictor:
             example = eval_batch(blank, augment, device).contiguous(memory_format=torch.channels_last)
             model = compiled_model(model, example, precision == "bf16")
         exported = None
-        fingerprint = checkpoint_fingerprint(path, state, tta, engine, precision)
+        fingerprint = checkpoint_fingerprint(path, state, tta, engine, precision, matched)
         if engine in EXPORTED_ENGINES:  # on the CPU (ONNX Runtime also on CUDA where its GPU package is installed)
             onnx = onnx_export(TileClassifier(model.cpu(), augment, tile_settings.size), tile_settings.size,
                                export_dir and export_dir / f"model-{fingerprint[:16]}.onnx")
             exported = exported_engine(engine, onnx, torch.get_num_threads(), precision)
         return cls(model, list(state["classes"]), tile_settings, augment, device, batch_size, fingerprint, tta,
-                   StainNormalizer.from_state(state.get("stain")), precision=precision, exported=exported)
+                   StainNormalizer.from_state(state.get("stain")), precision=precision, exported=exported,
+                   scale=matched)
 
     def normalize_stain(self, tiles: np.ndarray) -> np.ndarray:
         """Stain-normalise uint8 tiles ``[N, H, W, 3]`` when the model was trained on tiles normalised one by one
@@ -147,9 +153,9 @@ def with_tiles(state: dict[str, Any], tiles: Optional[dict[str, Any]]) -> dict[s
 
 
 def checkpoint_fingerprint(path: Path, state: dict[str, Any], tta: bool = False, engine: str = "torch",
-                           precision: str = "fp32") -> str:
+                           precision: str = "fp32", scale: Optional[TrainingScale] = None) -> str:
     """What a slide's outputs depend on: the checkpoint file, the tiling and crop it was trained with, TTA,
-    the engine and precision that run the model."""
+    the engine and precision that run the model, and the training scale images are matched to."""
     stat = Path(path).stat()
     payload = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, state["tiles"], state["augment"],
                state.get("stain")]
@@ -157,6 +163,8 @@ def checkpoint_fingerprint(path: Path, state: dict[str, Any], tta: bool = False,
         payload.append("tta")
     if (engine, precision) != ("torch", "fp32"):
         payload.append([engine, precision])
+    if scale is not None:
+        payload.append(["scale", list(scale.size), scale.resize])
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 
@@ -303,7 +311,7 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
     batches = _Batches(predictor, slides, writer)
     stain = predictor.normalizer.target.as_dict() if predictor.normalizer is not None else None
     for local, item in read_ahead([slides[i] for i in pending], predictor.tiles, prefetch, predictor.batch_size,
-                                  stain, readers):
+                                  stain, readers, predictor.scale):
         index = pending[local]
         if isinstance(item, Exception):
             records[index] = writer.failed(slides[index], item.problem if isinstance(item, ImageError) else str(item))
@@ -343,6 +351,7 @@ def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, source: Tile
     record = {"key": slide.key, "path": slide.path, "status": "ok", "error": "", "label": slide.label,
               "case": slide.case, "n_tiles": int(len(probs)), "n_background": int(source.n_background),
               "image_size": [int(v) for v in source.shape],
+              **({"matched_resize": round(source.matched_resize, 6)} if source.matched_resize is not None else {}),
               **result.as_dict(classes), "fingerprint": predictor.fingerprint, "regions": regions_stamp(slide.regions)}
     write_text_atomic(out_dir / f"{slide.key}.json", json.dumps(record, indent=1) + "\n")
     return record

@@ -18,6 +18,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lymphoma.errors import ImageError, InputError
+from lymphoma.image_scale import TrainingScale
 from lymphoma.settings import TileSettings
 from lymphoma.stain import StainNormalizer
 from lymphoma.tile_sources import open_normalized_tiles
@@ -32,15 +33,16 @@ def _as_error(path: str, err: BaseException) -> Exception:
 
 
 def _read(slides: Sequence[tuple[int, str, str]], settings: TileSettings, batch: int, stain: Optional[dict[str, Any]],
-          put: Any, stop: Any) -> None:
+          put: Any, stop: Any, scale: Optional[TrainingScale] = None) -> None:
     """One reader: its slides' normalised tile batches (tile by tile, or by image where the target's scope is
-    image), then each slide's TileSource, or the slide's error; stops early when ``stop`` is set."""
+    image; plain images at another scale matched to ``scale``), then each slide's TileSource, or the slide's error;
+    stops early when ``stop`` is set."""
     normalizer = StainNormalizer.from_state(stain)
     for index, path, region_file in slides:
         if stop.is_set():
             return
         try:
-            source = open_normalized_tiles(path, settings, normalizer, batch, region_file)
+            source = open_normalized_tiles(path, settings, normalizer, batch, region_file, scale)
             for pixels in source.batches:
                 if stop.is_set():
                     return
@@ -51,15 +53,17 @@ def _read(slides: Sequence[tuple[int, str, str]], settings: TileSettings, batch:
 
 
 def read_ahead(slides: Sequence[Any], settings: TileSettings, depth: int, batch: int,
-               stain: Optional[dict[str, Any]], readers: int = 1) -> Iterator[tuple[int, Any]]:
+               stain: Optional[dict[str, Any]], readers: int = 1,
+               scale: Optional[TrainingScale] = None) -> Iterator[tuple[int, Any]]:
     """Yield ``(index, item)`` per slide in input order: tile batches (arrays), then the slide's TileSource once
     all its tiles were yielded, or the error that stopped it. ``readers`` threads (slide i read by reader i mod
-    readers), each with a queue of ``depth`` items."""
+    readers), each with a queue of ``depth`` items; ``scale``: a pixel-tile model's training scale (``_read``)."""
     readers = max(1, min(readers, len(slides) or 1))
     work = [[(i, slides[i].path, slides[i].regions) for i in range(r, len(slides), readers)] for r in range(readers)]
     queues: list[queue.Queue] = [queue.Queue(maxsize=max(1, depth)) for _ in range(readers)]
     stop = threading.Event()
-    workers = [threading.Thread(target=_read, args=(work[r], settings, batch, stain, queues[r].put, stop), daemon=True)
+    workers = [threading.Thread(target=_read, args=(work[r], settings, batch, stain, queues[r].put, stop, scale),
+                                daemon=True)
                for r in range(readers)]
     for worker in workers:
         worker.start()

@@ -11,6 +11,7 @@ from dataclasses import asdict, dataclass, field, fields, replace
 from typing import Any, Dict, List, Optional
 
 from lymphoma.errors import InputError
+from lymphoma.image_scale import SCALES
 
 
 @dataclass
@@ -432,6 +433,10 @@ class PredictSettings:
     #                                | openvino (the ONNX export run by OpenVINO on the CPU; no compiler needed)
     precision: str = "fp32"        # fp32 | bf16 (torch, compile: autocast, on GPUs and on CPUs with bf16 support;
     #                                openvino: bf16 inference where the CPU has bf16 instructions, else fp32)
+    scale: str = "match"           # match | keep: plain images more than 1.5x off the size of a pixel-tile model's
+    #                                training images, with their width:height (the same field at another resolution),
+    #                                are resized to the training scale (match) or taken as they are (keep); either
+    #                                way a warning names them (lymphoma.image_scale)
     regions: Optional[str] = None  # a folder of <slide name>.geojson region files (the file's stem; a DICOM
     #                                slide's folder name): only the tiles inside
     #                                (tiles.region_mode of the model) are predicted; slides without one, all
@@ -446,6 +451,8 @@ class PredictSettings:
             raise InputError(f"predict.engine is {self.engine!r}; allowed: {', '.join(ENGINES)}")
         if self.precision not in PRECISIONS:
             raise InputError(f"predict.precision is {self.precision!r}; allowed: {', '.join(PRECISIONS)}")
+        if self.scale not in SCALES:
+            raise InputError(f"predict.scale is {self.scale!r}; allowed: {', '.join(SCALES)}")
         if self.engine == "onnxruntime" and self.precision != "fp32":
             raise InputError("predict.engine=onnxruntime runs fp32: set predict.precision=fp32 (bf16 is for engines "
                              "torch, compile and openvino)")

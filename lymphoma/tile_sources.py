@@ -4,7 +4,7 @@ by region at a target resolution. Tiling and prediction both take their tiles fr
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from lymphoma.errors import ImageError, InputError
+from lymphoma.image_scale import TrainingScale
 from lymphoma.images import WSI_SUFFIXES, read_rgb
 from lymphoma.regions import read_regions, select_tiles
 from lymphoma.settings import TileSettings
@@ -37,6 +38,7 @@ class TileSource:
     step: float
     to_level0: float = 1.0  # coords * to_level0 are pixels of the file's full resolution (plain images: 1 / resize)
     labels: Optional[list[Optional[str]]] = None  # each tile's region class (tiles.region_labels), None: unclassified
+    matched_resize: Optional[float] = None  # the resize that brought a plain image to the training scale (image_scale)
 
 
 def _in_regions(path: str, region_file: str, corners: np.ndarray, side: float, shape: tuple[int, int],
@@ -55,21 +57,23 @@ def _in_regions(path: str, region_file: str, corners: np.ndarray, side: float, s
 
 def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side: int = 256,
                qc_path: Optional[Path] = None, region_file: str = "",
-               stain: Optional[StainNormalizer] = None) -> TileSource:
+               stain: Optional[StainNormalizer] = None, scale: Optional[TrainingScale] = None) -> TileSource:
     """Tiles of ``path``: pixel tiling of a decoded image or, with ``settings.target_mpp``, region reads of a
     slide over its tissue (with ``qc_path``, a picture of the tissue mask and kept tiles is saved there); with
     a GeoJSON ``region_file`` (lymphoma.regions), only the tiles that tiles.region_mode keeps; with an
     image-scope ``stain`` normaliser, stain-normalised with the statistics of the whole image (before it is
-    cut) or of the slide's tissue in its thumbnail. Raises ImageError naming the file when it cannot give any
-    tile."""
+    cut) or of the slide's tissue in its thumbnail; with a ``scale`` (a pixel-tile model's training scale), a plain
+    image at another scale but of the training images' aspect is resized to it. Raises ImageError naming the file
+    when it cannot give any tile."""
     if not settings.by_resolution:
-        return _image_tiles(path, settings, overview_side, region_file, stain)
+        return _image_tiles(path, settings, overview_side, region_file, stain, scale)
     return _slide_tiles(path, settings, batch, overview_side, qc_path, region_file, stain)
 
 
 def _image_tiles(path: str, settings: TileSettings, overview_side: int, region_file: str,
-                 stain: Optional[StainNormalizer]) -> TileSource:
-    """A plain image decoded whole (stain-normalised whole with its own statistics), then cut by pixels."""
+                 stain: Optional[StainNormalizer], scale: Optional[TrainingScale] = None) -> TileSource:
+    """A plain image decoded whole (stain-normalised whole with its own statistics; resized to the training
+    ``scale`` where ``TrainingScale.matched_resize`` says so), then cut by pixels."""
     if Path(path).suffix.lower() in WSI_SUFFIXES:
         raise ImageError(path, "is a whole-slide file, and these tiles are cut by pixels (tiles.target_mpp "
                                "unset). Tiling: set tiles.target_mpp (e.g. 0.5) or tiles.target_power (e.g. 20). "
@@ -80,6 +84,8 @@ def _image_tiles(path: str, settings: TileSettings, overview_side: int, region_f
         raise ImageError(path, f"has no tissue: every pixel is background (all channels >= "
                                f"tiles.background_level={settings.background_level}); check the file, or lower "
                                "tiles.background_level if its tissue is that pale")
+    matched = scale.matched_resize(image.shape[:2], settings.resize) if scale is not None else None
+    settings = settings if matched is None else replace(settings, resize=matched)
     cut = cut_tiles(image if stain is None else stain(image), settings)
     h, w = image.shape[:2]
     keep, labels = _in_regions(path, region_file, cut.coords / settings.resize, settings.size / settings.resize,
@@ -89,7 +95,7 @@ def _image_tiles(path: str, settings: TileSettings, overview_side: int, region_f
     overview = np.asarray(Image.fromarray(image).resize((max(1, round(w * shrink)), max(1, round(h * shrink))),
                                                         Image.Resampling.BOX))  # 2x faster than bicubic
     return TileSource(iter([pixels]), coords, cut.n_background, (h, w), overview,
-                      shrink / settings.resize, settings.size, settings.stride, 1 / settings.resize, labels)
+                      shrink / settings.resize, settings.size, settings.stride, 1 / settings.resize, labels, matched)
 
 
 def _slide_tiles(path: str, settings: TileSettings, batch: int, overview_side: int, qc_path: Optional[Path],
@@ -131,11 +137,11 @@ def _slide_tiles(path: str, settings: TileSettings, batch: int, overview_side: i
 
 
 def open_normalized_tiles(path: str, settings: TileSettings, normalizer: Optional[StainNormalizer],
-                          batch: int = 64, region_file: str = "") -> TileSource:
+                          batch: int = 64, region_file: str = "", scale: Optional[TrainingScale] = None) -> TileSource:
     """``open_tiles`` with the stain work of a model trained with ``normalizer``: by image where the image is cut
     (its target's scope image), else each batch tile by tile (scope tile); as read without a normalizer."""
     if normalizer is None or not normalizer.per_tile:
-        return open_tiles(path, settings, batch, region_file=region_file, stain=normalizer)
-    source = open_tiles(path, settings, batch, region_file=region_file)
+        return open_tiles(path, settings, batch, region_file=region_file, stain=normalizer, scale=scale)
+    source = open_tiles(path, settings, batch, region_file=region_file, scale=scale)
     source.batches = (normalizer.batch(pixels) for pixels in source.batches)
     return source

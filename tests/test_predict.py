@@ -30,7 +30,7 @@ from lymphoma.model import build_model
 from lymphoma.png import encode_png, write_png
 from lymphoma.prediction import Predictor, SlideInput
 from lymphoma.run_report import write_run_report
-from lymphoma.settings import AugmentSettings, TileSettings
+from lymphoma.settings import AugmentSettings, PredictSettings, TileSettings
 from lymphoma.stain import StainNormalizer
 from lymphoma.tiling import cut_tiles, grid_shape
 
@@ -287,33 +287,55 @@ def test_a_whole_slide_and_a_pixel_model_get_advice_that_works(checkpoint, data_
     check_qupath_exports(tmp_path / "c" / "slides", "CMU-1-Small-Region", (2220, 2967), step)
 
 
-def test_images_at_another_scale_than_the_training_images_are_named_with_the_resize_that_matches(
+def test_images_at_another_scale_are_matched_to_the_training_scale_or_named_with_the_resize_that_matches(
         checkpoint, data_root, manifest_rows, tmp_path, capsys):
-    """The model trained on the 417x312 copies records that size; the same fields of view at full size (1388x1040)
-    are predicted with a warning that names them and the tiles.resize that brings them to the training scale, and
-    with that resize they are cut into the grid of the training-size images, with no warning."""
+    """The model trained on the 417x312 copies records that size. The same fields of view at full size (1388x1040,
+    the training images' width:height) are resized to the training scale before they are cut (predict.scale=match,
+    the default), into the grid of the copies, with a note that names them; a square crop of one, off the scale but
+    of another aspect, is predicted as it is, with a warning naming the tiles.resize that would match it. With
+    predict.scale=keep the full-size images are taken as they are and warned of; with that resize, nothing is said."""
     assert load_checkpoint(checkpoint)["image_size"] == [312, 417]
     full = [r for r in manifest_rows if r["fullres_jpeg_path"]][:2]
     paths = [str(data_root / r["fullres_jpeg_path"]) for r in full] + [str(data_root / manifest_rows[0]["lowres_path"])]
-    assert predict(checkpoint, tmp_path / "a", *paths) == 0
+    crop = tmp_path / "square-crop.png"
+    write_png(crop, read_rgb(paths[0])[:, :1040])
+    assert predict(checkpoint, tmp_path / "a", *paths, str(crop)) == 0
     err = capsys.readouterr().err
-    assert "2 of 3 image(s) are at 3.3x the scale of the model's training images" in err
-    assert "1388x1040 pixels, resized by 1, against the training images' median 417x312" in err
-    assert "predict again with --force tiles.resize=0.3" in err
+    assert "2 of 4 image(s) were resized to the scale of the model's training images before tiling" in err
+    assert "1388x1040 pixels, resized by 0.3, against the training images' median 417x312" in err
+    assert "1 of 4 image(s) are at 2.9x the scale of the model's training images" in err
+    assert "square-crop.png: 1040x1040 pixels" in err and "--force tiles.resize=0.347" in err
     warnings = json.loads((tmp_path / "a" / "metrics.json").read_text())["warnings"]  # kept with the prediction
-    assert len(warnings) == 1 and "2 of 3 image(s) are at 3.3x the scale" in warnings[0]
+    assert len(warnings) == 2 and "were resized to the scale" in warnings[0] and "2.9x the scale" in warnings[1]
     page = write_run_report(tmp_path, tmp_path / "a").read_text()
-    assert "<p class=warn>Warning: 2 of 3 image(s) are at 3.3x the scale" in page
-    record = json.loads((tmp_path / "a" / "slides" / f"{Path(paths[0]).stem}.json").read_text())
+    assert "<p class=warn>Warning: 2 of 4 image(s) were resized" in page
+    slides = tmp_path / "a" / "slides"
+    lowres = json.loads((slides / f"{Path(paths[2]).stem}.json").read_text())
+    assert lowres["image_size"] == [312, 417] and "matched_resize" not in lowres
+    matched = json.loads((slides / f"{Path(paths[0]).stem}.json").read_text())
+    assert matched["image_size"] == [1040, 1388] and matched["matched_resize"] == pytest.approx(417 / 1388, rel=2e-3)
+    assert matched["n_tiles"] == lowres["n_tiles"]  # cut as the 417x312 copies are
+    same_grid = np.load(slides / f"{Path(paths[0]).stem}.npz")["coords"]
+    assert np.array_equal(same_grid, np.load(slides / f"{Path(paths[2]).stem}.npz")["coords"])
+    square = json.loads((slides / f"{Path(paths[0]).stem}.geojson").read_text())["features"][0]["geometry"]
+    (x0, y0), (x1, _) = square["coordinates"][0][:2]
     settings = TileSettings(**load_checkpoint(checkpoint)["tiles"])
-    assert record["image_size"] == [1040, 1388] and record["n_tiles"] == np.prod(grid_shape(1040, 1388, settings))
-    lowres = json.loads((tmp_path / "a" / "slides" / f"{Path(paths[2]).stem}.json").read_text())
-    assert lowres["image_size"] == [312, 417]
-    assert predict(checkpoint, tmp_path / "b", *paths[:2], "tiles.resize=0.3", "--force") == 0
-    assert "scale of the model's training images" not in capsys.readouterr().err
-    assert "warnings" not in json.loads((tmp_path / "b" / "metrics.json").read_text())
+    assert x1 - x0 == pytest.approx(settings.size / matched["matched_resize"])  # QuPath's squares: the file's pixels
+    cropped = json.loads((slides / "square-crop.json").read_text())
+    assert "matched_resize" not in cropped and cropped["n_tiles"] == np.prod(grid_shape(1040, 1040, settings))
+    assert predict(checkpoint, tmp_path / "b", *paths, "predict.scale=keep") == 0
+    err = capsys.readouterr().err
+    assert "3 of 3 image(s) are at" not in err and "2 of 3 image(s) are at 3.3x the scale" in err
+    assert "predict again with --force tiles.resize=0.3" in err and "were resized" not in err
     record = json.loads((tmp_path / "b" / "slides" / f"{Path(paths[0]).stem}.json").read_text())
-    assert record["image_size"] == [1040, 1388] and record["n_tiles"] == lowres["n_tiles"]  # as the 417x312 copies
+    assert record["n_tiles"] == np.prod(grid_shape(1040, 1388, settings)) and "matched_resize" not in record
+    assert predict(checkpoint, tmp_path / "c", *paths[:2], "tiles.resize=0.3", "--force") == 0
+    assert "scale of the model's training images" not in capsys.readouterr().err
+    assert "warnings" not in json.loads((tmp_path / "c" / "metrics.json").read_text())
+    record = json.loads((tmp_path / "c" / "slides" / f"{Path(paths[0]).stem}.json").read_text())
+    assert record["n_tiles"] == lowres["n_tiles"] and "matched_resize" not in record
+    with pytest.raises(InputError, match="predict.scale is 'auto'; allowed: match, keep"):
+        PredictSettings(scale="auto")
 
 
 def test_the_whole_pipeline_on_a_small_real_subset(make_dataset, tmp_path, capsys):
@@ -459,6 +481,8 @@ def test_export_onnx_and_torchscript_agree_with_pytorch_on_real_tiles(checkpoint
     assert recipe["classes"] == ["CLL", "FL", "MCL"] and recipe["input"]["shape"] == ["batch", 64, 64, 3]
     assert recipe["inside_the_model"]["centre_crop"] == 56 and recipe["before_the_model"]["stain_normalization"]
     assert recipe["tiling"]["training_image_size"] == [312, 417]  # the scale of pixel tiles, for a server
+    scale = recipe["tiling"]["scale"]
+    assert "an image more than 1.5x off along a side, with the training images' width:height within 3%" in scale
     predictor = Predictor.from_checkpoint(checkpoint, torch.device("cpu"), 64)
     tiles = cohort_tiles(predictor, cohort)
     reference = predictor.logits(tiles, stain_normalized=True)
