@@ -4,7 +4,9 @@ maps (matplotlib, no display)."""
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 import matplotlib
 
@@ -104,11 +106,25 @@ def save_heatmap(overview: np.ndarray, coords: np.ndarray, tile_class: np.ndarra
         box = [(x + half) * coord_scale, (y + half) * coord_scale, (x + half + step) * coord_scale,
                (y + half + step) * coord_scale]
         draw.rectangle(box, fill=CLASS_COLOURS[int(k) % len(CLASS_COLOURS)] + (110,))
-    for i, name in enumerate(classes):
-        draw.rectangle([4, 4 + 14 * i, 14, 14 + 14 * i], fill=CLASS_COLOURS[i % len(CLASS_COLOURS)] + (255,))
-        draw.text((18, 3 + 14 * i), name, fill=(0, 0, 0, 255))
+    overlay.alpha_composite(_legend(tuple(classes)))
     picture = Image.alpha_composite(Image.fromarray(overview).convert("RGBA"), overlay).convert("RGB")
     write_png(path, np.asarray(picture))  # stored, by lymphoma.png: 14x faster than PIL's encoder
+
+
+@lru_cache(maxsize=8)
+def _legend(classes: tuple[str, ...]) -> Any:
+    """The heatmap's legend, each class's colour and name, on a transparent RGBA picture: drawn once per class list
+    (the text alone took 1.5 ms of a slide's 2 ms heatmap)."""
+    from PIL import Image, ImageDraw, ImageFont
+
+    font = ImageFont.load_default()
+    width = 18 + max((int(font.getlength(name)) for name in classes), default=0) + 4
+    legend = Image.new("RGBA", (width, 4 + 14 * len(classes)), (0, 0, 0, 0))
+    draw = ImageDraw.Draw(legend)
+    for i, name in enumerate(classes):
+        draw.rectangle([4, 4 + 14 * i, 14, 14 + 14 * i], fill=CLASS_COLOURS[i % len(CLASS_COLOURS)] + (255,))
+        draw.text((18, 3 + 14 * i), name, fill=(0, 0, 0, 255), font=font)
+    return legend
 
 
 def save_attention(overview: np.ndarray, coords: np.ndarray, attention: np.ndarray, coord_scale: float, extent: float,
