@@ -13,7 +13,11 @@ cv2.imread takes 6.9 and PIL 8.5, measured beside it): if anything, it flatters 
 
     .venv/bin/python bench/bench_predict.py [--images 64] [--folder lowres|fullres-jpeg] [--stain none|reinhard]
         [--scope tile|image] [--engines torch:fp32,torch:bf16,onnxruntime:fp32,compile:bf16,openvino:fp32,
-        openvino:bf16] [--tasks 1] [--out ...]
+        openvino:bf16] [--tasks 1] [--rounds 1] [--out ...]
+
+``--rounds N`` measures everything N times in turn (the tutorial's loop, then each engine, then again) and reports
+each rate and ratio as its median over the rounds, every round's figures in ``rounds``: this machine's speed
+swings by a third between minutes, more than the differences measured.
 
 The model is the reduced DenseNet with its initial weights (speed does not depend on training).
 """
@@ -94,6 +98,7 @@ def parse_args() -> argparse.Namespace:
                         help="time each engine's bare model and end to end as this many processes at once, each on "
                              "its share of the slides and of the cores, as `lymphoma predict` runs its array tasks "
                              "(cluster.parallelism, default 2); the tutorial's loop stays one process")
+    parser.add_argument("--rounds", type=int, default=1, help="measure everything this many times in turn; medians")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)  # checkpoint, slide list, out: one task
     return parser.parse_args()
 
@@ -190,9 +195,10 @@ def task_run(checkpoint: Path, slides: list[SlideInput], engine: str, precision:
 
 def measure_engines(args: argparse.Namespace, checkpoint: Path, slides: list[SlideInput], all_tiles: np.ndarray,
                     normalized: np.ndarray, tutorial: Callable[[], None], reference: torch.Tensor,
-                    results: dict[str, object]) -> None:
+                    results: dict[str, object], tag: str = "") -> None:
     """Tiles/s and CPU time of the tutorial's loop, then of each engine's bare model and end to end, with ratios;
-    ``reference``: torch fp32's logits of the first 256 tiles, which each engine's tile classes are compared to."""
+    ``reference``: torch fp32's logits of the first 256 tiles, which each engine's tile classes are compared to;
+    ``tag``: added to the output folders' names (each round predicts into its own: none resumes another's)."""
     device, n, work = torch.device(args.device), len(all_tiles), checkpoint.parent
     cpu: dict[str, float] = {}
     model_cpu: dict[str, dict[str, float]] = {}  # with --tasks: the model's own CPU use, bare and end to end
@@ -216,16 +222,16 @@ def measure_engines(args: argparse.Namespace, checkpoint: Path, slides: list[Sli
         engines.append((engine, precision))
         if args.tasks > 1:  # the job's layout: its array tasks at once, the cores shared among them
             for mode, key in (("bare", f"bare_model_{name}"), ("e2e", f"end_to_end_{name}")):
-                per_task = [(checkpoint, slides[i::args.tasks], engine, precision, mode, work / f"task-{key}-{i}",
+                per_task = [(checkpoint, slides[i::args.tasks], engine, precision, mode, work / f"task-{key}-{i}{tag}",
                              args.batch) for i in range(args.tasks)]
                 timings[key], cpu[key] = timed_in_tasks(task_run, per_task, thread_share(args.tasks))
                 used = [json.loads((task[5] / "model_cpu.json").read_text()) for task in per_task]
                 model_cpu[key] = {k: sum(u[k] for u in used) for k in used[0]}
         else:
             timings[f"bare_model_{name}"], cpu[f"bare_model_{name}"] = timed(bare)
-            end_to_end(predictor, slides[:2], work / f"warm-{name}")  # and at a smaller last batch
+            end_to_end(predictor, slides[:2], work / f"warm-{name}{tag}")  # and at a smaller last batch
             timings[f"end_to_end_{name}"], cpu[f"end_to_end_{name}"] = timed(
-                lambda: end_to_end(predictor, slides, work / f"out-{name}"))
+                lambda: end_to_end(predictor, slides, work / f"out-{name}{tag}"))
         same = predictor.logits(all_tiles[:256]).argmax(1) == reference.argmax(1)
         results[f"same_tile_class_as_torch_fp32_{name}"] = float(same.float().mean())
     for name, seconds in timings.items():
@@ -241,6 +247,16 @@ def measure_engines(args: argparse.Namespace, checkpoint: Path, slides: list[Sli
         results[f"end_to_end_vs_tutorial_style_{name}"] = timings["tutorial_style"] / timings[f"end_to_end_{name}"]
         results[f"end_to_end_vs_bare_model_{name}"] = timings[f"bare_model_{name}"] / timings[f"end_to_end_{name}"]
         results[f"bare_model_vs_tutorial_style_{name}"] = timings["tutorial_style"] / timings[f"bare_model_{name}"]
+
+
+def median_of_rounds(rounds: list[dict[str, object]]) -> dict[str, object]:
+    """The first round's results with every rate, CPU time and ratio replaced by its median over the rounds, and
+    each round's own figures under ``rounds``."""
+    measured = [k for k, v in rounds[0].items() if isinstance(v, float) and ("_per_" in k or "_vs_" in k)]
+    merged = {**rounds[0], **{k: float(np.median([r[k] for r in rounds])) for k in measured}}
+    if len(rounds) > 1:
+        merged["rounds"] = [{k: r[k] for k in measured if "_vs_" in k} for r in rounds]
+    return merged
 
 
 def check_task(args: argparse.Namespace, checkpoint: Path, slides: list[SlideInput], predictor: Predictor,
@@ -286,8 +302,12 @@ def main() -> None:
         predictor = Predictor.from_checkpoint(checkpoint, torch.device(args.device), args.batch)
         all_tiles, normalized = tiles_in_memory(predictor, slides, tiles_settings, results)
         tutorial = tutorial_loop(predictor.model, slides, tiles_settings, torch.device(args.device))
-        measure_engines(args, checkpoint, slides, all_tiles, normalized, tutorial, predictor.logits(all_tiles[:256]),
-                        results)
+        reference, rounds = predictor.logits(all_tiles[:256]), []
+        for _ in range(args.rounds):
+            rounds.append(dict(results))
+            measure_engines(args, checkpoint, slides, all_tiles, normalized, tutorial, reference, rounds[-1],
+                            f"-round{len(rounds)}")
+        results = median_of_rounds(rounds)
         check_task(args, checkpoint, slides, predictor, normalized, results)
     emit(results, args.out)
 
