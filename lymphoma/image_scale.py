@@ -85,7 +85,7 @@ def scale_notes(records: Sequence[dict[str, Any]], state: dict[str, Any], resize
     trained, trained_resize = state["image_size"], float(state["tiles"].get("resize", 1.0))
     ok = [r for r in records if r.get("status") == "ok" and r.get("image_size")]
     matched = [r for r in ok if r.get("matched_resize")]
-    off = [(r, scale_ratio(r["image_size"], resize, trained, trained_resize)) for r in ok if r not in matched]
+    off = [(r, scale_ratio(r["image_size"], resize, trained, trained_resize)) for r in ok if not r.get("matched_resize")]
     off = [(r, ratio) for r, ratio in off if not 1 / TOLERANCE <= ratio <= TOLERANCE]
     notes = []
     if matched:
