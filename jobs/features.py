@@ -49,7 +49,8 @@ def run_features_task(task: FeaturesTask) -> list[dict[str, Any]]:
                     out / "engine")
     with task_setup(task.threads) as setup:
         if task.checkpoint:
-            encoder, meta = encoder_from_checkpoint(Path(task.checkpoint), setup.device, cfg.predict.batch_size, engine)
+            encoder, meta = encoder_from_checkpoint(Path(task.checkpoint), setup.device, cfg.predict.batch_size, engine,
+                                                    cfg.predict.scale)
         else:
             encoder, meta = encoder_from_settings(cfg.model, cfg.tiles, cfg.augment, cfg.stain, setup.device,
                                                   cfg.predict.batch_size, engine)
@@ -118,6 +119,11 @@ def command(args: argparse.Namespace, run: Run) -> int:
     log.info(f"{len(ok)} of {len(records)} slide(s) embedded ({len(ok) - n_resumed} now, {n_resumed} already complete; "
              f"{sum(r.get('n_tiles', 0) for r in ok)} tiles, {dims[0] if len(dims) == 1 else dims} dimensions), "
              f"{len(failed)} failed")
+    matched = [r for r in ok if r.get("matched_resize")]
+    if matched:
+        log.warning(f"{len(matched)} image(s) at another resolution than the encoder's training images were resized "
+                    f"to its scale (e.g. {matched[0]['path']} by {matched[0]['matched_resize']:.3g}; their files' "
+                    "tiles attribute holds the resize; predict.scale=keep takes them as they are)")
     for r in failed[:10]:
         log.info(f"  failed: {r['path']}: {r['error']}")
     log.info(f"files:   {out_dir / 'h5_files'}/<slide>.h5 (features, coords)\nsummary: {out_dir / 'features.csv'}")

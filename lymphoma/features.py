@@ -24,6 +24,7 @@ from lymphoma.checkpoint import load_checkpoint
 from lymphoma.engines import TileClassifier, exported_engine
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
+from lymphoma.image_scale import training_scale
 from lymphoma.model import Ensemble, build_model
 from lymphoma.prediction import Predictor, SlideInput, onnx_export, read_record
 from lymphoma.regions import regions_stamp
@@ -80,17 +81,24 @@ def _encoder(model: torch.nn.Module, tiles: TileSettings, augment: AugmentSettin
 
 
 def encoder_from_checkpoint(path: Path, device: torch.device, batch_size: int = 128,
-                            engine: Engine = Engine()) -> tuple[Predictor, dict[str, Any]]:
-    """A trained model of this project as an encoder: its tiling, crop and stain normalisation."""
+                            engine: Engine = Engine(), scale: str = "match") -> tuple[Predictor, dict[str, Any]]:
+    """A trained model of this project as an encoder: its tiling, crop and stain normalisation; with ``scale``
+    ``match`` (predict.scale), plain images at another resolution resized to its training scale, as prediction
+    does (each file's ``tiles`` attribute then holds the resize it was cut at)."""
     state = load_checkpoint(path)
+    matched = training_scale(state, scale)
     model = build_model(state["architecture"])
     model.load_state_dict(state["model"])
     stat = Path(path).stat()
     about = {"encoder": str(Path(path).resolve()), "encoder_size": stat.st_size, "encoder_mtime": stat.st_mtime_ns,
              "backbone": state["architecture"].get("backbone") or f"densenet:{state['architecture'].get('preset')}",
              "tiles": state["tiles"], "augment": state["augment"], "stain": state.get("stain")}
-    return _encoder(model, TileSettings(**state["tiles"]), AugmentSettings(**state["augment"]),
-                    StainNormalizer.from_state(state.get("stain")), device, batch_size, about, engine)
+    if matched is not None:
+        about["scale"] = [list(matched.size), matched.resize]
+    encoder, meta = _encoder(model, TileSettings(**state["tiles"]), AugmentSettings(**state["augment"]),
+                             StainNormalizer.from_state(state.get("stain")), device, batch_size, about, engine)
+    encoder.scale = matched
+    return encoder, meta
 
 
 def encoder_from_settings(model_settings: ModelSettings, tiles: TileSettings, augment: AugmentSettings,
@@ -140,6 +148,7 @@ class FeatureWriter:
         path = self.out_dir / "h5_files" / f"{slide.key}.h5"
         tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
         features = outputs.numpy().astype(np.float32, copy=False)
+        tiles = {**self.meta["tiles"], **({"resize": source.matched_resize} if source.matched_resize else {})}
         try:
             with h5py.File(tmp, "w") as h5:
                 h5.create_dataset("features", data=features)
@@ -153,7 +162,7 @@ class FeatureWriter:
                          if self.meta["tiles"].get("target_mpp") or self.meta["tiles"].get("target_power")
                          else "top-left (x, y) in the resized image", "fingerprint": self.meta["fingerprint"],
                          "precision": str(self.meta["precision"]), "engine": str(self.meta.get("engine", "torch")),
-                         "tiles": json.dumps(self.meta["tiles"])}
+                         "tiles": json.dumps(tiles), "matched_resize": float(source.matched_resize or 0.0)}
                 h5.attrs.update(attrs)
                 coords.attrs.update({"patch_size": attrs["tile_size"], "patch_level": 0})
             tmp.replace(path)
@@ -161,7 +170,8 @@ class FeatureWriter:
             tmp.unlink(missing_ok=True)
         record = {"key": slide.key, "path": slide.path, "status": "ok", "error": "", "label": slide.label,
                   "case": slide.case, "n_tiles": int(len(features)), "feature_dim": attrs["feature_dim"],
-                  "file": str(path), "fingerprint": self.meta["fingerprint"], "regions": regions_stamp(slide.regions)}
+                  "file": str(path), "fingerprint": self.meta["fingerprint"], "regions": regions_stamp(slide.regions),
+                  **({"matched_resize": source.matched_resize} if source.matched_resize else {})}
         write_text_atomic(self._record_path(slide), json.dumps(record, indent=1) + "\n")
         return record
 

@@ -4,6 +4,7 @@ encoder, a trained DenseNet as encoder, resume after kill -9, bad input."""
 from __future__ import annotations
 
 import csv
+import json
 import os
 import signal
 import subprocess
@@ -76,10 +77,16 @@ def fit_target_default():
     return fit_target(StainSettings())
 
 
-def test_a_trained_densenet_is_an_encoder_and_bad_encoders_are_named(tiled, make_dataset, tmp_path, capsys):
+def test_a_trained_densenet_is_an_encoder_and_bad_encoders_are_named(tiled, make_dataset, data_root, manifest_rows,
+                                                                     tmp_path, capsys):
+    """A checkpoint embeds real images with its own tiling; a full-size image (1388x1040) of the 417x312 copies it
+    was trained on is cut at their scale, as prediction cuts it, its file's tiles attribute holding the resize."""
     run_train(config_for(tiled, "encoder", "train.epochs=1", "train.max_steps_per_epoch=2"))
     checkpoint = tiled[1] / "encoder" / "train" / "checkpoints" / "last.pt"
     source = make_dataset(cases_per_class=1, images_per_case=1)
+    full = next(r for r in manifest_rows if r["fullres_jpeg_path"])
+    other = next(r for r in manifest_rows if Path(r["lowres_path"]).stem != Path(full["fullres_jpeg_path"]).stem)
+    both = [str(data_root / full["fullres_jpeg_path"]), str(data_root / other["lowres_path"])]  # two stems
     assert features(tmp_path / "dense", "--checkpoint", str(checkpoint), f"{source}/**/*.png",
                     f"run.root={tmp_path}", "cluster.kind=debug") == 0
     files = sorted((tmp_path / "dense" / "h5_files").glob("*.h5"))
@@ -88,6 +95,14 @@ def test_a_trained_densenet_is_an_encoder_and_bad_encoders_are_named(tiled, make
         width = build_model(torch.load(checkpoint, weights_only=True)["architecture"]).classifier.in_features
         assert h5["features"].shape[1] == width and h5["coords"].attrs["patch_size"] == 64  # the checkpoint's tiling
         assert h5.attrs["backbone"] == "densenet:densenet-reduced"
+    capsys.readouterr()
+    assert features(tmp_path / "scale", "--checkpoint", str(checkpoint), *both, f"run.root={tmp_path}") == 0
+    assert "1 image(s) at another resolution than the encoder's training images were resized" in capsys.readouterr().err
+    with h5py.File(tmp_path / "scale" / "h5_files" / f"{Path(both[0]).stem}.h5") as large, \
+            h5py.File(tmp_path / "scale" / "h5_files" / f"{Path(both[1]).stem}.h5") as copy:
+        assert large.attrs["matched_resize"] == pytest.approx(0.3, abs=0.001) and copy.attrs["matched_resize"] == 0
+        assert np.array_equal(large["coords"][:], copy["coords"][:])  # the copy's grid
+        assert TileSettings(**json.loads(large.attrs["tiles"])).resize == large.attrs["matched_resize"]
     capsys.readouterr()
     assert features(tmp_path / "none", f"{source}/**/*.png", f"run.root={tmp_path}") == 2
     assert "needs an encoder: --checkpoint" in capsys.readouterr().err
