@@ -80,9 +80,10 @@ def scale_notes(records: Sequence[dict[str, Any]], state: dict[str, Any], resize
     their records), and one warning for the images (``image_size``) left more than ``TOLERANCE`` off it at
     ``resize``, with the ``tiles.resize`` that would match the first; nothing when all match, for models tiled by
     resolution, and for checkpoints that do not record their images' size."""
-    if not pixel_model(state):
+    scale = training_scale(state, "match")  # what the model knows of its scale, whichever the policy
+    if scale is None:
         return []
-    trained, trained_resize = state["image_size"], float(state["tiles"].get("resize", 1.0))
+    trained, trained_resize = scale.size, scale.resize
     ok = [r for r in records if r.get("status") == "ok" and r.get("image_size")]
     matched = [r for r in ok if r.get("matched_resize")]
     off = [(r, scale_ratio(r["image_size"], resize, trained, trained_resize)) for r in ok if not r.get("matched_resize")]
