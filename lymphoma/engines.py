@@ -244,8 +244,8 @@ def _preprocessing(state: dict[str, object], augment: AugmentSettings, tiles: ob
         "before_the_model": {"stain_normalization": state.get("stain"),
                              "how": "none when null; else the tile is normalised to this target (method 'reinhard': "
                                     "LAB mean/std matched to the target's, those of each tile with scope 'tile', "
-                                    "those of its whole image, or of a slide's tissue in its thumbnail, with "
-                                    "scope 'image'; 'macenko': stain vectors)"},
+                                    "those of its whole image once resized (before it is cut), or of a slide's "
+                                    "tissue in its thumbnail, with scope 'image'; 'macenko': stain vectors)"},
         "inside_the_model": {"centre_crop": augment.crop, "scale": "1/255", "mean": list(augment.mean),
                              "std": list(augment.std)},
     }

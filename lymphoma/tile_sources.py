@@ -61,8 +61,8 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
     """Tiles of ``path``: pixel tiling of a decoded image or, with ``settings.target_mpp``, region reads of a
     slide over its tissue (with ``qc_path``, a picture of the tissue mask and kept tiles is saved there); with
     a GeoJSON ``region_file`` (lymphoma.regions), only the tiles that tiles.region_mode keeps; with an
-    image-scope ``stain`` normaliser, stain-normalised with the statistics of the whole image (before it is
-    cut) or of the slide's tissue in its thumbnail; with a ``scale`` (a pixel-tile model's training scale), a plain
+    image-scope ``stain`` normaliser, stain-normalised with the statistics of the whole image at the resize it
+    is cut at or of the slide's tissue in its thumbnail; with a ``scale`` (a pixel-tile model's training scale), a plain
     image at another scale but of the training images' aspect is resized to it. Raises ImageError naming the file
     when it cannot give any tile."""
     if not settings.by_resolution:
@@ -72,8 +72,8 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
 
 def _image_tiles(path: str, settings: TileSettings, overview_side: int, region_file: str,
                  stain: Optional[StainNormalizer], scale: Optional[TrainingScale] = None) -> TileSource:
-    """A plain image decoded whole (stain-normalised whole with its own statistics; resized to the training
-    ``scale`` where ``TrainingScale.matched_resize`` says so), then cut by pixels."""
+    """A plain image decoded whole, resized (to the training ``scale`` where ``TrainingScale.matched_resize`` says
+    so), stain-normalised whole with the statistics of the resized image, then cut by pixels."""
     if Path(path).suffix.lower() in WSI_SUFFIXES:
         raise ImageError(path, "is a whole-slide file, and these tiles are cut by pixels (tiles.target_mpp "
                                "unset). Tiling: set tiles.target_mpp (e.g. 0.5) or tiles.target_power (e.g. 20). "
@@ -86,7 +86,7 @@ def _image_tiles(path: str, settings: TileSettings, overview_side: int, region_f
                                "tiles.background_level if its tissue is that pale")
     matched = scale.matched_resize(image.shape[:2], settings.resize) if scale is not None else None
     settings = settings if matched is None else replace(settings, resize=matched)
-    cut = cut_tiles(image if stain is None else stain(image), settings)
+    cut = cut_tiles(image, settings, stain)
     h, w = image.shape[:2]
     keep, labels = _in_regions(path, region_file, cut.coords / settings.resize, settings.size / settings.resize,
                                (h, w), settings)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Optional
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
@@ -44,11 +45,16 @@ def grid_shape(height: int, width: int, settings: TileSettings) -> tuple[int, in
     return (span_h - settings.size) // settings.stride + 1, (span_w - settings.size) // settings.stride + 1
 
 
-def resize_and_pad(image: np.ndarray, settings: TileSettings) -> np.ndarray:
-    """Resize then mirror-pad an RGB image as the tiler sees it."""
+def resize_and_pad(image: np.ndarray, settings: TileSettings,
+                   normalise: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
+    """Resize then mirror-pad an RGB image as the tiler sees it; ``normalise`` (a stain normaliser by image) acts
+    on the resized image before it is padded: at the scale the model sees, with the statistics of that scale
+    (as for an image that was stored smaller), on 1/resize^2 fewer pixels than the original."""
     h, w = resized_shape(image.shape[0], image.shape[1], settings.resize)
     if (h, w) != image.shape[:2]:
         image = np.asarray(Image.fromarray(image).resize((w, h), RESAMPLE[settings.resample]))
+    if normalise is not None:
+        image = normalise(image)
     if settings.pad:
         if settings.pad >= min(h, w):
             raise InputError(f"tiles.pad={settings.pad} must be smaller than the resized image ({w}x{h})")
@@ -56,15 +62,17 @@ def resize_and_pad(image: np.ndarray, settings: TileSettings) -> np.ndarray:
     return image
 
 
-def cut_tiles(image: np.ndarray, settings: TileSettings) -> Tiles:
-    """Cut ``image`` ([H, W, 3] uint8) into tiles; raises InputError if it is smaller than a tile."""
+def cut_tiles(image: np.ndarray, settings: TileSettings,
+              normalise: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> Tiles:
+    """Cut ``image`` ([H, W, 3] uint8) into tiles, ``normalise`` applied to it once resized (``resize_and_pad``);
+    raises InputError if it is smaller than a tile."""
     rows, cols = grid_shape(image.shape[0], image.shape[1], settings)
     if rows == 0:
         h, w = resized_shape(image.shape[0], image.shape[1], settings.resize)
         raise InputError(f"image of {image.shape[1]}x{image.shape[0]} (resized {w}x{h}, padded by {settings.pad}) "
                          f"is smaller than a {settings.size}-pixel tile; lower tiles.size, raise tiles.resize or "
                          "tiles.pad, or remove the image")
-    padded = resize_and_pad(image, settings)
+    padded = resize_and_pad(image, settings, normalise)
     s, t = settings.stride, settings.size
     grid = sliding_window_view(padded, (t, t, 3))[::s, ::s, 0][:rows, :cols]  # [rows, cols, t, t, 3], a view
     ys, xs = np.meshgrid(np.arange(rows) * s - settings.pad, np.arange(cols) * s - settings.pad, indexing="ij")

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -314,6 +315,11 @@ def test_image_scope_moves_every_tile_by_its_images_statistics(data_root, wsi_di
     got = np.concatenate(list(open_tiles(str(path), settings, stain=by_image).batches))
     image = read_rgb(path)
     assert np.array_equal(got, cut_tiles(by_image(image), settings).pixels)  # the image normalised whole, then cut
+    # resized, the image is normalised at the scale it is cut at (with that scale's statistics), then cut
+    half = np.asarray(Image.fromarray(image).resize((image.shape[1] // 2, image.shape[0] // 2), Image.Resampling.BOX))
+    got_half = np.concatenate(list(open_tiles(str(path), replace(settings, resize=0.5, resample="box"),
+                                              stain=by_image).batches))
+    assert np.array_equal(got_half, cut_tiles(by_image(half), settings).pixels)
     # tile by tile, every tile's lightness is the target's; by image, tiles keep their differences in density
     assert np.ptp(_lightness_of_each(by_tile.batch(cut_tiles(image, settings).pixels))) < 0.2
     assert np.ptp(_lightness_of_each(got)) > 2
