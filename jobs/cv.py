@@ -13,7 +13,7 @@ from typing import Any, Optional
 from hpc import ArrayJobError, run_array
 from hpc.task import thread_share
 from jobs.baseline import run_baseline
-from jobs.config import Config
+from jobs.config import Config, ConfigError
 from jobs.fold import FoldJob, FoldTask, grid_points, variant_suffix
 from jobs.run_folder import Run
 from lymphoma.cohort_report import image_class, write_report
@@ -42,6 +42,7 @@ def plan_folds(run: Run, records: list[ImageRecord], classes: list[str]) -> list
     cv = run.config.cv
     for point in grid_points(dict(cv.grid)):  # before any task starts
         run.with_values(point)
+    check_inner_val_trains(run.config)
     threads = thread_share(min(run.config.cluster.parallelism, cv.folds * cv.repeats))
     tasks = []
     for r, folds in enumerate(fold_assignments(records, cv)):
@@ -51,6 +52,16 @@ def plan_folds(run: Run, records: list[ImageRecord], classes: list[str]) -> list
                                   tuple(by_phase.get("train", ())), tuple(by_phase.get("val", ())),
                                   tuple(by_phase["test"]), tuple(classes), threads))
     return tasks
+
+
+def check_inner_val_trains(cfg: Config) -> None:
+    """With cv.inner_val_trains the inner val's cases train, so it must choose nothing: neither the epoch nor a
+    grid point."""
+    if cfg.cv.inner_val_trains and (cfg.cv.grid or (cfg.train.select != "last" and cfg.cv.checkpoint != "last")):
+        raise ConfigError("cv.inner_val_trains=true trains on the inner val's cases, so they cannot choose: set "
+                          "train.select=last (or cv.checkpoint=last) and no cv.grid, or cv.inner_val_trains=false "
+                          f"(now train.select={cfg.train.select}, cv.checkpoint={cfg.cv.checkpoint}, "
+                          f"cv.grid={dict(cfg.cv.grid) or 'none'})")
 
 
 def write_folds_csv(path: Path, tasks: list[FoldTask]) -> None:
@@ -64,8 +75,10 @@ def run_folds(run: Run, tasks: list[FoldTask]) -> tuple[list[list[dict[str, Any]
     """Run every fold as an array task; each fold's prediction records (those written), and the failure if any."""
     cfg = run.config
     sizes = ", ".join(str(len({r.case for r in t.test})) for t in tasks[:cfg.cv.folds])
+    inner = ("which train too and watch training (cv.inner_val_trains)" if cfg.cv.inner_val_trains
+             else "which pick its checkpoint")
     log.info(f"{cfg.cv.repeats} repeat(s) of {cfg.cv.folds} folds ({sizes} test cases); each trains on its train "
-             f"cases and picks its checkpoint on {cfg.cv.inner_val_fraction:.0%} of them (inner val); logs in "
+             f"cases, {cfg.cv.inner_val_fraction:.0%} of them held as inner val, {inner}; logs in "
              f"{run.logs('cv').parent}")
     failure = None
     try:

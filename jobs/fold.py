@@ -95,10 +95,11 @@ class FoldJob(submitit.helpers.Checkpointable):
 
 
 def _fit(task: FoldTask, run: Run, tiles_dir: Path, device: Any, seconds: dict[str, float]) -> dict[str, Any]:
-    """Tile (complete shards are kept) and train (resuming) one configuration into ``run.train``; adds each
-    stage's seconds."""
+    """Tile (complete shards are kept) and train (resuming) one configuration into ``run.train``, on the inner
+    val's cases too with ``cv.inner_val_trains``; adds each stage's seconds."""
     start = time.perf_counter()
-    tile_in_process({"train": list(task.train), "val": list(task.val)}, tiles_dir, list(task.classes),
+    trains = list(task.train) + (list(task.val) if run.config.cv.inner_val_trains else [])
+    tile_in_process({"train": trains, "val": list(task.val)}, tiles_dir, list(task.classes),
                     run.config.tiles, tiling_stain(run.config.stain))
     seconds["tile"] += time.perf_counter() - start
     start = time.perf_counter()

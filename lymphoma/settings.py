@@ -469,7 +469,8 @@ CV_CHECKPOINTS = ("best", "last")
 @dataclass
 class CVSettings:
     """``lymphoma cv``: cross-validation grouped by case (patient), stratified by class. ``folds`` test folds; inside each, a share
-    ``inner_val_fraction`` of the other cases (per class) picks the checkpoint and stops early; intervals
+    ``inner_val_fraction`` of the other cases (per class) picks the checkpoint and stops early (with
+    ``inner_val_trains``, its cases train too, and it only watches training and gates the ensemble); intervals
     from ``bootstrap`` resamples of the cases at ``confidence``; ``checkpoint``: each fold predicts with its
     ``best`` (kept by train.select) or its ``last`` epoch (a rerun with the other reuses the trained folds);
     ``repeats``: fold assignments (seeds ``seed``, ``seed + 1``, ...); ``baseline``: also run the reference
@@ -480,6 +481,9 @@ class CVSettings:
 
     folds: int = 4                 # test folds; every case is tested once, by the one fold model that never saw it
     inner_val_fraction: float = 0.2  # per class, this share of a fold's other cases picks the checkpoint
+    inner_val_trains: bool = False  # the inner val's cases train too (3 more patients a fold here); it then chooses
+    #                                nothing (needs train.select=last or cv.checkpoint=last, no grid), and still
+    #                                watches training and gates the ensemble (one class scores chance on any cases)
     seed: int = 0
     bootstrap: int = 2000          # case resamples for the confidence intervals
     confidence: float = 0.95

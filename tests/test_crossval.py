@@ -255,6 +255,30 @@ def test_grid_is_chosen_on_the_inner_val_of_each_fold(make_dataset, make_config)
         run_cv(make_config(source, *FAST, "cv.folds=2", "cv.grid={train.nope: [1]}", "run.name=grid-bad"))
 
 
+def test_inner_val_can_train_too_when_it_chooses_nothing(make_dataset, make_config):
+    from jobs.config import ConfigError
+
+    source = make_dataset(cases_per_class=4, images_per_case=1)
+    common = [*FAST, "cv.folds=2", "cv.inner_val_fraction=0.3", "cv.bootstrap=100", "train.epochs=1",
+              "train.max_steps_per_epoch=2", "predict.heatmaps=false", "cv.baseline=false", "cv.inner_val_trains=true"]
+    for bad in (["train.select=balanced_accuracy"], ["cv.grid={train.lr: [0.001]}"]):
+        with pytest.raises(ConfigError, match="cv.inner_val_trains=true trains on the inner val's cases"):
+            run_cv(make_config(source, *common, *bad, "run.name=trains-bad"))
+    cfg = make_config(source, *common, "train.select=last", "run.name=trains")
+    report = run_cv(cfg)
+    assert report["n_images"] == 12 and report["failed_folds"] == []
+    with (cfg.dir / "folds.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    for fold in (0, 1):
+        cases = {phase: {r["case"] for r in rows if r["fold"] == str(fold) and r["phase"] == phase}
+                 for phase in ("train", "val", "test")}
+        assert all(cases.values()) and not cases["test"] & (cases["train"] | cases["val"])
+        tiles = cfg.dir / "repeat-0" / f"fold-{fold}" / "tiles"
+        # the inner val's cases are tiled into the training phase as well as their own; the test cases nowhere
+        assert _shard_cases(sorted(tiles.glob("train/*.h5"))) == cases["train"] | cases["val"]
+        assert _shard_cases(sorted(tiles.glob("val/*.h5"))) == cases["val"]
+
+
 def test_baseline_fits_on_one_blas_thread_with_the_same_predictions(records, monkeypatch):
     """The baseline's small fits run on one BLAS thread (two ran 24x slower beside two busy processes) and predict
     what they predict with every thread; the thread setting is restored after."""
