@@ -43,7 +43,8 @@ def assignment(cohort: Cohort, records: list[Any], folds: list[list[str]], fract
         phase_of = fold_phases(records, test_cases, fraction, seed)
         inner = {case for case, phase in phase_of.items() if phase == "val"}
         every.append(fold_records(cohort, cohort.labels, test_cases, seed))
-        fewer.append(fold_records(without_cases(cohort, inner), without_cases(cohort, inner).labels, test_cases, seed))
+        fitted = without_cases(cohort, inner)
+        fewer.append(fold_records(fitted, fitted.labels, test_cases, seed))
         dropped.append(len(inner))
     return pooled_accuracy(every, cohort.classes), pooled_accuracy(fewer, cohort.classes), float(np.mean(dropped))
 
