@@ -123,6 +123,8 @@ def _add_model_commands(sub: Any) -> None:
     features.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments")
     features.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
     features.add_argument("--out", type=Path, help="output folder (default: <run folder>/features)")
+    features.add_argument("--force", action="store_true", help="with --checkpoint: allow tile settings that differ from "
+                          "the checkpoint's")
     mil = _command(sub, "mil", "attention-MIL on the embeddings of `lymphoma features`, in the folds of `lymphoma cv`",
              "Train a gated-attention MIL model (one bag per slide, or per case with mil.bag=case) on the tile "
              "embeddings in mil.features (default <run>/features) in every fold of cv.folds x cv.repeats (the folds "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -12,14 +13,16 @@ from typing import Any, Optional
 from hpc import ArrayJobError, run_array
 from hpc.task import task_setup
 from jobs import openvino_first_in_tasks
-from jobs.predict import gather_records, task_chunks
+from jobs.config import keys_set
+from jobs.predict import forced_tiles, gather_records, task_chunks
 from jobs.run_folder import Run
 from lymphoma.backbones import require_weight_file
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.files import write_csv_atomic
+from lymphoma.image_scale import scale_notes
 from lymphoma.inputs import compile_case_pattern
-from lymphoma.prediction import SlideInput
+from lymphoma.prediction import SlideInput, with_tiles
 from lymphoma.prediction_inputs import expand_inputs
 from lymphoma.settings import EXPORTED_ENGINES
 
@@ -36,6 +39,7 @@ class FeaturesTask:
     slides: tuple[SlideInput, ...]
     out_dir: str
     threads: int
+    tiles: Optional[dict[str, Any]] = None  # tile settings used instead of the checkpoint's (as in prediction)
 
 
 def run_features_task(task: FeaturesTask) -> list[dict[str, Any]]:
@@ -50,7 +54,7 @@ def run_features_task(task: FeaturesTask) -> list[dict[str, Any]]:
     with task_setup(task.threads) as setup:
         if task.checkpoint:
             encoder, meta = encoder_from_checkpoint(Path(task.checkpoint), setup.device, cfg.predict.batch_size, engine,
-                                                    cfg.predict.scale)
+                                                    cfg.predict.scale, task.tiles)
         else:
             encoder, meta = encoder_from_settings(cfg.model, cfg.tiles, cfg.augment, cfg.stain, setup.device,
                                                   cfg.predict.batch_size, engine)
@@ -66,23 +70,45 @@ def features_slides(run: Run, patterns: list[str], list_file: Optional[Path], ba
     return [SlideInput(r.path, Path(r.path).stem, r.label, r.case, r.regions) for r in run.inputs().records]
 
 
-def check_encoder(run: Run, checkpoint: Optional[Path]) -> None:
-    """Before anything is submitted: a readable checkpoint, or a backbone whose weight file exists."""
+@dataclass(frozen=True)
+class Encoder:
+    """What embeds the slides: a trained model's ``checkpoint`` (its ``state``, and the tile settings the user
+    gave in place of its own, ``tiles``: prediction's rules), or, without one, the run's ``model.backbone``."""
+
+    checkpoint: Optional[Path] = None
+    state: Optional[dict[str, Any]] = None
+    tiles: Optional[dict[str, Any]] = None
+
+    def scale_notes(self, records: list[dict[str, Any]]) -> list[str]:
+        """Prediction's notes on images resized to, or left off, the checkpoint's training scale."""
+        if self.state is None:
+            return []
+        resize = float(with_tiles(self.state, self.tiles)["tiles"].get("resize", 1.0))
+        return scale_notes(records, self.state, resize, "embed")
+
+
+def check_encoder(run: Run, checkpoint: Optional[Path], explicit: Sequence[str] = (), force: bool = False) -> Encoder:
+    """Before anything is submitted: a readable checkpoint and the user's tile settings checked against its own
+    (``explicit`` keys; differences need ``force``), or a backbone whose weight file exists."""
     model = run.config.model
     if checkpoint is not None:
-        load_checkpoint(checkpoint)
-    elif model.backbone is None:
+        checkpoint = Path(checkpoint).resolve()
+        state = load_checkpoint(checkpoint)
+        return Encoder(checkpoint, state, forced_tiles(run, checkpoint, state, explicit, force))
+    if model.backbone is None:
         raise InputError("lymphoma features needs an encoder: --checkpoint of a trained model, or model.backbone "
                          "(with model.weights) for a pretrained one")
-    elif model.weights is not None:
+    if model.weights is not None:
         require_weight_file(model.weights)
+    return Encoder()
 
 
-def run_features(run: Run, checkpoint: Optional[Path], slides: list[SlideInput],
+def run_features(run: Run, encoder: Optional[Encoder], slides: list[SlideInput],
                  out: Optional[Path] = None) -> tuple[Path, list[dict[str, Any]], Optional[ArrayJobError]]:
-    """Embed every slide as an array job; ``features.csv`` lists each slide's file or error."""
+    """Embed every slide as an array job with ``encoder`` (``check_encoder``'s; None: the run's model.backbone);
+    ``features.csv`` lists each slide's file or error."""
     cfg = run.config
-    check_encoder(run, checkpoint)
+    encoder = encoder or check_encoder(run, None)
     if cfg.predict.engine == "compile":
         log.info("predict.engine=compile is for `lymphoma predict`; embeddings run on torch "
                  f"(predict.precision={cfg.predict.precision} applies)")
@@ -90,8 +116,8 @@ def run_features(run: Run, checkpoint: Optional[Path], slides: list[SlideInput],
     out_dir.mkdir(parents=True, exist_ok=True)
     run.save_config(out_dir / "config.yaml")
     chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
-    tasks = [FeaturesTask(run, str(Path(checkpoint).resolve()) if checkpoint else None, chunk, str(out_dir), threads)
-             for chunk in chunks]
+    checkpoint = str(encoder.checkpoint) if encoder.checkpoint else None
+    tasks = [FeaturesTask(run, checkpoint, chunk, str(out_dir), threads, encoder.tiles or None) for chunk in chunks]
     openvino_first_in_tasks(cfg.predict.engine)
     failure, results = None, []
     try:
@@ -110,8 +136,10 @@ def run_features(run: Run, checkpoint: Optional[Path], slides: list[SlideInput],
 
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma features``."""
+    explicit = tuple(keys_set(args.config, args.overrides, "tiles"))
+    encoder = check_encoder(run, Path(args.checkpoint) if args.checkpoint else None, explicit, args.force)
     slides = features_slides(run, args.inputs, args.list, args.basepath)
-    out_dir, records, failure = run_features(run, Path(args.checkpoint) if args.checkpoint else None, slides, args.out)
+    out_dir, records, failure = run_features(run, encoder, slides, args.out)
     ok = [r for r in records if r["status"] == "ok"]
     failed = [r for r in records if r["status"] != "ok"]
     dims = sorted({r.get("feature_dim") for r in ok})
@@ -119,11 +147,8 @@ def command(args: argparse.Namespace, run: Run) -> int:
     log.info(f"{len(ok)} of {len(records)} slide(s) embedded ({len(ok) - n_resumed} now, {n_resumed} already complete; "
              f"{sum(r.get('n_tiles', 0) for r in ok)} tiles, {dims[0] if len(dims) == 1 else dims} dimensions), "
              f"{len(failed)} failed")
-    matched = [r for r in ok if r.get("matched_resize")]
-    if matched:
-        log.warning(f"{len(matched)} image(s) at another resolution than the encoder's training images were resized "
-                    f"to its scale (e.g. {matched[0]['path']} by {matched[0]['matched_resize']:.3g}; their files' "
-                    "tiles attribute holds the resize; predict.scale=keep takes them as they are)")
+    for note in encoder.scale_notes(records):
+        log.warning(f"lymphoma features: {note} (each file's tiles attribute holds the resize it was cut at)")
     for r in failed[:10]:
         log.info(f"  failed: {r['path']}: {r['error']}")
     log.info(f"files:   {out_dir / 'h5_files'}/<slide>.h5 (features, coords)\nsummary: {out_dir / 'features.csv'}")

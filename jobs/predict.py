@@ -102,19 +102,20 @@ def prepare_out_dir(out_dir: Path) -> Path:
     return out_dir
 
 
-def forced_tiles(run: Run, request: PredictRequest, state: dict[str, Any]) -> dict[str, Any]:
-    """The user's tile settings that replace the checkpoint's: those that differ, only with ``--force`` (without
-    it they are an error that says what --force means); ``tiles.default_mpp`` (the resolution of files that
-    record none) and ``tiles.max_pixels`` (the largest plain image read) always."""
+def forced_tiles(run: Run, checkpoint: Path, state: dict[str, Any], explicit: Sequence[str],
+                 force: bool) -> dict[str, Any]:
+    """The user's tile settings (``explicit``: the keys they set) that replace the checkpoint's: those that differ,
+    only with ``force`` (without it they are an error that says what --force means); ``tiles.default_mpp`` (the
+    resolution of files that record none) and ``tiles.max_pixels`` (the largest plain image read) always."""
     mine = run.config.tiles
     differ = {key: values for key, values in mine.model_input_differences(state["tiles"]).items()
-              if key in request.explicit_tiles}  # the defaults the user did not touch are not theirs
-    if differ and not request.force:
+              if key in explicit}  # the defaults the user did not touch are not theirs
+    if differ and not force:
         detail = ", ".join(f"tiles.{k}={new} but the model was trained with {old}" for k, (new, old) in differ.items())
         pixel_model = "target_mpp" in differ and state["tiles"].get("target_mpp") is None and \
             state["tiles"].get("target_power") is None
         why = (" (on pixel tiles of images whose resolution it does not know)" if pixel_model else "")
-        raise InputError(f"{request.checkpoint}: {detail}{why}; drop those settings to tile as the model was "
+        raise InputError(f"{checkpoint}: {detail}{why}; drop those settings to tile as the model was "
                          "trained, or pass --force to tile with yours: the model then sees tiles unlike its "
                          "training tiles, which is right only where they match them in size and resolution")
     forced = {key: new for key, (new, _) in differ.items()}
@@ -164,7 +165,7 @@ def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     cfg = run.config
     checkpoint = Path(request.checkpoint).resolve()
     saved = load_checkpoint(checkpoint)
-    tiles = forced_tiles(run, request, saved)
+    tiles = forced_tiles(run, request.checkpoint, saved, request.explicit_tiles, request.force)
     state = with_tiles(saved, tiles)
     slides = request_slides(run, request, state)
     out_dir = prepare_out_dir(Path(request.out).absolute() if request.out else run.predict)

@@ -26,7 +26,7 @@ from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.image_scale import training_scale
 from lymphoma.model import Ensemble, build_model
-from lymphoma.prediction import Predictor, SlideInput, onnx_export, read_record
+from lymphoma.prediction import Predictor, SlideInput, onnx_export, read_record, with_tiles
 from lymphoma.regions import regions_stamp
 from lymphoma.settings import EXPORTED_ENGINES, AugmentSettings, ModelSettings, StainSettings, TileSettings
 from lymphoma.stain import StainNormalizer, fit_target
@@ -80,13 +80,14 @@ def _encoder(model: torch.nn.Module, tiles: TileSettings, augment: AugmentSettin
     return predictor, {**about, "precision": runs, "engine": engine.name, "fingerprint": fingerprint}
 
 
-def encoder_from_checkpoint(path: Path, device: torch.device, batch_size: int = 128,
-                            engine: Engine = Engine(), scale: str = "match") -> tuple[Predictor, dict[str, Any]]:
-    """A trained model of this project as an encoder: its tiling, crop and stain normalisation; with ``scale``
-    ``match`` (predict.scale), plain images at another resolution resized to its training scale, as prediction
-    does (each file's ``tiles`` attribute then holds the resize it was cut at)."""
-    state = load_checkpoint(path)
-    matched = training_scale(state, scale)
+def encoder_from_checkpoint(path: Path, device: torch.device, batch_size: int = 128, engine: Engine = Engine(),
+                            scale: str = "match", tiles: Optional[dict[str, Any]] = None) -> tuple[Predictor, dict[str, Any]]:
+    """A trained model of this project as an encoder: its tiling (with the user's ``tiles`` in place of its own,
+    as prediction takes them), crop and stain normalisation; with ``scale`` ``match`` (predict.scale), plain images at
+    another resolution resized to its training scale, as prediction does (each file's ``tiles`` attribute then
+    holds the resize it was cut at)."""
+    saved = load_checkpoint(path)
+    state, matched = with_tiles(saved, tiles), training_scale(saved, scale)
     model = build_model(state["architecture"])
     model.load_state_dict(state["model"])
     stat = Path(path).stat()
@@ -171,6 +172,7 @@ class FeatureWriter:
         record = {"key": slide.key, "path": slide.path, "status": "ok", "error": "", "label": slide.label,
                   "case": slide.case, "n_tiles": int(len(features)), "feature_dim": attrs["feature_dim"],
                   "file": str(path), "fingerprint": self.meta["fingerprint"], "regions": regions_stamp(slide.regions),
+                  "image_size": [int(v) for v in source.shape],
                   **({"matched_resize": source.matched_resize} if source.matched_resize else {})}
         write_text_atomic(self._record_path(slide), json.dumps(record, indent=1) + "\n")
         return record

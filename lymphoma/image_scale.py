@@ -75,11 +75,12 @@ def training_scale(state: dict[str, Any], policy: str) -> Optional[TrainingScale
     return TrainingScale((int(height), int(width)), float(state["tiles"].get("resize", 1.0)))
 
 
-def scale_notes(records: Sequence[dict[str, Any]], state: dict[str, Any], resize: float) -> list[str]:
-    """What prediction says of the images' scale: the images resized to the training scale (``matched_resize`` in
-    their records), and one warning for the images (``image_size``) left more than ``TOLERANCE`` off it at
-    ``resize``, with the ``tiles.resize`` that would match the first; nothing when all match, for models tiled by
-    resolution, and for checkpoints that do not record their images' size."""
+def scale_notes(records: Sequence[dict[str, Any]], state: dict[str, Any], resize: float,
+                verb: str = "predict") -> list[str]:
+    """What prediction (or embedding: ``verb``) says of the images' scale: the images resized to the training scale
+    (``matched_resize`` in their records), and one warning for the images (``image_size``) left more than
+    ``TOLERANCE`` off it at ``resize``, with the ``tiles.resize`` that would match the first; nothing when all
+    match, for models tiled by resolution, and for checkpoints that do not record their images' size."""
     scale = training_scale(state, "match")  # what the model knows of its scale, whichever the policy
     if scale is None:
         return []
@@ -97,7 +98,7 @@ def scale_notes(records: Sequence[dict[str, Any]], state: dict[str, Any], resize
                      f"{first['matched_resize']:.3g}, against the training images' median {trained[1]}x{trained[0]}, "
                      f"resized by {trained_resize:g}): their width:height is the training images', so they were taken "
                      "for the same field of view at another resolution (predict.scale=match). If they are crops at "
-                     "the training magnification, predict them again with predict.scale=keep")
+                     f"the training magnification, {verb} them again with predict.scale=keep")
     if off:
         first, ratio = off[0]
         height, width = first["image_size"]
@@ -105,6 +106,6 @@ def scale_notes(records: Sequence[dict[str, Any]], state: dict[str, Any], resize
                      f"images (e.g. {first['path']}: {width}x{height} pixels, resized by {resize:g}, against the "
                      f"training images' median {trained[1]}x{trained[0]}, resized by {trained_resize:g}); the model "
                      f"knows no other scale of them. If they show the same field of view as its training images, "
-                     f"predict again with --force tiles.resize={resize / ratio:.3g}; if they are crops at the "
+                     f"{verb} again with --force tiles.resize={resize / ratio:.3g}; if they are crops at the "
                      "training magnification, this is expected")
     return notes

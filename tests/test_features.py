@@ -24,9 +24,10 @@ from lymphoma.augment import eval_batch
 from lymphoma.backbones import load_pretrained
 from lymphoma.images import read_rgb
 from lymphoma.model import build_model
+from lymphoma.png import write_png
 from lymphoma.settings import AugmentSettings, ModelSettings, TileSettings
 from lymphoma.stain import StainNormalizer, fit_target
-from lymphoma.tiling import cut_tiles
+from lymphoma.tiling import cut_tiles, grid_shape
 
 
 @pytest.fixture(scope="module")
@@ -77,38 +78,61 @@ def fit_target_default():
     return fit_target(StainSettings())
 
 
-def test_a_trained_densenet_is_an_encoder_and_bad_encoders_are_named(tiled, make_dataset, data_root, manifest_rows,
-                                                                     tmp_path, capsys):
-    """A checkpoint embeds real images with its own tiling; a full-size image (1388x1040) of the 417x312 copies it
-    was trained on is cut at their scale, as prediction cuts it, its file's tiles attribute holding the resize."""
+@pytest.fixture(scope="module")
+def encoder(tiled) -> Path:
+    """A DenseNet trained for two steps on the 417x312 copies (64-pixel tiles): the checkpoint records that size."""
     run_train(config_for(tiled, "encoder", "train.epochs=1", "train.max_steps_per_epoch=2"))
-    checkpoint = tiled[1] / "encoder" / "train" / "checkpoints" / "last.pt"
+    return tiled[1] / "encoder" / "train" / "checkpoints" / "last.pt"
+
+
+def test_a_trained_densenet_is_an_encoder_and_bad_encoders_are_named(encoder, make_dataset, tmp_path, capsys):
+    """A checkpoint embeds real images with its own tiling; no encoder, or a missing weight file, is named."""
     source = make_dataset(cases_per_class=1, images_per_case=1)
-    full = next(r for r in manifest_rows if r["fullres_jpeg_path"])
-    other = next(r for r in manifest_rows if Path(r["lowres_path"]).stem != Path(full["fullres_jpeg_path"]).stem)
-    both = [str(data_root / full["fullres_jpeg_path"]), str(data_root / other["lowres_path"])]  # two stems
-    assert features(tmp_path / "dense", "--checkpoint", str(checkpoint), f"{source}/**/*.png",
+    assert features(tmp_path / "dense", "--checkpoint", str(encoder), f"{source}/**/*.png",
                     f"run.root={tmp_path}", "cluster.kind=debug") == 0
     files = sorted((tmp_path / "dense" / "h5_files").glob("*.h5"))
     assert len(files) == 3
     with h5py.File(files[0]) as h5:
-        width = build_model(torch.load(checkpoint, weights_only=True)["architecture"]).classifier.in_features
+        width = build_model(torch.load(encoder, weights_only=True)["architecture"]).classifier.in_features
         assert h5["features"].shape[1] == width and h5["coords"].attrs["patch_size"] == 64  # the checkpoint's tiling
         assert h5.attrs["backbone"] == "densenet:densenet-reduced"
-    capsys.readouterr()
-    assert features(tmp_path / "scale", "--checkpoint", str(checkpoint), *both, f"run.root={tmp_path}") == 0
-    assert "1 image(s) at another resolution than the encoder's training images were resized" in capsys.readouterr().err
-    with h5py.File(tmp_path / "scale" / "h5_files" / f"{Path(both[0]).stem}.h5") as large, \
-            h5py.File(tmp_path / "scale" / "h5_files" / f"{Path(both[1]).stem}.h5") as copy:
-        assert large.attrs["matched_resize"] == pytest.approx(0.3, abs=0.001) and copy.attrs["matched_resize"] == 0
-        assert np.array_equal(large["coords"][:], copy["coords"][:])  # the copy's grid
-        assert TileSettings(**json.loads(large.attrs["tiles"])).resize == large.attrs["matched_resize"]
     capsys.readouterr()
     assert features(tmp_path / "none", f"{source}/**/*.png", f"run.root={tmp_path}") == 2
     assert "needs an encoder: --checkpoint" in capsys.readouterr().err
     assert features(tmp_path / "miss", f"{source}/**/*.png", f"run.root={tmp_path}", "model.backbone=timm:resnet10t",
                     f"model.weights={tmp_path / 'absent.safetensors'}") == 2
     assert "model.weights=" in capsys.readouterr().err
+
+
+def test_a_checkpoint_encoder_tiles_at_its_scale_as_prediction_does(encoder, data_root, manifest_rows, tmp_path,
+                                                                    capsys):
+    """A full-size image (1388x1040) of the 417x312 copies the encoder was trained on is cut at their scale, its
+    file's tiles attribute holding the resize; a square crop of it, off the scale, is embedded as it is with
+    prediction's warning naming the tiles.resize that matches it. A tile setting other than the checkpoint's is an
+    error without --force, and with it the image is cut at that resize."""
+    full = next(r for r in manifest_rows if r["fullres_jpeg_path"])
+    other = next(r for r in manifest_rows if Path(r["lowres_path"]).stem != Path(full["fullres_jpeg_path"]).stem)
+    both = [str(data_root / full["fullres_jpeg_path"]), str(data_root / other["lowres_path"])]  # two stems
+    crop = tmp_path / "square-crop.png"
+    write_png(crop, read_rgb(both[0])[:, :1040])
+    words = ["--checkpoint", str(encoder), f"run.root={tmp_path}", "cluster.kind=debug"]
+    assert features(tmp_path / "scale", *words, *both, str(crop)) == 0
+    err = capsys.readouterr().err
+    assert "lymphoma features: 1 of 3 image(s) were resized to the scale of the model's training images" in err
+    assert "1 of 3 image(s) are at 2.9x the scale" in err and "embed again with --force tiles.resize=0.347" in err
+    files = tmp_path / "scale" / "h5_files"
+    with h5py.File(files / f"{Path(both[0]).stem}.h5") as large, h5py.File(files / f"{Path(both[1]).stem}.h5") as copy:
+        assert large.attrs["matched_resize"] == pytest.approx(0.3, abs=0.001) and copy.attrs["matched_resize"] == 0
+        assert np.array_equal(large["coords"][:], copy["coords"][:])  # the copy's grid
+        assert TileSettings(**json.loads(large.attrs["tiles"])).resize == large.attrs["matched_resize"]
+    assert features(tmp_path / "refused", *words, both[0], "tiles.resize=0.3") == 2
+    assert "tiles.resize=0.3 but the model was trained with 1" in capsys.readouterr().err
+    assert features(tmp_path / "forced", *words, str(crop), "tiles.resize=0.347", "--force") == 0
+    assert "scale of the model's training images" not in capsys.readouterr().err
+    with h5py.File(tmp_path / "forced" / "h5_files" / "square-crop.h5") as forced:
+        settings = TileSettings(**json.loads(forced.attrs["tiles"]))
+        assert settings.resize == 0.347 and settings.size == 64 and forced.attrs["matched_resize"] == 0
+        assert len(forced["coords"]) == np.prod(grid_shape(1040, 1040, settings)) > 0
 
 
 def test_killed_features_resume_only_the_remaining_slides(data_root, manifest_rows, resnet_file, tmp_path):
