@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import multiprocessing
 import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Optional
+
+
+def reference_cv_args(description: str) -> argparse.Namespace:
+    """The arguments of the scripts that refit the reference baseline over many fold assignments: ``-c`` (the
+    config whose cohort and cv settings they use), ``--repeats`` (assignments, from cv.seed on) and ``--out``."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("-c", "--config", required=True)
+    parser.add_argument("--repeats", type=int, default=30)
+    parser.add_argument("--out", type=Path)
+    return parser.parse_args()
 
 
 def emit(results: dict[str, Any], out: Optional[Path]) -> None:

@@ -14,17 +14,15 @@ Nuclear features are cached in ``<run>/baseline/nuclei.npz`` (about 1 s an image
 
 from __future__ import annotations
 
-import argparse
 import os
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from cv_embeddings import paired, scores
 from scipy import ndimage as ndi
 
-from common import emit
+from common import emit, reference_cv_args
 from jobs.baseline import cached_features, load_cohort
 from jobs.run_folder import open_run
 from lymphoma.baseline import Cohort, cohort_features
@@ -128,11 +126,7 @@ def levers(cohort: Cohort, nuclei: np.ndarray) -> dict[str, tuple[Cohort, str]]:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", required=True)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = reference_cv_args(__doc__)
     run = open_run(args.config)
     inputs, cv = run.inputs(), run.config.cv
     assignments = [grouped_folds(inputs.records, cv.folds, cv.seed + r) for r in range(args.repeats)]

@@ -10,16 +10,14 @@ shipped ensemble, and takes about 3 of a fold's 17 training patients.
 
 from __future__ import annotations
 
-import argparse
 from dataclasses import replace
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from cv_embeddings import paired
 from threadpoolctl import threadpool_limits
 
-from common import emit
+from common import emit, reference_cv_args
 from jobs.baseline import load_cohort
 from jobs.run_folder import open_run
 from lymphoma.baseline import Cohort, fold_records, pooled_accuracy
@@ -50,11 +48,7 @@ def assignment(cohort: Cohort, records: list[Any], folds: list[list[str]], fract
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", required=True)
-    parser.add_argument("--repeats", type=int, default=30)
-    parser.add_argument("--out", type=Path)
-    args = parser.parse_args()
+    args = reference_cv_args(__doc__)
     run = open_run(args.config)
     inputs, cv = run.inputs(), run.config.cv
     cohort = load_cohort(inputs.records, inputs.classes, run.dir / "baseline")
