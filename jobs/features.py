@@ -71,9 +71,10 @@ def features_slides(run: Run, patterns: list[str], list_file: Optional[Path], ba
 
 
 @dataclass(frozen=True)
-class Encoder:
-    """What embeds the slides: a trained model's ``checkpoint`` (its ``state``, and the tile settings the user
-    gave in place of its own, ``tiles``: prediction's rules), or, without one, the run's ``model.backbone``."""
+class EncoderSource:
+    """Where the encoder comes from, checked before any task: a trained model's ``checkpoint`` (its ``state``, and
+    the tile settings the user gave in place of its own, ``tiles``: prediction's rules), or, without one, the run's
+    ``model.backbone``. Each task builds the encoder itself from it (``lymphoma.features``)."""
 
     checkpoint: Optional[Path] = None
     state: Optional[dict[str, Any]] = None
@@ -87,28 +88,28 @@ class Encoder:
         return scale_notes(records, self.state, resize, "embed")
 
 
-def check_encoder(run: Run, checkpoint: Optional[Path], explicit: Sequence[str] = (), force: bool = False) -> Encoder:
+def check_encoder(run: Run, checkpoint: Optional[Path], explicit: Sequence[str] = (), force: bool = False) -> EncoderSource:
     """Before anything is submitted: a readable checkpoint and the user's tile settings checked against its own
     (``explicit`` keys; differences need ``force``), or a backbone whose weight file exists."""
     model = run.config.model
     if checkpoint is not None:
         checkpoint = Path(checkpoint).resolve()
         state = load_checkpoint(checkpoint)
-        return Encoder(checkpoint, state, forced_tiles(run, checkpoint, state, explicit, force))
+        return EncoderSource(checkpoint, state, forced_tiles(run, checkpoint, state, explicit, force))
     if model.backbone is None:
         raise InputError("lymphoma features needs an encoder: --checkpoint of a trained model, or model.backbone "
                          "(with model.weights) for a pretrained one")
     if model.weights is not None:
         require_weight_file(model.weights)
-    return Encoder()
+    return EncoderSource()
 
 
-def run_features(run: Run, encoder: Optional[Encoder], slides: list[SlideInput],
+def run_features(run: Run, source: Optional[EncoderSource], slides: list[SlideInput],
                  out: Optional[Path] = None) -> tuple[Path, list[dict[str, Any]], Optional[ArrayJobError]]:
-    """Embed every slide as an array job with ``encoder`` (``check_encoder``'s; None: the run's model.backbone);
-    ``features.csv`` lists each slide's file or error."""
+    """Embed every slide as an array job with the encoder from ``source`` (``check_encoder``'s; None: the run's
+    model.backbone); ``features.csv`` lists each slide's file or error."""
     cfg = run.config
-    encoder = encoder or check_encoder(run, None)
+    source = source or check_encoder(run, None)
     if cfg.predict.engine == "compile":
         log.info("predict.engine=compile is for `lymphoma predict`; embeddings run on torch "
                  f"(predict.precision={cfg.predict.precision} applies)")
@@ -116,8 +117,8 @@ def run_features(run: Run, encoder: Optional[Encoder], slides: list[SlideInput],
     out_dir.mkdir(parents=True, exist_ok=True)
     run.save_config(out_dir / "config.yaml")
     chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
-    checkpoint = str(encoder.checkpoint) if encoder.checkpoint else None
-    tasks = [FeaturesTask(run, checkpoint, chunk, str(out_dir), threads, encoder.tiles or None) for chunk in chunks]
+    checkpoint = str(source.checkpoint) if source.checkpoint else None
+    tasks = [FeaturesTask(run, checkpoint, chunk, str(out_dir), threads, source.tiles or None) for chunk in chunks]
     openvino_first_in_tasks(cfg.predict.engine)
     failure, results = None, []
     try:
@@ -137,9 +138,9 @@ def run_features(run: Run, encoder: Optional[Encoder], slides: list[SlideInput],
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma features``."""
     explicit = tuple(keys_set(args.config, args.overrides, "tiles"))
-    encoder = check_encoder(run, Path(args.checkpoint) if args.checkpoint else None, explicit, args.force)
+    source = check_encoder(run, Path(args.checkpoint) if args.checkpoint else None, explicit, args.force)
     slides = features_slides(run, args.inputs, args.list, args.basepath)
-    out_dir, records, failure = run_features(run, encoder, slides, args.out)
+    out_dir, records, failure = run_features(run, source, slides, args.out)
     ok = [r for r in records if r["status"] == "ok"]
     failed = [r for r in records if r["status"] != "ok"]
     dims = sorted({r.get("feature_dim") for r in ok})
@@ -147,7 +148,7 @@ def command(args: argparse.Namespace, run: Run) -> int:
     log.info(f"{len(ok)} of {len(records)} slide(s) embedded ({len(ok) - n_resumed} now, {n_resumed} already complete; "
              f"{sum(r.get('n_tiles', 0) for r in ok)} tiles, {dims[0] if len(dims) == 1 else dims} dimensions), "
              f"{len(failed)} failed")
-    for note in encoder.scale_notes(records):
+    for note in source.scale_notes(records):
         log.warning(f"lymphoma features: {note} (each file's tiles attribute holds the resize it was cut at)")
     for r in failed[:10]:
         log.info(f"  failed: {r['path']}: {r['error']}")
