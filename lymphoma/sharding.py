@@ -17,6 +17,7 @@ from lymphoma.settings import TileSettings
 from lymphoma.store import STORE_FORMAT, ShardSummary
 
 MANIFEST_NAME = "manifest.json"
+STAIN_AFTER_RESIZE = "resized, then normalised"  # image-scope stain normalisation of a resized image
 
 
 @dataclass(frozen=True)
@@ -46,7 +47,9 @@ def plan_shards(by_phase: Mapping[str, Sequence[ImageRecord]], images_per_shard:
 def fingerprint(plan: ShardPlan, classes: Sequence[str], settings: TileSettings, compression: str,
                 stain: Optional[dict[str, Any]] = None) -> str:
     """A hash of everything a shard's content depends on: images and region files (path, size, mtime), labels,
-    settings, and the stain target where tiling normalises (stain.scope image)."""
+    settings, and the stain target where tiling normalises (stain.scope image), with the order of resizing and
+    normalising where an image is resized (a shard cut before that order changed is cut again, not mixed with
+    the new ones; the fingerprints of every other shard are what they were)."""
     images = []
     for record in plan.records:
         stat = Path(record.path).stat() if Path(record.path).exists() else None
@@ -57,6 +60,8 @@ def fingerprint(plan: ShardPlan, classes: Sequence[str], settings: TileSettings,
                "tiles": settings.as_dict(), "compression": compression, "images": images}
     if stain is not None:
         payload["stain"] = stain
+        if settings.resize != 1 and not settings.by_resolution:  # since 53195cc: resized, then normalised
+            payload["stain_order"] = STAIN_AFTER_RESIZE
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
 
 

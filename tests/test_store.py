@@ -12,7 +12,7 @@ import tables
 
 from lymphoma.errors import InputError
 from lymphoma.images import read_rgb
-from lymphoma.inputs import discover
+from lymphoma.inputs import ImageRecord, discover
 from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.settings import TileSettings
 from lymphoma.sharding import ShardPlan, fingerprint
@@ -97,6 +97,28 @@ def test_bytes_changed_inside_a_finished_shard_are_found(tmp_path, records):
     reader.close()
     assert verify_shard(path) == "the bytes of /imgs differ from the digest recorded when it was written"
     assert read_complete_shard(path, fp) is None
+
+
+# Fingerprints of one shard plan as 886943d computed them (before a resized image was normalised after its resize):
+# the key is (tiles.resize, whether tiling normalises by image).
+FINGERPRINTS_886943D = {
+    (1.0, False): "66f0f111bbe3855bedc053e256178baa8a95384172e03af678fca996f4bed1e2",
+    (1.0, True): "618b5c0cac5c583c946e3f7cca03bee4388a433d6ca2400450d0976cf4e23239",
+    (0.5, False): "72b81cda38779be8119ff4206f5ae29341161824af3b3feabfcb05470b2bbe62",
+    (0.5, True): "59b10e1ef9aa9734b5533d1c607874a19b0d8060c9dea5c678a868ab23848d61",
+}
+
+
+def test_only_shards_resized_before_their_stain_normalisation_changed_fingerprint():
+    """Shards normalised by image at a resize were cut in the other order before 53195cc: a store begun then and
+    resumed now cuts those shards again instead of mixing the two orders; every other shard on disk stays
+    current (its fingerprint is the one it was written with)."""
+    plan = ShardPlan("train", 0, (ImageRecord("/absent/a.png", "CLL", "case-a"),))
+    stain = {"method": "reinhard", "scope": "image", "means": [1.0, 2.0, 3.0], "stds": [0.5, 0.5, 0.5]}
+    for (resize, normalised), before in FINGERPRINTS_886943D.items():
+        now = fingerprint(plan, CLASSES, TileSettings(size=96, stride=80, resize=resize), "blosc:zstd:5",
+                          stain if normalised else None)
+        assert (now != before) == (resize != 1 and normalised), (resize, normalised)
 
 
 def test_compression_spec_names_allowed_values():
