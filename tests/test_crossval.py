@@ -112,24 +112,7 @@ def test_cv_end_to_end(make_dataset, make_config, caplog):
     report = run_cv(make_config(source, *overrides))
     run_dir = make_config(source).dir
     assert report["n_images"] == 24 and report["n_cases"] == 12 and report["failed_folds"] == []
-
-    with (run_dir / "folds.csv").open() as handle:
-        rows = list(csv.DictReader(handle))
-    test_of = defaultdict(set)
-    for row in rows:
-        if row["phase"] == "test":
-            test_of[int(row["repeat"]), int(row["fold"])].add(row["case"])
-    for repeat in (0, 1):  # every case tested once per repeat; the repeats deal the cases differently
-        assert sorted(c for (r, _), cases in test_of.items() if r == repeat for c in cases) == \
-            sorted({r["case"] for r in rows})
-    assert {frozenset(test_of[0, k]) for k in (0, 1)} != {frozenset(test_of[1, k]) for k in (0, 1)}
-    for (repeat, fold), test_cases in test_of.items():  # the fold's learning and its checkpoint choice never saw them
-        tiles = run_dir / f"repeat-{repeat}" / f"fold-{fold}" / "tiles"
-        seen = _shard_cases(sorted(tiles.glob("train/*.h5"))) | _shard_cases(sorted(tiles.glob("val/*.h5")))
-        assert seen and not seen & test_cases
-        assert not list(tiles.glob("test/*"))
-        history = json.loads((run_dir / f"repeat-{repeat}" / f"fold-{fold}" / "train" / "history.json").read_text())
-        assert 1 <= len(history) <= 2
+    test_of = _check_folds_never_saw_their_test_cases(run_dir)
 
     with (run_dir / "cv" / "predictions.csv").open() as handle:
         predicted = list(csv.DictReader(handle))
@@ -137,41 +120,15 @@ def test_cv_end_to_end(make_dataset, make_config, caplog):
     assert all(p["case"] in test_of[int(p["repeat"]), int(p["fold"])] for p in predicted)
     assert len(report["repeats"]) == 2 and report["across_repeats"]["n"] == 2
     assert [k["why"].split(":")[0].startswith("epoch") for k in report["kept"]] == [True] * 4
-
-    # the baseline ran in the same folds; its null has 3 permutations
-    baseline = report["baseline"]
-    assert baseline["null"]["permutations"] == 3 and 0 < baseline["null"]["image"]["p_value"] <= 1
-    with (run_dir / "baseline" / "predictions.csv").open() as handle:
-        base_rows = list(csv.DictReader(handle))
-    assert len(base_rows) == 48
-    assert all(row["case"] in test_of[int(row["repeat"]), int(row["fold"])] for row in base_rows)
-    spread = baseline["assignments"]  # alone over 6 assignments, the run's 2 first: the same figures as in its folds
-    for level in ("image", "case"):
-        assert spread["n"] == 6 and len(spread[level]["values"]) == 6
-        assert spread[level]["values"][:2] == baseline["across_repeats"][f"vote_{level}_accuracy"]["values"]
-        assert all(0 < p < 100 for p in spread[level]["run_percentiles"])
-        assert baseline["cnn_minus_baseline"][level] == pytest.approx(
-            [report["repeats"][r]["vote"][level]["accuracy"] - spread[level]["values"][r] for r in (0, 1)])
+    _check_baseline_in_the_same_folds(report, run_dir, test_of)
 
     # the first repeat's fold models: shipped as one ensemble, less those at or below chance on their inner val
     shipped = report["ensemble"]
     assert len(shipped["members"]) + len(shipped["left_out"]) == 2
     assert (shipped["path"] is not None) == bool(shipped["members"])
     _check_ensemble(run_dir, source)
-    saved = json.loads((run_dir / "cv" / "report.json").read_text())
-    assert saved["vote"]["image"]["n"] == 24 and len(saved["vote"]["folds"]) == 2
-    assert (run_dir / "cv" / "confusion_image.png").is_file() and (run_dir / "cv" / "roc_case.png").is_file()
-    pooled = saved["vote"]
-    for level in ("image", "case"):  # ROC AUC and calibration pooled over the folds, with case-bootstrap intervals
-        low, high = pooled["interval"][f"{level}_macro_auc"]
-        assert low <= pooled[level]["macro_auc"] <= high and 0 <= pooled[level]["ece"] <= 1
-        assert pooled["interval"][f"{level}_ece"][0] <= pooled["interval"][f"{level}_ece"][1]
-    printed = caplog.text
-    assert "scores (one class against the rest; F1 of the majority vote): image macro AUC" in printed
-    assert "95% intervals from 200 case resamples" in printed and "over 2 fold assignments" in printed
-    assert "baseline (logistic regression" in printed and "its null (3 case-label permutations" in printed
-    assert "CNN less baseline, same folds" in printed and "baseline alone over 6 fold assignments (seeds 0-5" in printed
-    assert "task seconds: tile" in printed and report["seconds"]["train"] > 0
+    _check_pooled_report(run_dir, caplog.text)
+    assert report["seconds"]["train"] > 0
 
     # TTA on the same run: the trained folds are reused (no new epoch), the predictions are new
     best = run_dir / "repeat-0" / "fold-0" / "train" / "checkpoints" / "best.pt"
@@ -182,6 +139,65 @@ def test_cv_end_to_end(make_dataset, make_config, caplog):
     tta = json.loads((run_dir / "cv-tta" / "report.json").read_text())
     assert tta["tta"] is True and tta["n_images"] == 24
     assert tta["vote"]["image"]["confusion"] != [[0] * 3] * 3
+
+
+def _check_folds_never_saw_their_test_cases(run_dir):
+    """Every case tested once per repeat, the repeats dealing the cases differently, and no fold's tiles (its
+    learning and its checkpoint choice) holding a case it tests; returns each fold's test cases."""
+    with (run_dir / "folds.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    test_of = defaultdict(set)
+    for row in rows:
+        if row["phase"] == "test":
+            test_of[int(row["repeat"]), int(row["fold"])].add(row["case"])
+    for repeat in (0, 1):
+        assert sorted(c for (r, _), cases in test_of.items() if r == repeat for c in cases) == \
+            sorted({r["case"] for r in rows})
+    assert {frozenset(test_of[0, k]) for k in (0, 1)} != {frozenset(test_of[1, k]) for k in (0, 1)}
+    for (repeat, fold), test_cases in test_of.items():
+        tiles = run_dir / f"repeat-{repeat}" / f"fold-{fold}" / "tiles"
+        seen = _shard_cases(sorted(tiles.glob("train/*.h5"))) | _shard_cases(sorted(tiles.glob("val/*.h5")))
+        assert seen and not seen & test_cases
+        assert not list(tiles.glob("test/*"))
+        history = json.loads((run_dir / f"repeat-{repeat}" / f"fold-{fold}" / "train" / "history.json").read_text())
+        assert 1 <= len(history) <= 2
+    return test_of
+
+
+def _check_baseline_in_the_same_folds(report, run_dir, test_of):
+    """The baseline ran in the same folds, with a 3-permutation null, and alone over 6 assignments whose first 2
+    give the figures it had in the run's folds."""
+    baseline = report["baseline"]
+    assert baseline["null"]["permutations"] == 3 and 0 < baseline["null"]["image"]["p_value"] <= 1
+    with (run_dir / "baseline" / "predictions.csv").open() as handle:
+        base_rows = list(csv.DictReader(handle))
+    assert len(base_rows) == 48
+    assert all(row["case"] in test_of[int(row["repeat"]), int(row["fold"])] for row in base_rows)
+    spread = baseline["assignments"]
+    for level in ("image", "case"):
+        assert spread["n"] == 6 and len(spread[level]["values"]) == 6
+        assert spread[level]["values"][:2] == baseline["across_repeats"][f"vote_{level}_accuracy"]["values"]
+        assert all(0 < p < 100 for p in spread[level]["run_percentiles"])
+        assert baseline["cnn_minus_baseline"][level] == pytest.approx(
+            [report["repeats"][r]["vote"][level]["accuracy"] - spread[level]["values"][r] for r in (0, 1)])
+
+
+def _check_pooled_report(run_dir, printed):
+    """The saved report: pooled votes, plots, ROC AUC and calibration with case-bootstrap intervals; the printed
+    report names them."""
+    saved = json.loads((run_dir / "cv" / "report.json").read_text())
+    assert saved["vote"]["image"]["n"] == 24 and len(saved["vote"]["folds"]) == 2
+    assert (run_dir / "cv" / "confusion_image.png").is_file() and (run_dir / "cv" / "roc_case.png").is_file()
+    pooled = saved["vote"]
+    for level in ("image", "case"):
+        low, high = pooled["interval"][f"{level}_macro_auc"]
+        assert low <= pooled[level]["macro_auc"] <= high and 0 <= pooled[level]["ece"] <= 1
+        assert pooled["interval"][f"{level}_ece"][0] <= pooled["interval"][f"{level}_ece"][1]
+    assert "scores (one class against the rest; F1 of the majority vote): image macro AUC" in printed
+    assert "95% intervals from 200 case resamples" in printed and "over 2 fold assignments" in printed
+    assert "baseline (logistic regression" in printed and "its null (3 case-label permutations" in printed
+    assert "CNN less baseline, same folds" in printed and "baseline alone over 6 fold assignments (seeds 0-5" in printed
+    assert "task seconds: tile" in printed
 
 
 def _check_ensemble(run_dir: Path, source: Path) -> None:
