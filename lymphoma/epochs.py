@@ -52,6 +52,20 @@ def _count(total: torch.Tensor, loss: torch.Tensor, images: int) -> None:
     total[1] += images
 
 
+def cpu_has_bf16() -> bool:
+    """Whether this CPU computes bf16 in hardware (avx512_bf16 or AMX): bf16 autocast pays there, elsewhere
+    PyTorch emulates it."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
+def bf16_training(amp: bool | str, device: torch.device) -> bool:
+    """Whether a step computes under bf16 autocast: train.amp true or false as set; auto on a CPU with bf16 units
+    only (a step 1.75x on this project's avx512_bf16 machine; on GPUs 0.81x to 1.14x against TF32)."""
+    if amp == "auto":
+        return device.type == "cpu" and cpu_has_bf16()
+    return bool(amp)
+
+
 def _autocast(device: torch.device, amp: bool):  # type: ignore[no-untyped-def]
     """bf16 autocast on GPUs and CPUs (weights, gradients and the optimiser stay float32)."""
     return torch.autocast(device_type=device.type, dtype=torch.bfloat16) if amp else nullcontext()

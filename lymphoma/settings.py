@@ -342,8 +342,9 @@ class TrainSettings:
     gamma: float = 0.1
     num_workers: Optional[int] = None  # loader processes per training process; null: 1 on a CPU (best with DALI
     #                                    on 2 cores), on a GPU its share of the node's cores, at most 8
-    amp: bool = False              # bf16 autocast: on GPUs (H100: 1.06x for the reduced net, 0.82x for DenseNet-121)
-    #                                and on CPUs with bf16 units (a step 1.75x here, avx512_bf16; off: fp32 results)
+    amp: bool | str = False        # bf16 autocast: true, false, or auto: on a CPU with bf16 units (avx512_bf16,
+    #                                AMX; a step 1.75x here), float32 elsewhere and on GPUs (H100: 1.06x for the
+    #                                reduced net, 0.82x for DenseNet-121 against TF32)
     channels_last: bool = True     # NHWC memory format: faster on GPUs and on CPUs (1.6x a CPU step here)
     seed: int = 0
     deterministic: bool = False
@@ -402,6 +403,8 @@ class TrainSettings:
             raise InputError(f"train.clip_grad_norm must be > 0 or null, got {self.clip_grad_norm}")
         if self.mix not in MIXES:
             raise InputError(f"train.mix is {self.mix!r}; allowed: {', '.join(MIXES)}")
+        if not isinstance(self.amp, bool) and self.amp != "auto":
+            raise InputError(f"train.amp is {self.amp!r}; allowed: true, false, auto")
         if self.mix_alpha <= 0:
             raise InputError(f"train.mix_alpha must be > 0 (e.g. 0.4 for mixup, 1.0 for cutmix), got {self.mix_alpha}")
 

@@ -29,7 +29,7 @@ from lymphoma.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
-from lymphoma.epochs import EpochStats, StepOptions, evaluate, train_one_epoch
+from lymphoma.epochs import EpochStats, StepOptions, bf16_training, evaluate, train_one_epoch
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.image_scale import training_image_size
@@ -350,7 +350,7 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     last = out_dir / "checkpoints" / "last.pt"
     parts = build_parts(settings.model.architecture(len(train_tiles.classes or [])), train, rank, device,
                         None if last.is_file() else settings.model.weights)
-    options = StepOptions(train.amp, train.channels_last, train.max_steps_per_epoch, train.clip_grad_norm,
+    options = StepOptions(bf16_training(train.amp, device), train.channels_last, train.max_steps_per_epoch, train.clip_grad_norm,
                           batch_mix(train.mix, train.mix_alpha))
     manifest, target = load_manifest(tiles_dir), fit_target(settings.stain)  # the target, fitted once
     check_tiles_stain(manifest, settings.stain, tiles_dir, stored_stain(target))
@@ -370,6 +370,7 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
         where = (f"from epoch {run.start_epoch + 1} of {train.epochs}" if run.start_epoch < train.epochs
                  else f"all {train.epochs} epochs trained already (last.pt)")
         threads = f" of {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
+        threads += f", {'bf16 autocast' if options.amp else 'float32'} (train.amp={train.amp})"
         log.info(f"training on {device} x {rank.world} process(es){threads}, {run.pipes.backend} augmentation, tiles read "
                  f"{CACHE_WORDS[run.pipes.cache]}, {len(train_tiles)} train and {len(eval_tiles)} {train.eval_phase} "
                  f"tiles, {where}")
@@ -412,7 +413,8 @@ def checkpoint_fields(run: Training) -> dict[str, Any]:
             "tiles": run.tiles, "augment": asdict(s.augment), "config": s.config,
             "backend": run.pipes.backend, "stain": run.pipes.target.as_dict() if run.pipes.target is not None else None,
             "init_weights": run.parts.init_weights, "tiles_fingerprint": run.tiles_fingerprint,
-            "image_size": training_image_size(run.train_tiles.image_shapes)}
+            "image_size": training_image_size(run.train_tiles.image_shapes),
+            "training_precision": "bf16" if run.options.amp else "fp32"}
 
 
 def fit(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: Rank = Rank(),

@@ -337,6 +337,27 @@ def test_bf16_autocast_trains_on_the_cpu_with_float32_weights(tiled):
     assert summary["epochs"] == 2 and history[-1]["train_loss"] < history[0]["train_loss"]
     state = load_checkpoint(tiled[1] / "amp" / "train" / "checkpoints" / "last.pt")
     assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float32}
+    assert state["training_precision"] == "bf16"
+
+
+def test_amp_auto_is_bf16_on_cpus_with_bf16_units_only(tiled):
+    """train.amp=auto (the default config's): bf16 where this CPU computes it in hardware (avx512_bf16 or AMX, read
+    from the CPU), float32 on GPUs and on other CPUs; the log and the checkpoint say which ran."""
+    import torch
+
+    from lymphoma.epochs import bf16_training, cpu_has_bf16
+
+    flags = set(open("/proc/cpuinfo").read().split())
+    assert cpu_has_bf16() == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
+    assert bf16_training("auto", torch.device("cpu")) == cpu_has_bf16()
+    assert not bf16_training("auto", torch.device("cuda")) and bf16_training(True, torch.device("cuda"))
+    assert not bf16_training(False, torch.device("cpu"))
+    run_train(config_for(tiled, "auto", "train.amp=auto", "train.epochs=1", "train.max_steps_per_epoch=2", *PLAIN))
+    task_log = "".join(p.read_text() for p in (tiled[1] / "auto" / "train" / "logs").rglob("*_log.*"))
+    state = load_checkpoint(tiled[1] / "auto" / "train" / "checkpoints" / "last.pt")
+    ran = "bf16" if cpu_has_bf16() else "fp32"
+    assert state["training_precision"] == ran
+    assert f"{'bf16 autocast' if ran == 'bf16' else 'float32'} (train.amp=auto)" in task_log
 
 
 def test_new_training_options_are_checked():
@@ -344,6 +365,7 @@ def test_new_training_options_are_checked():
 
     for override, message in (("train.label_smoothing=1.0", "label_smoothing must be in"),
                               ("train.patience=0", "train.patience must be >= 1"),
+                              ("train.amp=fast", "train.amp is 'fast'; allowed: true, false, auto"),
                               ("predict.aggregate=median", "predict.aggregate is 'median'; allowed: vote, mean"),
                               ("cv.folds=1", "cv.folds must be >= 2"),
                               ("cv.inner_val_fraction=0", "never on the test fold"),
