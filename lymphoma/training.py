@@ -350,8 +350,8 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     last = out_dir / "checkpoints" / "last.pt"
     parts = build_parts(settings.model.architecture(len(train_tiles.classes or [])), train, rank, device,
                         None if last.is_file() else settings.model.weights)
-    options = StepOptions(bf16_training(train.amp, device), train.channels_last, train.max_steps_per_epoch, train.clip_grad_norm,
-                          batch_mix(train.mix, train.mix_alpha))
+    options = StepOptions(bf16_training(train.amp, device), train.channels_last, train.max_steps_per_epoch,
+                          train.clip_grad_norm, batch_mix(train.mix, train.mix_alpha))
     manifest, target = load_manifest(tiles_dir), fit_target(settings.stain)  # the target, fitted once
     check_tiles_stain(manifest, settings.stain, tiles_dir, stored_stain(target))
     run = Training(settings, out_dir, rank, device, train_tiles, eval_tiles, make_criterion(train_tiles, train, device),
@@ -370,10 +370,10 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
         where = (f"from epoch {run.start_epoch + 1} of {train.epochs}" if run.start_epoch < train.epochs
                  else f"all {train.epochs} epochs trained already (last.pt)")
         threads = f" of {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
-        threads += f", {'bf16 autocast' if options.amp else 'float32'} (train.amp={train.amp})"
-        log.info(f"training on {device} x {rank.world} process(es){threads}, {run.pipes.backend} augmentation, tiles read "
-                 f"{CACHE_WORDS[run.pipes.cache]}, {len(train_tiles)} train and {len(eval_tiles)} {train.eval_phase} "
-                 f"tiles, {where}")
+        precision = f"{'bf16 autocast' if options.amp else 'float32'} (train.amp={train.amp})"
+        log.info(f"training on {device} x {rank.world} process(es){threads}, {precision}, {run.pipes.backend} augmentation, "
+                 f"tiles read {CACHE_WORDS[run.pipes.cache]}, {len(train_tiles)} train and {len(eval_tiles)} "
+                 f"{train.eval_phase} tiles, {where}")
         run.writer = _open_writer(out_dir, run.start_epoch, train_tiles, run.pipes.train_aug, augment)
     return run
 
