@@ -11,14 +11,20 @@ from pathlib import Path
 from typing import Any, Optional
 
 
-def reference_cv_args(description: str) -> argparse.Namespace:
-    """The arguments of the scripts that refit the reference baseline over many fold assignments: ``-c`` (the
-    config whose cohort and cv settings they use), ``--repeats`` (assignments, from cv.seed on) and ``--out``."""
+def reference_cv_parser(description: str) -> argparse.ArgumentParser:
+    """The parser of the scripts that refit the reference baseline over many fold assignments: ``-c`` (the
+    config whose cohort and cv settings they use), ``--repeats`` (assignments, from cv.seed on) and ``--out``;
+    a script adds its own options to it."""
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-c", "--config", required=True)
     parser.add_argument("--repeats", type=int, default=30)
     parser.add_argument("--out", type=Path)
-    return parser.parse_args()
+    return parser
+
+
+def reference_cv_args(description: str) -> argparse.Namespace:
+    """The arguments of ``reference_cv_parser``, parsed."""
+    return reference_cv_parser(description).parse_args()
 
 
 def emit(results: dict[str, Any], out: Optional[Path]) -> None:

@@ -16,22 +16,19 @@ overlap (417x312 images: 3x2 tiles of 128 px).
 
 from __future__ import annotations
 
-import argparse
 import os
-from collections import Counter
 from functools import partial
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from cv_embeddings import paired, scores
 
-from common import assignment_scores, emit
+from common import assignment_scores, emit, reference_cv_parser
 from jobs.baseline import cached_features, load_cohort
 from jobs.run_folder import open_run
 from lymphoma.baseline import Cohort, cohort_features, fold_records, image_features, pooled_accuracy
-from lymphoma.cohort_report import probability_record
 from lymphoma.crossval import grouped_folds
+from lymphoma.voting import vote
 
 
 def tile_features(rgb: np.ndarray, size: int) -> np.ndarray:
@@ -51,16 +48,12 @@ def tile_cohort(cohort: Cohort, flat: np.ndarray) -> tuple[Cohort, int]:
 
 
 def image_record(tiles: list[dict[str, Any]], classes: list[str]) -> dict[str, Any]:
-    """One image's record from its tiles' records: the majority of their classes (ties to the larger summed
-    probability) and the class of their mean probability."""
-    probs = np.asarray([[t["mean_probs"][c] for c in classes] for t in tiles]).mean(0)
-    record = probability_record(probs, classes, key=tiles[0]["key"].split("#")[0], path=tiles[0]["path"],
-                                label=tiles[0]["label"], case=tiles[0]["case"])
-    votes = Counter(t["majority_class"] for t in tiles)
-    best = max(votes.values())
-    record["majority_class"] = max((c for c in classes if votes.get(c) == best), key=lambda c: probs[classes.index(c)])
-    record["votes"] = {c: votes.get(c, 0) for c in classes}
-    return record
+    """One image's record from its tiles' records, aggregated as `lymphoma predict` aggregates a CNN's tiles
+    (``lymphoma.voting.vote``: their majority, ties to the larger mean probability, and their mean's class)."""
+    probs = np.asarray([[t["mean_probs"][c] for c in classes] for t in tiles])
+    first = tiles[0]
+    return {"key": first["key"].split("#")[0], "path": first["path"], "label": first["label"], "case": first["case"],
+            "status": "ok", **vote(probs).as_dict(classes)}
 
 
 def tile_scores(tiles: Cohort, per_image: int, assignments: list[list[list[str]]], seed: int) -> dict[str, Any]:
@@ -82,11 +75,8 @@ def tile_scores(tiles: Cohort, per_image: int, assignments: list[list[list[str]]
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("-c", "--config", required=True)
-    parser.add_argument("--repeats", type=int, default=30)
+    parser = reference_cv_parser(__doc__)
     parser.add_argument("--tile", type=int, default=128)
-    parser.add_argument("--out", type=Path)
     args = parser.parse_args()
     run = open_run(args.config)
     inputs, cv = run.inputs(), run.config.cv
