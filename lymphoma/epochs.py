@@ -11,6 +11,7 @@ import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
+from lymphoma.adversary import CaseAdversary
 from lymphoma.augment import Augmenter
 from lymphoma.metrics import accuracy, balanced_accuracy, confusion_matrix
 from lymphoma.mixing import BatchMix
@@ -80,13 +81,14 @@ def _inputs(batch: torch.Tensor, augmenter: Augmenter, epoch: int, device: torch
 @dataclass(frozen=True)
 class StepOptions:
     """How each training step runs: bf16 autocast on GPUs, NHWC input, a step cap per epoch, gradient-norm
-    clipping, mixup or CutMix of the batch."""
+    clipping, mixup or CutMix of the batch, a case adversary (whose targets carry each tile's case)."""
 
     amp: bool = False
     channels_last: bool = False
     max_steps: Optional[int] = None
     clip_grad_norm: Optional[float] = None
     mix: Optional[BatchMix] = None
+    adversary: Optional[CaseAdversary] = None
 
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, augmenter: Augmenter, criterion: torch.nn.Module,
@@ -102,6 +104,8 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, augmenter: Augme
             break
         x = _inputs(batch, augmenter, epoch, device, options.channels_last)
         y = labels.to(device, non_blocking=True)
+        if options.adversary is not None:
+            y, cases = options.adversary.split(y)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, options.amp):
             if options.mix is None:
@@ -109,7 +113,10 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, augmenter: Augme
             else:
                 mixed = options.mix(x, y)
                 loss = mixed.loss(criterion, model(mixed.x))
-        loss.backward()  # bf16 autocast needs no loss scaling
+            objective = loss if options.adversary is None else loss + options.adversary.loss(y, cases, epoch)
+        objective.backward()  # bf16 autocast needs no loss scaling
+        if options.adversary is not None:
+            options.adversary.sync_grads()
         if options.clip_grad_norm is not None:
             torch.nn.utils.clip_grad_norm_(model.parameters(), options.clip_grad_norm)
         optimizer.step()

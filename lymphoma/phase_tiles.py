@@ -47,6 +47,8 @@ class PhaseTiles:
             self.classes, self.tile_size = classes, size
             sizes.append(len(labels[-1]))
         self.labels = np.concatenate(labels).astype(np.int64)
+        self.targets = self.labels  # what each tile is trained with: its class, or its class and case in one
+        #                             integer for the case adversary (lymphoma.adversary.encode)
         self.cases = np.char.decode(np.concatenate(cases), "utf-8")  # stored as UTF-8 bytes
         self.filenames = np.char.decode(np.concatenate(names), "utf-8")
         self.image_shapes = np.concatenate(shapes)  # [images, 2]: each source image's height and width
@@ -78,7 +80,7 @@ class PhaseTiles:
 
     def __getitem__(self, index: int) -> tuple[np.ndarray, int]:
         shard, row = self.locate(int(index))
-        return self._imgs(shard)[row], int(self.labels[index])
+        return self._imgs(shard)[row], int(self.targets[index])
 
     def read_batch(self, indices: Sequence[int]) -> tuple[np.ndarray, np.ndarray]:
         """Tiles ``[B, H, W, 3]`` and labels ``[B]`` for a batch of global indices."""

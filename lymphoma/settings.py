@@ -361,6 +361,9 @@ class TrainSettings:
     mix: str = "none"              # none | mixup | cutmix: each training tile blended with (or a box pasted from)
     #                                another of its batch, the loss mixed alike (lymphoma.mixing)
     mix_alpha: float = 0.4         # the mixing weight ~ Beta(alpha, alpha) (mixup: 0.2-0.4; cutmix: 1.0)
+    case_adversary: Optional[float] = None  # weight of a case adversary (lymphoma.adversary): a head telling
+    #                                apart the training cases of each class through reversed gradients, so the
+    #                                features forget the patient; e.g. 0.1 to 1; null: off
     eval_phase: str = "val"        # the phase that selects the checkpoint
     cache: str = "auto"            # auto | device | memory | none: where the loaders hold the tiles for batch
     #                                augmenters (lymphoma.tile_cache); auto: on the GPU or in memory where they fit
@@ -407,6 +410,9 @@ class TrainSettings:
             raise InputError(f"train.amp is {self.amp!r}; allowed: true, false, auto")
         if self.mix_alpha <= 0:
             raise InputError(f"train.mix_alpha must be > 0 (e.g. 0.4 for mixup, 1.0 for cutmix), got {self.mix_alpha}")
+        if self.case_adversary is not None and (self.case_adversary <= 0 or self.mix != "none"):
+            raise InputError(f"train.case_adversary must be > 0 (e.g. 0.3) or null, and needs train.mix=none (a mixed "
+                             f"tile has two cases); got {self.case_adversary} with train.mix={self.mix}")
 
 
 AGGREGATES = ("vote", "mean")

@@ -145,7 +145,7 @@ def cached_loader(tiles: PhaseTiles, step: Optional[Callable[[np.ndarray], torch
                   batch_size: int, mode: str, device: Optional[torch.device], workers: int) -> CachedLoader:
     """Read the phase whole (``read_phase``) into memory, or onto ``device`` (``mode`` device), and batch it."""
     on_device = mode == "device" and device is not None
-    pixels, labels = read_phase(tiles, step, workers, device, on_device), torch.from_numpy(tiles.labels)
+    pixels, labels = read_phase(tiles, step, workers, device, on_device), torch.from_numpy(tiles.targets)
     if on_device:
         pixels, labels = pixels.to(device), labels.to(device)
     return CachedLoader(pixels, labels, sampler, batch_size)

@@ -20,6 +20,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lymphoma.adversary import CaseAdversary, encode
 from lymphoma.augment import build_augmenter, choose_backend
 from lymphoma.batch_augment import BatchAugmenter
 from lymphoma.checkpoint import (
@@ -218,6 +219,7 @@ class Parts:
     optimizer: torch.optim.Optimizer
     scheduler: torch.optim.lr_scheduler.LRScheduler
     init_weights: Optional[dict[str, Any]] = None  # the pretrained file the model started from, and its digest
+    adversary: Optional[CaseAdversary] = None  # train.case_adversary's head: trained and saved for resuming only
 
     @property
     def kept(self) -> torch.nn.Module:
@@ -229,6 +231,8 @@ class Parts:
         if self.averaged is not None:
             state["train_model"] = self.model.state_dict()
             state["averaged"] = self.averaged.state_dict()
+        if self.adversary is not None:
+            state["adversary"] = self.adversary.state_dict()
         return state
 
     def sync_buffers(self) -> None:
@@ -246,14 +250,20 @@ class Parts:
                 raise InputError(f"{path} was trained without train.ema; resume with train.ema=null or start "
                                  "afresh with another run.name")
             self.averaged.load_state_dict(state["averaged"])
+        if (self.adversary is not None) != ("adversary" in state):
+            raise InputError(f"{path} was trained {'without' if self.adversary is not None else 'with'} "
+                             "train.case_adversary; resume with the setting it had, or start afresh with another "
+                             "run.name")
+        if self.adversary is not None:
+            self.adversary.load_state_dict(state["adversary"])
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
 
 
 def build_parts(architecture: dict[str, object], train: TrainSettings, rank: Rank, device: torch.device,
-                weights: Optional[str] = None) -> Parts:
-    """Model (from the pretrained ``weights`` file if given), its DDP wrapper, weight average, optimiser and
-    schedule."""
+                weights: Optional[str] = None, case_class: Optional[np.ndarray] = None) -> Parts:
+    """Model (from the pretrained ``weights`` file if given), its DDP wrapper, weight average, case adversary
+    (with train.case_adversary: ``case_class`` holds each training case's class), optimiser and schedule."""
     model = build_model(architecture)
     init = None
     if weights is not None:
@@ -266,8 +276,13 @@ def build_parts(architecture: dict[str, object], train: TrainSettings, rank: Ran
         model = model.to(memory_format=torch.channels_last)
     ddp = torch.nn.parallel.DistributedDataParallel(
         model, device_ids=[device.index] if device.type == "cuda" else None) if rank.world > 1 else model
-    optimizer = make_optimizer(model, train)
-    return Parts(model, ddp, make_averaged(model, train.ema), optimizer, make_scheduler(optimizer, train), init)
+    averaged = make_averaged(model, train.ema)
+    adversary = None
+    if train.case_adversary is not None and case_class is not None:  # after the average, which must not copy its hook
+        adversary = CaseAdversary(model, case_class, int(architecture["num_classes"]), train.case_adversary,
+                                  train.epochs).to(device)
+    optimizer = make_optimizer(model if adversary is None else torch.nn.ModuleList([model, adversary]), train)
+    return Parts(model, ddp, averaged, optimizer, make_scheduler(optimizer, train), init, adversary)
 
 
 @dataclass
@@ -348,10 +363,13 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     train_tiles = open_phase(tiles_dir, "train", settings.tile_size, augment.crop)
     eval_tiles = open_phase(tiles_dir, train.eval_phase, settings.tile_size, augment.crop)
     last = out_dir / "checkpoints" / "last.pt"
+    case_class = None
+    if train.case_adversary is not None:  # the loaders then carry each tile's case with its class
+        train_tiles.targets, _, case_class = encode(train_tiles.labels, train_tiles.cases, len(train_tiles.classes or []))
     parts = build_parts(settings.model.architecture(len(train_tiles.classes or [])), train, rank, device,
-                        None if last.is_file() else settings.model.weights)
+                        None if last.is_file() else settings.model.weights, case_class)
     options = StepOptions(bf16_training(train.amp, device), train.channels_last, train.max_steps_per_epoch,
-                          train.clip_grad_norm, batch_mix(train.mix, train.mix_alpha))
+                          train.clip_grad_norm, batch_mix(train.mix, train.mix_alpha), parts.adversary)
     manifest, target = load_manifest(tiles_dir), fit_target(settings.stain)  # the target, fitted once
     check_tiles_stain(manifest, settings.stain, tiles_dir, stored_stain(target))
     run = Training(settings, out_dir, rank, device, train_tiles, eval_tiles, make_criterion(train_tiles, train, device),
@@ -367,15 +385,23 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
         if len(state["rng"]) == rank.world:
             set_rng_state(state["rng"][rank.rank])
     if rank.main:
-        where = (f"from epoch {run.start_epoch + 1} of {train.epochs}" if run.start_epoch < train.epochs
-                 else f"all {train.epochs} epochs trained already (last.pt)")
-        threads = f" of {torch.get_num_threads()} thread(s)" if device.type == "cpu" else ""
-        precision = f"{'bf16 autocast' if options.amp else 'float32'} (train.amp={train.amp})"
-        log.info(f"training on {device} x {rank.world} process(es){threads}, {precision}, {run.pipes.backend} augmentation, "
-                 f"tiles read {CACHE_WORDS[run.pipes.cache]}, {len(train_tiles)} train and {len(eval_tiles)} "
-                 f"{train.eval_phase} tiles, {where}")
+        log.info(_start_line(run))
         run.writer = _open_writer(out_dir, run.start_epoch, train_tiles, run.pipes.train_aug, augment)
     return run
+
+
+def _start_line(run: Training) -> str:
+    """What a training runs on and with, as its log's first line."""
+    train, options = run.settings.train, run.options
+    where = (f"from epoch {run.start_epoch + 1} of {train.epochs}" if run.start_epoch < train.epochs
+             else f"all {train.epochs} epochs trained already (last.pt)")
+    threads = f" of {torch.get_num_threads()} thread(s)" if run.device.type == "cpu" else ""
+    precision = f"{'bf16 autocast' if options.amp else 'float32'} (train.amp={train.amp})"
+    adversary = (f", a case adversary among {len(options.adversary.case_class)} cases (train.case_adversary="
+                 f"{train.case_adversary})" if options.adversary is not None else "")
+    return (f"training on {run.device} x {run.rank.world} process(es){threads}, {precision}{adversary}, "
+            f"{run.pipes.backend} augmentation, tiles read {CACHE_WORDS[run.pipes.cache]}, {len(run.train_tiles)} "
+            f"train and {len(run.eval_tiles)} {train.eval_phase} tiles, {where}")
 
 
 def run_epoch(run: Training, epoch: int) -> None:
@@ -391,19 +417,27 @@ def run_epoch(run: Training, epoch: int) -> None:
     lr = parts.optimizer.param_groups[0]["lr"]
     parts.scheduler.step()
     run.history.append({"epoch": epoch, "train_loss": stats.loss, "val_loss": val.loss, "val_accuracy": val.accuracy,
-                        "val_balanced_accuracy": val.balanced_accuracy, "lr": lr, "images_per_s": stats.images_per_s})
+                        "val_balanced_accuracy": val.balanced_accuracy, "lr": lr, "images_per_s": stats.images_per_s,
+                        **(parts.adversary.epoch_stats() if parts.adversary is not None else {})})
     kept = best_index(run.history, train.select, train.first_candidate) == len(run.history) - 1
     rngs = _gather_rng(run.rank)
     if run.rank.main:
-        _log_epoch(run.writer, epoch, stats, val, lr, run.classes)
+        _log_epoch(run.writer, epoch, stats, val, lr, run.classes, run.history[-1])
         _save_epoch({**checkpoint_fields(run), **parts.state(), "epoch": epoch, "val_loss": val.loss,
                      "val_accuracy": val.accuracy, "history": run.history, "rng": rngs}, run.ckpt_dir, kept)
         write_text_atomic(run.out_dir / "history.json", json.dumps(run.history, indent=2) + "\n")
         log.info(f"epoch {epoch + 1}/{train.epochs}: train loss {stats.loss:.4f}, val loss {val.loss:.4f}, "
                  f"val accuracy {val.accuracy:.3f} (balanced {val.balanced_accuracy:.3f}), "
-                 f"{stats.images_per_s:.0f} images/s" + (" (kept)" if kept else ""))
+                 f"{stats.images_per_s:.0f} images/s" + _adversary_words(run.history[-1]) + (" (kept)" if kept else ""))
     if run.rank.world > 1:
         dist.barrier()
+
+
+def _adversary_words(entry: dict[str, Any]) -> str:
+    if "case_adversary_loss" not in entry:
+        return ""
+    return (f", case adversary loss {entry['case_adversary_loss']:.4f} "
+            f"(it names the case of {entry['case_adversary_accuracy']:.3f} of the tiles)")
 
 
 def checkpoint_fields(run: Training) -> dict[str, Any]:
@@ -481,7 +515,8 @@ def weights_digest(model: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def _log_epoch(writer: Any, epoch: int, stats: EpochStats, val: EpochStats, lr: float, classes: list[str]) -> None:
+def _log_epoch(writer: Any, epoch: int, stats: EpochStats, val: EpochStats, lr: float, classes: list[str],
+               entry: dict[str, Any]) -> None:
     step = epoch + 1
     writer.add_scalar("train/loss", stats.loss, step)
     writer.add_scalar("train/images_per_s", stats.images_per_s, step)
@@ -489,6 +524,9 @@ def _log_epoch(writer: Any, epoch: int, stats: EpochStats, val: EpochStats, lr: 
     writer.add_scalar("val/accuracy", val.accuracy, step)
     writer.add_scalar("val/balanced_accuracy", val.balanced_accuracy, step)
     writer.add_scalar("lr", lr, step)
+    for key in ("case_adversary_loss", "case_adversary_accuracy"):
+        if key in entry:
+            writer.add_scalar(f"train/{key}", entry[key], step)
     for i in range(len(classes)):
         for j in range(len(classes)):
             writer.add_scalar(f"val/{i}{j}", int(val.confusion[i, j]), step)
