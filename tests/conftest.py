@@ -121,14 +121,20 @@ FAST = ["tiles.size=64", "tiles.stride=64", "augment.crop=56", "train.num_worker
 @pytest.fixture(scope="session")
 def tiled(tmp_path_factory, data_root, manifest_rows) -> tuple[Path, Path]:
     """Real images of 2 cases per class (3 images each) tiled once at 64 px: (image folder, runs root)."""
-    root = tmp_path_factory.mktemp("training")
+    return tile_real_subset(tmp_path_factory.mktemp("training"), data_root, manifest_rows, 2, 3, 0.5)
+
+
+def tile_real_subset(root: Path, data_root: Path, manifest_rows: list[dict[str, str]], cases_per_class: int,
+                     images_per_case: int, val_fraction: float) -> tuple[Path, Path]:
+    """The first real images of the first cases of each class copied under ``root/images`` and tiled at 64 px
+    into the run ``base``: (image folder, runs root)."""
     source = root / "images"
-    for row in pick_images(manifest_rows, 2, 3):
+    for row in pick_images(manifest_rows, cases_per_class, images_per_case):
         target = source / row["cls"] / Path(row["lowres_path"]).name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(data_root / row["lowres_path"], target)
     cfg = open_run(None, [f"data.source={source}", f"run.root={root / 'runs'}", "run.name=base",
-                             "split.val_fraction=0.5", *FAST])
+                             f"split.val_fraction={val_fraction}", *FAST])
     run_tile(cfg, progress=False)
     return source, root / "runs"
 

@@ -4,16 +4,13 @@ that carries it, saves it beside an unchanged model, and resumes it exactly."""
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import FAST, config_for, pick_images
-from jobs.run_folder import open_run
-from jobs.tile import run_tile
+from conftest import config_for, tile_real_subset
 from jobs.train import run_train
 from lymphoma.adversary import CaseAdversary, encode, reverse_gradient
 from lymphoma.checkpoint import load_checkpoint
@@ -30,15 +27,12 @@ STEPS = ["train.epochs=2", "train.max_steps_per_epoch=3", "train.deterministic=t
 @pytest.fixture(scope="module")
 def three_cases(tmp_path_factory, data_root, manifest_rows) -> tuple[Path, Path]:
     """Real images of 3 cases per class (2 each) tiled at 64 px, 2 training cases per class: (images, runs)."""
-    root = tmp_path_factory.mktemp("adversary")
-    source = root / "images"
-    for row in pick_images(manifest_rows, 3, 2):
-        target = source / row["cls"] / Path(row["lowres_path"]).name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(data_root / row["lowres_path"], target)
-    run_tile(open_run(None, [f"data.source={source}", f"run.root={root / 'runs'}", "run.name=base",
-                             "split.val_fraction=0.34", *FAST]), progress=False)
-    return source, root / "runs"
+    return tile_real_subset(tmp_path_factory.mktemp("adversary"), data_root, manifest_rows, 3, 2, 0.34)
+
+
+def _tiny_densenet() -> torch.nn.Module:
+    return build_model({"growth_rate": 4, "block_config": [1], "num_init_features": 8, "bn_size": 2,
+                        "drop_rate": 0.0, "num_classes": 3})
 
 
 def test_reversed_gradient_is_the_plain_one_negated_and_scaled():
@@ -55,8 +49,7 @@ def test_targets_carry_class_and_case_and_the_adversary_chooses_within_the_class
     with pytest.raises(InputError, match="two classes"):
         encode(np.array([0, 1]), np.array(["a", "a"]), 2)
 
-    model = build_model({"growth_rate": 4, "block_config": [1], "num_init_features": 8, "bn_size": 2,
-                         "drop_rate": 0.0, "num_classes": 3})
+    model = _tiny_densenet()
     adversary = CaseAdversary(model, case_class, 3, weight=1.0, epochs=2)
     y, case = adversary.split(torch.as_tensor(targets))
     model(torch.randn(6, 3, 32, 32))
@@ -68,8 +61,7 @@ def test_targets_carry_class_and_case_and_the_adversary_chooses_within_the_class
 
 
 def test_a_cohort_with_one_case_per_class_or_mixed_tiles_is_refused():
-    model = build_model({"growth_rate": 4, "block_config": [1], "num_init_features": 8, "bn_size": 2,
-                         "drop_rate": 0.0, "num_classes": 3})
+    model = _tiny_densenet()
     with pytest.raises(InputError, match="two or more training cases"):
         CaseAdversary(model, np.array([0, 1, 2]), 3, weight=1.0, epochs=2)
     with pytest.raises(InputError, match="train.mix=none"):
