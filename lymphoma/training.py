@@ -461,8 +461,9 @@ def fit(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: Rank = Rank
             break
         run_epoch(run, epoch)
     run.close()
+    adversary = run.parts.adversary  # each rank's, to check that the ranks' heads agree
     return {**_summary(run.history, train, rank, device, run.pipes.backend, run.ckpt_dir, run.parts.kept),
-            "classes": run.classes}
+            "classes": run.classes, **({"adversary_sha1": weights_digest(adversary)} if adversary is not None else {})}
 
 
 def make_criterion(train_tiles: PhaseTiles, train: TrainSettings, device: torch.device) -> torch.nn.Module:

@@ -95,3 +95,12 @@ def test_resuming_without_the_adversary_it_trained_with_is_refused(three_cases):
     run_train(config_for(three_cases, "adv-then-off", *STEPS, "train.epochs=1"))
     with pytest.raises(Exception, match="train.case_adversary"):
         run_train(config_for(three_cases, "adv-then-off", *STEPS[:-1]))
+
+
+def test_two_gloo_processes_keep_one_adversary(three_cases):
+    """Each process draws other tiles, so each head's gradient differs: the heads stay identical only because
+    they are averaged over the processes, as the network's are by DDP."""
+    results = run_train(config_for(three_cases, "adv-ddp", *STEPS, "train.epochs=1", "cluster.tasks_per_node=2"))
+    assert sorted(r["rank"] for r in results) == [0, 1]
+    assert results[0]["weights_sha1"] == results[1]["weights_sha1"]
+    assert results[0]["adversary_sha1"] == results[1]["adversary_sha1"]
