@@ -411,7 +411,7 @@ class TrainSettings:
         if self.mix_alpha <= 0:
             raise InputError(f"train.mix_alpha must be > 0 (e.g. 0.4 for mixup, 1.0 for cutmix), got {self.mix_alpha}")
         if self.case_adversary is not None and (self.case_adversary <= 0 or self.mix != "none"):
-            raise InputError(f"train.case_adversary must be > 0 (e.g. 0.3) or null, and needs train.mix=none (a mixed "
+            raise InputError(f"train.case_adversary must be > 0 (e.g. 1.0) or null, and needs train.mix=none (a mixed "
                              f"tile has two cases); got {self.case_adversary} with train.mix={self.mix}")
 
 
