@@ -21,6 +21,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from lymphoma.epochs import sum_over_processes
 from lymphoma.errors import InputError
 
 
@@ -120,9 +121,7 @@ class CaseAdversary(torch.nn.Module):
 
     def epoch_stats(self) -> dict[str, float]:
         """This epoch's adversary loss and accuracy over every process's tiles; the counts start again."""
-        total = self.total.clone() if self.total is not None else torch.zeros(3, dtype=torch.float64)
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(total)
+        total = sum_over_processes(self.total if self.total is not None else torch.zeros(3, dtype=torch.float64))
         self.total = None
         n = max(float(total[2]), 1.0)
         return {"case_adversary_loss": float(total[0]) / n, "case_adversary_accuracy": float(total[1]) / n}

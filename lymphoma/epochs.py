@@ -5,16 +5,18 @@ from __future__ import annotations
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import torch
 import torch.distributed as dist
 from torch.utils.data import DataLoader
 
-from lymphoma.adversary import CaseAdversary
 from lymphoma.augment import Augmenter
 from lymphoma.metrics import accuracy, balanced_accuracy, confusion_matrix
 from lymphoma.mixing import BatchMix
+
+if TYPE_CHECKING:  # the adversary sums its counts with sum_over_processes from here
+    from lymphoma.adversary import CaseAdversary
 
 
 @dataclass
@@ -38,7 +40,7 @@ class EpochStats:
         return balanced_accuracy(self.confusion) if self.confusion is not None else float("nan")
 
 
-def _all_reduce(values: torch.Tensor) -> torch.Tensor:
+def sum_over_processes(values: torch.Tensor) -> torch.Tensor:
     """Sum over processes (a no-op without a process group)."""
     if dist.is_available() and dist.is_initialized():
         values = values.clone()
@@ -123,7 +125,7 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, augmenter: Augme
         if averaged is not None:
             averaged.update_parameters(model)  # type: ignore[operator]
         _count(total, loss.detach(), len(y))
-    total = _all_reduce(total)
+    total = sum_over_processes(total)
     return EpochStats(loss=float(total[0] / max(total[1], 1)), images=int(total[1]),
                       seconds=time.perf_counter() - start)
 
@@ -147,6 +149,6 @@ def evaluate(model: torch.nn.Module, loader: DataLoader, augmenter: Augmenter, c
         confusion += confusion_matrix(y, logits.argmax(1), num_classes)
         if keep_outputs:
             outputs.append(logits.cpu())
-    total, confusion = _all_reduce(total), _all_reduce(confusion)
+    total, confusion = sum_over_processes(total), sum_over_processes(confusion)
     return EpochStats(loss=float(total[0] / max(total[1], 1)), images=int(total[1]),
                       seconds=time.perf_counter() - start, confusion=confusion.cpu(), outputs=outputs)
