@@ -364,6 +364,8 @@ class TrainSettings:
     case_adversary: Optional[float] = None  # weight of a case adversary (lymphoma.adversary): a head telling
     #                                apart the training cases of each class through reversed gradients, so the
     #                                features forget the patient; e.g. 0.1 to 1; null: off
+    case_adversary_lr: float = 1.0  # the adversary's head learns at train.lr times this (its features are
+    #                                nameable by a probe while a head at 1.0 stays at chance: bench/case_probe.py)
     eval_phase: str = "val"        # the phase that selects the checkpoint
     cache: str = "auto"            # auto | device | memory | none: where the loaders hold the tiles for batch
     #                                augmenters (lymphoma.tile_cache); auto: on the GPU or in memory where they fit
@@ -410,6 +412,8 @@ class TrainSettings:
             raise InputError(f"train.amp is {self.amp!r}; allowed: true, false, auto")
         if self.mix_alpha <= 0:
             raise InputError(f"train.mix_alpha must be > 0 (e.g. 0.4 for mixup, 1.0 for cutmix), got {self.mix_alpha}")
+        if self.case_adversary_lr <= 0:
+            raise InputError(f"train.case_adversary_lr must be > 0 (e.g. 10), got {self.case_adversary_lr}")
         if self.case_adversary is not None and (self.case_adversary <= 0 or self.mix != "none"):
             raise InputError(f"train.case_adversary must be > 0 (e.g. 1.0) or null, and needs train.mix=none (a mixed "
                              f"tile has two cases); got {self.case_adversary} with train.mix={self.mix}")

@@ -165,13 +165,17 @@ def _check_backbone(settings: FitSettings, tiles_dir: Path) -> None:
                     f"{where}; features transfer best at the pretraining resolution")
 
 
-def make_optimizer(model: torch.nn.Module, s: TrainSettings) -> torch.optim.Optimizer:
-    """The optimiser over the parameters that train (frozen ones are left out)."""
-    params = [p for p in model.parameters() if p.requires_grad]
+def make_optimizer(model: torch.nn.Module, s: TrainSettings, head: Optional[torch.nn.Module] = None
+                   ) -> torch.optim.Optimizer:
+    """The optimiser over the parameters that train (frozen ones are left out); ``head`` (the case adversary's)
+    in a second group at ``train.lr * train.case_adversary_lr``, under the same schedule."""
+    groups = [{"params": [p for p in model.parameters() if p.requires_grad]}]
+    if head is not None:
+        groups.append({"params": list(head.parameters()), "lr": s.lr * s.case_adversary_lr})
     if s.optimizer == "sgd":
-        return torch.optim.SGD(params, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
+        return torch.optim.SGD(groups, lr=s.lr, momentum=s.momentum, weight_decay=s.weight_decay)
     kind = torch.optim.AdamW if s.optimizer == "adamw" else torch.optim.Adam
-    return kind(params, lr=s.lr, weight_decay=s.weight_decay)
+    return kind(groups, lr=s.lr, weight_decay=s.weight_decay)
 
 
 def make_scheduler(optimizer: torch.optim.Optimizer, s: TrainSettings) -> torch.optim.lr_scheduler.LRScheduler:
@@ -281,7 +285,7 @@ def build_parts(architecture: dict[str, object], train: TrainSettings, rank: Ran
     if train.case_adversary is not None and case_class is not None:  # after the average, which must not copy its hook
         adversary = CaseAdversary(model, case_class, int(architecture["num_classes"]), train.case_adversary,
                                   train.epochs).to(device)
-    optimizer = make_optimizer(model if adversary is None else torch.nn.ModuleList([model, adversary]), train)
+    optimizer = make_optimizer(model, train, adversary)
     return Parts(model, ddp, averaged, optimizer, make_scheduler(optimizer, train), init, adversary)
 
 

@@ -17,7 +17,7 @@ from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.model import build_model
 from lymphoma.settings import TrainSettings
-from lymphoma.training import weights_digest
+from lymphoma.training import make_optimizer, make_scheduler, weights_digest
 
 STEPS = ["train.epochs=2", "train.max_steps_per_epoch=3", "train.deterministic=true", "train.sampling=cases",
          "train.samples_per_epoch=48", "train.select=last", "train.scheduler=none", "train.warmup_epochs=0",
@@ -66,6 +66,23 @@ def test_a_cohort_with_one_case_per_class_or_mixed_tiles_is_refused():
         CaseAdversary(model, np.array([0, 1, 2]), 3, weight=1.0, epochs=2)
     with pytest.raises(InputError, match="train.mix=none"):
         TrainSettings(case_adversary=0.5, mix="mixup")
+
+
+def test_the_adversary_head_learns_at_its_own_rate_under_the_same_schedule():
+    model = _tiny_densenet()
+    adversary = CaseAdversary(model, np.array([0, 0, 1, 1]), 3, weight=1.0, epochs=2)
+    settings = TrainSettings(lr=1e-3, case_adversary=1.0, case_adversary_lr=10.0, warmup_epochs=1, epochs=4)
+    optimizer = make_optimizer(model, settings, adversary)
+    scheduler = make_scheduler(optimizer, settings)
+    net, head = optimizer.param_groups
+    assert {id(p) for p in head["params"]} == {id(p) for p in adversary.head.parameters()}
+    assert len(net["params"]) == len(list(model.parameters()))
+    for _ in range(3):
+        assert head["lr"] == pytest.approx(10 * net["lr"]) and 0 < net["lr"] <= 1e-3
+        optimizer.step()
+        scheduler.step()
+    with pytest.raises(InputError, match="case_adversary_lr"):
+        TrainSettings(case_adversary=1.0, case_adversary_lr=0)
 
 
 def test_training_with_a_case_adversary_keeps_the_model_alone_and_resumes_exactly(three_cases):
