@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from cv_bn_adapt import eval_input, read_tiles
+from cv_bn_adapt import eval_input, fold_predictor, read_tiles
 from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import GroupKFold
 from sklearn.pipeline import make_pipeline
@@ -72,8 +72,7 @@ def main() -> None:
             if int(r["repeat"]) == args.repeat and r["phase"] in ("train", "val")]
     results: dict[str, Any] = {"run": str(args.run), "repeat": args.repeat, "folds": {}}
     for fold in sorted({r["fold"] for r in rows}, key=int):
-        fold_dir = args.run / f"repeat-{args.repeat}" / f"fold-{fold}"
-        predictor = Predictor.from_checkpoint(fold_dir / "train" / "checkpoints" / "best.pt", torch.device("cpu"))
+        predictor, _ = fold_predictor(args.run, args.repeat, fold)
         found = fold_features(predictor, [r for r in rows if r["fold"] == fold])
         per_class = {}
         for label in sorted(set(found["label"])):

@@ -72,12 +72,18 @@ def eval_input(predictor: Predictor, tiles: np.ndarray) -> torch.Tensor:
     return eval_batch(tiles, predictor.augment, predictor.device).contiguous(memory_format=torch.channels_last)
 
 
-def fold_images(run: Path, repeat: int, fold: str, rows: list[dict[str, str]]) -> dict[str, list[dict[str, Any]]]:
-    """One fold's test images under every mode; checks ``running`` against the fold's saved probabilities."""
+def fold_predictor(run: Path, repeat: int, fold: str) -> tuple[Predictor, Path]:
+    """A fold's model as the run predicted with it (its cv.checkpoint, on the CPU) and the folder of that
+    prediction's per-slide outputs."""
     fold_dir = run / f"repeat-{repeat}" / f"fold-{fold}"
     checkpoint = yaml.safe_load((run / "config.yaml").read_text())["cv"]["checkpoint"]
     predictor = Predictor.from_checkpoint(fold_dir / "train" / "checkpoints" / f"{checkpoint}.pt", torch.device("cpu"))
-    saved_dir = fold_dir / f"predict{variant_suffix(checkpoint, False)}" / "slides"
+    return predictor, fold_dir / f"predict{variant_suffix(checkpoint, False)}" / "slides"
+
+
+def fold_images(run: Path, repeat: int, fold: str, rows: list[dict[str, str]]) -> dict[str, list[dict[str, Any]]]:
+    """One fold's test images under every mode; checks ``running`` against the fold's saved probabilities."""
+    predictor, saved_dir = fold_predictor(run, repeat, fold)
     by_case: dict[str, list[dict[str, str]]] = defaultdict(list)
     for r in rows:
         if int(r["repeat"]) == repeat and r["fold"] == fold and r["phase"] == "test":

@@ -4,8 +4,8 @@ averaged over the runs' fold models before the vote. It measures how much of the
 training (an ensemble removes it) and how much is what every training learns alike (it does not).
 
 Scores as the CV report counts them (`cv_aggregates.scores`: pooled image and case accuracy of the majority vote per
-fold assignment); each run alone, the ensemble, and the ensemble less the mean of its members, paired by assignment; and over all
-assignments, how many images the first two runs vote alike and how many both get wrong.
+fold assignment); each run alone, the ensemble, and the ensemble less the mean of its members, paired by
+assignment; and over all assignments, how many images the first two runs vote alike and how many both get wrong.
 
     .venv/bin/python bench/cv_seed_ensemble.py runs/<cv run> runs/<cv run, train.seed=1> [...] [--out F]
 """
