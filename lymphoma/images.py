@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import threading
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 from typing import Optional
 
@@ -60,24 +64,56 @@ def _check_size(path: Path, size: tuple[int, int], max_pixels: int) -> None:
 
 
 def _png_rgb8(path: Path) -> Optional[np.ndarray]:
-    """The pixels of an 8-bit RGB PNG decoded by libspng (pyspng: 2x faster than PIL's decoder, the same
-    pixels: tested on every image of the data set); None for any other PNG (16-bit, palette, grey, alpha), which
-    PIL decodes, or where pyspng is not installed."""
-    try:
-        import pyspng
-    except ImportError:
+    """The pixels of an 8-bit RGB PNG decoded by Wuffs (pywuffs: 1.5x faster than libspng, 2.6x PIL's decoder on
+    the data set's images, the same pixels: tested on all 307), else by libspng (pyspng) where pywuffs is not
+    installed; None for any other PNG (16-bit, palette, grey, alpha), which PIL decodes, or where neither is."""
+    decode = _fast_png_decoder()
+    if decode is None:
         return None
     data = path.read_bytes()
     # IHDR, the first chunk: bit depth at byte 24, colour type at 25 (2: truecolour without alpha)
     if len(data) < 33 or data[12:16] != b"IHDR" or data[24] != 8 or data[25] != 2:
         return None
     _check_chunks(data)
+    return decode(data)
+
+
+_DECODERS = threading.local()  # a Wuffs decoder keeps state between calls: one per thread
+
+
+def _wuffs_rgb(data: bytes) -> np.ndarray:
+    decoder = getattr(_DECODERS, "wuffs", None)
+    if decoder is None:
+        from pywuffs import ImageDecoderType, PixelFormat, aux
+
+        config = aux.ImageDecoderConfig()
+        config.enabled_decoders = [ImageDecoderType.PNG]
+        config.pixel_format = PixelFormat.RGB
+        decoder = _DECODERS.wuffs = aux.ImageDecoder(config)
+    result = decoder.decode(data)
+    if result.error_message:  # the pixel buffer is there even then, partly decoded
+        raise ValueError(result.error_message)
+    return result.pixbuf
+
+
+def _spng_rgb(data: bytes) -> np.ndarray:
+    import pyspng
+
     return pyspng.load(data, "RGB")
 
 
+@functools.cache
+def _fast_png_decoder() -> Optional[Callable[[bytes], np.ndarray]]:
+    """Wuffs where pywuffs is installed, else libspng where pyspng is, else None (PIL decodes)."""
+    for module, decode in (("pywuffs", _wuffs_rgb), ("pyspng", _spng_rgb)):
+        if importlib.util.find_spec(module) is not None:
+            return decode
+    return None
+
+
 def _check_chunks(data: bytes) -> None:
-    """Raise ValueError at the first chunk whose CRC does not match its bytes (pyspng decodes a corrupted pixel
-    stream without a word; PIL refuses it): 0.1 ms for a 400 KB file."""
+    """Raise ValueError at the first chunk whose CRC does not match its bytes (Wuffs and libspng decode a corrupted
+    pixel stream without a word; PIL refuses it): 0.1 ms for a 400 KB file."""
     view, pos = memoryview(data), 8
     while pos + 12 <= len(data):
         length = int.from_bytes(view[pos:pos + 4], "big")
@@ -114,7 +150,7 @@ def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
         raise
     except UnidentifiedImageError:
         raise ImageError(path, "not a readable image (corrupt or not TIFF/PNG/JPEG); replace or remove it") from None
-    except (OSError, SyntaxError, ValueError, RuntimeError) as err:  # RuntimeError: libspng's
+    except (OSError, SyntaxError, ValueError, RuntimeError) as err:  # ValueError: Wuffs', RuntimeError: libspng's
         raise ImageError(path, f"cannot be decoded ({err}); the file is probably truncated or corrupt: "
                          "copy it again or remove it") from None
     if array.ndim != 3 or array.shape[2] != 3:

@@ -16,7 +16,7 @@ from jobs.cli import main
 from jobs.config import ConfigError, load_config, to_object
 from jobs.tile import run_tile
 from lymphoma.errors import ImageError
-from lymphoma.images import read_rgb
+from lymphoma.images import _fast_png_decoder, _spng_rgb, _wuffs_rgb, read_rgb
 from lymphoma.sharding import load_manifest, phase_shards
 
 
@@ -31,7 +31,7 @@ def bad_images(make_dataset):
     (folder / "corrupt_001.png").write_bytes(b"this is not an image" * 50)
     (folder / "truncated_001.png").write_bytes(data[: len(data) // 3])
     flipped = bytearray(data)
-    flipped[len(data) // 2] ^= 0xFF  # one byte of the pixel stream: libspng would decode it without a word
+    flipped[len(data) // 2] ^= 0xFF  # one byte of the pixel stream: Wuffs and libspng decode it without a word
     (folder / "flipped_001.png").write_bytes(bytes(flipped))
     Image.fromarray(rgb).convert("L").save(folder / "gray_001.png")
     Image.fromarray(rgb).convert("RGBA").save(folder / "rgba_001.tif")
@@ -61,19 +61,25 @@ def test_each_bad_image_has_its_own_error(bad_images):
 
 
 def test_every_png_of_the_data_set_decodes_to_the_pixels_pil_gives(data_root, tmp_path):
-    """8-bit RGB PNGs are decoded by libspng (2x faster), others by PIL: the same arrays either way."""
+    """8-bit RGB PNGs are decoded by Wuffs (or libspng where pywuffs is missing), others by PIL: the same arrays
+    whichever decodes them."""
     paths = sorted((data_root / "lowres").glob("*/*.png"))
-    assert len(paths) == 307
+    assert len(paths) == 307 and _fast_png_decoder() is _wuffs_rgb
     for path in paths:
         with Image.open(path) as img:
-            assert np.array_equal(read_rgb(path), np.asarray(img))
+            pixels = np.asarray(img)
+        data = path.read_bytes()
+        for decoded in (read_rgb(path), _wuffs_rgb(data), _spng_rgb(data)):
+            assert decoded.dtype == np.uint8 and np.array_equal(decoded, pixels)
+    with pytest.raises(ValueError, match="truncated"):  # Wuffs' own error, had the CRCs not been checked first
+        _wuffs_rgb(paths[0].read_bytes()[:50_000])
     rgb = read_rgb(paths[0])
     (tmp_path / "trailing.png").write_bytes(paths[0].read_bytes() + b"bytes after IEND" * 4)  # some writers do
     assert np.array_equal(read_rgb(tmp_path / "trailing.png"), rgb)
     Image.fromarray(rgb).quantize(64).save(tmp_path / "palette.png")  # PIL opens it as P: refused as before
     with pytest.raises(ImageError, match="colour mode P"):
         read_rgb(tmp_path / "palette.png")
-    wide = (rgb.astype(np.uint16) * 257).astype(">u2")  # 16-bit RGB, which libspng is not asked to decode
+    wide = (rgb.astype(np.uint16) * 257).astype(">u2")  # 16-bit RGB, which Wuffs is not asked to decode
     _write_png16(tmp_path / "deep.png", wide)
     with Image.open(tmp_path / "deep.png") as img:
         assert img.mode == "RGB" and np.array_equal(read_rgb(tmp_path / "deep.png"), np.asarray(img))
