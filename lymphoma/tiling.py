@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Callable, Optional
 
@@ -45,6 +46,25 @@ def grid_shape(height: int, width: int, settings: TileSettings) -> tuple[int, in
     return (span_h - settings.size) // settings.stride + 1, (span_w - settings.size) // settings.stride + 1
 
 
+def background_share(image: np.ndarray, level: int, size: int, stride: int, rows: int, cols: int) -> np.ndarray:
+    """``[rows, cols]``: each tile's share of pixels with every channel at least ``level``, the tiles ``size``
+    pixels square every ``stride`` pixels from the corner. The background pixels are counted once in square cells
+    of gcd(size, stride) pixels, and each tile's count summed from its cells through a summed-area table of them,
+    so each pixel is looked at once however much the tiles overlap (a 417x312 image at stride size/2: 0.2 against
+    2.7 ms); the same values as a mean over each tile (sums of whole numbers, then one division)."""
+    cell = math.gcd(size, stride)
+    height, width = (rows - 1) * stride + size, (cols - 1) * stride + size
+    pixels = image[:height, :width]
+    white = np.minimum(np.minimum(pixels[..., 0], pixels[..., 1]), pixels[..., 2]) >= level
+    counts = white.reshape(height // cell, cell, width // cell, cell).sum(axis=(1, 3))
+    table = np.zeros((counts.shape[0] + 1, counts.shape[1] + 1), dtype=np.int64)
+    table[1:, 1:] = counts.cumsum(axis=0).cumsum(axis=1)
+    top, left = np.arange(rows) * (stride // cell), np.arange(cols) * (stride // cell)
+    bottom, right = top + size // cell, left + size // cell
+    sums = table[bottom][:, right] - table[top][:, right] - table[bottom][:, left] + table[top][:, left]
+    return sums / (size * size)
+
+
 def resize_and_pad(image: np.ndarray, settings: TileSettings,
                    normalise: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
     """Resize then mirror-pad an RGB image as the tiler sees it; ``normalise`` (a stain normaliser by image) acts
@@ -78,8 +98,7 @@ def cut_tiles(image: np.ndarray, settings: TileSettings,
     ys, xs = np.meshgrid(np.arange(rows) * s - settings.pad, np.arange(cols) * s - settings.pad, indexing="ij")
     keep = np.ones((rows, cols), dtype=bool)
     if settings.max_background < 1.0:
-        white = (grid >= settings.background_level).all(axis=-1).mean(axis=(-2, -1))
-        keep = white <= settings.max_background
+        keep = background_share(padded, settings.background_level, t, s, rows, cols) <= settings.max_background
     pixels = grid[keep]  # one gather of the kept tiles, [N, t, t, 3]
     coords = np.stack([xs[keep], ys[keep]], axis=1).astype(np.int32)
     return Tiles(pixels=pixels, coords=coords, n_background=int(keep.size - keep.sum()))

@@ -9,7 +9,7 @@ from PIL import Image
 from lymphoma.errors import InputError
 from lymphoma.images import read_rgb
 from lymphoma.settings import TileSettings
-from lymphoma.tiling import cut_tiles, grid_shape
+from lymphoma.tiling import background_share, cut_tiles, grid_shape
 
 
 @pytest.fixture(scope="module")
@@ -65,6 +65,21 @@ def test_background_filter_drops_white_tiles_and_counts_them(image):
     assert (filtered.coords[:, 0] + 64 > 200).all()  # every kept tile reaches the tissue
     white = (filtered.pixels >= 220).all(axis=-1).mean(axis=(1, 2))
     assert (white <= 0.5).all()
+
+
+def test_background_share_is_each_tiles_own_mean_whatever_the_overlap(image):
+    """The summed-area count equals the mean over each tile's own pixels, on real tissue with glass painted in,
+    for tiles that overlap by half, by two thirds, not at all, and with sizes that share no factor but 1."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    img = image.copy()
+    img[:90, :150] = 245
+    for size, stride, level in ((128, 64, 220), (96, 32, 200), (64, 64, 180), (77, 13, 210), (50, 7, 230)):
+        rows, cols = (img.shape[0] - size) // stride + 1, (img.shape[1] - size) // stride + 1
+        grid = sliding_window_view(img, (size, size, 3))[::stride, ::stride, 0][:rows, :cols]
+        share = background_share(img, level, size, stride, rows, cols)
+        np.testing.assert_array_equal(share, (grid >= level).all(axis=-1).mean(axis=(-2, -1)))
+        assert share.min() < 0.1 and share.max() > 0.5  # tissue and glass both counted
 
 
 def test_image_smaller_than_a_tile_is_an_error_naming_the_fix(image):
