@@ -8,8 +8,9 @@ each image normalised whole before it is cut (stain.scope=image) instead of each
 model and end to end each timed as 2 processes of half the cores, as `lymphoma predict` runs on a CPU node (its
 array tasks, cluster.parallelism at once, the cores shared among them), with the model's own CPU time a tile
 both ways (the thread that runs the forward); one process of every core otherwise.
-The tutorial-style loop reads images as this project does (libspng: 5.2 ms a data-set image, where the tutorial's
-cv2.imread takes 6.9 and PIL 8.5, measured beside it): if anything, it flatters the tutorial.
+The tutorial-style loop reads images as this project does (``read_rgb``: Wuffs, the fastest decoder measured,
+bench/bench_decode.py; the tutorial's cv2.imread took 6.9 ms a data-set image where libspng took 5.2 on an
+earlier CPU): if anything, it flatters the tutorial.
 
     .venv/bin/python bench/bench_predict.py [--images 64] [--folder lowres|fullres-jpeg] [--stain none|reinhard]
         [--scope tile|image] [--engines torch:fp32,torch:bf16,onnxruntime:fp32,compile:bf16,openvino:fp32,
