@@ -64,7 +64,7 @@ def _check_size(path: Path, size: tuple[int, int], max_pixels: int) -> None:
 
 
 def _png_rgb8(path: Path) -> Optional[np.ndarray]:
-    """The pixels of an 8-bit RGB PNG decoded by Wuffs (pywuffs: 1.5x faster than libspng, 2.6x PIL's decoder on
+    """The pixels of an 8-bit RGB PNG decoded by Wuffs (pywuffs: 1.5x faster than libspng, 2.5x PIL's decoder on
     the data set's images, the same pixels: tested on all 307), else by libspng (pyspng) where pywuffs is not
     installed; None for any other PNG (16-bit, palette, grey, alpha), which PIL decodes, or where neither is."""
     decode = _fast_png_decoder()
