@@ -365,7 +365,7 @@ class TrainSettings:
     #                                apart the training cases of each class through reversed gradients, so the
     #                                features forget the patient; e.g. 0.1 to 1; null: off
     case_adversary_lr: float = 1.0  # the adversary's head learns at train.lr times this (at 1.0 it stays at
-    #                                chance; at 10 the features lose the sub-type too: README, levers table)
+    #                                chance; at 3 and 10 the figures fall: README, levers table)
     eval_phase: str = "val"        # the phase that selects the checkpoint
     cache: str = "auto"            # auto | device | memory | none: where the loaders hold the tiles for batch
     #                                augmenters (lymphoma.tile_cache); auto: on the GPU or in memory where they fit
