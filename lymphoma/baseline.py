@@ -127,7 +127,7 @@ def case_weights(y: np.ndarray, groups: np.ndarray) -> np.ndarray:
     return weights * len(y) / weights.sum()
 
 
-def _fit(c: float, x: np.ndarray, y: np.ndarray, groups: np.ndarray, balance: str) -> Any:
+def fit_reference(c: float, x: np.ndarray, y: np.ndarray, groups: np.ndarray, balance: str) -> Any:
     """The classifier at ``c`` fitted with classes balanced by image count (``images``) or by case (``cases``)."""
     if balance == "images":
         return _classifier(c).fit(x, y)
@@ -151,7 +151,7 @@ def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int, balanc
     for c in C_GRID:
         per_fold = []
         for train, test in folds:
-            predicted = _fit(c, x[train], y[train], groups[train], balance).predict(x[test])
+            predicted = fit_reference(c, x[train], y[train], groups[train], balance).predict(x[test])
             recalls = [np.mean(predicted[y[test] == k] == k) for k in np.unique(y[test])]
             per_fold.append(np.mean(recalls))
         scores.append(np.mean(per_fold))
@@ -165,7 +165,7 @@ def fold_records(cohort: Cohort, labels: np.ndarray, test_cases: Sequence[str], 
     test = np.isin(cohort.cases, list(test_cases))
     x, y, groups = cohort.features[~test], labels[~test], cohort.cases[~test]
     c = choose_c(x, y, groups, seed, balance)
-    model = _fit(c, x, y, groups, balance)
+    model = fit_reference(c, x, y, groups, balance)
     probs = np.zeros((int(test.sum()), len(cohort.classes)))
     probs[:, model.classes_] = model.predict_proba(cohort.features[test])
     return [probability_record(p, cohort.classes, key=cohort.keys[i], path=cohort.paths[i],

@@ -17,6 +17,7 @@ from lymphoma.mixing import BatchMix
 
 if TYPE_CHECKING:  # the adversary sums its counts with sum_over_processes from here
     from lymphoma.adversary import CaseAdversary
+    from lymphoma.distill import Distiller
 
 
 @dataclass
@@ -83,7 +84,8 @@ def _inputs(batch: torch.Tensor, augmenter: Augmenter, epoch: int, device: torch
 @dataclass(frozen=True)
 class StepOptions:
     """How each training step runs: bf16 autocast on GPUs, NHWC input, a step cap per epoch, gradient-norm
-    clipping, mixup or CutMix of the batch, a case adversary (whose targets carry each tile's case)."""
+    clipping, mixup or CutMix of the batch, a case adversary (whose targets carry each tile's case), distillation
+    from the reference (whose targets carry each tile's index)."""
 
     amp: bool = False
     channels_last: bool = False
@@ -91,6 +93,25 @@ class StepOptions:
     clip_grad_norm: Optional[float] = None
     mix: Optional[BatchMix] = None
     adversary: Optional[CaseAdversary] = None
+    distiller: Optional[Distiller] = None
+
+
+def _step_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, criterion: torch.nn.Module,
+               options: StepOptions, epoch: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(the classes of the encoded targets ``y``, the classification loss, the objective to differentiate)."""
+    if options.adversary is not None:
+        y, cases = options.adversary.split(y)
+    if options.distiller is not None:
+        y, index = options.distiller.split(y)
+    if options.mix is not None:
+        mixed = options.mix(x, y)
+        loss = mixed.loss(criterion, model(mixed.x))
+    elif options.distiller is not None:
+        logits = model(x)
+        loss = options.distiller.loss(criterion(logits, y), logits, index)
+    else:
+        loss = criterion(model(x), y)
+    return y, loss, loss if options.adversary is None else loss + options.adversary.loss(y, cases, epoch)
 
 
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, augmenter: Augmenter, criterion: torch.nn.Module,
@@ -106,16 +127,9 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, augmenter: Augme
             break
         x = _inputs(batch, augmenter, epoch, device, options.channels_last)
         y = labels.to(device, non_blocking=True)
-        if options.adversary is not None:
-            y, cases = options.adversary.split(y)
         optimizer.zero_grad(set_to_none=True)
         with _autocast(device, options.amp):
-            if options.mix is None:
-                loss = criterion(model(x), y)
-            else:
-                mixed = options.mix(x, y)
-                loss = mixed.loss(criterion, model(mixed.x))
-            objective = loss if options.adversary is None else loss + options.adversary.loss(y, cases, epoch)
+            y, loss, objective = _step_loss(model, x, y, criterion, options, epoch)
         objective.backward()  # bf16 autocast needs no loss scaling
         if options.adversary is not None:
             options.adversary.sync_grads()

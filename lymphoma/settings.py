@@ -366,6 +366,8 @@ class TrainSettings:
     #                                features forget the patient; e.g. 0.1 to 1; null: off
     case_adversary_lr: float = 1.0  # the adversary's head learns at train.lr times this (at 1.0 it stays at
     #                                chance; at 3 and 10 the figures fall: README, levers table)
+    distill: Optional[float] = None  # weight in (0, 1] of the reference's cross-fitted probabilities of each
+    #                                training tile as a second target (lymphoma.distill); null: off
     eval_phase: str = "val"        # the phase that selects the checkpoint
     cache: str = "auto"            # auto | device | memory | none: where the loaders hold the tiles for batch
     #                                augmenters (lymphoma.tile_cache); auto: on the GPU or in memory where they fit
@@ -417,6 +419,10 @@ class TrainSettings:
         if self.case_adversary is not None and (self.case_adversary <= 0 or self.mix != "none"):
             raise InputError(f"train.case_adversary must be > 0 (e.g. 1.0) or null, and needs train.mix=none (a mixed "
                              f"tile has two cases); got {self.case_adversary} with train.mix={self.mix}")
+        if self.distill is not None and (not 0 < self.distill <= 1 or self.mix != "none" or self.case_adversary):
+            raise InputError(f"train.distill must be in (0, 1] (e.g. 0.5) or null, and needs train.mix=none and "
+                             f"train.case_adversary=null; got {self.distill} with train.mix={self.mix}, "
+                             f"train.case_adversary={self.case_adversary}")
 
 
 AGGREGATES = ("vote", "mean")

@@ -30,6 +30,7 @@ from lymphoma.checkpoint import (
     save_checkpoint,
     set_rng_state,
 )
+from lymphoma.distill import make_distiller
 from lymphoma.epochs import EpochStats, StepOptions, bf16_training, evaluate, train_one_epoch
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
@@ -367,15 +368,19 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     train_tiles = open_phase(tiles_dir, "train", settings.tile_size, augment.crop)
     eval_tiles = open_phase(tiles_dir, train.eval_phase, settings.tile_size, augment.crop)
     last = out_dir / "checkpoints" / "last.pt"
+    manifest, target = load_manifest(tiles_dir), fit_target(settings.stain)  # the target, fitted once
+    check_tiles_stain(manifest, settings.stain, tiles_dir, stored_stain(target))
     case_class = None
     if train.case_adversary is not None:  # the loaders then carry each tile's case with its class
         train_tiles.targets, _, case_class = encode(train_tiles.labels, train_tiles.cases, len(train_tiles.classes or []))
+    distiller = None
+    if train.distill is not None:  # the loaders then carry each tile's index with its class
+        distiller = make_distiller(train_tiles, train.distill, train.seed,
+                                   StainNormalizer(target) if target is not None and target.scope == "tile" else None)
     parts = build_parts(settings.model.architecture(len(train_tiles.classes or [])), train, rank, device,
                         None if last.is_file() else settings.model.weights, case_class)
     options = StepOptions(bf16_training(train.amp, device), train.channels_last, train.max_steps_per_epoch,
-                          train.clip_grad_norm, batch_mix(train.mix, train.mix_alpha), parts.adversary)
-    manifest, target = load_manifest(tiles_dir), fit_target(settings.stain)  # the target, fitted once
-    check_tiles_stain(manifest, settings.stain, tiles_dir, stored_stain(target))
+                          train.clip_grad_norm, batch_mix(train.mix, train.mix_alpha), parts.adversary, distiller)
     run = Training(settings, out_dir, rank, device, train_tiles, eval_tiles, make_criterion(train_tiles, train, device),
                    parts, build_pipelines(train_tiles, eval_tiles, settings, rank, device, target), options,
                    manifest["tiles"], tiles_fingerprint(tiles_dir))
@@ -403,6 +408,7 @@ def _start_line(run: Training) -> str:
     precision = f"{'bf16 autocast' if options.amp else 'float32'} (train.amp={train.amp})"
     adversary = (f", a case adversary among {len(options.adversary.case_class)} cases (train.case_adversary="
                  f"{train.case_adversary})" if options.adversary is not None else "")
+    adversary += f", distilled from the reference (train.distill={train.distill})" if options.distiller else ""
     return (f"training on {run.device} x {run.rank.world} process(es){threads}, {precision}{adversary}, "
             f"{run.pipes.backend} augmentation, tiles read {CACHE_WORDS[run.pipes.cache]}, {len(run.train_tiles)} "
             f"train and {len(run.eval_tiles)} {train.eval_phase} tiles, {where}")
