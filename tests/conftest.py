@@ -139,6 +139,16 @@ def tile_real_subset(root: Path, data_root: Path, manifest_rows: list[dict[str, 
     return source, root / "runs"
 
 
+@pytest.fixture(scope="module")
+def three_cases(tmp_path_factory, data_root, manifest_rows) -> tuple[Path, Path]:
+    """Real images of 3 cases per class (2 each) tiled at 64 px, 2 training cases per class: (images, runs)."""
+    return tile_real_subset(tmp_path_factory.mktemp("three-cases"), data_root, manifest_rows, 3, 2, 0.34)
+
+
+SHORT_STEPS = ["train.epochs=2", "train.max_steps_per_epoch=3", "train.deterministic=true", "train.sampling=cases",
+               "train.samples_per_epoch=48", "train.select=last", "train.scheduler=none", "train.warmup_epochs=0"]
+
+
 def config_for(tiled: tuple[Path, Path], name: str, *overrides: str, cluster: str | None = None):
     """A run folder ``name`` holding a copy of the shared tiles, and its config."""
     source, runs = tiled

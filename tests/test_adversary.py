@@ -4,13 +4,12 @@ that carries it, saves it beside an unchanged model, and resumes it exactly."""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import config_for, tile_real_subset
+from conftest import SHORT_STEPS, config_for
 from jobs.train import run_train
 from lymphoma.adversary import CaseAdversary, encode, reverse_gradient
 from lymphoma.checkpoint import load_checkpoint
@@ -19,15 +18,7 @@ from lymphoma.model import build_model
 from lymphoma.settings import TrainSettings
 from lymphoma.training import make_optimizer, make_scheduler, weights_digest
 
-STEPS = ["train.epochs=2", "train.max_steps_per_epoch=3", "train.deterministic=true", "train.sampling=cases",
-         "train.samples_per_epoch=48", "train.select=last", "train.scheduler=none", "train.warmup_epochs=0",
-         "train.case_adversary=1.0"]
-
-
-@pytest.fixture(scope="module")
-def three_cases(tmp_path_factory, data_root, manifest_rows) -> tuple[Path, Path]:
-    """Real images of 3 cases per class (2 each) tiled at 64 px, 2 training cases per class: (images, runs)."""
-    return tile_real_subset(tmp_path_factory.mktemp("adversary"), data_root, manifest_rows, 3, 2, 0.34)
+STEPS = [*SHORT_STEPS, "train.case_adversary=1.0"]
 
 
 def _tiny_densenet() -> torch.nn.Module:

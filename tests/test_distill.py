@@ -4,28 +4,19 @@ labels, the mixed loss, and a real training that carries it and resumes exactly.
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import config_for, tile_real_subset
+from conftest import SHORT_STEPS, config_for
 from jobs.train import run_train
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.distill import Distiller, cross_fitted, encode
 from lymphoma.errors import InputError
 from lymphoma.settings import TrainSettings
 
-STEPS = ["train.epochs=2", "train.max_steps_per_epoch=3", "train.deterministic=true", "train.sampling=cases",
-         "train.samples_per_epoch=48", "train.select=last", "train.scheduler=none", "train.warmup_epochs=0",
-         "train.distill=0.5"]
-
-
-@pytest.fixture(scope="module")
-def three_cases(tmp_path_factory, data_root, manifest_rows) -> tuple[Path, Path]:
-    """Real images of 3 cases per class (2 each) tiled at 64 px, 2 training cases per class: (images, runs)."""
-    return tile_real_subset(tmp_path_factory.mktemp("distill"), data_root, manifest_rows, 3, 2, 0.34)
+STEPS = [*SHORT_STEPS, "train.distill=0.5"]
 
 
 def _cohort(seed: int = 0) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
