@@ -376,7 +376,8 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     distiller = None
     if train.distill is not None:  # the loaders then carry each tile's index with its class
         distiller = make_distiller(train_tiles, train.distill, train.seed,
-                                   StainNormalizer(target) if target is not None and target.scope == "tile" else None)
+                                   StainNormalizer(target) if target is not None and target.scope == "tile" else None
+                                   ).to(device)  # the teacher on the device once, not copied every step
     parts = build_parts(settings.model.architecture(len(train_tiles.classes or [])), train, rank, device,
                         None if last.is_file() else settings.model.weights, case_class)
     options = StepOptions(bf16_training(train.amp, device), train.channels_last, train.max_steps_per_epoch,
@@ -408,7 +409,7 @@ def _start_line(run: Training) -> str:
     precision = f"{'bf16 autocast' if options.amp else 'float32'} (train.amp={train.amp})"
     adversary = (f", a case adversary among {len(options.adversary.case_class)} cases (train.case_adversary="
                  f"{train.case_adversary})" if options.adversary is not None else "")
-    adversary += f", distilled from the reference (train.distill={train.distill})" if options.distiller else ""
+    adversary += f", distilled from the reference (train.distill={train.distill})" if options.distiller is not None else ""
     return (f"training on {run.device} x {run.rank.world} process(es){threads}, {precision}{adversary}, "
             f"{run.pipes.backend} augmentation, tiles read {CACHE_WORDS[run.pipes.cache]}, {len(run.train_tiles)} "
             f"train and {len(run.eval_tiles)} {train.eval_phase} tiles, {where}")
