@@ -137,13 +137,17 @@ def fit_reference(c: float, x: np.ndarray, y: np.ndarray, groups: np.ndarray, ba
     raise ValueError(f"baseline balance {balance!r}: use one of {', '.join(BALANCES)}")
 
 
+def fewest_cases(y: np.ndarray, groups: np.ndarray) -> int:
+    """The number of cases of the class with the fewest (bounds the folds of a class-stratified grouped split)."""
+    return min(len(np.unique(groups[y == k])) for k in np.unique(y))
+
+
 def choose_c(x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int, balance: str = "images") -> float:
     """The C of ``C_GRID`` with the best balanced accuracy over an inner case-grouped CV (3 folds, fewer when
     a class has fewer cases); ties go to the stronger regularisation."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    cases_per_class = min(len(np.unique(groups[y == k])) for k in np.unique(y))
-    splits = min(3, cases_per_class)
+    splits = min(3, fewest_cases(y, groups))
     if splits < 2:
         return C_GRID[len(C_GRID) // 2]
     folds = list(StratifiedGroupKFold(splits, shuffle=True, random_state=seed).split(x, y, groups))

@@ -17,7 +17,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from lymphoma.baseline import choose_c, fit_reference, image_features
+from lymphoma.baseline import choose_c, fewest_cases, fit_reference, image_features
 from lymphoma.errors import InputError
 from lymphoma.phase_tiles import PhaseTiles
 
@@ -41,7 +41,7 @@ def cross_fitted(x: np.ndarray, y: np.ndarray, cases: np.ndarray, num_classes: i
     (fewer where a class has fewer cases), each predicted by a fit on the others."""
     from sklearn.model_selection import StratifiedGroupKFold
 
-    cases_per_class = min(len(np.unique(cases[y == k])) for k in np.unique(y))
+    cases_per_class = fewest_cases(y, cases)
     if len(np.unique(y)) < 2 or cases_per_class < 2:
         raise InputError("train.distill needs two or more training cases in every class (its teacher predicts each "
                          "case from the others); set train.distill=null")

@@ -105,7 +105,7 @@ def test_outputs_votes_and_the_model_applied_directly(checkpoint, cohort, tmp_pa
                  "reliability_case.png", "slides/" + summary[0]["slide"] + ".png"):
         assert Image.open(tmp_path / "out" / name).size[0] > 100
     with Image.open(tmp_path / "out" / "slides" / (summary[0]["slide"] + ".png")) as heatmap:  # lymphoma.png's
-        assert heatmap.mode == "RGB" and heatmap.size == (256, 192) and np.asarray(heatmap).std() > 10
+        assert heatmap.mode == "RGB" and heatmap.size == (209, 156) and np.asarray(heatmap).std() > 10
 
 
 def test_pictures_are_pngs_that_any_reader_decodes_to_their_pixels(cohort, tmp_path):
@@ -120,6 +120,27 @@ def test_pictures_are_pngs_that_any_reader_decodes_to_their_pixels(cohort, tmp_p
         np.testing.assert_array_equal(pyspng.load((tmp_path / "p.png").read_bytes()), pixels)
     with pytest.raises(ValueError, match=r"\[H, W, 3\] uint8"):
         encode_png(image.astype(np.float32))
+
+
+def test_an_image_overview_is_reduced_by_an_integer_factor_and_its_tiles_land_where_they_were_cut(data_root):
+    """A plain image's overview (the heatmap's background) is the image box-reduced by the smallest integer factor
+    that brings its longer side to 256 or less, and ``coords * coord_scale`` finds each tile's own pixels in it."""
+    from lymphoma.tile_sources import open_tiles
+
+    for folder, side, factor in (("lowres", 417, 2), ("fullres-jpeg", 1388, 6)):
+        path = next((data_root / folder).rglob("*.*g"))
+        source = open_tiles(str(path), TileSettings(min_tissue=0.0))
+        tiles = np.concatenate(list(source.batches))
+        image = read_rgb(path)
+        assert max(image.shape[:2]) == side and 128 < max(source.overview.shape[:2]) <= 256
+        np.testing.assert_array_equal(source.overview, np.asarray(Image.fromarray(image).reduce(factor)))
+        span = source.extent * source.coord_scale
+        assert span == pytest.approx(tiles.shape[1] / factor)
+        for (x, y), tile in zip(source.coords * source.coord_scale, tiles):  # coords are (x, y)
+            inside = source.overview[round(y):round(y + span), round(x):round(x + span)]
+            assert np.abs(inside.mean((0, 1)) - tile.mean((0, 1))).max() < 3
+            if factor == 2:  # tiles on even pixels: the overview holds each one reduced, exactly
+                np.testing.assert_array_equal(inside, np.asarray(Image.fromarray(tile).reduce(factor)))
 
 
 def test_slides_are_dealt_into_equal_chunks_one_per_task_and_at_least_one_per_core_share():
