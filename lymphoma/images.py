@@ -132,16 +132,29 @@ def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
     non-RGB images, and for one whose header declares more than ``max_pixels`` pixels (a possible
     decompression bomb, refused before decoding), so that a caller can skip the file and go on.
     """
+    return decode_rgb(path, max_pixels)[0]
+
+
+def decode_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
+               shrink_to: Optional[Callable[[int, int], Optional[tuple[int, int]]]] = None,
+               ) -> tuple[np.ndarray, tuple[int, int]]:
+    """``read_rgb``'s pixels and the image's full ``(height, width)``. ``shrink_to`` maps the full size to the size
+    the caller will resize the image to (None: none): a JPEG is then decoded by its DCT scaling (libjpeg's draft
+    mode) at the largest reduction by a power of two that stays at least that large, 2x faster for a half; other
+    formats are decoded whole."""
     path = Path(path)
     if not path.is_file():
         raise ImageError(path, "file not found; fix the path or remove it from the input list")
     try:
         with Image.open(path) as img:
             _check_size(path, img.size, max_pixels)
-            mode = img.mode
+            mode, full = img.mode, (img.height, img.width)
             if mode != "RGB":
                 advice = _MODE_ADVICE.get(mode, f"has colour mode {mode}; re-export it as 8-bit RGB")
                 raise ImageError(path, advice)
+            target = shrink_to(*full) if shrink_to is not None and img.format == "JPEG" else None
+            if target is not None:
+                img.draft("RGB", (target[1], target[0]))
             array = _png_rgb8(path) if img.format == "PNG" else None
             if array is None:
                 img.load()
@@ -155,4 +168,4 @@ def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarr
                          "copy it again or remove it") from None
     if array.ndim != 3 or array.shape[2] != 3:
         raise ImageError(path, f"decoded to shape {array.shape}, expected [H, W, 3]; re-export it as RGB")
-    return array
+    return array, full

@@ -13,12 +13,12 @@ from PIL import Image
 
 from lymphoma.errors import ImageError, InputError
 from lymphoma.image_scale import TrainingScale
-from lymphoma.images import WSI_SUFFIXES, read_rgb
+from lymphoma.images import WSI_SUFFIXES, decode_rgb
 from lymphoma.regions import read_regions, select_tiles
 from lymphoma.settings import TileSettings
 from lymphoma.slides import open_slide
 from lymphoma.stain import StainNormalizer
-from lymphoma.tiling import cut_tiles
+from lymphoma.tiling import cut_tiles, resize_to, resized_shape
 from lymphoma.wsi import iter_tiles, plan_grid, save_grid_overview, slide_tissue, target_mpp
 
 
@@ -73,29 +73,49 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
 
 def _image_tiles(path: str, settings: TileSettings, overview_side: int, region_file: str,
                  stain: Optional[StainNormalizer], scale: Optional[TrainingScale] = None) -> TileSource:
-    """A plain image decoded whole, resized (to the training ``scale`` where ``TrainingScale.matched_resize`` says
-    so), stain-normalised whole with the statistics of the resized image, then cut by pixels."""
+    """A plain image decoded (``_decode``), resized (to the training ``scale`` where ``TrainingScale.matched_resize``
+    says so), stain-normalised whole with the statistics of the resized image, then cut by pixels."""
     if Path(path).suffix.lower() in WSI_SUFFIXES:
         raise ImageError(path, "is a whole-slide file, and these tiles are cut by pixels (tiles.target_mpp "
                                "unset). Tiling: set tiles.target_mpp (e.g. 0.5) or tiles.target_power (e.g. 20). "
                                "Predicting: use a model trained with tiles.target_mpp, or pass --force "
                                "tiles.target_mpp=<microns per pixel of this model's training images>")
-    image = read_rgb(path, settings.max_pixels)
+    image, (h, w), settings, cut_settings, matched = _decode(path, settings, scale)
     if (image >= settings.background_level).all():
         raise ImageError(path, f"has no tissue: every pixel is background (all channels >= "
                                f"tiles.background_level={settings.background_level}); check the file, or lower "
                                "tiles.background_level if its tissue is that pale")
-    matched = scale.matched_resize(image.shape[:2], settings.resize) if scale is not None else None
-    settings = settings if matched is None else replace(settings, resize=matched)
-    cut = cut_tiles(image, settings, stain)
-    h, w = image.shape[:2]
+    cut = cut_tiles(image, cut_settings, stain)
     keep, labels = _in_regions(path, region_file, cut.coords / settings.resize, settings.size / settings.resize,
                                (h, w), settings)
     pixels, coords = (cut.pixels, cut.coords) if keep.all() else (cut.pixels[keep], cut.coords[keep])
-    factor = -(-max(h, w) // overview_side)  # an integer factor: 4x faster than a box resize to overview_side
+    factor = -(-max(image.shape[:2]) // overview_side)  # an integer factor: 4x faster than a box resize
     overview = np.asarray(Image.fromarray(image).reduce(factor)) if factor > 1 else image
-    return TileSource(iter([pixels]), coords, cut.n_background, (h, w), overview,
-                      1 / factor / settings.resize, settings.size, settings.stride, 1 / settings.resize, labels, matched)
+    return TileSource(iter([pixels]), coords, cut.n_background, (h, w), overview, 1 / factor / cut_settings.resize,
+                      settings.size, settings.stride, 1 / settings.resize, labels, matched)
+
+
+def _decode(path: str, settings: TileSettings, scale: Optional[TrainingScale],
+            ) -> tuple[np.ndarray, tuple[int, int], TileSettings, TileSettings, Optional[float]]:
+    """The image as it is cut, its full ``(height, width)``, the settings of its coordinates (``resize`` matched to
+    the training ``scale`` where it says so), the settings it is cut with, and the matched resize. A JPEG to be
+    shrunk by half or more is decoded smaller (``decode_rgb``) and resized the rest of the way here; it is then
+    cut as it is (resize 1), its tiles and coordinates those of the image decoded whole, within the decoders'
+    rounding."""
+    def scaled(shape: tuple[int, int]) -> tuple[TileSettings, Optional[float]]:
+        matched = scale.matched_resize(shape, settings.resize) if scale is not None else None
+        return (settings if matched is None else replace(settings, resize=matched)), matched
+
+    def shrink_to(height: int, width: int) -> Optional[tuple[int, int]]:
+        resize = scaled((height, width))[0].resize
+        return resized_shape(height, width, resize) if resize < 1 else None
+
+    image, full = decode_rgb(path, settings.max_pixels, shrink_to)
+    matched_settings, matched = scaled(full)
+    if image.shape[:2] == full:
+        return image, full, matched_settings, matched_settings, matched
+    image = resize_to(image, resized_shape(*full, matched_settings.resize), settings.resample)
+    return image, full, matched_settings, replace(matched_settings, resize=1.0), matched
 
 
 def _slide_tiles(path: str, settings: TileSettings, batch: int, overview_side: int, qc_path: Optional[Path],

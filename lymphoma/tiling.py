@@ -65,14 +65,20 @@ def background_share(image: np.ndarray, level: int, size: int, stride: int, rows
     return sums / (size * size)
 
 
+def resize_to(image: np.ndarray, shape: tuple[int, int], resample: str) -> np.ndarray:
+    """``image`` resized to ``(height, width)`` by the PIL filter named ``resample`` (itself where it is that size)."""
+    if shape == image.shape[:2]:
+        return image
+    return np.asarray(Image.fromarray(image).resize((shape[1], shape[0]), RESAMPLE[resample]))
+
+
 def resize_and_pad(image: np.ndarray, settings: TileSettings,
                    normalise: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> np.ndarray:
     """Resize then mirror-pad an RGB image as the tiler sees it; ``normalise`` (a stain normaliser by image) acts
     on the resized image before it is padded: at the scale the model sees, with the statistics of that scale
     (as for an image that was stored smaller), on 1/resize^2 fewer pixels than the original."""
     h, w = resized_shape(image.shape[0], image.shape[1], settings.resize)
-    if (h, w) != image.shape[:2]:
-        image = np.asarray(Image.fromarray(image).resize((w, h), RESAMPLE[settings.resample]))
+    image = resize_to(image, (h, w), settings.resample)
     if normalise is not None:
         image = normalise(image)
     if settings.pad:

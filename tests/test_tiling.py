@@ -92,3 +92,34 @@ def test_settings_name_allowed_values():
         TileSettings(resample="cubic-ish")
     with pytest.raises(InputError, match="tiles.stride must be positive"):
         TileSettings(stride=0)
+
+
+def test_a_jpeg_to_be_shrunk_is_decoded_smaller_and_cut_as_if_decoded_whole(data_root, manifest_rows):
+    """A full-size JPEG cut at 0.3 (tiles.resize, or matched to a model trained on the 417x312 copies) is decoded at
+    half size by its DCT scaling, then resized the rest of the way: the grid, coordinates and overview of the image
+    decoded whole, its tiles within 1.5 levels of them on average (Reinhard by image after the resize either way).
+    A PNG, and a JPEG cut at its own size, are decoded whole and cut bit for bit as before."""
+    from lymphoma.image_scale import TrainingScale
+    from lymphoma.images import decode_rgb
+    from lymphoma.stain import StainNormalizer, StainSettings, fit_target
+    from lymphoma.tile_sources import open_tiles
+
+    row = next(r for r in manifest_rows if r["fullres_jpeg_path"])
+    jpeg, png = data_root / row["fullres_jpeg_path"], data_root / row["lowres_path"]
+    pixels, full = decode_rgb(jpeg, shrink_to=lambda height, width: (312, 416))
+    assert pixels.shape == (520, 694, 3) and full == (1040, 1388)
+    assert decode_rgb(png, shrink_to=lambda height, width: (100, 100))[0].shape == (312, 417, 3)
+    normalise = StainNormalizer(fit_target(StainSettings("reinhard", scope="image")))
+    for settings, scale in ((TileSettings(resize=0.3), None), (TileSettings(), TrainingScale((312, 417), 1.0))):
+        source = open_tiles(str(jpeg), settings, stain=normalise, scale=scale)
+        resize = 1 / source.to_level0
+        whole = cut_tiles(read_rgb(jpeg), TileSettings(resize=resize), normalise)
+        tiles = np.concatenate(list(source.batches))
+        assert resize == pytest.approx(0.3, abs=0.001) and source.shape == (1040, 1388)
+        np.testing.assert_array_equal(source.coords, whole.coords)
+        assert np.abs(tiles.astype(int) - whole.pixels).mean() < 1.5
+        assert source.overview.shape[:2] == (156, 208 if scale is None else 209) and source.coord_scale == 0.5
+    for path, settings in ((png, TileSettings(resize=0.5)), (jpeg, TileSettings())):
+        source = open_tiles(str(path), settings, stain=normalise)
+        whole = cut_tiles(read_rgb(path), settings, normalise)
+        np.testing.assert_array_equal(np.concatenate(list(source.batches)), whole.pixels)
