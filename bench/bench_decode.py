@@ -2,7 +2,10 @@
 (pyspng, its fallback) and PIL on the same bytes already in memory, then ``read_rgb`` as every reader calls it
 (the file read, the header and CRC checks, Wuffs), each timed in turn for ``--rounds`` rounds on one thread;
 ms an image as the median over the rounds, every round's figure kept. Every decoder's pixels are checked against
-PIL's first.
+PIL's first. Then the data set's full-size JPEGs (1388x1040) as a model trained on the 417x312 copies reads them
+(`predict.scale=match`, Reinhard by image): decoded at half size by their DCT scaling (``decode_rgb``) against
+decoded whole, and the whole reading path (``open_tiles``: decode, resize, Reinhard, cut, overview) against the
+same steps after a whole decode, in turn on one thread.
 
     .venv/bin/python bench/bench_decode.py [--images 307] [--rounds 5] [--out bench/results/decode.json]
 """
@@ -20,12 +23,44 @@ from PIL import Image
 
 from common import emit, timed
 from jobs.config import default_data_root
-from lymphoma.images import _spng_rgb, _wuffs_rgb, read_rgb
+from lymphoma.image_scale import TrainingScale
+from lymphoma.images import _spng_rgb, _wuffs_rgb, decode_rgb, read_rgb
+from lymphoma.settings import TileSettings
+from lymphoma.stain import StainNormalizer, StainSettings, fit_target
+from lymphoma.tile_sources import open_tiles
+from lymphoma.tiling import cut_tiles
 
 
 def per_image_ms(decode: Callable[[object], np.ndarray], items: list) -> float:
     """CPU milliseconds an item of ``decode`` over ``items`` (one thread: the process's CPU time is its own)."""
     return timed(lambda: [decode(item) for item in items])[1] / len(items) * 1000
+
+
+def full_size_jpegs(rounds: int) -> dict[str, object]:
+    """ms an image, median of ``rounds``, of the full-size JPEGs read at the 417x312 copies' scale."""
+    paths = sorted((Path(default_data_root()) / "fullres-jpeg").glob("*/*.jpg"))
+    normalise = StainNormalizer(fit_target(StainSettings("reinhard", scope="image")))
+    scale, settings = TrainingScale((312, 417), 1.0), TileSettings()
+    resize = scale.matched_resize((1040, 1388), settings.resize)
+
+    def whole_path(path: Path) -> object:
+        image = read_rgb(path)
+        return cut_tiles(image, TileSettings(resize=resize), normalise), Image.fromarray(image).reduce(6)
+
+    steps: dict[str, Callable[[Path], object]] = {
+        "decode_half": lambda path: decode_rgb(path, shrink_to=lambda height, width: (312, 417)),
+        "decode_whole": read_rgb,
+        "open_tiles": lambda path: list(open_tiles(str(path), settings, stain=normalise, scale=scale).batches),
+        "decode_whole_then_cut": whole_path,
+    }
+    times: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            times[name].append(round(per_image_ms(step, paths), 3))
+    median = {name: statistics.median(values) for name, values in times.items()}
+    return {"images": len(paths), "ms_per_image_median": median, "ms_per_image_rounds": times,
+            "decode_whole_over_half": round(median["decode_whole"] / median["decode_half"], 2),
+            "reading_whole_over_open_tiles": round(median["decode_whole_then_cut"] / median["open_tiles"], 2)}
 
 
 def main() -> None:
@@ -52,7 +87,8 @@ def main() -> None:
     median = {name: statistics.median(values) for name, values in rounds.items()}
     emit({"images": len(paths), "rounds": args.rounds, "ms_per_image_median": median, "ms_per_image_rounds": rounds,
           "libspng_over_wuffs": round(median["libspng"] / median["wuffs"], 2),
-          "pil_over_wuffs": round(median["pil"] / median["wuffs"], 2)}, args.out)
+          "pil_over_wuffs": round(median["pil"] / median["wuffs"], 2),
+          "fullres_jpeg": full_size_jpegs(args.rounds)}, args.out)
 
 
 if __name__ == "__main__":
