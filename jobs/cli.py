@@ -137,8 +137,10 @@ def _add_model_commands(sub: Any) -> None:
 def _add_tools(sub: Any) -> None:
     inspect = _command(sub, "inspect", "a slide's levels, resolution, vendor, tissue and tile grid",
                        "Show what a slide file holds (levels, dimensions, microns per pixel, objective, vendor), its "
-                       "tissue fraction, and write a thumbnail with the tile grid that tiles.* would cut.")
-    inspect.add_argument("slide", type=Path, help="a whole-slide file (SVS, NDPI, pyramidal TIFF, ...) or an image")
+                       "tissue fraction, and write a thumbnail with the tile grid that tiles.* would cut.",
+                       overrides=False)
+    inspect.add_argument("inputs", nargs="+", metavar="SLIDE", help="a whole-slide file (SVS, NDPI, pyramidal TIFF, "
+                                                                   "...) or an image; key=value overrides too")
     inspect.add_argument("--out", type=Path, help="the thumbnail PNG (default: <slide name>-grid.png here)")
     download = _command(sub, "download", "fetch the public IICBU 2008 lymphoma data set into class folders",
                         "Download the public tarball (resumable), verify its SHA-1 and unpack it into one folder per "
@@ -191,7 +193,7 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     unknown = [w for w in extra if w.startswith("-")]
     if unknown:
         parser.error(f"unrecognized arguments: {' '.join(unknown)}")
-    if args.command in ("predict", "features"):  # key=value words among the inputs are overrides
+    if args.command in ("predict", "features", "inspect"):  # key=value words among the inputs are overrides
         words = args.inputs + extra
         args.overrides = [w for w in words if OVERRIDE.match(w) and not Path(w).exists()]
         args.inputs = [w for w in words if w not in args.overrides]

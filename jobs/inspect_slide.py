@@ -7,6 +7,7 @@ import logging
 from pathlib import Path
 
 from jobs.run_folder import Run
+from lymphoma.errors import InputError
 from lymphoma.settings import TileSettings
 from lymphoma.slides import open_slide
 from lymphoma.wsi import plan_grid, save_grid_overview, target_mpp
@@ -39,5 +40,9 @@ def inspect_slide(t: TileSettings, path: Path, out: Path | None) -> str:
 
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma inspect``."""
-    log.info(inspect_slide(run.config.tiles, args.slide, args.out))
+    if len(args.inputs) != 1:
+        given = ", ".join(args.inputs) or "only overrides"
+        raise InputError(f"lymphoma inspect takes one slide, not {len(args.inputs)} ({given}); overrides look like "
+                         "section.key=value, e.g. tiles.target_mpp=1.0")
+    log.info(inspect_slide(run.config.tiles, Path(args.inputs[0]), args.out))
     return 0

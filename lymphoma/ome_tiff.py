@@ -11,7 +11,7 @@ import numpy as np
 from PIL import Image
 
 from lymphoma.errors import ImageError
-from lymphoma.slides import SlideInfo, SlideReader, check_levels
+from lymphoma.slides import SlideInfo, SlideReader, check_levels, damaged
 
 UM_PER_UNIT = {"µm": 1.0, "um": 1.0, "nm": 1e-3, "mm": 1e3, "cm": 1e4, "m": 1e6}
 
@@ -74,7 +74,10 @@ class OmeTiffReader(SlideReader):
         if x1 <= x0 or y1 <= y0:
             return out
         if not page.is_tiled:
-            whole = page.asarray()[..., :3]
+            try:
+                whole = page.asarray()[..., :3]
+            except Exception as err:  # noqa: BLE001 - any codec's error
+                raise damaged(self.info.path, f"its level {level}", err) from None
             out[y0 - y:y1 - y, x0 - x:x1 - x] = whole[y0:y1, x0:x1]
             return out
         tw, th = page.tilewidth, page.tilelength
@@ -84,8 +87,11 @@ class OmeTiffReader(SlideReader):
             for tx in range(x0 // tw, (x1 - 1) // tw + 1):
                 index = ty * across + tx
                 handle.seek(page.dataoffsets[index])
-                tile = page.decode(handle.read(page.databytecounts[index]), index,
-                                   jpegtables=page.jpegtables)[0].reshape(th, tw, -1)[..., :3]
+                try:
+                    tile = page.decode(handle.read(page.databytecounts[index]), index,
+                                       jpegtables=page.jpegtables)[0].reshape(th, tw, -1)[..., :3]
+                except Exception as err:  # noqa: BLE001 - any codec's error (zlib.error, imagecodecs' ...)
+                    raise damaged(self.info.path, f"its tile {index} of level {level}", err) from None
                 gx, gy = tx * tw, ty * th
                 sx0, sy0, sx1, sy1 = max(x0, gx), max(y0, gy), min(x1, gx + tw), min(y1, gy + th)
                 out[sy0 - y:sy1 - y, sx0 - x:sx1 - x] = tile[sy0 - gy:sy1 - gy, sx0 - gx:sx1 - gx]

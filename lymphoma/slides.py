@@ -59,10 +59,17 @@ class SlideReader:
         self.close()
 
 
+def damaged(path: str | Path, what: str, err: BaseException) -> ImageError:
+    """The error of a slide whose header reads but whose pixels do not decode (a copy cut short or corrupted)."""
+    return ImageError(path, f"{what} cannot be decoded ({type(err).__name__}: {err}); the file is damaged: copy it "
+                            "again from its source, or leave it out")
+
+
 class OpenSlideReader(SlideReader):
     def __init__(self, path: Path) -> None:
         import openslide
 
+        self._error = openslide.OpenSlideError
         try:
             self._slide = openslide.OpenSlide(str(path))
         except (openslide.OpenSlideError, OSError) as err:
@@ -78,7 +85,10 @@ class OpenSlideReader(SlideReader):
         check_levels(self.info)
 
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
-        region = self._slide.read_region((int(x), int(y)), level, (int(width), int(height)))
+        try:
+            region = self._slide.read_region((int(x), int(y)), level, (int(width), int(height)))
+        except self._error as err:
+            raise damaged(self.info.path, f"its region at ({x}, {y}) of level {level}", err) from None
         rgba = np.asarray(region)
         rgb = rgba[..., :3].copy()
         rgb[rgba[..., 3] == 0] = 255  # outside the scanned area: white, like glass
@@ -87,7 +97,11 @@ class OpenSlideReader(SlideReader):
     def thumbnail(self, max_side: int) -> np.ndarray:
         w, h = self.info.dimensions
         scale = max_side / max(w, h)
-        return np.asarray(self._slide.get_thumbnail((max(1, round(w * scale)), max(1, round(h * scale)))).convert("RGB"))
+        try:
+            thumbnail = self._slide.get_thumbnail((max(1, round(w * scale)), max(1, round(h * scale))))
+        except self._error as err:
+            raise damaged(self.info.path, "its thumbnail", err) from None
+        return np.asarray(thumbnail.convert("RGB"))
 
     def close(self) -> None:
         self._slide.close()

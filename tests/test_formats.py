@@ -43,6 +43,26 @@ def test_ome_tiff_reads_every_level_pixel_for_pixel(levels, tmp_path):
         assert other.level_count < len(levels)
 
 
+def test_an_ome_tiff_tile_that_does_not_decode_is_an_error_naming_the_file(levels, tmp_path):
+    import tifffile
+
+    from lymphoma.errors import ImageError
+
+    path = write_ome_pyramid(tmp_path / "slide.ome.tif", levels, mpp=0.5)
+    data = bytearray(path.read_bytes())
+    with tifffile.TiffFile(path) as tif:
+        page = tif.series[0].levels[0].keyframe
+        offset, size = page.dataoffsets[1], page.databytecounts[1]
+    data[offset:offset + size] = b"\x07" * size
+    damaged = tmp_path / "damaged.ome.tif"
+    damaged.write_bytes(bytes(data))
+    with open_slide(damaged) as reader:
+        assert reader.read_region(0, 0, 0, 64, 64).shape == (64, 64, 3)  # tile 0 is whole
+        assert reader.thumbnail(100).shape[1] == 100  # from a level left whole
+        with pytest.raises(ImageError, match="damaged.ome.tif: its tile 1 of level 0 cannot be decoded .*damaged"):
+            reader.read_region(0, 0, 0, 600, 64)
+
+
 def test_ome_tiff_slides_are_tiled_from_the_level_of_their_resolution(levels, tmp_path):
     path = write_ome_pyramid(tmp_path / "slide.ome.tiff", levels, mpp=0.5)
     source = open_tiles(str(path), TileSettings(size=128, stride=128, target_mpp=1.0, min_tissue=0.0))

@@ -134,12 +134,64 @@ def test_tile_job_on_whole_slides_with_bad_ones_skipped(wsi_dir, data_root, tmp_
 
 def test_inspect_reports_levels_tissue_and_grid(wsi_dir, tmp_path, capsys):
     out = tmp_path / "grid.png"
-    assert main(["inspect", str(wsi_dir / "CMU-1-Small-Region.svs"), "--out", str(out), "tiles.size=128",
-                 "tiles.stride=128", "tiles.target_mpp=1.0"]) == 0
-    report = capsys.readouterr().out
-    assert "vendor:     aperio" in report and "mpp:        0.499" in report and "0: 2220 x 2967" in report
-    assert "tissue:" in report and "tiles of 128 px at 1.0 mpp kept" in report
-    assert Image.open(out).size[1] == 1024
+    slide = str(wsi_dir / "CMU-1-Small-Region.svs")
+    # the README's order: the slide, then its overrides (and the overrides first, too)
+    for argv in ([slide, "tiles.size=128", "tiles.stride=128", "tiles.target_mpp=1.0", "--out", str(out)],
+                 ["tiles.size=128", "--out", str(out), "tiles.stride=128", "tiles.target_mpp=1.0", slide]):
+        assert main(["inspect", *argv]) == 0
+        report = capsys.readouterr().out
+        assert "vendor:     aperio" in report and "mpp:        0.499" in report and "0: 2220 x 2967" in report
+        assert "tissue:" in report and "tiles of 128 px at 1.0 mpp kept" in report
+        assert Image.open(out).size[1] == 1024
+    assert main(["inspect", slide, slide, "tiles.target_mpp=1.0"]) == 2
+    assert "takes one slide, not 2" in capsys.readouterr().err
+
+
+def damage_level0_tiles(source, target, first: int, count: int) -> None:
+    """A copy of the slide ``source`` whose level-0 tiles ``first`` to ``first + count - 1`` are zeroed (a copy
+    corrupted on its way: the header and the smaller levels still read)."""
+    import tifffile
+
+    data = bytearray(source.read_bytes())
+    with tifffile.TiffFile(source) as tif:
+        page = tif.pages[0]
+        for index in range(first, first + count):
+            offset, size = page.dataoffsets[index], page.databytecounts[index]
+            data[offset:offset + size] = bytes(size)
+    target.write_bytes(bytes(data))
+
+
+def test_a_slide_damaged_inside_is_skipped_and_named_and_the_others_are_tiled(wsi_dir, tmp_path, capsys):
+    folder = tmp_path / "slides"
+    folder.mkdir()
+    good = shutil.copyfile(wsi_dir / "CMU-1-Small-Region.svs", folder / "good.svs")
+    damage_level0_tiles(wsi_dir / "TCGA-CR-7395-01A-01-TS1.svs", folder / "half-read.svs", 126, 40)
+    damage_level0_tiles(wsi_dir / "CMU-1-Small-Region.svs", folder / "unreadable.svs", 0, 60)
+    manifest = tmp_path / "slides.csv"
+    with manifest.open("w", newline="") as handle:
+        writer = csv.writer(handle)
+        writer.writerow(["path", "label", "case"])
+        for i, path in enumerate([folder / "half-read.svs", good, folder / "unreadable.svs"]):
+            writer.writerow([path, "CLL", f"case{i}"])
+    code = main(["tile", "--no-progress", f"data.source={manifest}", f"run.root={tmp_path}", "run.name=damaged",
+                 "split.val_fraction=0", "tiles.size=64", "tiles.stride=64", "tiles.target_mpp=0.5",
+                 "tiles.default_mpp=0.5"])
+    assert code == 0, capsys.readouterr().err  # one task: the damaged slides did not sink it
+    result = load_manifest(tmp_path / "damaged" / "tiles")
+    skipped = {item["path"].rsplit("/", 1)[1]: item["reason"] for item in result["skipped"]}
+    assert set(skipped) == {"half-read.svs", "unreadable.svs"}
+    assert "region at" in skipped["half-read.svs"] and "of level 0 cannot be decoded" in skipped["half-read.svs"]
+    assert "thumbnail cannot be decoded" in skipped["unreadable.svs"]
+    assert all("the file is damaged" in reason for reason in skipped.values())
+    import tables
+
+    with tables.open_file(phase_shards(tmp_path / "damaged" / "tiles", "train")[0]) as h5:
+        names = set(h5.root.filenames[:].astype(str))
+        assert names == {"good.svs"}  # the tiles the half-read slide gave before its damage were dropped
+        assert len(h5.root.imgs) == len(h5.root.coords) == h5.root.images.read()["n_tiles"].sum()
+    with open_slide(good) as reader:
+        expected = len(plan_grid(reader, 64, 64, 0.5, 0.5).coords)
+    assert result["phases"]["train"]["n_tiles"] == expected
 
 
 PEAK = """
