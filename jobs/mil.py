@@ -108,7 +108,7 @@ def run_mil(run: Run) -> dict[str, Any]:
     bags_of = {folder: bags for folder, (bags, _) in made.items()}
     records = [ImageRecord(r["path"], r["label"], r["case"]) for r in first]
     out = run.dir / "mil"
-    reports, predictions = [], []
+    reports, predictions, unreadable, drawn = [], [], [], 0
     for r in range(cfg.cv.repeats):
         by_fold = []
         for k, test_cases in enumerate(grouped_folds(records, cfg.cv.folds, cfg.cv.seed + r)):
@@ -120,9 +120,11 @@ def run_mil(run: Run) -> dict[str, Any]:
             predictions += [[r, k, rec["key"], rec["case"], rec["label"], rec["majority_class"],
                              f"{rec['confidence']:.4f}"] for rec in fold]
             if r == 0:
-                save_attention_maps(out / "attention", attention, rows_by_key, settings.heatmaps)
+                unreadable += save_attention_maps(out / "attention", attention, rows_by_key, settings.heatmaps)
+                drawn += len(attention)
         reports.append({**cv_report(by_fold, classes, cfg.cv.bootstrap, cfg.cv.confidence, cfg.cv.seed + r),
                         "seed": cfg.cv.seed + r})
+    warn_unreadable(unreadable, drawn, out / "attention")
     report = {**reports[0], "repeats": reports, "across_repeats": across_repeats(reports), "bag": settings.bag,
               "features": str(features_dir), "encoders": "one per fold" if len(cohorts) > 1 else "one",
               "n_bags": len(next(iter(bags_of.values()))), "minutes": (time.perf_counter() - start) / 60}
@@ -141,21 +143,35 @@ def run_mil(run: Run) -> dict[str, Any]:
 
 
 def save_attention_maps(folder: Path, attention: dict[str, np.ndarray], rows_by_key: dict[str, dict[str, str]],
-                        pictures: bool = True) -> None:
+                        pictures: bool = True) -> list[str]:
     """``<key>.npz`` (coords, attention) and, with ``pictures``, ``<key>.png``: the attention over the slide's
-    thumbnail."""
+    thumbnail. MIL needs only the embeddings: a slide not readable here (the features made on another machine, the
+    slide moved or damaged since) gets its npz without a picture; returns those slides' errors."""
     from lymphoma.plots import save_attention
     from lymphoma.settings import TileSettings
     from lymphoma.tile_sources import open_tiles
 
     folder.mkdir(parents=True, exist_ok=True)
+    unreadable: list[str] = []
     for key, weights in attention.items():
         _, coords, attrs = read_features(rows_by_key[key]["file"])
         np.savez_compressed(folder / f"{key}.npz", coords=coords, attention=weights)
         if pictures and "tiles" in attrs:
-            source = open_tiles(rows_by_key[key]["path"], TileSettings(**json.loads(attrs["tiles"])))
+            try:
+                source = open_tiles(rows_by_key[key]["path"], TileSettings(**json.loads(attrs["tiles"])))
+            except (InputError, OSError) as err:
+                unreadable.append(str(err))
+                continue
             save_attention(source.overview, coords, weights, source.coord_scale, source.extent, source.step,
                            folder / f"{key}.png")
+    return unreadable
+
+
+def warn_unreadable(unreadable: list[str], total: int, folder: Path) -> None:
+    """One warning for the attention pictures that ``save_attention_maps`` could not draw."""
+    if unreadable:
+        log.warning(f"{len(unreadable)} of {total} attention picture(s) not drawn: their slides are not readable "
+                    f"here (first: {unreadable[0]}); every slide's coords and attention are in {folder}/<slide>.npz")
 
 
 def format_mil_report(report: dict[str, Any]) -> str:
@@ -196,9 +212,11 @@ def predict_mil(run: Run, features_dir: Path) -> Path:
             attention[key] = weights[bag.slides == key]
             lines.append([bag.key, key, rows_by_key[key]["path"], classes[int(probs.argmax())],
                           *[f"{p:.4f}" for p in probs]])
-    save_attention_maps(out / "attention", attention, rows_by_key, settings.heatmaps)
+    out.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(out / "predictions.csv", ["bag", "slide", "path", "predicted", *[f"prob_{c}" for c in classes]],
                      lines)
+    unreadable = save_attention_maps(out / "attention", attention, rows_by_key, settings.heatmaps)
+    warn_unreadable(unreadable, len(attention), out / "attention")
     return out
 
 

@@ -143,3 +143,26 @@ def test_mil_refuses_features_of_two_encoders(make_dataset, tmp_path, capsys):
     capsys.readouterr()
     assert main(["mil", *common, "cv.folds=2", f"mil.features={tmp_path / 'c'}"]) == 2
     assert "come from 2 encoders or settings" in capsys.readouterr().err
+
+
+def test_mil_needs_only_the_embeddings_when_the_slides_are_not_here(make_dataset, tmp_path, caplog):
+    source = make_dataset(cases_per_class=2, images_per_case=1)
+    weights = tmp_path / "resnet10t.safetensors"
+    tiny_timm_file(weights, "resnet10t", num_classes=1000)
+    common = [f"run.root={tmp_path}", "run.name=moved", "cluster.kind=debug"]
+    assert main(["features", f"data.source={source}", "model.backbone=timm:resnet10t", f"model.weights={weights}",
+                 *common]) == 0
+    shutil.move(source, tmp_path / "elsewhere")  # embedded on one machine, MIL run where the slides are not
+    assert main(["mil", *common, "cv.folds=2", "cv.bootstrap=100", "mil.epochs=1"]) == 0
+    out = tmp_path / "moved" / "mil"
+    assert json.loads((out / "report.json").read_text())["n_images"] == 6
+    saved = sorted(path.stem for path in (out / "attention").glob("*.npz"))
+    assert len(saved) == 6 and not list((out / "attention").glob("*.png"))
+    warned = [r.getMessage() for r in caplog.records if "attention picture(s) not drawn" in r.getMessage()]
+    assert len(warned) == 1 and warned[0].startswith("6 of 6") and "file not found" in warned[0]
+    caplog.clear()
+    assert main(["mil", *common, "--predict", str(tmp_path / "moved" / "features")]) == 0
+    with (out / "predict" / "predictions.csv").open() as handle:
+        assert len(list(csv.DictReader(handle))) == 6
+    assert len(list((out / "predict" / "attention").glob("*.npz"))) == 6
+    assert any(r.getMessage().startswith("6 of 6 attention picture(s) not drawn") for r in caplog.records)
