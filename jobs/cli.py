@@ -106,7 +106,8 @@ def _add_model_commands(sub: Any) -> None:
     predict.add_argument("--checkpoint", required=True,
                          help="best.pt or last.pt of a training run, or the ensemble.pt of `lymphoma cv`")
     predict.add_argument("inputs", nargs="*", metavar="IMAGE",
-                         help="image files or quoted wildcards ('cohort/**/*.tif'); key=value overrides too")
+                         help="image files, quoted wildcards ('cohort/**/*.tif') or folders (every image under "
+                              "them); key=value overrides too")
     predict.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments")
     predict.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
     predict.add_argument("--out", type=Path, help="output folder (default: <run folder>/predict)")
@@ -118,7 +119,7 @@ def _add_model_commands(sub: Any) -> None:
     features.add_argument("--checkpoint", help="a trained model as the encoder (default: model.backbone with "
                                                "model.weights, a pretrained one)")
     features.add_argument("inputs", nargs="*", metavar="IMAGE",
-                          help="image files or quoted wildcards (default: every image of data.source); key=value "
+                          help="image files, quoted wildcards or folders (default: every image of data.source); key=value "
                                "overrides too")
     features.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments")
     features.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")

@@ -25,9 +25,7 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
     column or, for files, from a parent folder named after a class; region files from ``<regions>/<stem>.geojson``."""
     rows: list[tuple[str, Optional[str], Optional[str]]] = []
     for pattern in patterns:
-        matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else [pattern]
-        matches = [m for m in matches if not glob.has_magic(pattern) or (Path(m).is_file() and is_image_file(Path(m)))]
-        matches = one_file_per_dicom_slide(matches)
+        matches = one_file_per_dicom_slide(_matches(pattern))
         if not matches:
             raise InputError(f"{pattern!r} matches no image file; check the path and quote wildcards so the shell "
                              "leaves them to lymphoma (e.g. 'cohort/**/*.tif')")
@@ -53,6 +51,18 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
         slides.append(SlideInput(str(p.resolve()), key, label, case or case_of(p.stem, case_pattern) or p.stem,
                                  str(region_file.resolve()) if region_file else ""))
     return slides
+
+
+def _matches(pattern: str) -> list[str]:
+    """The image files a word names: a wildcard's matches, every image file under a folder (``folder/**/*``), or
+    the file itself (a missing one fails as its slide, by name)."""
+    if glob.has_magic(pattern):
+        found = sorted(glob.glob(pattern, recursive=True))
+    elif Path(pattern).is_dir():
+        found = sorted(str(p) for p in Path(pattern).rglob("*"))
+    else:
+        return [pattern]
+    return [m for m in found if Path(m).is_file() and is_image_file(Path(m))]
 
 
 def _read_tsv(path: Path, basepath: Optional[Path]) -> list[tuple[str, Optional[str], Optional[str]]]:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from lymphoma.errors import InputError
 from lymphoma.settings import TileSettings
 from lymphoma.slides import open_slide
 from lymphoma.tile_sources import open_tiles
@@ -102,6 +103,13 @@ def test_a_dicom_slide_is_predicted_once_named_after_its_folder(levels, tmp_path
     slides = expand_inputs([f"{tmp_path}/cohort/**/*.dcm"], None, None, ["CLL", "FL", "MCL"],
                            re.compile(r"^(?P<case>.+)$"), str(tmp_path / "regions"))
     assert [s.key for s in slides] == ["slide-1", "slide-2"]  # six files, two slides
+    (tmp_path / "cohort" / "notes.txt").write_text("not a slide")
+    given_folder = expand_inputs([str(tmp_path / "cohort")], None, None, ["CLL", "FL", "MCL"],
+                                 re.compile(r"^(?P<case>.+)$"))  # a folder: every image file under it
+    assert [(s.key, s.path) for s in given_folder] == [(s.key, s.path) for s in slides]
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="'.*empty' matches no image file"):
+        expand_inputs([str(tmp_path / "empty")], None, None, ["CLL"], re.compile(r"^(?P<case>.+)$"))
     assert [Path(s.regions).name for s in slides if s.regions] == ["slide-2.geojson"]  # found by the slide's name
     source = open_tiles(slides[0].path, TileSettings(size=128, stride=128, target_mpp=1.0, min_tissue=0.0))
     tiles = np.concatenate(list(source.batches))
