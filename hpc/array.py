@@ -13,6 +13,12 @@ from typing import Any, TypeVar
 
 import submitit
 
+from hpc.executors import SubmissionError
+
+# sbatch's words when it never reached the controller (no configuration, controller down), not a refusal
+UNREACHABLE = ("Could not establish a configuration source", "Unable to process configuration file",
+               "Unable to contact slurm controller", "Socket timed out", "Connection refused")
+
 # SLURM states after which no result file will come; others (CONFIGURING, COMPLETING, ...) are still open.
 FINAL_SLURM_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
                       "DEADLINE", "REVOKED", "SPECIAL_EXIT"}
@@ -43,10 +49,6 @@ class ArrayJobError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-class SubmissionError(RuntimeError):
-    """The cluster refused a job at submission (sbatch's reason quoted); nothing of it runs."""
-
-
 def submit(executor: submitit.AutoExecutor, fn: Callable[..., R], *args: Any) -> submitit.Job[R]:
     """``executor.submit`` with a refusal by the scheduler turned into one SubmissionError."""
     return _refused_as_error(executor, lambda: executor.submit(fn, *args))
@@ -60,6 +62,11 @@ def _refused_as_error(executor: submitit.AutoExecutor, submit_now: Callable[[], 
         if executor.cluster != "slurm":
             raise
         reason = "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or "no reason given"
+        if any(sign in reason for sign in UNREACHABLE):
+            raise SubmissionError(
+                f"sbatch cannot reach the SLURM controller: {reason}\n  fix: check that SLURM is configured here "
+                "(SLURM_CONF, or /etc/slurm/slurm.conf) and that its controller answers (`scontrol ping`); on one "
+                "machine, start this project's cluster: bash hpc/local_cluster/start.sh") from None
         raise SubmissionError(
             f"the SLURM scheduler refused the job: {reason}\n  fix: ask for what the cluster has (cluster.mem_gb, "
             "cluster.cpus_per_task, cluster.gpus_per_node, cluster.partition, ...: in your profile "

@@ -14,6 +14,11 @@ import submitit
 EXECUTOR_KINDS = ("local", "debug", "slurm")
 
 
+class SubmissionError(RuntimeError):
+    """The cluster refused a job at submission, or cannot be reached (sbatch's reason quoted); nothing of it
+    runs."""
+
+
 @dataclass
 class ExecutorSettings:
     """Where and how tasks run; the slurm-only fields are ignored by the other kinds.
@@ -62,6 +67,11 @@ def visible_gpu_count() -> int:
 
 def make_executor(settings: ExecutorSettings, folder: str | Path, name: str) -> submitit.AutoExecutor:
     """An executor whose logs and pickles go to ``folder`` (``%j`` is replaced by the job id)."""
+    missing = [tool for tool in ("sbatch", "srun") if settings.kind == "slurm" and shutil.which(tool) is None]
+    if missing:
+        raise SubmissionError(f"cluster.kind slurm, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
+                              "not on this machine's PATH: submit from a login node of the cluster (or load its "
+                              "module, e.g. `module load slurm`), or run here with --cluster local")
     executor = submitit.AutoExecutor(folder=str(folder), cluster=settings.kind)
     gpus = settings.gpus_per_node
     if settings.kind == "local" and gpus == 0:

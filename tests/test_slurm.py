@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import threading
 import time
@@ -215,3 +216,27 @@ def test_the_readmes_slurm_recipe_works_as_written_and_a_refusal_quotes_sbatch(t
     assert "refused the job" in refused.stderr and "Memory specification can not be satisfied" in refused.stderr
     assert "cluster.mem_gb" in refused.stderr and "Traceback" not in refused.stderr
     assert not (tmp_path / "too-big" / "tiles" / "manifest.json").exists()
+
+
+def test_a_controller_that_does_not_answer_and_a_machine_without_slurm_are_named_as_such(tmp_path):
+    """Not a refusal: sbatch that cannot reach the controller (its port closed) is told apart from a request the
+    cluster cannot meet, and a machine without sbatch gets an error instead of submitit's traceback; rc 2 both."""
+    import os
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    conf = Path(os.environ.get("SLURM_CONF", "/etc/slurm/slurm.conf")).read_text()
+    dead = tmp_path / "dead-port.conf"
+    dead.write_text(re.sub(r"(?m)^SlurmctldPort=\d+", "SlurmctldPort=6999", conf))
+    command = [sys.executable, "-m", "jobs.cli", "tile", "-c", "configs/lymphoma-lowres.yaml", "--cluster", "slurm",
+               f"run.root={tmp_path}"]
+    down = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "SLURM_CONF": str(dead)})
+    assert down.returncode == 2 and "Traceback" not in down.stderr
+    assert "sbatch cannot reach the SLURM controller" in down.stderr and "Unable to contact slurm controller" in down.stderr
+    assert "scontrol ping" in down.stderr and "refused the job" not in down.stderr
+    bare = subprocess.run(command, cwd=repo, capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "PATH": str(Path(sys.executable).parent)})
+    assert bare.returncode == 2 and "Traceback" not in bare.stderr
+    assert "sbatch and srun are not on this machine's PATH" in bare.stderr and "--cluster local" in bare.stderr
