@@ -47,8 +47,12 @@ class ExecutorSettings:
     def __post_init__(self) -> None:
         if self.kind not in EXECUTOR_KINDS:
             raise ValueError(f"cluster.kind is {self.kind!r}; allowed: {', '.join(EXECUTOR_KINDS)}")
-        if self.parallelism < 1:
-            raise ValueError(f"cluster.parallelism must be >= 1, got {self.parallelism}")
+        for key in ("parallelism", "timeout_min", "cpus_per_task", "nodes", "tasks_per_node"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"cluster.{key} must be >= 1, got {getattr(self, key)}")
+        if self.gpus_per_node < 0 or (self.mem_gb is not None and self.mem_gb <= 0):
+            raise ValueError(f"cluster.gpus_per_node must be >= 0 and cluster.mem_gb > 0 or null, got "
+                             f"{self.gpus_per_node} and {self.mem_gb}")
 
 
 def visible_gpu_count() -> int:

@@ -14,6 +14,14 @@ from lymphoma.errors import InputError
 from lymphoma.image_scale import SCALES
 
 
+def require(checks: list[tuple[str, Any, bool, str]]) -> None:
+    """The first ``(key, value, holds, rule)`` whose rule does not hold, as an InputError naming the setting, the
+    rule and the value given."""
+    for key, value, holds, rule in checks:
+        if not holds:
+            raise InputError(f"{key} must be {rule}, got {value!r}")
+
+
 @dataclass
 class RunSettings:
     """The run folder ``<root>/<name>``: every output of every stage goes there."""
@@ -44,6 +52,12 @@ class SplitSettings:
     val_fraction: float = 0.25
     test_fraction: float = 0.0
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        require([("split.val_fraction", self.val_fraction, 0 <= self.val_fraction < 1, "in [0, 1)"),
+                 ("split.test_fraction", self.test_fraction, 0 <= self.test_fraction < 1, "in [0, 1)"),
+                 ("split.val_fraction + split.test_fraction", self.val_fraction + self.test_fraction,
+                  self.val_fraction + self.test_fraction < 1, "below 1 (some cases must train)")])
 
 
 RESAMPLE_FILTERS = ("nearest", "bilinear", "bicubic", "lanczos", "box")
@@ -234,6 +248,7 @@ class ModelSettings:
                              "(set it to 0 with model.backbone)")
         if self.input_size is not None and self.input_size < 16:
             raise InputError(f"model.input_size must be >= 16 pixels or null, got {self.input_size}")
+        require([("model.drop_rate", self.drop_rate, 0 <= self.drop_rate < 1, "in [0, 1)")])
 
     def resolved(self) -> "ModelSettings":
         """The settings with the preset's architecture filled in."""
@@ -300,6 +315,9 @@ class AugmentSettings:
                              f"light, 0.2 strong), got {self.hed_scale} and {self.hed_shift}")
         if len(self.mean) != 3 or len(self.std) != 3 or min(self.std) <= 0:
             raise InputError("augment.mean and augment.std need 3 values each, std > 0")
+        require([("augment.crop", self.crop, self.crop >= 1, ">= 1 pixel")]
+                + [(f"augment.{key}", getattr(self, key), 0 <= getattr(self, key) <= 1, "a probability in [0, 1]")
+                   for key in ("hflip", "vflip", "grayscale_p")])
 
     @property
     def hed_jitter(self) -> bool:
@@ -307,6 +325,7 @@ class AugmentSettings:
         return self.hed_scale > 0 or self.hed_shift > 0
 
 
+EVAL_PHASES = ("train", "val", "test")  # lymphoma.split's phases
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULERS = ("none", "cosine", "step")
 SELECTIONS = ("balanced_accuracy", "loss", "last")
@@ -372,6 +391,19 @@ class TrainSettings:
     cache: str = "auto"            # auto | device | memory | none: where the loaders hold the tiles for batch
     #                                augmenters (lymphoma.tile_cache); auto: on the GPU or in memory where they fit
 
+    def _check_numbers(self) -> None:
+        """The optimiser's and the schedule's numbers, and the phase that selects."""
+        steps = self.max_steps_per_epoch
+        require([("train.lr", self.lr, self.lr > 0, "> 0 (e.g. 1e-3)"),
+                 ("train.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0"),
+                 ("train.momentum", self.momentum, 0 <= self.momentum < 1, "in [0, 1)"),
+                 ("train.gamma", self.gamma, self.gamma > 0, "> 0 (the step scheduler's factor, e.g. 0.1)"),
+                 ("train.step_size", self.step_size, self.step_size >= 1, ">= 1 epoch"),
+                 ("train.eval_batch_size", self.eval_batch_size, self.eval_batch_size >= 1, ">= 1"),
+                 ("train.max_steps_per_epoch", steps, steps is None or steps >= 1, ">= 1 or null"),
+                 ("train.eval_phase", self.eval_phase, self.eval_phase in EVAL_PHASES,
+                  f"one of {', '.join(EVAL_PHASES)}")])
+
     @property
     def first_candidate(self) -> int:
         """The first epoch (1-based) that may be kept: min_epochs, or the last epoch of a shorter run."""
@@ -383,6 +415,7 @@ class TrainSettings:
         return min(self.warmup_epochs, self.epochs - 1)
 
     def __post_init__(self) -> None:
+        self._check_numbers()
         if not 0.0 <= self.label_smoothing < 1.0:
             raise InputError(f"train.label_smoothing must be in [0, 1), got {self.label_smoothing}")
         if self.patience is not None and self.patience < 1:
@@ -555,6 +588,8 @@ class MILSettings:
             raise InputError(f"mil.bag is {self.bag!r}; allowed: {', '.join(MIL_BAGS)}")
         if self.epochs < 1 or self.hidden < 1 or self.attention < 1 or not 0 <= self.dropout < 1:
             raise InputError("mil.epochs, mil.hidden and mil.attention must be >= 1 and mil.dropout in [0, 1)")
+        require([("mil.lr", self.lr, self.lr > 0, "> 0 (e.g. 2e-4)"),
+                 ("mil.weight_decay", self.weight_decay, self.weight_decay >= 0, ">= 0")])
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -198,6 +199,26 @@ def test_config_errors_name_the_file_and_key(tmp_path):
         load_config(tmp_path / "missing.yaml")
     with pytest.raises(ConfigError, match="--cluster 'cloud'.*slurm"):
         load_config(None, [], "cloud")
+
+
+@pytest.mark.parametrize("override, message", [
+    ("train.lr=-0.001", "train.lr must be > 0 (e.g. 1e-3), got -0.001"),
+    ("train.weight_decay=-0.1", "train.weight_decay must be >= 0"),
+    ("train.momentum=1.5", "train.momentum must be in [0, 1)"),
+    ("train.eval_phase=tset", "train.eval_phase must be one of train, val, test, got 'tset'"),
+    ("train.max_steps_per_epoch=0", "train.max_steps_per_epoch must be >= 1 or null"),
+    ("mil.lr=0", "mil.lr must be > 0"),
+    ("augment.crop=0", "augment.crop must be >= 1 pixel"),
+    ("augment.vflip=2", "augment.vflip must be a probability in [0, 1]"),
+    ("model.drop_rate=1", "model.drop_rate must be in [0, 1)"),
+    ("split.val_fraction=0.6", "split.val_fraction + split.test_fraction must be below 1"),
+    ("cluster.timeout_min=0", "cluster.timeout_min must be >= 1"),
+    ("cluster.mem_gb=-4", "cluster.mem_gb > 0 or null"),
+])
+def test_numbers_out_of_their_range_are_refused_naming_the_key(override, message):
+    extra = ["split.test_fraction=0.4"] if override.startswith("split.") else []
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        to_object(load_config(None, [override, *extra]))
 
 
 def test_config_command_prints_every_setting_with_its_default_and_meaning(capsys):
