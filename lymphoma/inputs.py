@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import io
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -153,10 +154,20 @@ def _unused_region_files(folder: str | Path | None, images: Sequence[Path]) -> l
             if f.suffix.lower() in REGION_SUFFIXES and f.stem not in stems]
 
 
+def read_user_text(path: Path) -> str:
+    """A text file a person made (a manifest, a slide list): UTF-8, with or without the byte-order mark that
+    Excel's "CSV UTF-8" writes; any other encoding is an InputError naming the file, the byte and the fix."""
+    try:
+        return path.read_bytes().decode("utf-8-sig")
+    except UnicodeDecodeError as err:
+        raise InputError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save it "
+                         "as UTF-8 (Excel: \"CSV UTF-8\"; iconv -f latin1 -t utf-8)") from None
+
+
 def _rows_from_csv(manifest: Path, columns: Mapping[str, str]) -> tuple[list[tuple[Path, str, str]], dict[Path, Path]]:
     """The (path, label, case) rows of a manifest, and the region file of each row that has one."""
     names = {"path": "path", "label": "label", "case": "case", "regions": "regions", **columns}
-    with manifest.open(newline="") as handle:
+    with io.StringIO(read_user_text(manifest), newline="") as handle:
         reader = csv.DictReader(handle)
         header = reader.fieldnames or []
         missing = [names[key] for key in ("path", "label") if names[key] not in header]

@@ -12,7 +12,7 @@ from typing import Optional
 
 from lymphoma.errors import InputError
 from lymphoma.images import is_image_file, one_file_per_dicom_slide
-from lymphoma.inputs import case_of
+from lymphoma.inputs import case_of, read_user_text
 from lymphoma.prediction import SlideInput
 from lymphoma.regions import find_region_file
 
@@ -69,7 +69,7 @@ def _read_tsv(path: Path, basepath: Optional[Path]) -> list[tuple[str, Optional[
     if not path.is_file():
         raise InputError(f"--list {path} not found")
     rows = []
-    for number, line in enumerate(path.read_text().splitlines(), start=1):
+    for number, line in enumerate(read_user_text(path).splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = [f.strip() for f in line.split("\t")]

@@ -68,7 +68,7 @@ def read_regions(path: str | Path, slide: str) -> Regions:
 
     path = Path(path)
     try:
-        features = _features(json.loads(path.read_text(encoding="utf-8")), path)
+        features = _features(json.loads(path.read_text(encoding="utf-8-sig")), path)  # a BOM too (Windows tools)
         shapes, classes, other = [], [], Counter()
         for feature in features:
             geometry = feature.get("geometry") or {}

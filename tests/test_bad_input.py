@@ -268,3 +268,24 @@ def test_version_and_the_top_level_help_name_overrides_and_exit_codes():
                                         text=True).stdout.split())
     assert "section.key=value overrides" in help_text and "Exit status: 0 done; 1 failed" in help_text
     assert "2 bad input or config" in help_text
+
+
+def test_manifests_and_lists_saved_by_excel_are_read_and_other_encodings_named(make_dataset, tmp_path, capsys):
+    from lymphoma.inputs import discover
+    from lymphoma.prediction_inputs import expand_inputs
+
+    images = sorted(make_dataset(cases_per_class=1, images_per_case=2).rglob("*.png"))
+    lines = ["path,label,case"] + [f"{p},{p.parent.name},{p.stem.rsplit('_', 1)[0]}" for p in images]
+    excel = tmp_path / "excel.csv"  # Excel's "CSV UTF-8": a byte-order mark and CRLF line ends
+    excel.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    records = discover(str(excel), ["CLL", "FL", "MCL"]).records
+    assert sorted(r.path for r in records) == [str(p) for p in images] and {r.label for r in records} == {
+        "CLL", "FL", "MCL"}
+    latin = tmp_path / "latin.csv"  # Excel's plain "CSV" on a Western European Windows: Latin-1
+    latin.write_bytes(f"path,label,case\n{images[0]},CLL,Müller\n".encode("latin-1"))
+    assert main(["tile", "--no-progress", f"data.source={latin}", f"run.root={tmp_path}", "run.name=latin"]) == 2
+    assert "latin.csv: not UTF-8 text (byte 0xfc at offset" in capsys.readouterr().err
+    listing = tmp_path / "slides.tsv"
+    listing.write_bytes(b"\xef\xbb\xbfpath\tlabel\r\n" + f"{images[0]}\tCLL\r\n".encode())
+    slides = expand_inputs([], listing, None, ["CLL", "FL", "MCL"], re.compile(r"^(?P<case>.+)$"))
+    assert [(s.path, s.label) for s in slides] == [(str(images[0].resolve()), "CLL")]  # the header known, BOM and all

@@ -49,7 +49,8 @@ def annotated(make_dataset, tmp_path):
     regions.mkdir()
     (regions / f"{images[0].stem}.geojson").write_text(json.dumps(
         {"type": "FeatureCollection", "features": [feature({"type": "Polygon", "coordinates": RING}, "FL")]}))
-    (regions / f"{images[1].stem}.geojson").write_text(json.dumps([feature(CORNER)]))  # QuPath's list form
+    # QuPath's list form, saved again by a Windows editor with a byte-order mark
+    (regions / f"{images[1].stem}.geojson").write_bytes(b"\xef\xbb\xbf" + json.dumps([feature(CORNER)]).encode())
     return source, images, regions
 
 
