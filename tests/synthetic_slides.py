@@ -136,3 +136,15 @@ def write_dicom_pyramid(folder: Path, levels: list[np.ndarray], mpp: float = 0.5
         ds.save_as(path, enforce_file_format=True)
         paths.append(path)
     return paths
+
+
+def damage_level0_tiles(source: Path, target: Path, first: int, count: int) -> None:
+    """A copy of the slide ``source`` whose level-0 tiles ``first`` to ``first + count - 1`` are zeroed (a copy
+    corrupted on its way: the header and the smaller levels still read)."""
+    data = bytearray(source.read_bytes())
+    with tifffile.TiffFile(source) as tif:
+        page = tif.pages[0]
+        for index in range(first, first + count):
+            offset, size = page.dataoffsets[index], page.databytecounts[index]
+            data[offset:offset + size] = bytes(size)
+    target.write_bytes(bytes(data))

@@ -8,11 +8,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lymphoma.errors import InputError
+from lymphoma.errors import ImageError, InputError
 from lymphoma.settings import TileSettings
 from lymphoma.slides import open_slide
 from lymphoma.tile_sources import open_tiles
-from synthetic_slides import mosaic_levels, write_ome_pyramid
+from synthetic_slides import damage_level0_tiles, mosaic_levels, write_ome_pyramid
 
 
 @pytest.fixture(scope="module")
@@ -45,18 +45,9 @@ def test_ome_tiff_reads_every_level_pixel_for_pixel(levels, tmp_path):
 
 
 def test_an_ome_tiff_tile_that_does_not_decode_is_an_error_naming_the_file(levels, tmp_path):
-    import tifffile
-
-    from lymphoma.errors import ImageError
-
     path = write_ome_pyramid(tmp_path / "slide.ome.tif", levels, mpp=0.5)
-    data = bytearray(path.read_bytes())
-    with tifffile.TiffFile(path) as tif:
-        page = tif.series[0].levels[0].keyframe
-        offset, size = page.dataoffsets[1], page.databytecounts[1]
-    data[offset:offset + size] = b"\x07" * size
     damaged = tmp_path / "damaged.ome.tif"
-    damaged.write_bytes(bytes(data))
+    damage_level0_tiles(path, damaged, 1, 1)
     with open_slide(damaged) as reader:
         assert reader.read_region(0, 0, 0, 64, 64).shape == (64, 64, 3)  # tile 0 is whole
         assert reader.thumbnail(100).shape[1] == 100  # from a level left whole

@@ -16,6 +16,7 @@ from lymphoma.sharding import load_manifest, phase_shards
 from lymphoma.slides import SlideInfo, check_levels, open_slide
 from lymphoma.tissue import detect_tissue
 from lymphoma.wsi import iter_tiles, plan_grid
+from synthetic_slides import damage_level0_tiles
 
 
 @pytest.mark.parametrize("level", [0, 1, 2])
@@ -145,20 +146,6 @@ def test_inspect_reports_levels_tissue_and_grid(wsi_dir, tmp_path, capsys):
         assert Image.open(out).size[1] == 1024
     assert main(["inspect", slide, slide, "tiles.target_mpp=1.0"]) == 2
     assert "takes one slide, not 2" in capsys.readouterr().err
-
-
-def damage_level0_tiles(source, target, first: int, count: int) -> None:
-    """A copy of the slide ``source`` whose level-0 tiles ``first`` to ``first + count - 1`` are zeroed (a copy
-    corrupted on its way: the header and the smaller levels still read)."""
-    import tifffile
-
-    data = bytearray(source.read_bytes())
-    with tifffile.TiffFile(source) as tif:
-        page = tif.pages[0]
-        for index in range(first, first + count):
-            offset, size = page.dataoffsets[index], page.databytecounts[index]
-            data[offset:offset + size] = bytes(size)
-    target.write_bytes(bytes(data))
 
 
 def test_a_slide_damaged_inside_is_skipped_and_named_and_the_others_are_tiled(wsi_dir, tmp_path, capsys):
