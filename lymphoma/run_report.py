@@ -12,13 +12,16 @@ import csv
 import html
 import io
 import json
+import logging
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 from lymphoma import __version__
 from lymphoma.files import write_text_atomic
+
+log = logging.getLogger(__name__)
 
 MAX_SLIDE_PICTURES = 200  # slides whose heat maps are embedded; the table links the rest
 THUMB_SIDE = 160  # pixels of an embedded heat map's longer side (the full picture is linked)
@@ -33,20 +36,25 @@ nav a{margin-right:1em}"""
 
 
 def _picture(path: Path, alt: str, css: str = "", max_side: Optional[int] = None) -> str:
-    """An embedded picture (a data URI; a JPEG of at most ``max_side`` pixels when given), or nothing when the
-    file is missing."""
+    """An embedded picture (a data URI; a JPEG of at most ``max_side`` pixels when given), nothing when the file is
+    missing, and a note naming it (with a warning) when it is not a readable picture."""
+    from PIL import Image
+
     if not path.is_file():
         return ""
-    raw, kind = path.read_bytes(), "png"
-    if max_side is not None:  # a thumbnail of tissue: JPEG is a tenth of the PNG's size
-        from PIL import Image
-
-        with Image.open(path) as image:
-            image = image.convert("RGB")
-            image.thumbnail((max_side, max_side))
-            buffer = io.BytesIO()
-            image.save(buffer, format="JPEG", quality=85)
-            raw, kind = buffer.getvalue(), "jpeg"
+    try:
+        raw, kind = path.read_bytes(), "png"
+        with Image.open(io.BytesIO(raw)) as image:
+            image.load()  # decoded here, so that a damaged file is never embedded as a broken picture
+            if max_side is not None:  # a thumbnail of tissue: JPEG is a tenth of the PNG's size
+                image = image.convert("RGB")
+                image.thumbnail((max_side, max_side))
+                buffer = io.BytesIO()
+                image.save(buffer, format="JPEG", quality=85)
+                raw, kind = buffer.getvalue(), "jpeg"
+    except (OSError, ValueError, SyntaxError) as error:  # PIL: truncated, corrupt, not a picture
+        log.warning(f"report: {path} is not a readable picture ({error}); the page names it instead")
+        return f"<span class=bad>unreadable picture: {html.escape(path.name)}</span>"
     data = base64.b64encode(raw).decode()
     return f'<img src="data:image/{kind};base64,{data}" alt="{html.escape(alt)}"{f" class={css!r}" if css else ""}>'
 
@@ -71,9 +79,26 @@ def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> str:
     return f"<table><tr>{head}</tr>{body}</table>"
 
 
+class UnreadableFile(ValueError):
+    """A file of the run folder that the page cannot read: damaged, cut short, or not in its format."""
+
+
+def _read_text(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except (OSError, ValueError) as error:
+        raise UnreadableFile(f"{path} cannot be read ({error})") from error
+
+
+def _read_json(path: Path) -> Any:
+    try:
+        return json.loads(_read_text(path))
+    except json.JSONDecodeError as error:
+        raise UnreadableFile(f"{path} is not valid JSON ({error}): cut short or edited by hand") from error
+
+
 def _read_csv(path: Path) -> list[dict[str, str]]:
-    with path.open(newline="", encoding="utf-8") as handle:
-        return list(csv.DictReader(handle))
+    return list(csv.DictReader(io.StringIO(_read_text(path), newline="")))
 
 
 def _config(run_dir: Path) -> str:
@@ -81,7 +106,7 @@ def _config(run_dir: Path) -> str:
     if not path.is_file():
         return ""
     return (f"<h2 id=config>Config</h2><p>{_link(run_dir, path)}: every default, file and override, resolved.</p>"
-            f"<details><summary>show</summary><pre>{html.escape(path.read_text(encoding='utf-8'))}</pre></details>")
+            f"<details><summary>show</summary><pre>{html.escape(_read_text(path))}</pre></details>")
 
 
 def _split(run_dir: Path) -> str:
@@ -102,7 +127,7 @@ def _tiles(run_dir: Path) -> str:
     path = run_dir / "tiles" / "manifest.json"
     if not path.is_file():
         return ""
-    manifest = json.loads(path.read_text(encoding="utf-8"))
+    manifest = _read_json(path)
     classes = manifest["classes"]
     rows = [[phase, len(e["shards"]), e["n_images"], e["n_tiles"]] + [e["tiles_per_class"][c] for c in classes]
             for phase, e in manifest["phases"].items()]
@@ -147,7 +172,7 @@ def _training(run_dir: Path) -> str:
     path = run_dir / "train" / "history.json"
     if not path.is_file():
         return ""
-    history = json.loads(path.read_text(encoding="utf-8"))
+    history = _read_json(path)
     if not history:
         return ""
     data = base64.b64encode(_curves_png(history)).decode()
@@ -206,7 +231,7 @@ def _prediction(run_dir: Path, folder: Path) -> str:
     metrics_path, summary = folder / "metrics.json", folder / "summary.csv"
     if not metrics_path.is_file():
         return ""
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8"))
+    metrics = _read_json(metrics_path)
     rows = _read_csv(summary) if summary.is_file() else []
     shown = "" if len(rows) <= MAX_SLIDE_PICTURES else f" (pictures of the first {MAX_SLIDE_PICTURES})"
     return (f"<h2 id=prediction>Prediction</h2><p>{metrics.get('predicted', '?')} of {metrics.get('slides', '?')} "
@@ -223,20 +248,34 @@ def _crossval(run_dir: Path) -> str:
     if not text.is_file():
         return ""
     return (f"<h2 id=cv>Cross-validation</h2><p>{_link(run_dir, folder / 'report.json')}, "
-            f"{_link(run_dir, folder / 'predictions.csv')}</p><pre>{html.escape(text.read_text(encoding='utf-8'))}</pre>"
+            f"{_link(run_dir, folder / 'predictions.csv')}</p><pre>{html.escape(_read_text(text))}</pre>"
             + _plots(folder))
+
+
+def _section(anchor: str, title: str, build: Callable[..., str], *args: Any) -> str:
+    """One section, or where its files cannot be read, its heading and what is wrong (and a warning): one damaged
+    file never costs the page."""
+    try:
+        return build(*args)
+    except UnreadableFile as error:
+        problem = str(error)
+    except (KeyError, TypeError, IndexError, AttributeError) as error:  # a file of another version or hand-edited
+        problem = f"a file of this section lacks what the page needs ({type(error).__name__}: {error})"
+    log.warning(f"report: {title}: {problem}; the page shows the rest")
+    return f"<h2 id={anchor}>{html.escape(title)}</h2><p class=warn>Not shown: {html.escape(problem)}</p>"
 
 
 def write_run_report(run_dir: Path, predict_dir: Optional[Path] = None) -> Path:
     """Write ``<run_dir>/report.html`` from what the run folder holds (prediction from ``predict_dir``, default
-    ``<run_dir>/predict``); returns its path."""
+    ``<run_dir>/predict``); returns its path. A damaged file is named on the page, in place of what it held."""
     run_dir = Path(run_dir).absolute()
     predict_dir = Path(predict_dir or run_dir / "predict").absolute()
-    sections = [_config(run_dir), _split(run_dir), _tiles(run_dir), _training(run_dir),
-                _prediction(run_dir, predict_dir), _crossval(run_dir)]
-    ids = [("config", "Config"), ("split", "Split"), ("tiles", "Tiles"), ("training", "Training"),
-           ("prediction", "Prediction"), ("cv", "Cross-validation")]
-    nav = " ".join(f'<a href="#{i}">{name}</a>' for (i, name), body in zip(ids, sections) if body)
+    parts = [("config", "Config", _config, (run_dir,)), ("split", "Split", _split, (run_dir,)),
+             ("tiles", "Tiles", _tiles, (run_dir,)), ("training", "Training", _training, (run_dir,)),
+             ("prediction", "Prediction", _prediction, (run_dir, predict_dir)),
+             ("cv", "Cross-validation", _crossval, (run_dir,))]
+    sections = [_section(anchor, title, build, *args) for anchor, title, build, args in parts]
+    nav = " ".join(f'<a href="#{anchor}">{title}</a>' for (anchor, title, _, _), body in zip(parts, sections) if body)
     logs = sorted((run_dir / "logs").glob("*.log")) if (run_dir / "logs").is_dir() else []
     page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>lymphoma run {html.escape(run_dir.name)}"
             f"</title><style>{STYLE}</style></head><body><h1>Run {html.escape(run_dir.name)}</h1>"

@@ -383,6 +383,33 @@ def test_the_whole_pipeline_on_a_small_real_subset(make_dataset, tmp_path, capsy
     check_report_in_a_browser(run, val, tmp_path / "report.png")
 
 
+def test_a_report_over_damaged_files_names_them_and_shows_the_rest(checkpoint, cohort, tmp_path, capsys):
+    """A heat map cut short is named in its slide's row (never embedded as a broken picture) and a history.json or
+    metrics.json cut short in place of its section, each with a warning: `lymphoma report` (and the end of `run`
+    and `cv`, which write the page after all their work) never fails on one damaged file."""
+    run = tmp_path / "damaged"
+    assert predict(checkpoint, run / "predict", str(cohort)) == 0
+    pictures = sorted((run / "predict" / "slides").glob("*.png"))
+    pictures[0].write_bytes(pictures[0].read_bytes()[:100])
+    (run / "train").mkdir()
+    (run / "train" / "history.json").write_text('[{"epoch": 0, "train_loss": 1.09')
+    capsys.readouterr()
+    assert main(["report", f"run.root={tmp_path}", "run.name=damaged"]) == 0
+    err, page = capsys.readouterr().err, (run / "report.html").read_text()
+    assert f"{pictures[0]} is not a readable picture" in err and f"unreadable picture: {pictures[0].name}" in page
+    assert f"{run / 'train' / 'history.json'} is not valid JSON" in err
+    assert "<h2 id=training>Training</h2><p class=warn>Not shown: " in page
+    for other in pictures[1:]:  # every other slide keeps its heat map
+        assert f'alt="tile classes of {other.stem}"' in page
+    assert page.count("<img") == len(pictures) - 1 + 6  # and the confusion, ROC and reliability plots
+    metrics = run / "predict" / "metrics.json"
+    metrics.write_text(metrics.read_text()[:40])
+    assert main(["report", f"run.root={tmp_path}", "run.name=damaged"]) == 0
+    assert f"{metrics} is not valid JSON" in capsys.readouterr().err
+    page = (run / "report.html").read_text()
+    assert "<h2 id=prediction>Prediction</h2><p class=warn>Not shown: " in page and '<a href="#prediction">' in page
+
+
 def check_report_in_a_browser(run: Path, val: list[dict[str, str]], screenshot: Path) -> None:
     """report.html in real headless Chromium: no error, every picture decoded, every section and slide shown, the
     links lead to files of the run."""
