@@ -54,8 +54,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         state = torch.load(path, map_location=map_location, weights_only=True)
     except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        raise InputError(f"checkpoint {path} cannot be read ({type(err).__name__}: {err}); it is damaged or not "
-                         "a lymphoma checkpoint: use another (e.g. last.pt beside it) or train again") from None
+        raise InputError(f"checkpoint {path} cannot be read: it {_why_unreadable(path, err)}; use another (e.g. "
+                         "last.pt beside it) or train again") from None
     missing = [key for key in ("model", "architecture", "classes", "epoch", "tiles", "augment") if key not in state]
     if missing:
         raise InputError(f"checkpoint {path} lacks {missing}; it was not written by `lymphoma train`")
@@ -64,6 +64,21 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise InputError(f"checkpoint {path} is inconsistent: {problem}; it was damaged or edited after "
                          "`lymphoma train` wrote it: use another checkpoint (e.g. last.pt beside it) or train again")
     return state
+
+
+def _why_unreadable(path: Path, err: Exception) -> str:
+    """What a file that torch.load refused is, in a few words (torch's own messages run to a page)."""
+    with path.open("rb") as handle:
+        head = handle.read(8)
+    size = path.stat().st_size
+    if not head.startswith((b"PK\x03\x04", b"\x80")):  # neither torch's zip archive nor a legacy pickle
+        return f"is no PyTorch checkpoint: a file of {size:,} bytes that begins {head!r}"
+    text = str(err).strip()
+    if "Weights only load failed" in text:
+        return ("holds Python objects besides tensors and plain values, so it was not written by `lymphoma train` "
+                "(and is not loaded, as it could run code)")
+    first = text.splitlines()[0][:200] if text else ""
+    return f"is damaged or cut short ({size:,} bytes; {type(err).__name__}: {first})"
 
 
 def _contents_problem(state: dict[str, Any]) -> str | None:

@@ -259,8 +259,16 @@ def test_bad_training_input_gets_clear_errors(tiled, tmp_path, caplog):
     with pytest.raises(InputError, match="not found"):
         validate(tmp_path / "none.pt", tiled[1] / "base" / "tiles", "val", tmp_path / "v")
     (tmp_path / "bad.pt").write_bytes(b"not a checkpoint")
-    with pytest.raises(InputError, match="cannot be read"):
+    with pytest.raises(InputError, match="bad.pt cannot be read: it is no PyTorch checkpoint: a file of 16 bytes "
+                                         "that begins b'not a ch'; use another"):
         validate(tmp_path / "bad.pt", tiled[1] / "base" / "tiles", "val", tmp_path / "v")
+    whole = (tiled[1] / "arch" / "train" / "checkpoints" / "last.pt").read_bytes()
+    (tmp_path / "cut.pt").write_bytes(whole[:len(whole) // 2])  # a copy cut short
+    with pytest.raises(InputError, match=f"cut.pt cannot be read: it is damaged or cut short \\({len(whole) // 2:,} "):
+        load_checkpoint(tmp_path / "cut.pt")
+    torch.save(torch.nn.Linear(2, 3), tmp_path / "pickled.pt")  # a whole module pickled, as other programs save
+    with pytest.raises(InputError, match="pickled.pt cannot be read: it holds Python objects besides tensors"):
+        load_checkpoint(tmp_path / "pickled.pt")
     with pytest.raises(InputError, match="no 'test' phase"):
         run_train(config_for(tiled, "phase", "train.eval_phase=test", "train.epochs=1"))
     with pytest.raises(InputError, match="has no tile manifest"):
