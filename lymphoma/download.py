@@ -74,12 +74,14 @@ def _fetch(url: str, archive: Path, sha1: str | None, attempts: int, timeout_s: 
         except urllib.error.HTTPError as err:
             if err.code == 416 and have:  # nothing left to fetch: the part is whole
                 break
+            _end_progress()
             raise
         except (OSError, http.client.HTTPException) as err:
-            log.warning(f"\n{url}: download interrupted ({err}); attempt {attempt} of {attempts}")
+            _end_progress()
+            log.warning(f"{url}: download interrupted ({err}); attempt {attempt} of {attempts}")
             if attempt == attempts:
                 raise
-    print(file=sys.stderr)
+    _end_progress()
     if sha1:
         digest = _sha1(part)
         if digest != sha1.lower():
@@ -92,6 +94,12 @@ def _fetch(url: str, archive: Path, sha1: str | None, attempts: int, timeout_s: 
 def _total_size(response: object, offset: int) -> int | None:
     length = response.headers.get("Content-Length")  # type: ignore[attr-defined]
     return offset + int(length) if length and length.isdigit() else None
+
+
+def _end_progress() -> None:
+    """End the terminal's progress line (only a terminal has one: logs and pipes get no stray blank line)."""
+    if sys.stderr.isatty():
+        print(file=sys.stderr)
 
 
 def _progress(done: int, total: int | None) -> None:
