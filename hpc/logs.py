@@ -48,23 +48,59 @@ class _FolderLog(logging.FileHandler):
 
     def __init__(self, path: Path, anchor: Path) -> None:
         super().__init__(path, encoding="utf-8", delay=True)
-        self.anchor, self.pending = anchor, []
+        self.anchor, self.pending, self.broken = anchor, [], False
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.broken:
+            return
         if self.stream is None:
             if not self.anchor.is_dir():
                 self.pending.append(record)
                 return
-            Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+            try:
+                Path(self.baseFilename).parent.mkdir(parents=True, exist_ok=True)
+            except OSError:
+                self.handleError(record)
+                return
             waiting, self.pending = self.pending, []
             for earlier in waiting:
-                super().emit(earlier)
-        super().emit(record)
+                if not self.broken:
+                    super().emit(earlier)
+        if not self.broken:
+            super().emit(record)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """A log file that cannot be written (a full disk, a folder gone) is given up with one warning on the
+        terminal: the command goes on and its terminal output stays readable (no traceback per record)."""
+        error = sys.exc_info()[1]
+        if not isinstance(error, OSError):
+            super().handleError(record)
+            return
+        if self.broken:
+            return
+        self._give_up()
+        print(f"warning: the log file {self.baseFilename} cannot be written ({error.strerror or error}); this "
+              "command's records go to the terminal only", file=sys.stderr)
+
+    def _give_up(self) -> None:
+        stream, self.stream, self.pending, self.broken = self.stream, None, [], True
+        if stream is not None:
+            try:
+                stream.close()
+            except OSError:  # its buffer cannot be written either
+                pass
 
     def close(self) -> None:
         if self.pending and self.anchor.is_dir():  # the folder appeared after the last record
             self.emit(self.pending.pop())
-        super().close()
+        try:
+            super().close()
+        except OSError:  # the last records' flush on a full disk: handled as any failed write
+            self.acquire()
+            try:
+                self._give_up()
+            finally:
+                self.release()
 
 
 def _mark(handler: logging.Handler) -> logging.Handler:

@@ -203,12 +203,15 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
     return args
 
 
-def _disk_full(err: OSError) -> DiskFullError:
-    """A full disk met while writing ``err.filename``, as one clear error naming its folder."""
-    folder = Path(err.filename or ".").parent
+def _disk_full(err: OSError, args: argparse.Namespace, output: Path | None) -> DiskFullError:
+    """A full disk met while writing ``err.filename`` (where the error names none: in the command's ``output``
+    folder), as one clear error naming the folder and the setting that moves the output elsewhere."""
+    folder = Path(err.filename).parent if err.filename else (output or Path.cwd())
     while not folder.exists() and folder != folder.parent:
         folder = folder.parent
-    return DiskFullError(folder, None, shutil.disk_usage(folder).free)
+    out = getattr(args, "out", None)
+    elsewhere = "give --out a folder on a disk with room" if out else "set run.root to a disk with room"
+    return DiskFullError(folder, None, shutil.disk_usage(folder).free, elsewhere=elsewhere)
 
 
 class Stopped(SystemExit):
@@ -249,6 +252,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             #                                        controllers stop them on SIGINT (stop_local_tasks)
     verbosity = args.verbose - args.quiet
     command_logging(verbosity)
+    folder = None
     try:
         run = open_run(args.config, args.overrides + _launch_overrides(args), args.cluster)
         folder = _log_folder(args, run.dir)
@@ -261,7 +265,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         if not is_disk_full(err):
             log.debug("unexpected error", exc_info=True)
             raise
-        log.error("lymphoma %s: error: %s", args.command, err if isinstance(err, DiskFullError) else _disk_full(err))
+        log.error("lymphoma %s: error: %s", args.command,
+                  err if isinstance(err, DiskFullError) else _disk_full(err, args, folder))
         return 1
     except (KeyboardInterrupt, Stopped) as err:
         log.error("lymphoma %s: stopped (%s); its local tasks were stopped too; rerun the same command to resume",

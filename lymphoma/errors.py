@@ -17,10 +17,11 @@ class ImageError(InputError):
 class DiskFullError(OSError):
     """The disk under an output folder is full; the message names the folder, what is free and what is needed."""
 
-    def __init__(self, folder: object, needed_bytes: float | None, free_bytes: float, what: str = "it") -> None:
+    def __init__(self, folder: object, needed_bytes: float | None, free_bytes: float, what: str = "it",
+                 elsewhere: str = "set run.root to a disk with room") -> None:
         need = f"; {what}: about {max(needed_bytes / 2**20, 0.1):.1f} MiB needed" if needed_bytes else ""
         super().__init__(28, f"no space left in {folder} ({free_bytes / 2**20:.1f} MiB free){need}: free space there "
-                             "or set run.root to a disk with room, then rerun the same command (finished work is kept)")
+                             f"or {elsewhere}, then rerun the same command (finished work is kept)")
 
     def __str__(self) -> str:
         return str(self.strerror)

@@ -19,6 +19,9 @@ def write_text_atomic(path: str | Path, text: str) -> None:
             handle.flush()
             os.fsync(handle.fileno())
         os.replace(tmp, path)
+    except OSError as err:  # a write or fsync names no file: name it, so that a full disk's folder can be told
+        err.filename = err.filename or str(path)
+        raise
     finally:
         tmp.unlink(missing_ok=True)
 

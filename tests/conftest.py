@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import csv
+import os
 import re
 import shutil
 import socket
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -167,6 +169,21 @@ def local_ddp(tiled) -> list[dict]:
 
 
 DDP_STEPS = ["train.epochs=1", "train.max_steps_per_epoch=4"]
+
+
+@pytest.fixture()
+def small_disk(tmp_path):
+    """A real 4 MiB filesystem (tmpfs, mounted as root; ``mount -o remount,size=...`` resizes it)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    if os.geteuid() != 0 or shutil.which("mount") is None:
+        pytest.skip("mounting a small tmpfs needs root")
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
+                             text=True)
+    if mounted.returncode != 0:  # e.g. a container without the right to mount
+        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
+    yield mount
+    subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
 @pytest.fixture()

@@ -383,6 +383,25 @@ def test_the_whole_pipeline_on_a_small_real_subset(make_dataset, tmp_path, capsy
     check_report_in_a_browser(run, val, tmp_path / "report.png")
 
 
+def test_a_full_disk_is_one_error_naming_the_out_folder_and_a_rerun_with_room_finishes(checkpoint, cohort,
+                                                                                      small_disk, capsys):
+    """Predicting 12 images onto 200 KiB (their outputs take about 240): exit 1 and one message naming the --out
+    folder and --out as the way elsewhere, never a traceback or the logging module's reports of its own failed
+    writes (the log file is given up with one warning); with room, a rerun keeps the finished slides and
+    predicts the rest."""
+    subprocess.run(["mount", "-o", "remount,size=200k", str(small_disk)], check=True)
+    out = small_disk / "predictions"
+    assert predict(checkpoint, out, str(cohort)) == 1
+    err = capsys.readouterr().err
+    assert f"no space left in {out} (" in err and "give --out a folder on a disk with room" in err, err
+    assert "Traceback" not in err and "Logging error" not in err and err.count("cannot be written") <= 1, err
+    finished = {p.stem for p in (out / "slides").glob("*.json")}
+    subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
+    assert predict(checkpoint, out, str(cohort)) == 0
+    assert f"12 of 12 slide(s) predicted ({12 - len(finished)} now, {len(finished)} already complete), 0 failed" \
+        in capsys.readouterr().out
+
+
 def test_a_report_over_damaged_files_names_them_and_shows_the_rest(checkpoint, cohort, tmp_path, capsys):
     """A heat map cut short is named in its slide's row (never embedded as a broken picture) and a history.json or
     metrics.json cut short in place of its section, each with a warning: `lymphoma report` (and the end of `run`

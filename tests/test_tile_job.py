@@ -168,23 +168,6 @@ def test_a_damaged_shard_is_rewritten_by_a_rerun_and_named_by_training(make_data
     assert again.n_written == 1 and verify_shard(shard) is None
 
 
-@pytest.fixture()
-def small_disk(tmp_path):
-    """A real 4 MiB filesystem (tmpfs, mounted as root) that fills up after a couple of shards."""
-    import shutil
-
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    if os.geteuid() != 0 or shutil.which("mount") is None:
-        pytest.skip("mounting a small tmpfs needs root")
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)], capture_output=True,
-                             text=True)
-    if mounted.returncode != 0:  # e.g. a container without the right to mount
-        pytest.skip(f"cannot mount a tmpfs here: {mounted.stderr.strip()}")
-    yield mount
-    subprocess.run(["umount", "-l", str(mount)], check=True)
-
-
 def test_a_full_disk_is_one_clear_error_and_no_broken_shard_takes_a_final_name(make_dataset, small_disk, capsys):
     """Tiling 18 real images (about 2 MiB a shard) onto 4 MiB: exit 1, one message naming the folder and the
     space needed, never a traceback; every shard under its final name reads back whole; with room, a rerun
