@@ -17,6 +17,7 @@ import numpy as np
 import torch
 
 from jobs.run_folder import Run
+from lymphoma.checkpoint import save_checkpoint
 from lymphoma.cohort_report import probability_record
 from lymphoma.crossval import across_repeats, cv_report, format_cv_report, grouped_folds
 from lymphoma.errors import InputError
@@ -132,9 +133,9 @@ def run_mil(run: Run) -> dict[str, Any]:
     if len(cohorts) == 1:
         bags = next(iter(bags_of.values()))
         final = train_mil(bags, len(classes), settings)
-        torch.save({"model": final.state_dict(), "in_dim": int(bags[0].features.shape[1]), "classes": classes,
-                    "settings": vars(settings), "features": str(features_dir),
-                    "encoder": next(iter(made.values()))[1]}, out / "mil.pt")
+        save_checkpoint({"model": final.state_dict(), "in_dim": int(bags[0].features.shape[1]), "classes": classes,
+                         "settings": vars(settings), "features": str(features_dir),
+                         "encoder": next(iter(made.values()))[1]}, out / "mil.pt")  # atomic: never half a file
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_text_atomic(out / "report.txt", format_mil_report(report) + "\n")
     write_csv_atomic(out / "predictions.csv", ["repeat", "fold", "image", "case", "truth", "predicted", "confidence"],

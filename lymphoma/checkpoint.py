@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import os
 import random
+import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
-from lymphoma.errors import InputError
+from lymphoma.errors import DiskFullError, InputError, is_disk_full
 from lymphoma.settings import DENSENET_KEYS, AugmentSettings, TileSettings
 
 # what model._densenet reads from a DenseNet's architecture (the preset's name is a label, not needed)
@@ -36,14 +37,35 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
-    """Write ``state`` to ``path`` through a temporary file, so a reader never sees half a checkpoint."""
+    """Write ``state`` to ``path`` through a temporary file, so a reader never sees half a checkpoint. A full disk
+    is a DiskFullError naming the folder and the size needed, raised after the temporary file is closed and
+    removed (torch's own writer, left open in the traceback, kept its space taken: the task could then not even
+    record its error)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        torch.save(state, tmp)
+        with tmp.open("wb") as handle:
+            torch.save(state, handle)
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:  # torch reports a short write as a RuntimeError ("unexpected pos")
+        tmp.unlink(missing_ok=True)
+        needed, free = _tensor_bytes(state), shutil.disk_usage(path.parent).free
+        if is_disk_full(err) or free < needed:
+            raise DiskFullError(path.parent, needed, free, path.name) from None
+        raise
     finally:
         tmp.unlink(missing_ok=True)
+
+
+def _tensor_bytes(value: Any) -> int:
+    """The bytes of the tensors in a nested state (about a checkpoint's size on disk)."""
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
 
 
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:

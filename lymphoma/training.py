@@ -467,11 +467,13 @@ def fit(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: Rank = Rank
     """Train (resuming from ``out_dir/checkpoints/last.pt`` if there) and return the summary."""
     run = build_training(settings, tiles_dir, out_dir, rank, device)
     train = settings.train
-    for epoch in range(run.start_epoch, train.epochs):
-        if stop_early(run.history, train.patience, train.select, train.first_candidate):
-            break
-        run_epoch(run, epoch)
-    run.close()
+    try:
+        for epoch in range(run.start_epoch, train.epochs):
+            if stop_early(run.history, train.patience, train.select, train.first_candidate):
+                break
+            run_epoch(run, epoch)
+    finally:  # a failed epoch (a full disk, ...) closes its shards too: no page of HDF5 warnings over the error
+        run.close()
     adversary = run.parts.adversary  # each rank's, to check that the ranks' heads agree
     return {**_summary(run.history, train, rank, device, run.pipes.backend, run.ckpt_dir, run.parts.kept),
             "classes": run.classes, **({"adversary_sha1": weights_digest(adversary)} if adversary is not None else {})}
