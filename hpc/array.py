@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import submitit
 
 from hpc.executors import SubmissionError
+from hpc.orphans import tied_to_this_process
 
 # sbatch's words when it never reached the controller (no configuration, controller down), not a refusal
 UNREACHABLE = ("Could not establish a configuration source", "Unable to process configuration file",
@@ -50,7 +51,11 @@ class ArrayJobError(RuntimeError):
 
 
 def submit(executor: submitit.AutoExecutor, fn: Callable[..., R], *args: Any) -> submitit.Job[R]:
-    """``executor.submit`` with a refusal by the scheduler turned into one SubmissionError."""
+    """``executor.submit`` with a refusal by the scheduler turned into one SubmissionError; a local task is tied
+    to this process (``hpc.orphans``: it stops when this process is gone, even killed with -9)."""
+    if executor.cluster == "local":
+        with tied_to_this_process():
+            return executor.submit(fn, *args)
     return _refused_as_error(executor, lambda: executor.submit(fn, *args))
 
 

@@ -19,6 +19,7 @@ import torch.distributed as dist
 from hpc.distributed import DistEnv, DistributedEnvError, resolve
 from hpc.logs import task_logging
 from hpc.memory import keep_freed_memory
+from hpc.orphans import end_with_command
 
 
 @dataclass(frozen=True)
@@ -50,6 +51,7 @@ def task_setup(threads: int | None = None) -> Iterator[Task]:
     else ``threads``, else its share of the node's cores. The process group (NCCL on GPUs, gloo on CPUs) is
     started when the job has several processes and destroyed on the way out, also after an error."""
     task_logging()
+    end_with_command()  # a local task whose command was killed outright stops too (hpc.orphans)
     keep_freed_memory()  # no page faults per batch (hpc.memory)
     env = resolve()
     device = task_device(env)

@@ -12,7 +12,7 @@ from typing import Any, Optional
 
 from tqdm import tqdm
 
-from hpc import ArrayJobError, run_array
+from hpc import ArrayJobError, end_with_command, run_array
 from jobs.run_folder import Run
 from lymphoma.errors import DiskFullError, is_disk_full
 from lymphoma.inputs import ImageRecord
@@ -39,7 +39,8 @@ class ShardTask:
 
 
 def run_shard_task(task: ShardTask) -> ShardSummary:
-    """The array task's entry point: write one shard."""
+    """The array task's entry point: write one shard (stopping if its command is killed outright)."""
+    end_with_command()
     return write_shard(Path(task.path), task.phase, task.records, task.classes, task.settings,
                        task.settings.compression, task.fingerprint, task.settings.strict, task.stain)
 

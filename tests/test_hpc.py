@@ -79,3 +79,24 @@ def test_a_task_reuses_freed_memory_instead_of_faulting_it_in_every_forward_pass
         assert faults < 300, faults
     else:  # malloc as it is: each pass maps its large buffers afresh (this is what the setup removes)
         assert faults > 3000, faults
+
+
+def test_a_watched_command_is_alive_until_it_ends_and_never_by_a_reused_pid_or_as_a_zombie():
+    """``hpc.orphans.alive``: a running process is; one killed but not yet reaped (a zombie) is not; nor a
+    process named with another start time (its pid reused); nor one reaped."""
+    import signal
+    import subprocess
+    import sys
+
+    from hpc.orphans import alive, process_identity
+
+    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    identity = process_identity(child.pid)
+    pid, _, started = identity.partition(":")
+    assert started.isdigit() and alive(identity)
+    assert not alive(f"{pid}:{int(started) + 1}")  # the same pid, started at another time: another process
+    os.kill(child.pid, signal.SIGKILL)
+    os.waitid(os.P_PID, child.pid, os.WEXITED | os.WNOWAIT)  # dead, not reaped: a zombie
+    assert not alive(identity)
+    child.wait()
+    assert not alive(identity)

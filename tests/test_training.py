@@ -268,6 +268,36 @@ def test_a_full_disk_under_the_checkpoints_is_one_error_and_a_rerun_with_room_tr
     assert load_checkpoint(checkpoints / "last.pt")["classes"] == ["CLL", "FL", "MCL"]
 
 
+def test_a_command_killed_outright_leaves_no_task_behind(tiled):
+    """kill -9 of `lymphoma train` (no handler of its own runs: the OOM killer's way, or a closed session's): its
+    local task notices within seconds, says why in its log and stops, and submitit's controller (meant to outlive
+    the session that started it) ends with it. Before, the training ran on, and a rerun of the same command
+    trained beside it into the same checkpoints."""
+    name = "killed-outright"
+    config_for(tiled, name)
+    source, runs = tiled
+    command = [sys.executable, "-m", "jobs.cli", "train", f"data.source={source}", f"run.root={runs}",
+               f"run.name={name}", *FAST, "train.epochs=500"]
+    logs = runs / name / "train" / "logs"
+    with subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                          preexec_fn=_sigint_default) as proc:
+        deadline = time.monotonic() + 120
+        while len(processes_mentioning(str(logs))) < 2 and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.1)
+        assert len(processes_mentioning(str(logs))) == 2, "the controller and its training task never started"
+        time.sleep(1)
+        proc.kill()
+    deadline = time.monotonic() + 45
+    while processes_mentioning(str(logs)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    left = processes_mentioning(str(logs))
+    for pid in left:  # never leave a 500-epoch training behind for the next tests
+        os.kill(pid, signal.SIGKILL)
+    assert left == []
+    told = [path for path in logs.rglob("*_log.out") if "the command that started this task" in path.read_text()]
+    assert len(told) == 1 and "is gone: this task stops too" in told[0].read_text()
+
+
 def test_bad_training_input_gets_clear_errors(tiled, tmp_path, caplog):
     with pytest.raises(InputError, match="stores hold 64-px tiles but tiles.size is 96"):
         run_train(config_for(tiled, "size", "tiles.size=96", "train.epochs=1"))

@@ -1,0 +1,88 @@
+"""Local tasks end with the command that started them.
+
+submitit starts each local task under a controller process that is meant to outlive the Python session that
+submitted it. For a command that waits for its tasks that is wrong when the command is killed outright (kill -9,
+the OOM killer, a closed terminal's SIGHUP): its tasks ran on, and a rerun of the same command then trained or
+wrote beside them into the same run folder. Ctrl-C and SIGTERM already stop them (``hpc.array.stop_local_tasks``);
+this covers the rest. The command names itself in the environment of the local tasks it submits
+(``tied_to_this_process``); each task watches that process (``end_with_command``) and, once it is gone, stops
+itself as a cancelled local task is stopped: SIGINT, then SIGKILL after a grace period. SLURM jobs are not tied:
+they are meant to run on and be picked up by a rerun.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+ENV = "HPC_COMMAND_PROCESS"  # "<pid>:<start time>" of the command that submitted this local task
+
+
+def process_identity(pid: int) -> str:
+    """``<pid>:<start time in clock ticks>`` (Linux ``/proc``), so that a reused pid is not taken for the process;
+    ``<pid>:`` where ``/proc`` does not tell."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return f"{pid}:"
+    return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22, after the command name in parentheses
+
+
+def alive(identity: str) -> bool:
+    """Whether the process named by ``identity`` still runs (a zombie, or another process on its pid, does not)."""
+    pid, _, started = identity.partition(":")
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:  # no /proc: only whether the pid exists
+        try:
+            os.kill(int(pid), 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            pass
+        return True
+    fields = stat.rsplit(")", 1)[1].split()
+    return fields[0] != "Z" and (not started or fields[19] == started)
+
+
+@contextmanager
+def tied_to_this_process() -> Iterator[None]:
+    """Local tasks submitted inside this block stop when this process is gone (they inherit its environment)."""
+    before = os.environ.get(ENV)
+    os.environ[ENV] = process_identity(os.getpid())
+    try:
+        yield
+    finally:
+        if before is None:
+            os.environ.pop(ENV, None)
+        else:
+            os.environ[ENV] = before
+
+
+def end_with_command(poll_s: float = 1.0, grace_s: float = 30.0) -> None:
+    """In a task: watch the command that submitted it (if it named itself) from a daemon thread, and stop this
+    process once the command is gone."""
+    identity = os.environ.pop(ENV, None)
+    if not identity:
+        return
+    threading.Thread(target=_watch, args=(identity, poll_s, grace_s), daemon=True, name="end-with-command").start()
+
+
+def _watch(identity: str, poll_s: float, grace_s: float) -> None:
+    while alive(identity):
+        time.sleep(poll_s)
+    log.warning(f"the command that started this task (pid {identity.partition(':')[0]}) is gone: this task stops "
+                "too (rerun the command to resume)")
+    os.kill(os.getpid(), signal.SIGINT)  # as a cancelled local task: KeyboardInterrupt, so that cleanups run
+    time.sleep(grace_s)
+    os.kill(os.getpid(), signal.SIGKILL)
