@@ -226,6 +226,8 @@ class ModelSettings:
     #                                warning when tiles.target_mpp differs
 
     def __post_init__(self) -> None:
+        if self.preset not in (*PRESETS, "custom"):  # at config time (`lymphoma config` too), not at the first build
+            raise InputError(f"model.preset is {self.preset!r}; allowed: {', '.join(PRESETS)}, custom")
         if self.backbone is not None:
             source, _, name = self.backbone.partition(":")
             if source not in BACKBONE_SOURCES or not name:

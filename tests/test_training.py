@@ -427,6 +427,8 @@ def test_new_training_options_are_checked():
     for override, message in (("train.label_smoothing=1.0", "label_smoothing must be in"),
                               ("train.patience=0", "train.patience must be >= 1"),
                               ("train.amp=fast", "train.amp is 'fast'; allowed: true, false, auto"),
+                              ("model.preset=densenet12", "model.preset is 'densenet12'; allowed: densenet-reduced, "
+                                                          "densenet121, custom"),
                               ("predict.aggregate=median", "predict.aggregate is 'median'; allowed: vote, mean"),
                               ("cv.folds=1", "cv.folds must be >= 2"),
                               ("cv.inner_val_fraction=0", "never on the test fold"),
