@@ -16,6 +16,8 @@ from lymphoma.inputs import case_of, read_user_text
 from lymphoma.prediction import SlideInput
 from lymphoma.regions import find_region_file
 
+Row = tuple[str, Optional[str], Optional[str], str]  # path, label, case, where it was given (a list's line)
+
 
 def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: Optional[Path],
                   classes: Sequence[str], case_pattern: re.Pattern[str],
@@ -23,23 +25,22 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
     """Slides from names and wildcards (``**`` recursive) and from a TSV whose columns are path[, label[, case]]
     (``#`` lines and blank lines skipped; relative paths under ``basepath``). Truth comes from the TSV's label
     column or, for files, from a parent folder named after a class; region files from ``<regions>/<stem>.geojson``."""
-    rows: list[tuple[str, Optional[str], Optional[str]]] = []
+    rows: list[Row] = []
     for pattern in patterns:
         matches = one_file_per_dicom_slide(_matches(pattern))
         if not matches:
             raise InputError(f"{pattern!r} matches no image file; check the path and quote wildcards so the shell "
                              "leaves them to lymphoma (e.g. 'cohort/**/*.tif')")
-        rows += [(m, None, None) for m in matches]
+        rows += [(m, None, None, m) for m in matches]
     if list_file is not None:
         rows += _read_tsv(list_file, basepath)
     if not rows:
         raise InputError("no slides to predict: give file names, wildcards or --list slides.tsv")
+    _check_labels(rows, classes, list_file)
     slides, seen = [], {}
-    for path, label, case in rows:
+    for path, label, case, _ in rows:
         p = Path(path)
         label = label or (p.parent.name if p.parent.name in classes else None)
-        if label is not None and label not in classes:
-            raise InputError(f"{path}: label {label!r} is not one of the model's classes {list(classes)}")
         key = p.parent.name if p.suffix.lower() == ".dcm" else p.stem  # a DICOM slide: its series' folder
         if key in seen and seen[key] != str(p.resolve()):
             raise InputError(f"two inputs named {key}: {seen[key]} and {p}; outputs are named after the file, "
@@ -65,7 +66,24 @@ def _matches(pattern: str) -> list[str]:
     return [m for m in found if Path(m).is_file() and is_image_file(Path(m))]
 
 
-def _read_tsv(path: Path, basepath: Optional[Path]) -> list[tuple[str, Optional[str], Optional[str]]]:
+def _check_labels(rows: Sequence[Row], classes: Sequence[str], list_file: Optional[Path]) -> None:
+    """Every label given in the list is one of the model's classes; else one error naming them all by line."""
+    unknown = [(label, where) for _, label, _, where in rows if label is not None and label not in classes]
+    if not unknown:
+        return
+    folded = {c.casefold(): c for c in classes}
+
+    def named(label: str, where: str) -> str:
+        hint = f" ({folded[label.casefold()]!r}?)" if label.casefold() in folded else ""
+        return f"{where}: {label!r}{hint}"
+    shown = "; ".join(named(label, where) for label, where in unknown[:5])
+    more = f"; and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+    raise InputError(f"--list {list_file}: {len(unknown)} label(s) not among the model's classes {list(classes)}: "
+                     f"{shown}{more}; correct them, or leave the label column empty for a slide of another class "
+                     "(it is predicted, without a truth to score it against)")
+
+
+def _read_tsv(path: Path, basepath: Optional[Path]) -> list[Row]:
     if not path.is_file():
         raise InputError(f"--list {path} not found")
     rows = []
@@ -80,7 +98,7 @@ def _read_tsv(path: Path, basepath: Optional[Path]) -> list[tuple[str, Optional[
         file = Path(fields[0]) if basepath is None or Path(fields[0]).is_absolute() else \
             _inside(basepath, fields[0], f"{path}, line {number}")
         rows.append((str(file), (fields[1] or None) if len(fields) > 1 else None,
-                     (fields[2] or None) if len(fields) > 2 else None))
+                     (fields[2] or None) if len(fields) > 2 else None, f"line {number}"))
     return rows
 
 

@@ -216,6 +216,11 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     odd.write_text("a.png\tCLL\tcase\textra\n")
     assert predict(checkpoint, tmp_path / "b", "--list", str(odd)) == 2
     assert "odd.tsv, line 1: expected tab-separated path[, label[, case]]" in capsys.readouterr().err
+    labels, (one, two) = tmp_path / "labels.tsv", sorted(cohort.rglob("*.png"))[:2]
+    labels.write_text(f"path\tlabel\n{one}\tDLBCL\n{two}\tcll\n")  # another class; a class in lower case
+    assert predict(checkpoint, tmp_path / "b", "--list", str(labels)) == 2
+    assert (f"--list {labels}: 2 label(s) not among the model's classes ['CLL', 'FL', 'MCL']: line 2: 'DLBCL'; "
+            "line 3: 'cll' ('CLL'?); correct them, or leave the label column empty") in capsys.readouterr().err
     escape = tmp_path / "escape.tsv"
     escape.write_text(f"path\tlabel\n{next(cohort.rglob('*.png')).relative_to(cohort)}\tCLL\n../../etc/passwd\tCLL\n")
     assert predict(checkpoint, tmp_path / "b", "--list", str(escape), "--basepath", str(cohort)) == 2
