@@ -41,6 +41,8 @@ def validate(checkpoint: Path, tiles_dir: Path, phase: str, out_dir: Path, layer
         raise InputError(f"{tiles_dir}: classes {tiles.classes} differ from the checkpoint's {classes}")
     out_dir.mkdir(parents=True, exist_ok=True)
     normalizer = StainNormalizer.from_state(state.get("stain"))
+    if normalizer is not None and not normalizer.per_tile:  # stain.scope image: the stored tiles are normalised
+        normalizer = None                                      # already, where their images were cut (as training)
     eval_aug = build_augmenter(augment, False, torch.device("cpu"), normalizer=normalizer)
     loader = make_loader(tiles, eval_aug.sample, batch_size, 0, 1, False, 0, workers)
     with torch.inference_mode():

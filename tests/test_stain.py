@@ -3,6 +3,7 @@ prediction, and the errors for references that cannot serve."""
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 from dataclasses import replace
@@ -385,3 +386,10 @@ def test_image_scope_tiles_train_and_predict_normalised_once_by_image(tiled, tmp
     by_tile = StainNormalizer(fit_target(StainSettings("reinhard")))
     raw = np.concatenate(list(open_tiles(str(path), settings).batches))
     assert not np.allclose(logits, predictor.logits(by_tile.batch(raw)).numpy(), atol=1e-3)
+    from lymphoma.validation import validate  # the tutorial's step 3 sees the tiles as training and prediction do
+
+    validate(checkpoint, cfg.tiles, "train", tmp_path / "validate")
+    with (tmp_path / "validate" / "tiles.csv").open() as handle:
+        rows = [r for _, r in zip(range(len(stored)), csv.DictReader(handle))]  # the first shard's first image
+    shown = np.array([[float(r[f"logit_{c}"]) for c in ("CLL", "FL", "MCL")] for r in rows])
+    assert np.allclose(shown, logits, atol=1e-4)
