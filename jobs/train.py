@@ -56,9 +56,16 @@ def _warn_if_resuming_other_settings(last: Path, run: Run) -> None:
     saved, now = state["config"], run.as_dict()
     changed = [f"{section}.{key}" for section in ("train", "model", "augment") for key in now[section]
                if saved.get(section, {}).get(key) != now[section][key] and f"{section}.{key}" != "train.epochs"]
-    if changed:  # more epochs is the ordinary way to continue, not worth a note
+    if changed:  # more epochs is the ordinary way to continue, not worth a note, unless the schedule stretches
         log.warning(f"resuming {last} (epoch {state['epoch'] + 1} done) with changed settings "
                     f"{changed}; to train afresh with them, use another run.name")
+    before, epochs, scheduler = saved.get("train", {}).get("epochs"), now["train"]["epochs"], now["train"]["scheduler"]
+    if before is not None and before != epochs and scheduler != "none":
+        log.warning(f"resuming {last} (epoch {state['epoch'] + 1} of {before} done) with train.epochs={epochs}: the "
+                    f"{scheduler} learning-rate schedule is laid over {epochs} epochs from here on, so the rate "
+                    f"jumps to where a {epochs}-epoch schedule is at epoch {state['epoch'] + 2}; this is not the "
+                    f"training a fresh run of {epochs} epochs does (for that: `lymphoma train --restart`, or another "
+                    "run.name)")
 
 
 def run_here(run: Run) -> dict[str, Any] | None:

@@ -307,6 +307,11 @@ def test_bad_training_input_gets_clear_errors(tiled, tmp_path, caplog):
     run_train(config_for(tiled, "arch", "train.epochs=1", "train.max_steps_per_epoch=1", "train.lr=0.01"))
     assert any(r.levelname == "WARNING" and "with changed settings ['train.lr']; to train afresh with them, use "
                "another run.name" in r.getMessage() for r in caplog.records)
+    assert not any("learning-rate schedule" in r.getMessage() for r in caplog.records)
+    run_train(config_for(tiled, "arch", "train.epochs=2", "train.max_steps_per_epoch=1", "train.lr=0.01",
+                         "train.scheduler=cosine"))  # a finished cosine schedule, stretched to 2 epochs
+    assert any(r.levelname == "WARNING" and "(epoch 1 of 1 done) with train.epochs=2: the cosine learning-rate "
+               "schedule is laid over 2 epochs" in r.getMessage() for r in caplog.records)
     with pytest.raises(InputError, match="holds another architecture"):
         run_train(config_for(tiled, "arch", "train.epochs=2", "model.preset=densenet121"))
     with pytest.raises(InputError, match="not found"):
