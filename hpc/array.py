@@ -164,8 +164,10 @@ def _last_error_line(message: str) -> str:
 
 def _wait_all(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: list[T],
               running: dict[int, submitit.Job[Any]], waiting: list[int], parallelism: int, poll_s: float,
-              deadline: float | None, failures: list[TaskFailure], finish: Callable[[int, submitit.Job[Any]], None]) -> None:
-    """Submit the waiting items (local: at most ``parallelism`` processes at once) and finish each ended task."""
+              deadline: float | None, failures: list[TaskFailure], finish: Callable[[int, submitit.Job[Any]], None],
+              on_poll: Callable[[], None] | None = None) -> None:
+    """Submit the waiting items (local: at most ``parallelism`` processes at once), finish each ended task, and
+    call ``on_poll`` at each look at the tasks."""
     while waiting or running:
         while waiting and len(running) < parallelism:
             index = waiting.pop(0)
@@ -176,6 +178,8 @@ def _wait_all(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: list
         for index, job in list(running.items()):
             if _ended(job, executor.cluster):
                 finish(index, running.pop(index))
+        if on_poll is not None:
+            on_poll()
         if running and _expired(deadline, running, waiting, failures):
             break
         if running:
@@ -184,12 +188,14 @@ def _wait_all(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: list
 
 def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequence[T], *,
               parallelism: int = 1, poll_s: float = 0.5, timeout_s: float | None = None,
-              on_done: Callable[[int, R | None], None] | None = None) -> list[R]:
+              on_done: Callable[[int, R | None], None] | None = None,
+              on_poll: Callable[[], None] | None = None) -> list[R]:
     """Run ``fn(item)`` for every item and return the results in order.
 
     SLURM and debug executors get one array job (SLURM caps it at ``parallelism`` tasks at once);
     the local executor starts at most ``parallelism`` processes at a time. ``on_done(index,
-    result)`` is called as each task ends (result None if it failed). Tasks still open after
+    result)`` is called as each task ends (result None if it failed), ``on_poll()`` at each look at the
+    tasks (every ``poll_s``: progress read from what they write). Tasks still open after
     ``timeout_s`` are cancelled and count as failed. Raises ArrayJobError after all tasks have ended
     if any failed.
     """
@@ -220,7 +226,7 @@ def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequ
         for index in sorted(running):
             finish(index, running.pop(index))
     try:
-        _wait_all(executor, fn, items, running, waiting, parallelism, poll_s, deadline, failures, finish)
+        _wait_all(executor, fn, items, running, waiting, parallelism, poll_s, deadline, failures, finish, on_poll)
     except BaseException:  # stopped (Ctrl-C, SIGTERM) or failing to submit: no local task outlives this command
         stop_local_tasks(running.values())
         raise

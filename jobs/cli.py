@@ -102,7 +102,7 @@ def _add_model_commands(sub: Any) -> None:
     predict = _command(sub, "predict", "tile-vote inference over images: per-slide outputs and a cohort report",
                        "Tile each image with the checkpoint's settings, run the tiles through the model in batches "
                        "and vote. One array task per chunk of slides; a rerun skips slides already done.",
-                       overrides=False)
+                       overrides=False, progress=True)
     predict.add_argument("--checkpoint", required=True,
                          help="best.pt or last.pt of a training run, or the ensemble.pt of `lymphoma cv`")
     predict.add_argument("inputs", nargs="*", metavar="IMAGE",

@@ -49,7 +49,7 @@ def run_pipeline(run: Run, progress: bool = True) -> dict[str, Any]:
     phase = "test" if run.config.split.test_fraction > 0 else "val"
     log.info(f"== 3/3 predict the held-out {phase} images")
     request = PredictRequest(run.checkpoints / "best.pt", slides=tuple(held_out_slides(run.split_csv, phase)))
-    result: PredictResult = run_predict(run, request)
+    result: PredictResult = run_predict(run, request, progress)
     log.info(format_report(result))
     minutes = (time.perf_counter() - start) / 60
     page = write_run_report(run.dir)

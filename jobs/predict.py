@@ -13,6 +13,7 @@ from hpc import ArrayJobError, ExecutorSettings, run_array
 from hpc.task import task_setup, thread_share
 from jobs import openvino_first_in_tasks
 from jobs.config import keys_set
+from jobs.progress import SlideProgress
 from jobs.run_folder import Run
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.cohort_report import write_report
@@ -160,8 +161,9 @@ def task_chunks(slides: Sequence[SlideInput], predict: PredictSettings,
     return chunks, thread_share(min(cluster.parallelism, len(chunks)))
 
 
-def run_predict(run: Run, request: PredictRequest) -> PredictResult:
-    """Predict every slide (resuming complete ones) as an array job and write the cohort report."""
+def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> PredictResult:
+    """Predict every slide (resuming complete ones) as an array job and write the cohort report; ``progress``: a
+    bar of the slides done on a terminal."""
     cfg = run.config
     checkpoint = Path(request.checkpoint).resolve()
     saved = load_checkpoint(checkpoint)
@@ -178,11 +180,14 @@ def run_predict(run: Run, request: PredictRequest) -> PredictResult:
     tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads, tiles) for chunk in chunks]
     openvino_first_in_tasks(cfg.predict.engine)
     failure = None
+    bar = SlideProgress(slide_dir, [s.key for s in slides if s.key not in resumed], len(resumed), "predict", progress)
     try:
         run_array(run.executor("predict", out_dir / "logs" / "%j"), run_predict_task, tasks,
-                  parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s)
+                  parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s, on_poll=bar.poll)
     except ArrayJobError as err:
         failure = err
+    finally:
+        bar.close()
     records = gather_records(slide_dir, chunks, failure)
     notes = scale_notes(records, saved, float(state["tiles"].get("resize", 1.0)))
     metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate, notes)
@@ -226,7 +231,7 @@ def command(args: argparse.Namespace, run: Run) -> int:
     explicit = tuple(keys_set(args.config, args.overrides, "tiles"))
     request = PredictRequest(Path(args.checkpoint), tuple(args.inputs), args.list, args.basepath, args.out,
                              args.force, explicit)
-    result = run_predict(run, request)
+    result = run_predict(run, request, progress=not args.no_progress)
     log.info(format_report(result))
     for note in result.scale_notes:
         log.warning(f"lymphoma predict: {note}")

@@ -13,15 +13,16 @@ def test_local_array_reports_the_failed_task_with_its_logs_and_bounds_parallelis
     from hpc_tasks import record_span
 
     executor = make_executor(ExecutorSettings(kind="local", parallelism=2), tmp_path / "logs" / "%j", name="spans")
-    finished = []
+    finished, seen = [], []  # seen: the spans written at each look at the tasks (a progress bar's reading)
     with pytest.raises(ArrayJobError) as info:
         run_array(executor, record_span, [(str(tmp_path), i) for i in range(6)], parallelism=2, poll_s=0.05,
-                  on_done=lambda i, r: finished.append(i))
+                  on_done=lambda i, r: finished.append(i), on_poll=lambda: seen.append(len(list(tmp_path.glob("*.span")))))
     err = info.value
     assert [f.index for f in err.failures] == [3]
     assert "task 3" in str(err) and "ValueError: item 3 is bad on purpose" in str(err)
     assert err.failures[0].stderr.is_file() and "bad on purpose" in err.failures[0].stderr.read_text()
     assert err.results == [0, 1, 4, None, 16, 25] and sorted(finished) == list(range(6))
+    assert seen == sorted(seen) and seen[0] < 6 and seen[-1] == 6
     spans = [tuple(map(float, (tmp_path / f"{i}.span").read_text().split()[:2])) for i in range(6)]
     pids = {(tmp_path / f"{i}.span").read_text().split()[2] for i in range(6)}
     assert len(pids) == 6 and str(os.getpid()) not in pids  # a process per task

@@ -407,6 +407,31 @@ def test_a_full_disk_is_one_error_naming_the_out_folder_and_a_rerun_with_room_fi
         in capsys.readouterr().out
 
 
+def test_the_progress_of_a_prediction_counts_records_written_since_it_started(tmp_path):
+    """The bar of `lymphoma predict` reads the slides' records as tasks write them: one already there (another
+    checkpoint's, to be redone) counts only once rewritten, a slide never written not at all, and the slides
+    resumed from the start."""
+    import io
+
+    from jobs.progress import SlideProgress
+
+    (tmp_path / "stale.json").write_text("{}")
+    os.utime(tmp_path / "stale.json", ns=(1, 1))
+    stream = io.StringIO()
+    bar = SlideProgress(tmp_path, ["stale", "new", "never"], 2, "predict", stream=stream)
+    assert bar.bar.total == 5 and bar.written() == 0
+    (tmp_path / "new.json").write_text("{}")
+    (tmp_path / "other.json").write_text("{}")  # not a slide of this prediction
+    assert bar.written() == 1
+    (tmp_path / "stale.json").write_text('{"done": 1}')
+    assert bar.written() == 2
+    bar.close()
+    assert bar.bar.n == 4 and "4/5" in stream.getvalue().splitlines()[-1]
+    silent = SlideProgress(tmp_path, ["new"], 0, "predict", enabled=False, stream=io.StringIO())
+    silent.close()
+    assert silent.bar.disable
+
+
 def test_a_report_over_damaged_files_names_them_and_shows_the_rest(checkpoint, cohort, tmp_path, capsys):
     """A heat map cut short is named in its slide's row (never embedded as a broken picture) and a history.json or
     metrics.json cut short in place of its section, each with a warning: `lymphoma report` (and the end of `run`
