@@ -18,5 +18,9 @@ def command(args: argparse.Namespace, run: Run) -> int:
     if not run.dir.is_dir():
         raise InputError(f"run folder {run.dir} does not exist; give the run's -c config or run.name=<name> "
                          f"(and run.root) of a run made before")
-    log.info(f"report: {write_run_report(run.dir, Path(args.predict) if args.predict else None)}")
+    predict = Path(args.predict) if args.predict else None
+    if predict is not None and not (predict / "metrics.json").is_file():
+        raise InputError(f"--predict {predict}: no prediction there (its metrics.json is missing); give the --out "
+                         "folder of a `lymphoma predict` that has finished")
+    log.info(f"report: {write_run_report(run.dir, predict)}")
     return 0

@@ -451,6 +451,8 @@ def test_a_report_over_damaged_files_names_them_and_shows_the_rest(checkpoint, c
     for other in pictures[1:]:  # every other slide keeps its heat map
         assert f'alt="tile classes of {other.stem}"' in page
     assert page.count("<img") == len(pictures) - 1 + 6  # and the confusion, ROC and reliability plots
+    assert main(["report", f"run.root={tmp_path}", "run.name=damaged", "--predict", str(tmp_path / "none")]) == 2
+    assert f"--predict {tmp_path / 'none'}: no prediction there" in capsys.readouterr().err
     metrics = run / "predict" / "metrics.json"
     metrics.write_text(metrics.read_text()[:40])
     assert main(["report", f"run.root={tmp_path}", "run.name=damaged"]) == 0
