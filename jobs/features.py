@@ -156,6 +156,7 @@ def command(args: argparse.Namespace, run: Run) -> int:
     if failure is not None:
         raise failure
     if failed:
+        rest = "the others' files are written" if len(failed) < len(records) else "none was embedded"
         log.error(f"lymphoma features: {len(failed)} of {len(records)} slide(s) failed (listed above and in "
-                 f"{out_dir / 'features.csv'}); the others' files are written")
+                  f"{out_dir / 'features.csv'}); {rest}")
     return 1 if failed else 0

@@ -239,7 +239,8 @@ def command(args: argparse.Namespace, run: Run) -> int:
         raise result.task_failures
     failed = result.metrics["failed"]
     if failed:
+        rest = "the others' outputs are written" if failed < result.metrics["slides"] else "none was predicted"
         log.error(f"lymphoma predict: {failed} of {result.metrics['slides']} slide(s) failed (listed above and in "
-                 f"{result.out_dir / 'summary.csv'}); the others' outputs are written")
+                  f"{result.out_dir / 'summary.csv'}); {rest}")
         return 1
     return 0

@@ -230,6 +230,11 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     assert "tiles.size=128 but the model was trained with 64" in capsys.readouterr().err
     assert predict(checkpoint, tmp_path / "c", str(next(cohort.rglob("*.png"))), "tiles.size=128", "--force") == 0
     capsys.readouterr()
+    empty = tmp_path / "empty_001.png"
+    empty.write_bytes(b"")
+    assert predict(checkpoint, tmp_path / "e", str(empty)) == 1
+    assert capsys.readouterr().err.strip().endswith("1 of 1 slide(s) failed (listed above and in "
+                                                    f"{tmp_path / 'e' / 'summary.csv'}); none was predicted")
     other = tmp_path / "someone-elses"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
