@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import submitit
 
 from hpc.executors import SubmissionError
+from hpc.ledger import refuse_beside_open_job, remember
 from hpc.orphans import tied_to_this_process
 
 # sbatch's words when it never reached the controller (no configuration, controller down), not a refusal
@@ -50,13 +51,31 @@ class ArrayJobError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
-def submit(executor: submitit.AutoExecutor, fn: Callable[..., R], *args: Any) -> submitit.Job[R]:
+def submit(executor: submitit.AutoExecutor, fn: Callable[..., R], *args: Any,
+           ledger: Path | None = None) -> submitit.Job[R]:
     """``executor.submit`` with a refusal by the scheduler turned into one SubmissionError; a local task is tied
-    to this process (``hpc.orphans``: it stops when this process is gone, even killed with -9)."""
+    to this process (``hpc.orphans``: it stops when this process is gone, even killed with -9); a SLURM job is
+    refused while the one remembered in ``ledger`` still runs, and then remembered there (``hpc.ledger``)."""
     if executor.cluster == "local":
         with tied_to_this_process():
             return executor.submit(fn, *args)
-    return _refused_as_error(executor, lambda: executor.submit(fn, *args))
+    return _one_at_a_time(executor, ledger, fn, lambda: executor.submit(fn, *args))
+
+
+def _one_at_a_time(executor: submitit.AutoExecutor, ledger: Path | None, fn: Callable[..., Any],
+                   submit_now: Callable[[], Any]) -> Any:
+    """Submit (a refusal by sbatch as a SubmissionError) unless the SLURM job remembered in ``ledger`` still runs."""
+    if executor.cluster == "slurm":
+        refuse_beside_open_job(ledger, _job_name(executor, fn))
+    submitted = _refused_as_error(executor, submit_now)
+    if executor.cluster == "slurm":
+        remember(ledger, submitted)
+    return submitted
+
+
+def _job_name(executor: submitit.AutoExecutor, fn: Callable[..., Any]) -> str:
+    params = executor._executor.parameters if hasattr(executor, "_executor") else executor.parameters
+    return str(params.get("name") or params.get("job_name") or getattr(fn, "__name__", "array"))
 
 
 def _refused_as_error(executor: submitit.AutoExecutor, submit_now: Callable[[], Any]) -> Any:
@@ -189,21 +208,21 @@ def _wait_all(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: list
 def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequence[T], *,
               parallelism: int = 1, poll_s: float = 0.5, timeout_s: float | None = None,
               on_done: Callable[[int, R | None], None] | None = None,
-              on_poll: Callable[[], None] | None = None) -> list[R]:
+              on_poll: Callable[[], None] | None = None, ledger: Path | None = None) -> list[R]:
     """Run ``fn(item)`` for every item and return the results in order.
 
     SLURM and debug executors get one array job (SLURM caps it at ``parallelism`` tasks at once);
     the local executor starts at most ``parallelism`` processes at a time. ``on_done(index,
     result)`` is called as each task ends (result None if it failed), ``on_poll()`` at each look at the
-    tasks (every ``poll_s``: progress read from what they write). Tasks still open after
+    tasks (every ``poll_s``: progress read from what they write). On SLURM, ``ledger`` (a file in the folder the
+    tasks write) keeps one array at a time there across runs of the command (``hpc.ledger``). Tasks still open after
     ``timeout_s`` are cancelled and count as failed. Raises ArrayJobError after all tasks have ended
     if any failed.
     """
     items = list(items)
     results: list[Any] = [None] * len(items)
     failures: list[TaskFailure] = []
-    params = executor._executor.parameters if hasattr(executor, "_executor") else executor.parameters
-    name = str(params.get("name") or params.get("job_name") or getattr(fn, "__name__", "array"))
+    name = _job_name(executor, fn)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
 
     def finish(index: int, job: submitit.Job[Any]) -> None:
@@ -221,7 +240,7 @@ def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequ
     waiting = list(range(len(items)))
     running: dict[int, submitit.Job[Any]] = {}
     if executor.cluster != "local" and items:  # one array job; SLURM applies the parallelism itself
-        running, waiting = dict(enumerate(_refused_as_error(executor, lambda: executor.map_array(fn, items)))), []
+        running, waiting = dict(enumerate(_one_at_a_time(executor, ledger, fn, lambda: executor.map_array(fn, items)))), []
     if executor.cluster == "debug":  # each task runs in this process, in order, when its result is asked
         for index in sorted(running):
             finish(index, running.pop(index))

@@ -82,7 +82,8 @@ def run_folds(run: Run, tasks: list[FoldTask]) -> tuple[list[list[dict[str, Any]
              f"{run.logs('cv').parent}")
     failure = None
     try:
-        run_array(run.executor("cv"), FoldJob(), tasks, parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s)
+        run_array(run.executor("cv"), FoldJob(), tasks, parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s,
+                  ledger=run.dir / "cv" / "slurm-job.json")  # on SLURM: never a second array training the folds
     except ArrayJobError as err:
         failure = err
     records = [[r for r in (read_record(t.predict_dir / "slides", s) for s in t.slides()) if r is not None]

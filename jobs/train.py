@@ -11,7 +11,7 @@ from typing import Any
 
 import submitit
 
-from hpc import submit, wait_for
+from hpc import refuse_beside_open_job, submit, wait_for
 from hpc.task import task_setup
 from jobs.run_folder import Run
 from lymphoma.checkpoint import load_checkpoint
@@ -85,6 +85,8 @@ def run_train(run: Run, restart: bool = False) -> list[dict[str, Any]]:
     if cfg.cluster.kind == "debug" and cfg.cluster.tasks_per_node * cfg.cluster.nodes > 1:
         raise InputError("the debug executor runs one process; set cluster.tasks_per_node=1 or use --cluster local")
     with run.lock("train"), run.tiles_in_use(writing=False):  # no tiling rewrites the shards meanwhile
+        if cfg.cluster.kind == "slurm":  # before --restart moves the ledger aside with the folder the job writes
+            refuse_beside_open_job(run.train / "slurm-job.json", f"train-{cfg.run.name}")
         if restart and run.train.exists():
             aside = run.train.with_name(f"train.before-{time.strftime('%Y%m%d-%H%M%S')}")
             run.train.rename(aside)
@@ -92,7 +94,7 @@ def run_train(run: Run, restart: bool = False) -> list[dict[str, Any]]:
         preflight(fit_settings(run), run.tiles, run.train)
         _warn_if_resuming_other_settings(run.checkpoints / "last.pt", run)
         run.train.mkdir(exist_ok=True)
-        job = submit(run.executor("train"), TrainJob(), run)
+        job = submit(run.executor("train"), TrainJob(), run, ledger=run.train / "slurm-job.json")  # hpc.ledger
         log.info(f"training job {job.job_id}: logs in {run.train / 'logs'}")
         results = wait_for(job, f"train-{cfg.run.name}")
     return results

@@ -144,6 +144,51 @@ def test_a_preempted_training_job_requeues_and_resumes_from_its_checkpoint(tiled
     assert "checkpoint" in logs.lower() or "requeu" in logs.lower()
 
 
+def test_a_rerun_never_submits_a_training_beside_one_an_earlier_command_left_running(tiled):
+    """SLURM jobs outlive their command (by design). `lymphoma train --cluster slurm` killed with -9 while its job
+    runs, then run again: refused with the job's id, its state and what to do (exit 2), even with --restart (which
+    would move the folder the job writes aside); never a second job writing the same checkpoints. Once the job
+    has left the queue, nothing is refused."""
+    import os
+    import signal
+    import sys
+
+    from conftest import FAST, config_for
+    from hpc import refuse_beside_open_job
+
+    name = f"left-running-{uuid.uuid4().hex[:6]}"
+    config_for(tiled, name)
+    source, runs = tiled
+    command = [sys.executable, "-m", "jobs.cli", "train", "--cluster", "slurm", f"data.source={source}",
+               f"run.root={runs}", f"run.name={name}", *FAST, *SMALL, "train.epochs=500"]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    job_id, deadline = "", time.monotonic() + 120
+    while not job_id and time.monotonic() < deadline:
+        job_id = subprocess.run(["squeue", "-h", "--name", f"train-{name}", "-t", "RUNNING", "-o", "%i"],
+                                capture_output=True, text=True, check=True).stdout.strip()
+        time.sleep(0 if job_id else 0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    try:
+        assert job_id, "the training job never ran"
+        for extra in ([], ["--restart"]):
+            again = subprocess.run(command + extra, capture_output=True, text=True, timeout=120)
+            assert again.returncode == 2, again.stderr
+            assert (f"SLURM job {job_id} (train-{name}), submitted earlier for {runs / name / 'train'}, is still "
+                    f"RUNNING" in again.stderr and f"scancel {job_id}" in again.stderr), again.stderr
+        assert not list((runs / name).glob("train.before-*"))  # --restart moved nothing aside
+        squeued = subprocess.run(["squeue", "-h", "--name", f"train-{name}", "-o", "%i"], capture_output=True,
+                                 text=True, check=True).stdout.split()
+        assert squeued == [job_id]  # no second job
+    finally:
+        subprocess.run(["scancel", "--name", f"train-{name}"], check=False)  # a second job too, were there one
+    deadline = time.monotonic() + 60
+    while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip() and \
+            time.monotonic() < deadline:
+        time.sleep(0.5)
+    refuse_beside_open_job(runs / name / "train" / "slurm-job.json", "train")  # gone: nothing to refuse
+
+
 def test_the_whole_pipeline_on_slurm(make_dataset, tmp_path):
     """`lymphoma run --cluster slurm`: a tiling array, a training job and a prediction array, all real jobs."""
     import json
