@@ -216,11 +216,6 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     odd.write_text("a.png\tCLL\tcase\textra\n")
     assert predict(checkpoint, tmp_path / "b", "--list", str(odd)) == 2
     assert "odd.tsv, line 1: expected tab-separated path[, label[, case]]" in capsys.readouterr().err
-    labels, (one, two) = tmp_path / "labels.tsv", sorted(cohort.rglob("*.png"))[:2]
-    labels.write_text(f"path\tlabel\n{one}\tDLBCL\n{two}\tcll\n")  # another class; a class in lower case
-    assert predict(checkpoint, tmp_path / "b", "--list", str(labels)) == 2
-    assert (f"--list {labels}: 2 label(s) not among the model's classes ['CLL', 'FL', 'MCL']: line 2: 'DLBCL'; "
-            "line 3: 'cll' ('CLL'?); correct them, or leave the label column empty") in capsys.readouterr().err
     escape = tmp_path / "escape.tsv"
     escape.write_text(f"path\tlabel\n{next(cohort.rglob('*.png')).relative_to(cohort)}\tCLL\n../../etc/passwd\tCLL\n")
     assert predict(checkpoint, tmp_path / "b", "--list", str(escape), "--basepath", str(cohort)) == 2
@@ -230,11 +225,6 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     assert "tiles.size=128 but the model was trained with 64" in capsys.readouterr().err
     assert predict(checkpoint, tmp_path / "c", str(next(cohort.rglob("*.png"))), "tiles.size=128", "--force") == 0
     capsys.readouterr()
-    empty = tmp_path / "empty_001.png"
-    empty.write_bytes(b"")
-    assert predict(checkpoint, tmp_path / "e", str(empty)) == 1
-    assert capsys.readouterr().err.strip().endswith("1 of 1 slide(s) failed (listed above and in "
-                                                    f"{tmp_path / 'e' / 'summary.csv'}); none was predicted")
     other = tmp_path / "someone-elses"
     other.mkdir()
     (other / "notes.txt").write_text("keep me")
@@ -274,6 +264,20 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
         shutil.copyfile(good, twin / good.name)
         expand_inputs([str(good), str(twin / good.name)], None, None, ["CLL", "FL", "MCL"],
                       compile_case_pattern(r"^(?P<case>.+)_\d+$"))
+
+
+def test_unknown_labels_are_named_by_line_and_a_prediction_where_all_failed_says_so(checkpoint, cohort, tmp_path,
+                                                                                    capsys):
+    labels, (one, two) = tmp_path / "labels.tsv", sorted(cohort.rglob("*.png"))[:2]
+    labels.write_text(f"path\tlabel\n{one}\tDLBCL\n{two}\tcll\n")  # another class; a class in lower case
+    assert predict(checkpoint, tmp_path / "b", "--list", str(labels)) == 2
+    assert (f"--list {labels}: 2 label(s) not among the model's classes ['CLL', 'FL', 'MCL']: line 2: 'DLBCL'; "
+            "line 3: 'cll' ('CLL'?); correct them, or leave the label column empty") in capsys.readouterr().err
+    empty = tmp_path / "empty_001.png"
+    empty.write_bytes(b"")
+    assert predict(checkpoint, tmp_path / "e", str(empty)) == 1
+    assert capsys.readouterr().err.strip().endswith("1 of 1 slide(s) failed (listed above and in "
+                                                    f"{tmp_path / 'e' / 'summary.csv'}); none was predicted")
 
 
 def test_an_inconsistent_checkpoint_names_what_is_wrong(checkpoint, cohort, tmp_path, capsys):
