@@ -26,9 +26,10 @@ class SlideProgress:
     def __init__(self, folder: Path, pending: Iterable[str], done: int, desc: str, enabled: bool = True,
                  stream: Optional[TextIO] = None) -> None:
         self.folder, self.names, self.done, self.next_at = folder, {f"{key}.json" for key in pending}, done, 0.0
-        self.before = self._records()  # stale records (another checkpoint's) count once rewritten, not before
         self.bar = tqdm(total=done + len(self.names), initial=done, unit="slide", desc=desc, file=stream,
                         disable=not enabled or (None if stream is None else False))  # None: on a terminal only
+        # stale records (another checkpoint's) count once rewritten, not before; a hidden bar lists nothing
+        self.before = {} if self.bar.disable else self._records()
 
     def _records(self) -> dict[str, int]:
         """The pending slides' records in the folder, with their modification times (ns)."""
