@@ -73,9 +73,27 @@ def _one_at_a_time(executor: submitit.AutoExecutor, ledger: Path | None, fn: Cal
     return submitted
 
 
+def _parameters(executor: submitit.AutoExecutor) -> dict[str, Any]:
+    return executor._executor.parameters if hasattr(executor, "_executor") else executor.parameters
+
+
 def _job_name(executor: submitit.AutoExecutor, fn: Callable[..., Any]) -> str:
-    params = executor._executor.parameters if hasattr(executor, "_executor") else executor.parameters
+    params = _parameters(executor)
     return str(params.get("name") or params.get("job_name") or getattr(fn, "__name__", "array"))
+
+
+def _failure_message(err: Exception, job: submitit.Job[Any], executor: submitit.AutoExecutor) -> str:
+    """A failed task's error (or, killed, cancelled or timed out before writing a result: its state), with the
+    setting to change where it ran out of time."""
+    failed = isinstance(err, submitit.core.utils.FailedJobError) or \
+        not isinstance(err, submitit.core.utils.UncompletedJobError)
+    message = f"{type(err).__name__}: {err}" if failed else f"no result, the job ended as {job.state}"
+    if "timed-out" in message or "TIMEOUT" in message:
+        limit = _parameters(executor).get("timeout_min") or _parameters(executor).get("time")
+        message = (f"TimeoutError: the task reached its time limit of {limit} min ({_last_error_line(message)}); "
+                   f"raise cluster.timeout_min{' (null: none on this machine)' if executor.cluster == 'local' else ''}"
+                   ", then rerun: finished work is kept")
+    return message
 
 
 def _refused_as_error(executor: submitit.AutoExecutor, submit_now: Callable[[], Any]) -> Any:
@@ -229,11 +247,8 @@ def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequ
         try:
             results[index] = _result(job)
         except Exception as err:  # noqa: BLE001 - any task error is reported with its logs
-            failed = isinstance(err, submitit.core.utils.FailedJobError) or \
-                not isinstance(err, submitit.core.utils.UncompletedJobError)
-            # Uncompleted: killed, cancelled or timed out before writing a result
-            message = f"{type(err).__name__}: {err}" if failed else f"no result, the job ended as {job.state}"
-            failures.append(TaskFailure(index, str(job.job_id), message, job.paths.stdout, job.paths.stderr))
+            failures.append(TaskFailure(index, str(job.job_id), _failure_message(err, job, executor),
+                                        job.paths.stdout, job.paths.stderr))
         if on_done is not None:
             on_done(index, results[index])
 

@@ -12,6 +12,8 @@ from typing import Dict, List, Optional
 import submitit
 
 EXECUTOR_KINDS = ("local", "debug", "slurm")
+SLURM_DEFAULT_LIMIT_MIN = 60  # cluster.timeout_min null on SLURM
+LOCAL_NO_LIMIT_MIN = 365 * 24 * 60  # cluster.timeout_min null on this machine: no limit to speak of
 
 
 class SubmissionError(RuntimeError):
@@ -30,7 +32,7 @@ class ExecutorSettings:
 
     kind: str = "local"            # local (this machine, real subprocesses) | debug (in process) | slurm
     parallelism: int = 2           # array tasks at once
-    timeout_min: int = 60
+    timeout_min: Optional[int] = None  # minutes a task may run: SLURM's --time (null: 60); local tasks: none (null) or this
     cpus_per_task: int = 1
     mem_gb: Optional[float] = None
     gpus_per_node: int = 0
@@ -48,11 +50,19 @@ class ExecutorSettings:
         if self.kind not in EXECUTOR_KINDS:
             raise ValueError(f"cluster.kind is {self.kind!r}; allowed: {', '.join(EXECUTOR_KINDS)}")
         for key in ("parallelism", "timeout_min", "cpus_per_task", "nodes", "tasks_per_node"):
-            if getattr(self, key) < 1:
+            if getattr(self, key) is not None and getattr(self, key) < 1:
                 raise ValueError(f"cluster.{key} must be >= 1, got {getattr(self, key)}")
         if self.gpus_per_node < 0 or (self.mem_gb is not None and self.mem_gb <= 0):
             raise ValueError(f"cluster.gpus_per_node must be >= 0 and cluster.mem_gb > 0 or null, got "
                              f"{self.gpus_per_node} and {self.mem_gb}")
+
+    def time_limit_min(self) -> int:
+        """The time limit the executor applies: the setting, else 60 minutes on SLURM (a scheduler needs one) and
+        none to speak of for local tasks (a year: submitit's local controller stops a task at its limit, which
+        failed a long prediction on a workstation after an hour)."""
+        if self.timeout_min is not None:
+            return self.timeout_min
+        return SLURM_DEFAULT_LIMIT_MIN if self.kind == "slurm" else LOCAL_NO_LIMIT_MIN
 
 
 def visible_gpu_count() -> int:
@@ -82,7 +92,7 @@ def make_executor(settings: ExecutorSettings, folder: str | Path, name: str) -> 
         gpus = visible_gpu_count()  # submitit's local executor hides every GPU it is not given
     params: dict[str, object] = {
         "name": name,
-        "timeout_min": settings.timeout_min,
+        "timeout_min": settings.time_limit_min(),
         "cpus_per_task": settings.cpus_per_task,
         "gpus_per_node": gpus,
         "nodes": settings.nodes,

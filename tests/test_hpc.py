@@ -101,3 +101,24 @@ def test_a_watched_command_is_alive_until_it_ends_and_never_by_a_reused_pid_or_a
     assert not alive(identity)
     child.wait()
     assert not alive(identity)
+
+
+def test_local_tasks_run_without_a_time_limit_unless_one_is_set_and_then_name_it(tmp_path, tasks_importable):
+    """submitit's local controller stops a task at its time limit: the old default of 60 minutes failed any longer
+    prediction on a workstation. Unset, a local task has none to speak of (SLURM keeps 60 minutes); set, a task
+    that reaches it fails with the limit and the setting to raise, not submitit's 'timed-out and not
+    checkpointable'."""
+    from hpc.executors import LOCAL_NO_LIMIT_MIN, SLURM_DEFAULT_LIMIT_MIN
+    from hpc_tasks import sleep_for
+
+    assert ExecutorSettings(kind="local").time_limit_min() == LOCAL_NO_LIMIT_MIN >= 365 * 24 * 60
+    assert ExecutorSettings(kind="slurm").time_limit_min() == SLURM_DEFAULT_LIMIT_MIN == 60
+    assert ExecutorSettings(kind="slurm", timeout_min=120).time_limit_min() == 120
+    unlimited = make_executor(ExecutorSettings(kind="local"), tmp_path / "a" / "%j", name="unlimited")
+    assert unlimited._executor.parameters["timeout_min"] == LOCAL_NO_LIMIT_MIN
+    limited = make_executor(ExecutorSettings(kind="local", timeout_min=1), tmp_path / "b" / "%j", name="limited")
+    limited._executor.update_parameters(signal_delay_s=57)  # the time-out signal 3 s after the start, not at 30 s
+    with pytest.raises(ArrayJobError) as info:
+        run_array(limited, sleep_for, [(str(tmp_path / "marker"), 20)], poll_s=0.1)
+    assert "TimeoutError: the task reached its time limit of 1 min" in str(info.value)
+    assert "raise cluster.timeout_min (null: none on this machine), then rerun" in str(info.value)
