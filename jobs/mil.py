@@ -14,10 +14,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
 
 from jobs.run_folder import Run
-from lymphoma.checkpoint import save_checkpoint
+from lymphoma.checkpoint import load_state, save_checkpoint
 from lymphoma.cohort_report import probability_record
 from lymphoma.crossval import across_repeats, cv_report, format_cv_report, grouped_folds
 from lymphoma.errors import InputError
@@ -29,13 +28,21 @@ from lymphoma.mil import Bag, predict_bag, train_mil
 log = logging.getLogger(__name__)
 
 
+def embedded_slides(features_dir: Path) -> list[dict[str, str]]:
+    """The slides ``lymphoma features`` embedded into ``features_dir`` (the rows of its ``features.csv``)."""
+    listing = features_dir / "features.csv"
+    if not listing.is_file():
+        raise InputError(f"{features_dir}: no features.csv, so no embeddings of `lymphoma features` there; give the "
+                         "--out folder of a finished `lymphoma features`")
+    with listing.open(newline="", encoding="utf-8") as handle:
+        return [r for r in csv.DictReader(handle) if r["status"] == "ok"]
+
+
 def read_cohort(features_dir: Path) -> list[dict[str, str]]:
     """The embedded slides with a class and a case, from ``features.csv``."""
-    listing = features_dir / "features.csv"
-    with listing.open(newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["status"] == "ok" and r["label"] and r["case"]]
+    rows = [r for r in embedded_slides(features_dir) if r["label"] and r["case"]]
     if not rows:
-        raise InputError(f"{listing}: no embedded slide with a class and a case to learn from")
+        raise InputError(f"{features_dir / 'features.csv'}: no embedded slide with a class and a case to learn from")
     return rows
 
 
@@ -192,10 +199,12 @@ def predict_mil(run: Run, features_dir: Path) -> Path:
     path = run.dir / "mil" / "mil.pt"
     if not path.is_file():
         raise InputError(f"{path} not found: run `lymphoma mil` (with one encoder for every fold) first")
-    state = torch.load(path, map_location="cpu", weights_only=True)
+    state = load_state(path, what="MIL model", fix="train it again with `lymphoma mil`")
     settings, classes = MILSettings(**state["settings"]), list(state["classes"])
-    with (features_dir / "features.csv").open(newline="") as handle:
-        rows = [r for r in csv.DictReader(handle) if r["status"] == "ok"]
+    rows = embedded_slides(features_dir)
+    if not rows:
+        raise InputError(f"{features_dir / 'features.csv'}: no slide was embedded there (every one failed); nothing "
+                         "to classify")
     # new slides may have no class (bags need one: it is not used) or no case (each slide its own)
     rows_by_key = {r["key"]: {**r, "label": r["label"] or classes[0], "case": r["case"] or r["key"]} for r in rows}
     bags, encoder = make_bags(list(rows_by_key.values()), classes, settings.bag)

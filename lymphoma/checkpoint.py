@@ -73,11 +73,7 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     path = Path(path)
     if not path.is_file():
         raise InputError(f"checkpoint {path} not found; give the path of a best.pt or last.pt from a training run")
-    try:
-        state = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
-        raise InputError(f"checkpoint {path} cannot be read: it {_why_unreadable(path, err)}; use another (e.g. "
-                         "last.pt beside it) or train again") from None
+    state = load_state(path, map_location, "checkpoint", "use another (e.g. last.pt beside it) or train again")
     missing = [key for key in ("model", "architecture", "classes", "epoch", "tiles", "augment") if key not in state]
     if missing:
         raise InputError(f"checkpoint {path} lacks {missing}; it was not written by `lymphoma train`")
@@ -86,6 +82,16 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
         raise InputError(f"checkpoint {path} is inconsistent: {problem}; it was damaged or edited after "
                          "`lymphoma train` wrote it: use another checkpoint (e.g. last.pt beside it) or train again")
     return state
+
+
+def load_state(path: Path, map_location: str | torch.device = "cpu", what: str = "file",
+               fix: str = "write it again") -> Any:
+    """``torch.load`` with ``weights_only`` of a file this project saved; one that cannot be read is an InputError
+    saying what it is (``what`` names it, ``fix`` says what to do)."""
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except Exception as err:  # noqa: BLE001 - torch raises many kinds for a damaged file
+        raise InputError(f"{what} {path} cannot be read: it {_why_unreadable(path, err)}; {fix}") from None
 
 
 def _why_unreadable(path: Path, err: Exception) -> str:

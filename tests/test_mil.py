@@ -114,6 +114,13 @@ def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, t
     capsys.readouterr()
     assert main(["mil", *common, "--predict", str(tmp_path / "other")]) == 2
     assert "with other settings than the MIL model was trained on" in capsys.readouterr().err
+    assert main(["mil", *common, "--predict", str(tmp_path / "nothing")]) == 2  # a typo: no traceback
+    assert f"{tmp_path / 'nothing'}: no features.csv, so no embeddings" in capsys.readouterr().err
+    whole = (out / "mil.pt").read_bytes()
+    (out / "mil.pt").write_bytes(whole[:1000])  # cut short
+    assert main(["mil", *common, "--predict", str(tmp_path / "new")]) == 2
+    assert f"MIL model {out / 'mil.pt'} cannot be read: it is damaged or cut short" in capsys.readouterr().err
+    (out / "mil.pt").write_bytes(whole)
     per_fold = tmp_path / "cv-run"  # a `lymphoma cv` run whose folds each hold their own model's embeddings
     shutil.copytree(tmp_path / "mil" / "features", per_fold / "repeat-0" / "fold-0" / "features")
     assert main(["mil", *common, "cv.folds=2", f"mil.features={per_fold}", "mil.epochs=1"]) == 2
