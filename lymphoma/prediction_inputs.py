@@ -86,6 +86,8 @@ def _check_labels(rows: Sequence[Row], classes: Sequence[str], list_file: Option
 def _read_tsv(path: Path, basepath: Optional[Path]) -> list[Row]:
     if not path.is_file():
         raise InputError(f"--list {path} not found")
+    if basepath is not None and not basepath.is_dir():  # else every relative path would fail as its slide
+        raise InputError(f"--basepath {basepath} is not a folder; give the folder the list's relative paths are under")
     rows = []
     for number, line in enumerate(read_user_text(path).splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):

@@ -273,6 +273,8 @@ def test_unknown_labels_are_named_by_line_and_a_prediction_where_all_failed_says
     assert predict(checkpoint, tmp_path / "b", "--list", str(labels)) == 2
     assert (f"--list {labels}: 2 label(s) not among the model's classes ['CLL', 'FL', 'MCL']: line 2: 'DLBCL'; "
             "line 3: 'cll' ('CLL'?); correct them, or leave the label column empty") in capsys.readouterr().err
+    assert predict(checkpoint, tmp_path / "b", "--list", str(labels), "--basepath", str(tmp_path / "nowhere")) == 2
+    assert f"--basepath {tmp_path / 'nowhere'} is not a folder" in capsys.readouterr().err
     empty = tmp_path / "empty_001.png"
     empty.write_bytes(b"")
     assert predict(checkpoint, tmp_path / "e", str(empty)) == 1
