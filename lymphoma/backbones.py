@@ -60,6 +60,21 @@ class Backbone(torch.nn.Module):
         return self
 
 
+def require_architecture(backbone: str) -> None:
+    """A timm backbone's architecture exists (checked before any task is submitted), else an InputError with the
+    names closest to it; torchvision's are checked with the settings."""
+    source, _, name = backbone.partition(":")
+    if source != "timm":
+        return
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm never downloads here: weights come from model.weights
+    import timm
+
+    if not timm.is_model(name):
+        close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
+        raise InputError(f"model.backbone {backbone!r}: timm has no architecture {name!r}"
+                         + (f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"))
+
+
 def create_net(backbone: str, num_classes: int, drop_rate: float) -> tuple[torch.nn.Module, str, dict[str, Any]]:
     """The network of ``source:name`` with a fresh head of ``num_classes``, the head's module name and the
     model's own pretraining configuration (timm's; empty for torchvision)."""
@@ -69,13 +84,9 @@ def create_net(backbone: str, num_classes: int, drop_rate: float) -> tuple[torch
 
         net = getattr(torchvision.models, name)(weights=None, num_classes=num_classes, drop_rate=drop_rate)
         return net, "classifier", {}
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # timm never downloads here: weights come from model.weights
+    require_architecture(backbone)
     import timm
 
-    if not timm.is_model(name):
-        close = difflib.get_close_matches(name, timm.list_models(), n=6, cutoff=0.6)
-        raise InputError(f"model.backbone {backbone!r}: timm has no architecture {name!r}"
-                         + (f"; similar: {', '.join(close)}" if close else "; see timm.list_models()"))
     net = timm.create_model(name, pretrained=False, num_classes=num_classes, drop_rate=drop_rate)
     classifier = net.get_classifier()
     head = next(module_name for module_name, module in net.named_modules() if module is classifier)

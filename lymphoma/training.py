@@ -155,6 +155,10 @@ def check_same_tiles(state: dict[str, Any], last: Path, tiles_dir: Path) -> None
 def _check_backbone(settings: FitSettings, tiles_dir: Path) -> None:
     """The pretrained weight file exists; a note when the tiles' resolution is not the one it was pretrained at."""
     model = settings.model
+    if model.backbone is not None:
+        from lymphoma.backbones import require_architecture
+
+        require_architecture(model.backbone)
     if model.weights is not None:
         from lymphoma.backbones import require_weight_file
 
