@@ -106,6 +106,16 @@ def build_backbone(architecture: dict[str, Any]) -> Backbone:
     return model
 
 
+def require_buildable(architecture: dict[str, Any]) -> None:
+    """A backbone's settings make a network (its architecture exists, ``model.freeze`` names one of its blocks),
+    checked before any task is submitted: built on the meta device, so nothing is allocated."""
+    if not architecture.get("backbone"):
+        return
+    require_architecture(str(architecture["backbone"]))
+    with torch.device("meta"):
+        build_backbone(architecture)
+
+
 def require_weight_file(path: str | Path, setting: str = "model.weights") -> Path:
     """The weight file, which must exist here: nothing is ever downloaded."""
     path = Path(path)

@@ -156,9 +156,9 @@ def _check_backbone(settings: FitSettings, tiles_dir: Path) -> None:
     """The pretrained weight file exists; a note when the tiles' resolution is not the one it was pretrained at."""
     model = settings.model
     if model.backbone is not None:
-        from lymphoma.backbones import require_architecture
+        from lymphoma.backbones import require_buildable
 
-        require_architecture(model.backbone)
+        require_buildable(model.architecture(2))  # the number of classes changes the head alone
     if model.weights is not None:
         from lymphoma.backbones import require_weight_file
 

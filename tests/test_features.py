@@ -86,8 +86,8 @@ def encoder(tiled) -> Path:
 
 
 def test_a_trained_densenet_is_an_encoder_and_bad_encoders_are_named(encoder, make_dataset, tmp_path, capsys):
-    """A checkpoint embeds real images with its own tiling; no encoder, a missing weight file, or an architecture
-    timm does not have, is named."""
+    """A checkpoint embeds real images with its own tiling; no encoder, a missing weight file, an architecture timm
+    does not have or a block to freeze that it has not, is named before anything is submitted."""
     source = make_dataset(cases_per_class=1, images_per_case=1)
     assert features(tmp_path / "dense", "--checkpoint", str(encoder), f"{source}/**/*.png",
                     f"run.root={tmp_path}", "cluster.kind=debug") == 0
@@ -107,6 +107,10 @@ def test_a_trained_densenet_is_an_encoder_and_bad_encoders_are_named(encoder, ma
                     "model.backbone=timm:resnet10x") == 2  # refused before a task is submitted or a folder made
     assert "timm has no architecture 'resnet10x'; similar: resnet10t" in capsys.readouterr().err
     assert not (tmp_path / "typo").exists()
+    assert features(tmp_path / "freeze", f"{source}/**/*.png", f"run.root={tmp_path}", "model.backbone=timm:resnet10t",
+                    "model.freeze=layer9") == 2  # the same for a block the network does not have
+    assert "model.freeze='layer9' is not a block of ResNet" in capsys.readouterr().err
+    assert not (tmp_path / "freeze").exists()
 
 
 def test_a_checkpoint_encoder_tiles_at_its_scale_as_prediction_does(encoder, data_root, manifest_rows, tmp_path,
