@@ -16,6 +16,7 @@ from jobs.baseline import run_baseline
 from jobs.config import Config, ConfigError
 from jobs.fold import FoldJob, FoldTask, grid_points, variant_suffix
 from jobs.run_folder import Run
+from lymphoma.backbones import require_model
 from lymphoma.cohort_report import image_class, write_report
 from lymphoma.crossval import across_repeats, cv_report, fold_phases, format_cv_report, grouped_folds
 from lymphoma.ensemble import write_ensemble
@@ -99,6 +100,7 @@ def run_cv(run: Run) -> dict[str, Any]:
     start = time.perf_counter()
     cfg = run.config
     out = run.dir / f"cv{variant_suffix(cfg.cv.checkpoint, cfg.predict.tta)}"
+    require_model(cfg.model)  # a backbone's mistakes named now, not by every fold's task
     with run.session("cv"):
         inputs = run.inputs()
         tasks = plan_folds(run, inputs.records, inputs.classes)

@@ -16,7 +16,7 @@ from jobs import openvino_first_in_tasks
 from jobs.config import keys_set
 from jobs.predict import forced_tiles, gather_records, task_chunks
 from jobs.run_folder import Run
-from lymphoma.backbones import require_buildable, require_weight_file
+from lymphoma.backbones import require_model
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.files import write_csv_atomic
@@ -99,9 +99,7 @@ def check_encoder(run: Run, checkpoint: Optional[Path], explicit: Sequence[str] 
     if model.backbone is None:
         raise InputError("lymphoma features needs an encoder: --checkpoint of a trained model, or model.backbone "
                          "(with model.weights) for a pretrained one")
-    require_buildable(model.architecture(1))
-    if model.weights is not None:
-        require_weight_file(model.weights)
+    require_model(model)
     return EncoderSource()
 
 

@@ -10,11 +10,14 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
 from lymphoma.errors import InputError
+
+if TYPE_CHECKING:
+    from lymphoma.settings import ModelSettings
 
 IMAGENET_MEAN, IMAGENET_STD = [0.485, 0.456, 0.406], [0.229, 0.224, 0.225]
 WEIGHT_SUFFIXES = (".safetensors", ".pt", ".pth", ".bin")
@@ -104,6 +107,16 @@ def build_backbone(architecture: dict[str, Any]) -> Backbone:
     model = Backbone(net, InputAdapter(size, list(mean), list(std)), head)
     freeze(model, str(architecture.get("freeze") or "none"))
     return model
+
+
+def require_model(model: "ModelSettings") -> None:
+    """Before any task is submitted (train, cv, features): a pretrained backbone's architecture exists, its
+    ``model.freeze`` names one of its blocks, and its weight file is here. The DenseNet presets need nothing."""
+    if model.backbone is None:
+        return
+    require_buildable(model.architecture(2))  # the number of classes changes the head alone
+    if model.weights is not None:
+        require_weight_file(model.weights)
 
 
 def require_buildable(architecture: dict[str, Any]) -> None:

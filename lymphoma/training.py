@@ -153,16 +153,12 @@ def check_same_tiles(state: dict[str, Any], last: Path, tiles_dir: Path) -> None
 
 
 def _check_backbone(settings: FitSettings, tiles_dir: Path) -> None:
-    """The pretrained weight file exists; a note when the tiles' resolution is not the one it was pretrained at."""
+    """A backbone builds (its architecture, model.freeze) and its weight file exists; a note when the tiles' resolution
+    is not the one it was pretrained at."""
+    from lymphoma.backbones import require_model
+
     model = settings.model
-    if model.backbone is not None:
-        from lymphoma.backbones import require_buildable
-
-        require_buildable(model.architecture(2))  # the number of classes changes the head alone
-    if model.weights is not None:
-        from lymphoma.backbones import require_weight_file
-
-        require_weight_file(model.weights)
+    require_model(model)
     tiled_at = load_manifest(tiles_dir)["tiles"].get("target_mpp")
     if model.mpp is not None and tiled_at != model.mpp:
         where = f"tiles.target_mpp={tiled_at}" if tiled_at else "the images' own pixels (tiles.target_mpp=null)"

@@ -243,6 +243,9 @@ def test_cv_command_names_the_problem(make_dataset, tmp_path, capsys):
     assert "lymphoma cv: error: too few cases for 3 folds stratified by class" in err and "lower cv.folds to 2" in err
     assert main(["cv", f"data.source={source}", f"run.root={tmp_path}", "cv.folds=2"]) == 2
     assert "inside a fold:" in capsys.readouterr().err  # 1 case per class left: no inner split possible
+    assert main(["cv", f"data.source={source}", f"run.root={tmp_path}", "run.name=typo", "model.backbone=timm:resnet10x",
+                 *FAST]) == 2  # named once, before any fold's task is submitted or the run folder made
+    assert "timm has no architecture 'resnet10x'" in capsys.readouterr().err and not (tmp_path / "typo").exists()
 
 
 def test_grid_is_chosen_on_the_inner_val_of_each_fold(make_dataset, make_config):
