@@ -26,21 +26,26 @@ log = logging.getLogger(__name__)
 ENV = "HPC_COMMAND_PROCESS"  # "<pid>:<start time>" of the command that submitted this local task
 
 
+def _stat_fields(pid: int | str) -> list[str]:
+    """The fields of ``/proc/<pid>/stat`` after the command name in parentheses (which may hold spaces): the
+    state first, the start time (field 22) at index 19."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
 def process_identity(pid: int) -> str:
     """``<pid>:<start time in clock ticks>`` (Linux ``/proc``), so that a reused pid is not taken for the process;
     ``<pid>:`` where ``/proc`` does not tell."""
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        return f"{pid}:{_stat_fields(pid)[19]}"
     except OSError:
         return f"{pid}:"
-    return f"{pid}:{stat.rsplit(')', 1)[1].split()[19]}"  # field 22, after the command name in parentheses
 
 
 def alive(identity: str) -> bool:
     """Whether the process named by ``identity`` still runs (a zombie, or another process on its pid, does not)."""
     pid, _, started = identity.partition(":")
     try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        fields = _stat_fields(pid)
     except FileNotFoundError:
         return False
     except OSError:  # no /proc: only whether the pid exists
@@ -51,7 +56,6 @@ def alive(identity: str) -> bool:
         except PermissionError:
             pass
         return True
-    fields = stat.rsplit(")", 1)[1].split()
     return fields[0] != "Z" and (not started or fields[19] == started)
 
 
