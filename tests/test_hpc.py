@@ -48,10 +48,13 @@ def test_settings_name_the_allowed_values():
 
 
 FORWARDS = """
-import resource, sys, torch
+import mmap, resource, sys, torch
 from hpc.task import task_setup
 from lymphoma.model import build_model
 from lymphoma.settings import ModelSettings
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 with task_setup(1):
     model = build_model(ModelSettings().architecture(3)).eval()
@@ -59,27 +62,33 @@ with task_setup(1):
     with torch.inference_mode():
         for _ in range(2):
             model(x)
-        start = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        start = faults()
         for _ in range(3):
             model(x)
-    print(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - start)
+        forwards = faults() - start
+    fresh = mmap.mmap(-1, 64 << 20)  # memory never touched: writing one byte a page faults every page in
+    start = faults()
+    fresh[::4096] = bytes(len(fresh) // 4096)
+    print(forwards, faults() - start)
 """
 
 
-@pytest.mark.parametrize("keep", ["1", "0"])
-def test_a_task_reuses_freed_memory_instead_of_faulting_it_in_every_forward_pass(keep):
+def test_a_task_reuses_freed_memory_instead_of_faulting_it_in_every_forward_pass():
+    """Under ``task_setup`` three forward passes of 32 tiles fault (almost) no page in: the activations' blocks
+    are kept for the next batch. Without it (``HPC_KEEP_FREED_MEMORY=0``), glibc's dynamic mmap threshold adapts
+    to some of the blocks and not others: 56,000 to 95,000 faults on this CI's kind of machine, but none once
+    on another, so that control is not asserted. The count is shown to be real: 64 MiB written afresh fault
+    16,384 pages in."""
     import subprocess
     import sys
 
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES"))}
-    done = subprocess.run([sys.executable, "-c", FORWARDS], env={**env, "HPC_KEEP_FREED_MEMORY": keep},
-                          capture_output=True, text=True, timeout=300)
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MALLOC_", "GLIBC_TUNABLES", "HPC_KEEP"))}
+    done = subprocess.run([sys.executable, "-c", FORWARDS], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr
-    faults = int(done.stdout.split()[-1])  # minor page faults of 3 forward passes of a batch of 32 tiles
-    if keep == "1":  # the task's setup: glibc keeps the activations' blocks for the next batch
-        assert faults < 300, faults
-    else:  # malloc as it is: each pass maps its large buffers afresh (this is what the setup removes)
-        assert faults > 3000, faults
+    forwards, fresh = map(int, done.stdout.split()[-2:])
+    if fresh < 4096:
+        pytest.skip(f"this kernel does not count minor page faults (64 MiB written afresh: {fresh})")
+    assert forwards < 300, forwards
 
 
 def test_a_watched_command_is_alive_until_it_ends_and_never_by_a_reused_pid_or_as_a_zombie():
