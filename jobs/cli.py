@@ -115,7 +115,8 @@ def _add_model_commands(sub: Any) -> None:
     features = _command(sub, "features", "tile embeddings per slide (CLAM/TRIDENT HDF5) from a pretrained backbone or "
                                          "a trained model", "Tile each slide as tiling does, run the tiles through the "
                         "encoder without its head and write h5_files/<slide>.h5 (features [N, D], coords [N, 2]). One "
-                        "array task per chunk of slides; a rerun skips slides already done.", overrides=False)
+                        "array task per chunk of slides; a rerun skips slides already done.", overrides=False,
+                        progress=True)
     features.add_argument("--checkpoint", help="a trained model as the encoder (default: model.backbone with "
                                                "model.weights, a pretrained one)")
     features.add_argument("inputs", nargs="*", metavar="IMAGE",

@@ -15,6 +15,7 @@ from hpc.task import task_setup
 from jobs import openvino_first_in_tasks
 from jobs.config import keys_set
 from jobs.predict import forced_tiles, gather_records, task_chunks
+from jobs.progress import SlideProgress
 from jobs.run_folder import Run
 from lymphoma.backbones import require_model
 from lymphoma.checkpoint import load_checkpoint
@@ -22,7 +23,7 @@ from lymphoma.errors import InputError
 from lymphoma.files import write_csv_atomic
 from lymphoma.image_scale import scale_notes
 from lymphoma.inputs import compile_case_pattern
-from lymphoma.prediction import SlideInput, with_tiles
+from lymphoma.prediction import SlideInput, read_record, with_tiles
 from lymphoma.prediction_inputs import expand_inputs
 from lymphoma.settings import EXPORTED_ENGINES
 
@@ -103,10 +104,11 @@ def check_encoder(run: Run, checkpoint: Optional[Path], explicit: Sequence[str] 
     return EncoderSource()
 
 
-def run_features(run: Run, source: Optional[EncoderSource], slides: list[SlideInput],
-                 out: Optional[Path] = None) -> tuple[Path, list[dict[str, Any]], Optional[ArrayJobError]]:
+def run_features(run: Run, source: Optional[EncoderSource], slides: list[SlideInput], out: Optional[Path] = None,
+                 progress: bool = False) -> tuple[Path, list[dict[str, Any]], Optional[ArrayJobError]]:
     """Embed every slide as an array job with the encoder from ``source`` (``check_encoder``'s; None: the run's
-    model.backbone); ``features.csv`` lists each slide's file or error."""
+    model.backbone); ``features.csv`` lists each slide's file or error. ``progress``: a bar of the slides done on
+    a terminal."""
     cfg = run.config
     source = source or check_encoder(run, None)
     if cfg.predict.engine == "compile":
@@ -120,11 +122,16 @@ def run_features(run: Run, source: Optional[EncoderSource], slides: list[SlideIn
     tasks = [FeaturesTask(run, checkpoint, chunk, str(out_dir), threads, source.tiles or None) for chunk in chunks]
     openvino_first_in_tasks(cfg.predict.engine)
     failure, results = None, []
+    embedded = embedded_before(out_dir / "records", slides)
+    bar = SlideProgress(out_dir / "records", [s.key for s in slides if s.key not in embedded], len(embedded),
+                        "features", progress)
     try:
         results = run_array(run.executor("features", out_dir / "logs" / "%j"), run_features_task, tasks,
-                            parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s)
+                            parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s, on_poll=bar.poll)
     except ArrayJobError as err:
         failure, results = err, err.results
+    finally:
+        bar.close()
     resumed = {r["key"] for chunk in results if chunk for r in chunk if r.get("resumed")}
     records = [{**r, "resumed": r["key"] in resumed} for r in gather_records(out_dir / "records", chunks, failure)]
     write_csv_atomic(out_dir / "features.csv", ["key", "path", "label", "case", "status", "n_tiles", "feature_dim",
@@ -134,12 +141,19 @@ def run_features(run: Run, source: Optional[EncoderSource], slides: list[SlideIn
     return out_dir, records, failure
 
 
+def embedded_before(records: Path, slides: list[SlideInput]) -> set[str]:
+    """The slides with a file from an earlier run, which the progress bar counts as done from the start (a task
+    skips them unless another encoder or other settings made them; the bar counts those redone as done already)."""
+    return {s.key for s in slides if (r := read_record(records, s)) and r.get("status") == "ok"
+            and Path(r.get("file", "")).is_file()}
+
+
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma features``."""
     explicit = tuple(keys_set(args.config, args.overrides, "tiles"))
     source = check_encoder(run, Path(args.checkpoint) if args.checkpoint else None, explicit, args.force)
     slides = features_slides(run, args.inputs, args.list, args.basepath)
-    out_dir, records, failure = run_features(run, source, slides, args.out)
+    out_dir, records, failure = run_features(run, source, slides, args.out, progress=not args.no_progress)
     ok = [r for r in records if r["status"] == "ok"]
     failed = [r for r in records if r["status"] != "ok"]
     dims = sorted({r.get("feature_dim") for r in ok})

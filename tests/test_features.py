@@ -144,7 +144,42 @@ def test_a_checkpoint_encoder_tiles_at_its_scale_as_prediction_does(encoder, dat
         assert len(forced["coords"]) == np.prod(grid_shape(1040, 1040, settings)) > 0
 
 
+def on_a_terminal(command: list[str], timeout_s: float) -> tuple[int, str]:
+    """Run ``command`` with its output on a pseudo-terminal 100 columns wide (where progress bars show): its exit
+    status and what it printed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the command and every process it started closed the terminal
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    code = proc.wait(timeout=timeout_s)
+    reader.join(timeout=30)
+    os.close(leader)
+    return code, b"".join(chunks).decode(errors="replace")
+
+
 def test_killed_features_resume_only_the_remaining_slides(data_root, manifest_rows, resnet_file, tmp_path):
+    """A rerun after kill -9 embeds only the slides without a complete file and record; on a terminal its bar
+    starts at those already done and ends at every slide."""
     listing = tmp_path / "cohort.tsv"
     rows = manifest_rows[::8]
     listing.write_text("".join(f"{r['lowres_path']}\t{r['cls']}\t{r['case_id']}\n" for r in rows))
@@ -163,10 +198,12 @@ def test_killed_features_resume_only_the_remaining_slides(data_root, manifest_ro
     assert 4 <= len(done) < len(rows)
     # complete: file and record both written (a kill between the two leaves a file that is redone)
     done_records = {p.stem for p in (out / "records").glob("*.json")} & {Path(n).stem for n in done}
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stdout + rerun.stderr
+    code, printed = on_a_terminal(command, timeout_s=600)
+    assert code == 0, printed
     assert f"{len(rows)} of {len(rows)} slide(s) embedded ({len(rows) - len(done_records)} now, " \
-           f"{len(done_records)} already complete" in rerun.stdout
+           f"{len(done_records)} already complete" in printed
+    bar = [line for line in printed.replace("\r", "\n").splitlines() if line.startswith("features:")]
+    assert bar and f"| {len(done_records)}/{len(rows)} " in bar[0] and f"| {len(rows)}/{len(rows)} " in bar[-1], bar
     for name in done:
         if Path(name).stem in done_records:
             assert (out / "h5_files" / name).stat().st_mtime_ns == done[name]
