@@ -255,3 +255,36 @@ def wsi_dir(data_root: Path) -> Path:
     if not (folder / "CMU-1-Small-Region.svs").is_file():
         pytest.fail(f"the whole-slide test files are not in {folder}")
     return folder
+
+
+def on_a_terminal(command: list[str], timeout_s: float) -> tuple[int, str]:
+    """Run ``command`` with its output on a pseudo-terminal 100 columns wide (where progress bars show): its exit
+    status and what it printed."""
+    import fcntl
+    import pty
+    import struct
+    import termios
+    import threading
+
+    leader, follower = pty.openpty()
+    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
+    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
+    os.close(follower)
+    chunks: list[bytes] = []
+
+    def read() -> None:
+        while True:
+            try:
+                chunk = os.read(leader, 65536)
+            except OSError:  # EIO: the command and every process it started closed the terminal
+                return
+            if not chunk:
+                return
+            chunks.append(chunk)
+
+    reader = threading.Thread(target=read, daemon=True)
+    reader.start()
+    code = proc.wait(timeout=timeout_s)
+    reader.join(timeout=30)
+    os.close(leader)
+    return code, b"".join(chunks).decode(errors="replace")

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import config_for, tiny_timm_file
+from conftest import config_for, on_a_terminal, tiny_timm_file
 from jobs.cli import main
 from jobs.train import run_train
 from lymphoma.augment import eval_batch
@@ -142,39 +142,6 @@ def test_a_checkpoint_encoder_tiles_at_its_scale_as_prediction_does(encoder, dat
         settings = TileSettings(**json.loads(forced.attrs["tiles"]))
         assert settings.resize == 0.347 and settings.size == 64 and forced.attrs["matched_resize"] == 0
         assert len(forced["coords"]) == np.prod(grid_shape(1040, 1040, settings)) > 0
-
-
-def on_a_terminal(command: list[str], timeout_s: float) -> tuple[int, str]:
-    """Run ``command`` with its output on a pseudo-terminal 100 columns wide (where progress bars show): its exit
-    status and what it printed."""
-    import fcntl
-    import pty
-    import struct
-    import termios
-    import threading
-
-    leader, follower = pty.openpty()
-    fcntl.ioctl(follower, termios.TIOCSWINSZ, struct.pack("HHHH", 40, 100, 0, 0))
-    proc = subprocess.Popen(command, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
-    os.close(follower)
-    chunks: list[bytes] = []
-
-    def read() -> None:
-        while True:
-            try:
-                chunk = os.read(leader, 65536)
-            except OSError:  # EIO: the command and every process it started closed the terminal
-                return
-            if not chunk:
-                return
-            chunks.append(chunk)
-
-    reader = threading.Thread(target=read, daemon=True)
-    reader.start()
-    code = proc.wait(timeout=timeout_s)
-    reader.join(timeout=30)
-    os.close(leader)
-    return code, b"".join(chunks).decode(errors="replace")
 
 
 def test_killed_features_resume_only_the_remaining_slides(data_root, manifest_rows, resnet_file, tmp_path):

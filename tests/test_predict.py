@@ -17,7 +17,7 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, config_for, decompression_bomb, pick_images
+from conftest import FAST, config_for, decompression_bomb, on_a_terminal, pick_images
 from hpc import ExecutorSettings
 from jobs.cli import main
 from jobs.predict import local_processes, slide_chunks
@@ -198,10 +198,12 @@ def test_killed_prediction_resumes_only_the_remaining_slides(checkpoint, data_ro
     proc.wait()
     done_before = {p.stem: p.stat().st_mtime_ns for p in (out / "slides").glob("*.json")}
     assert 5 <= len(done_before) < len(rows) and not (out / "summary.csv").exists()
-    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
-    assert rerun.returncode == 0, rerun.stderr
+    code, printed = on_a_terminal(command, timeout_s=600)
+    assert code == 0, printed
     assert (f"{len(rows)} of {len(rows)} slide(s) predicted ({len(rows) - len(done_before)} now, "
-            f"{len(done_before)} already complete)") in rerun.stdout
+            f"{len(done_before)} already complete)") in printed
+    bar = [line for line in printed.replace("\r", "\n").splitlines() if line.startswith("predict:")]
+    assert bar and f"| {len(done_before)}/{len(rows)} " in bar[0] and f"| {len(rows)}/{len(rows)} " in bar[-1], bar
     for key, mtime in done_before.items():
         assert (out / "slides" / f"{key}.json").stat().st_mtime_ns == mtime
     with (out / "summary.csv").open() as handle:
