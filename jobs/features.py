@@ -127,7 +127,8 @@ def run_features(run: Run, source: Optional[EncoderSource], slides: list[SlideIn
                         "features", progress)
     try:
         results = run_array(run.executor("features", out_dir / "logs" / "%j"), run_features_task, tasks,
-                            parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s, on_poll=bar.poll)
+                            parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s, on_poll=bar.poll,
+                            ledger=out_dir / "slurm-job.json")
     except ArrayJobError as err:
         failure, results = err, err.results
     finally:

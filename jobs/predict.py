@@ -183,7 +183,8 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
     bar = SlideProgress(slide_dir, [s.key for s in slides if s.key not in resumed], len(resumed), "predict", progress)
     try:
         run_array(run.executor("predict", out_dir / "logs" / "%j"), run_predict_task, tasks,
-                  parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s, on_poll=bar.poll)
+                  parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s, on_poll=bar.poll,
+                  ledger=out_dir / "slurm-job.json")  # on SLURM: never a second array beside one still running
     except ArrayJobError as err:
         failure = err
     finally:

@@ -144,49 +144,85 @@ def test_a_preempted_training_job_requeues_and_resumes_from_its_checkpoint(tiled
     assert "checkpoint" in logs.lower() or "requeu" in logs.lower()
 
 
-def test_a_rerun_never_submits_a_training_beside_one_an_earlier_command_left_running(tiled):
-    """SLURM jobs outlive their command (by design). `lymphoma train --cluster slurm` killed with -9 while its job
-    runs, then run again: refused with the job's id, its state and what to do (exit 2), even with --restart (which
-    would move the folder the job writes aside); never a second job writing the same checkpoints. Once the job
-    has left the queue, nothing is refused."""
+def _rerun_refused_while_left_running(command: list[str], job_name: str, folder, reruns=((),)) -> None:
+    """Start ``command`` (which submits SLURM job ``job_name``, writing ``folder``), kill it with -9 once the job
+    runs, and run it again (once per extra arguments in ``reruns``): each rerun is refused with the job's id, its
+    state and what to do (exit 2), and no second job is submitted. Once the job has left the queue, nothing is."""
     import os
     import signal
     import sys
 
-    from conftest import FAST, config_for
     from hpc import refuse_beside_open_job
 
-    name = f"left-running-{uuid.uuid4().hex[:6]}"
-    config_for(tiled, name)
-    source, runs = tiled
-    command = [sys.executable, "-m", "jobs.cli", "train", "--cluster", "slurm", f"data.source={source}",
-               f"run.root={runs}", f"run.name={name}", *FAST, *SMALL, "train.epochs=500"]
+    command = [sys.executable, "-m", "jobs.cli", *command]
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     job_id, deadline = "", time.monotonic() + 120
     while not job_id and time.monotonic() < deadline:
-        job_id = subprocess.run(["squeue", "-h", "--name", f"train-{name}", "-t", "RUNNING", "-o", "%i"],
-                                capture_output=True, text=True, check=True).stdout.strip()
+        job_id = subprocess.run(["squeue", "-h", "--name", job_name, "-t", "RUNNING", "-o", "%i"],
+                                capture_output=True, text=True, check=True).stdout.split("_")[0].strip()
         time.sleep(0 if job_id else 0.2)
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     try:
-        assert job_id, "the training job never ran"
-        for extra in ([], ["--restart"]):
-            again = subprocess.run(command + extra, capture_output=True, text=True, timeout=120)
+        assert job_id, f"the job {job_name} never ran"
+        for extra in reruns:
+            again = subprocess.run(command + list(extra), capture_output=True, text=True, timeout=120)
             assert again.returncode == 2, again.stderr
-            assert (f"SLURM job {job_id} (train-{name}), submitted earlier for {runs / name / 'train'}, is still "
-                    f"RUNNING" in again.stderr and f"scancel {job_id}" in again.stderr), again.stderr
-        assert not list((runs / name).glob("train.before-*"))  # --restart moved nothing aside
-        squeued = subprocess.run(["squeue", "-h", "--name", f"train-{name}", "-o", "%i"], capture_output=True,
-                                 text=True, check=True).stdout.split()
-        assert squeued == [job_id]  # no second job
+            assert re.search(f"SLURM job {job_id} \\({job_name}\\), submitted earlier for {re.escape(str(folder))}, is "
+                             r"still (PENDING|RUNNING)", again.stderr) and f"scancel {job_id}" in again.stderr, \
+                again.stderr  # an array between two tasks is PENDING
+        squeued = subprocess.run(["squeue", "-h", "--name", job_name, "-o", "%i"], capture_output=True, text=True,
+                                 check=True).stdout.split()
+        assert {j.split("_")[0] for j in squeued} == {job_id}  # no second job
     finally:
-        subprocess.run(["scancel", "--name", f"train-{name}"], check=False)  # a second job too, were there one
+        subprocess.run(["scancel", "--name", job_name], check=False)  # a second job too, were there one
     deadline = time.monotonic() + 60
     while subprocess.run(["squeue", "-h", "-j", job_id], capture_output=True, text=True).stdout.strip() and \
             time.monotonic() < deadline:
         time.sleep(0.5)
-    refuse_beside_open_job(runs / name / "train" / "slurm-job.json", "train")  # gone: nothing to refuse
+    refuse_beside_open_job(folder / "slurm-job.json", job_name)  # gone: nothing to refuse
+
+
+def test_a_rerun_never_submits_a_training_beside_one_an_earlier_command_left_running(tiled):
+    """SLURM jobs outlive their command (by design). `lymphoma train --cluster slurm` killed with -9 while its job
+    runs, then run again: refused, even with --restart (which would move the folder the job writes aside); never
+    a second job writing the same checkpoints."""
+    from conftest import FAST, config_for
+
+    name = f"left-running-{uuid.uuid4().hex[:6]}"
+    config_for(tiled, name)
+    source, runs = tiled
+    _rerun_refused_while_left_running(["train", "--cluster", "slurm", f"data.source={source}", f"run.root={runs}",
+                                       f"run.name={name}", *FAST, *SMALL, "train.epochs=500"],
+                                      f"train-{name}", runs / name / "train", reruns=((), ("--restart",)))
+    assert not list((runs / name).glob("train.before-*"))  # --restart moved nothing aside
+
+
+@pytest.mark.parametrize("stage", ["tile", "predict", "features"])
+def test_a_rerun_never_submits_an_array_beside_one_an_earlier_command_left_running(stage, tiled, tmp_path):
+    """The same for the arrays: `lymphoma tile`, `predict` and `features` killed with -9 while their array runs
+    (one task at a time), then run again: refused, never a second array writing the same shards or files."""
+    from dataclasses import asdict
+
+    from conftest import FAST
+    from lymphoma.checkpoint import save_checkpoint
+    from lymphoma.model import build_model
+    from lymphoma.settings import AugmentSettings, ModelSettings, TileSettings
+
+    source, runs = tiled
+    name = f"{stage}-left-{uuid.uuid4().hex[:6]}"
+    common = ["--cluster", "slurm", f"run.root={runs}", f"run.name={name}", *FAST, *SMALL, "cluster.parallelism=1"]
+    if stage == "tile":
+        command, folder = ["tile", *common, f"data.source={source}", "tiles.images_per_shard=1"], runs / name / "tiles"
+    else:
+        architecture = ModelSettings().architecture(3)
+        save_checkpoint({"model": build_model(architecture).state_dict(), "architecture": architecture,
+                         "classes": ["CLL", "FL", "MCL"], "epoch": 0, "tiles": asdict(TileSettings(size=64, stride=64)),
+                         "augment": asdict(AugmentSettings(crop=56))}, tmp_path / "model.pt")
+        folder = tmp_path / "out"
+        command = [stage, "--checkpoint", str(tmp_path / "model.pt"), str(source / "**" / "*.png"), "--out",
+                   str(folder), *common, "predict.slides_per_task=1"]
+    _rerun_refused_while_left_running(command, f"{stage}-{name}", folder)
 
 
 def test_the_whole_pipeline_on_slurm(make_dataset, tmp_path):
