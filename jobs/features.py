@@ -14,7 +14,7 @@ from hpc import ArrayJobError, run_array
 from hpc.task import task_setup
 from jobs import openvino_first_in_tasks
 from jobs.config import keys_set
-from jobs.predict import forced_tiles, gather_records, task_chunks
+from jobs.predict import forced_tiles, gather_records, prepare_out_dir, task_chunks
 from jobs.progress import SlideProgress
 from jobs.run_folder import Run
 from lymphoma.backbones import require_model
@@ -114,8 +114,8 @@ def run_features(run: Run, source: Optional[EncoderSource], slides: list[SlideIn
     if cfg.predict.engine == "compile":
         log.info("predict.engine=compile is for `lymphoma predict`; embeddings run on torch "
                  f"(predict.precision={cfg.predict.precision} applies)")
-    out_dir = (Path(out) if out else run.dir / "features").absolute()
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir((Path(out) if out else run.dir / "features").absolute(), ".lymphoma-features",
+                              "`lymphoma features`", before_markers=("records", "h5_files"))
     run.save_config(out_dir / "config.yaml")
     chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
     checkpoint = str(source.checkpoint) if source.checkpoint else None

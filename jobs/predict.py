@@ -89,15 +89,20 @@ class PredictResult:
     scale_notes: tuple[str, ...] = ()  # images resized to, or left at another scale than, the training images'
 
 
-def prepare_out_dir(out_dir: Path) -> Path:
-    """An empty folder (but for this command's log) or one an earlier prediction made (it holds the marker);
-    never someone else's files."""
-    if out_dir.exists() and any(p.name != "logs" for p in out_dir.iterdir()) and not (out_dir / MARKER).exists():
+def prepare_out_dir(out_dir: Path, marker: str = MARKER, made_by: str = "prediction",
+                    before_markers: tuple[str, ...] = ()) -> Path:
+    """An empty folder (but for this command's log) or one an earlier run of the command made (it holds
+    ``marker``, or every one of ``before_markers``, what such a run left before it marked its folders); never
+    someone else's files, which the command's own names (config.yaml, summary files) would replace."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise InputError(f"--out {out_dir} is a file, not a folder; give a new or empty folder")
+    ours = (out_dir / marker).exists() or bool(before_markers) and all((out_dir / n).exists() for n in before_markers)
+    if out_dir.exists() and any(p.name != "logs" for p in out_dir.iterdir()) and not ours:
         raise InputError(f"output folder {out_dir} exists and holds other files; give an empty or new folder "
-                         "(or the folder of an earlier prediction, to resume it)")
+                         f"(or the folder of an earlier {made_by}, to resume it)")
     try:
-        (out_dir / "slides").mkdir(parents=True, exist_ok=True)
-        (out_dir / MARKER).touch()
+        out_dir.mkdir(parents=True, exist_ok=True)
+        (out_dir / marker).touch()
     except OSError as err:
         raise InputError(f"cannot write to {out_dir} ({err.strerror}); choose a writable --out") from None
     return out_dir
@@ -173,6 +178,7 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
     out_dir = prepare_out_dir(Path(request.out).absolute() if request.out else run.predict)
     run.save_config(out_dir / "config.yaml")
     slide_dir = out_dir / "slides"
+    slide_dir.mkdir(exist_ok=True)
     fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision,
                                          training_scale(saved, cfg.predict.scale))
     resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}

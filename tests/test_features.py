@@ -87,7 +87,9 @@ def encoder(tiled) -> Path:
 
 def test_a_trained_densenet_is_an_encoder_and_bad_encoders_are_named(encoder, make_dataset, tmp_path, capsys):
     """A checkpoint embeds real images with its own tiling; no encoder, a missing weight file, an architecture timm
-    does not have or a block to freeze that it has not, is named before anything is submitted."""
+    does not have or a block to freeze that it has not, is named before anything is submitted. The output folder
+    is new, empty or an earlier run's (marked, or from before marks): never someone else's, whose config.yaml or
+    features.csv it would replace."""
     source = make_dataset(cases_per_class=1, images_per_case=1)
     assert features(tmp_path / "dense", "--checkpoint", str(encoder), f"{source}/**/*.png",
                     f"run.root={tmp_path}", "cluster.kind=debug") == 0
@@ -97,7 +99,19 @@ def test_a_trained_densenet_is_an_encoder_and_bad_encoders_are_named(encoder, ma
         width = build_model(torch.load(encoder, weights_only=True)["architecture"]).classifier.in_features
         assert h5["features"].shape[1] == width and h5["coords"].attrs["patch_size"] == 64  # the checkpoint's tiling
         assert h5.attrs["backbone"] == "densenet:densenet-reduced"
+    (tmp_path / "dense" / ".lymphoma-features").unlink()  # a folder made before folders were marked: still ours
     capsys.readouterr()
+    assert features(tmp_path / "dense", "--checkpoint", str(encoder), f"{source}/**/*.png",
+                    f"run.root={tmp_path}", "cluster.kind=debug") == 0
+    assert "(0 now, 3 already complete" in capsys.readouterr().out
+    mine = tmp_path / "project"
+    mine.mkdir()
+    for name in ("config.yaml", "features.csv"):
+        (mine / name).write_text("keep me")
+    assert features(mine, "--checkpoint", str(encoder), f"{source}/**/*.png", f"run.root={tmp_path}") == 2
+    assert f"output folder {mine} exists and holds other files" in capsys.readouterr().err
+    assert {p.name: p.read_text() for p in mine.iterdir() if p.is_file()} == {"config.yaml": "keep me",
+                                                                               "features.csv": "keep me"}
     assert features(tmp_path / "none", f"{source}/**/*.png", f"run.root={tmp_path}") == 2
     assert "needs an encoder: --checkpoint" in capsys.readouterr().err
     assert features(tmp_path / "miss", f"{source}/**/*.png", f"run.root={tmp_path}", "model.backbone=timm:resnet10t",

@@ -233,6 +233,8 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     assert predict(checkpoint, other, str(next(cohort.rglob("*.png")))) == 2
     assert "exists and holds other files" in capsys.readouterr().err
     assert (other / "notes.txt").read_text() == "keep me"
+    assert predict(checkpoint, other / "notes.txt", str(next(cohort.rglob("*.png")))) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
 
     bad = tmp_path / "bad"
     bad.mkdir()
