@@ -6,7 +6,7 @@ import argparse
 import logging
 from pathlib import Path
 
-from jobs.run_folder import Run
+from jobs.run_folder import Run, make_out_folder
 
 log = logging.getLogger(__name__)
 
@@ -15,7 +15,7 @@ def command(args: argparse.Namespace, run: Run) -> int:
     """Write the exports and ``preprocessing.json`` into ``--out`` and say how close each is to PyTorch."""
     from lymphoma.engines import write_export
 
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_suffix("")
+    out = make_out_folder(Path(args.out) if args.out else Path(args.checkpoint).with_suffix(""))
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     report = write_export(Path(args.checkpoint), out, formats)
     for name, entry in report["files"].items():  # type: ignore[union-attr]

@@ -14,7 +14,7 @@ from hpc.task import task_setup, thread_share
 from jobs import openvino_first_in_tasks
 from jobs.config import keys_set
 from jobs.progress import SlideProgress
-from jobs.run_folder import Run
+from jobs.run_folder import Run, make_out_folder
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.cohort_report import write_report
 from lymphoma.errors import InputError
@@ -94,18 +94,11 @@ def prepare_out_dir(out_dir: Path, marker: str = MARKER, made_by: str = "predict
     """An empty folder (but for this command's log) or one an earlier run of the command made (it holds
     ``marker``, or every one of ``before_markers``, what such a run left before it marked its folders); never
     someone else's files, which the command's own names (config.yaml, summary files) would replace."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise InputError(f"--out {out_dir} is a file, not a folder; give a new or empty folder")
     ours = (out_dir / marker).exists() or bool(before_markers) and all((out_dir / n).exists() for n in before_markers)
-    if out_dir.exists() and any(p.name != "logs" for p in out_dir.iterdir()) and not ours:
+    if out_dir.is_dir() and any(p.name != "logs" for p in out_dir.iterdir()) and not ours:
         raise InputError(f"output folder {out_dir} exists and holds other files; give an empty or new folder "
                          f"(or the folder of an earlier {made_by}, to resume it)")
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / marker).touch()
-    except OSError as err:
-        raise InputError(f"cannot write to {out_dir} ({err.strerror}); choose a writable --out") from None
-    return out_dir
+    return make_out_folder(out_dir, marker)
 
 
 def forced_tiles(run: Run, checkpoint: Path, state: dict[str, Any], explicit: Sequence[str],

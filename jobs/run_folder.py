@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from hpc import make_executor
 from jobs.config import Config, ConfigError, load_config, to_object
-from lymphoma.errors import InputError
+from lymphoma.errors import InputError, is_disk_full
 from lymphoma.files import write_text_atomic
 from lymphoma.inputs import Inputs, discover
 from lymphoma.sharding import MANIFEST_NAME
@@ -172,3 +172,20 @@ def open_run(experiment: str | Path | None = None, overrides: list[str] | None =
              cluster: str | None = None) -> Run:
     """The run of a command line: defaults, experiment, cluster profile and overrides, typed once."""
     return Run.from_config(load_config(experiment, overrides, cluster))
+
+
+def make_out_folder(path: Path, marker: str | None = None, option: str = "--out") -> Path:
+    """``path`` made where needed, as a folder this command can write (with the command's ``marker`` file in it):
+    an InputError naming ``option`` where it is a file or cannot be written; a full disk stays the OSError the
+    command line reports as such."""
+    if path.exists() and not path.is_dir():
+        raise InputError(f"{option} {path} is a file, not a folder; give a new or empty folder")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        if marker:
+            (path / marker).touch()
+    except OSError as err:
+        if is_disk_full(err):
+            raise
+        raise InputError(f"cannot write to {path} ({err.strerror}); choose a writable {option}") from None
+    return path

@@ -181,7 +181,7 @@ def write_export(checkpoint: Path, out_dir: Path, formats: Sequence[str] = EXPOR
     import json
 
     from lymphoma.checkpoint import load_checkpoint, load_model_weights
-    from lymphoma.files import write_text_atomic
+    from lymphoma.files import write_all_or_none
     from lymphoma.model import build_model
     from lymphoma.settings import TileSettings
 
@@ -197,16 +197,16 @@ def write_export(checkpoint: Path, out_dir: Path, formats: Sequence[str] = EXPOR
         check_tiles = np.random.default_rng(0).integers(0, 256, (16, tiles.size, tiles.size, 3), dtype=np.uint8)
     with torch.inference_mode():
         reference = classifier(torch.from_numpy(check_tiles)).float()
-    out_dir.mkdir(parents=True, exist_ok=True)
     report: dict[str, object] = {"checkpoint": str(checkpoint),
                                  "sha256": hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest(),
                                  "check_tiles": len(check_tiles), "files": {}}
+    written: dict[Path, bytes] = {}
     for name in formats:
         data = onnx_bytes(classifier, tiles.size) if name == "onnx" else torchscript_bytes(classifier, tiles.size)
         path = out_dir / ("model.onnx" if name == "onnx" else "model.torchscript.pt")
-        path.write_bytes(data)
+        written[path] = data
         if name == "onnx":
-            logits = OnnxEngine(path)(check_tiles)
+            logits = OnnxEngine(data)(check_tiles)
         else:
             with torch.inference_mode(), warnings.catch_warnings():
                 warnings.simplefilter("ignore", FutureWarning)
@@ -214,8 +214,10 @@ def write_export(checkpoint: Path, out_dir: Path, formats: Sequence[str] = EXPOR
         report["files"][name] = {  # type: ignore[index]
             "path": path.name, "max_abs_logit_difference": float((logits - reference).abs().max()),
             "same_class": float((logits.argmax(1) == reference.argmax(1)).float().mean())}
-    write_text_atomic(out_dir / "preprocessing.json", json.dumps(_preprocessing(state, augment, tiles), indent=2) + "\n")
-    write_text_atomic(out_dir / "export.json", json.dumps(report, indent=2) + "\n")
+    written[out_dir / "preprocessing.json"] = (json.dumps(_preprocessing(state, augment, tiles), indent=2) + "\n").encode()
+    written[out_dir / "export.json"] = (json.dumps(report, indent=2) + "\n").encode()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_all_or_none(written)  # an earlier export there stays whole, its record with it, unless all of this fits
     return report
 
 

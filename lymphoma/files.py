@@ -5,25 +5,40 @@ from __future__ import annotations
 import csv
 import io
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
-    """Replace ``path`` with ``text`` in one step."""
-    path = Path(path)
-    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    """Replace ``path`` with ``text`` (UTF-8) in one step."""
+    write_bytes_atomic(path, text.encode("utf-8"))
+
+
+def write_bytes_atomic(path: str | Path, data: bytes) -> None:
+    """Replace ``path`` with ``data`` in one step: a reader (or a server loading a model) never sees part of it."""
+    write_all_or_none({Path(path): data})
+
+
+def write_all_or_none(contents: Mapping[Path, bytes]) -> None:
+    """Replace each path with its bytes, all of them or (where one cannot be written, e.g. on a full disk) none:
+    files that belong together (a model and the record that describes it) never mix two versions."""
+    tmps: dict[Path, Path] = {}
+    path = None
     try:
-        with tmp.open("w") as handle:
-            handle.write(text)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        for path, data in contents.items():
+            tmps[path] = tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+            with tmp.open("wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+        for path, tmp in tmps.items():
+            os.replace(tmp, path)
     except OSError as err:  # a write or fsync names no file: name it, so that a full disk's folder can be told
-        err.filename = err.filename or str(path)
+        err.filename = err.filename or (str(path) if path else None)
         raise
     finally:
-        tmp.unlink(missing_ok=True)
+        for tmp in tmps.values():
+            tmp.unlink(missing_ok=True)
 
 
 def write_csv_atomic(path: str | Path, header: Sequence[object], rows: Iterable[Sequence[object]]) -> None:

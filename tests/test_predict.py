@@ -608,6 +608,30 @@ def test_export_onnx_and_torchscript_agree_with_pytorch_on_real_tiles(checkpoint
         assert torch.equal(logits.argmax(1), reference.argmax(1))
 
 
+def test_an_export_that_does_not_fit_keeps_the_earlier_one_whole(checkpoint, small_disk, tmp_path, capsys):
+    """A DenseNet-121 exported over the reduced DenseNet's files on a disk without room for it: one error naming
+    the folder (exit 1), and the earlier model.onnx and model.torchscript.pt stay whole, beside the export.json
+    that describes them (written in place, a server would have found half a model). An --out that is a file is
+    named as such."""
+    from lymphoma.checkpoint import save_checkpoint
+    from lymphoma.model import build_model
+    from lymphoma.settings import ModelSettings
+
+    served = small_disk / "served"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(served)]) == 0
+    before = {p.name: p.read_bytes() for p in served.iterdir() if p.is_file()}
+    state = torch.load(checkpoint, weights_only=True)
+    architecture = ModelSettings(preset="densenet121").architecture(3)
+    larger = tmp_path / "densenet121.pt"
+    save_checkpoint({**state, "architecture": architecture, "model": build_model(architecture).state_dict()}, larger)
+    capsys.readouterr()
+    assert main(["export", "--checkpoint", str(larger), "--out", str(served)]) == 1
+    assert f"no space left in {served}" in capsys.readouterr().err
+    assert {p.name: p.read_bytes() for p in served.iterdir() if p.is_file()} == before
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(served / "export.json")]) == 2
+    assert f"--out {served / 'export.json'} is a file, not a folder" in capsys.readouterr().err
+
+
 @pytest.fixture(scope="module")
 def decisive(tiled) -> Path:
     """A model trained further (200 steps, no weight average) than ``checkpoint``, whose tile classes are
