@@ -143,7 +143,8 @@ def _add_tools(sub: Any) -> None:
                        overrides=False)
     inspect.add_argument("inputs", nargs="+", metavar="SLIDE", help="a whole-slide file (SVS, NDPI, pyramidal TIFF, "
                                                                    "...) or an image; key=value overrides too")
-    inspect.add_argument("--out", type=Path, help="the thumbnail PNG (default: <slide name>-grid.png here)")
+    inspect.add_argument("--out", type=Path, help="the thumbnail (.png, .jpg, .tif) or a folder for it (default: "
+                                                  "<slide name>-grid.png here)")
     download = _command(sub, "download", "fetch the public IICBU 2008 lymphoma data set into class folders",
                         "Download the public tarball (resumable), verify its SHA-1 and unpack it into one folder per "
                         "class.")

@@ -15,8 +15,24 @@ from lymphoma.wsi import plan_grid, save_grid_overview, target_mpp
 log = logging.getLogger(__name__)
 
 
+PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
+
+
+def picture_path(out: Path | None, slide: Path) -> Path:
+    """Where the QC picture goes: ``--out`` (a folder gets ``<slide name>-grid.png``, made where missing), else
+    ``<slide name>-grid.png`` here; an InputError for a name that is no picture format."""
+    if out is None or out.is_dir():
+        return (out or Path()) / f"{slide.stem}-grid.png"
+    if out.suffix.lower() not in PICTURE_SUFFIXES:
+        raise InputError(f"--out {out}: a picture is written there, so its name ends in one of "
+                         f"{', '.join(PICTURE_SUFFIXES)} (or give a folder)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    return out
+
+
 def inspect_slide(t: TileSettings, path: Path, out: Path | None) -> str:
     """A report of the slide's levels, resolution and tissue; writes the QC picture to ``out``."""
+    out = picture_path(out, Path(path))
     with open_slide(path, t.default_mpp) as reader:
         info = reader.info
         lines = [f"file:       {info.path}", f"vendor:     {info.vendor}",
@@ -32,7 +48,6 @@ def inspect_slide(t: TileSettings, path: Path, out: Path | None) -> str:
                       f"tile grid:  {len(grid.coords)} tiles of {t.size} px at {target} mpp kept (>= "
                       f"{t.min_tissue:.0%} tissue), {grid.n_background} dropped; read at level {grid.level}, "
                       f"{grid.read_size} px each"]
-        out = out or Path(f"{Path(path).stem}-grid.png")
         save_grid_overview(reader, grid, str(out))
         lines.append(f"picture:    {out}")
     return "\n".join(lines)

@@ -146,6 +146,14 @@ def test_inspect_reports_levels_tissue_and_grid(wsi_dir, tmp_path, capsys):
         assert Image.open(out).size[1] == 1024
     assert main(["inspect", slide, slide, "tiles.target_mpp=1.0"]) == 2
     assert "takes one slide, not 2" in capsys.readouterr().err
+    # --out: a folder gets the default name; a missing folder is made; a name that is no picture is refused first
+    assert main(["inspect", slide, "--out", str(tmp_path)]) == 0
+    assert Image.open(tmp_path / "CMU-1-Small-Region-grid.png").size[1] == 1024
+    assert main(["inspect", slide, "--out", str(tmp_path / "qc" / "slide.jpg")]) == 0
+    assert Image.open(tmp_path / "qc" / "slide.jpg").format == "JPEG"
+    capsys.readouterr()
+    assert main(["inspect", slide, "--out", str(tmp_path / "grid.txt")]) == 2
+    assert "its name ends in one of .png, .jpg, .jpeg, .tif, .tiff (or give a folder)" in capsys.readouterr().err
 
 
 def test_a_slide_damaged_inside_is_skipped_and_named_and_the_others_are_tiled(wsi_dir, tmp_path, capsys):
