@@ -79,6 +79,8 @@ def _read_yaml(path: Path) -> DictConfig:
             data = yaml.safe_load(handle)
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found; give an existing YAML file (see {CONFIG_DIR})") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config file {path} is a folder; give a YAML file (see {CONFIG_DIR})") from None
     except yaml.YAMLError as err:
         raise ConfigError(f"{path}: not valid YAML: {err}; fix the syntax at the line shown") from None
     if data is None:

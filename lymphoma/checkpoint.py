@@ -72,7 +72,8 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     """Load a checkpoint written by save_checkpoint (tensors and plain Python values only)."""
     path = Path(path)
     if not path.is_file():
-        raise InputError(f"checkpoint {path} not found; give the path of a best.pt or last.pt from a training run")
+        found = "is a folder" if path.is_dir() else "not found"
+        raise InputError(f"checkpoint {path} {found}; give the path of a best.pt or last.pt from a training run")
     state = load_state(path, map_location, "checkpoint", "use another (e.g. last.pt beside it) or train again")
     missing = [key for key in ("model", "architecture", "classes", "epoch", "tiles", "augment") if key not in state]
     if missing:

@@ -85,7 +85,8 @@ def _check_labels(rows: Sequence[Row], classes: Sequence[str], list_file: Option
 
 def _read_tsv(path: Path, basepath: Optional[Path]) -> list[Row]:
     if not path.is_file():
-        raise InputError(f"--list {path} not found")
+        raise InputError(f"--list {path} {'is a folder' if path.is_dir() else 'not found'}; give a TSV file: "
+                         "path[<tab>label[<tab>case]] per line")
     if basepath is not None and not basepath.is_dir():  # else every relative path would fail as its slide
         raise InputError(f"--basepath {basepath} is not a folder; give the folder the list's relative paths are under")
     rows = []

@@ -197,6 +197,8 @@ def test_config_errors_name_the_file_and_key(tmp_path):
         to_object(load_config(None, ["cluster.kind=cloud"]))
     with pytest.raises(ConfigError, match="config file .*missing.yaml not found"):
         load_config(tmp_path / "missing.yaml")
+    with pytest.raises(ConfigError, match=f"config file {tmp_path} is a folder; give a YAML file"):
+        load_config(tmp_path)
     with pytest.raises(ConfigError, match="--cluster 'cloud'.*slurm"):
         load_config(None, [], "cloud")
 

@@ -235,6 +235,10 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     assert (other / "notes.txt").read_text() == "keep me"
     assert predict(checkpoint, other / "notes.txt", str(next(cohort.rglob("*.png")))) == 2
     assert "is a file, not a folder" in capsys.readouterr().err
+    assert predict(checkpoint.parent, tmp_path / "d", str(next(cohort.rglob("*.png")))) == 2  # folders for files
+    assert f"checkpoint {checkpoint.parent} is a folder; give the path of a best.pt" in capsys.readouterr().err
+    assert predict(checkpoint, tmp_path / "d", "--list", str(cohort)) == 2
+    assert f"--list {cohort} is a folder; give a TSV file" in capsys.readouterr().err
 
     bad = tmp_path / "bad"
     bad.mkdir()
