@@ -211,6 +211,25 @@ def test_killed_prediction_resumes_only_the_remaining_slides(checkpoint, data_ro
     assert not list((out / "slides").glob(".*tmp*"))
 
 
+def test_an_output_folder_of_other_files_or_paths_of_the_wrong_kind_are_refused(checkpoint, cohort, tmp_path,
+                                                                               capsys):
+    """Someone else's folder as --out (its files kept), a file as --out, a folder as --checkpoint or --list: each
+    an error naming the path and what it should be."""
+    image = str(next(cohort.rglob("*.png")))
+    other = tmp_path / "someone-elses"
+    other.mkdir()
+    (other / "notes.txt").write_text("keep me")
+    assert predict(checkpoint, other, image) == 2
+    assert "exists and holds other files" in capsys.readouterr().err
+    assert (other / "notes.txt").read_text() == "keep me"
+    assert predict(checkpoint, other / "notes.txt", image) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err
+    assert predict(checkpoint.parent, tmp_path / "d", image) == 2
+    assert f"checkpoint {checkpoint.parent} is a folder; give the path of a best.pt" in capsys.readouterr().err
+    assert predict(checkpoint, tmp_path / "d", "--list", str(cohort)) == 2
+    assert f"--list {cohort} is a folder; give a TSV file" in capsys.readouterr().err
+
+
 def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     assert predict(checkpoint, tmp_path / "a", f"{tmp_path}/nothing/**/*.tif") == 2
     assert "matches no image file" in capsys.readouterr().err
@@ -227,18 +246,6 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     assert "tiles.size=128 but the model was trained with 64" in capsys.readouterr().err
     assert predict(checkpoint, tmp_path / "c", str(next(cohort.rglob("*.png"))), "tiles.size=128", "--force") == 0
     capsys.readouterr()
-    other = tmp_path / "someone-elses"
-    other.mkdir()
-    (other / "notes.txt").write_text("keep me")
-    assert predict(checkpoint, other, str(next(cohort.rglob("*.png")))) == 2
-    assert "exists and holds other files" in capsys.readouterr().err
-    assert (other / "notes.txt").read_text() == "keep me"
-    assert predict(checkpoint, other / "notes.txt", str(next(cohort.rglob("*.png")))) == 2
-    assert "is a file, not a folder" in capsys.readouterr().err
-    assert predict(checkpoint.parent, tmp_path / "d", str(next(cohort.rglob("*.png")))) == 2  # folders for files
-    assert f"checkpoint {checkpoint.parent} is a folder; give the path of a best.pt" in capsys.readouterr().err
-    assert predict(checkpoint, tmp_path / "d", "--list", str(cohort)) == 2
-    assert f"--list {cohort} is a folder; give a TSV file" in capsys.readouterr().err
 
     bad = tmp_path / "bad"
     bad.mkdir()
