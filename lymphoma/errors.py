@@ -30,3 +30,13 @@ class DiskFullError(OSError):
 def is_disk_full(err: BaseException) -> bool:
     """Whether an error (an OSError, or HDF5's, which carries the system's message) is a full disk."""
     return getattr(err, "errno", None) == 28 or "No space left on device" in str(err)
+
+
+def one_line(err: BaseException) -> str:
+    """An error's message on one line: HDF5's back trace (a dozen lines of library frames) becomes its innermost
+    reason, e.g. ``truncated file: eof = 1000000, ... stored_eof = 21213321``."""
+    text = str(err)
+    if "HDF5 error back trace" in text:
+        reasons = [line.strip() for line in text.splitlines() if line.startswith("    ") and line.strip()]
+        return reasons[-1] if reasons else text.strip().splitlines()[-1]
+    return " ".join(text.split())

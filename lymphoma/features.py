@@ -22,7 +22,7 @@ import torch
 from lymphoma.backbones import Backbone, load_pretrained
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.engines import TileClassifier, exported_engine
-from lymphoma.errors import InputError
+from lymphoma.errors import InputError, one_line
 from lymphoma.files import write_text_atomic
 from lymphoma.image_scale import training_scale
 from lymphoma.model import Ensemble, build_model
@@ -192,4 +192,4 @@ def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, A
         with h5py.File(path, "r") as h5:
             return h5["features"][:], h5["coords"][:], dict(h5.attrs)
     except (OSError, KeyError) as err:
-        raise InputError(f"{path}: not a feature file of `lymphoma features` ({err}); extract it again") from None
+        raise InputError(f"{path}: not a feature file of `lymphoma features` ({one_line(err)}); extract it again") from None

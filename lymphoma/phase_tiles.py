@@ -12,7 +12,7 @@ from typing import Any
 import numpy as np
 import tables
 
-from lymphoma.errors import InputError
+from lymphoma.errors import InputError, one_line
 
 
 class PhaseTiles:
@@ -40,7 +40,8 @@ class PhaseTiles:
                     images = h5.root.images
                     shapes.append(np.stack([images.col("height"), images.col("width")], axis=1))
             except (OSError, tables.HDF5ExtError, tables.NoSuchNodeError, AttributeError) as err:
-                raise InputError(f"{path}: not a readable tile shard ({err}); rerun `lymphoma tile` to rebuild it") from None
+                raise InputError(f"{path}: not a readable tile shard ({one_line(err)}); rerun `lymphoma tile` to "
+                                 "rebuild it") from None
             if self.classes is not None and (classes != self.classes or size != self.tile_size):
                 raise InputError(f"{path}: classes {classes} / tile size {size} differ from {self.paths[0]} "
                                  f"({self.classes} / {self.tile_size}); shards of one dataset must match")

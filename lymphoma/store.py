@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import shutil
 import time
@@ -28,11 +29,13 @@ from typing import Any, Optional
 import numpy as np
 import tables
 
-from lymphoma.errors import DiskFullError, ImageError, InputError, is_disk_full
+from lymphoma.errors import DiskFullError, ImageError, InputError, is_disk_full, one_line
 from lymphoma.inputs import ImageRecord
 from lymphoma.settings import TileSettings
 from lymphoma.stain import StainNormalizer
 from lymphoma.tile_sources import open_tiles
+
+log = logging.getLogger(__name__)
 
 STORE_FORMAT = 2  # 2: digests of every array
 ARRAYS = ("imgs", "labels", "coords", "filenames", "cases")  # the per-tile arrays, in the order they are appended
@@ -175,7 +178,7 @@ def verify_shard(path: Path) -> str | None:
                 if _digest(h5.get_node("/", name)) != recorded[name]:
                     return f"the bytes of /{name} differ from the digest recorded when it was written"
     except (OSError, tables.HDF5ExtError, tables.NoSuchNodeError, AttributeError, KeyError, ValueError) as err:
-        return f"it cannot be read back ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''})"
+        return f"it cannot be read back ({type(err).__name__}: {one_line(err)})"
     return None
 
 
@@ -270,11 +273,13 @@ def _check_written(tmp: Path, path: Path) -> None:
 
 def read_complete_shard(path: Path, fingerprint: str) -> ShardSummary | None:
     """The summary of a complete shard made from the same inputs and settings whose bytes read back equal to
-    their digests, else None (a rerun writes it again)."""
+    their digests, else None (a rerun writes it again). A damaged one is named in a warning: a disk that loses
+    data is worth knowing about."""
     summary = _complete_summary(path, fingerprint)
-    if summary is None or verify_shard(Path(path)) is not None:
-        return None
-    return summary
+    problem = verify_shard(Path(path)) if summary is not None else None
+    if problem:
+        log.warning(f"{path} is damaged: {problem}; it is written again")
+    return None if problem else summary
 
 
 def _complete_summary(path: Path, fingerprint: str) -> ShardSummary | None:
@@ -296,5 +301,6 @@ def _complete_summary(path: Path, fingerprint: str) -> ShardSummary | None:
                                 images_per_class=images_per_class, n_background=int(attrs.n_background),
                                 bytes=path.stat().st_size, seconds=float(attrs.seconds),
                                 skipped=json.loads(attrs.skipped), fingerprint=fingerprint)
-    except (OSError, tables.HDF5ExtError, AttributeError, KeyError, ValueError, tables.NoSuchNodeError):
+    except (OSError, tables.HDF5ExtError, AttributeError, KeyError, ValueError, tables.NoSuchNodeError) as err:
+        log.warning(f"{path} is damaged: it cannot be read ({one_line(err)}); it is written again")
         return None

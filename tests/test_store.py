@@ -70,17 +70,27 @@ def test_shard_layout_labels_counts_and_pixels(tmp_path, records):
     assert not list(tmp_path.glob("*.tmp-*"))
 
 
-def test_complete_shard_is_recognised_and_a_damaged_or_stale_one_is_not(tmp_path, records):
+def test_complete_shard_is_recognised_and_a_damaged_or_stale_one_is_not(tmp_path, records, caplog):
+    """A shard of other settings, or none, is simply written (again); a damaged one is named in a warning with
+    HDF5's reason on one line (its back trace is a dozen lines of library frames)."""
     _, fp = write(tmp_path / "s.h5", records)
     assert read_complete_shard(tmp_path / "s.h5", fp).n_tiles > 0
     assert read_complete_shard(tmp_path / "s.h5", "another-fingerprint") is None
+    assert read_complete_shard(tmp_path / "absent.h5", fp) is None
+    assert not caplog.records
     data = (tmp_path / "s.h5").read_bytes()
     (tmp_path / "cut.h5").write_bytes(data[: len(data) // 2])
     assert read_complete_shard(tmp_path / "cut.h5", fp) is None
-    assert read_complete_shard(tmp_path / "absent.h5", fp) is None
+    [warning] = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert warning.startswith(f"{tmp_path / 'cut.h5'} is damaged: it cannot be read (truncated file: eof = ")
+    assert "back trace" not in warning and "\n" not in warning
+    with pytest.raises(InputError) as training:  # what training says of it, before any retiling
+        PhaseTiles([tmp_path / "cut.h5"])
+    assert str(training.value).startswith(f"{tmp_path / 'cut.h5'}: not a readable tile shard (truncated file: ")
+    assert str(training.value).endswith("; rerun `lymphoma tile` to rebuild it") and "\n" not in str(training.value)
 
 
-def test_bytes_changed_inside_a_finished_shard_are_found(tmp_path, records):
+def test_bytes_changed_inside_a_finished_shard_are_found(tmp_path, records, caplog):
     """One byte of one stored tile changed on disk: readers would return the wrong pixel; the digests notice,
     so a rerun does not call the shard complete."""
     path = tmp_path / "s.h5"
@@ -97,6 +107,8 @@ def test_bytes_changed_inside_a_finished_shard_are_found(tmp_path, records):
     reader.close()
     assert verify_shard(path) == "the bytes of /imgs differ from the digest recorded when it was written"
     assert read_complete_shard(path, fp) is None
+    assert f"{path} is damaged: the bytes of /imgs differ from the digest recorded when it was written; it is " \
+           "written again" in caplog.text
 
 
 # Fingerprints of one shard plan as 886943d computed them (before a resized image was normalised after its resize):
