@@ -134,6 +134,8 @@ def _add_model_commands(sub: Any) -> None:
              "of the test slides and a model trained on every case (<run>/mil/).")
     mil.add_argument("--predict", metavar="FEATURES", help="classify the slides embedded in this folder of `lymphoma "
                                                            "features` with <run>/mil/mil.pt instead")
+    mil.add_argument("--out", type=Path, help="with --predict: the output folder (default: <run>/mil/predict/<name of "
+                                              "the FEATURES folder>)")
 
 
 def _add_tools(sub: Any) -> None:

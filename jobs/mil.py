@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 
+from jobs.predict import prepare_out_dir
 from jobs.run_folder import Run
 from lymphoma.checkpoint import load_state, save_checkpoint
 from lymphoma.cohort_report import probability_record
@@ -189,10 +190,10 @@ def format_mil_report(report: dict[str, Any]) -> str:
                       format_cv_report(report)])
 
 
-def predict_mil(run: Run, features_dir: Path) -> Path:
+def predict_mil(run: Run, features_dir: Path, out: Path | None = None) -> Path:
     """Classify the slides (or cases) embedded in ``features_dir`` with ``<run>/mil/mil.pt``: ``predictions.csv``
-    (class and probabilities per bag) and each slide's attention, in ``<run>/mil/predict``. The files must come
-    from the encoder and tiling the model was trained on."""
+    (class and probabilities per bag) and each slide's attention, in ``out`` (default ``<run>/mil/predict/<name of
+    features_dir>``). The files must come from the encoder and tiling the model was trained on."""
     from lymphoma.mil import GatedAttentionMIL
     from lymphoma.settings import MILSettings
 
@@ -215,14 +216,14 @@ def predict_mil(run: Run, features_dir: Path) -> Path:
     model = GatedAttentionMIL(int(state["in_dim"]), len(classes), settings.hidden, settings.attention, settings.dropout)
     model.load_state_dict(state["model"])
     model.eval()
-    out, lines, attention = run.dir / "mil" / "predict", [], {}
+    out = prediction_folder(out or run.dir / "mil" / "predict" / features_dir.resolve().name, features_dir)
+    lines, attention = [], {}
     for bag in bags:
         probs, weights = predict_bag(model, bag.features)
         for key in dict.fromkeys(bag.slides.tolist()):
             attention[key] = weights[bag.slides == key]
             lines.append([bag.key, key, rows_by_key[key]["path"], classes[int(probs.argmax())],
                           *[f"{p:.4f}" for p in probs]])
-    out.mkdir(parents=True, exist_ok=True)
     write_csv_atomic(out / "predictions.csv", ["bag", "slide", "path", "predicted", *[f"prob_{c}" for c in classes]],
                      lines)
     unreadable = save_attention_maps(out / "attention", attention, rows_by_key, settings.heatmaps)
@@ -230,10 +231,25 @@ def predict_mil(run: Run, features_dir: Path) -> Path:
     return out
 
 
+def prediction_folder(out: Path, features_dir: Path) -> Path:
+    """``out``, new or holding the predictions of the same ``features_dir`` (named in its ``features.txt``):
+    those of another cohort are never replaced or mixed with these."""
+    out = prepare_out_dir(out.absolute(), ".lymphoma-mil-predict", "`lymphoma mil --predict`")
+    source, named = out / "features.txt", str(features_dir.resolve())
+    earlier = source.read_text(encoding="utf-8").strip() if source.is_file() else named
+    if earlier != named:
+        raise InputError(f"{out} holds the MIL predictions of {earlier}; give --out another folder for those of "
+                         f"{named}")
+    write_text_atomic(source, named + "\n")
+    return out
+
+
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma mil`` (``--predict DIR``: classify the embedded slides of DIR with the saved model)."""
+    if args.out and not args.predict:
+        raise InputError("--out goes with --predict (a trained MIL model and its report go to <run>/mil/)")
     if args.predict:
-        out = predict_mil(run, Path(args.predict))
+        out = predict_mil(run, Path(args.predict), args.out)
         log.info(f"predictions: {out / 'predictions.csv'}; attention maps: {out / 'attention'}")
         return 0
     report = run_mil(run)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -74,6 +75,20 @@ def test_mil_runs_small_bags_on_one_thread_and_large_ones_on_all_then_restores_t
         torch.set_num_threads(before)
 
 
+def _another_cohorts_predictions_go_elsewhere(out: Path, common: list[str], tmp_path: Path, capsys) -> None:
+    """`--predict` of a second features folder of the same name never replaces (or mixes with) the first's
+    predictions in the default folder: refused, naming both; `--out` puts them elsewhere."""
+    first = (out / "predict" / "new" / "predictions.csv").read_bytes()
+    shutil.copytree(tmp_path / "new", tmp_path / "cohort-2" / "new")
+    capsys.readouterr()
+    assert main(["mil", *common, "--predict", str(tmp_path / "cohort-2" / "new")]) == 2
+    assert f"{out / 'predict' / 'new'} holds the MIL predictions of {tmp_path / 'new'}; give --out" in \
+        capsys.readouterr().err
+    assert (out / "predict" / "new" / "predictions.csv").read_bytes() == first
+    assert main(["mil", *common, "--predict", str(tmp_path / "cohort-2" / "new"), "--out", str(tmp_path / "p2")]) == 0
+    assert (tmp_path / "p2" / "predictions.csv").read_bytes() == first  # the same embeddings
+
+
 def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, tmp_path, capsys):
     source = make_dataset(cases_per_class=4, images_per_case=1)
     weights = tmp_path / "resnet10t.safetensors"
@@ -104,11 +119,12 @@ def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, t
     assert main(["features", "--out", str(tmp_path / "new"), "model.backbone=timm:resnet10t", f"model.weights={weights}",
                  *common, f"{unseen}/**/*.png"]) == 0
     assert main(["mil", *common, "--predict", str(tmp_path / "new")]) == 0
-    with (out / "predict" / "predictions.csv").open() as handle:
+    with (out / "predict" / "new" / "predictions.csv").open() as handle:
         predicted = list(csv.DictReader(handle))
     assert len(predicted) == 6 and {r["predicted"] for r in predicted} <= {"CLL", "FL", "MCL"}
     assert all(abs(sum(float(r[f"prob_{c}"]) for c in ("CLL", "FL", "MCL")) - 1) < 1e-3 for r in predicted)
-    assert len(list((out / "predict" / "attention").glob("*.png"))) == 6
+    assert len(list((out / "predict" / "new" / "attention").glob("*.png"))) == 6
+    _another_cohorts_predictions_go_elsewhere(out, common, tmp_path, capsys)
     assert main(["features", "--out", str(tmp_path / "other"), "model.backbone=timm:resnet10t", *common,
                  f"{unseen}/CLL/*.png"]) == 0  # random weights: another encoder
     capsys.readouterr()
@@ -169,7 +185,7 @@ def test_mil_needs_only_the_embeddings_when_the_slides_are_not_here(make_dataset
     assert len(warned) == 1 and warned[0].startswith("6 of 6") and "file not found" in warned[0]
     caplog.clear()
     assert main(["mil", *common, "--predict", str(tmp_path / "moved" / "features")]) == 0
-    with (out / "predict" / "predictions.csv").open() as handle:
+    with (out / "predict" / "features" / "predictions.csv").open() as handle:
         assert len(list(csv.DictReader(handle))) == 6
-    assert len(list((out / "predict" / "attention").glob("*.npz"))) == 6
+    assert len(list((out / "predict" / "features" / "attention").glob("*.npz"))) == 6
     assert any(r.getMessage().startswith("6 of 6 attention picture(s) not drawn") for r in caplog.records)
