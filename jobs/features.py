@@ -16,7 +16,7 @@ from jobs import openvino_first_in_tasks
 from jobs.config import keys_set
 from jobs.predict import forced_tiles, gather_records, prepare_out_dir, task_chunks
 from jobs.progress import SlideProgress
-from jobs.run_folder import Run
+from jobs.run_folder import Run, folder_lock
 from lymphoma.backbones import require_model
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
@@ -116,6 +116,15 @@ def run_features(run: Run, source: Optional[EncoderSource], slides: list[SlideIn
                  f"(predict.precision={cfg.predict.precision} applies)")
     out_dir = prepare_out_dir((Path(out) if out else run.dir / "features").absolute(), ".lymphoma-features",
                               "`lymphoma features`", before_markers=("records", "h5_files"))
+    with folder_lock(out_dir, "features"):  # a second `lymphoma features` into this folder is refused, not run beside
+        records, failure = embed_into(out_dir, run, source, slides, progress)
+    return out_dir, records, failure
+
+
+def embed_into(out_dir: Path, run: Run, source: EncoderSource, slides: list[SlideInput],
+               progress: bool) -> tuple[list[dict[str, Any]], Optional[ArrayJobError]]:
+    """``run_features`` in its output folder, held: the array job, then ``features.csv``."""
+    cfg = run.config
     run.save_config(out_dir / "config.yaml")
     chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
     checkpoint = str(source.checkpoint) if source.checkpoint else None
@@ -139,7 +148,7 @@ def run_features(run: Run, source: Optional[EncoderSource], slides: list[SlideIn
                                                  "file", "error"],
                      ([r["key"], r["path"], r.get("label") or "", r.get("case") or "", r["status"], r.get("n_tiles", ""),
                        r.get("feature_dim", ""), r.get("file", ""), r.get("error", "")] for r in records))
-    return out_dir, records, failure
+    return records, failure
 
 
 def embedded_before(records: Path, slides: list[SlideInput]) -> set[str]:

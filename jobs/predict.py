@@ -14,7 +14,7 @@ from hpc.task import task_setup, thread_share
 from jobs import openvino_first_in_tasks
 from jobs.config import keys_set
 from jobs.progress import SlideProgress
-from jobs.run_folder import Run, make_out_folder
+from jobs.run_folder import Run, folder_lock, make_out_folder
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.cohort_report import write_report
 from lymphoma.errors import InputError
@@ -169,31 +169,32 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
     state = with_tiles(saved, tiles)
     slides = request_slides(run, request, state)
     out_dir = prepare_out_dir(Path(request.out).absolute() if request.out else run.predict)
-    run.save_config(out_dir / "config.yaml")
-    slide_dir = out_dir / "slides"
-    slide_dir.mkdir(exist_ok=True)
-    fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision,
-                                         training_scale(saved, cfg.predict.scale))
-    resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}
-    chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
-    tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads, tiles) for chunk in chunks]
-    openvino_first_in_tasks(cfg.predict.engine)
-    failure = None
-    bar = SlideProgress(slide_dir, [s.key for s in slides if s.key not in resumed], len(resumed), "predict", progress)
-    try:
-        run_array(run.executor("predict", out_dir / "logs" / "%j"), run_predict_task, tasks,
-                  parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s, on_poll=bar.poll,
-                  ledger=out_dir / "slurm-job.json")  # on SLURM: never a second array beside one still running
-    except ArrayJobError as err:
-        failure = err
-    finally:
-        bar.close()
-    records = gather_records(slide_dir, chunks, failure)
-    notes = scale_notes(records, saved, float(state["tiles"].get("resize", 1.0)))
-    metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate, notes)
-    n_ok = sum(r["status"] == "ok" for r in records)
-    return PredictResult(out_dir, records, metrics, n_ok - len(resumed & {r["key"] for r in records if r["status"] == "ok"}),
-                         len(resumed), failure, tuple(notes))
+    with folder_lock(out_dir, "predict"):  # a second prediction into this folder is refused, not run beside
+        run.save_config(out_dir / "config.yaml")
+        slide_dir = out_dir / "slides"
+        slide_dir.mkdir(exist_ok=True)
+        fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision,
+                                             training_scale(saved, cfg.predict.scale))
+        resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}
+        chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
+        tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads, tiles) for chunk in chunks]
+        openvino_first_in_tasks(cfg.predict.engine)
+        failure = None
+        bar = SlideProgress(slide_dir, [s.key for s in slides if s.key not in resumed], len(resumed), "predict", progress)
+        try:
+            run_array(run.executor("predict", out_dir / "logs" / "%j"), run_predict_task, tasks,
+                      parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s, on_poll=bar.poll,
+                      ledger=out_dir / "slurm-job.json")  # on SLURM: never a second array beside one still running
+        except ArrayJobError as err:
+            failure = err
+        finally:
+            bar.close()
+        records = gather_records(slide_dir, chunks, failure)
+        notes = scale_notes(records, saved, float(state["tiles"].get("resize", 1.0)))
+        metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate, notes)
+        n_ok = sum(r["status"] == "ok" for r in records)
+        return PredictResult(out_dir, records, metrics, n_ok - len(resumed & {r["key"] for r in records if r["status"] == "ok"}),
+                             len(resumed), failure, tuple(notes))
 
 
 def gather_records(slide_dir: Path, chunks: list[tuple[SlideInput, ...]],

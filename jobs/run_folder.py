@@ -9,7 +9,7 @@ from __future__ import annotations
 import fcntl
 import os
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -124,14 +124,9 @@ class Run:
         return discover(data.source, data.classes, data.case_pattern, data.columns, self.config.tiles.strict,
                         data.regions)
 
-    @contextmanager
-    def lock(self, job: str) -> Iterator[None]:
-        """Hold ``<run>/.<job>.lock`` so that two ``lymphoma <job>`` on one run folder cannot interleave; the
-        lock dies with its process, so a killed job never leaves the folder locked."""
-        with _flock(self.dir / f".{job}.lock", fcntl.LOCK_EX,
-                    lambda holder: f"another `lymphoma {job}` (pid {holder}) is using {self.dir}; wait for it to end "
-                                   "or choose another run.name"):
-            yield
+    def lock(self, job: str) -> AbstractContextManager[None]:
+        """Hold ``<run>/.<job>.lock`` so that two ``lymphoma <job>`` on one run folder cannot interleave."""
+        return folder_lock(self.dir, job, "choose another run.name")
 
     @contextmanager
     def tiles_in_use(self, writing: bool) -> Iterator[None]:
@@ -145,6 +140,15 @@ class Run:
                     "then train")
         with _flock(self.dir / ".tiles.lock", fcntl.LOCK_EX if writing else fcntl.LOCK_SH, busy.format):
             yield
+
+
+def folder_lock(folder: Path, job: str, otherwise: str = "give another --out") -> AbstractContextManager[None]:
+    """Hold ``<folder>/.<job>.lock`` so that two ``lymphoma <job>`` never write one folder at once (the second
+    is refused at once, naming the first's pid); the lock dies with its process, so a killed job never leaves the
+    folder locked."""
+    return _flock(folder / f".{job}.lock", fcntl.LOCK_EX,
+                  lambda holder: f"another `lymphoma {job}` (pid {holder}) is using {folder}; wait for it to end or "
+                                 f"{otherwise}")
 
 
 @contextmanager

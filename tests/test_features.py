@@ -112,6 +112,12 @@ def test_a_trained_densenet_is_an_encoder_and_bad_encoders_are_named(encoder, ma
     assert f"output folder {mine} exists and holds other files" in capsys.readouterr().err
     assert {p.name: p.read_text() for p in mine.iterdir() if p.is_file()} == {"config.yaml": "keep me",
                                                                                "features.csv": "keep me"}
+    from jobs.run_folder import folder_lock
+
+    with folder_lock(tmp_path / "dense", "features"):  # as another `lymphoma features` into it, still running
+        assert features(tmp_path / "dense", "--checkpoint", str(encoder), f"{source}/**/*.png",
+                        f"run.root={tmp_path}") == 2
+    assert f"another `lymphoma features` (pid {os.getpid()}) is using {tmp_path / 'dense'}" in capsys.readouterr().err
     assert features(tmp_path / "none", f"{source}/**/*.png", f"run.root={tmp_path}") == 2
     assert "needs an encoder: --checkpoint" in capsys.readouterr().err
     assert features(tmp_path / "miss", f"{source}/**/*.png", f"run.root={tmp_path}", "model.backbone=timm:resnet10t",

@@ -214,7 +214,7 @@ def test_killed_prediction_resumes_only_the_remaining_slides(checkpoint, data_ro
 def test_an_output_folder_of_other_files_or_paths_of_the_wrong_kind_are_refused(checkpoint, cohort, tmp_path,
                                                                                capsys):
     """Someone else's folder as --out (its files kept), a file as --out, a folder as --checkpoint or --list: each
-    an error naming the path and what it should be."""
+    an error naming the path and what it should be. A folder another prediction is writing: refused at once."""
     image = str(next(cohort.rglob("*.png")))
     other = tmp_path / "someone-elses"
     other.mkdir()
@@ -228,6 +228,13 @@ def test_an_output_folder_of_other_files_or_paths_of_the_wrong_kind_are_refused(
     assert f"checkpoint {checkpoint.parent} is a folder; give the path of a best.pt" in capsys.readouterr().err
     assert predict(checkpoint, tmp_path / "d", "--list", str(cohort)) == 2
     assert f"--list {cohort} is a folder; give a TSV file" in capsys.readouterr().err
+    from jobs.run_folder import folder_lock
+
+    assert predict(checkpoint, tmp_path / "busy", image) == 0
+    with folder_lock(tmp_path / "busy", "predict"):  # as a prediction into it, still running, holds it
+        assert predict(checkpoint, tmp_path / "busy", image) == 2
+    assert f"another `lymphoma predict` (pid {os.getpid()}) is using {tmp_path / 'busy'}; wait for it to end or " \
+           "give another --out" in capsys.readouterr().err
 
 
 def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
