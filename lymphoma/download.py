@@ -21,6 +21,7 @@ log = logging.getLogger(__name__)
 CLASSES = ("CLL", "FL", "MCL")
 CHUNK = 1 << 20
 COMPLETE_MARKER = ".download-complete"
+STARTED_MARKER = ".download-started"  # the folder is this command's: its class folders may be replaced
 
 
 def download_dataset(dest: str | Path, urls: Sequence[str], sha1: str | None, classes: Sequence[str] = CLASSES,
@@ -29,13 +30,10 @@ def download_dataset(dest: str | Path, urls: Sequence[str], sha1: str | None, cl
     dest = Path(dest)
     if (dest / COMPLETE_MARKER).is_file():
         return dest
-    try:
-        dest.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise InputError(f"cannot create {dest} ({err.strerror}); choose a writable --dest") from None
     if not urls:
         raise InputError("no download address; give --url or set download.urls")
     archive = dest / Path(PurePosixPath(urls[0]).name or "dataset.tar.gz")
+    _claim(dest, archive)
     if not archive.is_file():
         errors = []
         for url in urls:
@@ -52,6 +50,22 @@ def download_dataset(dest: str | Path, urls: Sequence[str], sha1: str | None, cl
     (dest / COMPLETE_MARKER).write_text(f"{archive.name}\n")
     archive.unlink()
     return dest
+
+
+def _claim(dest: Path, archive: Path) -> None:
+    """Make ``dest`` this command's (new, empty, or an earlier download's): unpacking replaces its class folders,
+    so a folder of someone's own images is refused, never emptied."""
+    ours = {archive.name, f"{archive.name}.part", ".unpack", STARTED_MARKER}  # an interrupted download's files
+    others = sorted(p.name for p in dest.iterdir() if p.name not in ours) if dest.is_dir() else []
+    if others and not (dest / STARTED_MARKER).is_file():
+        shown = ", ".join(others[:5]) + (" ..." if len(others) > 5 else "")
+        raise InputError(f"--dest {dest} holds other files ({shown}); the class folders unpacked there would replace "
+                         "any of the same name: give a new or empty folder")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        (dest / STARTED_MARKER).touch()
+    except OSError as err:
+        raise InputError(f"cannot create {dest} ({err.strerror}); choose a writable --dest") from None
 
 
 def _fetch(url: str, archive: Path, sha1: str | None, attempts: int, timeout_s: float) -> None:

@@ -124,3 +124,20 @@ def test_a_tarball_without_class_folders_is_refused(tmp_path):
             download_dataset(tmp_path / "d", [server.url], None)
     finally:
         server.shutdown()
+
+
+def test_a_folder_of_someones_own_images_is_never_unpacked_into(tmp_path, tarball):
+    """Unpacking replaces the class folders of --dest: a folder that holds other files (a user's own CLL/ images)
+    is refused before anything is fetched, and nothing in it changes."""
+    payload, _ = tarball
+    mine = tmp_path / "my-cohort"
+    (mine / "CLL").mkdir(parents=True)
+    (mine / "CLL" / "patient-7.png").write_bytes(b"my own image")
+    server = serve(payload)
+    try:
+        with pytest.raises(InputError, match=r"--dest .*my-cohort holds other files \(CLL\); the class folders"):
+            download_dataset(mine, [server.url], None)
+    finally:
+        server.shutdown()
+    assert server.requests == [] and sorted(p.name for p in mine.rglob("*")) == ["CLL", "patient-7.png"]
+    assert (mine / "CLL" / "patient-7.png").read_bytes() == b"my own image"
