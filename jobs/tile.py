@@ -15,7 +15,7 @@ from tqdm import tqdm
 from hpc import ArrayJobError, end_with_command, run_array
 from jobs.run_folder import Run
 from lymphoma.errors import DiskFullError, is_disk_full
-from lymphoma.inputs import ImageRecord
+from lymphoma.inputs import ImageRecord, Inputs
 from lymphoma.settings import TileSettings
 from lymphoma.sharding import ShardPlan, fingerprint, plan_shards, write_manifest
 from lymphoma.split import assign_phases, split_cases, write_split_csv
@@ -63,6 +63,7 @@ def run_tile(run: Run, progress: bool = True) -> TileResult:
     parse_compression(cfg.tiles.compression)  # a bad spec is one error now, not one per array task
     with run.session("tile"), run.tiles_in_use(writing=True):
         inputs = run.inputs()
+        _warn_empty_classes(inputs, cfg.data.source)
         phase_of = split_cases(inputs.records, cfg.split.val_fraction, cfg.split.test_fraction, cfg.split.seed)
         by_phase = assign_phases(inputs.records, phase_of)
         write_split_csv(run.split_csv, by_phase)
@@ -126,6 +127,15 @@ def shard_task(plan: ShardPlan, tiles_dir: Path, classes: list[str], settings: T
     return ShardTask(path=str(tiles_dir / plan.relpath), phase=plan.phase, records=plan.records,
                      classes=tuple(classes), settings=settings,
                      fingerprint=fingerprint(plan, classes, settings, settings.compression, stain), stain=stain)
+
+
+def _warn_empty_classes(inputs: Inputs, source: str) -> None:
+    """A class of data.classes without one image in the source: tiling goes on (the tiles may be for prediction
+    only), but training would refuse it; said now rather than after the whole cohort is tiled."""
+    empty = [c for c in inputs.classes if not any(r.label == c for r in inputs.records)]
+    if empty:
+        log.warning(f"class(es) {empty} of data.classes have no image in {source}: training would refuse them; add "
+                    "their images, or drop them from data.classes")
 
 
 def _report_stale(tiles_dir: Path, plans: list[ShardPlan]) -> None:

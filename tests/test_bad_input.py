@@ -111,6 +111,16 @@ def test_bad_images_are_skipped_listed_and_the_rest_is_tiled(bad_images, make_co
     assert result.n_skipped == len(EXPECTED)
 
 
+def test_a_class_without_images_is_named_when_tiling_not_after_it(make_dataset, make_config, caplog):
+    """data.classes names MCL but the source has no MCL folder: the tiles are written (they may be for prediction
+    only), with a warning now that training would refuse the class, instead of that error after a cohort's tiling."""
+    source = make_dataset(cases_per_class=1, images_per_case=1)
+    shutil.rmtree(source / "MCL")
+    result = run_tile(make_config(source, "split.val_fraction=0"), progress=False)
+    assert sum(s.n_images for s in result.summaries) == 2
+    assert f"class(es) ['MCL'] of data.classes have no image in {source}: training would refuse them" in caplog.text
+
+
 def test_a_bomb_is_skipped_and_a_non_ascii_name_just_works_in_its_shard(make_dataset, make_config):
     """One shard holds good images, a header that declares 30000 x 30000 pixels and a file named in UTF-8: the
     bomb is skipped with its reason, the others are tiled, names round-trip; a raised limit admits big images."""
