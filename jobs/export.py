@@ -13,8 +13,10 @@ log = logging.getLogger(__name__)
 
 def command(args: argparse.Namespace, run: Run) -> int:
     """Write the exports and ``preprocessing.json`` into ``--out`` and say how close each is to PyTorch."""
+    from lymphoma.checkpoint import load_checkpoint
     from lymphoma.engines import write_export
 
+    load_checkpoint(args.checkpoint)  # a checkpoint that cannot be exported is refused before any folder is made
     out = make_out_folder(Path(args.out) if args.out else Path(args.checkpoint).with_suffix(""))
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
     report = write_export(Path(args.checkpoint), out, formats)
