@@ -85,14 +85,17 @@ def seed_everything(seed: int, deterministic: bool) -> None:
         torch.backends.cudnn.benchmark = False
 
 
-def open_phase(tiles_dir: Path, phase: str, expected_size: Optional[int], crop: int) -> PhaseTiles:
-    """The phase's shards as one dataset, checked against the settings that will use it."""
+def open_phase(tiles_dir: Path, phase: str, expected_size: Optional[int], crop: int,
+               expected_by: Optional[str] = None) -> PhaseTiles:
+    """The phase's shards as one dataset, checked against the settings that will use it (``expected_by``: what
+    else than the config's tiles.size expects ``expected_size``, and what to do, for the message)."""
     dataset = PhaseTiles(phase_shards(tiles_dir, phase))
     if len(dataset) == 0:
         raise InputError(f"{tiles_dir}: the {phase!r} phase has no tiles; check the split and the skipped images")
     if expected_size is not None and dataset.tile_size != expected_size:
-        raise InputError(f"{tiles_dir}: stores hold {dataset.tile_size}-px tiles but tiles.size is {expected_size}; "
-                         f"rerun `lymphoma tile` with these settings or set tiles.size={dataset.tile_size}")
+        raise InputError(f"{tiles_dir}: stores hold {dataset.tile_size}-px tiles but " + (
+            expected_by or f"tiles.size is {expected_size}; rerun `lymphoma tile` with these settings or set "
+                           f"tiles.size={dataset.tile_size}"))
     if crop > (dataset.tile_size or 0):
         raise InputError(f"augment.crop={crop} is larger than the stored {dataset.tile_size}-px tiles; "
                          "lower augment.crop or tile with a larger tiles.size")

@@ -36,7 +36,9 @@ def validate(checkpoint: Path, tiles_dir: Path, phase: str, out_dir: Path, layer
     if layer not in modules:
         options = ", ".join(name for name in modules if name.count(".") <= 1 and name)
         raise InputError(f"--layer {layer!r} is not a layer of this model; choose one of: {options}")
-    tiles = open_phase(tiles_dir, phase, int(state["tiles"]["size"]), augment.crop)
+    size = int(state["tiles"]["size"])
+    tiles = open_phase(tiles_dir, phase, size, augment.crop, f"checkpoint {checkpoint} was trained on {size}-px tiles; "
+                       "validate it in the run it was trained in (its -c config or run.name)")
     if tiles.classes != classes:
         raise InputError(f"{tiles_dir}: classes {tiles.classes} differ from the checkpoint's {classes}")
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -301,3 +301,24 @@ def test_manifests_and_lists_saved_by_excel_are_read_and_other_encodings_named(m
     listing.write_bytes(b"\xef\xbb\xbfpath\tlabel\r\n" + f"{images[0]}\tCLL\r\n".encode())
     slides = expand_inputs([], listing, None, ["CLL", "FL", "MCL"], re.compile(r"^(?P<case>.+)$"))
     assert [(s.path, s.label) for s in slides] == [(str(images[0].resolve()), "CLL")]  # the header known, BOM and all
+
+
+def test_validate_names_a_checkpoint_trained_on_tiles_of_another_size(tiled, tmp_path, capsys):
+    """The run's stores hold 64-px tiles, the checkpoint was trained on 128-px ones: the error names the checkpoint
+    and where to validate it, not a tiles.size the user never set."""
+    from dataclasses import asdict
+
+    from lymphoma.checkpoint import save_checkpoint
+    from lymphoma.model import build_model
+    from lymphoma.settings import AugmentSettings, ModelSettings, TileSettings
+
+    architecture = ModelSettings().architecture(3)
+    checkpoint = tmp_path / "wide.pt"
+    save_checkpoint({"model": build_model(architecture).state_dict(), "architecture": architecture, "epoch": 0,
+                     "classes": ["CLL", "FL", "MCL"], "tiles": asdict(TileSettings(size=128, stride=128)),
+                     "augment": asdict(AugmentSettings(crop=112))}, checkpoint)
+    source, runs = tiled
+    assert main(["validate", "--checkpoint", str(checkpoint), f"data.source={source}", f"run.root={runs}",
+                 "run.name=base"]) == 2
+    assert (f"{runs / 'base' / 'tiles'}: stores hold 64-px tiles but checkpoint {checkpoint} was trained on 128-px "
+            "tiles; validate it in the run it was trained in") in capsys.readouterr().err
