@@ -73,10 +73,34 @@ def default_data_root() -> str:
     return os.environ.get(DATA_ENV) or str(PROJECT_ROOT.parent / "shared" / "data" / "lymphoma-iicbu2008")
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping (PyYAML keeps the last one silently)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (lines {seen[key] + 1} and {key_node.start_mark.line + 1}); "
+                    "keep one", key_node.start_mark)
+            seen[key] = key_node.start_mark.line
+        return super().construct_mapping(node, deep)
+
+
+def _check_sections(path: Path, data: dict[Any, Any]) -> None:
+    """Each section of the file a mapping of its keys: ``cluster: slurm`` gets an error that shows the form."""
+    for name, value in data.items():
+        if name in Config.__dataclass_fields__ and value is not None and not isinstance(value, dict):
+            hint = " (or --cluster slurm on the command line)" if name == "cluster" else ""
+            raise ConfigError(f"{path}: section {name!r} must be a mapping of its keys, e.g. \"{name}:\\n  <key>: "
+                              f"<value>\"{hint}; got {value!r}; `lymphoma config` lists every key")
+
+
 def _read_yaml(path: Path) -> DictConfig:
     try:
         with path.open() as handle:
-            data = yaml.safe_load(handle)
+            data = yaml.load(handle, Loader=_UniqueKeyLoader)  # noqa: S506 - a SafeLoader
     except FileNotFoundError:
         raise ConfigError(f"config file {path} not found; give an existing YAML file (see {CONFIG_DIR})") from None
     except IsADirectoryError:
@@ -88,6 +112,7 @@ def _read_yaml(path: Path) -> DictConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a mapping of sections (run, data, split, tiles, ...), "
                           f"got a {type(data).__name__}")
+    _check_sections(path, data)
     return OmegaConf.create(data)
 
 

@@ -195,6 +195,15 @@ def test_config_errors_name_the_file_and_key(tmp_path):
     bad_yaml.write_text("tiles:\n  size: 128\n stride: [\n")
     with pytest.raises(ConfigError, match=f"(?s){bad_yaml}: not valid YAML.*line 3"):
         load_config(bad_yaml)
+    twice = tmp_path / "twice.yaml"
+    twice.write_text("train:\n  epochs: 3\n  lr: 0.001\n  epochs: 5\n")  # PyYAML alone keeps 5 silently
+    with pytest.raises(ConfigError, match=f"{twice}: not valid YAML: key 'epochs' given twice \\(lines 2 and 4\\)"):
+        load_config(twice)
+    for section, value in (("cluster", "slurm"), ("data", "[1, 2]")):  # a section written as a value
+        flat = tmp_path / f"flat-{section}.yaml"
+        flat.write_text(f"{section}: {value}\n")
+        with pytest.raises(ConfigError, match=f"{flat}: section '{section}' must be a mapping of its keys"):
+            load_config(flat)
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("tiles:\n  tile_size: 128\n")
     with pytest.raises(ConfigError, match=f"{unknown}: unknown key 'tiles.tile_size'"):
