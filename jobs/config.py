@@ -88,13 +88,14 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _check_sections(path: Path, data: dict[Any, Any]) -> None:
-    """Each section of the file a mapping of its keys: ``cluster: slurm`` gets an error that shows the form."""
+def _check_sections(source: str, data: Any, form: str) -> None:
+    """Each section a mapping of its keys: ``cluster: slurm`` in a file, or ``train=5`` on the command line, gets
+    an error that shows the ``form`` a key takes there (``{section}`` filled in)."""
     for name, value in data.items():
-        if name in Config.__dataclass_fields__ and value is not None and not isinstance(value, dict):
-            hint = " (or --cluster slurm on the command line)" if name == "cluster" else ""
-            raise ConfigError(f"{path}: section {name!r} must be a mapping of its keys, e.g. \"{name}:\\n  <key>: "
-                              f"<value>\"{hint}; got {value!r}; `lymphoma config` lists every key")
+        if name in Config.__dataclass_fields__ and value is not None and not isinstance(value, (dict, DictConfig)):
+            hint = " (or --cluster slurm)" if name == "cluster" else ""
+            raise ConfigError(f"{source}: section {name!r} must be a mapping of its keys, e.g. "
+                              f"{form.format(section=name)}{hint}; got {value!r}; `lymphoma config` lists every key")
 
 
 def _read_yaml(path: Path) -> DictConfig:
@@ -112,7 +113,7 @@ def _read_yaml(path: Path) -> DictConfig:
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: must hold a mapping of sections (run, data, split, tiles, ...), "
                           f"got a {type(data).__name__}")
-    _check_sections(path, data)
+    _check_sections(str(path), data, '"{section}:\\n  <key>: <value>"')
     return OmegaConf.create(data)
 
 
@@ -154,7 +155,9 @@ def load_config(experiment: str | Path | None = None, overrides: list[str] | Non
         bad = [o for o in overrides if "=" not in o]
         if bad:
             raise ConfigError(f"override(s) {bad} must look like section.key=value, e.g. tiles.stride=64")
-        layers.append(("command-line overrides", OmegaConf.from_dotlist(overrides)))
+        dotted = OmegaConf.from_dotlist(overrides)
+        _check_sections("command-line overrides", dotted, "{section}.<key>=<value>")
+        layers.append(("command-line overrides", dotted))
     cfg = OmegaConf.structured(Config)
     for source, layer in layers:
         try:

@@ -204,6 +204,8 @@ def test_config_errors_name_the_file_and_key(tmp_path):
         flat.write_text(f"{section}: {value}\n")
         with pytest.raises(ConfigError, match=f"{flat}: section '{section}' must be a mapping of its keys"):
             load_config(flat)
+    with pytest.raises(ConfigError, match=r"overrides: section 'train' must be a mapping of its keys, e.g. train\.<key>="):
+        load_config(None, ["train=5"])
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("tiles:\n  tile_size: 128\n")
     with pytest.raises(ConfigError, match=f"{unknown}: unknown key 'tiles.tile_size'"):
