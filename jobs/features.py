@@ -14,9 +14,9 @@ from hpc import ArrayJobError, run_array
 from hpc.task import task_setup
 from jobs import openvino_first_in_tasks
 from jobs.config import keys_set
-from jobs.predict import forced_tiles, gather_records, prepare_out_dir, task_chunks
+from jobs.predict import forced_tiles, gather_records, task_chunks
 from jobs.progress import SlideProgress
-from jobs.run_folder import Run, folder_lock
+from jobs.run_folder import Run, folder_lock, prepare_out_dir
 from lymphoma.backbones import require_model
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError

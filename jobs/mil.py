@@ -15,8 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.predict import prepare_out_dir
-from jobs.run_folder import Run
+from jobs.run_folder import Run, prepare_out_dir
 from lymphoma.checkpoint import load_state, save_checkpoint
 from lymphoma.cohort_report import probability_record
 from lymphoma.crossval import across_repeats, cv_report, format_cv_report, grouped_folds

@@ -14,7 +14,7 @@ from hpc.task import task_setup, thread_share
 from jobs import openvino_first_in_tasks
 from jobs.config import keys_set
 from jobs.progress import SlideProgress
-from jobs.run_folder import Run, folder_lock, make_out_folder
+from jobs.run_folder import Run, folder_lock, prepare_out_dir
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.cohort_report import write_report
 from lymphoma.errors import InputError
@@ -89,18 +89,6 @@ class PredictResult:
     scale_notes: tuple[str, ...] = ()  # images resized to, or left at another scale than, the training images'
 
 
-def prepare_out_dir(out_dir: Path, marker: str = MARKER, made_by: str = "prediction",
-                    before_markers: tuple[str, ...] = ()) -> Path:
-    """An empty folder (but for this command's log) or one an earlier run of the command made (it holds
-    ``marker``, or every one of ``before_markers``, what such a run left before it marked its folders); never
-    someone else's files, which the command's own names (config.yaml, summary files) would replace."""
-    ours = (out_dir / marker).exists() or bool(before_markers) and all((out_dir / n).exists() for n in before_markers)
-    if out_dir.is_dir() and any(p.name != "logs" for p in out_dir.iterdir()) and not ours:
-        raise InputError(f"output folder {out_dir} exists and holds other files; give an empty or new folder "
-                         f"(or the folder of an earlier {made_by}, to resume it)")
-    return make_out_folder(out_dir, marker)
-
-
 def forced_tiles(run: Run, checkpoint: Path, state: dict[str, Any], explicit: Sequence[str],
                  force: bool) -> dict[str, Any]:
     """The user's tile settings (``explicit``: the keys they set) that replace the checkpoint's: those that differ,
@@ -168,7 +156,7 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
     tiles = forced_tiles(run, request.checkpoint, saved, request.explicit_tiles, request.force)
     state = with_tiles(saved, tiles)
     slides = request_slides(run, request, state)
-    out_dir = prepare_out_dir(Path(request.out).absolute() if request.out else run.predict)
+    out_dir = prepare_out_dir(Path(request.out).absolute() if request.out else run.predict, MARKER, "prediction")
     with folder_lock(out_dir, "predict"):  # a second prediction into this folder is refused, not run beside
         run.save_config(out_dir / "config.yaml")
         slide_dir = out_dir / "slides"

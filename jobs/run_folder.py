@@ -193,3 +193,15 @@ def make_out_folder(path: Path, marker: str | None = None, option: str = "--out"
             raise
         raise InputError(f"cannot write to {path} ({err.strerror}); choose a writable {option}") from None
     return path
+
+
+def prepare_out_dir(out_dir: Path, marker: str, made_by: str,
+                    before_markers: tuple[str, ...] = ()) -> Path:
+    """An empty folder (but for this command's log) or one an earlier run of the command made (it holds
+    ``marker``, or every one of ``before_markers``, what such a run left before it marked its folders); never
+    someone else's files, which the command's own names (config.yaml, summary files) would replace."""
+    ours = (out_dir / marker).exists() or bool(before_markers) and all((out_dir / n).exists() for n in before_markers)
+    if out_dir.is_dir() and any(p.name != "logs" for p in out_dir.iterdir()) and not ours:
+        raise InputError(f"output folder {out_dir} exists and holds other files; give an empty or new folder "
+                         f"(or the folder of an earlier {made_by}, to resume it)")
+    return make_out_folder(out_dir, marker)
