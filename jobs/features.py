@@ -131,7 +131,7 @@ def embed_into(out_dir: Path, run: Run, source: EncoderSource, slides: list[Slid
     tasks = [FeaturesTask(run, checkpoint, chunk, str(out_dir), threads, source.tiles or None) for chunk in chunks]
     openvino_first_in_tasks(cfg.predict.engine)
     failure, results = None, []
-    embedded = embedded_before(out_dir / "records", slides)
+    embedded = embedded_before(out_dir / "records", slides) if progress else set()  # read for the bar alone
     bar = SlideProgress(out_dir / "records", [s.key for s in slides if s.key not in embedded], len(embedded),
                         "features", progress)
     try:
