@@ -67,6 +67,20 @@ class Config:
     mil: MILSettings = field(default_factory=MILSettings)
     cluster: ExecutorSettings = field(default_factory=ExecutorSettings)
 
+    def __post_init__(self) -> None:
+        """What no single section can check: settings of two sections that cannot work together."""
+        _check_run_name(self.run.name)
+        if self.augment.crop > self.tiles.size:
+            raise ConfigError(f"augment.crop={self.augment.crop} is larger than tiles.size={self.tiles.size}: training "
+                              "crops its inputs from the stored tiles; lower augment.crop or raise tiles.size")
+
+
+def _check_run_name(name: str) -> None:
+    """``run.name`` names one folder under ``run.root`` (and the SLURM jobs): no path, nothing that leaves the root."""
+    if not name.strip() or name in (".", "..") or any(sep in name for sep in ("/", "\\")):
+        raise ConfigError(f"run.name {name!r} must name one folder under run.root (letters, digits, '-', '_', '.'), "
+                          "not a path; to keep runs elsewhere set run.root")
+
 
 def default_data_root() -> str:
     """``$LYMPHOMA_DATA``, else the shared real data beside the checkout."""

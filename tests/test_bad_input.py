@@ -237,8 +237,12 @@ def test_config_errors_name_the_file_and_key(tmp_path):
     ("split.val_fraction=0.6", "split.val_fraction + split.test_fraction must be below 1"),
     ("cluster.timeout_min=0", "cluster.timeout_min must be >= 1"),
     ("cluster.mem_gb=-4", "cluster.mem_gb > 0 or null"),
+    ("augment.crop=200", "augment.crop=200 is larger than tiles.size=128: training crops its inputs"),
+    ("run.name=../elsewhere", "run.name '../elsewhere' must name one folder under run.root"),
+    ("run.name=a/b", "run.name 'a/b' must name one folder under run.root"),
+    ("run.name=..", "run.name '..' must name one folder"),
 ])
-def test_numbers_out_of_their_range_are_refused_naming_the_key(override, message):
+def test_settings_out_of_their_range_are_refused_naming_the_key(override, message):
     extra = ["split.test_fraction=0.4"] if override.startswith("split.") else []
     with pytest.raises(ConfigError, match=re.escape(message)):
         to_object(load_config(None, [override, *extra]))

@@ -24,7 +24,7 @@ from jobs.train import run_train
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.model import build_model
-from lymphoma.training import weights_digest
+from lymphoma.training import open_phase, weights_digest
 from lymphoma.validation import validate
 
 
@@ -301,8 +301,10 @@ def test_a_command_killed_outright_leaves_no_task_behind(tiled):
 def test_bad_training_input_gets_clear_errors(tiled, tmp_path, caplog):
     with pytest.raises(InputError, match="stores hold 64-px tiles but tiles.size is 96"):
         run_train(config_for(tiled, "size", "tiles.size=96", "train.epochs=1"))
-    with pytest.raises(InputError, match="augment.crop=80 is larger than the stored 64-px tiles"):
+    with pytest.raises(InputError, match="augment.crop=80 is larger than tiles.size=64"):
         run_train(config_for(tiled, "crop", "augment.crop=80", "train.epochs=1"))
+    with pytest.raises(InputError, match="augment.crop=80 is larger than the stored 64-px tiles"):  # another config's
+        open_phase(tiled[1] / "base" / "tiles", "train", None, 80)
     run_train(config_for(tiled, "arch", "train.epochs=1", "train.max_steps_per_epoch=1"))
     run_train(config_for(tiled, "arch", "train.epochs=1", "train.max_steps_per_epoch=1", "train.lr=0.01"))
     assert any(r.levelname == "WARNING" and "with changed settings ['train.lr']; to train afresh with them, use "
