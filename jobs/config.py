@@ -68,11 +68,22 @@ class Config:
     cluster: ExecutorSettings = field(default_factory=ExecutorSettings)
 
     def __post_init__(self) -> None:
-        """What no single section can check: settings of two sections that cannot work together."""
         _check_run_name(self.run.name)
-        if self.augment.crop > self.tiles.size:
-            raise ConfigError(f"augment.crop={self.augment.crop} is larger than tiles.size={self.tiles.size}: training "
-                              "crops its inputs from the stored tiles; lower augment.crop or raise tiles.size")
+
+    def crop_misfit(self) -> str | None:
+        """Why tiles of this config cannot train with it (``augment.crop`` above ``tiles.size``), or None; the
+        commands that train refuse before tiling, ``lymphoma tile`` alone warns (its tiles may serve another
+        config)."""
+        if self.augment.crop <= self.tiles.size:
+            return None
+        return (f"augment.crop={self.augment.crop} is larger than tiles.size={self.tiles.size}: training crops its "
+                "inputs from the stored tiles; lower augment.crop or raise tiles.size")
+
+    def check_trainable(self) -> None:
+        """Refuse, before any tile is cut, a config whose tiles cannot train with it."""
+        misfit = self.crop_misfit()
+        if misfit:
+            raise ConfigError(misfit)
 
 
 def _check_run_name(name: str) -> None:

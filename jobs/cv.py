@@ -101,6 +101,7 @@ def run_cv(run: Run) -> dict[str, Any]:
     cfg = run.config
     out = run.dir / f"cv{variant_suffix(cfg.cv.checkpoint, cfg.predict.tta)}"
     require_model(cfg.model)  # a backbone's mistakes named now, not by every fold's task
+    cfg.check_trainable()
     with run.session("cv"):
         inputs = run.inputs()
         tasks = plan_folds(run, inputs.records, inputs.classes)

@@ -35,6 +35,7 @@ def held_out_slides(split_csv: Path, phase: str) -> list[SlideInput]:
 def run_pipeline(run: Run, progress: bool = True) -> dict[str, Any]:
     """Run every stage, printing where each output is; reruns resume every stage."""
     start = time.perf_counter()
+    run.config.check_trainable()
     log.info("== 1/3 tile")
     tiled = run_tile(run, progress=progress)
     log.info(format_summary(tiled))

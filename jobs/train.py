@@ -79,6 +79,7 @@ def run_train(run: Run, restart: bool = False) -> list[dict[str, Any]]:
     """Submit the training job (one task per process) and wait for every rank's summary (rank 0 first);
     ``restart``: train afresh, the earlier ``train/`` folder renamed aside."""
     cfg = run.config
+    cfg.check_trainable()
     run.create()
     if not run.manifest.is_file():
         raise InputError(f"{run.tiles} has no tile manifest; run `lymphoma tile` with the same config first")

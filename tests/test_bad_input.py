@@ -237,7 +237,6 @@ def test_config_errors_name_the_file_and_key(tmp_path):
     ("split.val_fraction=0.6", "split.val_fraction + split.test_fraction must be below 1"),
     ("cluster.timeout_min=0", "cluster.timeout_min must be >= 1"),
     ("cluster.mem_gb=-4", "cluster.mem_gb > 0 or null"),
-    ("augment.crop=200", "augment.crop=200 is larger than tiles.size=128: training crops its inputs"),
     ("run.name=../elsewhere", "run.name '../elsewhere' must name one folder under run.root"),
     ("run.name=a/b", "run.name 'a/b' must name one folder under run.root"),
     ("run.name=..", "run.name '..' must name one folder"),
@@ -246,6 +245,22 @@ def test_settings_out_of_their_range_are_refused_naming_the_key(override, messag
     extra = ["split.test_fraction=0.4"] if override.startswith("split.") else []
     with pytest.raises(ConfigError, match=re.escape(message)):
         to_object(load_config(None, [override, *extra]))
+
+
+def test_a_crop_larger_than_the_tiles_is_refused_before_tiling_by_the_commands_that_train(make_dataset, tmp_path,
+                                                                                          capsys):
+    """tiles.size=64 with the default augment.crop=112: `run`, `cv` and `train` refuse before a tile is cut (it used
+    to fail in training, after tiling); `tile` alone tiles, warning that these tiles cannot train with its config."""
+    words = [f"data.source={make_dataset(2, 1)}", f"run.root={tmp_path}", "split.val_fraction=0.5", "tiles.size=64",
+             "tiles.stride=64", "train.epochs=1"]
+    message = "augment.crop=112 is larger than tiles.size=64: training crops its inputs from the stored tiles"
+    for command in ("run", "cv", "train"):
+        assert main([command, *words, f"run.name={command}"]) == 2
+        assert message in capsys.readouterr().err
+        assert not (tmp_path / command / "tiles").exists() and not (tmp_path / command / "repeat-0").exists()
+    assert main(["tile", "--no-progress", *words, "run.name=tile"]) == 0
+    assert f"{message}; lower augment.crop or raise tiles.size; these tiles cannot train" in capsys.readouterr().err
+    assert (tmp_path / "tile" / "tiles" / "manifest.json").is_file()
 
 
 def test_config_command_prints_every_setting_with_its_default_and_meaning(capsys):
