@@ -662,11 +662,12 @@ def decisive(tiled) -> Path:
 
 def _same_clear_decisions(low: torch.Tensor, reference: torch.Tensor, tolerance: float = 0.02) -> None:
     """bf16's logits within ``tolerance`` of fp32's, and the same class on every tile whose fp32 decision is
-    clearer than twice that (a top-two margin rounding cannot cross), over a quarter of them. Tiles nearer a tie may
-    flip: how many depends on how the model happened to train (1% to 4% of real tiles)."""
+    clearer than twice that (a top-two margin rounding cannot cross), over a tenth of them. Tiles nearer a tie may
+    flip: how many depends on how the model happened to train (1% to 4% of real tiles), and so does the share of
+    clear ones, by CPU: 0.19 of the tiles on an AMD EPYC with avx512_bf16, over 0.25 on Intel CPUs with AMX."""
     top_two = reference.topk(2, 1).values
     clear = top_two[:, 0] - top_two[:, 1] > 2 * tolerance
-    assert (low - reference).abs().max() < tolerance and clear.float().mean() > 0.25
+    assert (low - reference).abs().max() < tolerance and clear.float().mean() > 0.1
     assert torch.equal(low.argmax(1)[clear], reference.argmax(1)[clear])
 
 
