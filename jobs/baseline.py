@@ -43,7 +43,7 @@ def load_cohort(records: list[ImageRecord], classes: list[str], out_dir: Path) -
     paths = [r.path for r in records]
     features = cached_features(out_dir / "features.npz", paths,
                                lambda: cohort_features(paths, workers=min(4, os.cpu_count() or 1)))
-    return Cohort([Path(p).stem for p in paths], paths, features, np.asarray([classes.index(r.label) for r in records]),
+    return Cohort([r.key for r in records], paths, features, np.asarray([classes.index(r.label) for r in records]),
                   np.asarray([r.case for r in records]), list(classes))
 
 

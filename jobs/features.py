@@ -68,7 +68,7 @@ def features_slides(run: Run, patterns: list[str], list_file: Optional[Path], ba
     if patterns or list_file:
         return expand_inputs(patterns, list_file, basepath, list(run.config.data.classes or []),
                              compile_case_pattern(run.config.data.case_pattern), run.config.data.regions)
-    return [SlideInput(r.path, Path(r.path).stem, r.label, r.case, r.regions) for r in run.inputs().records]
+    return [SlideInput(r.path, r.key, r.label, r.case, r.regions) for r in run.inputs().records]
 
 
 @dataclass(frozen=True)

@@ -55,7 +55,7 @@ class FoldTask:
         return self.run.dir / f"predict{variant_suffix(self.checkpoint, self.run.config.predict.tta)}"
 
     def slides(self) -> list[SlideInput]:
-        return [SlideInput(r.path, Path(r.path).stem, r.label, r.case, r.regions) for r in self.test]
+        return [SlideInput(r.path, r.key, r.label, r.case, r.regions) for r in self.test]
 
 
 def variant_suffix(checkpoint: str, tta: bool) -> str:

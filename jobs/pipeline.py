@@ -14,6 +14,7 @@ from jobs.run_folder import Run
 from jobs.tile import format_summary, run_tile
 from jobs.train import run_train
 from lymphoma.errors import InputError
+from lymphoma.inputs import image_keys
 from lymphoma.prediction import SlideInput
 from lymphoma.run_report import write_run_report
 from lymphoma.selection import at_chance
@@ -24,12 +25,13 @@ log = logging.getLogger(__name__)
 def held_out_slides(split_csv: Path, phase: str) -> list[SlideInput]:
     """The images of ``phase`` in the run's split, with their truth and case."""
     with split_csv.open(newline="") as handle:
-        rows = [row for row in csv.DictReader(handle) if row["phase"] == phase]
+        every = list(csv.DictReader(handle))
+    keys = image_keys([Path(row["path"]) for row in every])  # a split.csv written before its key column
+    rows = [(row, row.get("key") or key) for row, key in zip(every, keys) if row["phase"] == phase]
     if not rows:
         raise InputError(f"{split_csv}: no {phase!r} images to predict; set split.val_fraction (or "
                          "split.test_fraction and predict the test phase)")
-    return [SlideInput(row["path"], Path(row["path"]).stem, row["label"], row["case"], row.get("regions") or "")
-            for row in rows]
+    return [SlideInput(row["path"], key, row["label"], row["case"], row.get("regions") or "") for row, key in rows]
 
 
 def run_pipeline(run: Run, progress: bool = True) -> dict[str, Any]:

@@ -5,8 +5,9 @@ from __future__ import annotations
 import csv
 import io
 import re
+from collections import Counter
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from lymphoma.errors import InputError
@@ -24,10 +25,43 @@ class ImageRecord:
     label: str
     case: str
     regions: str = ""  # a GeoJSON file of annotated regions (lymphoma.regions), or ""
+    key: str = ""      # its name in stores and outputs (image_keys); "" takes its file's own
+
+    def __post_init__(self) -> None:
+        if not self.key:
+            object.__setattr__(self, "key", image_keys([Path(self.path)])[0])
 
     @property
     def name(self) -> str:
-        return Path(self.path).name
+        """The file name stores record for its tiles: its key with the file's suffix."""
+        return self.key + Path(self.path).suffix
+
+
+KEY_SEPARATOR = "__"
+
+
+def image_keys(paths: Sequence[Path]) -> list[str]:
+    """Each image's name in stores and outputs: its file stem (a DICOM slide's series folder), or, where files
+    share that name (per-patient folders of ``HE.svs``), the folders that tell them apart, joined by ``__``
+    (``p1__HE``, ``p2__HE``). Files that no folder tells apart keep their shared name: callers refuse them."""
+    parts = [(*p.parent.parent.parts, p.parent.name) if p.suffix.lower() == ".dcm" else (*p.parent.parts, p.stem)
+             for p in paths]
+    groups: dict[str, list[int]] = {}
+    for i, part in enumerate(parts):
+        groups.setdefault(part[-1], []).append(i)
+    keys = [part[-1] for part in parts]
+    for members in (m for m in groups.values() if len(m) > 1):
+        left = members
+        for depth in range(2, max(len(parts[i]) for i in members) + 1):
+            tails = {i: KEY_SEPARATOR.join(parts[i][-depth:]) for i in left}
+            counts = Counter(tails.values())
+            for i in left:
+                if counts[tails[i]] == 1 or depth == 2:  # two of one folder keep its name and their own: refused
+                    keys[i] = tails[i]
+            left = [i for i in left if counts[tails[i]] > 1]
+            if not left:
+                break
+    return keys
 
 
 @dataclass(frozen=True)
@@ -77,8 +111,8 @@ def discover(
     """List the images of ``source``: a folder with one sub-folder per class, or a CSV manifest.
 
     Images of unknown classes, missing files and names without a case are skipped and reported
-    (errors in strict mode). An empty source or duplicate file names are always errors. Each image's region
-    file comes from the manifest's ``regions`` column, else ``<regions>/<file stem>.geojson``; a region file
+    (errors in strict mode). An empty source or two files no folder tells apart (``image_keys``) are always errors.
+    Each image's region file comes from the manifest's ``regions`` column, else ``<regions>/<key>.geojson``; a region file
     of that folder that names no image is reported as skipped.
     """
     source = Path(source)
@@ -95,11 +129,12 @@ def discover(
 
     records: list[ImageRecord] = []
     skipped: list[Skipped] = []
-    for path, label, case in rows:
-        region_file = region_column.get(path) or find_region_file(regions, path.stem)
+    keys = image_keys([p.absolute() for p, _, _ in rows])
+    for (path, label, case), key in zip(rows, keys):
+        region_file = region_column.get(path) or find_region_file(regions, key)
         record = _record(path, label, case, class_names, pattern, region_file)
         if isinstance(record, ImageRecord):
-            records.append(record)
+            records.append(replace(record, key=key))
         elif strict:
             raise InputError(f"{path}: {record}")
         else:
@@ -111,7 +146,7 @@ def discover(
                          + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))
     _check_unique_names(records)
     _check_case_labels(records)
-    skipped += _unused_region_files(regions, [Path(p) for p, _, _ in rows])
+    skipped += _unused_region_files(regions, keys)
     return Inputs(records=sorted(records, key=lambda r: r.path), classes=class_names, skipped=skipped)
 
 
@@ -141,14 +176,14 @@ def _record(path: Path, label: str, case: str, class_names: Sequence[str], patte
     return ImageRecord(str(path.resolve()), label, case, str(Path(region_file).resolve()) if region_file else "")
 
 
-def _unused_region_files(folder: str | Path | None, images: Sequence[Path]) -> list[Skipped]:
-    """The region files of ``folder`` whose stem is no image's: named, so that a typo is seen."""
+def _unused_region_files(folder: str | Path | None, keys: Sequence[str]) -> list[Skipped]:
+    """The region files of ``folder`` whose stem is no image's key: named, so that a typo is seen."""
     if not folder:
         return []
     if not Path(folder).is_dir():
         raise InputError(f"data.regions {folder} is not a folder; give the folder that holds <image name>.geojson "
                          "region files, or null")
-    stems = {p.stem for p in images}
+    stems = set(keys)
     return [Skipped(str(f), f"a region file for no image of data.source (no image named {f.stem}.*); rename it "
                             "after its image's file name") for f in sorted(Path(folder).iterdir())
             if f.suffix.lower() in REGION_SUFFIXES and f.stem not in stems]
@@ -192,10 +227,10 @@ def _rows_from_csv(manifest: Path, columns: Mapping[str, str]) -> tuple[list[tup
 def _check_unique_names(records: Sequence[ImageRecord]) -> None:
     seen: dict[str, str] = {}
     for record in records:
-        if record.name in seen:
-            raise InputError(f"duplicate file name {record.name}: {seen[record.name]} and {record.path}; "
-                             "file names identify images in the stores, rename or remove one")
-        seen[record.name] = record.path
+        if record.key in seen:
+            raise InputError(f"two images named {record.key}: {seen[record.key]} and {record.path}; file names "
+                             "identify images in the stores and outputs, rename or remove one")
+        seen[record.key] = record.path
 
 
 def _check_case_labels(records: Sequence[ImageRecord]) -> None:

@@ -12,7 +12,7 @@ from typing import Optional
 
 from lymphoma.errors import InputError
 from lymphoma.images import is_image_file, one_file_per_dicom_slide
-from lymphoma.inputs import case_of, read_user_text
+from lymphoma.inputs import case_of, image_keys, read_user_text
 from lymphoma.prediction import SlideInput
 from lymphoma.regions import find_region_file
 
@@ -37,21 +37,35 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
     if not rows:
         raise InputError("no slides to predict: give file names, wildcards or --list slides.tsv")
     _check_labels(rows, classes, list_file)
-    slides, seen = [], {}
-    for path, label, case, _ in rows:
+    unique: dict[str, tuple[str, Optional[str], Optional[str]]] = {}
+    for path, label, case, _ in rows:  # a file given twice is predicted once
+        unique.setdefault(str(Path(path).resolve()), (path, label, case))
+    keys = slide_keys([Path(os.path.abspath(path)) for path, _, _ in unique.values()])
+    slides = []
+    for (resolved, (path, label, case)), key in zip(unique.items(), keys):
         p = Path(path)
         label = label or (p.parent.name if p.parent.name in classes else None)
-        key = p.parent.name if p.suffix.lower() == ".dcm" else p.stem  # a DICOM slide: its series' folder
-        if key in seen and seen[key] != str(p.resolve()):
-            raise InputError(f"two inputs named {key}: {seen[key]} and {p}; outputs are named after the file, "
-                             "rename one or predict them separately")
-        if key in seen:
-            continue
-        seen[key] = str(p.resolve())
         region_file = find_region_file(regions, key)  # <slide name>.geojson: a DICOM slide's is its folder's
-        slides.append(SlideInput(str(p.resolve()), key, label, case or case_of(p.stem, case_pattern) or p.stem,
+        slides.append(SlideInput(resolved, key, label, case or case_of(key, case_pattern) or key,
                                  str(region_file.resolve()) if region_file else ""))
     return slides
+
+
+def slide_keys(paths: Sequence[Path]) -> list[str]:
+    """Each slide's name in the outputs (``lymphoma.inputs.image_keys``); two files that no folder tells apart are
+    an InputError naming both."""
+    keys = image_keys(paths)
+    _check_unique_keys(paths, keys)
+    return keys
+
+
+def _check_unique_keys(paths: Sequence[Path], keys: Sequence[str]) -> None:
+    seen: dict[str, Path] = {}
+    for path, key in zip(paths, keys):
+        if key in seen:
+            raise InputError(f"two inputs named {key}: {seen[key]} and {path}; outputs are named after the file, "
+                             "rename one or predict them separately")
+        seen[key] = path
 
 
 def _matches(pattern: str) -> list[str]:

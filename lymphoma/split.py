@@ -68,7 +68,8 @@ def check_no_leakage(by_phase: dict[str, Sequence[ImageRecord]]) -> None:
 
 
 def write_split_csv(path: Path, by_phase: dict[str, Sequence[ImageRecord]]) -> None:
-    """Write ``phase,case,label,path,regions`` rows, one per image (regions: its region file, or empty)."""
-    write_csv_atomic(path, ["phase", "case", "label", "path", "regions"],
-                     ([phase, r.case, r.label, r.path, r.regions] for phase, records in by_phase.items()
+    """Write ``phase,case,label,path,regions,key`` rows, one per image (regions: its region file, or empty; key:
+    its name in stores and outputs)."""
+    write_csv_atomic(path, ["phase", "case", "label", "path", "regions", "key"],
+                     ([phase, r.case, r.label, r.path, r.regions, r.key] for phase, records in by_phase.items()
                       for r in records))

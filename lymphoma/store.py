@@ -88,7 +88,7 @@ class _ShardArrays:
 
     def __init__(self, h5: tables.File, records: Sequence[ImageRecord], classes: Sequence[str], size: int,
                  filters: tables.Filters) -> None:
-        self.name_len = max([len(Path(r.path).name.encode()) for r in records] + [1])
+        self.name_len = max([len(r.name.encode()) for r in records] + [1])
         self.case_len = max([len(r.case.encode()) for r in records] + [1])
         self.imgs = h5.create_earray("/", "imgs", tables.UInt8Atom(), shape=(0, size, size, 3),
                                      chunkshape=(1, size, size, 3), filters=filters,
@@ -110,7 +110,7 @@ class _ShardArrays:
             stain: StainNormalizer | None = None) -> None:
         """Append one image's tiles and its row; on an error, drop what it had appended and re-raise."""
         rows_before, digests_before = int(self.imgs.nrows), {k: d.copy() for k, d in self.digests.items()}
-        name, label = Path(record.path).name.encode(), self.label_of[record.label]
+        name, label = record.name.encode(), self.label_of[record.label]
         try:
             source = open_tiles(record.path, settings, qc_path=qc, region_file=record.regions, stain=stain)
             tile_labels = self._tile_labels(record, source.labels, len(source.coords))
@@ -129,7 +129,7 @@ class _ShardArrays:
             raise
         n = int(self.imgs.nrows - rows_before)
         (height, width), row = source.shape, self.images.row
-        row["filename"], row["case"], row["label"] = Path(record.path).name.encode(), record.case.encode(), label
+        row["filename"], row["case"], row["label"] = record.name.encode(), record.case.encode(), label
         row["height"], row["width"], row["n_tiles"], row["n_background"] = height, width, n, source.n_background
         row.append()
         for index, count in zip(*np.unique(tile_labels, return_counts=True)):
@@ -226,7 +226,7 @@ def write_shard(path: Path, phase: str, records: Sequence[ImageRecord], classes:
         with tables.open_file(tmp, mode="w", title=f"lymphoma tiles, {phase}") as h5:
             arrays = _ShardArrays(h5, records, classes, settings.size, parse_compression(compression))
             for record in records:
-                qc = path.parent.parent / "qc" / f"{Path(record.path).stem}.png" if settings.by_resolution else None
+                qc = path.parent.parent / "qc" / f"{record.key}.png" if settings.by_resolution else None
                 try:
                     arrays.add(record, settings, qc, normalizer)
                 except (InputError, OSError) as err:

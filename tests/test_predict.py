@@ -277,15 +277,32 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     assert errors["blank_001"].startswith("has no tissue: every pixel is background")  # as tiling skips it
     blank = json.loads((tmp_path / "d" / "slides" / "blank_001.json").read_text())
     assert blank["status"] == "failed" and "class" not in blank and "votes" not in blank
-    with pytest.raises(InputError, match="two inputs named"):
-        from lymphoma.inputs import compile_case_pattern
-        from lymphoma.prediction_inputs import expand_inputs
 
-        twin = tmp_path / "twin"
-        twin.mkdir()
-        shutil.copyfile(good, twin / good.name)
-        expand_inputs([str(good), str(twin / good.name)], None, None, ["CLL", "FL", "MCL"],
-                      compile_case_pattern(r"^(?P<case>.+)_\d+$"))
+
+def test_slides_of_one_name_in_per_patient_folders_are_told_apart_by_their_folders(checkpoint, cohort, tmp_path,
+                                                                                   capsys):
+    """Hospital exports keep one folder per patient of files named alike (p1/HE.png, p2/HE.png): each is predicted
+    under the folders that tell it apart, as its own case; two files of one name in one folder are refused."""
+    first, second = sorted(cohort.rglob("*.png"))[:2]
+    for patient, image in (("p1", first), ("p2", second)):
+        (tmp_path / "export" / patient).mkdir(parents=True)
+        shutil.copyfile(image, tmp_path / "export" / patient / "HE.png")
+    assert predict(checkpoint, tmp_path / "both", f"{tmp_path / 'export'}/**/*.png") == 0
+    assert "2 of 2 slide(s) predicted" in capsys.readouterr().out
+    with (tmp_path / "both" / "summary.csv").open() as handle:
+        rows = {r["slide"]: r for r in csv.DictReader(handle)}
+    assert sorted(rows) == ["p1__HE", "p2__HE"] and rows["p1__HE"]["case"] != rows["p2__HE"]["case"]
+    assert rows["p2__HE"]["path"] == str(tmp_path / "export" / "p2" / "HE.png")
+    assert sorted(p.name for p in (tmp_path / "both" / "slides").glob("*.json")) == ["p1__HE.json", "p2__HE.json"]
+    for patient, image in (("p1", first), ("p2", second)):  # each row is its own image's, as predicted alone
+        assert predict(checkpoint, tmp_path / patient, str(image)) == 0
+        with (tmp_path / patient / "summary.csv").open() as handle:
+            alone = next(csv.DictReader(handle))
+        assert [rows[f"{patient}__HE"][k] for k in ("votes_CLL", "votes_FL", "votes_MCL", "confidence")] == \
+            [alone[k] for k in ("votes_CLL", "votes_FL", "votes_MCL", "confidence")]
+    Image.open(first).save(tmp_path / "export" / "p1" / "HE.tif")
+    assert predict(checkpoint, tmp_path / "same", f"{tmp_path / 'export'}/p1/*") == 2
+    assert f"two inputs named p1__HE: {tmp_path / 'export' / 'p1' / 'HE.png'} and " in capsys.readouterr().err
 
 
 def test_unknown_labels_are_named_by_line_and_a_prediction_where_all_failed_says_so(checkpoint, cohort, tmp_path,

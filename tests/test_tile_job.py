@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -15,7 +16,7 @@ import pytest
 import tables
 import yaml
 
-from conftest import read_shards
+from conftest import pick_images, read_shards
 from jobs.tile import run_tile
 from lymphoma.phase_tiles import PhaseTiles
 from lymphoma.settings import TileSettings
@@ -187,3 +188,40 @@ def test_a_full_disk_is_one_clear_error_and_no_broken_shard_takes_a_final_name(m
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     assert main(words) == 0
     assert f"{6 - len(finished)} shard(s) written, {len(finished)} already complete" in capsys.readouterr().out
+
+
+def test_per_patient_folders_of_files_named_alike_are_tiled_and_predicted_under_their_folders(data_root, manifest_rows,
+                                                                                           tmp_path, capsys):
+    """A manifest of per-patient folders each holding 1.png, 2.png: every image is its own in the stores
+    (``<patient>__1.png``), in split.csv and in the held-out prediction's slide names; two files of one name in one
+    folder are refused before any tile is written."""
+    from jobs.cli import main
+    from jobs.pipeline import held_out_slides
+
+    lines, names = ["path,label,case"], set()
+    for row in pick_images(manifest_rows, 2, 2):
+        folder = tmp_path / "export" / row["case_id"]
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{len(list(folder.iterdir())) + 1}.png"
+        shutil.copyfile(data_root / row["lowres_path"], target)
+        lines.append(f"{target},{row['cls']},{row['case_id']}")
+        names.add(f"{row['case_id']}__{target.stem}")
+    manifest = tmp_path / "export" / "manifest.csv"
+    manifest.write_text("\n".join(lines) + "\n")
+    words = ["tile", "--no-progress", f"data.source={manifest}", f"run.root={tmp_path / 'runs'}", "split.val_fraction=0.5",
+             "tiles.size=64", "tiles.stride=64", "augment.crop=56"]
+    assert main(words) == 0
+    run = tmp_path / "runs" / "default"
+    with (run / "split.csv").open() as handle:
+        split = list(csv.DictReader(handle))
+    assert {row["key"] for row in split} == names and len(split) == 12
+    stored = {name for phase in ("train", "val") for name in PhaseTiles(phase_shards(run / "tiles", phase)).filenames}
+    assert stored == {f"{name}.png" for name in names}  # every image's tiles under its own name, none merged
+    val = held_out_slides(run / "split.csv", "val")
+    assert {(s.key, s.path) for s in val} == {(r["key"], r["path"]) for r in split if r["phase"] == "val"}
+    twin = next((tmp_path / "export").glob("*/1.png"))
+    shutil.copyfile(twin, twin.with_suffix(".tif"))
+    manifest.write_text(manifest.read_text() + f"{twin.with_suffix('.tif')},{split[0]['label']},{twin.parent.name}\n")
+    assert main([*words, "run.name=twins"]) == 2
+    assert f"two images named {twin.parent.name}__1: " in capsys.readouterr().err
+    assert not {"split.csv", "tiles"} & {p.name for p in (tmp_path / "runs" / "twins").iterdir()}
