@@ -169,6 +169,7 @@ def dihedral_tiles(tiles: np.ndarray) -> Sequence[np.ndarray]:
 
 
 EXPORT_FORMATS = ("onnx", "torchscript")
+EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}  # what each format writes
 
 
 def write_export(checkpoint: Path, out_dir: Path, formats: Sequence[str] = EXPORT_FORMATS,
@@ -203,7 +204,7 @@ def write_export(checkpoint: Path, out_dir: Path, formats: Sequence[str] = EXPOR
     written: dict[Path, bytes] = {}
     for name in formats:
         data = onnx_bytes(classifier, tiles.size) if name == "onnx" else torchscript_bytes(classifier, tiles.size)
-        path = out_dir / ("model.onnx" if name == "onnx" else "model.torchscript.pt")
+        path = out_dir / EXPORT_FILES[name]
         written[path] = data
         if name == "onnx":
             logits = OnnxEngine(data)(check_tiles)
@@ -217,8 +218,22 @@ def write_export(checkpoint: Path, out_dir: Path, formats: Sequence[str] = EXPOR
     written[out_dir / "preprocessing.json"] = (json.dumps(_preprocessing(state, augment, tiles), indent=2) + "\n").encode()
     written[out_dir / "export.json"] = (json.dumps(report, indent=2) + "\n").encode()
     out_dir.mkdir(parents=True, exist_ok=True)
+    earlier = _exported_models(out_dir)
     write_all_or_none(written)  # an earlier export there stays whole, its record with it, unless all of this fits
+    for stale in earlier - set(written):  # an earlier export's model in a format not exported now: never served
+        stale.unlink(missing_ok=True)
     return report
+
+
+def _exported_models(out_dir: Path) -> set[Path]:
+    """The model files that the export recorded in ``out_dir/export.json`` wrote (none if it holds no record)."""
+    import json
+
+    try:
+        files = json.loads((out_dir / "export.json").read_text())["files"]
+        return {out_dir / entry["path"] for entry in files.values() if entry["path"] in EXPORT_FILES.values()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return set()
 
 
 def _preprocessing(state: dict[str, object], augment: AugmentSettings, tiles: object) -> dict[str, object]:

@@ -667,6 +667,25 @@ def test_an_export_that_does_not_fit_keeps_the_earlier_one_whole(checkpoint, sma
     assert f"--out {served / 'export.json'} is a file, not a folder" in capsys.readouterr().err
 
 
+def test_an_export_in_fewer_formats_leaves_no_earlier_model_beside_its_record(checkpoint, tmp_path, capsys):
+    """`--formats onnx` over an earlier export of both formats: the earlier TorchScript file, which export.json no
+    longer describes and a server could still load, is gone; a file of that name the folder held before any export
+    is the user's and stays."""
+    served = tmp_path / "served"
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(served)]) == 0
+    assert (served / "model.torchscript.pt").is_file()
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(served), "--formats", "onnx"]) == 0
+    assert sorted(p.name for p in served.iterdir() if p.is_file()) == ["export.json", "model.onnx",
+                                                                       "preprocessing.json"]
+    assert list(json.loads((served / "export.json").read_text())["files"]) == ["onnx"]
+    own = tmp_path / "own"
+    own.mkdir()
+    (own / "model.torchscript.pt").write_bytes(b"the user's own model")
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(own), "--formats", "onnx"]) == 0
+    assert (own / "model.torchscript.pt").read_bytes() == b"the user's own model"
+    capsys.readouterr()
+
+
 @pytest.fixture(scope="module")
 def decisive(tiled) -> Path:
     """A model trained further (200 steps, no weight average) than ``checkpoint``, whose tile classes are
