@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 
-from jobs.run_folder import Run, prepare_out_dir
+from jobs.run_folder import Run, folder_lock, prepare_out_dir
 from lymphoma.checkpoint import load_state, save_checkpoint
 from lymphoma.cohort_report import probability_record
 from lymphoma.crossval import across_repeats, cv_report, format_cv_report, grouped_folds
@@ -223,9 +223,10 @@ def predict_mil(run: Run, features_dir: Path, out: Path | None = None) -> Path:
             attention[key] = weights[bag.slides == key]
             lines.append([bag.key, key, rows_by_key[key]["path"], classes[int(probs.argmax())],
                           *[f"{p:.4f}" for p in probs]])
-    write_csv_atomic(out / "predictions.csv", ["bag", "slide", "path", "predicted", *[f"prob_{c}" for c in classes]],
-                     lines)
-    unreadable = save_attention_maps(out / "attention", attention, rows_by_key, settings.heatmaps)
+    with folder_lock(out, "mil"):  # two predictions into one folder would mix their attention maps
+        write_csv_atomic(out / "predictions.csv", ["bag", "slide", "path", "predicted",
+                                                   *[f"prob_{c}" for c in classes]], lines)
+        unreadable = save_attention_maps(out / "attention", attention, rows_by_key, settings.heatmaps)
     warn_unreadable(unreadable, len(attention), out / "attention")
     return out
 
@@ -251,7 +252,8 @@ def command(args: argparse.Namespace, run: Run) -> int:
         out = predict_mil(run, Path(args.predict), args.out)
         log.info(f"predictions: {out / 'predictions.csv'}; attention maps: {out / 'attention'}")
         return 0
-    report = run_mil(run)
+    with run.create().lock("mil"):  # two trainings would leave one's model beside the other's report
+        report = run_mil(run)
     log.info(format_mil_report(report))
     log.info(f"report: {run.dir / 'mil' / 'report.json'}; attention maps: {run.dir / 'mil' / 'attention'}; model for "
              f"new slides: {run.dir / 'mil' / 'mil.pt'}; {report['minutes']:.1f} min")

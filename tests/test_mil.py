@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import shutil
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch
 
 from conftest import tiny_timm_file
 from jobs.cli import main
+from jobs.run_folder import folder_lock
 from lymphoma.crossval import grouped_folds
 from lymphoma.inputs import discover
 from lymphoma.mil import SMALL_BAG, Bag, predict_bag, train_mil
@@ -87,6 +89,13 @@ def _another_cohorts_predictions_go_elsewhere(out: Path, common: list[str], tmp_
     assert (out / "predict" / "new" / "predictions.csv").read_bytes() == first
     assert main(["mil", *common, "--predict", str(tmp_path / "cohort-2" / "new"), "--out", str(tmp_path / "p2")]) == 0
     assert (tmp_path / "p2" / "predictions.csv").read_bytes() == first  # the same embeddings
+    with folder_lock(tmp_path / "p2", "mil"):  # as a prediction into it, still running, holds it
+        assert main(["mil", *common, "--predict", str(tmp_path / "cohort-2" / "new"), "--out", str(tmp_path / "p2")]) == 2
+    assert f"another `lymphoma mil` (pid {os.getpid()}) is using {tmp_path / 'p2'}" in capsys.readouterr().err
+    with folder_lock(out.parent, "mil"):  # as a `lymphoma mil` training in this run holds it
+        assert main(["mil", *common, "cv.folds=2", "mil.epochs=1"]) == 2
+    assert f"another `lymphoma mil` (pid {os.getpid()}) is using {out.parent}; wait for it to end or choose another " \
+        "run.name" in capsys.readouterr().err
 
 
 def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, tmp_path, capsys):
