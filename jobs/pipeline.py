@@ -26,8 +26,9 @@ def held_out_slides(split_csv: Path, phase: str) -> list[SlideInput]:
     """The images of ``phase`` in the run's split, with their truth and case."""
     with split_csv.open(newline="") as handle:
         every = list(csv.DictReader(handle))
-    keys = image_keys([Path(row["path"]) for row in every])  # a split.csv written before its key column
-    rows = [(row, row.get("key") or key) for row, key in zip(every, keys) if row["phase"] == phase]
+    keys = ([row["key"] for row in every] if every and "key" in every[0]
+            else image_keys([Path(row["path"]) for row in every]))  # a split.csv written before its key column
+    rows = [(row, key) for row, key in zip(every, keys) if row["phase"] == phase]
     if not rows:
         raise InputError(f"{split_csv}: no {phase!r} images to predict; set split.val_fraction (or "
                          "split.test_fraction and predict the test phase)")

@@ -61,8 +61,9 @@ def run_tile(run: Run, progress: bool = True) -> TileResult:
     start = time.perf_counter()
     cfg = run.config
     parse_compression(cfg.tiles.compression)  # a bad spec is one error now, not one per array task
-    if cfg.crop_misfit():
-        log.warning(f"{cfg.crop_misfit()}; these tiles cannot train with this config")
+    misfit = cfg.crop_misfit()
+    if misfit:
+        log.warning(f"{misfit}; these tiles cannot train with this config")
     with run.session("tile"), run.tiles_in_use(writing=True):
         inputs = run.inputs()
         _warn_empty_classes(inputs, cfg.data.source)

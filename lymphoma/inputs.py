@@ -224,13 +224,22 @@ def _rows_from_csv(manifest: Path, columns: Mapping[str, str]) -> tuple[list[tup
     return rows, region_files
 
 
+def shared_key(keys: Sequence[str], paths: Sequence[object]) -> tuple[str, object, object] | None:
+    """The first key that two files share (the key and both paths), or None: files ``image_keys`` could not tell
+    apart, which their callers refuse in their own words."""
+    seen: dict[str, object] = {}
+    for key, path in zip(keys, paths):
+        if key in seen:
+            return key, seen[key], path
+        seen[key] = path
+    return None
+
+
 def _check_unique_names(records: Sequence[ImageRecord]) -> None:
-    seen: dict[str, str] = {}
-    for record in records:
-        if record.key in seen:
-            raise InputError(f"two images named {record.key}: {seen[record.key]} and {record.path}; file names "
-                             "identify images in the stores and outputs, rename or remove one")
-        seen[record.key] = record.path
+    twin = shared_key([r.key for r in records], [r.path for r in records])
+    if twin:
+        raise InputError(f"two images named {twin[0]}: {twin[1]} and {twin[2]}; file names identify images in the "
+                         "stores and outputs, rename or remove one")
 
 
 def _check_case_labels(records: Sequence[ImageRecord]) -> None:

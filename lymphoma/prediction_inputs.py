@@ -12,7 +12,7 @@ from typing import Optional
 
 from lymphoma.errors import InputError
 from lymphoma.images import is_image_file, one_file_per_dicom_slide
-from lymphoma.inputs import case_of, image_keys, read_user_text
+from lymphoma.inputs import case_of, image_keys, read_user_text, shared_key
 from lymphoma.prediction import SlideInput
 from lymphoma.regions import find_region_file
 
@@ -55,17 +55,11 @@ def slide_keys(paths: Sequence[Path]) -> list[str]:
     """Each slide's name in the outputs (``lymphoma.inputs.image_keys``); two files that no folder tells apart are
     an InputError naming both."""
     keys = image_keys(paths)
-    _check_unique_keys(paths, keys)
+    twin = shared_key(keys, paths)
+    if twin:
+        raise InputError(f"two inputs named {twin[0]}: {twin[1]} and {twin[2]}; outputs are named after the file, "
+                         "rename one or predict them separately")
     return keys
-
-
-def _check_unique_keys(paths: Sequence[Path], keys: Sequence[str]) -> None:
-    seen: dict[str, Path] = {}
-    for path, key in zip(paths, keys):
-        if key in seen:
-            raise InputError(f"two inputs named {key}: {seen[key]} and {path}; outputs are named after the file, "
-                             "rename one or predict them separately")
-        seen[key] = path
 
 
 def _matches(pattern: str) -> list[str]:
