@@ -108,7 +108,8 @@ def discover(
     strict: bool = False,
     regions: str | Path | None = None,
 ) -> Inputs:
-    """List the images of ``source``: a folder with one sub-folder per class, or a CSV manifest.
+    """List the images of ``source``: a folder with one sub-folder per class (holding images, or one folder per case
+    of images, whose name is then their case), or a CSV manifest.
 
     Images of unknown classes, missing files and names without a case are skipped and reported
     (errors in strict mode). An empty source or two files no folder tells apart (``image_keys``) are always errors.
@@ -117,8 +118,9 @@ def discover(
     """
     source = Path(source)
     pattern = compile_case_pattern(case_pattern)
+    skipped: list[Skipped] = []
     if source.is_dir():
-        rows, class_names = _rows_from_folders(source, classes)
+        rows, class_names, skipped = _rows_from_folders(source, classes)
         region_column = {}
     elif source.is_file():
         rows, region_column = _rows_from_csv(source, columns or {})
@@ -127,8 +129,9 @@ def discover(
         raise InputError(f"data.source {source} does not exist; give a folder with one sub-folder per class "
                          "or a CSV manifest (path,label,case)")
 
+    if strict and skipped:
+        raise InputError(f"{skipped[0].path}: {skipped[0].reason}")
     records: list[ImageRecord] = []
-    skipped: list[Skipped] = []
     keys = image_keys([p.absolute() for p, _, _ in rows])
     for (path, label, case), key in zip(rows, keys):
         region_file = region_column.get(path) or find_region_file(regions, key)
@@ -150,12 +153,28 @@ def discover(
     return Inputs(records=sorted(records, key=lambda r: r.path), classes=class_names, skipped=skipped)
 
 
-def _rows_from_folders(root: Path, classes: Sequence[str] | None) -> tuple[list[tuple[Path, str, str]], list[str]]:
-    folders = sorted(p for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
+def _rows_from_folders(root: Path, classes: Sequence[str] | None
+                       ) -> tuple[list[tuple[Path, str, str]], list[str], list[Skipped]]:
+    """The (path, label, case) rows of ``<class>/<image>`` and ``<class>/<case>/<image>``: a folder in a class folder
+    is a case (patient), and its name the case of its images; anything deeper is skipped and named."""
+    folders = _visible(root, directories=True)
     class_names = list(classes) if classes else [p.name for p in folders]
-    rows = [(f, folder.name, "") for folder in folders for f in sorted(folder.iterdir())
-            if f.is_file() and not f.name.startswith(".") and (is_image_file(f) or folder.name in class_names)]
-    return rows, class_names
+    rows: list[tuple[Path, str, str]] = []
+    deeper: list[Skipped] = []
+    for folder in folders:
+        wanted = folder.name in class_names
+        rows += [(f, folder.name, "") for f in _visible(folder) if is_image_file(f) or wanted]
+        for case_folder in _visible(folder, directories=True):
+            rows += [(f, folder.name, case_folder.name) for f in _visible(case_folder) if is_image_file(f) or wanted]
+            deeper += [Skipped(str(d), "a folder inside a case folder; class folders hold images, or one folder per "
+                                       "case of images: move its images up or list them in a CSV manifest "
+                                       "(path,label,case)") for d in _visible(case_folder, directories=True)]
+    return rows, class_names, deeper
+
+
+def _visible(folder: Path, directories: bool = False) -> list[Path]:
+    """The files (or folders) of ``folder`` whose names do not start with a dot, sorted."""
+    return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p.is_dir() if directories else p.is_file()))
 
 
 def _record(path: Path, label: str, case: str, class_names: Sequence[str], pattern: re.Pattern[str],

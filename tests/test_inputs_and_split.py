@@ -8,6 +8,7 @@ from collections import Counter
 
 import pytest
 
+from conftest import pick_images
 from lymphoma.errors import InputError
 from lymphoma.inputs import (
     DEFAULT_CASE_PATTERN,
@@ -31,6 +32,37 @@ def test_class_folders_give_labels_and_cases_of_the_real_data(data_root, manifes
     truth = {row["lowres_path"].rsplit("/", 1)[1]: (row["cls"], row["case_id"]) for row in manifest_rows}
     assert all(truth[r.name] == (r.label, r.case) for r in inputs.records)
     assert not inputs.skipped
+
+
+def test_case_folders_inside_class_folders_name_the_case_of_their_images(tmp_path, data_root, manifest_rows):
+    """``<class>/<patient>/<n>.png``, as hospital exports are laid out: the folder is the case (the file names match
+    no case pattern), files named alike in two patients are two images, a split keeps each folder on one side, a
+    folder deeper than a case is named as skipped (an error in strict mode), one patient under two classes refused."""
+    root = tmp_path / "export"
+    truth = {}
+    for row in pick_images(manifest_rows, 3, 3):
+        folder = root / row["cls"] / f"patient {row['case_id']}"
+        folder.mkdir(parents=True, exist_ok=True)
+        target = folder / f"{len(list(folder.iterdir())) + 1}.png"
+        shutil.copyfile(data_root / row["lowres_path"], target)
+        truth[str(target)] = (row["cls"], f"patient {row['case_id']}")
+    inputs = discover(root, ["CLL", "FL", "MCL"])
+    assert {r.path: (r.label, r.case) for r in inputs.records} == truth and len(truth) == 27
+    assert len({r.key for r in inputs.records}) == 27 and not inputs.skipped
+    phase_of = split_cases(inputs.records, val_fraction=0.34, test_fraction=0.0, seed=0)
+    assert set(phase_of) == {case for _, case in truth.values()}
+    deeper = next(root.glob("CLL/*")) / "scans"
+    deeper.mkdir()
+    shutil.copyfile(next(iter(truth)), deeper / "9.png")
+    inputs = discover(root, ["CLL", "FL", "MCL"])
+    assert len(inputs.records) == 27 and [s.path for s in inputs.skipped] == [str(deeper)]
+    assert "inside a case folder" in inputs.skipped[0].reason
+    with pytest.raises(InputError, match="scans: a folder inside a case folder"):
+        discover(root, ["CLL", "FL", "MCL"], strict=True)
+    shutil.rmtree(deeper)
+    shutil.copytree(next(root.glob("CLL/*")), root / "FL" / next(root.glob("CLL/*")).name)
+    with pytest.raises(InputError, match="case patient .* has images of two classes"):
+        discover(root, ["CLL", "FL", "MCL"])
 
 
 def test_csv_manifest_with_mapped_columns(data_root, manifest_rows):
