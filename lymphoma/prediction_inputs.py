@@ -23,8 +23,8 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
                   classes: Sequence[str], case_pattern: re.Pattern[str],
                   regions: Optional[str] = None) -> list[SlideInput]:
     """Slides from names and wildcards (``**`` recursive) and from a TSV whose columns are path[, label[, case]]
-    (``#`` lines and blank lines skipped; relative paths under ``basepath``). Truth comes from the TSV's label
-    column or, for files, from a parent folder named after a class; region files from ``<regions>/<stem>.geojson``."""
+    (``#`` lines and blank lines skipped; relative paths under ``basepath``). Truth and case come from the TSV's
+    columns or, for files, from their folders (``truth_from_folders``); region files from ``<regions>/<key>.geojson``."""
     rows: list[Row] = []
     for pattern in patterns:
         matches = one_file_per_dicom_slide(_matches(pattern))
@@ -43,12 +43,24 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
     keys = slide_keys([Path(os.path.abspath(path)) for path, _, _ in unique.values()])
     slides = []
     for (resolved, (path, label, case)), key in zip(unique.items(), keys):
-        p = Path(path)
-        label = label or (p.parent.name if p.parent.name in classes else None)
+        folder_label, folder_case = truth_from_folders(Path(path), classes)
         region_file = find_region_file(regions, key)  # <slide name>.geojson: a DICOM slide's is its folder's
-        slides.append(SlideInput(resolved, key, label, case or case_of(key, case_pattern) or key,
+        slides.append(SlideInput(resolved, key, label or folder_label,
+                                 case or folder_case or case_of(key, case_pattern) or key,
                                  str(region_file.resolve()) if region_file else ""))
     return slides
+
+
+def truth_from_folders(path: Path, classes: Sequence[str]) -> tuple[Optional[str], Optional[str]]:
+    """The class and case that a file's folders tell, as in training's class folders: a parent folder named after
+    a class (``CLL/x.svs``), or a grandparent so named, whose child is then the case (``CLL/p07/x.svs``); a DICOM
+    slide's series folder stands for its file."""
+    item = path.parent if path.suffix.lower() == ".dcm" else path
+    if item.parent.name in classes:
+        return item.parent.name, None
+    if item.parent.parent.name in classes:
+        return item.parent.parent.name, item.parent.name
+    return None, None
 
 
 def slide_keys(paths: Sequence[Path]) -> list[str]:

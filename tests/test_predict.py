@@ -282,7 +282,8 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
 def test_slides_of_one_name_in_per_patient_folders_are_told_apart_by_their_folders(checkpoint, cohort, tmp_path,
                                                                                    capsys):
     """Hospital exports keep one folder per patient of files named alike (p1/HE.png, p2/HE.png): each is predicted
-    under the folders that tell it apart, as its own case; two files of one name in one folder are refused."""
+    under the folders that tell it apart, as its own case; laid out as training's <class>/<case>/ folders, each
+    takes its class as truth and its folder as case; two files of one name in one folder are refused."""
     first, second = sorted(cohort.rglob("*.png"))[:2]
     for patient, image in (("p1", first), ("p2", second)):
         (tmp_path / "export" / patient).mkdir(parents=True)
@@ -300,6 +301,13 @@ def test_slides_of_one_name_in_per_patient_folders_are_told_apart_by_their_folde
             alone = next(csv.DictReader(handle))
         assert [rows[f"{patient}__HE"][k] for k in ("votes_CLL", "votes_FL", "votes_MCL", "confidence")] == \
             [alone[k] for k in ("votes_CLL", "votes_FL", "votes_MCL", "confidence")]
+    for label, patient, image in (("CLL", "p1", first), ("MCL", "p2", second)):  # training's <class>/<case>/ too
+        (tmp_path / "classes" / label / patient).mkdir(parents=True)
+        shutil.copyfile(image, tmp_path / "classes" / label / patient / "HE.png")
+    assert predict(checkpoint, tmp_path / "truth", str(tmp_path / "classes")) == 0
+    with (tmp_path / "truth" / "summary.csv").open() as handle:
+        told = {r["slide"]: (r["truth"], r["case"]) for r in csv.DictReader(handle)}
+    assert told == {"p1__HE": ("CLL", "p1"), "p2__HE": ("MCL", "p2")}
     Image.open(first).save(tmp_path / "export" / "p1" / "HE.tif")
     assert predict(checkpoint, tmp_path / "same", f"{tmp_path / 'export'}/p1/*") == 2
     assert f"two inputs named p1__HE: {tmp_path / 'export' / 'p1' / 'HE.png'} and " in capsys.readouterr().err
