@@ -213,9 +213,11 @@ def write_export(checkpoint: Path, out_dir: Path, formats: Sequence[str] = EXPOR
                 warnings.simplefilter("ignore", FutureWarning)
                 logits = torch.jit.load(io.BytesIO(data))(torch.from_numpy(check_tiles)).float()
         report["files"][name] = {  # type: ignore[index]
-            "path": path.name, "max_abs_logit_difference": float((logits - reference).abs().max()),
+            "path": path.name, "sha256": hashlib.sha256(data).hexdigest(),  # a server can check the pair is whole
+            "max_abs_logit_difference": float((logits - reference).abs().max()),
             "same_class": float((logits.argmax(1) == reference.argmax(1)).float().mean())}
     written[out_dir / "preprocessing.json"] = (json.dumps(_preprocessing(state, augment, tiles), indent=2) + "\n").encode()
+    report["preprocessing_sha256"] = hashlib.sha256(written[out_dir / "preprocessing.json"]).hexdigest()
     written[out_dir / "export.json"] = (json.dumps(report, indent=2) + "\n").encode()
     out_dir.mkdir(parents=True, exist_ok=True)
     earlier = _exported_models(out_dir)

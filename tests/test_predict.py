@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import hashlib
 import json
 import os
 import shutil
@@ -649,6 +650,11 @@ def test_export_onnx_and_torchscript_agree_with_pytorch_on_real_tiles(checkpoint
     for logits in (served, scripted):
         assert torch.allclose(logits, reference, atol=1e-4)
         assert torch.equal(logits.argmax(1), reference.argmax(1))
+    record = json.loads((tmp_path / "served" / "export.json").read_text())
+    digests = {entry["path"]: entry["sha256"] for entry in record["files"].values()}
+    digests["preprocessing.json"] = record["preprocessing_sha256"]  # a server tells files of two exports apart
+    assert digests == {name: hashlib.sha256((tmp_path / "served" / name).read_bytes()).hexdigest()
+                       for name in ("model.onnx", "model.torchscript.pt", "preprocessing.json")}
 
 
 def test_an_export_that_does_not_fit_keeps_the_earlier_one_whole(checkpoint, small_disk, tmp_path, capsys):
