@@ -86,8 +86,8 @@ def run_train(run: Run, restart: bool = False) -> list[dict[str, Any]]:
     if cfg.cluster.kind == "debug" and cfg.cluster.tasks_per_node * cfg.cluster.nodes > 1:
         raise InputError("the debug executor runs one process; set cluster.tasks_per_node=1 or use --cluster local")
     with run.lock("train"), run.tiles_in_use(writing=False):  # no tiling rewrites the shards meanwhile
-        if cfg.cluster.kind == "slurm":  # before --restart moves the ledger aside with the folder the job writes
-            refuse_beside_open_job(run.train / "slurm-job.json", f"train-{cfg.run.name}")
+        if restart and cfg.cluster.kind == "slurm":  # before the ledger moves aside with the folder the job writes;
+            refuse_beside_open_job(run.train / "slurm-job.json", f"train-{cfg.run.name}")  # else submit asks
         if restart and run.train.exists():
             aside = run.train.with_name(f"train.before-{time.strftime('%Y%m%d-%H%M%S')}")
             run.train.rename(aside)
