@@ -14,6 +14,7 @@ from torch.utils.data import DataLoader
 from lymphoma.augment import Augmenter
 from lymphoma.metrics import accuracy, balanced_accuracy, confusion_matrix
 from lymphoma.mixing import BatchMix
+from lymphoma.precision import cpu_has_bf16
 
 if TYPE_CHECKING:  # the adversary sums its counts with sum_over_processes from here
     from lymphoma.adversary import CaseAdversary
@@ -54,12 +55,6 @@ def _count(total: torch.Tensor, loss: torch.Tensor, images: int) -> None:
     (a host-to-GPU copy of a new tensor would make the host wait for the GPU every step)."""
     total[0] += loss.double() * images
     total[1] += images
-
-
-def cpu_has_bf16() -> bool:
-    """Whether this CPU computes bf16 in hardware (avx512_bf16 or AMX): bf16 autocast pays there, elsewhere
-    PyTorch emulates it."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
 
 
 def bf16_training(amp: bool | str, device: torch.device) -> bool:

@@ -26,6 +26,7 @@ from lymphoma.errors import InputError, one_line
 from lymphoma.files import write_text_atomic
 from lymphoma.image_scale import training_scale
 from lymphoma.model import Ensemble, build_model
+from lymphoma.precision import runnable_precision
 from lymphoma.prediction import Predictor, SlideInput, onnx_export, read_record, with_tiles
 from lymphoma.regions import regions_stamp
 from lymphoma.settings import EXPORTED_ENGINES, AugmentSettings, ModelSettings, StainSettings, TileSettings
@@ -65,13 +66,14 @@ def _encoder(model: torch.nn.Module, tiles: TileSettings, augment: AugmentSettin
     """The encoder as a Predictor whose outputs are the embeddings. bf16 and an exported engine enter the
     fingerprint (torch fp32's stays what it was); the metadata's ``precision`` and ``engine`` are what runs."""
     model = strip_head(model).to(device, memory_format=torch.channels_last).eval()
-    about = {**about, "precision": "bf16"} if engine.precision == "bf16" else about
     exported = engine.name in EXPORTED_ENGINES
+    precision = engine.precision if exported else runnable_precision(engine.precision, device)
+    about = {**about, "precision": "bf16"} if precision == "bf16" else about
     about = {**about, "engine": engine.name} if exported else about
     fingerprint = hashlib.sha1(json.dumps(about, sort_keys=True, default=str).encode()).hexdigest()
     predictor = Predictor(model, [], tiles, augment, device, batch_size, fingerprint, False, normalizer,
-                          amp=device.type == "cuda", precision=engine.precision)
-    runs = "bf16" if engine.precision == "bf16" or device.type == "cuda" else "fp32"
+                          amp=device.type == "cuda", precision=precision)
+    runs = "bf16" if precision == "bf16" or device.type == "cuda" else "fp32"
     if exported:
         onnx = onnx_export(TileClassifier(model.cpu(), augment, tiles.size), tiles.size,
                            engine.export_dir and engine.export_dir / f"encoder-{fingerprint[:16]}.onnx")

@@ -33,6 +33,7 @@ from lymphoma.files import write_text_atomic
 from lymphoma.image_scale import TrainingScale, training_scale
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap, save_probability_maps
+from lymphoma.precision import runnable_precision
 from lymphoma.read_ahead import read_ahead
 from lymphoma.regions import regions_stamp
 from lymphoma.settings import EXPORTED_ENGINES, AugmentSettings, PredictSettings, TileSettings
@@ -79,6 +80,8 @@ class Predictor:
         takes them as they are (all part of the fingerprint); ``export_dir``: where the ONNX export is kept for
         the next task (made once)."""
         check_engine(engine, precision)
+        if engine not in EXPORTED_ENGINES:  # onnxruntime runs fp32, openvino chooses for itself (OpenVinoEngine)
+            precision = runnable_precision(precision, device)
         saved = load_checkpoint(path)
         state, matched = with_tiles(saved, tiles), training_scale(saved, scale)  # the scale it was trained at
         model = build_model(state["architecture"])

@@ -485,7 +485,8 @@ class PredictSettings:
     engine: str = "torch"          # torch | compile (torch.compile: once per task, ~40 s cold; the bare model 1.1x
     #                                fp32, 1.4x bf16 on this CPU) | onnxruntime (exported to ONNX, run by ONNX Runtime)
     #                                | openvino (the ONNX export run by OpenVINO on the CPU; no compiler needed)
-    precision: str = "fp32"        # fp32 | bf16 (torch, compile: autocast, on GPUs and on CPUs with bf16 support;
+    precision: str = "fp32"        # fp32 | bf16 (torch, compile: autocast, on GPUs and on CPUs with bf16 units; fp32,
+    #                                with a warning, where PyTorch would emulate it, 9x slower: lymphoma.precision;
     #                                openvino: bf16 inference where the CPU has bf16 instructions, else fp32)
     scale: str = "match"           # match | keep: plain images more than 1.5x off the size of a pixel-tile model's
     #                                training images, with their width:height (the same field at another resolution),

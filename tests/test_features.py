@@ -197,12 +197,20 @@ def test_killed_features_resume_only_the_remaining_slides(data_root, manifest_ro
     assert len(list((out / "h5_files").glob("*.h5"))) == len(rows) and not list((out / "h5_files").glob(".*tmp*"))
 
 
-def test_bf16_embeddings_are_near_fp32_and_never_taken_for_them(make_dataset, resnet_file, tmp_path, capsys):
+def test_bf16_embeddings_are_near_fp32_and_never_taken_for_them(make_dataset, resnet_file, tmp_path, capsys, caplog):
+    """predict.precision=bf16 on a CPU with bf16 units: embeddings near fp32's, marked bf16, with a fingerprint of
+    their own (fp32 into the same folder embeds everything again); on a CPU without them (PyTorch would emulate bf16
+    9x slower): fp32's embeddings, marked fp32, with a warning that says why."""
+    from lymphoma.precision import cpu_has_bf16
+
     source = make_dataset(cases_per_class=1, images_per_case=1)
     words = [f"data.source={source}", f"run.root={tmp_path}", "model.backbone=timm:resnet10t",
              f"model.weights={resnet_file}", "cluster.kind=debug"]
     assert features(tmp_path / "fp32", *words) == 0
+    caplog.clear()
     assert features(tmp_path / "bf16", *words, "predict.precision=bf16") == 0
+    ran = "bf16" if cpu_has_bf16() else "fp32"
+    assert ("this CPU has no bf16 units" in caplog.text) == (ran == "fp32")
     pairs = [(path, tmp_path / "bf16" / "h5_files" / path.name)
              for path in sorted((tmp_path / "fp32" / "h5_files").glob("*.h5"))]
     assert len(pairs) == 3
@@ -210,15 +218,16 @@ def test_bf16_embeddings_are_near_fp32_and_never_taken_for_them(make_dataset, re
         with h5py.File(fp32_file) as full, h5py.File(bf16_file) as half:
             exact, approx = full["features"][:], half["features"][:]
             np.testing.assert_array_equal(full["coords"][:], half["coords"][:])
-            assert (full.attrs["precision"], half.attrs["precision"]) == ("fp32", "bf16")
-            assert full.attrs["fingerprint"] != half.attrs["fingerprint"]
-        assert approx.dtype == np.float32 and not np.array_equal(exact, approx)  # bf16 ran, on the CPU too
+            assert (full.attrs["precision"], half.attrs["precision"]) == ("fp32", ran)
+            assert (full.attrs["fingerprint"] != half.attrs["fingerprint"]) == (ran == "bf16")
+        assert approx.dtype == np.float32 and np.array_equal(exact, approx) == (ran == "fp32")  # bf16 ran, or fp32
         cosine = (exact * approx).sum(1) / np.linalg.norm(exact, axis=1) / np.linalg.norm(approx, axis=1)
         assert cosine.min() > 0.999, cosine.min()  # measured: 0.99999, and at most 0.5% of the largest value off
         assert np.abs(exact - approx).max() < 0.02 * np.abs(exact).max()
     capsys.readouterr()
     assert features(tmp_path / "bf16", *words) == 0  # fp32 into the bf16 folder: nothing is taken as done
-    assert "3 of 3 slide(s) embedded (3 now, 0 already complete" in capsys.readouterr().out
+    done = "3 now, 0 already complete" if ran == "bf16" else "0 now, 3 already complete"  # or fp32's own, kept
+    assert f"3 of 3 slide(s) embedded ({done}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

@@ -388,11 +388,13 @@ def test_selection_cannot_keep_a_one_class_model():
 
 
 def test_bf16_autocast_trains_on_the_cpu_with_float32_weights(tiled):
-    """train.amp=true on the CPU: the convolutions compute in bf16 (1.75x a step on this machine), the weights,
-    their gradients and the checkpoint stay float32, and the loss falls as in float32."""
+    """train.amp=true on the CPU: the convolutions compute in bf16 (1.75x a step on a CPU with avx512_bf16, 8x
+    slower emulated on one without bf16 units, which the log then warns of), the weights, their gradients and the
+    checkpoint stay float32, and the loss falls as in float32."""
     import torch
 
     from lymphoma.epochs import _autocast
+    from lymphoma.precision import cpu_has_bf16
 
     conv = torch.nn.Conv2d(3, 4, 3)
     with _autocast(torch.device("cpu"), True):
@@ -406,6 +408,8 @@ def test_bf16_autocast_trains_on_the_cpu_with_float32_weights(tiled):
     state = load_checkpoint(tiled[1] / "amp" / "train" / "checkpoints" / "last.pt")
     assert {t.dtype for t in state["model"].values() if t.is_floating_point()} == {torch.float32}
     assert state["training_precision"] == "bf16"
+    task_log = "".join(p.read_text() for p in (tiled[1] / "amp" / "train" / "logs").rglob("*_log.*"))
+    assert ("train.amp=true: this CPU has no bf16 units" in task_log) == (not cpu_has_bf16())  # 8x slower there
 
 
 def test_amp_auto_is_bf16_on_cpus_with_bf16_units_only(tiled):
@@ -413,7 +417,8 @@ def test_amp_auto_is_bf16_on_cpus_with_bf16_units_only(tiled):
     from the CPU), float32 on GPUs and on other CPUs; the log and the checkpoint say which ran."""
     import torch
 
-    from lymphoma.epochs import bf16_training, cpu_has_bf16
+    from lymphoma.epochs import bf16_training
+    from lymphoma.precision import cpu_has_bf16
 
     flags = set(open("/proc/cpuinfo").read().split())
     assert cpu_has_bf16() == bool(flags & {"avx512_bf16", "amx_bf16", "amx_tile"})
