@@ -109,7 +109,7 @@ def discover(
     regions: str | Path | None = None,
 ) -> Inputs:
     """List the images of ``source``: a folder with one sub-folder per class (holding images, or one folder per case
-    of images, whose name is then their case), or a CSV manifest.
+    of images, whose name is then their case; a DICOM slide is its series folder), or a CSV manifest.
 
     Images of unknown classes, missing files and names without a case are skipped and reported
     (errors in strict mode). An empty source or two files no folder tells apart (``image_keys``) are always errors.
@@ -156,7 +156,8 @@ def discover(
 def _rows_from_folders(root: Path, classes: Sequence[str] | None
                        ) -> tuple[list[tuple[Path, str, str]], list[str], list[Skipped]]:
     """The (path, label, case) rows of ``<class>/<image>`` and ``<class>/<case>/<image>``: a folder in a class folder
-    is a case (patient), and its name the case of its images; anything deeper is skipped and named."""
+    is a case (patient), and its name the case of its images, unless it holds a DICOM slide's series (then it is
+    that slide, ``<class>/<slide>/*.dcm``, as it is inside a case folder); anything deeper is skipped and named."""
     folders = _visible(root, directories=True)
     class_names = list(classes) if classes else [p.name for p in folders]
     rows: list[tuple[Path, str, str]] = []
@@ -164,12 +165,27 @@ def _rows_from_folders(root: Path, classes: Sequence[str] | None
     for folder in folders:
         wanted = folder.name in class_names
         rows += [(f, folder.name, "") for f in _visible(folder) if is_image_file(f) or wanted]
-        for case_folder in _visible(folder, directories=True):
-            rows += [(f, folder.name, case_folder.name) for f in _visible(case_folder) if is_image_file(f) or wanted]
-            deeper += [Skipped(str(d), "a folder inside a case folder; class folders hold images, or one folder per "
-                                       "case of images: move its images up or list them in a CSV manifest "
-                                       "(path,label,case)") for d in _visible(case_folder, directories=True)]
+        for sub in _visible(folder, directories=True):
+            slide = _dicom_slide(sub)
+            if slide is not None:
+                rows.append((slide, folder.name, ""))
+                continue
+            rows += [(f, folder.name, sub.name) for f in _visible(sub) if is_image_file(f) or wanted]
+            for inner in _visible(sub, directories=True):
+                slide = _dicom_slide(inner)
+                if slide is not None:
+                    rows.append((slide, folder.name, sub.name))
+                else:
+                    deeper.append(Skipped(str(inner), "a folder inside a case folder; class folders hold images, or one "
+                                                      "folder per case of images: move its images up or list them in "
+                                                      "a CSV manifest (path,label,case)"))
     return rows, class_names, deeper
+
+
+def _dicom_slide(folder: Path) -> Path | None:
+    """The first DICOM file of a folder that holds a DICOM slide's series (OpenSlide finds the rest beside it), or
+    None."""
+    return next((f for f in _visible(folder) if f.suffix.lower() == ".dcm"), None)
 
 
 def _visible(folder: Path, directories: bool = False) -> list[Path]:
@@ -186,7 +202,7 @@ def _record(path: Path, label: str, case: str, class_names: Sequence[str], patte
         return "file not found; fix the path in the manifest or remove the line"
     if not is_image_file(path):
         return f"not a supported image type; use one of {', '.join(IMAGE_SUFFIXES + WSI_SUFFIXES)}"
-    case = case or case_of(path.stem, pattern) or ""
+    case = case or case_of(path.parent.name if path.suffix.lower() == ".dcm" else path.stem, pattern) or ""  # its own name
     if not case:
         return (f"file name does not match data.case_pattern {pattern.pattern!r}; "
                 "fix the pattern or give the case in a manifest column")

@@ -81,6 +81,25 @@ def test_dicom_wsi_reads_every_level_pixel_for_pixel_from_any_file_of_its_series
                                                   err_msg=f"level {level} at {(x, y)}")
 
 
+def test_dicom_slides_in_class_and_case_folders_are_one_image_each(levels, tmp_path):
+    """Training's class folders hold a DICOM slide as its series folder, under the class (`CLL/slide-1/*.dcm`, its
+    case from the pattern) or under a case (`MCL/p2/slide-2/*.dcm`); prediction tells the same class and case."""
+    import re
+
+    from lymphoma.inputs import discover
+    from lymphoma.prediction_inputs import expand_inputs
+    from synthetic_slides import write_dicom_pyramid
+
+    first = write_dicom_pyramid(tmp_path / "cohort" / "CLL" / "slide-1", levels)
+    second = write_dicom_pyramid(tmp_path / "cohort" / "MCL" / "p2" / "slide-2", levels)
+    inputs = discover(tmp_path / "cohort", ["CLL", "FL", "MCL"], r"^(?P<case>.+)$", strict=True)
+    assert [(r.key, r.label, r.case) for r in inputs.records] == [("slide-1", "CLL", "slide-1"),
+                                                                   ("slide-2", "MCL", "p2")]
+    assert {Path(r.path).parent for r in inputs.records} == {first[0].parent, second[0].parent}  # one file each
+    slides = expand_inputs([str(tmp_path / "cohort")], None, None, ["CLL", "FL", "MCL"], re.compile(r"^(?P<case>.+)$"))
+    assert [(s.key, s.label, s.case) for s in slides] == [(r.key, r.label, r.case) for r in inputs.records]
+
+
 def test_a_dicom_slide_is_predicted_once_named_after_its_folder(levels, tmp_path):
     import re
 
