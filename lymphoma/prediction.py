@@ -66,7 +66,7 @@ class Predictor:
     tta: bool = False
     normalizer: Optional[StainNormalizer] = None
     amp: bool = False  # bf16 autocast on GPUs (feature extraction)
-    precision: str = "fp32"  # fp32 | bf16 (autocast, also on CPUs)
+    precision: str = "fp32"  # what runs: fp32 | bf16 (autocast; on CPUs only with bf16 units: runnable_precision)
     exported: Optional[ExportedEngine] = None  # predict.engine onnxruntime or openvino: runs the model
     scale: Optional[TrainingScale] = None  # predict.scale=match: plain images at another scale matched to this one
 
