@@ -40,12 +40,23 @@ class ImageRecord:
 KEY_SEPARATOR = "__"
 
 
+def image_item(path: Path) -> Path:
+    """What stands for an image among its folders: its file, or a DICOM slide's series folder (its files are the
+    slide's levels)."""
+    return path.parent if path.suffix.lower() == ".dcm" else path
+
+
+def own_name(path: Path) -> str:
+    """An image's own name: its file stem, or a DICOM slide's series folder."""
+    item = image_item(path)
+    return path.stem if item == path else item.name
+
+
 def image_keys(paths: Sequence[Path]) -> list[str]:
     """Each image's name in stores and outputs: its file stem (a DICOM slide's series folder), or, where files
     share that name (per-patient folders of ``HE.svs``), the folders that tell them apart, joined by ``__``
     (``p1__HE``, ``p2__HE``). Files that no folder tells apart keep their shared name: callers refuse them."""
-    parts = [(*p.parent.parent.parts, p.parent.name) if p.suffix.lower() == ".dcm" else (*p.parent.parts, p.stem)
-             for p in paths]
+    parts = [(*image_item(p).parent.parts, own_name(p)) for p in paths]
     groups: dict[str, list[int]] = {}
     for i, part in enumerate(parts):
         groups.setdefault(part[-1], []).append(i)
@@ -169,17 +180,25 @@ def _rows_from_folders(root: Path, classes: Sequence[str] | None
             slide = _dicom_slide(sub)
             if slide is not None:
                 rows.append((slide, folder.name, ""))
-                continue
-            rows += [(f, folder.name, sub.name) for f in _visible(sub) if is_image_file(f) or wanted]
-            for inner in _visible(sub, directories=True):
-                slide = _dicom_slide(inner)
-                if slide is not None:
-                    rows.append((slide, folder.name, sub.name))
-                else:
-                    deeper.append(Skipped(str(inner), "a folder inside a case folder; class folders hold images, or one "
-                                                      "folder per case of images: move its images up or list them in "
-                                                      "a CSV manifest (path,label,case)"))
+            else:
+                case_rows, case_skipped = _case_folder_rows(sub, folder.name, wanted)
+                rows, deeper = rows + case_rows, deeper + case_skipped
     return rows, class_names, deeper
+
+
+def _case_folder_rows(case_folder: Path, label: str, wanted: bool) -> tuple[list[tuple[Path, str, str]], list[Skipped]]:
+    """The rows of a case folder's images and DICOM slides, and its other folders as skipped."""
+    rows = [(f, label, case_folder.name) for f in _visible(case_folder) if is_image_file(f) or wanted]
+    deeper = []
+    for inner in _visible(case_folder, directories=True):
+        slide = _dicom_slide(inner)
+        if slide is not None:
+            rows.append((slide, label, case_folder.name))
+        else:
+            deeper.append(Skipped(str(inner), "a folder inside a case folder; class folders hold images, or one folder "
+                                              "per case of images: move its images up or list them in a CSV manifest "
+                                              "(path,label,case)"))
+    return rows, deeper
 
 
 def _dicom_slide(folder: Path) -> Path | None:
@@ -202,7 +221,7 @@ def _record(path: Path, label: str, case: str, class_names: Sequence[str], patte
         return "file not found; fix the path in the manifest or remove the line"
     if not is_image_file(path):
         return f"not a supported image type; use one of {', '.join(IMAGE_SUFFIXES + WSI_SUFFIXES)}"
-    case = case or case_of(path.parent.name if path.suffix.lower() == ".dcm" else path.stem, pattern) or ""  # its own name
+    case = case or case_of(own_name(path), pattern) or ""
     if not case:
         return (f"file name does not match data.case_pattern {pattern.pattern!r}; "
                 "fix the pattern or give the case in a manifest column")

@@ -12,7 +12,7 @@ from typing import Optional
 
 from lymphoma.errors import InputError
 from lymphoma.images import is_image_file, one_file_per_dicom_slide
-from lymphoma.inputs import case_of, image_keys, read_user_text, shared_key
+from lymphoma.inputs import case_of, image_item, image_keys, read_user_text, shared_key
 from lymphoma.prediction import SlideInput
 from lymphoma.regions import find_region_file
 
@@ -55,7 +55,7 @@ def truth_from_folders(path: Path, classes: Sequence[str]) -> tuple[Optional[str
     """The class and case that a file's folders tell, as in training's class folders: a parent folder named after
     a class (``CLL/x.svs``), or a grandparent so named, whose child is then the case (``CLL/p07/x.svs``); a DICOM
     slide's series folder stands for its file."""
-    item = path.parent if path.suffix.lower() == ".dcm" else path
+    item = image_item(path)
     if item.parent.name in classes:
         return item.parent.name, None
     if item.parent.parent.name in classes:
