@@ -126,11 +126,18 @@ def stop_local_tasks(jobs: Iterable[submitit.Job[Any]], grace_s: float = 10.0) -
         time.sleep(0.1)
 
 
-def wait_for(job: submitit.Job[Any], name: str) -> list[Any]:
-    """The results of every task of one job (e.g. a multi-process training); ArrayJobError names the logs.
-    Stopping this process (Ctrl-C, SIGTERM) stops the job's local tasks too."""
+def wait_for(job: submitit.Job[Any], name: str, on_poll: Callable[[], None] | None = None,
+             poll_s: float = 1.0) -> list[Any]:
+    """The results of every task of one job (e.g. a multi-process training), calling ``on_poll`` every ``poll_s``
+    while it runs (progress read from what it writes); ArrayJobError names the logs. Stopping this process
+    (Ctrl-C, SIGTERM) stops the job's local tasks too."""
     try:
-        return [_run_in_process(job)] if isinstance(job, submitit.DebugJob) else job.results()
+        if isinstance(job, submitit.DebugJob):
+            return [_run_in_process(job)]
+        while on_poll is not None and not job.done():
+            on_poll()
+            time.sleep(poll_s)
+        return job.results()
     except (KeyboardInterrupt, SystemExit):  # this command is being stopped
         stop_local_tasks([job])
         raise

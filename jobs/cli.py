@@ -59,7 +59,7 @@ def _add_pipeline_commands(sub: Any) -> None:
              "shard with its counts. Rerunning resumes.", progress=True)
     train = _command(sub, "train", "train the DenseNet on the run's tiles (DDP; resumes from last.pt)",
                      "Train a DenseNet on the tile shards of the run folder, one process per task (gloo on CPU, "
-                     "NCCL on GPUs). Running it again resumes.")
+                     "NCCL on GPUs). Running it again resumes.", progress=True)
     train.add_argument("--nodes", type=int, help="nodes (sets cluster.nodes)")
     train.add_argument("--gpus-per-node", type=int, help="GPUs per node, one task each (sets cluster.gpus_per_node "
                                                           "and cluster.tasks_per_node)")
@@ -80,7 +80,7 @@ def _add_pipeline_commands(sub: Any) -> None:
              "cv.repeats fold assignments; a reference logistic regression on colour and texture features in the "
              "same folds with its permutation null; and <run>/ensemble.pt, the fold models as one checkpoint for "
              "`lymphoma predict`. Rerunning resumes; with predict.tta=true or cv.checkpoint=last it reuses the "
-             "trained folds.")
+             "trained folds.", progress=True)
 
 
 def _add_model_commands(sub: Any) -> None:

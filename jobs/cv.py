@@ -14,7 +14,8 @@ from hpc import ArrayJobError, run_array
 from hpc.task import thread_share
 from jobs.baseline import run_baseline
 from jobs.config import Config, ConfigError
-from jobs.fold import FoldJob, FoldTask, grid_points, variant_suffix
+from jobs.fold import FoldJob, FoldTask, fold_trainings, grid_points, variant_suffix
+from jobs.progress import EpochProgress
 from jobs.run_folder import Run
 from lymphoma.backbones import require_model
 from lymphoma.cohort_report import image_class, write_report
@@ -72,8 +73,10 @@ def write_folds_csv(path: Path, tasks: list[FoldTask]) -> None:
                       for phase, records in (("train", t.train), ("val", t.val), ("test", t.test)) for r in records))
 
 
-def run_folds(run: Run, tasks: list[FoldTask]) -> tuple[list[list[dict[str, Any]]], Optional[ArrayJobError]]:
-    """Run every fold as an array task; each fold's prediction records (those written), and the failure if any."""
+def run_folds(run: Run, tasks: list[FoldTask], progress: bool = True
+              ) -> tuple[list[list[dict[str, Any]]], Optional[ArrayJobError]]:
+    """Run every fold as an array task, with a bar over the epochs of all folds on a terminal if ``progress``; each
+    fold's prediction records (those written), and the failure if any."""
     cfg = run.config
     sizes = ", ".join(str(len({r.case for r in t.test})) for t in tasks[:cfg.cv.folds])
     inner = ("which train too and watch training (cv.inner_val_trains)" if cfg.cv.inner_val_trains
@@ -82,11 +85,15 @@ def run_folds(run: Run, tasks: list[FoldTask]) -> tuple[list[list[dict[str, Any]
              f"cases, {cfg.cv.inner_val_fraction:.0%} of them held as inner val, {inner}; logs in "
              f"{run.logs('cv').parent}")
     failure = None
+    bar = EpochProgress([t for task in tasks for t in fold_trainings(task)], f"cv ({len(tasks)} folds)",
+                        enabled=progress and cfg.cluster.kind != "debug")  # debug: the folds run in this process
     try:
         run_array(run.executor("cv"), FoldJob(), tasks, parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s,
-                  ledger=run.dir / "cv" / "slurm-job.json")  # on SLURM: never a second array training the folds
+                  on_poll=bar.poll, ledger=run.dir / "cv" / "slurm-job.json")  # on SLURM: never a second array
     except ArrayJobError as err:
         failure = err
+    finally:
+        bar.close()
     records = [[r for r in (read_record(t.predict_dir / "slides", s) for s in t.slides()) if r is not None]
                for t in tasks]
     if failure is not None and not any(records):
@@ -94,9 +101,10 @@ def run_folds(run: Run, tasks: list[FoldTask]) -> tuple[list[list[dict[str, Any]
     return records, failure
 
 
-def run_cv(run: Run) -> dict[str, Any]:
-    """Run (or resume) every fold of every repeat, the baseline in the same folds, the shipped ensemble, and
-    write the report into ``<run>/cv`` (``cv-last``, ``cv-tta`` for the other prediction variants)."""
+def run_cv(run: Run, progress: bool = True) -> dict[str, Any]:
+    """Run (or resume) every fold of every repeat (``progress``: a bar over their epochs on a terminal), the
+    baseline in the same folds, the shipped ensemble, and write the report into ``<run>/cv`` (``cv-last``,
+    ``cv-tta`` for the other prediction variants)."""
     start = time.perf_counter()
     cfg = run.config
     out = run.dir / f"cv{variant_suffix(cfg.cv.checkpoint, cfg.predict.tta)}"
@@ -106,7 +114,7 @@ def run_cv(run: Run) -> dict[str, Any]:
         inputs = run.inputs()
         tasks = plan_folds(run, inputs.records, inputs.classes)
         write_folds_csv(run.dir / "folds.csv", tasks)
-        records, failure = run_folds(run, tasks)
+        records, failure = run_folds(run, tasks, progress)
         report = assemble_report(cfg, tasks, records, inputs.classes)
         report["failed_folds"] = [f.index for f in failure.failures] if failure else []
         report["seconds"] = stage_seconds(tasks)
@@ -225,5 +233,5 @@ def _write_outputs(out: Path, report: dict[str, Any], tasks: list[FoldTask], rec
 
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma cv``."""
-    run_cv(run)
+    run_cv(run, progress=not args.no_progress)
     return 0

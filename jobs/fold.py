@@ -15,6 +15,7 @@ import submitit
 from hpc.task import task_setup
 from jobs.config import ConfigError
 from jobs.predict import predict_chunk
+from jobs.progress import Training
 from jobs.run_folder import Run
 from jobs.tile import tile_in_process
 from jobs.train import fit_here, fit_settings
@@ -106,6 +107,15 @@ def _fit(task: FoldTask, run: Run, tiles_dir: Path, device: Any, seconds: dict[s
     summary = fit_here(run, tiles_dir, run.train, fit_settings(run, eval_phase="val"), device)
     seconds["train"] += time.perf_counter() - start
     return summary
+
+
+def fold_trainings(task: FoldTask) -> list[Training]:
+    """The trainings a fold runs (one, or one per grid point), where each writes its history: for the epoch bar."""
+    points = grid_points(dict(task.run.config.cv.grid))
+    if points == [{}]:
+        return [Training(task.run.train / "history.json", task.run.config.train)]
+    runs = [task.run.with_values(point).at(task.fold_dir / f"grid-{i}") for i, point in enumerate(points)]
+    return [Training(run.train / "history.json", run.config.train) for run in runs]
 
 
 def train_fold(task: FoldTask, device: Any, seconds: dict[str, float]) -> dict[str, Any]:

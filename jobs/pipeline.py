@@ -43,7 +43,7 @@ def run_pipeline(run: Run, progress: bool = True) -> dict[str, Any]:
     tiled = run_tile(run, progress=progress)
     log.info(format_summary(tiled))
     log.info("== 2/3 train")
-    summary = run_train(run)[0]
+    summary = run_train(run, progress=progress)[0]
     log.info(f"best epoch {summary['best_epoch'] + 1} of {summary['epochs']}: val loss {summary['best_val_loss']:.4f}, "
              f"val tile accuracy {summary['best_val_accuracy']:.3f}; kept {summary['selection']}; checkpoints in "
              f"{summary['checkpoints']}")

@@ -13,6 +13,7 @@ import submitit
 
 from hpc import refuse_beside_open_job, submit, wait_for
 from hpc.task import task_setup
+from jobs.progress import EpochProgress, Training
 from jobs.run_folder import Run
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
@@ -75,9 +76,10 @@ def run_here(run: Run) -> dict[str, Any] | None:
     return summary if summary["rank"] == 0 else None
 
 
-def run_train(run: Run, restart: bool = False) -> list[dict[str, Any]]:
-    """Submit the training job (one task per process) and wait for every rank's summary (rank 0 first);
-    ``restart``: train afresh, the earlier ``train/`` folder renamed aside."""
+def run_train(run: Run, restart: bool = False, progress: bool = True) -> list[dict[str, Any]]:
+    """Submit the training job (one task per process) and wait for every rank's summary (rank 0 first), with a
+    bar over its epochs on a terminal if ``progress``; ``restart``: train afresh, the earlier ``train/`` folder
+    renamed aside."""
     cfg = run.config
     cfg.check_trainable()
     run.create()
@@ -97,13 +99,18 @@ def run_train(run: Run, restart: bool = False) -> list[dict[str, Any]]:
         run.train.mkdir(exist_ok=True)
         job = submit(run.executor("train"), TrainJob(), run, ledger=run.train / "slurm-job.json")  # hpc.ledger
         log.info(f"training job {job.job_id}: logs in {run.train / 'logs'}")
-        results = wait_for(job, f"train-{cfg.run.name}")
+        bar = EpochProgress([Training(run.train / "history.json", cfg.train)], "train",
+                            enabled=progress and cfg.cluster.kind != "debug")  # debug: it runs in this process
+        try:
+            results = wait_for(job, f"train-{cfg.run.name}", on_poll=bar.poll, poll_s=cfg.cluster.poll_s)
+        finally:
+            bar.close()
     return results
 
 
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma train`` (``--here``: as one rank of an outside launcher; only rank 0 prints)."""
-    summary = run_here(run) if args.here else run_train(run, args.restart)[0]
+    summary = run_here(run) if args.here else run_train(run, args.restart, progress=not args.no_progress)[0]
     if summary is not None:
         log.info(f"best epoch {summary['best_epoch'] + 1}: val loss {summary['best_val_loss']:.4f}, "
                  f"val accuracy {summary['best_val_accuracy']:.3f}; checkpoints in {summary['checkpoints']}")

@@ -270,6 +270,13 @@ def test_grid_is_chosen_on_the_inner_val_of_each_fold(make_dataset, make_config)
         assert len(scores) == 2 and chosen["chosen"] == max(range(2), key=lambda i: (scores[i], -i))
         assert (fold_dir / "train").resolve() == (fold_dir / f"grid-{chosen['chosen']}" / "train").resolve()
         assert (fold_dir / "grid-0" / "tiles" / "manifest.json").is_file()  # tiles.stride in the grid: own tiles
+    from jobs.cv import plan_folds
+    from jobs.fold import fold_trainings
+
+    inputs = cfg.inputs()  # the epoch bar reads each grid point's history where it trained
+    trainings = [t for task in plan_folds(cfg, inputs.records, inputs.classes) for t in fold_trainings(task)]
+    assert len(trainings) == 4 and all(t.epochs_done(t.entries()) == 1 for t in trainings)
+    assert {t.history.parent.parent.name for t in trainings} == {"grid-0", "grid-1"}
     with pytest.raises(ConfigError, match="'train.nope' is not a setting"):
         run_cv(make_config(source, *FAST, "cv.folds=2", "cv.grid={train.nope: [1]}", "run.name=grid-bad"))
 

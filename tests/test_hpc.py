@@ -34,6 +34,19 @@ def test_local_array_reports_the_failed_task_with_its_logs_and_bounds_parallelis
     assert peak == 2
 
 
+def test_waiting_for_one_job_looks_at_what_it_writes_while_it_runs(tmp_path, tasks_importable):
+    """``wait_for`` (one job, such as a training) calls ``on_poll`` while the task runs, so that a bar can follow
+    it, and still returns its result."""
+    from hpc import submit, wait_for
+    from hpc_tasks import record_span
+
+    executor = make_executor(ExecutorSettings(kind="local"), tmp_path / "logs" / "%j", name="one")
+    seen = []  # whether the task had written its span at each look
+    job = submit(executor, record_span, (str(tmp_path), 2))
+    assert wait_for(job, "one", on_poll=lambda: seen.append((tmp_path / "2.span").exists()), poll_s=0.05) == [4]
+    assert len(seen) >= 3 and not seen[0]
+
+
 def test_debug_executor_runs_in_this_process(tmp_path, tasks_importable):
     from hpc_tasks import record_span
 

@@ -387,6 +387,70 @@ def test_selection_cannot_keep_a_one_class_model():
     assert stop_early(history + _history([2.0], [0.4]), 2, "balanced_accuracy")
 
 
+def test_the_epoch_bar_reads_the_histories_that_trainings_write(tmp_path):
+    """The bar of `lymphoma train` and `cv` counts the epochs in each training's history.json: a training that
+    stopped early counts as complete, one not started or caught mid-write as none, one with more epochs than now
+    asked (the setting lowered before a rerun) as complete; a resumed training starts the bar where it stopped."""
+    import io
+
+    from jobs.progress import EpochProgress, Training
+    from lymphoma.settings import TrainSettings
+
+    patient = TrainSettings(epochs=5, patience=1, select="balanced_accuracy", min_epochs=1)
+    histories = {"running": _history([1.0, 0.9], [0.5, 0.6]), "stopped": _history([1.0, 0.9], [0.6, 0.5]),
+                 "longer": _history([1.0] * 7), "cut": None, "absent": None}
+    trainings = []
+    for name, history in histories.items():
+        path = tmp_path / name / "history.json"
+        path.parent.mkdir()
+        if history is not None:
+            path.write_text(json.dumps(history))
+        trainings.append(Training(path, patient if name != "longer" else TrainSettings(epochs=5)))
+    (tmp_path / "cut" / "history.json").write_text('[{"epoch": 0, "val_lo')
+    stream = io.StringIO()
+    bar = EpochProgress(trainings, "cv (5 folds)", stream=stream)
+    assert (bar.bar.n, bar.bar.total) == (2 + 5 + 5, 25)
+    (tmp_path / "absent" / "history.json").write_text(json.dumps(_history([1.0, 0.8, 0.7], [0.4, 0.5, 0.6])))
+    bar.poll()
+    assert bar.bar.n == 15
+    (tmp_path / "running" / "history.json").write_text(json.dumps(_history([1.0, 0.9, 0.8], [0.5, 0.6, 0.7])))
+    bar.poll()  # files are read at most every 2 s: too soon
+    assert bar.bar.n == 15
+    bar.close()
+    assert bar.bar.n == 16 and "16/25" in stream.getvalue().splitlines()[-1]
+    stream = io.StringIO()
+    single = EpochProgress(trainings[:1], "train", stream=stream)
+    single.close()
+    assert "3/5" in stream.getvalue() and "val loss 0.800, balanced accuracy 0.700" in stream.getvalue()
+    stream = io.StringIO()
+    silent = EpochProgress(trainings, "train", enabled=False, stream=stream)
+    silent.close()
+    assert silent.bar.disable and stream.getvalue() == ""
+
+
+def test_train_on_a_terminal_shows_its_epochs_from_where_it_resumes(tiled):
+    """`lymphoma train` waits for a task in another process; on a terminal its bar counts that task's epochs, a
+    rerun that resumes starting where the first stopped."""
+    from conftest import on_a_terminal
+
+    name = "epoch-bar"
+    config_for(tiled, name)
+    source, runs = tiled
+    command = [sys.executable, "-m", "jobs.cli", "train", f"data.source={source}", f"run.root={runs}",
+               f"run.name={name}", *FAST, "train.max_steps_per_epoch=2", "cluster.poll_s=0.1"]
+    bars = {}
+    for epochs in (2, 3):
+        code, printed = on_a_terminal([*command, f"train.epochs={epochs}"], timeout_s=300)
+        assert code == 0, printed
+        bars[epochs] = [line for line in printed.replace("\r", "\n").splitlines() if line.startswith("train:")]
+    assert bars[2] and "| 0/2 " in bars[2][0] and "| 2/2 " in bars[2][-1], bars[2]
+    assert "| 2/3 " in bars[3][0] and "| 3/3 " in bars[3][-1] and "balanced accuracy" in bars[3][-1], bars[3]
+    from jobs.cli import build_parser
+
+    for name in ("train", "cv", "run"):  # every command that waits for training takes it, as scripts pass it to all
+        assert build_parser().parse_args([name, "--no-progress"]).no_progress
+
+
 def test_bf16_autocast_trains_on_the_cpu_with_float32_weights(tiled):
     """train.amp=true on the CPU: the convolutions compute in bf16 (1.75x a step on a CPU with avx512_bf16, 8x
     slower emulated on one without bf16 units, which the log then warns of), the weights, their gradients and the
