@@ -23,7 +23,7 @@ from lymphoma.errors import InputError
 from lymphoma.files import write_csv_atomic
 from lymphoma.image_scale import scale_notes
 from lymphoma.inputs import compile_case_pattern
-from lymphoma.prediction import SlideInput, read_record, with_tiles
+from lymphoma.prediction import SlideInput, read_record
 from lymphoma.prediction_inputs import expand_inputs
 from lymphoma.settings import EXPORTED_ENGINES
 
@@ -85,8 +85,7 @@ class EncoderSource:
         """Prediction's notes on images resized to, or left off, the checkpoint's training scale."""
         if self.state is None:
             return []
-        resize = float(with_tiles(self.state, self.tiles)["tiles"].get("resize", 1.0))
-        return scale_notes(records, self.state, resize, "embed")
+        return scale_notes(records, self.state, self.tiles, "embed")
 
 
 def check_encoder(run: Run, checkpoint: Optional[Path], explicit: Sequence[str] = (), force: bool = False) -> EncoderSource:

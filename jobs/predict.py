@@ -162,7 +162,7 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
         slide_dir = out_dir / "slides"
         slide_dir.mkdir(exist_ok=True)
         fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision,
-                                             training_scale(saved, cfg.predict.scale))
+                                             training_scale(saved, cfg.predict.scale, tiles))
         resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}
         chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
         tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads, tiles) for chunk in chunks]
@@ -178,7 +178,7 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
         finally:
             bar.close()
         records = gather_records(slide_dir, chunks, failure)
-        notes = scale_notes(records, saved, float(state["tiles"].get("resize", 1.0)))
+        notes = scale_notes(records, saved, tiles)
         metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate, notes)
         n_ok = sum(r["status"] == "ok" for r in records)
         return PredictResult(out_dir, records, metrics, n_ok - len(resumed & {r["key"] for r in records if r["status"] == "ok"}),

@@ -89,7 +89,7 @@ def encoder_from_checkpoint(path: Path, device: torch.device, batch_size: int = 
     another resolution resized to its training scale, as prediction does (each file's ``tiles`` attribute then
     holds the resize it was cut at)."""
     saved = load_checkpoint(path)
-    state, matched = with_tiles(saved, tiles), training_scale(saved, scale)
+    state, matched = with_tiles(saved, tiles), training_scale(saved, scale, tiles)
     model = build_model(state["architecture"])
     model.load_state_dict(state["model"])
     stat = Path(path).stat()

@@ -64,26 +64,35 @@ def pixel_model(state: dict[str, Any]) -> bool:
             and tiles.get("target_power") is None)
 
 
-def training_scale(state: dict[str, Any], policy: str) -> Optional[TrainingScale]:
+def cut_tiles(state: dict[str, Any], tiles: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """The tile settings images are cut with: the checkpoint's, with the user's ``tiles`` (``--force``) in place."""
+    return {**state["tiles"], **(tiles or {})}
+
+
+def training_scale(state: dict[str, Any], policy: str, tiles: Optional[dict[str, Any]] = None) -> Optional[TrainingScale]:
     """The scale images are matched to under ``policy`` (predict.scale): None with ``keep``, for models tiled by
-    resolution and for checkpoints that do not record their images' size."""
+    resolution, for checkpoints that do not record their images' size, and where the user's ``tiles`` cut by
+    resolution (``--force tiles.target_mpp=...``: every image is read at it, none at a pixel scale)."""
     if policy not in SCALES:
         raise ValueError(f"predict.scale is {policy!r}; allowed: {', '.join(SCALES)}")
-    if policy == "keep" or not pixel_model(state):
+    cut = cut_tiles(state, tiles)
+    if policy == "keep" or not pixel_model(state) or cut.get("target_mpp") is not None or cut.get("target_power") is not None:
         return None
     height, width = state["image_size"]
     return TrainingScale((int(height), int(width)), float(state["tiles"].get("resize", 1.0)))
 
 
-def scale_notes(records: Sequence[dict[str, Any]], state: dict[str, Any], resize: float,
+def scale_notes(records: Sequence[dict[str, Any]], state: dict[str, Any], tiles: Optional[dict[str, Any]] = None,
                 verb: str = "predict") -> list[str]:
     """What prediction (or embedding: ``verb``) says of the images' scale: the images resized to the training scale
     (``matched_resize`` in their records), and one warning for the images (``image_size``) left more than
-    ``TOLERANCE`` off it at ``resize``, with the ``tiles.resize`` that would match the first; nothing when all
-    match, for models tiled by resolution, and for checkpoints that do not record their images' size."""
-    scale = training_scale(state, "match")  # what the model knows of its scale, whichever the policy
+    ``TOLERANCE`` off it at the resize they were cut with (the checkpoint's, or the user's ``tiles``), with the
+    ``tiles.resize`` that would match the first; nothing when all match, for models tiled by resolution or images
+    cut by it, and for checkpoints that do not record their images' size."""
+    scale = training_scale(state, "match", tiles)  # what the model knows of its scale, whichever the policy
     if scale is None:
         return []
+    resize = float(cut_tiles(state, tiles).get("resize", 1.0))
     trained, trained_resize = scale.size, scale.resize
     ok = [r for r in records if r.get("status") == "ok" and r.get("image_size")]
     matched = [r for r in ok if r.get("matched_resize")]

@@ -30,7 +30,7 @@ from lymphoma.engines import (
 )
 from lymphoma.errors import ImageError
 from lymphoma.files import write_text_atomic
-from lymphoma.image_scale import TrainingScale, training_scale
+from lymphoma.image_scale import TrainingScale, cut_tiles, training_scale
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap, save_probability_maps
 from lymphoma.precision import runnable_precision
@@ -83,7 +83,7 @@ class Predictor:
         if engine not in EXPORTED_ENGINES:  # onnxruntime runs fp32, openvino chooses for itself (OpenVinoEngine)
             precision = runnable_precision(precision, device)
         saved = load_checkpoint(path)
-        state, matched = with_tiles(saved, tiles), training_scale(saved, scale)  # the scale it was trained at
+        state, matched = with_tiles(saved, tiles), training_scale(saved, scale, tiles)  # the scale it was trained at
         model = build_model(state["architecture"])
         load_model_weights(model, state, path)
         model.to(device, memory_format=torch.channels_last).eval()
@@ -152,7 +152,7 @@ def onnx_export(classifier: TileClassifier, tile_size: int, path: Optional[Path]
 
 def with_tiles(state: dict[str, Any], tiles: Optional[dict[str, Any]]) -> dict[str, Any]:
     """The checkpoint's state with some tile settings replaced (none: unchanged)."""
-    return {**state, "tiles": {**state["tiles"], **tiles}} if tiles else state
+    return {**state, "tiles": cut_tiles(state, tiles)} if tiles else state
 
 
 def checkpoint_fingerprint(path: Path, state: dict[str, Any], tta: bool = False, engine: str = "torch",

@@ -364,6 +364,9 @@ def test_a_whole_slide_and_a_pixel_model_get_advice_that_works(checkpoint, data_
     assert "tiles.target_mpp=2.0 but the model was trained with None (on pixel tiles of images whose resolution" in err
     assert "pass --force to tile with yours" in err
     assert predict(checkpoint, tmp_path / "c", str(slide), "tiles.target_mpp=2.0", "--force") == 0
+    # read at the resolution given, the slide is at no pixel scale: no word of the training images' size
+    assert "the scale of the model's training images" not in capsys.readouterr().err
+    assert json.loads((tmp_path / "c" / "metrics.json").read_text()).get("warnings", []) == []
     record = json.loads((tmp_path / "c" / "slides" / "CMU-1-Small-Region.json").read_text())
     outputs = np.load(tmp_path / "c" / "slides" / "CMU-1-Small-Region.npz")
     assert record["n_tiles"] == len(outputs["coords"]) > 0
