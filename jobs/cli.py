@@ -88,7 +88,8 @@ def _add_model_commands(sub: Any) -> None:
                                          "activations of a checkpoint on a phase",
                         "Run a checkpoint over a phase's tiles (centre crop) and write tiles.csv, confusion.json/png, "
                         "augment.png, kernels.png and activations.png.")
-    validate.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a training run")
+    validate.add_argument("--checkpoint", required=True, help="best.pt or last.pt of a training run (its run folder, "
+                                                               "<run>/train/checkpoints/, holds the tiles: no -c needed)")
     validate.add_argument("--phase", default="val", help="train, val or test (default val)")
     validate.add_argument("--layer", default="features.denseblock1", help="layer whose activations to show")
     validate.add_argument("--out", help="output folder (default: <run folder>/validate)")
@@ -157,7 +158,8 @@ def _add_tools(sub: Any) -> None:
                       "Write <run folder>/report.html: config, split, tiles, training curves, prediction metrics "
                       "with confusion, ROC and reliability plots, every slide with its heat map, cross-validation "
                       "figures, and links to the files; pictures are embedded, so the page travels alone. "
-                      "`lymphoma run` and `lymphoma cv` write it too.")
+                      "`lymphoma run` and `lymphoma cv` write it too. Name the run folder as a path (`lymphoma report "
+                      "runs/my-run`) or by its -c config or run.root/run.name.")
     report.add_argument("--predict", metavar="DIR", help="the prediction folder to show (default <run>/predict)")
     _command(sub, "config", "print the resolved config: every setting, its value and its meaning",
              "Merge the defaults, the experiment (-c), the cluster profile and the overrides, and print the result "
@@ -204,7 +206,26 @@ def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argpar
         args.inputs = [w for w in words if w not in args.overrides]
     elif extra:
         args.overrides = args.overrides + extra
+    args.overrides = _run_folder_overrides(args) + args.overrides
     return args
+
+
+def _run_folder_overrides(args: argparse.Namespace) -> list[str]:
+    """``run.root``/``run.name`` of the run folder a command is pointed at: report's RUN_FOLDER word (taken out of
+    its overrides), or validate's checkpoint's own run (``<run>/train/checkpoints/<x>.pt``) where neither -c nor
+    a run.* override names one."""
+    folder = None
+    if args.command == "report":
+        folders = [w for w in args.overrides if "=" not in w]  # a path, not a setting
+        if len(folders) == 1:
+            folder = Path(folders[0])
+            args.overrides = [w for w in args.overrides if w != folders[0]]
+    elif args.command == "validate" and args.config is None and not any(
+            w.startswith(("run.root=", "run.name=")) for w in args.overrides):
+        checkpoint = Path(args.checkpoint).absolute()
+        if checkpoint.parent.name == "checkpoints" and checkpoint.parent.parent.name == "train":
+            folder = checkpoint.parents[2]
+    return [] if folder is None else [f"run.root={folder.absolute().parent}", f"run.name={folder.name}"]
 
 
 def _disk_full(err: OSError, args: argparse.Namespace, output: Path | None) -> DiskFullError:

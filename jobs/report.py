@@ -16,8 +16,8 @@ log = logging.getLogger(__name__)
 def command(args: argparse.Namespace, run: Run) -> int:
     """Write ``<run folder>/report.html`` (prediction from ``--predict``, default ``<run>/predict``)."""
     if not run.dir.is_dir():
-        raise InputError(f"run folder {run.dir} does not exist; give the run's -c config or run.name=<name> "
-                         f"(and run.root) of a run made before")
+        raise InputError(f"run folder {run.dir} does not exist; give the path of a run folder made before "
+                         "(`lymphoma report runs/<name>`), or its -c config or run.root and run.name")
     predict = Path(args.predict) if args.predict else None
     if predict is not None and not (predict / "metrics.json").is_file():
         raise InputError(f"--predict {predict}: no prediction there (its metrics.json is missing); give the --out "

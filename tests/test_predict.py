@@ -505,7 +505,9 @@ def test_a_report_over_damaged_files_names_them_and_shows_the_rest(checkpoint, c
     (run / "train").mkdir()
     (run / "train" / "history.json").write_text('[{"epoch": 0, "train_loss": 1.09')
     capsys.readouterr()
-    assert main(["report", f"run.root={tmp_path}", "run.name=damaged"]) == 0
+    assert main(["report", str(run / "nowhere")]) == 2
+    assert f"run folder {run / 'nowhere'} does not exist; give the path of a run folder" in capsys.readouterr().err
+    assert main(["report", str(run)]) == 0  # the run folder as a path, or by run.root and run.name below
     err, page = capsys.readouterr().err, (run / "report.html").read_text()
     assert f"{pictures[0]} is not a readable picture" in err and f"unreadable picture: {pictures[0].name}" in page
     assert f"{run / 'train' / 'history.json'} is not valid JSON" in err

@@ -54,7 +54,7 @@ PLAIN = ["train.label_smoothing=0", "train.weight_decay=0", "model.drop_rate=0",
          "augment.hed_shift=0", "stain.normalize=none"]
 
 
-def test_loss_falls_and_tensorboard_holds_every_tag(tiled):
+def test_loss_falls_and_tensorboard_holds_every_tag(tiled, tmp_path, monkeypatch):
     cfg = config_for(tiled, "learn", "train.epochs=4", "augment.rotate=0", "augment.hue=0.05",
                      "augment.grayscale_p=0", "train.lr=0.002", *PLAIN)
     summary = run_train(cfg)[0]
@@ -89,6 +89,12 @@ def test_loss_falls_and_tensorboard_holds_every_tag(tiled):
     rows = (out / "tiles.csv").read_text().splitlines()
     assert len(rows) == result["tiles"] + 1 and rows[0].startswith("index,filename,case,truth,predicted,logit_CLL")
     assert sum(map(sum, result["confusion"])) == result["tiles"]
+    from jobs.cli import main
+
+    monkeypatch.chdir(tmp_path)  # far from the run: the checkpoint's path names its run folder, whose tiles it validates
+    (out / "tiles.csv").unlink()
+    assert main(["validate", "--checkpoint", str(tiled[1] / "learn" / "train" / "checkpoints" / "best.pt")]) == 0
+    assert (out / "tiles.csv").read_text().splitlines() == rows and not (tmp_path / "runs").exists()
 
 
 def killed_and_resumed(tiled: tuple[Path, Path], name: str, epochs: list[str]) -> None:
