@@ -140,14 +140,14 @@ def _add_model_commands(sub: Any) -> None:
 
 
 def _add_tools(sub: Any) -> None:
-    inspect = _command(sub, "inspect", "a slide's levels, resolution, vendor, tissue and tile grid",
-                       "Show what a slide file holds (levels, dimensions, microns per pixel, objective, vendor), its "
-                       "tissue fraction, and write a thumbnail with the tile grid that tiles.* would cut.",
-                       overrides=False)
-    inspect.add_argument("inputs", nargs="+", metavar="SLIDE", help="a whole-slide file (SVS, NDPI, pyramidal TIFF, "
-                                                                   "...) or an image; key=value overrides too")
-    inspect.add_argument("--out", type=Path, help="the thumbnail (.png, .jpg, .tif) or a folder for it (default: "
-                                                  "<slide name>-grid.png here)")
+    inspect = _command(sub, "inspect", "slides' levels, resolution, vendor, tissue and tile grid",
+                       "Show what each slide file holds (levels, dimensions, microns per pixel, objective, vendor), "
+                       "its tissue fraction, and write a thumbnail with the tile grid that tiles.* would cut. A slide "
+                       "that cannot be read is named and the others still shown (exit status 1).", overrides=False)
+    inspect.add_argument("inputs", nargs="+", metavar="SLIDE", help="whole-slide files (SVS, NDPI, pyramidal TIFF, "
+                                                                   "...) or images; key=value overrides too")
+    inspect.add_argument("--out", type=Path, help="the thumbnail (.png, .jpg, .tif) of one slide, or a folder for "
+                                                  "them (default: <slide name>-grid.png here)")
     download = _command(sub, "download", "fetch the public IICBU 2008 lymphoma data set into class folders",
                         "Download the public tarball (resumable), verify its SHA-1 and unpack it into one folder per "
                         "class.")

@@ -54,10 +54,28 @@ def inspect_slide(t: TileSettings, path: Path, out: Path | None) -> str:
 
 
 def command(args: argparse.Namespace, run: Run) -> int:
-    """``lymphoma inspect``."""
-    if len(args.inputs) != 1:
-        given = ", ".join(args.inputs) or "only overrides"
-        raise InputError(f"lymphoma inspect takes one slide, not {len(args.inputs)} ({given}); overrides look like "
+    """``lymphoma inspect``: each slide in turn; one that cannot be read is named and the others still shown (exit
+    status 1 if any failed)."""
+    if not args.inputs:
+        raise InputError("lymphoma inspect takes one or more slides (paths), and overrides that look like "
                          "section.key=value, e.g. tiles.target_mpp=1.0")
-    log.info(inspect_slide(run.config.tiles, Path(args.inputs[0]), args.out))
+    slides = [Path(p) for p in args.inputs]
+    out = args.out
+    if out is not None and not out.is_dir():  # a wrong --out is refused before any slide is read
+        if len(slides) == 1:
+            picture_path(out, slides[0])
+        elif out.suffix.lower() in PICTURE_SUFFIXES:
+            raise InputError(f"--out {out}: {len(slides)} slides have a picture each; give a folder for them")
+        else:
+            out.mkdir(parents=True, exist_ok=True)
+    failed = []
+    for i, slide in enumerate(slides):
+        try:
+            log.info(("\n" if i else "") + inspect_slide(run.config.tiles, slide, out))
+        except (InputError, OSError) as err:
+            failed.append(slide)
+            log.error(f"error: {err}")  # the error names the file
+    if failed:
+        log.error(f"lymphoma inspect: {len(failed)} of {len(slides)} slide(s) could not be inspected (named above)")
+        return 1
     return 0

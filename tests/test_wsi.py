@@ -144,8 +144,19 @@ def test_inspect_reports_levels_tissue_and_grid(wsi_dir, tmp_path, capsys):
         assert "vendor:     aperio" in report and "mpp:        0.499" in report and "0: 2220 x 2967" in report
         assert "tissue:" in report and "tiles of 128 px at 1.0 mpp kept" in report
         assert Image.open(out).size[1] == 1024
-    assert main(["inspect", slide, slide, "tiles.target_mpp=1.0"]) == 2
-    assert "takes one slide, not 2" in capsys.readouterr().err
+    # several slides: each reported, a picture each in the --out folder; one that cannot be read named, the rest shown
+    other = str(wsi_dir / "TCGA-CR-7395-01A-01-TS1.svs")
+    assert main(["inspect", slide, str(tmp_path / "missing.svs"), other, "tiles.target_mpp=1.0", "--out",
+                 str(tmp_path / "many")]) == 1
+    captured = capsys.readouterr()
+    assert captured.out.count("file:") == 2 and "mpp:        unknown (set tiles.default_mpp)" in captured.out
+    assert f"{tmp_path / 'missing.svs'}: file not found" in captured.err and "1 of 3 slide(s) could not" in captured.err
+    assert sorted(p.name for p in (tmp_path / "many").iterdir()) == ["CMU-1-Small-Region-grid.png",
+                                                                     "TCGA-CR-7395-01A-01-TS1-grid.png"]
+    assert main(["inspect", slide, other, "--out", str(out)]) == 2
+    assert "2 slides have a picture each; give a folder for them" in capsys.readouterr().err
+    assert main(["inspect", "tiles.target_mpp=1.0"]) == 2
+    assert "takes one or more slides" in capsys.readouterr().err
     # --out: a folder gets the default name; a missing folder is made; a name that is no picture is refused first
     assert main(["inspect", slide, "--out", str(tmp_path)]) == 0
     assert Image.open(tmp_path / "CMU-1-Small-Region-grid.png").size[1] == 1024
