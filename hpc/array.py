@@ -134,8 +134,9 @@ def wait_for(job: submitit.Job[Any], name: str, on_poll: Callable[[], None] | No
     try:
         if isinstance(job, submitit.DebugJob):
             return [_run_in_process(job)]
-        while on_poll is not None and not job.done():
-            on_poll()
+        while not _ended(job, "slurm" if isinstance(job, submitit.SlurmJob) else "local"):  # not submitit's done():
+            if on_poll is not None:  # it takes a job still CONFIGURING on SLURM for one that ended (_ended)
+                on_poll()
             time.sleep(poll_s)
         return job.results()
     except (KeyboardInterrupt, SystemExit):  # this command is being stopped
