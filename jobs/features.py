@@ -4,6 +4,7 @@ HDF5 file per slide in the CLAM/TRIDENT layout, resumable per slide, failed slid
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -20,7 +21,8 @@ from jobs.run_folder import Run, folder_lock, prepare_out_dir
 from lymphoma.backbones import require_model
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
-from lymphoma.files import write_csv_atomic
+from lymphoma.features import ENCODER_FILE
+from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.image_scale import scale_notes
 from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import SlideInput, read_record
@@ -87,6 +89,11 @@ class EncoderSource:
             return []
         return scale_notes(records, self.state, self.tiles, "embed")
 
+    def cases_seen(self) -> Optional[list[str]]:
+        """The cases the encoder learnt from or chose its epoch on (its checkpoint's record; None where an older
+        checkpoint kept none); none for a backbone, whose weights (model.weights) come from outside this cohort."""
+        return [] if self.checkpoint is None else (self.state or {}).get("cases_seen")
+
 
 def check_encoder(run: Run, checkpoint: Optional[Path], explicit: Sequence[str] = (), force: bool = False) -> EncoderSource:
     """Before anything is submitted: a readable checkpoint and the user's tile settings checked against its own
@@ -125,6 +132,9 @@ def embed_into(out_dir: Path, run: Run, source: EncoderSource, slides: list[Slid
     """``run_features`` in its output folder, held: the array job, then ``features.csv``."""
     cfg = run.config
     run.save_config(out_dir / "config.yaml")
+    encoder = {"encoder": str(source.checkpoint or cfg.model.weights or "random initialisation"),
+               "cases_seen": source.cases_seen()}  # for `lymphoma mil`: which test cases the encoder has seen
+    write_text_atomic(out_dir / ENCODER_FILE, json.dumps(encoder, indent=1) + "\n")
     chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
     checkpoint = str(source.checkpoint) if source.checkpoint else None
     tasks = [FeaturesTask(run, checkpoint, chunk, str(out_dir), threads, source.tiles or None) for chunk in chunks]

@@ -11,7 +11,7 @@ import logging
 import time
 from collections import defaultdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 
@@ -20,7 +20,7 @@ from lymphoma.checkpoint import load_state, save_checkpoint
 from lymphoma.cohort_report import probability_record
 from lymphoma.crossval import across_repeats, cv_report, format_cv_report, grouped_folds
 from lymphoma.errors import InputError
-from lymphoma.features import read_features
+from lymphoma.features import encoder_cases_seen, read_features
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.inputs import ImageRecord
 from lymphoma.mil import Bag, predict_bag, train_mil
@@ -117,9 +117,11 @@ def run_mil(run: Run) -> dict[str, Any]:
     records = [ImageRecord(r["path"], r["label"], r["case"]) for r in first]
     out = run.dir / "mil"
     reports, predictions, unreadable, drawn = [], [], [], 0
+    seen_of, leaked = {folder: encoder_cases_seen(folder) for folder in cohorts}, set()
     for r in range(cfg.cv.repeats):
         by_fold = []
         for k, test_cases in enumerate(grouped_folds(records, cfg.cv.folds, cfg.cv.seed + r)):
+            leaked |= (seen_of[folders[r, k]] or set()) & set(test_cases)
             rows_by_key = {row["key"]: row for row in cohorts[folders[r, k]]}
             bags = bags_of[folders[r, k]]
             case_of = {b.key: rows_by_key[str(b.slides[0])]["case"] for b in bags}
@@ -135,6 +137,7 @@ def run_mil(run: Run) -> dict[str, Any]:
     warn_unreadable(unreadable, drawn, out / "attention")
     report = {**reports[0], "repeats": reports, "across_repeats": across_repeats(reports), "bag": settings.bag,
               "features": str(features_dir), "encoders": "one per fold" if len(cohorts) > 1 else "one",
+              "encoder_saw_test_cases": None if None in seen_of.values() else sorted(leaked),
               "n_bags": len(next(iter(bags_of.values()))), "minutes": (time.perf_counter() - start) / 60}
     out.mkdir(parents=True, exist_ok=True)
     if len(cohorts) == 1:
@@ -182,9 +185,24 @@ def warn_unreadable(unreadable: list[str], total: int, folder: Path) -> None:
                     f"here (first: {unreadable[0]}); every slide's coords and attention are in {folder}/<slide>.npz")
 
 
-def format_mil_report(report: dict[str, Any]) -> str:
-    """The pooled figures with intervals and the repeats, as `lymphoma cv` prints them."""
-    return "\n".join([f"attention-MIL, one bag per {report['bag']} ({report['n_bags']} bags), embeddings from "
+def leak_warning(report: dict[str, Any]) -> Optional[str]:
+    """Where the encoder learnt from test cases: that the figures are not held out, and what to do instead."""
+    leaked = report.get("encoder_saw_test_cases") or []
+    if not leaked:
+        return None
+    return (f"the encoder learnt from (or chose its epoch on) {len(leaked)} of the {report['n_cases']} cases these "
+            f"folds test ({', '.join(leaked[:5])}{' ...' if len(leaked) > 5 else ''}): the figures are not held out. "
+            "Embed with a pretrained backbone (model.backbone, model.weights), or give each fold its own encoder "
+            "(mil.features: a `lymphoma cv` run whose folds hold features/ made by their own models, with the same "
+            "cv.folds and cv.seed)")
+
+
+def format_mil_report(report: dict[str, Any], warn: bool = True) -> str:
+    """The pooled figures with intervals and the repeats, as `lymphoma cv` prints them; first (``warn``), where the
+    encoder learnt from test cases, that they are not held out."""
+    warning = leak_warning(report) if warn else None
+    return "\n".join([*([f"WARNING: {warning}"] if warning else []),
+                      f"attention-MIL, one bag per {report['bag']} ({report['n_bags']} bags), embeddings from "
                       f"{report['features']} ({'one encoder' if report['encoders'] == 'one' else 'each fold its own encoder'})",
                       format_cv_report(report)])
 
@@ -254,7 +272,9 @@ def command(args: argparse.Namespace, run: Run) -> int:
         return 0
     with run.create().lock("mil"):  # two trainings would leave one's model beside the other's report
         report = run_mil(run)
-    log.info(format_mil_report(report))
+    if (warning := leak_warning(report)) is not None:
+        log.warning(f"lymphoma mil: {warning}")
+    log.info(format_mil_report(report, warn=False))
     log.info(f"report: {run.dir / 'mil' / 'report.json'}; attention maps: {run.dir / 'mil' / 'attention'}; model for "
              f"new slides: {run.dir / 'mil' / 'mil.pt'}; {report['minutes']:.1f} min")
     return 0

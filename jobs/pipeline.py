@@ -55,6 +55,8 @@ def run_pipeline(run: Run, progress: bool = True) -> dict[str, Any]:
     request = PredictRequest(run.checkpoints / "best.pt", slides=tuple(held_out_slides(run.split_csv, phase)))
     result: PredictResult = run_predict(run, request, progress)
     log.info(format_report(result))
+    for note in result.notes:  # e.g. the val cases chose the epoch kept (train.select): no held-out figure
+        log.warning(f"lymphoma run: {note}")
     minutes = (time.perf_counter() - start) / 60
     page = write_run_report(run.dir)
     log.info(f"== done in {minutes:.1f} min; run folder {run.dir}: config.yaml, split.csv, tiles/, train/ "

@@ -16,7 +16,7 @@ from jobs.config import keys_set
 from jobs.progress import SlideProgress
 from jobs.run_folder import Run, folder_lock, prepare_out_dir
 from lymphoma.checkpoint import load_checkpoint
-from lymphoma.cohort_report import write_report
+from lymphoma.cohort_report import seen_cases_notes, write_report
 from lymphoma.errors import InputError
 from lymphoma.image_scale import scale_notes, training_scale
 from lymphoma.inputs import compile_case_pattern
@@ -86,7 +86,7 @@ class PredictResult:
     n_predicted: int
     n_resumed: int
     task_failures: Optional[ArrayJobError] = None
-    scale_notes: tuple[str, ...] = ()  # images resized to, or left at another scale than, the training images'
+    notes: tuple[str, ...] = ()  # images resized to or off the training scale, cases the model learnt from
 
 
 def forced_tiles(run: Run, checkpoint: Path, state: dict[str, Any], explicit: Sequence[str],
@@ -178,7 +178,7 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
         finally:
             bar.close()
         records = gather_records(slide_dir, chunks, failure)
-        notes = scale_notes(records, saved, tiles)
+        notes = scale_notes(records, saved, tiles) + seen_cases_notes(records, saved.get("cases_seen"))
         metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate, notes)
         n_ok = sum(r["status"] == "ok" for r in records)
         return PredictResult(out_dir, records, metrics, n_ok - len(resumed & {r["key"] for r in records if r["status"] == "ok"}),
@@ -222,7 +222,7 @@ def command(args: argparse.Namespace, run: Run) -> int:
                              args.force, explicit)
     result = run_predict(run, request, progress=not args.no_progress)
     log.info(format_report(result))
-    for note in result.scale_notes:
+    for note in result.notes:
         log.warning(f"lymphoma predict: {note}")
     if result.task_failures is not None:
         raise result.task_failures

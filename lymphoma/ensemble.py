@@ -33,7 +33,15 @@ def ensemble_state(paths: Sequence[Path]) -> dict[str, Any]:
                 "val_accuracy": state.get("val_accuracy")} for path, state in zip(paths, states)]
     return {**{key: first.get(key) for key in SHARED}, "architecture": {**first["architecture"], "members": len(states)},
             "model": weights, "epoch": max(m["epoch"] for m in members), "config": first.get("config"),
-            "backend": first.get("backend"), "ensemble": members, "image_size": members_image_size(states)}
+            "backend": first.get("backend"), "ensemble": members, "image_size": members_image_size(states),
+            "cases_seen": members_cases_seen(states)}
+
+
+def members_cases_seen(states: Sequence[dict[str, Any]]) -> Any:
+    """Every case some member learnt from or chose its epoch on (None when a member does not record its own)."""
+    if any(s.get("cases_seen") is None for s in states):
+        return None
+    return sorted({case for s in states for case in s["cases_seen"]})
 
 
 def members_image_size(states: Sequence[dict[str, Any]]) -> Any:

@@ -34,6 +34,7 @@ from lymphoma.stain import StainNormalizer, fit_target
 from lymphoma.tile_sources import TileSource
 
 FEATURES_FORMAT = "lymphoma-features-1"
+ENCODER_FILE = "encoder.json"  # a features folder's encoder, and the cases it has seen (for `lymphoma mil`)
 
 
 def strip_head(model: torch.nn.Module) -> torch.nn.Module:
@@ -184,6 +185,16 @@ class FeatureWriter:
                   "case": slide.case, "file": "", "fingerprint": self.meta["fingerprint"]}
         write_text_atomic(self._record_path(slide), json.dumps(record, indent=1) + "\n")
         return record
+
+
+def encoder_cases_seen(folder: Path) -> Optional[set[str]]:
+    """The cases the encoder of a features folder learnt from or chose its epoch on (its ``ENCODER_FILE``); None
+    where that is not known (a folder made before the file was written, or an older checkpoint)."""
+    try:
+        seen = json.loads((Path(folder) / ENCODER_FILE).read_text()).get("cases_seen")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return None if seen is None else {str(case) for case in seen}
 
 
 def read_features(path: str | Path) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:

@@ -467,7 +467,16 @@ def checkpoint_fields(run: Training) -> dict[str, Any]:
             "backend": run.pipes.backend, "stain": run.pipes.target.as_dict() if run.pipes.target is not None else None,
             "init_weights": run.parts.init_weights, "tiles_fingerprint": run.tiles_fingerprint,
             "image_size": training_image_size(run.train_tiles.image_shapes),
-            "training_precision": "bf16" if run.options.amp else "fp32"}
+            "training_precision": "bf16" if run.options.amp else "fp32", "cases_seen": cases_seen(run)}
+
+
+def cases_seen(run: Training) -> list[str]:
+    """The cases whose tiles the weights learnt from, and those of the eval phase where it chose the epoch kept or
+    when to stop (train.select other than last, or train.patience): figures on any of them are not held out."""
+    train = run.settings.train
+    chose = train.select != "last" or train.patience is not None
+    phases = [run.train_tiles, run.eval_tiles] if chose else [run.train_tiles]
+    return sorted({case for tiles in phases for case in np.unique(tiles.cases).tolist()})
 
 
 def fit(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: Rank = Rank(),

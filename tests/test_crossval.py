@@ -127,6 +127,15 @@ def test_cv_end_to_end(make_dataset, make_config, caplog):
     assert len(shipped["members"]) + len(shipped["left_out"]) == 2
     assert (shipped["path"] is not None) == bool(shipped["members"])
     _check_ensemble(run_dir, source)
+    # each fold model records the cases it learnt from or chose its epoch on (with train.patience, the inner val's
+    # too): every case but its test cases; the ensemble, their union (for `lymphoma mil`'s check of its encoder)
+    from lymphoma.checkpoint import load_checkpoint
+
+    every = set().union(*test_of.values())
+    for k in (0, 1):
+        seen = load_checkpoint(run_dir / "repeat-0" / f"fold-{k}" / "train" / "checkpoints" / "best.pt")["cases_seen"]
+        assert seen == sorted(every - test_of[0, k])
+    assert load_checkpoint(run_dir / "ensemble.pt")["cases_seen"] == sorted(every)
     _check_pooled_report(run_dir, caplog.text)
     assert report["seconds"]["train"] > 0
 

@@ -133,6 +133,34 @@ def test_a_trained_densenet_is_an_encoder_and_bad_encoders_are_named(encoder, ma
     assert not (tmp_path / "freeze").exists()
 
 
+def test_mil_on_a_tile_model_that_learnt_from_its_test_cases_says_its_figures_are_not_held_out(
+        encoder, tiled, make_dataset, tmp_path, capsys):
+    """The checkpoint records the cases it trained on (its run's train phase; the fixed schedule chose nothing on
+    val); `lymphoma features` keeps that beside the embeddings, and `lymphoma mil` with that one encoder for every
+    fold names the test cases it has seen, in a warning, report.txt and report.json. A folder whose encoder is not
+    known (made before the record) is reported as such, without a warning."""
+    with (tiled[1] / "base" / "split.csv").open() as handle:
+        trained = sorted({row["case"] for row in csv.DictReader(handle) if row["phase"] == "train"})
+    assert torch.load(encoder, weights_only=True)["cases_seen"] == trained and len(trained) == 3
+    source = make_dataset(cases_per_class=2, images_per_case=1)  # the same first cases: the encoder's among them
+    common = [f"run.root={tmp_path}", "run.name=leak", "cluster.kind=debug"]
+    assert features(tmp_path / "leak" / "features", "--checkpoint", str(encoder), f"{source}/**/*.png", *common) == 0
+    assert json.loads((tmp_path / "leak" / "features" / "encoder.json").read_text())["cases_seen"] == trained
+    capsys.readouterr()
+    mil = ["mil", f"data.source={source}", *common, "cv.folds=2", "cv.bootstrap=100", "mil.epochs=1",
+           "mil.heatmaps=false"]
+    assert main(mil) == 0
+    err = capsys.readouterr().err
+    assert "lymphoma mil: the encoder learnt from (or chose its epoch on) 3 of the 6 cases these folds test" in err
+    report = tmp_path / "leak" / "mil" / "report.json"
+    assert json.loads(report.read_text())["encoder_saw_test_cases"] == trained
+    assert report.with_suffix(".txt").read_text().startswith("WARNING: the encoder learnt from")
+    (tmp_path / "leak" / "features" / "encoder.json").unlink()
+    assert main(mil) == 0
+    assert "the encoder learnt from" not in capsys.readouterr().err
+    assert json.loads(report.read_text())["encoder_saw_test_cases"] is None
+
+
 def test_a_checkpoint_encoder_tiles_at_its_scale_as_prediction_does(encoder, data_root, manifest_rows, tmp_path,
                                                                     capsys):
     """A full-size image (1388x1040) of the 417x312 copies the encoder was trained on is cut at their scale, its

@@ -110,6 +110,7 @@ def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, t
     out = tmp_path / "mil" / "mil"
     report = json.loads((out / "report.json").read_text())
     assert report["n_images"] == 12 and report["n_cases"] == 12 and len(report["repeats"]) == 2
+    assert report["encoder_saw_test_cases"] == []  # pretrained weights: no case of this cohort
     with (out / "predictions.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     records = discover(str(source), ["CLL", "FL", "MCL"]).records

@@ -494,6 +494,21 @@ def test_the_progress_of_a_prediction_counts_records_written_since_it_started(tm
     assert silent.bar.disable
 
 
+def test_accuracy_on_cases_the_model_learnt_from_is_called_no_held_out_figure(checkpoint, tiled, tmp_path, capsys):
+    """Predicting, with their classes, a case the model trained on and one it never saw: the first is named in a
+    warning (printed and kept in metrics.json) as no held-out figure; the case it never saw is not."""
+    with (tiled[1] / "base" / "split.csv").open() as handle:
+        rows = list(csv.DictReader(handle))
+    trained, unseen = (next(r for r in rows if r["phase"] == phase) for phase in ("train", "val"))
+    listing = tmp_path / "cohort.tsv"
+    listing.write_text("".join(f"{r['path']}\t{r['label']}\t{r['case']}\n" for r in (trained, unseen)))
+    assert predict(checkpoint, tmp_path / "out", "--list", str(listing)) == 0
+    note = (f"1 of the 2 case(s) predicted with a known class were learnt from in training (or chose the model's "
+            f"epoch): {trained['case']}; accuracy on them is not a held-out figure")
+    assert note in capsys.readouterr().err
+    assert [w for w in json.loads((tmp_path / "out" / "metrics.json").read_text())["warnings"] if note in w]
+
+
 def test_a_report_over_damaged_files_names_them_and_shows_the_rest(checkpoint, cohort, tmp_path, capsys):
     """A heat map cut short is named in its slide's row (never embedded as a broken picture) and a history.json or
     metrics.json cut short in place of its section, each with a warning: `lymphoma report` (and the end of `run`
