@@ -16,10 +16,10 @@ def command(args: argparse.Namespace, run: Run) -> int:
     from lymphoma.checkpoint import load_checkpoint
     from lymphoma.engines import write_export
 
-    load_checkpoint(args.checkpoint)  # a checkpoint that cannot be exported is refused before any folder is made
+    state = load_checkpoint(args.checkpoint)  # a checkpoint that cannot be exported is refused before any folder is made
     out = make_out_folder(Path(args.out) if args.out else Path(args.checkpoint).with_suffix(""))
     formats = [f.strip() for f in args.formats.split(",") if f.strip()]
-    report = write_export(Path(args.checkpoint), out, formats)
+    report = write_export(Path(args.checkpoint), out, formats, state=state)
     for name, entry in report["files"].items():  # type: ignore[union-attr]
         log.info(f"{name}: {out / entry['path']}: tile classes equal to PyTorch's on {entry['same_class']:.0%} of "
                  f"{report['check_tiles']} check tiles, largest logit difference {entry['max_abs_logit_difference']:.1e}")

@@ -11,6 +11,7 @@ import sys
 import warnings
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -173,14 +174,16 @@ EXPORT_FILES = {"onnx": "model.onnx", "torchscript": "model.torchscript.pt"}  # 
 
 
 def write_export(checkpoint: Path, out_dir: Path, formats: Sequence[str] = EXPORT_FORMATS,
-                 check_tiles: np.ndarray | None = None) -> dict[str, object]:
+                 check_tiles: np.ndarray | None = None, state: dict[str, Any] | None = None) -> dict[str, object]:
     """Export a checkpoint's model into ``out_dir`` (``model.onnx``, ``model.torchscript.pt``) with
     ``preprocessing.json`` (what a server must do before and after); each export is run on ``check_tiles``
     (uint8 ``[N, H, W, 3]``, default: a fixed random batch) beside PyTorch, and the largest logit
-    difference and the share of equal tile classes are recorded in ``export.json``, which is returned."""
+    difference and the share of equal tile classes are recorded in ``export.json``, which is returned.
+    ``state``: the checkpoint as already loaded (a foundation model's is read once, not twice)."""
     import hashlib
     import json
 
+    from lymphoma.backbones import file_digest
     from lymphoma.checkpoint import load_checkpoint, load_model_weights
     from lymphoma.files import write_all_or_none
     from lymphoma.model import build_model
@@ -189,7 +192,7 @@ def write_export(checkpoint: Path, out_dir: Path, formats: Sequence[str] = EXPOR
     unknown = [f for f in formats if f not in EXPORT_FORMATS]
     if unknown or not formats:
         raise InputError(f"export formats {list(formats)}: allowed: {', '.join(EXPORT_FORMATS)}")
-    state = load_checkpoint(checkpoint)
+    state = state if state is not None else load_checkpoint(checkpoint)
     model = build_model(state["architecture"])
     load_model_weights(model, state, checkpoint)
     augment, tiles = AugmentSettings(**state["augment"]), TileSettings(**state["tiles"])
@@ -199,7 +202,7 @@ def write_export(checkpoint: Path, out_dir: Path, formats: Sequence[str] = EXPOR
     with torch.inference_mode():
         reference = classifier(torch.from_numpy(check_tiles)).float()
     report: dict[str, object] = {"checkpoint": str(checkpoint),
-                                 "sha256": hashlib.sha256(Path(checkpoint).read_bytes()).hexdigest(),
+                                 "sha256": file_digest(checkpoint),  # read in chunks: never the whole file at once
                                  "check_tiles": len(check_tiles), "files": {}}
     written: dict[Path, bytes] = {}
     for name in formats:
