@@ -346,6 +346,7 @@ class Training:
     options: StepOptions
     tiles: dict[str, Any]  # the tile settings the stores were written with (their manifest's)
     tiles_fingerprint: str  # which shards it trains on (sharding.tiles_fingerprint)
+    cases_seen: list[str]  # the cases its weights learn from or are chosen on (``cases_seen``), taken once
     start_epoch: int = 0
     history: list[dict[str, Any]] = field(default_factory=list)
     writer: Any = None
@@ -388,7 +389,7 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
                           train.clip_grad_norm, batch_mix(train.mix, train.mix_alpha), parts.adversary, distiller)
     run = Training(settings, out_dir, rank, device, train_tiles, eval_tiles, make_criterion(train_tiles, train, device),
                    parts, build_pipelines(train_tiles, eval_tiles, settings, rank, device, target), options,
-                   manifest["tiles"], tiles_fingerprint(tiles_dir))
+                   manifest["tiles"], tiles_fingerprint(tiles_dir), cases_seen(train_tiles, eval_tiles, train))
     torch.manual_seed(train.seed + rank.rank)  # augmentation differs per rank; the model came from one seed
     if last.is_file():
         state = load_checkpoint(last)
@@ -467,15 +468,14 @@ def checkpoint_fields(run: Training) -> dict[str, Any]:
             "backend": run.pipes.backend, "stain": run.pipes.target.as_dict() if run.pipes.target is not None else None,
             "init_weights": run.parts.init_weights, "tiles_fingerprint": run.tiles_fingerprint,
             "image_size": training_image_size(run.train_tiles.image_shapes),
-            "training_precision": "bf16" if run.options.amp else "fp32", "cases_seen": cases_seen(run)}
+            "training_precision": "bf16" if run.options.amp else "fp32", "cases_seen": run.cases_seen}
 
 
-def cases_seen(run: Training) -> list[str]:
-    """The cases whose tiles the weights learnt from, and those of the eval phase where it chose the epoch kept or
+def cases_seen(train_tiles: PhaseTiles, eval_tiles: PhaseTiles, train: TrainSettings) -> list[str]:
+    """The cases whose tiles the weights learn from, and those of the eval phase where it chooses the epoch kept or
     when to stop (train.select other than last, or train.patience): figures on any of them are not held out."""
-    train = run.settings.train
     chose = train.select != "last" or train.patience is not None
-    phases = [run.train_tiles, run.eval_tiles] if chose else [run.train_tiles]
+    phases = [train_tiles, eval_tiles] if chose else [train_tiles]
     return sorted({case for tiles in phases for case in np.unique(tiles.cases).tolist()})
 
 
