@@ -18,7 +18,7 @@ from typing import Any
 
 from hpc import ArrayJobError, SubmissionError
 from hpc.logs import command_logging, end_logging
-from jobs.run_folder import open_run
+from jobs.run_folder import Run, open_run
 from lymphoma import __version__
 from lymphoma.errors import DiskFullError, InputError, is_disk_full
 
@@ -222,9 +222,7 @@ def _run_folder_overrides(args: argparse.Namespace) -> list[str]:
             args.overrides = [w for w in args.overrides if w != folders[0]]
     elif args.command == "validate" and args.config is None and not any(
             w.startswith(("run.root=", "run.name=")) for w in args.overrides):
-        checkpoint = Path(args.checkpoint).absolute()
-        if checkpoint.parent.name == "checkpoints" and checkpoint.parent.parent.name == "train":
-            folder = checkpoint.parents[2]
+        folder = Run.folder_of_checkpoint(Path(args.checkpoint))
     return [] if folder is None else [f"run.root={folder.absolute().parent}", f"run.name={folder.name}"]
 
 

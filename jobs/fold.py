@@ -15,7 +15,7 @@ import submitit
 from hpc.task import task_setup
 from jobs.config import ConfigError
 from jobs.predict import predict_chunk
-from jobs.progress import Training
+from jobs.progress import WatchedTraining
 from jobs.run_folder import Run
 from jobs.tile import tile_in_process
 from jobs.train import fit_here, fit_settings
@@ -109,13 +109,18 @@ def _fit(task: FoldTask, run: Run, tiles_dir: Path, device: Any, seconds: dict[s
     return summary
 
 
-def fold_trainings(task: FoldTask) -> list[Training]:
-    """The trainings a fold runs (one, or one per grid point), where each writes its history: for the epoch bar."""
+def point_runs(task: FoldTask) -> list[tuple[dict[str, Any], Run]]:
+    """Each point of the fold's grid with its run, working in ``<fold>/grid-<i>``; without a grid, the fold's own
+    run alone (``[({}, run)]``)."""
     points = grid_points(dict(task.run.config.cv.grid))
     if points == [{}]:
-        return [Training(task.run.train / "history.json", task.run.config.train)]
-    runs = [task.run.with_values(point).at(task.fold_dir / f"grid-{i}") for i, point in enumerate(points)]
-    return [Training(run.train / "history.json", run.config.train) for run in runs]
+        return [({}, task.run)]
+    return [(point, task.run.with_values(point).at(task.fold_dir / f"grid-{i}")) for i, point in enumerate(points)]
+
+
+def fold_trainings(task: FoldTask) -> list[WatchedTraining]:
+    """The trainings a fold runs (one, or one per grid point), where each writes its history: for the epoch bar."""
+    return [WatchedTraining(run.train / "history.json", run.config.train) for _, run in point_runs(task)]
 
 
 def train_fold(task: FoldTask, device: Any, seconds: dict[str, float]) -> dict[str, Any]:
@@ -123,13 +128,12 @@ def train_fold(task: FoldTask, device: Any, seconds: dict[str, float]) -> dict[s
     tiles when the point changes tiling), keep the point whose kept epoch scored the best inner-val balanced
     accuracy (lower val loss breaks ties), link ``<fold>/train`` to it and write ``<fold>/grid.json``."""
     fold_dir = task.fold_dir
-    points = grid_points(dict(task.run.config.cv.grid))
-    if points == [{}]:
+    runs = point_runs(task)
+    if not runs[0][0]:  # no grid: the fold's own run
         return _fit(task, task.run, task.run.tiles, device, seconds)
     results = []
-    for i, point in enumerate(points):
+    for point, run in runs:
         own_tiles = any(key.startswith("tiles.") for key in point)
-        run = task.run.with_values(point).at(fold_dir / f"grid-{i}")
         summary = _fit(task, run, run.tiles if own_tiles else task.run.tiles, device, seconds)
         results.append({"point": point, "balanced_accuracy": summary["best_val_balanced_accuracy"],
                         "val_loss": summary["best_val_loss"], "epoch": summary["best_epoch"]})

@@ -63,7 +63,7 @@ class SlideProgress:
 
 
 @dataclass(frozen=True)
-class Training:
+class WatchedTraining:
     """One training another process runs: the ``history.json`` it rewrites after each epoch, and its settings
     (how many epochs, and whether it may stop early)."""
 
@@ -91,7 +91,7 @@ class EpochProgress:
     ``enabled`` is False); a training that stopped early counts as complete. Beside a single training's bar: its
     last epoch's validation loss and balanced accuracy."""
 
-    def __init__(self, trainings: Sequence[Training], desc: str, enabled: bool = True,
+    def __init__(self, trainings: Sequence[WatchedTraining], desc: str, enabled: bool = True,
                  stream: Optional[TextIO] = None) -> None:
         self.trainings, self.next_at = list(trainings), 0.0
         done, figures = self._read()  # a resumed training starts where it stopped: not progress made now

@@ -82,6 +82,15 @@ class Run:
     def checkpoints(self) -> Path:
         return self.train / "checkpoints"
 
+    @staticmethod
+    def folder_of_checkpoint(checkpoint: Path) -> Path | None:
+        """The run folder a checkpoint lies in (``checkpoints`` read backwards: ``<run>/train/checkpoints/x.pt``), or
+        None for one elsewhere."""
+        checkpoint = Path(checkpoint).absolute()
+        if checkpoint.parent.name == "checkpoints" and checkpoint.parent.parent.name == "train":
+            return checkpoint.parents[2]
+        return None
+
     @property
     def predict(self) -> Path:
         return self.dir / "predict"

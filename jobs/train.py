@@ -13,7 +13,7 @@ import submitit
 
 from hpc import refuse_beside_open_job, submit, wait_for
 from hpc.task import task_setup
-from jobs.progress import EpochProgress, Training
+from jobs.progress import EpochProgress, WatchedTraining
 from jobs.run_folder import Run
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
@@ -99,7 +99,7 @@ def run_train(run: Run, restart: bool = False, progress: bool = True) -> list[di
         run.train.mkdir(exist_ok=True)
         job = submit(run.executor("train"), TrainJob(), run, ledger=run.train / "slurm-job.json")  # hpc.ledger
         log.info(f"training job {job.job_id}: logs in {run.train / 'logs'}")
-        bar = EpochProgress([Training(run.train / "history.json", cfg.train)], "train",
+        bar = EpochProgress([WatchedTraining(run.train / "history.json", cfg.train)], "train",
                             enabled=progress and cfg.cluster.kind != "debug")  # debug: it runs in this process
         try:
             results = wait_for(job, f"train-{cfg.run.name}", on_poll=bar.poll, poll_s=cfg.cluster.poll_s)

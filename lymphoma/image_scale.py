@@ -64,7 +64,7 @@ def pixel_model(state: dict[str, Any]) -> bool:
             and tiles.get("target_power") is None)
 
 
-def cut_tiles(state: dict[str, Any], tiles: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def tiles_cut_with(state: dict[str, Any], tiles: Optional[dict[str, Any]] = None) -> dict[str, Any]:
     """The tile settings images are cut with: the checkpoint's, with the user's ``tiles`` (``--force``) in place."""
     return {**state["tiles"], **(tiles or {})}
 
@@ -75,7 +75,7 @@ def training_scale(state: dict[str, Any], policy: str, tiles: Optional[dict[str,
     resolution (``--force tiles.target_mpp=...``: every image is read at it, none at a pixel scale)."""
     if policy not in SCALES:
         raise ValueError(f"predict.scale is {policy!r}; allowed: {', '.join(SCALES)}")
-    cut = cut_tiles(state, tiles)
+    cut = tiles_cut_with(state, tiles)
     if policy == "keep" or not pixel_model(state) or cut.get("target_mpp") is not None or cut.get("target_power") is not None:
         return None
     height, width = state["image_size"]
@@ -92,7 +92,7 @@ def scale_notes(records: Sequence[dict[str, Any]], state: dict[str, Any], tiles:
     scale = training_scale(state, "match", tiles)  # what the model knows of its scale, whichever the policy
     if scale is None:
         return []
-    resize = float(cut_tiles(state, tiles).get("resize", 1.0))
+    resize = float(tiles_cut_with(state, tiles).get("resize", 1.0))
     trained, trained_resize = scale.size, scale.resize
     ok = [r for r in records if r.get("status") == "ok" and r.get("image_size")]
     matched = [r for r in ok if r.get("matched_resize")]

@@ -30,7 +30,7 @@ from lymphoma.engines import (
 )
 from lymphoma.errors import ImageError
 from lymphoma.files import write_text_atomic
-from lymphoma.image_scale import TrainingScale, cut_tiles, training_scale
+from lymphoma.image_scale import TrainingScale, tiles_cut_with, training_scale
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap, save_probability_maps
 from lymphoma.precision import runnable_precision
@@ -152,7 +152,7 @@ def onnx_export(classifier: TileClassifier, tile_size: int, path: Optional[Path]
 
 def with_tiles(state: dict[str, Any], tiles: Optional[dict[str, Any]]) -> dict[str, Any]:
     """The checkpoint's state with some tile settings replaced (none: unchanged)."""
-    return {**state, "tiles": cut_tiles(state, tiles)} if tiles else state
+    return {**state, "tiles": tiles_cut_with(state, tiles)} if tiles else state
 
 
 def checkpoint_fingerprint(path: Path, state: dict[str, Any], tta: bool = False, engine: str = "torch",

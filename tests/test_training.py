@@ -399,7 +399,7 @@ def test_the_epoch_bar_reads_the_histories_that_trainings_write(tmp_path):
     asked (the setting lowered before a rerun) as complete; a resumed training starts the bar where it stopped."""
     import io
 
-    from jobs.progress import EpochProgress, Training
+    from jobs.progress import EpochProgress, WatchedTraining
     from lymphoma.settings import TrainSettings
 
     patient = TrainSettings(epochs=5, patience=1, select="balanced_accuracy", min_epochs=1)
@@ -411,7 +411,7 @@ def test_the_epoch_bar_reads_the_histories_that_trainings_write(tmp_path):
         path.parent.mkdir()
         if history is not None:
             path.write_text(json.dumps(history))
-        trainings.append(Training(path, patient if name != "longer" else TrainSettings(epochs=5)))
+        trainings.append(WatchedTraining(path, patient if name != "longer" else TrainSettings(epochs=5)))
     (tmp_path / "cut" / "history.json").write_text('[{"epoch": 0, "val_lo')
     stream = io.StringIO()
     bar = EpochProgress(trainings, "cv (5 folds)", stream=stream)
