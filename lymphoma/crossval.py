@@ -77,8 +77,8 @@ def bootstrap_intervals(records: Sequence[dict[str, Any]], classes: Sequence[str
                         confidence: float, seed: int = 0, scores: bool = False) -> dict[str, dict[str, list[float]]]:
     """Percentile intervals of image- and case-level (balanced) accuracy, resampling cases with replacement:
     the images of one patient are not independent, so the case is the unit that is drawn. With ``scores``,
-    of macro ROC AUC and ECE too, from the first ``SCORE_RESAMPLES`` resamples (they do not depend on the
-    aggregation: the probabilities are the same)."""
+    of macro ROC AUC and ECE too (ECE's re-centred, ``recentred``), from the first ``SCORE_RESAMPLES`` resamples
+    (they do not depend on the aggregation: the probabilities are the same)."""
     by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
     for r in records:
         by_case[r["case"]].append(r)
@@ -100,7 +100,20 @@ def bootstrap_intervals(records: Sequence[dict[str, Any]], classes: Sequence[str
                 if values["macro_auc"] is not None:
                     draws[f"{level}_macro_auc"].append(values["macro_auc"])
     tail = (1 - confidence) / 2 * 100
-    return {name: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] for name, v in draws.items()}
+    out = {name: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] for name, v in draws.items()}
+    if scores:
+        for level, values in level_scores(records, classes, aggregate).items():
+            out[f"{level}_ece"] = recentred(draws[f"{level}_ece"], values["ece"], tail)
+    return out
+
+
+def recentred(draws: Sequence[float], estimate: float, tail: float) -> list[float]:
+    """The percentile interval of a binned ECE's resamples moved by their mean's distance from the estimate,
+    within [0, 1]. A bin's gap |confidence - accuracy| only grows with the noise a resample adds, so the resamples
+    of a small cohort lie above the estimate (the estimate was often at or below the plain interval's low end);
+    moved back, the interval keeps their spread around the estimate."""
+    shift = float(np.mean(draws)) - estimate
+    return [float(np.clip(np.percentile(draws, q) - shift, 0.0, 1.0)) for q in (tail, 100 - tail)]
 
 
 def cv_report(records_by_fold: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str], resamples: int,

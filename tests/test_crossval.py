@@ -9,6 +9,7 @@ import logging
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tables
 
@@ -85,6 +86,26 @@ def test_report_pools_folds_and_bootstraps_cases():
     assert perfect["image_accuracy"] == [1.0, 1.0] and perfect["case_balanced_accuracy"] == [1.0, 1.0]
     assert bootstrap_intervals(right + wrong, ["A", "B"], "vote", 300, 0.95, seed=3) == \
         bootstrap_intervals(right + wrong, ["A", "B"], "vote", 300, 0.95, seed=3)
+
+
+def test_calibration_error_interval_surrounds_its_estimate():
+    """A binned ECE's case resamples lie above the estimate (noise only widens a bin's gap): the reported interval is
+    their percentile interval moved back by that shift, so it keeps their width and holds the estimate."""
+    rng = np.random.default_rng(1)
+    records = []
+    for i in range(23):  # as many cases as the real data set, four images each, probabilities about calibrated
+        label = "AB"[i % 2]
+        for j in range(4):
+            confidence = rng.uniform(0.5, 1.0)
+            predicted = label if rng.random() < confidence else "AB"[1 - i % 2]
+            records.append({"key": f"{i}-{j}", "status": "ok", "label": label, "case": f"c{i}", "confidence": confidence,
+                            "majority_class": predicted, "mean_prob_class": predicted,
+                            "mean_probs": {predicted: confidence, "AB"[predicted == "A"]: 1 - confidence}})
+    vote = cv_report([records], ["A", "B"], resamples=500, confidence=0.95)["vote"]
+    for level in ("image", "case"):
+        low, high = vote["interval"][f"{level}_ece"]
+        # the plain percentile interval put the image-level estimate (0.054) at 0.13 of its width [0.038, 0.161]
+        assert 0.25 < (vote[level]["ece"] - low) / (high - low) < 0.75 and 0 < low
 
 
 def test_a_fold_refuses_a_case_in_two_phases(tmp_path, records):
@@ -201,7 +222,7 @@ def _check_pooled_report(run_dir, printed):
     for level in ("image", "case"):
         low, high = pooled["interval"][f"{level}_macro_auc"]
         assert low <= pooled[level]["macro_auc"] <= high and 0 <= pooled[level]["ece"] <= 1
-        assert pooled["interval"][f"{level}_ece"][0] <= pooled["interval"][f"{level}_ece"][1]
+        assert pooled["interval"][f"{level}_ece"][0] <= pooled[level]["ece"] <= pooled["interval"][f"{level}_ece"][1]
     assert "scores (one class against the rest; F1 of the majority vote): image macro AUC" in printed
     assert "95% intervals from 200 case resamples" in printed and "over 2 fold assignments" in printed
     assert "baseline (logistic regression" in printed and "its null (3 case-label permutations" in printed
