@@ -26,7 +26,7 @@ import numpy as np
 from scipy.stats import trim_mean
 
 from common import emit
-from lymphoma.cohort_report import case_class
+from lymphoma.levels import case_class
 from lymphoma.voting import vote
 
 RULES: dict[str, Callable[[dict[str, Any]], np.ndarray]] = {
@@ -78,7 +78,7 @@ def fold_images(run: Path, repeat: int) -> list[dict[str, Any]]:
 
 def scores(images: list[dict[str, Any]], rule: str) -> tuple[float, float]:
     """Pooled image and case accuracy of one rule over one assignment's images; the vote's cases as the CV report
-    counts them (``lymphoma.cohort_report.case_class``)."""
+    counts them (``lymphoma.levels.case_class``)."""
     classes = images[0]["classes"]
     by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
     right = 0

@@ -18,11 +18,12 @@ from jobs.fold import FoldJob, FoldTask, fold_trainings, grid_points, variant_su
 from jobs.progress import EpochProgress
 from jobs.run_folder import Run
 from lymphoma.backbones import require_model
-from lymphoma.cohort_report import image_class, write_report
+from lymphoma.cohort_report import write_report
 from lymphoma.crossval import across_repeats, cv_report, fold_phases, format_cv_report, grouped_folds
 from lymphoma.ensemble import write_ensemble
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.inputs import ImageRecord
+from lymphoma.levels import image_class
 from lymphoma.prediction import read_record
 from lymphoma.run_report import write_run_report
 from lymphoma.selection import at_chance as chance_level

@@ -34,6 +34,8 @@ Prediction and reports
   read_ahead      reader threads that decode, tile and stain-normalise slides ahead of the model
   features, mil   tile embeddings per slide (CLAM/TRIDENT HDF5); gated attention-MIL on them
   voting, metrics, cohort_report, plots   votes, accuracies, the cohort report, figures
+  levels          an image's and a case's class (vote or mean probability), confusions at both levels
+  case_bootstrap  intervals from cases drawn with replacement, each draw summed from its cases' own counts
   baseline        the reference logistic regression on colour and texture features
 Common
   errors, files   errors a user can act on; atomic writes of text, CSV and arrays

@@ -20,6 +20,8 @@ import numpy as np
 
 from lymphoma.cohort_report import probability_record
 from lymphoma.images import read_rgb
+from lymphoma.levels import confusions
+from lymphoma.metrics import accuracy
 from lymphoma.settings import StainSettings
 from lymphoma.stain import StainNormalizer, fit_target
 
@@ -200,9 +202,6 @@ def permuted_labels(cohort: Cohort, rng: np.random.Generator) -> np.ndarray:
 
 def pooled_accuracy(records_by_fold: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str]) -> tuple[float, float]:
     """Image- and case-level accuracy of all folds' records together."""
-    from lymphoma.cohort_report import confusions
-    from lymphoma.metrics import accuracy
-
     image, case = confusions([r for fold in records_by_fold for r in fold], classes)
     return accuracy(image), accuracy(case)
 

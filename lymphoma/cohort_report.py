@@ -1,11 +1,9 @@
 """The cohort report of a prediction: one row per slide, image- and case-level metrics (accuracy, balanced
-accuracy, ROC AUC, F1, calibration), confusion matrices, ROC and reliability plots; an image's or case's class by
-majority vote of tiles or by mean probability."""
+accuracy, ROC AUC, F1, calibration), confusion matrices, ROC and reliability plots."""
 
 from __future__ import annotations
 
 import json
-from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -13,6 +11,7 @@ from typing import Any, Optional
 import numpy as np
 
 from lymphoma.files import write_csv_atomic, write_text_atomic
+from lymphoma.levels import confusions, image_class, level_inputs
 from lymphoma.metrics import accuracy, balanced_accuracy, probability_scores
 from lymphoma.plots import save_confusion, save_reliability, save_roc
 
@@ -69,57 +68,6 @@ def probability_record(probs: np.ndarray, classes: Sequence[str], **fields: Any)
     name = classes[int(probs.argmax())]
     return {**fields, "status": "ok", "majority_class": name, "mean_prob_class": name, "confidence": float(probs.max()),
             "mean_probs": dict(zip(classes, probs.tolist())), "votes": {c: int(c == name) for c in classes}}
-
-
-def image_class(record: dict[str, Any], aggregate: str) -> str:
-    """An image's class from its record: the tiles' majority ``vote`` or their ``mean`` probability's class."""
-    return record["majority_class"] if aggregate == "vote" else record["mean_prob_class"]
-
-
-def case_class(records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str = "vote") -> str:
-    """A case's class. ``vote``: the majority of its images' voted classes, ties to the larger summed mean
-    probability; ``mean``: the class of its images' averaged mean probabilities."""
-    def summed(c: str) -> float:
-        return sum(r["mean_probs"][c] for r in records)
-
-    if aggregate == "mean":
-        return max(classes, key=summed)
-    counts = Counter(r["majority_class"] for r in records)
-    best = max(counts.values())
-    return max([c for c in classes if counts.get(c) == best], key=summed)
-
-
-def confusions(records: Sequence[dict[str, Any]], classes: Sequence[str],
-               aggregate: str = "vote") -> tuple[np.ndarray, np.ndarray]:
-    """``[true, predicted]`` counts over images and over cases, for records that carry a label."""
-    index = {c: i for i, c in enumerate(classes)}
-    image = np.zeros((len(classes), len(classes)), dtype=int)
-    by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        image[index[r["label"]], index[image_class(r, aggregate)]] += 1
-        by_case[r["case"]].append(r)
-    case = np.zeros_like(image)
-    for items in by_case.values():
-        case[index[items[0]["label"]], index[case_class(items, classes, aggregate)]] += 1
-    return image, case
-
-
-def level_inputs(records: Sequence[dict[str, Any]], classes: Sequence[str],
-                 aggregate: str = "vote") -> dict[str, tuple[list[str], list[str], np.ndarray]]:
-    """Per level (image, case): truth, predicted class and class probabilities (an image's mean tile
-    probability; a case's mean over its images), for records that carry a label."""
-    by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        by_case[r["case"]].append(r)
-
-    def probs(items: Sequence[dict[str, Any]]) -> list[float]:
-        return [float(np.mean([r["mean_probs"][c] for r in items])) for c in classes]
-
-    return {"image": ([r["label"] for r in records], [image_class(r, aggregate) for r in records],
-                      np.array([probs([r]) for r in records])),
-            "case": ([items[0]["label"] for items in by_case.values()],
-                     [case_class(items, classes, aggregate) for items in by_case.values()],
-                     np.array([probs(items) for items in by_case.values()]))}
 
 
 def level_scores(records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str = "vote",

@@ -10,13 +10,13 @@ from typing import Any
 
 import numpy as np
 
-from lymphoma.cohort_report import confusions, level_scores
+from lymphoma.case_bootstrap import bootstrap_intervals
+from lymphoma.cohort_report import level_scores
 from lymphoma.errors import InputError
 from lymphoma.inputs import ImageRecord
+from lymphoma.levels import LEVELS, confusions
 from lymphoma.metrics import accuracy, balanced_accuracy
 from lymphoma.split import split_cases
-
-LEVELS = ("image", "case")
 
 
 def grouped_folds(records: Sequence[ImageRecord], folds: int, seed: int = 0) -> list[list[str]]:
@@ -68,52 +68,6 @@ def _metrics(records: Sequence[dict[str, Any]], classes: Sequence[str], aggregat
     extra = level_scores(records, classes, aggregate) if scores else {level: {} for level in LEVELS}
     return {level: {"n": int(m.sum()), "accuracy": accuracy(m), "balanced_accuracy": balanced_accuracy(m),
                     "confusion": m.tolist(), **extra[level]} for level, m in zip(LEVELS, (image, case))}
-
-
-SCORE_RESAMPLES = 500  # case resamples for the intervals of macro AUC and ECE (scikit-learn's AUC costs ~1 ms)
-
-
-def bootstrap_intervals(records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str, resamples: int,
-                        confidence: float, seed: int = 0, scores: bool = False) -> dict[str, dict[str, list[float]]]:
-    """Percentile intervals of image- and case-level (balanced) accuracy, resampling cases with replacement:
-    the images of one patient are not independent, so the case is the unit that is drawn. With ``scores``,
-    of macro ROC AUC and ECE too (ECE's re-centred, ``recentred``), from the first ``SCORE_RESAMPLES`` resamples
-    (they do not depend on the aggregation: the probabilities are the same)."""
-    by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
-    for r in records:
-        by_case[r["case"]].append(r)
-    cases = sorted(by_case)
-    rng = np.random.default_rng(seed)
-    draws: dict[str, list[float]] = defaultdict(list)
-    for _ in range(resamples):
-        sample: list[dict[str, Any]] = []
-        for j, i in enumerate(rng.integers(0, len(cases), len(cases))):
-            # a case drawn twice counts as two cases
-            sample += [{**r, "case": f"{r['case']}#{j}"} for r in by_case[cases[i]]]
-        m = _metrics(sample, classes, aggregate, scores=False)
-        for level in LEVELS:
-            draws[f"{level}_accuracy"].append(m[level]["accuracy"])
-            draws[f"{level}_balanced_accuracy"].append(m[level]["balanced_accuracy"])
-        if scores and len(draws["image_ece"]) < SCORE_RESAMPLES:
-            for level, values in level_scores(sample, classes, aggregate).items():
-                draws[f"{level}_ece"].append(values["ece"])
-                if values["macro_auc"] is not None:
-                    draws[f"{level}_macro_auc"].append(values["macro_auc"])
-    tail = (1 - confidence) / 2 * 100
-    out = {name: [float(np.percentile(v, tail)), float(np.percentile(v, 100 - tail))] for name, v in draws.items()}
-    if scores:
-        for level, values in level_scores(records, classes, aggregate).items():
-            out[f"{level}_ece"] = recentred(draws[f"{level}_ece"], values["ece"], tail)
-    return out
-
-
-def recentred(draws: Sequence[float], estimate: float, tail: float) -> list[float]:
-    """The percentile interval of a binned ECE's resamples moved by their mean's distance from the estimate,
-    within [0, 1]. A bin's gap |confidence - accuracy| only grows with the noise a resample adds, so the resamples
-    of a small cohort lie above the estimate (the estimate was often at or below the plain interval's low end);
-    moved back, the interval keeps their spread around the estimate."""
-    shift = float(np.mean(draws)) - estimate
-    return [float(np.clip(np.percentile(draws, q) - shift, 0.0, 1.0)) for q in (tail, 100 - tail)]
 
 
 def cv_report(records_by_fold: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str], resamples: int,

@@ -49,14 +49,11 @@ def probability_scores(truth: Sequence[str], predicted: Sequence[str], probs: np
     class absent from, or alone in, the truth) and their macro mean; precision, recall and F1 of the predicted
     classes per class and macro-averaged; the expected calibration error of the probabilities' top class over
     ``bins`` equal-width confidence bins, and the reliability table it comes from."""
-    from sklearn.metrics import precision_recall_fscore_support, roc_auc_score
+    from sklearn.metrics import precision_recall_fscore_support
 
     probs = np.asarray(probs, dtype=np.float64)
     truth_index = np.array([list(classes).index(t) for t in truth])
-    auc: dict[str, Optional[float]] = {}
-    for k, name in enumerate(classes):
-        positive = truth_index == k
-        auc[name] = float(roc_auc_score(positive, probs[:, k])) if 0 < positive.sum() < len(positive) else None
+    auc = dict(zip(classes, one_vs_rest_auc(truth_index, probs)))
     defined = [v for v in auc.values() if v is not None]
     precision, recall, f1, _ = precision_recall_fscore_support(list(truth), list(predicted), labels=list(classes),
                                                                zero_division=0)
@@ -65,6 +62,25 @@ def probability_scores(truth: Sequence[str], predicted: Sequence[str], probs: np
             "precision": dict(zip(classes, map(float, precision))), "recall": dict(zip(classes, map(float, recall))),
             "f1": dict(zip(classes, map(float, f1))), "macro_f1": float(np.mean(f1[present])) if present else 0.0,
             **calibration(truth_index, probs, bins)}
+
+
+def one_vs_rest_auc(truth_index: np.ndarray, probs: np.ndarray) -> list[Optional[float]]:
+    """Per class, the ROC AUC of its probability against the other classes: the Mann-Whitney statistic from mid-ranks
+    (a tie counts half, as the ROC curve's trapezoids count it), without scikit-learn's checks, which cost a case
+    bootstrap seconds; None for a class absent from, or alone in, the truth."""
+    from scipy.stats import rankdata
+
+    out: list[Optional[float]] = []
+    for k in range(probs.shape[1]):
+        positive = truth_index == k
+        n_positive = int(positive.sum())
+        n_negative = len(positive) - n_positive
+        if not n_positive or not n_negative:
+            out.append(None)
+            continue
+        ranks = rankdata(probs[:, k])
+        out.append(float((ranks[positive].sum() - n_positive * (n_positive + 1) / 2) / (n_positive * n_negative)))
+    return out
 
 
 def calibration(truth_index: np.ndarray, probs: np.ndarray, bins: int = 10) -> dict[str, Any]:

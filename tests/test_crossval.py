@@ -18,7 +18,8 @@ from jobs.cli import main
 from jobs.cv import run_cv
 from jobs.fold import FoldJob, FoldTask
 from jobs.run_folder import open_run
-from lymphoma.crossval import bootstrap_intervals, cv_report, fold_phases, grouped_folds
+from lymphoma.case_bootstrap import bootstrap_intervals
+from lymphoma.crossval import cv_report, fold_phases, grouped_folds
 from lymphoma.errors import InputError
 from lymphoma.inputs import ImageRecord
 

@@ -37,6 +37,17 @@ def test_scores_equal_scikit_learns_on_random_inputs():
     assert scores["macro_f1"] == pytest.approx(f1_score(truth, predicted, labels=CLASSES, average="macro"))
 
 
+def test_auc_counts_ties_as_scikit_learn_does():
+    """Probabilities rounded to one decimal tie often (as a vote share or a saturated bf16 softmax does): each tie
+    between a positive and a negative counts half, as scikit-learn's ROC curve counts it."""
+    rng = np.random.default_rng(4)
+    truth = list(rng.choice(CLASSES, 80))
+    probs = np.round(rng.dirichlet(np.ones(3), 80), 1)
+    scores = probability_scores(truth, truth, probs, CLASSES)
+    for k, name in enumerate(CLASSES):
+        assert scores["auc"][name] == pytest.approx(roc_auc_score(np.array(truth) == name, probs[:, k]), abs=1e-12)
+
+
 def test_expected_calibration_error_of_a_worked_example():
     """Confidences 0.9 (right), 0.6 (wrong), 0.8 (right), one per bin: (0.1 + 0.6 + 0.2) / 3."""
     probs = np.array([[0.9, 0.1, 0.0], [0.6, 0.4, 0.0], [0.8, 0.2, 0.0]])
