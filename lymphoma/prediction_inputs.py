@@ -12,7 +12,7 @@ from typing import Optional
 
 from lymphoma.errors import InputError
 from lymphoma.images import is_image_file, one_file_per_dicom_slide
-from lymphoma.inputs import case_of, image_item, image_keys, read_user_text, shared_key
+from lymphoma.inputs import case_of, image_item, image_keys, own_name, read_user_text, shared_key
 from lymphoma.prediction import SlideInput
 from lymphoma.regions import find_region_file
 
@@ -24,7 +24,9 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
                   regions: Optional[str] = None) -> list[SlideInput]:
     """Slides from names and wildcards (``**`` recursive) and from a TSV whose columns are path[, label[, case]]
     (``#`` lines and blank lines skipped; relative paths under ``basepath``). Truth and case come from the TSV's
-    columns or, for files, from their folders (``truth_from_folders``); region files from ``<regions>/<key>.geojson``."""
+    columns or, for files, from their folders (``truth_from_folders``), else from the file's own name by
+    ``case_pattern`` (not its key, which names folders too where two files share a name); region files from
+    ``<regions>/<key>.geojson``."""
     rows: list[Row] = []
     for pattern in patterns:
         matches = one_file_per_dicom_slide(_matches(pattern))
@@ -46,7 +48,7 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
         folder_label, folder_case = truth_from_folders(Path(path), classes)
         region_file = find_region_file(regions, key)  # <slide name>.geojson: a DICOM slide's is its folder's
         slides.append(SlideInput(resolved, key, label or folder_label,
-                                 case or folder_case or case_of(key, case_pattern) or key,
+                                 case or folder_case or case_of(own_name(Path(path)), case_pattern) or key,
                                  str(region_file.resolve()) if region_file else ""))
     return slides
 

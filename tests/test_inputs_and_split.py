@@ -145,3 +145,18 @@ def test_empty_folder_duplicates_and_mixed_case_labels(tmp_path, make_dataset):
         discover(root)
     with pytest.raises(InputError, match="does not exist"):
         discover(tmp_path / "nowhere")
+
+
+def test_prediction_takes_the_case_from_the_file_name_when_folders_tell_two_copies_apart(data_root, manifest_rows):
+    """The data set's folder holds a slide twice, at 0.3x and at full size, under the same name: their keys name
+    the folders (``lowres__CLL__...``), their case is the patient's, as training finds it, not the key."""
+    import re
+
+    from lymphoma.inputs import DEFAULT_CASE_PATTERN
+    from lymphoma.prediction_inputs import expand_inputs
+
+    row = next(r for r in manifest_rows if r["fullres_jpeg_path"])
+    paths = [str(data_root / row["lowres_path"]), str(data_root / row["fullres_jpeg_path"])]
+    slides = expand_inputs(paths, None, None, ["CLL", "FL", "MCL"], re.compile(DEFAULT_CASE_PATTERN))
+    assert [s.key.split("__")[0] for s in slides] == ["lowres", "fullres-jpeg"]
+    assert [(s.label, s.case) for s in slides] == [(row["cls"], row["case_id"])] * 2
