@@ -16,7 +16,7 @@ from jobs.config import keys_set
 from jobs.progress import SlideProgress
 from jobs.run_folder import Run, folder_lock, prepare_out_dir
 from lymphoma.checkpoint import load_checkpoint
-from lymphoma.cohort_report import seen_cases_notes, write_report
+from lymphoma.cohort_report import figure_text, seen_cases_notes, write_report
 from lymphoma.errors import InputError
 from lymphoma.image_scale import scale_notes, training_scale
 from lymphoma.inputs import compile_case_pattern
@@ -179,7 +179,8 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
             bar.close()
         records = gather_records(slide_dir, chunks, failure)
         notes = scale_notes(records, saved, tiles) + seen_cases_notes(records, saved.get("cases_seen"))
-        metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate, notes)
+        metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate, notes,
+                               intervals=(cfg.cv.bootstrap, cfg.cv.confidence))
         n_ok = sum(r["status"] == "ok" for r in records)
         return PredictResult(out_dir, records, metrics, n_ok - len(resumed & {r["key"] for r in records if r["status"] == "ok"}),
                              len(resumed), failure, tuple(notes))
@@ -206,8 +207,13 @@ def format_report(result: PredictResult) -> str:
              f"already complete), {m['failed']} failed"]
     for level in ("image", "case"):
         if level in m:
-            lines.append(f"{level}-level accuracy {m[level]['accuracy']:.3f}, balanced {m[level]['balanced_accuracy']:.3f}"
-                         f" (n={m[level]['n']})")
+            lines.append(f"{level}-level " + ", ".join(
+                f"{name} {figure_text(m[level], key)}" for name, key in
+                (("accuracy", "accuracy"), ("balanced", "balanced_accuracy"), ("macro AUC", "macro_auc")))
+                + f" (n={m[level]['n']})")
+    if "confidence" in m and "case" in m:
+        lines.append(f"  {m['confidence']:.0%} intervals from {m['bootstrap']} resamples of the {m['case']['n']} "
+                     "cases (a patient's images are not independent)")
     failed = [r for r in result.records if r["status"] != "ok"]
     lines += [f"  failed: {r['path']}: {r['error']}" for r in failed[:10]]
     lines += [f"summary:  {result.out_dir / 'summary.csv'}", f"metrics:  {result.out_dir / 'metrics.json'}",

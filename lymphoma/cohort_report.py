@@ -10,8 +10,9 @@ from typing import Any, Optional
 
 import numpy as np
 
+from lymphoma.case_bootstrap import bootstrap_intervals
 from lymphoma.files import write_csv_atomic, write_text_atomic
-from lymphoma.levels import confusions, image_class, level_inputs
+from lymphoma.levels import LEVELS, confusions, image_class, level_inputs
 from lymphoma.metrics import accuracy, balanced_accuracy, probability_scores
 from lymphoma.plots import save_confusion, save_reliability, save_roc
 
@@ -29,10 +30,12 @@ def seen_cases_notes(records: Sequence[dict[str, Any]], cases_seen: Optional[Seq
 
 
 def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_dir: Path,
-                 aggregate: str = "vote", warnings: Sequence[str] = ()) -> dict[str, Any]:
+                 aggregate: str = "vote", warnings: Sequence[str] = (),
+                 intervals: Optional[tuple[int, float]] = None) -> dict[str, Any]:
     """summary.csv (one row per slide), metrics.json and confusion PNGs at image and case level; an image's
     class is its tiles' majority ``vote`` or their ``mean`` probability's class; ``warnings`` about the whole
-    prediction go into metrics.json (and from there onto the run's report page)."""
+    prediction go into metrics.json (and from there onto the run's report page). With ``intervals`` (resamples,
+    confidence), each level's figures get case-bootstrap intervals: ``interval``, figure -> [low, high]."""
     rows = []
     for r in records:
         ok = r["status"] == "ok"
@@ -58,8 +61,23 @@ def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_
                               **scores[level]}
             save_confusion(confusion, classes, out_dir / f"confusion_{level}.png",
                            f"{level} level: accuracy {metrics[level]['accuracy']:.3f} (n={confusion.sum()})")
+        if intervals:
+            metrics.update(bootstrap=intervals[0], confidence=intervals[1])
+            drawn = bootstrap_intervals(known, classes, aggregate, *intervals, scores=True)
+            for level in LEVELS:
+                metrics[level]["interval"] = {name[len(level) + 1:]: v for name, v in drawn.items()
+                                              if name.startswith(f"{level}_")}
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def figure_text(level: dict[str, Any], key: str, missing: str = "-") -> str:
+    """A figure of a level's metrics (metrics.json), with its interval where it has one; ``missing`` where it has
+    none (a macro AUC of one class)."""
+    value, interval = level.get(key), level.get("interval", {}).get(key)
+    if value is None:
+        return missing
+    return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
 
 def probability_record(probs: np.ndarray, classes: Sequence[str], **fields: Any) -> dict[str, Any]:

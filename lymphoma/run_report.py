@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from lymphoma import __version__
+from lymphoma.cohort_report import figure_text
 from lymphoma.files import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -193,9 +194,8 @@ def _metrics_rows(metrics: dict[str, Any]) -> list[list[Any]]:
     for level in ("image", "case"):
         m = metrics.get(level)
         if m:
-            rows.append([level, m.get("n", ""), m.get("accuracy", ""), m.get("balanced_accuracy", ""),
-                         m.get("macro_auc", "") if m.get("macro_auc") is not None else "",
-                         m.get("ece", "") if m.get("ece") is not None else ""])
+            rows.append([level, m.get("n", "")] + [figure_text(m, key, missing="")
+                                                   for key in ("accuracy", "balanced_accuracy", "macro_auc", "ece")])
     return rows
 
 
@@ -236,7 +236,9 @@ def _prediction(run_dir: Path, folder: Path) -> str:
     shown = "" if len(rows) <= MAX_SLIDE_PICTURES else f" (pictures of the first {MAX_SLIDE_PICTURES})"
     return (f"<h2 id=prediction>Prediction</h2><p>{metrics.get('predicted', '?')} of {metrics.get('slides', '?')} "
             f"slide(s) predicted, {metrics.get('failed', 0)} failed; {metrics.get('aggregate', 'vote')} of tiles. "
-            f"{_link(run_dir, metrics_path)}, {_link(run_dir, summary)}</p>"
+            f"{_link(run_dir, metrics_path)}, {_link(run_dir, summary)}"
+            + (f" In brackets: {metrics['confidence']:.0%} intervals from {metrics['bootstrap']} resamples of the cases."
+               if "confidence" in metrics else "") + "</p>"
             + "".join(f"<p class=warn>Warning: {html.escape(w)}</p>" for w in metrics.get("warnings", []))
             + _table(["level", "n", "accuracy", "balanced", "macro AUC", "ECE"], _metrics_rows(metrics))
             + _plots(folder) + f"<h3>Slides{shown}</h3>" + _slide_rows(run_dir, folder, rows))

@@ -540,7 +540,7 @@ class CVSettings:
     #                                nothing (needs train.select=last or cv.checkpoint=last, no grid), and still
     #                                watches training and gates the ensemble (one class scores chance on any cases)
     seed: int = 0
-    bootstrap: int = 2000          # case resamples for the confidence intervals
+    bootstrap: int = 2000          # case resamples for the confidence intervals (of cv, mil and `predict` with classes)
     confidence: float = 0.95
     checkpoint: str = "best"       # best (train.select) | last; a rerun with the other reuses the trained folds
     repeats: int = 1               # fold assignments (seeds seed, seed+1, ...): mean +- sd across them; 3+ for a figure

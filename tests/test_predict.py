@@ -24,6 +24,7 @@ from jobs.cli import main
 from jobs.predict import local_processes, slide_chunks
 from jobs.train import run_train
 from lymphoma.augment import build_augmenter, eval_batch
+from lymphoma.case_bootstrap import bootstrap_intervals
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.images import read_rgb
@@ -101,6 +102,16 @@ def test_outputs_votes_and_the_model_applied_directly(checkpoint, cohort, tmp_pa
         assert set(scores["auc"]) == {"CLL", "FL", "MCL"} and 0 <= scores["macro_auc"] <= 1
         assert 0 <= scores["macro_f1"] <= 1 and 0 <= scores["ece"] <= 1
         assert sum(scores["reliability"]["count"]) == scores["n"]
+    records = [json.loads((tmp_path / "out" / "slides" / f"{r['slide']}.json").read_text()) for r in summary]
+    drawn = bootstrap_intervals(records, state["classes"], "vote", 2000, 0.95, scores=True)  # cv.bootstrap, confidence
+    assert (metrics["bootstrap"], metrics["confidence"]) == (2000, 0.95)
+    for level in ("image", "case"):
+        for figure in ("accuracy", "balanced_accuracy", "macro_auc", "ece"):
+            assert metrics[level]["interval"][figure] == drawn[f"{level}_{figure}"]
+        low, high = metrics[level]["interval"]["accuracy"]
+        assert low <= metrics[level]["accuracy"] <= high and low < high
+        assert f"{level}-level accuracy {metrics[level]['accuracy']:.3f} [{low:.3f}, {high:.3f}], balanced" in report
+    assert "95% intervals from 2000 resamples of the 6 cases" in report
     check_qupath_exports(tmp_path / "out" / "slides", summary[0]["slide"], (417, 312), 64)
     for name in ("confusion_image.png", "confusion_case.png", "roc_image.png", "roc_case.png", "reliability_image.png",
                  "reliability_case.png", "slides/" + summary[0]["slide"] + ".png"):
@@ -527,6 +538,9 @@ def test_a_report_over_damaged_files_names_them_and_shows_the_rest(checkpoint, c
     assert f"{pictures[0]} is not a readable picture" in err and f"unreadable picture: {pictures[0].name}" in page
     assert f"{run / 'train' / 'history.json'} is not valid JSON" in err
     assert "<h2 id=training>Training</h2><p class=warn>Not shown: " in page
+    image = json.loads((run / "predict" / "metrics.json").read_text())["image"]
+    low, high = image["interval"]["accuracy"]  # figures with their case-bootstrap intervals
+    assert f"<td>{image['accuracy']:.3f} [{low:.3f}, {high:.3f}]</td>" in page and "In brackets: 95% intervals" in page
     for other in pictures[1:]:  # every other slide keeps its heat map
         assert f'alt="tile classes of {other.stem}"' in page
     assert page.count("<img") == len(pictures) - 1 + 6  # and the confusion, ROC and reliability plots
