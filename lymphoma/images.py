@@ -24,9 +24,22 @@ _MODE_ADVICE = {
     "I;16": "is 16-bit grayscale; re-export it as 8-bit RGB or remove it",
     "I": "is 32-bit grayscale; re-export it as 8-bit RGB or remove it",
     "1": "is black and white; re-export it as RGB or remove it",
-    "RGBA": "has an alpha channel (RGBA); flatten it onto white as RGB or remove it",
     "CMYK": "is CMYK; convert it to RGB or remove it",
 }
+
+
+EXACT_TO_RGB = ("RGBA", "P")  # read as RGB where nothing is lost: every pixel opaque; a palette's colours
+
+
+def _exact_rgb(path: Path, img: Image.Image) -> np.ndarray:
+    """The RGB pixels of an RGBA or palette image whose every pixel is opaque (what many tools save an RGB picture
+    as): the same colours, nothing lost. A transparent pixel is an ImageError: what lies under it is the user's call."""
+    img.load()
+    rgba = np.asarray(img.convert("RGBA"), dtype=np.uint8)
+    if rgba[..., 3].min() < 255:
+        raise ImageError(path, f"has transparent pixels ({img.mode} with alpha below 255); flatten it onto white as "
+                         "RGB or remove it")
+    return np.ascontiguousarray(rgba[..., :3])
 
 
 def is_image_file(path: Path) -> bool:
@@ -128,9 +141,10 @@ def _check_chunks(data: bytes) -> None:
 def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an image file to a ``[H, W, 3]`` uint8 array.
 
-    Raises ImageError naming the file for missing, corrupt, truncated, grayscale, RGBA or other
-    non-RGB images, and for one whose header declares more than ``max_pixels`` pixels (a possible
-    decompression bomb, refused before decoding), so that a caller can skip the file and go on.
+    An RGBA or palette image whose every pixel is opaque is read as its RGB colours. Raises ImageError naming the
+    file for missing, corrupt, truncated, grayscale, CMYK, partly transparent or other non-RGB images, and for one
+    whose header declares more than ``max_pixels`` pixels (a possible decompression bomb, refused before decoding),
+    so that a caller can skip the file and go on.
     """
     return decode_rgb(path, max_pixels)[0]
 
@@ -149,9 +163,11 @@ def decode_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
         with Image.open(path) as img:
             _check_size(path, img.size, max_pixels)
             mode, full = img.mode, (img.height, img.width)
-            if mode != "RGB":
+            if mode not in ("RGB", *EXACT_TO_RGB):
                 advice = _MODE_ADVICE.get(mode, f"has colour mode {mode}; re-export it as 8-bit RGB")
                 raise ImageError(path, advice)
+            if mode in EXACT_TO_RGB:
+                return _exact_rgb(path, img), full
             target = shrink_to(*full) if shrink_to is not None and img.format == "JPEG" else None
             if target is not None:
                 img.draft("RGB", (target[1], target[0]))

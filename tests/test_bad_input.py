@@ -35,7 +35,9 @@ def bad_images(make_dataset):
     flipped[len(data) // 2] ^= 0xFF  # one byte of the pixel stream: Wuffs and libspng decode it without a word
     (folder / "flipped_001.png").write_bytes(bytes(flipped))
     Image.fromarray(rgb).convert("L").save(folder / "gray_001.png")
-    Image.fromarray(rgb).convert("RGBA").save(folder / "rgba_001.tif")
+    rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
+    rgba[:20, :20, 3] = 0  # a transparent corner: what lies under it is the user's call
+    Image.fromarray(rgba).save(folder / "rgba_001.tif")
     Image.fromarray(rgb[:60, :80]).save(folder / "tiny_001.png")
     Image.fromarray(np.full_like(rgb, 235)).save(folder / "blank_001.png")  # a pale, empty scan
     return root
@@ -46,7 +48,7 @@ EXPECTED = {
     "truncated_001.png": "truncated or corrupt",
     "flipped_001.png": "fails its CRC",
     "gray_001.png": "is grayscale",
-    "rgba_001.tif": "alpha channel",
+    "rgba_001.tif": "has transparent pixels",
     "tiny_001.png": "smaller than a 128-pixel tile",
     "blank_001.png": "has no tissue: every pixel is background",
 }
@@ -77,9 +79,12 @@ def test_every_png_of_the_data_set_decodes_to_the_pixels_pil_gives(data_root, tm
     rgb = read_rgb(paths[0])
     (tmp_path / "trailing.png").write_bytes(paths[0].read_bytes() + b"bytes after IEND" * 4)  # some writers do
     assert np.array_equal(read_rgb(tmp_path / "trailing.png"), rgb)
-    Image.fromarray(rgb).quantize(64).save(tmp_path / "palette.png")  # PIL opens it as P: refused as before
-    with pytest.raises(ImageError, match="colour mode P"):
-        read_rgb(tmp_path / "palette.png")
+    Image.fromarray(rgb).quantize(64).save(tmp_path / "palette.png")  # PIL opens it as P: its colours, exactly
+    with Image.open(tmp_path / "palette.png") as img:
+        assert img.mode == "P" and np.array_equal(read_rgb(tmp_path / "palette.png"), np.asarray(img.convert("RGB")))
+    for suffix in ("png", "tif"):  # RGB saved with an opaque alpha channel, as many tools save it: the RGB
+        Image.fromarray(rgb).convert("RGBA").save(tmp_path / f"opaque.{suffix}")
+        assert np.array_equal(read_rgb(tmp_path / f"opaque.{suffix}"), rgb)
     wide = (rgb.astype(np.uint16) * 257).astype(">u2")  # 16-bit RGB, which Wuffs is not asked to decode
     _write_png16(tmp_path / "deep.png", wide)
     with Image.open(tmp_path / "deep.png") as img:
