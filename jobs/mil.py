@@ -17,7 +17,7 @@ import numpy as np
 
 from jobs.run_folder import Run, folder_lock, prepare_out_dir
 from lymphoma.checkpoint import load_state, save_checkpoint
-from lymphoma.cohort_report import probability_record
+from lymphoma.cohort_report import metrics_lines, probability_record, seen_cases_notes, write_report
 from lymphoma.crossval import across_repeats, cv_report, format_cv_report, grouped_folds
 from lymphoma.errors import InputError
 from lymphoma.features import encoder_cases_seen, read_features
@@ -143,8 +143,9 @@ def run_mil(run: Run) -> dict[str, Any]:
     if len(cohorts) == 1:
         bags = next(iter(bags_of.values()))
         final = train_mil(bags, len(classes), settings)
+        learnt = {r["case"] for r in first} | (next(iter(seen_of.values())) or set())  # and the encoder's
         save_checkpoint({"model": final.state_dict(), "in_dim": int(bags[0].features.shape[1]), "classes": classes,
-                         "settings": vars(settings), "features": str(features_dir),
+                         "settings": vars(settings), "features": str(features_dir), "cases_seen": sorted(learnt),
                          "encoder": next(iter(made.values()))[1]}, out / "mil.pt")  # atomic: never half a file
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_text_atomic(out / "report.txt", format_mil_report(report) + "\n")
@@ -207,10 +208,11 @@ def format_mil_report(report: dict[str, Any], warn: bool = True) -> str:
                       format_cv_report(report)])
 
 
-def predict_mil(run: Run, features_dir: Path, out: Path | None = None) -> Path:
+def predict_mil(run: Run, features_dir: Path, out: Path | None = None) -> tuple[Path, Optional[dict[str, Any]]]:
     """Classify the slides (or cases) embedded in ``features_dir`` with ``<run>/mil/mil.pt``: ``predictions.csv``
     (class and probabilities per bag) and each slide's attention, in ``out`` (default ``<run>/mil/predict/<name of
-    features_dir>``). The files must come from the encoder and tiling the model was trained on."""
+    features_dir>``); where slides have a class, the cohort report too (``write_report``: its metrics are returned).
+    The files must come from the encoder and tiling the model was trained on."""
     from lymphoma.mil import GatedAttentionMIL
     from lymphoma.settings import MILSettings
 
@@ -234,19 +236,33 @@ def predict_mil(run: Run, features_dir: Path, out: Path | None = None) -> Path:
     model.load_state_dict(state["model"])
     model.eval()
     out = prediction_folder(out or run.dir / "mil" / "predict" / features_dir.resolve().name, features_dir)
-    lines, attention = [], {}
+    lines, attention, probs_of = [], {}, {}
     for bag in bags:
         probs, weights = predict_bag(model, bag.features)
         for key in dict.fromkeys(bag.slides.tolist()):
-            attention[key] = weights[bag.slides == key]
+            attention[key], probs_of[key] = weights[bag.slides == key], probs
             lines.append([bag.key, key, rows_by_key[key]["path"], classes[int(probs.argmax())],
                           *[f"{p:.4f}" for p in probs]])
     with folder_lock(out, "mil"):  # two predictions into one folder would mix their attention maps
         write_csv_atomic(out / "predictions.csv", ["bag", "slide", "path", "predicted",
                                                    *[f"prob_{c}" for c in classes]], lines)
         unreadable = save_attention_maps(out / "attention", attention, rows_by_key, settings.heatmaps)
+        metrics = report_known(out, rows, probs_of, classes, state.get("cases_seen"), run)
     warn_unreadable(unreadable, len(attention), out / "attention")
-    return out
+    return out, metrics
+
+
+def report_known(out: Path, rows: list[dict[str, str]], probs_of: dict[str, np.ndarray], classes: list[str],
+                 cases_seen: Optional[list[str]], run: Run) -> Optional[dict[str, Any]]:
+    """The cohort report of the slides with a class (each slide's class its bag's), as `lymphoma predict` writes
+    it, with a warning where the MIL model or its encoder learnt from their cases; None where no slide has one."""
+    records = [probability_record(probs_of[r["key"]], classes, key=r["key"], path=r["path"], label=r["label"],
+                                  case=r["case"] or r["key"], n_tiles=r["n_tiles"]) for r in rows]
+    if not any(r["label"] for r in records):
+        return None
+    notes = seen_cases_notes(records, cases_seen)
+    return write_report(records, classes, out, "vote", notes, intervals=(run.config.cv.bootstrap,
+                                                                        run.config.cv.confidence))
 
 
 def prediction_folder(out: Path, features_dir: Path) -> Path:
@@ -267,7 +283,11 @@ def command(args: argparse.Namespace, run: Run) -> int:
     if args.out and not args.predict:
         raise InputError("--out goes with --predict (a trained MIL model and its report go to <run>/mil/)")
     if args.predict:
-        out = predict_mil(run, Path(args.predict), args.out)
+        out, metrics = predict_mil(run, Path(args.predict), args.out)
+        if metrics is not None:
+            for note in metrics.get("warnings", []):
+                log.warning(f"lymphoma mil: {note}")
+            log.info("\n".join(metrics_lines(metrics) + [f"report: {out / 'metrics.json'}, {out / 'summary.csv'}"]))
         log.info(f"predictions: {out / 'predictions.csv'}; attention maps: {out / 'attention'}")
         return 0
     with run.create().lock("mil"):  # two trainings would leave one's model beside the other's report

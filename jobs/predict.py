@@ -16,7 +16,7 @@ from jobs.config import keys_set
 from jobs.progress import SlideProgress
 from jobs.run_folder import Run, folder_lock, prepare_out_dir
 from lymphoma.checkpoint import load_checkpoint
-from lymphoma.cohort_report import figure_text, seen_cases_notes, write_report
+from lymphoma.cohort_report import metrics_lines, seen_cases_notes, write_report
 from lymphoma.errors import InputError
 from lymphoma.image_scale import scale_notes, training_scale
 from lymphoma.inputs import compile_case_pattern
@@ -205,15 +205,7 @@ def format_report(result: PredictResult) -> str:
     m = result.metrics
     lines = [f"{m['predicted']} of {m['slides']} slide(s) predicted ({result.n_predicted} now, {result.n_resumed} "
              f"already complete), {m['failed']} failed"]
-    for level in ("image", "case"):
-        if level in m:
-            lines.append(f"{level}-level " + ", ".join(
-                f"{name} {figure_text(m[level], key)}" for name, key in
-                (("accuracy", "accuracy"), ("balanced", "balanced_accuracy"), ("macro AUC", "macro_auc")))
-                + f" (n={m[level]['n']})")
-    if "confidence" in m and "case" in m:
-        lines.append(f"  {m['confidence']:.0%} intervals from {m['bootstrap']} resamples of the {m['case']['n']} "
-                     "cases (a patient's images are not independent)")
+    lines += metrics_lines(m)
     failed = [r for r in result.records if r["status"] != "ok"]
     lines += [f"  failed: {r['path']}: {r['error']}" for r in failed[:10]]
     lines += [f"summary:  {result.out_dir / 'summary.csv'}", f"metrics:  {result.out_dir / 'metrics.json'}",

@@ -80,6 +80,19 @@ def figure_text(level: dict[str, Any], key: str, missing: str = "-") -> str:
     return f"{value:.3f}" + (f" [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else "")
 
 
+def metrics_lines(metrics: dict[str, Any]) -> list[str]:
+    """The figures of a cohort report (``write_report``'s metrics) as printed: per level accuracy, balanced accuracy
+    and macro AUC, with their intervals and what they come from."""
+    lines = [f"{level}-level " + ", ".join(f"{name} {figure_text(metrics[level], key)}" for name, key in
+                                          (("accuracy", "accuracy"), ("balanced", "balanced_accuracy"),
+                                           ("macro AUC", "macro_auc"))) + f" (n={metrics[level]['n']})"
+             for level in LEVELS if level in metrics]
+    if "confidence" in metrics and "case" in metrics:
+        lines.append(f"  {metrics['confidence']:.0%} intervals from {metrics['bootstrap']} resamples of the "
+                     f"{metrics['case']['n']} cases (a patient's images are not independent)")
+    return lines
+
+
 def probability_record(probs: np.ndarray, classes: Sequence[str], **fields: Any) -> dict[str, Any]:
     """A record of an image classified from one probability vector (a linear model, a MIL bag) rather than a tile
     vote: one vote for its class, so vote and mean agree; ``fields`` (key, path, label, case, ...) go in as given."""

@@ -98,6 +98,21 @@ def _another_cohorts_predictions_go_elsewhere(out: Path, common: list[str], tmp_
         "run.name" in capsys.readouterr().err
 
 
+def _labelled_slides_are_reported(out: Path, trained: list, unseen: list, predicted: list[dict[str, str]],
+                                  captured) -> None:
+    """New slides with a class get `lymphoma predict`'s cohort report (each slide's class its bag's), with intervals,
+    and a warning naming the cases the saved model learnt from (every case of its cross-validation)."""
+    assert torch.load(out / "mil.pt", weights_only=False)["cases_seen"] == sorted({r.case for r in trained})
+    metrics = json.loads((out / "predict" / "new" / "metrics.json").read_text())
+    assert (metrics["image"]["n"], metrics["case"]["n"]) == (6, 3) and "accuracy" in metrics["case"]["interval"]
+    right = sum(r["predicted"] == Path(r["path"]).parent.name for r in predicted)
+    assert metrics["image"]["accuracy"] == pytest.approx(right / 6)
+    assert f"image-level accuracy {metrics['image']['accuracy']:.3f} [" in captured.out
+    learnt = sorted({r.case for r in unseen} & {r.case for r in trained})
+    assert learnt  # the first cases of each class, as make_dataset picks them
+    assert f"{len(learnt)} of the 3 case(s) predicted with a known class were learnt from in training" in captured.err
+
+
 def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, tmp_path, capsys):
     source = make_dataset(cases_per_class=4, images_per_case=1)
     weights = tmp_path / "resnet10t.safetensors"
@@ -128,9 +143,12 @@ def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, t
     unseen = make_dataset(cases_per_class=1, images_per_case=2, name="unseen")  # new slides for the saved model
     assert main(["features", "--out", str(tmp_path / "new"), "model.backbone=timm:resnet10t", f"model.weights={weights}",
                  *common, f"{unseen}/**/*.png"]) == 0
+    capsys.readouterr()
     assert main(["mil", *common, "--predict", str(tmp_path / "new")]) == 0
+    captured = capsys.readouterr()
     with (out / "predict" / "new" / "predictions.csv").open() as handle:
         predicted = list(csv.DictReader(handle))
+    _labelled_slides_are_reported(out, records, discover(str(unseen), ["CLL", "FL", "MCL"]).records, predicted, captured)
     assert len(predicted) == 6 and {r["predicted"] for r in predicted} <= {"CLL", "FL", "MCL"}
     assert all(abs(sum(float(r[f"prob_{c}"]) for c in ("CLL", "FL", "MCL")) - 1) < 1e-3 for r in predicted)
     assert len(list((out / "predict" / "new" / "attention").glob("*.png"))) == 6
