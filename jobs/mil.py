@@ -260,7 +260,7 @@ def report_known(out: Path, rows: list[dict[str, str]], probs_of: dict[str, np.n
                                   case=r["case"] or r["key"], n_tiles=r["n_tiles"]) for r in rows]
     if not any(r["label"] for r in records):
         return None
-    notes = seen_cases_notes(records, cases_seen)
+    notes = seen_cases_notes(records, cases_seen, judge="the report of `lymphoma mil`, in the folds of `lymphoma cv`")
     return write_report(records, classes, out, "vote", notes, intervals=(run.config.cv.bootstrap,
                                                                         run.config.cv.confidence))
 

@@ -17,7 +17,8 @@ from lymphoma.metrics import accuracy, balanced_accuracy, probability_scores
 from lymphoma.plots import save_confusion, save_reliability, save_roc
 
 
-def seen_cases_notes(records: Sequence[dict[str, Any]], cases_seen: Optional[Sequence[str]]) -> list[str]:
+def seen_cases_notes(records: Sequence[dict[str, Any]], cases_seen: Optional[Sequence[str]],
+                     judge: str = "`lymphoma cv`") -> list[str]:
     """A warning where cases predicted with a known class are among those the model learnt from or chose its epoch
     on (its checkpoint's ``cases_seen``): their accuracy is no held-out figure. Nothing where none is."""
     known = {r["case"] for r in records if r.get("status") == "ok" and r.get("label") and r.get("case")}
@@ -26,7 +27,7 @@ def seen_cases_notes(records: Sequence[dict[str, Any]], cases_seen: Optional[Seq
         return []
     return [f"{len(seen)} of the {len(known)} case(s) predicted with a known class were learnt from in training (or "
             f"chose the model's epoch): {', '.join(seen[:5])}{' ...' if len(seen) > 5 else ''}; accuracy on them is "
-            "not a held-out figure: judge a model on cases it never saw (`lymphoma cv`)"]
+            f"not a held-out figure: judge a model on cases it never saw ({judge})"]
 
 
 def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_dir: Path,
