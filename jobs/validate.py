@@ -16,7 +16,11 @@ def command(args: argparse.Namespace, run: Run) -> int:
     from lymphoma.validation import validate
 
     out = Path(args.out) if args.out else run.dir / "validate"
-    summary = validate(Path(args.checkpoint), run.tiles, args.phase, out, args.layer)
-    log.info(f"{args.phase}: {summary['tiles']} tiles, accuracy {summary['accuracy']:.3f}, balanced accuracy "
-             f"{summary['balanced_accuracy']:.3f}; files in {out}")
+    summary = validate(Path(args.checkpoint), run.tiles, args.phase, out, args.layer,
+                       intervals=(run.config.cv.bootstrap, run.config.cv.confidence))
+    (low, high), (balanced_low, balanced_high) = (summary["interval"][k] for k in ("accuracy", "balanced_accuracy"))
+    log.info(f"{args.phase}: {summary['tiles']} tiles of {summary['cases']} cases, tile accuracy {summary['accuracy']:.3f} "
+             f"[{low:.3f}, {high:.3f}], balanced {summary['balanced_accuracy']:.3f} [{balanced_low:.3f}, "
+             f"{balanced_high:.3f}] ({summary['confidence']:.0%} intervals from {summary['bootstrap']} resamples of the "
+             f"cases); files in {out}")
     return 0

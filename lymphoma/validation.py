@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import csv
 import json
 from pathlib import Path
 from typing import Any
@@ -11,8 +10,11 @@ import numpy as np
 import torch
 
 from lymphoma.augment import build_augmenter
+from lymphoma.case_bootstrap import bootstrap_intervals
 from lymphoma.checkpoint import load_checkpoint, load_model_weights
+from lymphoma.cohort_report import probability_record
 from lymphoma.errors import InputError
+from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.loaders import make_loader
 from lymphoma.metrics import accuracy, balanced_accuracy, confusion_matrix
 from lymphoma.model import build_model
@@ -23,9 +25,11 @@ from lymphoma.training import open_phase
 
 
 def validate(checkpoint: Path, tiles_dir: Path, phase: str, out_dir: Path, layer: str = "features.denseblock1",
-             batch_size: int = 128, workers: int = 0, n_examples: int = 8) -> dict[str, Any]:
+             batch_size: int = 128, workers: int = 0, n_examples: int = 8,
+             intervals: tuple[int, float] = (2000, 0.95)) -> dict[str, Any]:
     """Run the checkpoint over a phase's tiles and write tiles.csv, confusion.{json,png}, augment.png,
-    kernels.png and activations.png into ``out_dir``."""
+    kernels.png and activations.png into ``out_dir``; the tile accuracies get intervals from ``intervals``
+    (resamples, confidence) draws of the phase's cases."""
     state = load_checkpoint(checkpoint)
     model = build_model(state["architecture"])
     load_model_weights(model, state, checkpoint)
@@ -50,7 +54,8 @@ def validate(checkpoint: Path, tiles_dir: Path, phase: str, out_dir: Path, layer
     with torch.inference_mode():
         outputs = torch.cat([model(eval_aug.batch(batch)).float() for batch, _ in loader])
     summary = _write_tile_outputs(tiles, outputs, classes, out_dir, {"checkpoint": str(checkpoint),
-                                                                      "epoch": int(state["epoch"]), "phase": phase})
+                                                                      "epoch": int(state["epoch"]), "phase": phase},
+                                  intervals)
     rng = np.random.default_rng(0)
     raw, _ = tiles.read_batch(sorted(rng.choice(len(tiles), size=min(n_examples, len(tiles)), replace=False).tolist()))
     tiles.close()
@@ -62,20 +67,25 @@ def validate(checkpoint: Path, tiles_dir: Path, phase: str, out_dir: Path, layer
 
 
 def _write_tile_outputs(tiles: Any, outputs: torch.Tensor, classes: list[str], out_dir: Path,
-                        about: dict[str, Any]) -> dict[str, Any]:
-    """tiles.csv (every tile's truth, prediction, logits and probabilities) and confusion.{json,png}."""
+                        about: dict[str, Any], intervals: tuple[int, float]) -> dict[str, Any]:
+    """tiles.csv (every tile's truth, prediction, logits and probabilities) and confusion.{json,png}; the
+    accuracies' intervals resample the cases, since the tiles of one patient are not independent."""
     probs, predicted = outputs.softmax(1).numpy(), outputs.argmax(1)
     confusion = confusion_matrix(torch.from_numpy(tiles.labels), predicted, len(classes)).numpy()
-    with (out_dir / "tiles.csv").open("w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["index", "filename", "case", "truth", "predicted"] + [f"logit_{c}" for c in classes]
-                        + [f"prob_{c}" for c in classes])
-        for i in range(len(tiles)):
-            writer.writerow([i, tiles.filenames[i], tiles.cases[i], classes[tiles.labels[i]], classes[predicted[i]]]
-                            + [f"{v:.5f}" for v in outputs[i].tolist()] + [f"{v:.5f}" for v in probs[i]])
-    summary = {**about, "classes": classes, "tiles": len(tiles), "confusion": confusion.tolist(),
-               "accuracy": accuracy(confusion), "balanced_accuracy": balanced_accuracy(confusion)}
-    (out_dir / "confusion.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_csv_atomic(out_dir / "tiles.csv", ["index", "filename", "case", "truth", "predicted"]
+                     + [f"logit_{c}" for c in classes] + [f"prob_{c}" for c in classes],
+                     ([i, tiles.filenames[i], tiles.cases[i], classes[tiles.labels[i]], classes[predicted[i]]]
+                      + [f"{v:.5f}" for v in outputs[i].tolist()] + [f"{v:.5f}" for v in probs[i]]
+                      for i in range(len(tiles))))
+    records = [probability_record(probs[i], classes, label=classes[tiles.labels[i]], case=tiles.cases[i])
+               for i in range(len(tiles))]  # one tile a record: its class its top probability's, as argmax
+    drawn = bootstrap_intervals(records, classes, "vote", *intervals)
+    summary = {**about, "classes": classes, "tiles": len(tiles), "cases": len(set(tiles.cases)),
+               "confusion": confusion.tolist(), "accuracy": accuracy(confusion),
+               "balanced_accuracy": balanced_accuracy(confusion), "bootstrap": intervals[0],
+               "confidence": intervals[1], "interval": {name: drawn[f"image_{name}"]
+                                                        for name in ("accuracy", "balanced_accuracy")}}
+    write_text_atomic(out_dir / "confusion.json", json.dumps(summary, indent=2) + "\n")
     save_confusion(confusion, classes, out_dir / "confusion.png",
                    f"{about['phase']} tiles, epoch {about['epoch'] + 1}: accuracy {summary['accuracy']:.3f}")
     return summary

@@ -89,12 +89,36 @@ def test_loss_falls_and_tensorboard_holds_every_tag(tiled, tmp_path, monkeypatch
     rows = (out / "tiles.csv").read_text().splitlines()
     assert len(rows) == result["tiles"] + 1 and rows[0].startswith("index,filename,case,truth,predicted,logit_CLL")
     assert sum(map(sum, result["confusion"])) == result["tiles"]
+    _tile_accuracy_intervals_resample_cases(out / "tiles.csv", result)
     from jobs.cli import main
 
     monkeypatch.chdir(tmp_path)  # far from the run: the checkpoint's path names its run folder, whose tiles it validates
     (out / "tiles.csv").unlink()
     assert main(["validate", "--checkpoint", str(tiled[1] / "learn" / "train" / "checkpoints" / "best.pt")]) == 0
     assert (out / "tiles.csv").read_text().splitlines() == rows and not (tmp_path / "runs").exists()
+
+
+def _tile_accuracy_intervals_resample_cases(tiles_csv: Path, result: dict) -> None:
+    """validate's intervals are the case bootstrap of its own tiles.csv (a tile a record), saved with the figures."""
+    import csv
+
+    import numpy as np
+
+    from lymphoma.case_bootstrap import bootstrap_intervals
+    from lymphoma.cohort_report import probability_record
+
+    classes = result["classes"]
+    with tiles_csv.open() as handle:
+        rows = list(csv.DictReader(handle))
+    records = [probability_record(np.array([float(r[f"prob_{c}"]) for c in classes]), classes, label=r["truth"],
+                                  case=r["case"]) for r in rows]
+    assert [r["majority_class"] for r in records] == [r["predicted"] for r in rows]
+    drawn = bootstrap_intervals(records, classes, "vote", 2000, 0.95)
+    assert result["cases"] == len({r["case"] for r in rows}) > 1 and result["bootstrap"] == 2000
+    for figure in ("accuracy", "balanced_accuracy"):
+        low, high = result["interval"][figure]
+        assert [low, high] == drawn[f"image_{figure}"] and low <= result[figure] <= high and low < high
+    assert json.loads((tiles_csv.parent / "confusion.json").read_text())["interval"] == result["interval"]
 
 
 def killed_and_resumed(tiled: tuple[Path, Path], name: str, epochs: list[str]) -> None:
