@@ -15,9 +15,10 @@ import numpy as np
 
 from jobs.config import Config
 from lymphoma.baseline import Cohort, cohort_features, cv_records, permutation_null, pooled_accuracy
-from lymphoma.crossval import LEVELS, across_repeats, cv_report, grouped_folds
+from lymphoma.crossval import across_repeats, cv_report, grouped_folds
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.inputs import ImageRecord
+from lymphoma.levels import LEVELS
 
 log = logging.getLogger(__name__)
 

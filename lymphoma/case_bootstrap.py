@@ -13,7 +13,7 @@ import numpy as np
 from lymphoma.levels import LEVELS, confusions, level_inputs
 from lymphoma.metrics import accuracy, balanced_accuracy, calibration, one_vs_rest_auc
 
-SCORE_RESAMPLES = 500  # case resamples for the intervals of macro AUC and ECE (scikit-learn's AUC costs ~1 ms)
+SCORE_RESAMPLES = 500  # case resamples for the intervals of macro AUC and ECE (about 2 ms each on 300 images)
 
 
 @dataclass(frozen=True)

@@ -33,7 +33,8 @@ def seen_cases_notes(records: Sequence[dict[str, Any]], cases_seen: Optional[Seq
 def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_dir: Path,
                  aggregate: str = "vote", warnings: Sequence[str] = (),
                  intervals: Optional[tuple[int, float]] = None) -> dict[str, Any]:
-    """summary.csv (one row per slide), metrics.json and confusion PNGs at image and case level; an image's
+    """summary.csv (one row per slide: its class, votes, mean tile probability per class, truth and case),
+    metrics.json and confusion PNGs at image and case level; an image's
     class is its tiles' majority ``vote`` or their ``mean`` probability's class; ``warnings`` about the whole
     prediction go into metrics.json (and from there onto the run's report page). With ``intervals`` (resamples,
     confidence), each level's figures get case-bootstrap intervals: ``interval``, figure -> [low, high]."""
@@ -44,9 +45,11 @@ def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_
                      r.get("mean_prob_class", ""),
                      f"{r['confidence']:.4f}" if ok else ""]
                     + [r["votes"][c] if ok else "" for c in classes]
+                    + [f"{r['mean_probs'][c]:.4f}" if ok else "" for c in classes]
                     + [r.get("n_tiles", ""), r.get("label") or "", r.get("case") or "", r.get("error", "")])
     write_csv_atomic(out_dir / "summary.csv", ["slide", "path", "status", "predicted", "mean_prob_class", "confidence"]
-                     + [f"votes_{c}" for c in classes] + ["n_tiles", "truth", "case", "error"], rows)
+                     + [f"votes_{c}" for c in classes] + [f"prob_{c}" for c in classes]
+                     + ["n_tiles", "truth", "case", "error"], rows)
     done = [r for r in records if r["status"] == "ok"]
     metrics: dict[str, Any] = {"slides": len(records), "predicted": len(done), "failed": len(records) - len(done),
                                "classes": list(classes), "aggregate": aggregate}

@@ -103,6 +103,9 @@ def test_outputs_votes_and_the_model_applied_directly(checkpoint, cohort, tmp_pa
         assert 0 <= scores["macro_f1"] <= 1 and 0 <= scores["ece"] <= 1
         assert sum(scores["reliability"]["count"]) == scores["n"]
     records = [json.loads((tmp_path / "out" / "slides" / f"{r['slide']}.json").read_text()) for r in summary]
+    for row, record in zip(summary, records):  # each slide's mean tile probabilities, for analyses elsewhere
+        assert [float(row[f"prob_{c}"]) for c in state["classes"]] == pytest.approx(
+            [record["mean_probs"][c] for c in state["classes"]], abs=5e-5)
     drawn = bootstrap_intervals(records, state["classes"], "vote", 2000, 0.95, scores=True)  # cv.bootstrap, confidence
     assert (metrics["bootstrap"], metrics["confidence"]) == (2000, 0.95)
     for level in ("image", "case"):
