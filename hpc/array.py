@@ -15,7 +15,7 @@ import submitit
 
 from hpc.executors import SubmissionError
 from hpc.ledger import refuse_beside_open_job, remember
-from hpc.orphans import tied_to_this_process
+from hpc.orphans import controller_errors_in, tied_to_this_process
 
 # sbatch's words when it never reached the controller (no configuration, controller down), not a refusal
 UNREACHABLE = ("Could not establish a configuration source", "Unable to process configuration file",
@@ -54,10 +54,12 @@ class ArrayJobError(RuntimeError):
 def submit(executor: submitit.AutoExecutor, fn: Callable[..., R], *args: Any,
            ledger: Path | None = None) -> submitit.Job[R]:
     """``executor.submit`` with a refusal by the scheduler turned into one SubmissionError; a local task is tied
-    to this process (``hpc.orphans``: it stops when this process is gone, even killed with -9); a SLURM job is
+    to this process (``hpc.orphans``: it stops when this process is gone, even killed with -9), its controller's
+    own stderr goes to its folder's controllers.err (``hpc.orphans.controller_errors_in``); a SLURM job is
     refused while the one remembered in ``ledger`` still runs, and then remembered there (``hpc.ledger``)."""
     if executor.cluster == "local":
-        with tied_to_this_process():
+        folder = submitit.core.utils.JobPaths.get_first_id_independent_folder(executor.folder)
+        with tied_to_this_process(), controller_errors_in(folder):
             return executor.submit(fn, *args)
     return _one_at_a_time(executor, ledger, fn, lambda: executor.submit(fn, *args))
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -71,6 +72,27 @@ def tied_to_this_process() -> Iterator[None]:
             os.environ.pop(ENV, None)
         else:
             os.environ[ENV] = before
+
+
+CONTROLLER_ERRORS = "controllers.err"  # where local task controllers write their own stderr
+
+
+@contextmanager
+def controller_errors_in(folder: Path) -> Iterator[None]:
+    """Local task controllers started inside this block write their own stderr to ``folder/controllers.err``
+    instead of this command's terminal. A Ctrl-C there reaches them with the command (one process group), and each
+    printed its KeyboardInterrupt traceback over the command's own message, though they stop their tasks as meant.
+    The tasks' output goes to their logs either way."""
+    folder.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with (folder / CONTROLLER_ERRORS).open("ab") as target:
+            os.dup2(target.fileno(), 2)  # a process started now inherits it as its stderr
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def end_with_command(poll_s: float = 1.0, grace_s: float = 30.0) -> None:

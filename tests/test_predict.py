@@ -226,6 +226,30 @@ def test_killed_prediction_resumes_only_the_remaining_slides(checkpoint, data_ro
     assert not list((out / "slides").glob(".*tmp*"))
 
 
+def test_ctrl_c_on_a_terminal_stops_the_prediction_with_its_message_alone(checkpoint, data_root, tmp_path):
+    """Ctrl-C on a terminal signals the whole process group, the command's local task controllers too: each printed
+    its KeyboardInterrupt traceback over the command's message. Their stderr goes to the logs' controllers.err; no
+    task outlives the command; a rerun completes the slides."""
+    out = tmp_path / "out"
+    command = [sys.executable, "-m", "jobs.cli", "predict", "--checkpoint", str(checkpoint), "--out", str(out),
+               str(data_root / "lowres" / "CLL"), "predict.slides_per_task=20", "cluster.parallelism=2",
+               "cluster.poll_s=0.05"]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and len(list((out / "slides").glob("*.json"))) < 3:
+        time.sleep(0.01)
+    assert proc.poll() is None, proc.communicate()
+    os.killpg(proc.pid, signal.SIGINT)  # as the terminal sends it
+    printed, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    assert "lymphoma predict: stopped (Ctrl-C); its local tasks were stopped too" in err and "Traceback" not in err, err
+    assert "KeyboardInterrupt" in (out / "logs" / "controllers.err").read_text()
+    time.sleep(2)
+    assert subprocess.run(["pgrep", "-f", f"submitit.local._local {out}"], capture_output=True).stdout == b""
+    assert predict(checkpoint, out, str(data_root / "lowres" / "CLL")) == 0
+
+
 def test_an_output_folder_of_other_files_or_paths_of_the_wrong_kind_are_refused(checkpoint, cohort, tmp_path,
                                                                                capsys):
     """Someone else's folder as --out (its files kept), a file as --out, a folder as --checkpoint or --list: each
