@@ -102,11 +102,24 @@ def test_outputs_votes_and_the_model_applied_directly(checkpoint, cohort, tmp_pa
         assert set(scores["auc"]) == {"CLL", "FL", "MCL"} and 0 <= scores["macro_auc"] <= 1
         assert 0 <= scores["macro_f1"] <= 1 and 0 <= scores["ece"] <= 1
         assert sum(scores["reliability"]["count"]) == scores["n"]
-    records = [json.loads((tmp_path / "out" / "slides" / f"{r['slide']}.json").read_text()) for r in summary]
+    _summary_and_intervals_come_from_the_slides(tmp_path / "out", summary, metrics, state["classes"], report)
+    check_qupath_exports(tmp_path / "out" / "slides", summary[0]["slide"], (417, 312), 64)
+    for name in ("confusion_image.png", "confusion_case.png", "roc_image.png", "roc_case.png", "reliability_image.png",
+                 "reliability_case.png", "slides/" + summary[0]["slide"] + ".png"):
+        assert Image.open(tmp_path / "out" / name).size[0] > 100
+    with Image.open(tmp_path / "out" / "slides" / (summary[0]["slide"] + ".png")) as heatmap:  # lymphoma.png's
+        assert heatmap.mode == "RGB" and heatmap.size == (209, 156) and np.asarray(heatmap).std() > 10
+
+
+def _summary_and_intervals_come_from_the_slides(out: Path, summary: list[dict[str, str]], metrics: dict,
+                                                classes: list[str], report: str) -> None:
+    """summary.csv holds each slide's mean tile probabilities; the figures' intervals are the case bootstrap of the
+    slides' own records, and are printed."""
+    records = [json.loads((out / "slides" / f"{r['slide']}.json").read_text()) for r in summary]
     for row, record in zip(summary, records):  # each slide's mean tile probabilities, for analyses elsewhere
-        assert [float(row[f"prob_{c}"]) for c in state["classes"]] == pytest.approx(
-            [record["mean_probs"][c] for c in state["classes"]], abs=5e-5)
-    drawn = bootstrap_intervals(records, state["classes"], "vote", 2000, 0.95, scores=True)  # cv.bootstrap, confidence
+        assert [float(row[f"prob_{c}"]) for c in classes] == pytest.approx([record["mean_probs"][c] for c in classes],
+                                                                           abs=5e-5)
+    drawn = bootstrap_intervals(records, classes, "vote", 2000, 0.95, scores=True)  # cv.bootstrap, cv.confidence
     assert (metrics["bootstrap"], metrics["confidence"]) == (2000, 0.95)
     for level in ("image", "case"):
         for figure in ("accuracy", "balanced_accuracy", "macro_auc", "ece"):
@@ -115,12 +128,6 @@ def test_outputs_votes_and_the_model_applied_directly(checkpoint, cohort, tmp_pa
         assert low <= metrics[level]["accuracy"] <= high and low < high
         assert f"{level}-level accuracy {metrics[level]['accuracy']:.3f} [{low:.3f}, {high:.3f}], balanced" in report
     assert "95% intervals from 2000 resamples of the 6 cases" in report
-    check_qupath_exports(tmp_path / "out" / "slides", summary[0]["slide"], (417, 312), 64)
-    for name in ("confusion_image.png", "confusion_case.png", "roc_image.png", "roc_case.png", "reliability_image.png",
-                 "reliability_case.png", "slides/" + summary[0]["slide"] + ".png"):
-        assert Image.open(tmp_path / "out" / name).size[0] > 100
-    with Image.open(tmp_path / "out" / "slides" / (summary[0]["slide"] + ".png")) as heatmap:  # lymphoma.png's
-        assert heatmap.mode == "RGB" and heatmap.size == (209, 156) and np.asarray(heatmap).std() > 10
 
 
 def test_pictures_are_pngs_that_any_reader_decodes_to_their_pixels(cohort, tmp_path):
