@@ -57,14 +57,10 @@ def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_
         metrics["warnings"] = list(warnings)
     known = [r for r in done if r.get("label")]
     if known:
-        image, case = confusions(known, classes, aggregate)
-        scores = level_scores(known, classes, aggregate, out_dir)
-        for level, confusion in (("image", image), ("case", case)):
-            metrics[level] = {"n": int(confusion.sum()), "accuracy": accuracy(confusion),
-                              "balanced_accuracy": balanced_accuracy(confusion), "confusion": confusion.tolist(),
-                              **scores[level]}
-            save_confusion(confusion, classes, out_dir / f"confusion_{level}.png",
-                           f"{level} level: accuracy {metrics[level]['accuracy']:.3f} (n={confusion.sum()})")
+        metrics.update(level_metrics(known, classes, aggregate, out_dir))
+        for level in LEVELS:
+            save_confusion(np.asarray(metrics[level]["confusion"]), classes, out_dir / f"confusion_{level}.png",
+                           f"{level} level: accuracy {metrics[level]['accuracy']:.3f} (n={metrics[level]['n']})")
         if intervals:
             metrics.update(bootstrap=intervals[0], confidence=intervals[1])
             drawn = bootstrap_intervals(known, classes, aggregate, *intervals, scores=True)
@@ -73,6 +69,16 @@ def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_
                                               if name.startswith(f"{level}_")}
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def level_metrics(records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str,
+                  out_dir: Optional[Path] = None) -> dict[str, dict[str, Any]]:
+    """Per level: n, accuracy, balanced accuracy, confusion and ``level_scores`` (ROC AUC, F1, calibration; with
+    ``out_dir``, their plots there), of records that carry a label."""
+    image, case = confusions(records, classes, aggregate)
+    scores = level_scores(records, classes, aggregate, out_dir)
+    return {level: {"n": int(m.sum()), "accuracy": accuracy(m), "balanced_accuracy": balanced_accuracy(m),
+                    "confusion": m.tolist(), **scores[level]} for level, m in zip(LEVELS, (image, case))}
 
 
 def figure_text(level: dict[str, Any], key: str, missing: str = "-") -> str:

@@ -11,11 +11,10 @@ from typing import Any
 import numpy as np
 
 from lymphoma.case_bootstrap import bootstrap_intervals
-from lymphoma.cohort_report import level_scores
+from lymphoma.cohort_report import level_metrics
 from lymphoma.errors import InputError
 from lymphoma.inputs import ImageRecord
-from lymphoma.levels import LEVELS, confusions
-from lymphoma.metrics import accuracy, balanced_accuracy
+from lymphoma.levels import LEVELS
 from lymphoma.split import split_cases
 
 
@@ -61,15 +60,6 @@ def fold_phases(records: Sequence[ImageRecord], test_cases: Sequence[str], inner
     return phase_of
 
 
-def _metrics(records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str,
-             scores: bool = True) -> dict[str, Any]:
-    """Accuracy, balanced accuracy and confusion per level; with ``scores``, ROC AUC, F1 and calibration too."""
-    image, case = confusions(records, classes, aggregate)
-    extra = level_scores(records, classes, aggregate) if scores else {level: {} for level in LEVELS}
-    return {level: {"n": int(m.sum()), "accuracy": accuracy(m), "balanced_accuracy": balanced_accuracy(m),
-                    "confusion": m.tolist(), **extra[level]} for level, m in zip(LEVELS, (image, case))}
-
-
 def cv_report(records_by_fold: Sequence[Sequence[dict[str, Any]]], classes: Sequence[str], resamples: int,
               confidence: float, seed: int = 0) -> dict[str, Any]:
     """Per-fold and pooled accuracy (image and case level, plain and balanced) for both aggregations, with
@@ -81,8 +71,8 @@ def cv_report(records_by_fold: Sequence[Sequence[dict[str, Any]]], classes: Sequ
     report: dict[str, Any] = {"classes": list(classes), "confidence": confidence, "bootstrap": resamples,
                               "n_images": len(pooled), "n_cases": len({r["case"] for r in pooled})}
     for aggregate in ("vote", "mean"):
-        entry = _metrics(pooled, classes, aggregate)
-        entry["folds"] = [_metrics(fold, classes, aggregate) if fold else None for fold in folds]
+        entry = level_metrics(pooled, classes, aggregate)
+        entry["folds"] = [level_metrics(fold, classes, aggregate) if fold else None for fold in folds]
         entry["interval"] = bootstrap_intervals(pooled, classes, aggregate, resamples, confidence, seed,
                                                 scores=aggregate == "vote")
         report[aggregate] = entry
