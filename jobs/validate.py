@@ -13,14 +13,13 @@ log = logging.getLogger(__name__)
 
 def command(args: argparse.Namespace, run: Run) -> int:
     """Per-tile outputs, confusion, augmentation, kernels and activations into ``--out`` (``<run>/validate``)."""
+    from lymphoma.cohort_report import figure_text
     from lymphoma.validation import validate
 
     out = Path(args.out) if args.out else run.dir / "validate"
     summary = validate(Path(args.checkpoint), run.tiles, args.phase, out, args.layer,
                        intervals=(run.config.cv.bootstrap, run.config.cv.confidence))
-    (low, high), (balanced_low, balanced_high) = (summary["interval"][k] for k in ("accuracy", "balanced_accuracy"))
-    log.info(f"{args.phase}: {summary['tiles']} tiles of {summary['cases']} cases, tile accuracy {summary['accuracy']:.3f} "
-             f"[{low:.3f}, {high:.3f}], balanced {summary['balanced_accuracy']:.3f} [{balanced_low:.3f}, "
-             f"{balanced_high:.3f}] ({summary['confidence']:.0%} intervals from {summary['bootstrap']} resamples of the "
-             f"cases); files in {out}")
+    log.info(f"{args.phase}: {summary['tiles']} tiles of {summary['cases']} cases, tile accuracy "
+             f"{figure_text(summary, 'accuracy')}, balanced {figure_text(summary, 'balanced_accuracy')} "
+             f"({summary['confidence']:.0%} intervals from {summary['bootstrap']} resamples of the cases); files in {out}")
     return 0
