@@ -52,7 +52,8 @@ def run_pipeline(run: Run, progress: bool = True) -> dict[str, Any]:
                     "it has not learnt the sub-types; train longer (train.epochs) and judge models with `lymphoma cv`")
     phase = "test" if run.config.split.test_fraction > 0 else "val"
     log.info(f"== 3/3 predict the held-out {phase} images")
-    request = PredictRequest(run.checkpoints / "best.pt", slides=tuple(held_out_slides(run.split_csv, phase)))
+    request = PredictRequest(run.checkpoints / "best.pt", slides=tuple(held_out_slides(run.split_csv, phase)),
+                             replace=True)  # the run's predictions follow its model
     result: PredictResult = run_predict(run, request, progress)
     log.info(format_report(result))
     for note in result.notes:  # e.g. the val cases chose the epoch kept (train.select): no held-out figure

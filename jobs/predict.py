@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -32,9 +33,11 @@ SLIDE_KEYS = ("default_mpp", "max_pixels")  # tile settings that describe the sl
 
 @dataclass(frozen=True)
 class PredictRequest:
-    """What to predict and with what: the checkpoint; the slides, or the patterns and TSV list that name them;
+    """What to predict and with what: the checkpoint; the slides, or the patterns and list that name them;
     the output folder (default ``<run>/predict``); whether tile settings given by the user may differ from the
-    checkpoint's (``force``) and which the user set (``explicit_tiles``: key names, from -c and overrides)."""
+    checkpoint's (``force``) and which the user set (``explicit_tiles``: key names, from -c and overrides);
+    ``replace``: the folder's earlier predictions may be replaced or left out (`lymphoma run`'s own folder, which
+    follows its model), where otherwise they are refused (``refuse_replacing``)."""
 
     checkpoint: Path
     patterns: tuple[str, ...] = ()
@@ -44,6 +47,7 @@ class PredictRequest:
     force: bool = False
     explicit_tiles: tuple[str, ...] = ()
     slides: Optional[tuple[SlideInput, ...]] = None
+    replace: bool = False
 
 
 @dataclass(frozen=True)
@@ -158,11 +162,13 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
     slides = request_slides(run, request, state)
     out_dir = prepare_out_dir(Path(request.out).absolute() if request.out else run.predict, MARKER, "prediction")
     with folder_lock(out_dir, "predict"):  # a second prediction into this folder is refused, not run beside
+        fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision,
+                                             training_scale(saved, cfg.predict.scale, tiles))
+        if not request.replace:
+            refuse_replacing(out_dir, slides, fingerprint)  # before anything of the earlier one is written over
         run.save_config(out_dir / "config.yaml")
         slide_dir = out_dir / "slides"
         slide_dir.mkdir(exist_ok=True)
-        fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision,
-                                             training_scale(saved, cfg.predict.scale, tiles))
         resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}
         chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
         tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads, tiles) for chunk in chunks]
@@ -184,6 +190,38 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
         n_ok = sum(r["status"] == "ok" for r in records)
         return PredictResult(out_dir, records, metrics, n_ok - len(resumed & {r["key"] for r in records if r["status"] == "ok"}),
                              len(resumed), failure, tuple(notes))
+
+
+def refuse_replacing(out_dir: Path, slides: Sequence[SlideInput], fingerprint: str) -> None:
+    """An InputError where ``out_dir`` holds finished predictions that this one would replace (made by another
+    checkpoint, or other settings) or leave out of its summary (slides it does not name): the folder is one
+    prediction's, resumed or extended by more slides, never silently another's."""
+    named = {s.key: s.path for s in slides}
+    other_model: list[dict[str, Any]] = []
+    not_named: list[str] = []
+    for path in sorted((out_dir / "slides").glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue  # a damaged record is predicted again, as a rerun always has
+        if not isinstance(record, dict) or record.get("status") != "ok":
+            continue
+        if named.get(record.get("key", path.stem)) != record.get("path"):
+            not_named.append(str(record.get("path", path.stem)))
+        elif record.get("fingerprint") != fingerprint:
+            other_model.append(record)
+    advice = f"give another --out (or remove {out_dir} to replace them)"
+    if other_model:
+        files = sorted({r["checkpoint"] for r in other_model if r.get("checkpoint")})
+        raise InputError(f"{out_dir} holds the predictions of {len(other_model)} of these slides made by another model "
+                         f"or other settings ({'checkpoint ' + ', '.join(files[:2]) + ': ' if files else ''}another "
+                         f"file, the same file since rewritten, or other predict.tta, engine, precision or scale); this "
+                         f"prediction would replace them: {advice}")
+    if not_named:
+        raise InputError(f"{out_dir} holds the predictions of {len(not_named)} slide(s) this request does not name "
+                         f"({', '.join(not_named[:3])}{' ...' if len(not_named) > 3 else ''}); its summary.csv and "
+                         f"metrics.json would leave them out: name them too (to add slides to that prediction), or "
+                         f"{advice}")
 
 
 def gather_records(slide_dir: Path, chunks: list[tuple[SlideInput, ...]],

@@ -69,6 +69,7 @@ class Predictor:
     precision: str = "fp32"  # what runs: fp32 | bf16 (autocast; on CPUs only with bf16 units: runnable_precision)
     exported: Optional[ExportedEngine] = None  # predict.engine onnxruntime or openvino: runs the model
     scale: Optional[TrainingScale] = None  # predict.scale=match: plain images at another scale matched to this one
+    checkpoint: str = ""  # the file the model came from, named in each slide's record
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device, batch_size: int = 128,
@@ -100,7 +101,7 @@ class Predictor:
             exported = exported_engine(engine, onnx, torch.get_num_threads(), precision)
         return cls(model, list(state["classes"]), tile_settings, augment, device, batch_size, fingerprint, tta,
                    StainNormalizer.from_state(state.get("stain")), precision=precision, exported=exported,
-                   scale=matched)
+                   scale=matched, checkpoint=str(Path(path).resolve()))
 
     def normalize_stain(self, tiles: np.ndarray) -> np.ndarray:
         """Stain-normalise uint8 tiles ``[N, H, W, 3]`` when the model was trained on tiles normalised one by one
@@ -355,7 +356,8 @@ def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, source: Tile
               "case": slide.case, "n_tiles": int(len(probs)), "n_background": int(source.n_background),
               "image_size": [int(v) for v in source.shape],
               **({"matched_resize": round(source.matched_resize, 6)} if source.matched_resize is not None else {}),
-              **result.as_dict(classes), "fingerprint": predictor.fingerprint, "regions": regions_stamp(slide.regions)}
+              **result.as_dict(classes), "fingerprint": predictor.fingerprint, "regions": regions_stamp(slide.regions),
+              **({"checkpoint": predictor.checkpoint} if predictor.checkpoint else {})}
     write_text_atomic(out_dir / f"{slide.key}.json", json.dumps(record, indent=1) + "\n")
     return record
 

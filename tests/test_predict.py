@@ -283,6 +283,42 @@ def test_an_output_folder_of_other_files_or_paths_of_the_wrong_kind_are_refused(
            "give another --out" in capsys.readouterr().err
 
 
+
+def test_a_folder_keeps_its_prediction_until_a_rerun_resumes_or_extends_it(checkpoint, cohort, tmp_path, capsys):
+    """A second prediction into one folder (the default `runs/<name>/predict` of every checkpoint, or one --out)
+    would replace its summary by another cohort's, or its slides' outputs by another model's: refused, naming what
+    it holds, before anything there is written; naming the earlier slides too adds to it, resuming them."""
+    fl, mcl = sorted(cohort.glob("FL/*.png")), sorted(cohort.glob("MCL/*.png"))
+    out = tmp_path / "out"
+    assert predict(checkpoint, out, *map(str, fl)) == 0
+    capsys.readouterr()
+    def written() -> dict[Path, bytes]:  # all but its logs and lock
+        return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts and p.name[0] != "."}
+
+    kept = written()
+    assert json.loads((out / "slides" / f"{fl[0].stem}.json").read_text())["checkpoint"] == str(checkpoint)
+
+    assert predict(checkpoint, out, *map(str, mcl)) == 2  # another cohort
+    err = capsys.readouterr().err
+    assert f"{out} holds the predictions of {len(fl)} slide(s) this request does not name ({fl[0]}" in err
+    assert "name them too (to add slides to that prediction), or give another --out" in err and written() == kept
+    assert predict(checkpoint, out, *map(str, fl), "predict.tta=true") == 2  # other settings
+    err = capsys.readouterr().err
+    assert (f"{out} holds the predictions of {len(fl)} of these slides made by another model or other settings "
+            f"(checkpoint {checkpoint}: ") in err and "give another --out" in err and written() == kept
+    other = tmp_path / "other.pt"
+    shutil.copyfile(checkpoint, other)
+    assert predict(other, out, *map(str, fl)) == 2  # another model
+    assert f"made by another model or other settings (checkpoint {checkpoint}: " in capsys.readouterr().err
+    assert written() == kept
+
+    assert predict(checkpoint, out, *map(str, fl + mcl)) == 0  # extended: the earlier slides resumed
+    assert (f"{len(fl + mcl)} of {len(fl + mcl)} slide(s) predicted ({len(mcl)} now, {len(fl)} already complete)"
+            in capsys.readouterr().out)
+    with (out / "summary.csv").open() as handle:
+        assert sorted(r["path"] for r in csv.DictReader(handle)) == sorted(map(str, fl + mcl))
+
+
 def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     assert predict(checkpoint, tmp_path / "a", f"{tmp_path}/nothing/**/*.tif") == 2
     assert "matches no image file" in capsys.readouterr().err
