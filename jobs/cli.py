@@ -109,7 +109,8 @@ def _add_model_commands(sub: Any) -> None:
     predict.add_argument("inputs", nargs="*", metavar="IMAGE",
                          help="image files, quoted wildcards ('cohort/**/*.tif') or folders (every image under "
                               "them); key=value overrides too")
-    predict.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments")
+    predict.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments; or a "
+                         ".csv with a header: path[,label][,case] (data.columns maps other names)")
     predict.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
     predict.add_argument("--out", type=Path, help="output folder (default: <run folder>/predict)")
     predict.add_argument("--force", action="store_true", help="allow tile settings that differ from the checkpoint's")
@@ -123,7 +124,8 @@ def _add_model_commands(sub: Any) -> None:
     features.add_argument("inputs", nargs="*", metavar="IMAGE",
                           help="image files, quoted wildcards or folders (default: every image of data.source); key=value "
                                "overrides too")
-    features.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments")
+    features.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments; or a "
+                         ".csv with a header: path[,label][,case] (data.columns maps other names)")
     features.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
     features.add_argument("--out", type=Path, help="output folder (default: <run folder>/features)")
     features.add_argument("--force", action="store_true", help="with --checkpoint: allow tile settings that differ from "

@@ -69,7 +69,8 @@ def features_slides(run: Run, patterns: list[str], list_file: Optional[Path], ba
     """The slides named on the command line or in a TSV list; without any, every image of the run's data."""
     if patterns or list_file:
         return expand_inputs(patterns, list_file, basepath, list(run.config.data.classes or []),
-                             compile_case_pattern(run.config.data.case_pattern), run.config.data.regions)
+                             compile_case_pattern(run.config.data.case_pattern), run.config.data.regions,
+                             run.config.data.columns)
     return [SlideInput(r.path, r.key, r.label, r.case, r.regions) for r in run.inputs().records]
 
 

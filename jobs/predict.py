@@ -121,7 +121,8 @@ def request_slides(run: Run, request: PredictRequest, state: dict[str, Any]) -> 
     if request.slides is not None:
         return list(request.slides)
     return expand_inputs(list(request.patterns), request.list_file, request.basepath, list(state["classes"]),
-                         compile_case_pattern(run.config.data.case_pattern), run.config.predict.regions)
+                         compile_case_pattern(run.config.data.case_pattern), run.config.predict.regions,
+                         run.config.data.columns)
 
 
 def slide_chunks(slides: Sequence[SlideInput], per_task: int, parallelism: int = 1) -> list[tuple[SlideInput, ...]]:

@@ -1,12 +1,14 @@
-"""The inputs of a prediction: image and slide files, wildcards (``**`` recursive) and TSV lists, with their truth
-and case when known."""
+"""The inputs of a prediction: image and slide files, wildcards (``**`` recursive) and TSV or CSV lists, with
+their truth and case when known."""
 
 from __future__ import annotations
 
+import csv
 import glob
+import io
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Optional
 
@@ -17,13 +19,15 @@ from lymphoma.prediction import SlideInput
 from lymphoma.regions import find_region_file
 
 Row = tuple[str, Optional[str], Optional[str], str]  # path, label, case, where it was given (a list's line)
+LIST_HEADERS = ("path", "file", "filename")  # a TSV's first line starting so is its header
 
 
 def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: Optional[Path],
                   classes: Sequence[str], case_pattern: re.Pattern[str],
-                  regions: Optional[str] = None) -> list[SlideInput]:
-    """Slides from names and wildcards (``**`` recursive) and from a TSV whose columns are path[, label[, case]]
-    (``#`` lines and blank lines skipped; relative paths under ``basepath``). Truth and case come from the TSV's
+                  regions: Optional[str] = None, columns: Optional[Mapping[str, str]] = None) -> list[SlideInput]:
+    """Slides from names and wildcards (``**`` recursive) and from a list: a TSV whose columns are path[, label[,
+    case]] (``#`` lines and blank lines skipped), or a CSV whose header names them (``columns``: data.columns, as
+    for a training manifest); relative paths under ``basepath``. Truth and case come from the list's
     columns or, for files, from their folders (``truth_from_folders``), else from the file's own name by
     ``case_pattern`` (not its key, which names folders too where two files share a name); region files from
     ``<regions>/<key>.geojson``."""
@@ -35,7 +39,7 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
                              "leaves them to lymphoma (e.g. 'cohort/**/*.tif')")
         rows += [(m, None, None, m) for m in matches]
     if list_file is not None:
-        rows += _read_tsv(list_file, basepath)
+        rows += _read_list(list_file, basepath, columns or {})
     if not rows:
         raise InputError("no slides to predict: give file names, wildcards or --list slides.tsv")
     _check_labels(rows, classes, list_file)
@@ -105,25 +109,54 @@ def _check_labels(rows: Sequence[Row], classes: Sequence[str], list_file: Option
                      "(it is predicted, without a truth to score it against)")
 
 
-def _read_tsv(path: Path, basepath: Optional[Path]) -> list[Row]:
+def _read_list(path: Path, basepath: Optional[Path], columns: Mapping[str, str]) -> list[Row]:
+    """The rows of a ``--list``: a CSV (``.csv``: a header naming its columns, as a training manifest's) or a TSV."""
     if not path.is_file():
-        raise InputError(f"--list {path} {'is a folder' if path.is_dir() else 'not found'}; give a TSV file: "
-                         "path[<tab>label[<tab>case]] per line")
+        raise InputError(f"--list {path} {'is a folder' if path.is_dir() else 'not found'}; give a TSV file "
+                         "(path[<tab>label[<tab>case]] per line) or a CSV with a header (path[,label][,case])")
     if basepath is not None and not basepath.is_dir():  # else every relative path would fail as its slide
         raise InputError(f"--basepath {basepath} is not a folder; give the folder the list's relative paths are under")
-    rows = []
+    entries = _csv_entries(path, columns) if path.suffix.lower() == ".csv" else _tsv_entries(path)
+    return [(str(Path(raw) if basepath is None or Path(raw).is_absolute() else
+                 _inside(basepath, raw, f"{path}, {where}")), label, case, where) for raw, label, case, where in entries]
+
+
+def _tsv_entries(path: Path) -> list[Row]:
+    """path[<tab>label[<tab>case]] per line; ``#`` lines, blank lines and a header line skipped."""
+    rows: list[Row] = []
     for number, line in enumerate(read_user_text(path).splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
         fields = [f.strip() for f in line.split("\t")]
         if len(fields) > 3 or not fields[0]:
             raise InputError(f"{path}, line {number}: expected tab-separated path[, label[, case]], got {line!r}")
-        if number == 1 and fields[0].lower() in ("path", "file", "filename"):
-            continue  # a header
-        file = Path(fields[0]) if basepath is None or Path(fields[0]).is_absolute() else \
-            _inside(basepath, fields[0], f"{path}, line {number}")
-        rows.append((str(file), (fields[1] or None) if len(fields) > 1 else None,
+        if number == 1 and fields[0].split(",")[0].strip().lower() in LIST_HEADERS:
+            if len(fields) == 1 and "," in fields[0]:
+                raise InputError(f"--list {path}: its header {line.strip()!r} is comma-separated; name the file "
+                                 f"{path.with_suffix('.csv').name} to read it as CSV, or separate the columns by tabs")
+            continue
+        rows.append((fields[0], (fields[1] or None) if len(fields) > 1 else None,
                      (fields[2] or None) if len(fields) > 2 else None, f"line {number}"))
+    return rows
+
+
+def _csv_entries(path: Path, columns: Mapping[str, str]) -> list[Row]:
+    """A CSV's rows by its header's names (``data.columns`` maps others): path, and label and case where the
+    header has them; rows whose path is empty or starts with ``#`` skipped."""
+    names = {"path": "path", "label": "label", "case": "case", **columns}
+    reader = csv.DictReader(io.StringIO(read_user_text(path), newline=""))
+    header = [name.strip() for name in reader.fieldnames or []]
+    if names["path"] not in header:
+        raise InputError(f"--list {path}: no {names['path']!r} column; the header has {header}. Name the columns "
+                         "path[,label][,case] in its first line, or map yours: data.columns.path=<column> (and .label, .case)")
+    reader.fieldnames = header
+    rows: list[Row] = []
+    for row in reader:
+        raw = (row.get(names["path"]) or "").strip()
+        if not raw or raw.startswith("#"):
+            continue
+        label, case = ((row.get(names[key]) or "").strip() or None for key in ("label", "case"))
+        rows.append((raw, label, case, f"line {reader.line_num}"))
     return rows
 
 

@@ -16,7 +16,7 @@ from PIL import Image
 from jobs.cli import main
 from jobs.config import ConfigError, load_config, to_object
 from jobs.tile import run_tile
-from lymphoma.errors import ImageError
+from lymphoma.errors import ImageError, InputError
 from lymphoma.images import _fast_png_decoder, _spng_rgb, _wuffs_rgb, read_rgb
 from lymphoma.sharding import load_manifest, phase_shards
 
@@ -337,6 +337,39 @@ def test_manifests_and_lists_saved_by_excel_are_read_and_other_encodings_named(m
     slides = expand_inputs([], listing, None, ["CLL", "FL", "MCL"], re.compile(r"^(?P<case>.+)$"))
     assert [(s.path, s.label) for s in slides] == [(str(images[0].resolve()), "CLL")]  # the header known, BOM and all
 
+
+
+def test_a_csv_list_of_slides_is_read_by_its_header_as_a_training_manifest_is(make_dataset, tmp_path):
+    """`--list x.csv`: columns by the header's names (in any order, others ignored, data.columns mapping yours),
+    quoted fields, Excel's BOM and CRLF; relative paths under --basepath. A comma-separated list named .tsv, or a CSV
+    without a path column, is an error saying what to do, not one failed slide per line."""
+    from lymphoma.prediction_inputs import expand_inputs
+
+    root = make_dataset(cases_per_class=1, images_per_case=2)
+    images = sorted(root.rglob("*.png"))
+    images[0] = images[0].rename(images[0].with_name("biopsy, left.png"))
+    pattern, classes = re.compile(r"^(?P<case>.+)$"), ["CLL", "FL", "MCL"]
+    lines = ["case,notes,path,label"] + [f'p{i},"seen, twice",{p.relative_to(root)},{p.parent.name}' for i, p in
+                                         enumerate(images)]
+    lines[1] = f'p0,,"{images[0].relative_to(root)}",{images[0].parent.name}'
+    excel = tmp_path / "slides.csv"
+    excel.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    slides = expand_inputs([], excel, root, classes, pattern)
+    assert [(s.path, s.label, s.case) for s in slides] == [(str(p.resolve()), p.parent.name, f"p{i}")
+                                                           for i, p in enumerate(images)]
+    mapped = tmp_path / "mapped.csv"
+    mapped.write_text("cls,image\n" + "".join(f'{p.parent.name},"{p}"\n' for p in images))
+    slides = expand_inputs([], mapped, None, classes, pattern, columns={"path": "image", "label": "cls"})
+    assert [(s.path, s.label) for s in slides] == [(str(p.resolve()), p.parent.name) for p in images]
+    with pytest.raises(InputError, match=r"mapped.csv: no 'path' column; the header has \['cls', 'image'\]\. Name "
+                                         r"the columns path\[,label\]\[,case\] in its first line, or map yours: "
+                                         r"data.columns.path=<column>"):
+        expand_inputs([], mapped, None, classes, pattern)
+    commas = tmp_path / "slides.tsv"
+    commas.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in images[1:]))
+    with pytest.raises(InputError, match=r"slides.tsv: its header 'path,label' is comma-separated; name the file "
+                                         r"slides.csv to read it as CSV, or separate the columns by tabs"):
+        expand_inputs([], commas, None, classes, pattern)
 
 def test_validate_names_a_checkpoint_trained_on_tiles_of_another_size(tiled, tmp_path, capsys):
     """The run's stores hold 64-px tiles, the checkpoint was trained on 128-px ones: the error names the checkpoint
