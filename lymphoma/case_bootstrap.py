@@ -19,13 +19,15 @@ SCORE_RESAMPLES = 500  # case resamples for the intervals of macro AUC and ECE (
 @dataclass(frozen=True)
 class CaseTable:
     """A cohort arranged by case (sorted): each case's own confusion counts per level, and per level the true
-    class indices and probabilities, with the image rows each case owns."""
+    class indices and probabilities (with ``scored``: only the AUC and ECE need them), with the image rows each
+    case owns."""
     confusions: dict[str, np.ndarray]  # level -> (cases, classes, classes)
     scored: dict[str, tuple[np.ndarray, np.ndarray]]  # level -> (true class index, probabilities)
     image_rows: list[np.ndarray]
 
     @classmethod
-    def of(cls, records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str) -> "CaseTable":
+    def of(cls, records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str,
+           scored: bool = True) -> "CaseTable":
         by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
         for r in records:
             by_case[r["case"]].append(r)
@@ -35,7 +37,7 @@ class CaseTable:
         sizes = [len(by_case[c]) for c in cases]
         return cls({level: np.stack([m[i] for m in per_case]) for i, level in enumerate(LEVELS)},
                    {level: (np.array([list(classes).index(t) for t in truth]), probs)
-                    for level, (truth, _, probs) in level_inputs(ordered, classes, aggregate).items()},
+                    for level, (truth, _, probs) in level_inputs(ordered, classes, aggregate).items()} if scored else {},
                    [np.arange(end - n, end) for end, n in zip(np.cumsum(sizes), sizes)])
 
     @property
@@ -60,7 +62,7 @@ def bootstrap_intervals(records: Sequence[dict[str, Any]], classes: Sequence[str
     each draw's confusion the sum of its cases' own. With ``scores``, of macro ROC AUC and ECE too (ECE's
     re-centred: ``recentred``), from the first ``SCORE_RESAMPLES`` draws (they do not depend on the aggregation:
     the probabilities are the same). Keys ``<level>_<figure>``."""
-    table = CaseTable.of(records, classes, aggregate)
+    table = CaseTable.of(records, classes, aggregate, scored=scores)
     rng = np.random.default_rng(seed)
     draws: dict[str, list[float]] = defaultdict(list)
     for r in range(resamples):
