@@ -15,7 +15,7 @@ from hpc import ArrayJobError, run_array
 from hpc.task import task_setup
 from jobs import openvino_first_in_tasks
 from jobs.config import keys_set
-from jobs.predict import forced_tiles, gather_records, task_chunks
+from jobs.predict import finished_records, forced_tiles, gather_records, refuse_leaving_out, replace_advice, task_chunks
 from jobs.progress import SlideProgress
 from jobs.run_folder import Run, folder_lock, prepare_out_dir
 from lymphoma.backbones import require_model
@@ -132,8 +132,10 @@ def embed_into(out_dir: Path, run: Run, source: EncoderSource, slides: list[Slid
                progress: bool) -> tuple[list[dict[str, Any]], Optional[ArrayJobError]]:
     """``run_features`` in its output folder, held: the array job, then ``features.csv``."""
     cfg = run.config
+    identity = encoder_identity(run, source)
+    refuse_replacing(out_dir, slides, identity)  # before anything of the earlier embeddings is written over
     run.save_config(out_dir / "config.yaml")
-    encoder = {"encoder": str(source.checkpoint or cfg.model.weights or "random initialisation"),
+    encoder = {"encoder": identity["encoder"], "identity": identity,
                "cases_seen": source.cases_seen()}  # for `lymphoma mil`: which test cases the encoder has seen
     write_text_atomic(out_dir / ENCODER_FILE, json.dumps(encoder, indent=1) + "\n")
     chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
@@ -159,6 +161,36 @@ def embed_into(out_dir: Path, run: Run, source: EncoderSource, slides: list[Slid
                      ([r["key"], r["path"], r.get("label") or "", r.get("case") or "", r["status"], r.get("n_tiles", ""),
                        r.get("feature_dim", ""), r.get("file", ""), r.get("error", "")] for r in records))
     return records, failure
+
+
+def encoder_identity(run: Run, source: EncoderSource) -> dict[str, Any]:
+    """What a folder's embeddings depend on that is known before any task: the encoder's file (its size and time:
+    a file rewritten is another encoder), the backbone, tiling and how the encoder runs."""
+    cfg = run.config
+    file = source.checkpoint or cfg.model.weights
+    stat = Path(file).stat() if file and Path(file).is_file() else None
+    identity = {"encoder": str(file or "random initialisation"),
+                "encoder file": [stat.st_size, stat.st_mtime_ns] if stat else None,
+                "model.backbone": None if source.checkpoint else cfg.model.backbone,
+                "tiles": source.tiles if source.checkpoint else cfg.tiles.as_dict(), "predict.engine": cfg.predict.engine,
+                "predict.precision": cfg.predict.precision, "predict.scale": cfg.predict.scale}
+    return json.loads(json.dumps(identity, default=str))  # as it reads back from encoder.json
+
+
+def refuse_replacing(out_dir: Path, slides: Sequence[SlideInput], identity: dict[str, Any]) -> None:
+    """An InputError where ``out_dir`` holds finished embeddings that this run would replace (another encoder or
+    other settings, by its ``encoder.json``) or leave out of its ``features.csv`` (slides it does not name)."""
+    records = finished_records(out_dir / "records")
+    try:
+        earlier = json.loads((out_dir / ENCODER_FILE).read_text()).get("identity")
+    except (OSError, ValueError, AttributeError):
+        earlier = None  # a folder of an older version, which kept no identity: its records' fingerprints decide
+    if records and earlier is not None and earlier != identity:
+        changed = ", ".join(key for key in identity if identity[key] != earlier.get(key))
+        raise InputError(f"{out_dir} holds the embeddings of {len(records)} slide(s) by another encoder or other "
+                         f"settings ({earlier.get('encoder')}; this run differs in: {changed}); embedding here would "
+                         f"replace them: {replace_advice(out_dir)}")
+    refuse_leaving_out(out_dir, records, slides, "embeddings", "features.csv")
 
 
 def embedded_before(records: Path, slides: list[SlideInput]) -> set[str]:

@@ -197,32 +197,45 @@ def refuse_replacing(out_dir: Path, slides: Sequence[SlideInput], fingerprint: s
     """An InputError where ``out_dir`` holds finished predictions that this one would replace (made by another
     checkpoint, or other settings) or leave out of its summary (slides it does not name): the folder is one
     prediction's, resumed or extended by more slides, never silently another's."""
+    records = finished_records(out_dir / "slides")
     named = {s.key: s.path for s in slides}
-    other_model: list[dict[str, Any]] = []
-    not_named: list[str] = []
-    for path in sorted((out_dir / "slides").glob("*.json")):
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
-            continue  # a damaged record is predicted again, as a rerun always has
-        if not isinstance(record, dict) or record.get("status") != "ok":
-            continue
-        if named.get(record.get("key", path.stem)) != record.get("path"):
-            not_named.append(str(record.get("path", path.stem)))
-        elif record.get("fingerprint") != fingerprint:
-            other_model.append(record)
-    advice = f"give another --out (or remove {out_dir} to replace them)"
+    other_model = [r for r in records if named.get(r.get("key")) == r.get("path") and r.get("fingerprint") != fingerprint]
     if other_model:
         files = sorted({r["checkpoint"] for r in other_model if r.get("checkpoint")})
         raise InputError(f"{out_dir} holds the predictions of {len(other_model)} of these slides made by another model "
                          f"or other settings ({'checkpoint ' + ', '.join(files[:2]) + ': ' if files else ''}another "
                          f"file, the same file since rewritten, or other predict.tta, engine, precision or scale); this "
-                         f"prediction would replace them: {advice}")
+                         f"prediction would replace them: {replace_advice(out_dir)}")
+    refuse_leaving_out(out_dir, records, slides, "predictions", "summary.csv and metrics.json")
+
+
+def finished_records(folder: Path) -> list[dict[str, Any]]:
+    """The records of the slides that succeeded in ``folder`` (a damaged one is made again by any rerun)."""
+    records = []
+    for path in sorted(folder.glob("*.json")):
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if isinstance(record, dict) and record.get("status") == "ok":
+            records.append(record)
+    return records
+
+
+def refuse_leaving_out(out_dir: Path, records: Sequence[dict[str, Any]], slides: Sequence[SlideInput], outputs: str,
+                       summary: str) -> None:
+    """An InputError where finished ``records`` of ``out_dir`` are of slides this run does not name, which its
+    ``summary`` files would leave out."""
+    named = {s.key: s.path for s in slides}
+    not_named = [str(r.get("path")) for r in records if named.get(r.get("key")) != r.get("path")]
     if not_named:
-        raise InputError(f"{out_dir} holds the predictions of {len(not_named)} slide(s) this request does not name "
-                         f"({', '.join(not_named[:3])}{' ...' if len(not_named) > 3 else ''}); its summary.csv and "
-                         f"metrics.json would leave them out: name them too (to add slides to that prediction), or "
-                         f"{advice}")
+        raise InputError(f"{out_dir} holds the {outputs} of {len(not_named)} slide(s) this request does not name "
+                         f"({', '.join(not_named[:3])}{' ...' if len(not_named) > 3 else ''}); its {summary} would "
+                         f"leave them out: name them too (to add slides to it), or {replace_advice(out_dir)}")
+
+
+def replace_advice(out_dir: Path) -> str:
+    return f"give another --out (or remove {out_dir} to replace them)"
 
 
 def gather_records(slide_dir: Path, chunks: list[tuple[SlideInput, ...]],

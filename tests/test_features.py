@@ -70,6 +70,9 @@ def test_features_equal_a_direct_forward_of_the_backbone(make_dataset, resnet_fi
         np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-5)
         assert attrs["backbone"] == "timm:resnet10t" and attrs["tile_size"] == 128 and attrs["feature_dim"] == 512
         assert attrs["label"] == row["label"] and attrs["encoder"] == str(resnet_file)
+    assert features(tmp_path / "out", *words, rows[0]["path"]) == 2  # one slide: features.csv would lose five
+    assert (f"{tmp_path / 'out'} holds the embeddings of 5 slide(s) this request does not name (" in
+            capsys.readouterr().err and len((tmp_path / "out" / "features.csv").read_text().splitlines()) == 7)
 
 
 def fit_target_default():
@@ -227,8 +230,9 @@ def test_killed_features_resume_only_the_remaining_slides(data_root, manifest_ro
 
 def test_bf16_embeddings_are_near_fp32_and_never_taken_for_them(make_dataset, resnet_file, tmp_path, capsys, caplog):
     """predict.precision=bf16 on a CPU with bf16 units: embeddings near fp32's, marked bf16, with a fingerprint of
-    their own (fp32 into the same folder embeds everything again); on a CPU without them (PyTorch would emulate bf16
-    9x slower): fp32's embeddings, marked fp32, with a warning that says why."""
+    their own (fp32 into the same folder is refused, or where its encoder.json is gone embeds everything again); on
+    a CPU without them (PyTorch would emulate bf16 9x slower): fp32's embeddings, marked fp32, with a warning that
+    says why."""
     from lymphoma.precision import cpu_has_bf16
 
     source = make_dataset(cases_per_class=1, images_per_case=1)
@@ -253,7 +257,14 @@ def test_bf16_embeddings_are_near_fp32_and_never_taken_for_them(make_dataset, re
         assert cosine.min() > 0.999, cosine.min()  # measured: 0.99999, and at most 0.5% of the largest value off
         assert np.abs(exact - approx).max() < 0.02 * np.abs(exact).max()
     capsys.readouterr()
-    assert features(tmp_path / "bf16", *words) == 0  # fp32 into the bf16 folder: nothing is taken as done
+    stamps = [half.stat().st_mtime_ns for _, half in pairs]
+    assert features(tmp_path / "bf16", *words) == 2  # fp32 into the bf16 folder: refused, the folder kept
+    assert (f"{tmp_path / 'bf16'} holds the embeddings of 3 slide(s) by another encoder or other settings "
+            f"({resnet_file}; this run differs in: predict.precision); embedding here would replace them"
+            ) in capsys.readouterr().err
+    assert [half.stat().st_mtime_ns for _, half in pairs] == stamps
+    (tmp_path / "bf16" / "encoder.json").unlink()  # as an older version left it: the files' fingerprints decide
+    assert features(tmp_path / "bf16", *words) == 0  # and none is taken as done
     done = "3 now, 0 already complete" if ran == "bf16" else "0 now, 3 already complete"  # or fp32's own, kept
     assert f"3 of 3 slide(s) embedded ({done}" in capsys.readouterr().out
 

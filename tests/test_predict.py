@@ -301,7 +301,7 @@ def test_a_folder_keeps_its_prediction_until_a_rerun_resumes_or_extends_it(check
     assert predict(checkpoint, out, *map(str, mcl)) == 2  # another cohort
     err = capsys.readouterr().err
     assert f"{out} holds the predictions of {len(fl)} slide(s) this request does not name ({fl[0]}" in err
-    assert "name them too (to add slides to that prediction), or give another --out" in err and written() == kept
+    assert "name them too (to add slides to it), or give another --out" in err and written() == kept
     assert predict(checkpoint, out, *map(str, fl), "predict.tta=true") == 2  # other settings
     err = capsys.readouterr().err
     assert (f"{out} holds the predictions of {len(fl)} of these slides made by another model or other settings "
