@@ -31,6 +31,9 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
     columns or, for files, from their folders (``truth_from_folders``), else from the file's own name by
     ``case_pattern`` (not its key, which names folders too where two files share a name); region files from
     ``<regions>/<key>.geojson``."""
+    if basepath is not None and list_file is None:
+        raise InputError(f"--basepath {basepath} is where a --list's relative paths lie, and no --list is given; name "
+                         "the files and wildcards by their own paths (or put them in a --list)")
     rows: list[Row] = []
     for pattern in patterns:
         matches = one_file_per_dicom_slide(_matches(pattern))

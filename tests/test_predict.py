@@ -330,6 +330,8 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     escape.write_text(f"path\tlabel\n{next(cohort.rglob('*.png')).relative_to(cohort)}\tCLL\n../../etc/passwd\tCLL\n")
     assert predict(checkpoint, tmp_path / "b", "--list", str(escape), "--basepath", str(cohort)) == 2
     assert f"escape.tsv, line 3: '../../etc/passwd' leads outside --basepath {cohort}" in capsys.readouterr().err
+    assert predict(checkpoint, tmp_path / "b", "--basepath", str(cohort), "*/*.png") == 2  # patterns under it?
+    assert f"--basepath {cohort} is where a --list's relative paths lie, and no --list is given" in capsys.readouterr().err
     assert not (tmp_path / "b").exists()
     assert predict(checkpoint, tmp_path / "c", str(next(cohort.rglob("*.png"))), "tiles.size=128") == 2
     assert "tiles.size=128 but the model was trained with 64" in capsys.readouterr().err
