@@ -790,7 +790,7 @@ def test_an_export_that_does_not_fit_keeps_the_earlier_one_whole(checkpoint, sma
 def test_an_export_in_fewer_formats_leaves_no_earlier_model_beside_its_record(checkpoint, tmp_path, capsys):
     """`--formats onnx` over an earlier export of both formats: the earlier TorchScript file, which export.json no
     longer describes and a server could still load, is gone; a file of that name the folder held before any export
-    is the user's and stays."""
+    is the user's and stays, and one that an export would write over is refused."""
     served = tmp_path / "served"
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(served)]) == 0
     assert (served / "model.torchscript.pt").is_file()
@@ -803,7 +803,15 @@ def test_an_export_in_fewer_formats_leaves_no_earlier_model_beside_its_record(ch
     (own / "model.torchscript.pt").write_bytes(b"the user's own model")
     assert main(["export", "--checkpoint", str(checkpoint), "--out", str(own), "--formats", "onnx"]) == 0
     assert (own / "model.torchscript.pt").read_bytes() == b"the user's own model"
+    theirs = tmp_path / "theirs"
+    theirs.mkdir()
+    (theirs / "model.onnx").write_bytes(b"another tool's model")  # which an export would replace: refused
     capsys.readouterr()
+    assert main(["export", "--checkpoint", str(checkpoint), "--out", str(theirs)]) == 2
+    assert (f"{theirs} holds model.onnx, which no `lymphoma export` wrote (no export.json beside it) and this "
+            "export would replace; give another --out") in capsys.readouterr().err
+    assert [p.name for p in theirs.iterdir() if p.is_file()] == ["model.onnx"]  # and its logs/
+    assert (theirs / "model.onnx").read_bytes() == b"another tool's model"
 
 
 @pytest.fixture(scope="module")
