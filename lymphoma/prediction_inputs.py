@@ -120,8 +120,19 @@ def _read_list(path: Path, basepath: Optional[Path], columns: Mapping[str, str])
     if basepath is not None and not basepath.is_dir():  # else every relative path would fail as its slide
         raise InputError(f"--basepath {basepath} is not a folder; give the folder the list's relative paths are under")
     entries = _csv_entries(path, columns) if path.suffix.lower() == ".csv" else _tsv_entries(path)
+    if basepath is None:
+        _check_relative_paths(path, [raw for raw, _, _, _ in entries])
     return [(str(Path(raw) if basepath is None or Path(raw).is_absolute() else
                  _inside(basepath, raw, f"{path}, {where}")), label, case, where) for raw, label, case, where in entries]
+
+
+def _check_relative_paths(path: Path, paths: Sequence[str]) -> None:
+    """Without --basepath a list's relative paths are read from the current folder: where none of them is there
+    but some lie beside the list, an InputError saying to give --basepath (rather than a failed slide per line)."""
+    relative = [Path(raw) for raw in paths if not Path(raw).is_absolute()]
+    if relative and not any(p.exists() for p in relative) and any((path.parent / p).exists() for p in relative):
+        raise InputError(f"--list {path}: its relative paths ({relative[0]}, ...) are not in the current folder "
+                         f"{Path.cwd()} but lie beside the list: add --basepath {path.parent.absolute()}")
 
 
 def _tsv_entries(path: Path) -> list[Row]:

@@ -339,7 +339,7 @@ def test_manifests_and_lists_saved_by_excel_are_read_and_other_encodings_named(m
 
 
 
-def test_a_csv_list_of_slides_is_read_by_its_header_as_a_training_manifest_is(make_dataset, tmp_path):
+def test_a_csv_list_of_slides_is_read_by_its_header_as_a_training_manifest_is(make_dataset, tmp_path, monkeypatch):
     """`--list x.csv`: columns by the header's names (in any order, others ignored, data.columns mapping yours),
     quoted fields, Excel's BOM and CRLF; relative paths under --basepath. A comma-separated list named .tsv, or a CSV
     without a path column, is an error saying what to do, not one failed slide per line."""
@@ -357,6 +357,12 @@ def test_a_csv_list_of_slides_is_read_by_its_header_as_a_training_manifest_is(ma
     slides = expand_inputs([], excel, root, classes, pattern)
     assert [(s.path, s.label, s.case) for s in slides] == [(str(p.resolve()), p.parent.name, f"p{i}")
                                                            for i, p in enumerate(images)]
+    beside = root / "slides.csv"  # its paths relative to its own folder, and no --basepath: said at once
+    shutil.copyfile(excel, beside)
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(InputError, match=rf"--list {beside}: its relative paths \(CLL/.*, \.\.\.\) are not in the "
+                                         rf"current folder {tmp_path} but lie beside the list: add --basepath {root}$"):
+        expand_inputs([], beside, None, classes, pattern)
     mapped = tmp_path / "mapped.csv"
     mapped.write_text("cls,image\n" + "".join(f'{p.parent.name},"{p}"\n' for p in images))
     slides = expand_inputs([], mapped, None, classes, pattern, columns={"path": "image", "label": "cls"})
