@@ -57,6 +57,7 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
         slides.append(SlideInput(resolved, key, label or folder_label,
                                  case or folder_case or case_of(own_name(Path(path)), case_pattern) or key,
                                  str(region_file.resolve()) if region_file else ""))
+    _check_case_labels(slides)
     return slides
 
 
@@ -110,6 +111,22 @@ def _check_labels(rows: Sequence[Row], classes: Sequence[str], list_file: Option
     raise InputError(f"--list {list_file}: {len(unknown)} label(s) not among the model's classes {list(classes)}: "
                      f"{shown}{more}; correct them, or leave the label column empty for a slide of another class "
                      "(it is predicted, without a truth to score it against)")
+
+
+def _check_case_labels(slides: Sequence[SlideInput]) -> None:
+    """A case (patient) has one class: two among its labelled slides are an InputError naming both slides, since
+    its case-level figures and the intervals drawn by case would be wrong (numbered files of several patients,
+    ``CLL/img_001.png`` and ``FL/img_001.png``, are one case ``img`` by the default data.case_pattern)."""
+    first: dict[str, SlideInput] = {}
+    for slide in slides:
+        if slide.label is None:
+            continue
+        other = first.setdefault(slide.case, slide)
+        if other.label != slide.label:
+            raise InputError(f"case {slide.case!r} has slides of two classes ({other.label}: {other.path}; "
+                             f"{slide.label}: {slide.path}); a case is one patient: give each slide's case (a --list's "
+                             "third column, or case folders <class>/<case>/<slide>), or a data.case_pattern that "
+                             "finds the patient in the file names")
 
 
 def _read_list(path: Path, basepath: Optional[Path], columns: Mapping[str, str]) -> list[Row]:

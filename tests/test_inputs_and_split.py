@@ -160,3 +160,26 @@ def test_prediction_takes_the_case_from_the_file_name_when_folders_tell_two_copi
     slides = expand_inputs(paths, None, None, ["CLL", "FL", "MCL"], re.compile(DEFAULT_CASE_PATTERN))
     assert [s.key.split("__")[0] for s in slides] == ["lowres", "fullres-jpeg"]
     assert [(s.label, s.case) for s in slides] == [(row["cls"], row["case_id"])] * 2
+
+
+def test_a_case_whose_slides_have_two_classes_is_refused_before_any_prediction(data_root, manifest_rows, tmp_path):
+    """Numbered files of several patients in class folders (``CLL/img_001.png``, ``FL/img_001.png``) are one case by
+    the default case pattern: its case-level figure (one case, "1.000") and every interval drawn by case would be
+    wrong, so prediction refuses it, naming both slides and the fixes; cases given in a list are taken as given."""
+    import re
+
+    from lymphoma.inputs import DEFAULT_CASE_PATTERN
+    from lymphoma.prediction_inputs import expand_inputs
+
+    rows = [next(r for r in manifest_rows if r["cls"] == cls) for cls in ("CLL", "FL")]
+    for row in rows:
+        (tmp_path / row["cls"]).mkdir()
+        shutil.copyfile(data_root / row["lowres_path"], tmp_path / row["cls"] / "img_001.png")
+    classes, pattern = ["CLL", "FL", "MCL"], re.compile(DEFAULT_CASE_PATTERN)
+    with pytest.raises(InputError, match=rf"case 'img' has slides of two classes \(CLL: {tmp_path}/CLL/img_001.png; "
+                                         rf"FL: {tmp_path}/FL/img_001.png\); a case is one patient: give each "):
+        expand_inputs([str(tmp_path)], None, None, classes, pattern)
+    listing = tmp_path / "slides.tsv"
+    listing.write_text("".join(f"{r['cls']}/img_001.png\t{r['cls']}\t{r['case_id']}\n" for r in rows))
+    slides = expand_inputs([], listing, tmp_path, classes, pattern)
+    assert [(s.label, s.case) for s in slides] == [(r["cls"], r["case_id"]) for r in rows]
