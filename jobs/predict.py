@@ -116,13 +116,14 @@ def forced_tiles(run: Run, checkpoint: Path, state: dict[str, Any], explicit: Se
     return forced
 
 
-def request_slides(run: Run, request: PredictRequest, state: dict[str, Any]) -> list[SlideInput]:
-    """The slides to predict (the user's tile settings are checked by ``forced_tiles``)."""
+def request_slides(run: Run, request: PredictRequest, state: dict[str, Any], out_dir: Path) -> list[SlideInput]:
+    """The slides to predict (the user's tile settings are checked by ``forced_tiles``); none of the output
+    folder's own pictures, which a wildcard over a cohort holding it would match."""
     if request.slides is not None:
         return list(request.slides)
     return expand_inputs(list(request.patterns), request.list_file, request.basepath, list(state["classes"]),
                          compile_case_pattern(run.config.data.case_pattern), run.config.predict.regions,
-                         run.config.data.columns)
+                         run.config.data.columns, out_dir)
 
 
 def slide_chunks(slides: Sequence[SlideInput], per_task: int, parallelism: int = 1) -> list[tuple[SlideInput, ...]]:
@@ -160,8 +161,9 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
     saved = load_checkpoint(checkpoint)
     tiles = forced_tiles(run, request.checkpoint, saved, request.explicit_tiles, request.force)
     state = with_tiles(saved, tiles)
-    slides = request_slides(run, request, state)
-    out_dir = prepare_out_dir(Path(request.out).absolute() if request.out else run.predict, MARKER, "prediction")
+    out = Path(request.out).absolute() if request.out else run.predict
+    slides = request_slides(run, request, state, out)
+    out_dir = prepare_out_dir(out, MARKER, "prediction")
     with folder_lock(out_dir, "predict"):  # a second prediction into this folder is refused, not run beside
         fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision,
                                              training_scale(saved, cfg.predict.scale, tiles))

@@ -24,19 +24,21 @@ LIST_HEADERS = ("path", "file", "filename")  # a TSV's first line starting so is
 
 def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: Optional[Path],
                   classes: Sequence[str], case_pattern: re.Pattern[str],
-                  regions: Optional[str] = None, columns: Optional[Mapping[str, str]] = None) -> list[SlideInput]:
+                  regions: Optional[str] = None, columns: Optional[Mapping[str, str]] = None,
+                  outputs: Optional[Path] = None) -> list[SlideInput]:
     """Slides from names and wildcards (``**`` recursive) and from a list: a TSV whose columns are path[, label[,
     case]] (``#`` lines and blank lines skipped), or a CSV whose header names them (``columns``: data.columns, as
     for a training manifest); relative paths under ``basepath``. Truth and case come from the list's
     columns or, for files, from their folders (``truth_from_folders``), else from the file's own name by
     ``case_pattern`` (not its key, which names folders too where two files share a name); region files from
-    ``<regions>/<key>.geojson``."""
+    ``<regions>/<key>.geojson``. Files under ``outputs`` (the command's output folder: its heat maps are PNGs) are
+    no match of a wildcard or folder."""
     if basepath is not None and list_file is None:
         raise InputError(f"--basepath {basepath} is where a --list's relative paths lie, and no --list is given; name "
                          "the files and wildcards by their own paths (or put them in a --list)")
     rows: list[Row] = []
     for pattern in patterns:
-        matches = one_file_per_dicom_slide(_matches(pattern))
+        matches = one_file_per_dicom_slide([m for m in _matches(pattern) if not _under(m, outputs)])
         if not matches:
             raise InputError(f"{pattern!r} matches no image file; check the path and quote wildcards so the shell "
                              "leaves them to lymphoma (e.g. 'cohort/**/*.tif')")
@@ -82,6 +84,10 @@ def slide_keys(paths: Sequence[Path]) -> list[str]:
         raise InputError(f"two inputs named {twin[0]}: {twin[1]} and {twin[2]}; outputs are named after the file, "
                          "rename one or predict them separately")
     return keys
+
+
+def _under(path: str, folder: Optional[Path]) -> bool:
+    return folder is not None and Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))
 
 
 def _matches(pattern: str) -> list[str]:

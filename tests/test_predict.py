@@ -319,6 +319,17 @@ def test_a_folder_keeps_its_prediction_until_a_rerun_resumes_or_extends_it(check
         assert sorted(r["path"] for r in csv.DictReader(handle)) == sorted(map(str, fl + mcl))
 
 
+
+def test_an_output_folder_inside_the_cohort_is_no_input_to_its_own_rerun(checkpoint, cohort, tmp_path, capsys):
+    """`--out cohort/preds` with `'cohort/**/*.png'`: the rerun's wildcard would match the first run's heat maps
+    (`preds/slides/<name>.png`, PNGs named as the slides): they are no inputs, and the rerun resumes."""
+    shutil.copytree(cohort / "FL", tmp_path / "cohort" / "FL")
+    out = tmp_path / "cohort" / "preds"
+    for _ in range(2):
+        assert predict(checkpoint, out, f"{tmp_path}/cohort/**/*.png") == 0
+    assert "4 of 4 slide(s) predicted (0 now, 4 already complete)" in capsys.readouterr().out
+    assert len(list((out / "slides").glob("*.png"))) == 4
+
 def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     assert predict(checkpoint, tmp_path / "a", f"{tmp_path}/nothing/**/*.tif") == 2
     assert "matches no image file" in capsys.readouterr().err
