@@ -178,13 +178,15 @@ def _tsv_entries(path: Path) -> list[Row]:
 
 
 def _csv_entries(path: Path, columns: Mapping[str, str]) -> list[Row]:
-    """A CSV's rows by its header's names (``data.columns`` maps others): path, and label and case where the
-    header has them; rows whose path is empty or starts with ``#`` skipped."""
-    names = {"path": "path", "label": "label", "case": "case", **columns}
+    """A CSV's rows by its header's names: path, and label and case where the header has them, each by its
+    data.columns name or else its own (an experiment's mapping for its manifest does not hide a plain list's
+    ``path`` column); rows whose path is empty or starts with ``#`` skipped."""
     reader = csv.DictReader(io.StringIO(read_user_text(path), newline=""))
     header = [name.strip() for name in reader.fieldnames or []]
-    if names["path"] not in header:
-        raise InputError(f"--list {path}: no {names['path']!r} column; the header has {header}. Name the columns "
+    names = {key: next((n for n in (columns.get(key, key), key) if n in header), None) for key in ("path", "label", "case")}
+    if names["path"] is None:
+        mapped = f"{columns['path']!r} or " if columns.get("path", "path") != "path" else ""
+        raise InputError(f"--list {path}: no {mapped}'path' column; the header has {header}. Name the columns "
                          "path[,label][,case] in its first line, or map yours: data.columns.path=<column> (and .label, .case)")
     reader.fieldnames = header
     rows: list[Row] = []
@@ -192,7 +194,7 @@ def _csv_entries(path: Path, columns: Mapping[str, str]) -> list[Row]:
         raw = (row.get(names["path"]) or "").strip()
         if not raw or raw.startswith("#"):
             continue
-        label, case = ((row.get(names[key]) or "").strip() or None for key in ("label", "case"))
+        label, case = ((row.get(names[key] or "") or "").strip() or None for key in ("label", "case"))
         rows.append((raw, label, case, f"line {reader.line_num}"))
     return rows
 

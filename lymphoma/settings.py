@@ -40,7 +40,8 @@ class DataSettings:
     case_pattern: str = r"^(?P<case>.+?)(?:-R\d+)?_\d+$"  # file stem -> case (patient): drops _NNN and -R<k>
     columns: Dict[str, str] = field(default_factory=lambda: {"path": "path", "label": "label", "case": "case",
                                                              "regions": "regions"})
-    #                                a manifest's column names (regions: a GeoJSON region file per image, optional)
+    #                                a manifest's column names (regions: a GeoJSON region file per image, optional),
+    #                                and a CSV --list's of predict and features
     regions: Optional[str] = None  # a folder of <image file stem>.geojson region files (QuPath's export); images
     #                                without one are tiled whole; tiles.region_mode says what the regions mean
 

@@ -367,6 +367,10 @@ def test_a_csv_list_of_slides_is_read_by_its_header_as_a_training_manifest_is(ma
     mapped.write_text("cls,image\n" + "".join(f'{p.parent.name},"{p}"\n' for p in images))
     slides = expand_inputs([], mapped, None, classes, pattern, columns={"path": "image", "label": "cls"})
     assert [(s.path, s.label) for s in slides] == [(str(p.resolve()), p.parent.name) for p in images]
+    manifest_columns = {"path": "lowres_path", "label": "cls", "case": "case_id"}  # the main config's, for its manifest
+    slides = expand_inputs([], excel, root, classes, pattern, columns=manifest_columns)  # path,label,case: still read
+    assert [(s.path, s.label, s.case) for s in slides] == [(str(p.resolve()), p.parent.name, f"p{i}")
+                                                           for i, p in enumerate(images)]
     with pytest.raises(InputError, match=r"mapped.csv: no 'path' column; the header has \['cls', 'image'\]\. Name "
                                          r"the columns path\[,label\]\[,case\] in its first line, or map yours: "
                                          r"data.columns.path=<column>"):
