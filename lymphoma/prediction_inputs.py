@@ -91,12 +91,14 @@ def _under(path: str, folder: Optional[Path]) -> bool:
 
 
 def _matches(pattern: str) -> list[str]:
-    """The image files a word names: a wildcard's matches, every image file under a folder (``folder/**/*``), or
-    the file itself (a missing one fails as its slide, by name)."""
+    """The image files a word names: a wildcard's matches, every image file under a folder (``folder/**/*``: none
+    hidden, such as the ``._<name>`` files a Mac leaves beside each copied file), or the file itself (a missing one
+    fails as its slide, by name)."""
     if glob.has_magic(pattern):
         found = sorted(glob.glob(pattern, recursive=True))
-    elif Path(pattern).is_dir():
-        found = sorted(str(p) for p in Path(pattern).rglob("*"))
+    elif Path(pattern).is_dir():  # hidden files skipped, as wildcards and training's class folders skip them
+        found = sorted(str(p) for p in Path(pattern).rglob("*")
+                       if not any(part.startswith(".") for part in p.relative_to(pattern).parts))
     else:
         return [pattern]
     return [m for m in found if Path(m).is_file() and is_image_file(Path(m))]

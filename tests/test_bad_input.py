@@ -381,6 +381,23 @@ def test_a_csv_list_of_slides_is_read_by_its_header_as_a_training_manifest_is(ma
                                          r"slides.csv to read it as CSV, or separate the columns by tabs"):
         expand_inputs([], commas, None, classes, pattern)
 
+
+def test_a_folder_copied_from_a_mac_is_predicted_without_its_hidden_files(make_dataset, tmp_path):
+    """A Mac leaves ``._<name>`` beside each file it copies (and ``.Trashes``, ``.Spotlight-V100`` folders): a
+    folder or wildcard given to predict reads none of them, as training's class folders never have; each would
+    have been a failed slide and the command's exit status 1."""
+    from lymphoma.prediction_inputs import expand_inputs
+
+    root = make_dataset(cases_per_class=1, images_per_case=1)
+    images = sorted(root.rglob("*.png"))
+    for image in images:
+        (image.parent / f"._{image.name}").write_bytes(b"\x00\x05\x16\x07\x00\x02\x00\x00Mac OS X        ")
+    (root / ".Trashes").mkdir()
+    shutil.copyfile(images[0], root / ".Trashes" / "deleted.png")
+    pattern, classes = re.compile(r"^(?P<case>.+)$"), ["CLL", "FL", "MCL"]
+    for given in (str(root), f"{root}/**/*.png"):
+        assert [s.path for s in expand_inputs([given], None, None, classes, pattern)] == [str(p) for p in images]
+
 def test_validate_names_a_checkpoint_trained_on_tiles_of_another_size(tiled, tmp_path, capsys):
     """The run's stores hold 64-px tiles, the checkpoint was trained on 128-px ones: the error names the checkpoint
     and where to validate it, not a tiles.size the user never set."""
