@@ -161,12 +161,13 @@ def _check_relative_paths(path: Path, paths: Sequence[str]) -> None:
 
 
 def _tsv_entries(path: Path) -> list[Row]:
-    """path[<tab>label[<tab>case]] per line; ``#`` lines, blank lines and a header line skipped."""
+    """path[<tab>label[<tab>case]] per line, a field in double quotes where it holds a quote or separator (as
+    Excel's "Text (Tab delimited)" writes it); ``#`` lines, blank lines and a header line skipped."""
     rows: list[Row] = []
     for number, line in enumerate(read_user_text(path).splitlines(), start=1):
         if not line.strip() or line.lstrip().startswith("#"):
             continue
-        fields = [f.strip() for f in line.split("\t")]
+        fields = [f.strip() for f in next(csv.reader([line], delimiter="\t"))]  # quoted as Excel quotes "a, b.png"
         if len(fields) > 3 or not fields[0]:
             raise InputError(f"{path}, line {number}: expected tab-separated path[, label[, case]], got {line!r}")
         if number == 1 and fields[0].split(",")[0].strip().lower() in LIST_HEADERS:

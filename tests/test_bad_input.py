@@ -336,6 +336,10 @@ def test_manifests_and_lists_saved_by_excel_are_read_and_other_encodings_named(m
     listing.write_bytes(b"\xef\xbb\xbfpath\tlabel\r\n" + f"{images[0]}\tCLL\r\n".encode())
     slides = expand_inputs([], listing, None, ["CLL", "FL", "MCL"], re.compile(r"^(?P<case>.+)$"))
     assert [(s.path, s.label) for s in slides] == [(str(images[0].resolve()), "CLL")]  # the header known, BOM and all
+    odd = images[1].rename(images[1].with_name('biopsy "left", 2.png'))  # Excel's tab-delimited text quotes it
+    listing.write_text(f'path\tlabel\n"{str(odd).replace(chr(34), 2 * chr(34))}"\t{odd.parent.name}\n')
+    slides = expand_inputs([], listing, None, ["CLL", "FL", "MCL"], re.compile(r"^(?P<case>.+)$"))
+    assert [(s.path, s.label) for s in slides] == [(str(odd.resolve()), odd.parent.name)]
 
 
 
