@@ -24,6 +24,8 @@ def test_case_pattern_drops_image_number_and_re_cut_suffix(manifest_rows):
     pattern = compile_case_pattern(DEFAULT_CASE_PATTERN)
     for row in manifest_rows:
         assert case_of(row["lowres_path"].rsplit("/", 1)[1].rsplit(".", 1)[0], pattern) == row["case_id"]
+    tcga = compile_case_pattern(r"^(?P<case>TCGA-\w\w-\w{4})")  # the README's pattern for TCGA's slide names
+    assert {case_of(s, tcga) for s in ("TCGA-AB-1234-01Z-00-DX1", "TCGA-AB-1234-11A-01-TS1")} == {"TCGA-AB-1234"}
 
 
 def test_class_folders_give_labels_and_cases_of_the_real_data(data_root, manifest_rows):
