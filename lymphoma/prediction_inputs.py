@@ -46,14 +46,13 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
     if list_file is not None:
         rows += _read_list(list_file, basepath, columns or {})
     if not rows:
-        raise InputError("no slides to predict: give file names, wildcards or --list slides.tsv")
+        raise InputError(f"--list {list_file} names no slide; give its paths one per line" if list_file else
+                         "no slides to predict: give file names, wildcards or --list slides.tsv")
     _check_labels(rows, classes, list_file)
-    unique: dict[str, tuple[str, Optional[str], Optional[str]]] = {}
-    for path, label, case, _ in rows:  # a file given twice is predicted once
-        unique.setdefault(str(Path(path).resolve()), (path, label, case))
-    keys = slide_keys([Path(os.path.abspath(path)) for path, _, _ in unique.values()])
+    unique = _once_each(rows)
+    keys = slide_keys([Path(os.path.abspath(path)) for path, _, _, _ in unique.values()])
     slides = []
-    for (resolved, (path, label, case)), key in zip(unique.items(), keys):
+    for (resolved, (path, label, case, _)), key in zip(unique.items(), keys):
         folder_label, folder_case = truth_from_folders(Path(path), classes)
         region_file = find_region_file(regions, key)  # <slide name>.geojson: a DICOM slide's is its folder's
         slides.append(SlideInput(resolved, key, label or folder_label,
@@ -61,6 +60,19 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
                                  str(region_file.resolve()) if region_file else ""))
     _check_case_labels(slides)
     return slides
+
+
+def _once_each(rows: Sequence[Row]) -> dict[str, Row]:
+    """Each file once (by its resolved path), with the class and case any of its rows gives: a wildcard's match
+    takes them from a list that names it too; two rows that give it different ones are an InputError naming both."""
+    unique: dict[str, Row] = {}
+    for path, label, case, where in rows:
+        first = unique.setdefault(str(Path(path).resolve()), (path, label, case, where))
+        if any(None not in (mine, theirs) and mine != theirs for mine, theirs in ((label, first[1]), (case, first[2]))):
+            raise InputError(f"{path} is given twice with another class or case ({first[3]}: {first[1] or '-'}, "
+                             f"{first[2] or '-'}; {where}: {label or '-'}, {case or '-'}); keep the one that is right")
+        unique[str(Path(path).resolve())] = (first[0], first[1] or label, first[2] or case, first[3] if first[1] else where)
+    return unique
 
 
 def truth_from_folders(path: Path, classes: Sequence[str]) -> tuple[Optional[str], Optional[str]]:

@@ -384,6 +384,17 @@ def test_a_csv_list_of_slides_is_read_by_its_header_as_a_training_manifest_is(ma
     with pytest.raises(InputError, match=r"slides.tsv: its header 'path,label' is comma-separated; name the file "
                                          r"slides.csv to read it as CSV, or separate the columns by tabs"):
         expand_inputs([], commas, None, classes, pattern)
+    twice = tmp_path / "twice.csv"  # one file, two truths: refused, naming both lines; a wildcard's match takes its truth
+    twice.write_text(f"path,label\n{images[1]},CLL\n{images[1]},FL\n")
+    with pytest.raises(InputError, match=rf"{images[1]} is given twice with another class or case \(line 2: CLL, -; "
+                                         rf"line 3: FL, -\); keep the one that is right"):
+        expand_inputs([f"{root}/**/*.png"], twice, None, classes, pattern)
+    twice.write_text(f"path,case\n{images[1]},p7\n")
+    slides = expand_inputs([f"{root}/**/*.png"], twice, None, classes, pattern)
+    assert [s.case for s in slides if s.path == str(images[1].resolve())] == ["p7"] and len(slides) == len(images)
+    twice.write_text("path,label\n")
+    with pytest.raises(InputError, match=rf"--list {twice} names no slide; give its paths one per line"):
+        expand_inputs([], twice, None, classes, pattern)
 
 
 def test_a_folder_copied_from_a_mac_is_predicted_without_its_hidden_files(make_dataset, tmp_path):
