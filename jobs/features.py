@@ -66,7 +66,7 @@ def run_features_task(task: FeaturesTask) -> list[dict[str, Any]]:
 
 
 def features_slides(run: Run, patterns: list[str], list_file: Optional[Path], basepath: Optional[Path]) -> list[SlideInput]:
-    """The slides named on the command line or in a TSV list; without any, every image of the run's data."""
+    """The slides named on the command line or in a list (TSV or CSV); without any, every image of the run's data."""
     if patterns or list_file:
         return expand_inputs(patterns, list_file, basepath, list(run.config.data.classes or []),
                              compile_case_pattern(run.config.data.case_pattern), run.config.data.regions,

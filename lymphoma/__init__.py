@@ -29,7 +29,7 @@ Models and training
   validation      the tutorial's per-tile outputs, confusion, kernels, activations
 Prediction and reports
   prediction      tile-vote inference over whole images with read-ahead, per-slide outputs
-  prediction_inputs  files, wildcards and TSV lists to predict
+  prediction_inputs  files, wildcards and TSV or CSV lists to predict
   engines         what runs the model (torch fp32/bf16, ONNX Runtime, OpenVINO) and its export (ONNX, TorchScript)
   read_ahead      reader threads that decode, tile and stain-normalise slides ahead of the model
   features, mil   tile embeddings per slide (CLAM/TRIDENT HDF5); gated attention-MIL on them
