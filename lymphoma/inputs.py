@@ -9,6 +9,7 @@ from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
+from typing import Any
 
 from lymphoma.errors import InputError
 from lymphoma.images import IMAGE_SUFFIXES, WSI_SUFFIXES, is_image_file
@@ -296,10 +297,23 @@ def _check_unique_names(records: Sequence[ImageRecord]) -> None:
                          "stores and outputs, rename or remove one")
 
 
+def case_of_two_classes(items: Sequence[Any]) -> tuple[Any, Any] | None:
+    """The first two items (with ``case``, ``label``: images or slides) of one case and two classes, or None; items
+    without a label (None) are passed over. A case is one patient, of one class: callers refuse it in their own
+    words."""
+    first: dict[str, Any] = {}
+    for item in items:
+        if item.label is None:
+            continue
+        other = first.setdefault(item.case, item)
+        if other.label != item.label:
+            return other, item
+    return None
+
+
 def _check_case_labels(records: Sequence[ImageRecord]) -> None:
-    labels: dict[str, str] = {}
-    for record in records:
-        previous = labels.setdefault(record.case, record.label)
-        if previous != record.label:
-            raise InputError(f"case {record.case} has images of two classes ({previous} and {record.label}), "
-                             f"e.g. {record.path}; fix the labels or the case ids")
+    pair = case_of_two_classes(records)
+    if pair:
+        previous, record = pair
+        raise InputError(f"case {record.case} has images of two classes ({previous.label} and {record.label}), "
+                         f"e.g. {record.path}; fix the labels or the case ids")

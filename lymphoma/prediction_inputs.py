@@ -14,7 +14,7 @@ from typing import Optional
 
 from lymphoma.errors import InputError
 from lymphoma.images import is_image_file, one_file_per_dicom_slide
-from lymphoma.inputs import case_of, image_item, image_keys, own_name, read_user_text, shared_key
+from lymphoma.inputs import case_of, case_of_two_classes, image_item, image_keys, own_name, read_user_text, shared_key
 from lymphoma.prediction import SlideInput
 from lymphoma.regions import find_region_file
 
@@ -137,16 +137,13 @@ def _check_case_labels(slides: Sequence[SlideInput]) -> None:
     """A case (patient) has one class: two among its labelled slides are an InputError naming both slides, since
     its case-level figures and the intervals drawn by case would be wrong (numbered files of several patients,
     ``CLL/img_001.png`` and ``FL/img_001.png``, are one case ``img`` by the default data.case_pattern)."""
-    first: dict[str, SlideInput] = {}
-    for slide in slides:
-        if slide.label is None:
-            continue
-        other = first.setdefault(slide.case, slide)
-        if other.label != slide.label:
-            raise InputError(f"case {slide.case!r} has slides of two classes ({other.label}: {other.path}; "
-                             f"{slide.label}: {slide.path}); a case is one patient: give each slide's case (a --list's "
-                             "third column, or case folders <class>/<case>/<slide>), or a data.case_pattern that "
-                             "finds the patient in the file names")
+    pair = case_of_two_classes(slides)
+    if pair:
+        other, slide = pair
+        raise InputError(f"case {slide.case!r} has slides of two classes ({other.label}: {other.path}; "
+                         f"{slide.label}: {slide.path}); a case is one patient: give each slide's case (a --list's "
+                         "third column, or case folders <class>/<case>/<slide>), or a data.case_pattern that "
+                         "finds the patient in the file names")
 
 
 def _read_list(path: Path, basepath: Optional[Path], columns: Mapping[str, str]) -> list[Row]:
