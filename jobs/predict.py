@@ -21,7 +21,15 @@ from lymphoma.cohort_report import metrics_lines, seen_cases_notes, write_report
 from lymphoma.errors import InputError
 from lymphoma.image_scale import scale_notes, training_scale
 from lymphoma.inputs import compile_case_pattern
-from lymphoma.prediction import SlideInput, checkpoint_fingerprint, outputs_complete, read_record, with_tiles
+from lymphoma.prediction import (
+    SlideInput,
+    checkpoint_fingerprint,
+    identity_differences,
+    outputs_complete,
+    prediction_identity,
+    read_record,
+    with_tiles,
+)
 from lymphoma.prediction_inputs import expand_inputs
 from lymphoma.settings import PredictSettings, TileSettings
 
@@ -165,10 +173,11 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
     slides = request_slides(run, request, state, out)
     out_dir = prepare_out_dir(out, MARKER, "prediction")
     with folder_lock(out_dir, "predict"):  # a second prediction into this folder is refused, not run beside
-        fingerprint = checkpoint_fingerprint(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision,
-                                             training_scale(saved, cfg.predict.scale, tiles))
+        identity = prediction_identity(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision,
+                                       training_scale(saved, cfg.predict.scale, tiles))
+        fingerprint = checkpoint_fingerprint(identity)
         if not request.replace:
-            refuse_replacing(out_dir, slides, fingerprint)  # before anything of the earlier one is written over
+            refuse_replacing(out_dir, slides, identity)  # before anything of the earlier one is written over
         run.save_config(out_dir / "config.yaml")
         slide_dir = out_dir / "slides"
         slide_dir.mkdir(exist_ok=True)
@@ -195,19 +204,22 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
                              len(resumed), failure, tuple(notes))
 
 
-def refuse_replacing(out_dir: Path, slides: Sequence[SlideInput], fingerprint: str) -> None:
-    """An InputError where ``out_dir`` holds finished predictions that this one would replace (made by another
-    checkpoint, or other settings) or leave out of its summary (slides it does not name): the folder is one
-    prediction's, resumed or extended by more slides, never silently another's."""
+def refuse_replacing(out_dir: Path, slides: Sequence[SlideInput], identity: dict[str, Any]) -> None:
+    """An InputError where ``out_dir`` holds finished predictions that this one (``identity``: prediction_identity)
+    would replace (made by another checkpoint, or other settings: named where their records say) or leave out of its
+    summary (slides it does not name): the folder is one prediction's, resumed or extended by more slides, never
+    silently another's."""
     records = finished_records(out_dir / "slides")
-    named = {s.key: s.path for s in slides}
+    named, fingerprint = {s.key: s.path for s in slides}, checkpoint_fingerprint(identity)
     other_model = [r for r in records if named.get(r.get("key")) == r.get("path") and r.get("fingerprint") != fingerprint]
     if other_model:
+        differ = identity_differences(other_model[0]["identity"], identity) if "identity" in other_model[0] else []
         files = sorted({r["checkpoint"] for r in other_model if r.get("checkpoint")})
+        why = (f"they differ in: {'; '.join(differ)}" if differ else
+               f"{'checkpoint ' + ', '.join(files[:2]) + ': ' if files else ''}another file, the same file since "
+               "rewritten, or other predict.tta, engine, precision or scale")
         raise InputError(f"{out_dir} holds the predictions of {len(other_model)} of these slides made by another model "
-                         f"or other settings ({'checkpoint ' + ', '.join(files[:2]) + ': ' if files else ''}another "
-                         f"file, the same file since rewritten, or other predict.tta, engine, precision or scale); this "
-                         f"prediction would replace them: {replace_advice(out_dir)}")
+                         f"or other settings ({why}); this prediction would replace them: {replace_advice(out_dir)}")
     refuse_leaving_out(out_dir, records, slides, "predictions", "summary.csv and metrics.json")
 
 

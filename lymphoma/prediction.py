@@ -10,7 +10,7 @@ import json
 import os
 from collections.abc import Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional, Protocol
 
@@ -70,6 +70,7 @@ class Predictor:
     exported: Optional[ExportedEngine] = None  # predict.engine onnxruntime or openvino: runs the model
     scale: Optional[TrainingScale] = None  # predict.scale=match: plain images at another scale matched to this one
     checkpoint: str = ""  # the file the model came from, named in each slide's record
+    identity: dict[str, Any] = field(default_factory=dict)  # prediction_identity: in each slide's record
 
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device, batch_size: int = 128,
@@ -81,6 +82,7 @@ class Predictor:
         takes them as they are (all part of the fingerprint); ``export_dir``: where the ONNX export is kept for
         the next task (made once)."""
         check_engine(engine, precision)
+        identity_precision = precision  # the request: bf16 resumes as bf16 wherever the slides ran
         if engine not in EXPORTED_ENGINES:  # onnxruntime runs fp32, openvino chooses for itself (OpenVinoEngine)
             precision = runnable_precision(precision, device)
         saved = load_checkpoint(path)
@@ -94,14 +96,15 @@ class Predictor:
             example = eval_batch(blank, augment, device).contiguous(memory_format=torch.channels_last)
             model = compiled_model(model, example, precision == "bf16")
         exported = None
-        fingerprint = checkpoint_fingerprint(path, state, tta, engine, precision, matched)
+        identity = prediction_identity(path, state, tta, engine, identity_precision, matched)
+        fingerprint = checkpoint_fingerprint(identity)
         if engine in EXPORTED_ENGINES:  # on the CPU (ONNX Runtime also on CUDA where its GPU package is installed)
             onnx = onnx_export(TileClassifier(model.cpu(), augment, tile_settings.size), tile_settings.size,
                                export_dir and export_dir / f"model-{fingerprint[:16]}.onnx")
             exported = exported_engine(engine, onnx, torch.get_num_threads(), precision)
         return cls(model, list(state["classes"]), tile_settings, augment, device, batch_size, fingerprint, tta,
                    StainNormalizer.from_state(state.get("stain")), precision=precision, exported=exported,
-                   scale=matched, checkpoint=str(Path(path).resolve()))
+                   scale=matched, checkpoint=str(Path(path).resolve()), identity=identity)
 
     def normalize_stain(self, tiles: np.ndarray) -> np.ndarray:
         """Stain-normalise uint8 tiles ``[N, H, W, 3]`` when the model was trained on tiles normalised one by one
@@ -156,20 +159,50 @@ def with_tiles(state: dict[str, Any], tiles: Optional[dict[str, Any]]) -> dict[s
     return {**state, "tiles": tiles_cut_with(state, tiles)} if tiles else state
 
 
-def checkpoint_fingerprint(path: Path, state: dict[str, Any], tta: bool = False, engine: str = "torch",
-                           precision: str = "fp32", scale: Optional[TrainingScale] = None) -> str:
-    """What a slide's outputs depend on: the checkpoint file, the tiling and crop it was trained with, TTA,
-    the engine and precision that run the model, and the training scale images are matched to."""
+def prediction_identity(path: Path, state: dict[str, Any], tta: bool = False, engine: str = "torch",
+                        precision: str = "fp32", scale: Optional[TrainingScale] = None) -> dict[str, Any]:
+    """What a slide's outputs depend on, by name (every record keeps it, so that a refusal can say what differs): the
+    checkpoint file, the tiling, crop and stain normalisation it was trained with (or tiles forced in their place),
+    TTA, the engine and the precision asked for (bf16 that a CPU without bf16 units runs as fp32 included: the same
+    request resumes wherever it runs), and the training scale images are matched to."""
     stat = Path(path).stat()
-    payload = [str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns, state["tiles"], state["augment"],
-               state.get("stain")]
-    if tta:
+    return {"checkpoint": str(Path(path).resolve()), "checkpoint size": stat.st_size,
+            "checkpoint mtime_ns": stat.st_mtime_ns, "tiles": state["tiles"], "augment": state["augment"],
+            "stain": state.get("stain"), "predict.tta": bool(tta), "predict.engine": engine,
+            "predict.precision": precision, "training scale": None if scale is None else [list(scale.size), scale.resize]}
+
+
+def checkpoint_fingerprint(identity: dict[str, Any]) -> str:
+    """The digest of a ``prediction_identity``, in the form earlier versions wrote (their folders resume)."""
+    payload = [identity["checkpoint"], identity["checkpoint size"], identity["checkpoint mtime_ns"], identity["tiles"],
+               identity["augment"], identity["stain"]]
+    if identity["predict.tta"]:
         payload.append("tta")
-    if (engine, precision) != ("torch", "fp32"):
-        payload.append([engine, precision])
-    if scale is not None:
-        payload.append(["scale", list(scale.size), scale.resize])
+    if (identity["predict.engine"], identity["predict.precision"]) != ("torch", "fp32"):
+        payload.append([identity["predict.engine"], identity["predict.precision"]])
+    if identity["training scale"] is not None:
+        payload.append(["scale", *identity["training scale"]])
     return hashlib.sha1(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def identity_differences(before: dict[str, Any], now: dict[str, Any]) -> list[str]:
+    """What differs between two prediction identities, in words: ``tiles.target_mpp (None there, 1.6 now)``, the
+    checkpoint (another file, or the same rewritten), or ``stain``."""
+    if before.get("checkpoint") != now["checkpoint"]:
+        words = [f"the checkpoint (there {before.get('checkpoint')}, now {now['checkpoint']})"]
+    elif (before.get("checkpoint size"), before.get("checkpoint mtime_ns")) != (now["checkpoint size"],
+                                                                                now["checkpoint mtime_ns"]):
+        words = [f"the checkpoint {now['checkpoint']} (rewritten since)"]
+    else:
+        words = []
+    for name in ("tiles", "augment"):
+        old, new = before.get(name) or {}, now[name] or {}
+        words += [f"{name}.{key} ({old.get(key)} there, {new.get(key)} now)" for key in sorted({*old, *new})
+                  if old.get(key) != new.get(key)]
+    words += [name if name == "stain" else f"{name} ({before.get(name)} there, {now[name]} now)"
+              for name in ("stain", "predict.tta", "predict.engine", "predict.precision", "training scale")
+              if before.get(name) != now[name]]
+    return words
 
 
 def read_record(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]]:
@@ -357,9 +390,16 @@ def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, source: Tile
               "image_size": [int(v) for v in source.shape],
               **({"matched_resize": round(source.matched_resize, 6)} if source.matched_resize is not None else {}),
               **result.as_dict(classes), "fingerprint": predictor.fingerprint, "regions": regions_stamp(slide.regions),
-              **({"checkpoint": predictor.checkpoint} if predictor.checkpoint else {})}
+              **({"checkpoint": predictor.checkpoint} if predictor.checkpoint else {}),
+              **({"identity": predictor.identity, "precision": ran_precision(predictor)} if predictor.identity else {})}
     write_text_atomic(out_dir / f"{slide.key}.json", json.dumps(record, indent=1) + "\n")
     return record
+
+
+def ran_precision(predictor: Predictor) -> str:
+    """The precision that ran the model: predict.precision, or fp32 where the CPU has no bf16 units, or what an
+    exported engine chose."""
+    return getattr(predictor.exported, "precision", None) or predictor.precision
 
 
 def _failed(slide: SlideInput, out_dir: Path, error: str, fingerprint: str) -> dict[str, Any]:

@@ -302,14 +302,20 @@ def test_a_folder_keeps_its_prediction_until_a_rerun_resumes_or_extends_it(check
     err = capsys.readouterr().err
     assert f"{out} holds the predictions of {len(fl)} slide(s) this request does not name ({fl[0]}" in err
     assert "name them too (to add slides to it), or give another --out" in err and written() == kept
-    assert predict(checkpoint, out, *map(str, fl), "predict.tta=true") == 2  # other settings
+    assert predict(checkpoint, out, *map(str, fl), "predict.tta=true") == 2  # other settings, named
     err = capsys.readouterr().err
     assert (f"{out} holds the predictions of {len(fl)} of these slides made by another model or other settings "
-            f"(checkpoint {checkpoint}: ") in err and "give another --out" in err and written() == kept
+            "(they differ in: predict.tta (False there, True now)); ") in err and "give another --out" in err
+    assert written() == kept
     other = tmp_path / "other.pt"
     shutil.copyfile(checkpoint, other)
     assert predict(other, out, *map(str, fl)) == 2  # another model
-    assert f"made by another model or other settings (checkpoint {checkpoint}: " in capsys.readouterr().err
+    assert f"(they differ in: the checkpoint (there {checkpoint}, now {other})); " in capsys.readouterr().err
+    record = json.loads((out / "slides" / f"{fl[0].stem}.json").read_text())
+    (out / "slides" / f"{fl[0].stem}.json").write_text(json.dumps({k: v for k, v in record.items() if k != "identity"}))
+    assert predict(other, out, *map(str, fl)) == 2  # a record of an earlier version names no settings
+    assert f"made by another model or other settings (checkpoint {checkpoint}: another file, " in capsys.readouterr().err
+    (out / "slides" / f"{fl[0].stem}.json").write_text(json.dumps(record, indent=1) + "\n")
     assert written() == kept
 
     assert predict(checkpoint, out, *map(str, fl + mcl)) == 0  # extended: the earlier slides resumed
@@ -318,7 +324,14 @@ def test_a_folder_keeps_its_prediction_until_a_rerun_resumes_or_extends_it(check
     with (out / "summary.csv").open() as handle:
         assert sorted(r["path"] for r in csv.DictReader(handle)) == sorted(map(str, fl + mcl))
 
-
+    from lymphoma.precision import cpu_has_bf16
+    half = tmp_path / "bf16"
+    assert predict(checkpoint, half, *map(str, fl), "predict.precision=bf16") == 0
+    capsys.readouterr()
+    assert predict(checkpoint, half, *map(str, fl), "predict.precision=bf16") == 0  # the same request resumes
+    assert f"(0 now, {len(fl)} already complete)" in capsys.readouterr().out  # where bf16 ran as fp32 too
+    ran = {json.loads(p.read_text())["precision"] for p in (half / "slides").glob("*.json")}
+    assert ran == {"bf16" if cpu_has_bf16() else "fp32"}
 
 def test_an_output_folder_inside_the_cohort_is_no_input_to_its_own_rerun(checkpoint, cohort, tmp_path, capsys):
     """`--out cohort/preds` with `'cohort/**/*.png'`: the rerun's wildcard would match the first run's heat maps
