@@ -254,28 +254,37 @@ def read_user_text(path: Path) -> str:
                          "as UTF-8 (Excel: \"CSV UTF-8\"; iconv -f latin1 -t utf-8)") from None
 
 
+def user_csv(path: Path) -> csv.DictReader:
+    """A DictReader over a CSV a person made (``read_user_text``): comma-separated, semicolon-separated (Excel's "CSV"
+    where the decimal mark is a comma, as in most of Europe) or tab-separated: the separator its header line holds
+    most often, commas on a tie."""
+    text = read_user_text(path)
+    header = text.split("\n", 1)[0]
+    separator = max(",;\t", key=header.count)
+    return csv.DictReader(io.StringIO(text, newline=""), delimiter=separator)
+
+
 def _rows_from_csv(manifest: Path, columns: Mapping[str, str]) -> tuple[list[tuple[Path, str, str]], dict[Path, Path]]:
     """The (path, label, case) rows of a manifest, and the region file of each row that has one."""
     names = {"path": "path", "label": "label", "case": "case", "regions": "regions", **columns}
-    with io.StringIO(read_user_text(manifest), newline="") as handle:
-        reader = csv.DictReader(handle)
-        header = reader.fieldnames or []
-        missing = [names[key] for key in ("path", "label") if names[key] not in header]
-        if missing:
-            raise InputError(f"{manifest}: missing column(s) {missing}; the header has {header}. "
-                             "Name them path,label[,case] or map them with data.columns")
-        rows, region_files = [], {}
-        for line_no, row in enumerate(reader, start=2):
-            raw_path = (row.get(names["path"]) or "").strip()
-            if not raw_path:
-                raise InputError(f"{manifest}, line {line_no}: empty {names['path']!r} column; fill it or delete the line")
-            path = Path(raw_path)
-            if not path.is_absolute():
-                path = manifest.parent / path
-            rows.append((path, (row.get(names["label"]) or "").strip(), (row.get(names["case"]) or "").strip()))
-            region = (row.get(names["regions"]) or "").strip()
-            if region:
-                region_files[path] = Path(region) if Path(region).is_absolute() else manifest.parent / region
+    reader = user_csv(manifest)
+    header = reader.fieldnames or []
+    missing = [names[key] for key in ("path", "label") if names[key] not in header]
+    if missing:
+        raise InputError(f"{manifest}: missing column(s) {missing}; the header has {header}. "
+                         "Name them path,label[,case] or map them with data.columns")
+    rows, region_files = [], {}
+    for line_no, row in enumerate(reader, start=2):
+        raw_path = (row.get(names["path"]) or "").strip()
+        if not raw_path:
+            raise InputError(f"{manifest}, line {line_no}: empty {names['path']!r} column; fill it or delete the line")
+        path = Path(raw_path)
+        if not path.is_absolute():
+            path = manifest.parent / path
+        rows.append((path, (row.get(names["label"]) or "").strip(), (row.get(names["case"]) or "").strip()))
+        region = (row.get(names["regions"]) or "").strip()
+        if region:
+            region_files[path] = Path(region) if Path(region).is_absolute() else manifest.parent / region
     return rows, region_files
 
 

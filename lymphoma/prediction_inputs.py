@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import csv
 import glob
-import io
 import os
 import re
 from collections.abc import Mapping, Sequence
@@ -14,7 +13,7 @@ from typing import Optional
 
 from lymphoma.errors import InputError
 from lymphoma.images import is_image_file, one_file_per_dicom_slide
-from lymphoma.inputs import case_of, case_of_two_classes, image_item, image_keys, own_name, read_user_text, shared_key
+from lymphoma.inputs import case_of, case_of_two_classes, image_item, image_keys, own_name, read_user_text, shared_key, user_csv
 from lymphoma.prediction import SlideInput
 from lymphoma.regions import find_region_file
 
@@ -190,10 +189,10 @@ def _tsv_entries(path: Path) -> list[Row]:
 
 
 def _csv_entries(path: Path, columns: Mapping[str, str]) -> list[Row]:
-    """A CSV's rows by its header's names: path, and label and case where the header has them, each by its
-    data.columns name or else its own (an experiment's mapping for its manifest does not hide a plain list's
-    ``path`` column); rows whose path is empty or starts with ``#`` skipped."""
-    reader = csv.DictReader(io.StringIO(read_user_text(path), newline=""))
+    """A CSV's rows (comma-, semicolon- or tab-separated: ``user_csv``) by its header's names: path, and label and
+    case where the header has them, each by its data.columns name or else its own (an experiment's mapping for its
+    manifest does not hide a plain list's ``path`` column); rows whose path is empty or starts with ``#`` skipped."""
+    reader = user_csv(path)
     header = [name.strip() for name in reader.fieldnames or []]
     names = {key: next((n for n in (columns.get(key, key), key) if n in header), None) for key in ("path", "label", "case")}
     if names["path"] is None:

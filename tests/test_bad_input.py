@@ -328,6 +328,16 @@ def test_manifests_and_lists_saved_by_excel_are_read_and_other_encodings_named(m
     records = discover(str(excel), ["CLL", "FL", "MCL"]).records
     assert sorted(r.path for r in records) == [str(p) for p in images] and {r.label for r in records} == {
         "CLL", "FL", "MCL"}
+    semicolons = tmp_path / "semicolons.csv"  # Excel's CSV where the decimal mark is a comma (most of Europe)
+    odd = images[0].rename(images[0].with_name("biopsy, left_1.png"))  # a comma in a field it leaves unquoted
+    lines = ["path;label;case"] + [f"{p};{p.parent.name};{p.stem.rsplit('_', 1)[0]}" for p in [odd, *images[1:]]]
+    semicolons.write_bytes(b"\xef\xbb\xbf" + "\r\n".join(lines).encode() + b"\r\n")
+    records = discover(str(semicolons), ["CLL", "FL", "MCL"]).records
+    assert [(r.path, r.label, r.case) for r in records] == [(str(p), p.parent.name, p.stem.rsplit("_", 1)[0])
+                                                            for p in sorted([odd, *images[1:]])]
+    slides = expand_inputs([], semicolons, None, ["CLL", "FL", "MCL"], re.compile(r"^(?P<case>.+)$"))
+    assert sorted((s.path, s.label, s.case) for s in slides) == [(r.path, r.label, r.case) for r in records]
+    images[0] = odd.rename(images[0])
     latin = tmp_path / "latin.csv"  # Excel's plain "CSV" on a Western European Windows: Latin-1
     latin.write_bytes(f"path,label,case\n{images[0]},CLL,Müller\n".encode("latin-1"))
     assert main(["tile", "--no-progress", f"data.source={latin}", f"run.root={tmp_path}", "run.name=latin"]) == 2
