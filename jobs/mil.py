@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 import numpy as np
+from tqdm import tqdm
 
 from jobs.run_folder import Run, folder_lock, prepare_out_dir
 from lymphoma.checkpoint import load_state, save_checkpoint
@@ -102,9 +103,9 @@ def feature_folders(features_dir: Path, repeats: int, folds: int) -> dict[tuple[
     return own
 
 
-def run_mil(run: Run) -> dict[str, Any]:
+def run_mil(run: Run, progress: bool = False) -> dict[str, Any]:
     """Cross-validate the MIL model in the folds of `lymphoma cv`, report as `lymphoma cv` does, save attention and
-    (with one encoder) a model trained on every case."""
+    (with one encoder) a model trained on every case; ``progress``: a bar of the models trained, on a terminal."""
     start = time.perf_counter()
     cfg, settings = run.config, run.config.mil
     features_dir = Path(settings.features) if settings.features else run.dir / "features"
@@ -118,6 +119,8 @@ def run_mil(run: Run) -> dict[str, Any]:
     out = run.dir / "mil"
     reports, predictions, unreadable, drawn = [], [], [], 0
     seen_of, leaked = {folder: encoder_cases_seen(folder) for folder in cohorts}, set()
+    bar = tqdm(total=cfg.cv.repeats * cfg.cv.folds + (len(cohorts) == 1), unit="model", desc="mil",
+               disable=None if progress else True)  # None: on a terminal only
     for r in range(cfg.cv.repeats):
         by_fold = []
         for k, test_cases in enumerate(grouped_folds(records, cfg.cv.folds, cfg.cv.seed + r)):
@@ -127,6 +130,7 @@ def run_mil(run: Run) -> dict[str, Any]:
             case_of = {b.key: rows_by_key[str(b.slides[0])]["case"] for b in bags}
             fold, attention = fold_records(bags, case_of, rows_by_key, set(test_cases), classes, settings)
             by_fold.append(fold)
+            bar.update()
             predictions += [[r, k, rec["key"], rec["case"], rec["label"], rec["majority_class"],
                              f"{rec['confidence']:.4f}"] for rec in fold]
             if r == 0:
@@ -143,10 +147,12 @@ def run_mil(run: Run) -> dict[str, Any]:
     if len(cohorts) == 1:
         bags = next(iter(bags_of.values()))
         final = train_mil(bags, len(classes), settings)
+        bar.update()
         learnt = {r["case"] for r in first} | (next(iter(seen_of.values())) or set())  # and the encoder's
         save_checkpoint({"model": final.state_dict(), "in_dim": int(bags[0].features.shape[1]), "classes": classes,
                          "settings": vars(settings), "features": str(features_dir), "cases_seen": sorted(learnt),
                          "encoder": next(iter(made.values()))[1]}, out / "mil.pt")  # atomic: never half a file
+    bar.close()
     write_text_atomic(out / "report.json", json.dumps(report, indent=1) + "\n")
     write_text_atomic(out / "report.txt", format_mil_report(report) + "\n")
     write_csv_atomic(out / "predictions.csv", ["repeat", "fold", "image", "case", "truth", "predicted", "confidence"],
@@ -291,7 +297,7 @@ def command(args: argparse.Namespace, run: Run) -> int:
         log.info(f"predictions: {out / 'predictions.csv'}; attention maps: {out / 'attention'}")
         return 0
     with run.create().lock("mil"):  # two trainings would leave one's model beside the other's report
-        report = run_mil(run)
+        report = run_mil(run, progress=not args.no_progress)
     if (warning := leak_warning(report)) is not None:
         log.warning(f"lymphoma mil: {warning}")
     log.info(format_mil_report(report, warn=False))

@@ -7,13 +7,14 @@ import csv
 import json
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
-from conftest import tiny_timm_file
+from conftest import on_a_terminal, tiny_timm_file
 from jobs.cli import main
 from jobs.run_folder import folder_lock
 from lymphoma.crossval import grouped_folds
@@ -173,6 +174,12 @@ def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, t
     assert main(["mil", *common, "cv.folds=2", f"mil.features={per_fold}", "mil.epochs=1", "cv.bootstrap=100"]) == 0
     assert "(each fold its own encoder)" in capsys.readouterr().out
     assert json.loads((out / "report.json").read_text())["encoders"] == "one per fold"
+    command = [sys.executable, "-m", "jobs.cli", "mil", *common, "cv.folds=2", "mil.epochs=1", "cv.bootstrap=100"]
+    for quiet in ([], ["--no-progress"]):  # on a terminal a bar counts the models: 2 folds, then one on every case
+        code, printed = on_a_terminal(command + quiet, timeout_s=300)
+        bar = [line for line in printed.replace("\r", "\n").splitlines() if line.startswith("mil:")]
+        assert code == 0 and "attention-MIL, one bag per slide" in printed, printed
+        assert (bar[-1].startswith("mil: 100%") and "| 3/3 " in bar[-1]) if not quiet else not bar, bar
 
 
 def test_mil_refuses_features_of_two_encoders(make_dataset, tmp_path, capsys):
