@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional
 
 from lymphoma import __version__
 from lymphoma.cohort_report import figure_text
+from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 
 log = logging.getLogger(__name__)
@@ -269,7 +270,8 @@ def _section(anchor: str, title: str, build: Callable[..., str], *args: Any) -> 
 
 def write_run_report(run_dir: Path, predict_dir: Optional[Path] = None) -> Path:
     """Write ``<run_dir>/report.html`` from what the run folder holds (prediction from ``predict_dir``, default
-    ``<run_dir>/predict``); returns its path. A damaged file is named on the page, in place of what it held."""
+    ``<run_dir>/predict``; a prediction folder is its own); returns its path. A damaged file is named on the page, in
+    place of what it held; a folder that holds none of those is an InputError, and no page is written there."""
     run_dir = Path(run_dir).absolute()
     predict_dir = Path(predict_dir or run_dir / "predict").absolute()
     parts = [("config", "Config", _config, (run_dir,)), ("split", "Split", _split, (run_dir,)),
@@ -277,10 +279,15 @@ def write_run_report(run_dir: Path, predict_dir: Optional[Path] = None) -> Path:
              ("prediction", "Prediction", _prediction, (run_dir, predict_dir)),
              ("cv", "Cross-validation", _crossval, (run_dir,))]
     sections = [_section(anchor, title, build, *args) for anchor, title, build, args in parts]
+    if not any(sections):  # a folder of something else: no page written into it
+        raise InputError(f"{run_dir} holds no run and no prediction (no config.yaml, split.csv, tiles/, train/, "
+                         f"{predict_dir.name}/metrics.json or cross-validation); give a run folder (`lymphoma report "
+                         "runs/<name>`) or the --out folder of a `lymphoma predict`")
+    kind = "Prediction" if predict_dir == run_dir else "Run"
     nav = " ".join(f'<a href="#{anchor}">{title}</a>' for (anchor, title, _, _), body in zip(parts, sections) if body)
     logs = sorted((run_dir / "logs").glob("*.log")) if (run_dir / "logs").is_dir() else []
-    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>lymphoma run {html.escape(run_dir.name)}"
-            f"</title><style>{STYLE}</style></head><body><h1>Run {html.escape(run_dir.name)}</h1>"
+    page = (f"<!doctype html><html lang=en><head><meta charset=utf-8><title>lymphoma {kind.lower()} "
+            f"{html.escape(run_dir.name)}</title><style>{STYLE}</style></head><body><h1>{kind} {html.escape(run_dir.name)}</h1>"
             f"<p>{html.escape(str(run_dir))}; written {datetime.now():%Y-%m-%d %H:%M} by lymphoma {__version__}."
             + (" Logs: " + ", ".join(_link(run_dir, p, p.name) for p in logs[-5:]) if logs else "") + "</p>"
             f"<nav>{nav}</nav>" + "".join(sections) + "</body></html>\n")

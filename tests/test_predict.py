@@ -640,6 +640,15 @@ def test_a_report_over_damaged_files_names_them_and_shows_the_rest(checkpoint, c
     for other in pictures[1:]:  # every other slide keeps its heat map
         assert f'alt="tile classes of {other.stem}"' in page
     assert page.count("<img") == len(pictures) - 1 + 6  # and the confusion, ROC and reliability plots
+    assert main(["report", str(run / "predict")]) == 0  # a prediction's own folder is its page's prediction
+    alone = (run / "predict" / "report.html").read_text()
+    assert "<h1>Prediction predict</h1>" in alone and f"<td>{image['accuracy']:.3f} [{low:.3f}, {high:.3f}]</td>" in alone
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("mine\n")
+    capsys.readouterr()
+    assert main(["report", str(tmp_path / "notes")]) == 2  # no run there: no page written into the folder
+    assert f"{tmp_path / 'notes'} holds no run and no prediction (no config.yaml, " in capsys.readouterr().err
+    assert [p.name for p in (tmp_path / "notes").iterdir()] == ["todo.txt"]
     assert main(["report", f"run.root={tmp_path}", "run.name=damaged", "--predict", str(tmp_path / "none")]) == 2
     assert f"--predict {tmp_path / 'none'}: no prediction there" in capsys.readouterr().err
     metrics = run / "predict" / "metrics.json"
