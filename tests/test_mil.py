@@ -138,8 +138,7 @@ def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, t
         saved = np.load(out / "attention" / f"{image.stem}.npz")
         assert abs(saved["attention"].sum() - 1) < 1e-4  # one slide per case: the bag is the slide
         assert (out / "attention" / f"{image.stem}.png").stat().st_size > 1000
-    assert (out / "mil.pt").is_file()
-    assert main(["mil", f"run.root={tmp_path}", "run.name=none"]) == 2
+    assert (out / "mil.pt").is_file() and main(["mil", f"run.root={tmp_path}", "run.name=none"]) == 2
     assert "features.csv not found: run `lymphoma features` first" in capsys.readouterr().err
     unseen = make_dataset(cases_per_class=1, images_per_case=2, name="unseen")  # new slides for the saved model
     assert main(["features", "--out", str(tmp_path / "new"), "model.backbone=timm:resnet10t", f"model.weights={weights}",
@@ -174,8 +173,13 @@ def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, t
     assert main(["mil", *common, "cv.folds=2", f"mil.features={per_fold}", "mil.epochs=1", "cv.bootstrap=100"]) == 0
     assert "(each fold its own encoder)" in capsys.readouterr().out
     assert json.loads((out / "report.json").read_text())["encoders"] == "one per fold"
+    _a_bar_counts_the_models_on_a_terminal(common)
+
+
+def _a_bar_counts_the_models_on_a_terminal(common: list[str]) -> None:
+    """On a terminal a bar counts the models: 2 folds, then one on every case; none with --no-progress."""
     command = [sys.executable, "-m", "jobs.cli", "mil", *common, "cv.folds=2", "mil.epochs=1", "cv.bootstrap=100"]
-    for quiet in ([], ["--no-progress"]):  # on a terminal a bar counts the models: 2 folds, then one on every case
+    for quiet in ([], ["--no-progress"]):
         code, printed = on_a_terminal(command + quiet, timeout_s=300)
         bar = [line for line in printed.replace("\r", "\n").splitlines() if line.startswith("mil:")]
         assert code == 0 and "attention-MIL, one bag per slide" in printed, printed
