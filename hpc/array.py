@@ -51,6 +51,18 @@ class ArrayJobError(RuntimeError):
         super().__init__("\n".join(lines))
 
 
+class Resumable(submitit.helpers.Checkpointable):
+    """A task function whose work resumes (complete slides, shards or files are kept): at its SLURM time limit or
+    a preemption, submitit requeues the same call, which does only what is left, instead of failing the task (a
+    time-out at most ``max_num_timeout`` times, 3: a task that can never finish in its time still fails)."""
+
+    def __init__(self, fn: Callable[[T], R]) -> None:
+        self.fn, self.__name__ = fn, getattr(fn, "__name__", "array")
+
+    def __call__(self, item: T) -> R:
+        return self.fn(item)
+
+
 def submit(executor: submitit.AutoExecutor, fn: Callable[..., R], *args: Any,
            ledger: Path | None = None) -> submitit.Job[R]:
     """``executor.submit`` with a refusal by the scheduler turned into one SubmissionError; a local task is tied
@@ -236,8 +248,10 @@ def _wait_all(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: list
 def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequence[T], *,
               parallelism: int = 1, poll_s: float = 0.5, timeout_s: float | None = None,
               on_done: Callable[[int, R | None], None] | None = None,
-              on_poll: Callable[[], None] | None = None, ledger: Path | None = None) -> list[R]:
-    """Run ``fn(item)`` for every item and return the results in order.
+              on_poll: Callable[[], None] | None = None, ledger: Path | None = None,
+              resumable: bool = False) -> list[R]:
+    """Run ``fn(item)`` for every item and return the results in order; ``resumable``: a task resumes its own work,
+    so SLURM requeues it at its time limit or a preemption (``Resumable``).
 
     SLURM and debug executors get one array job (SLURM caps it at ``parallelism`` tasks at once);
     the local executor starts at most ``parallelism`` processes at a time. ``on_done(index,
@@ -248,6 +262,7 @@ def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequ
     if any failed.
     """
     items = list(items)
+    fn = Resumable(fn) if resumable and not isinstance(fn, submitit.helpers.Checkpointable) else fn
     results: list[Any] = [None] * len(items)
     failures: list[TaskFailure] = []
     name = _job_name(executor, fn)

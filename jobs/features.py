@@ -149,7 +149,7 @@ def embed_into(out_dir: Path, run: Run, source: EncoderSource, slides: list[Slid
     try:
         results = run_array(run.executor("features", out_dir / "logs" / "%j"), run_features_task, tasks,
                             parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s, on_poll=bar.poll,
-                            ledger=out_dir / "slurm-job.json")
+                            ledger=out_dir / "slurm-job.json", resumable=True)
     except ArrayJobError as err:
         failure, results = err, err.results
     finally:

@@ -187,10 +187,10 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
         openvino_first_in_tasks(cfg.predict.engine)
         failure = None
         bar = SlideProgress(slide_dir, [s.key for s in slides if s.key not in resumed], len(resumed), "predict", progress)
-        try:
+        try:  # on SLURM: never a second array beside one still running; a task requeued at its time limit resumes
             run_array(run.executor("predict", out_dir / "logs" / "%j"), run_predict_task, tasks,
                       parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s, on_poll=bar.poll,
-                      ledger=out_dir / "slurm-job.json")  # on SLURM: never a second array beside one still running
+                      ledger=out_dir / "slurm-job.json", resumable=True)
         except ArrayJobError as err:
             failure = err
         finally:

@@ -84,7 +84,7 @@ def run_tile(run: Run, progress: bool = True) -> TileResult:
         try:
             written = run_array(run.executor("tile"), run_shard_task, [tasks[i] for i in todo],
                                 parallelism=cfg.cluster.parallelism, poll_s=cfg.cluster.poll_s,
-                                on_done=lambda *_: bar.update(), ledger=run.tiles / "slurm-job.json")
+                                on_done=lambda *_: bar.update(), ledger=run.tiles / "slurm-job.json", resumable=True)
         except (ArrayJobError, OSError) as err:
             raise _disk_full(run, err, tasks) or err from None
         bar.close()

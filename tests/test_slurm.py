@@ -144,6 +144,47 @@ def test_a_preempted_training_job_requeues_and_resumes_from_its_checkpoint(tiled
     assert "checkpoint" in logs.lower() or "requeu" in logs.lower()
 
 
+def test_a_prediction_task_at_its_time_limit_is_requeued_and_predicts_only_what_is_left(tiled, tmp_path):
+    """SLURM's signal before a time limit (or a preemption) requeues a prediction task rather than failing it, and
+    the requeued task skips the slides it finished: the command ends with every slide predicted, none twice."""
+    import os
+    import sys
+    from dataclasses import asdict
+
+    from lymphoma.checkpoint import save_checkpoint
+    from lymphoma.model import build_model
+    from lymphoma.settings import AugmentSettings, ModelSettings, TileSettings
+
+    source, runs = tiled
+    architecture, name = ModelSettings().architecture(3), f"requeue-{uuid.uuid4().hex[:6]}"
+    save_checkpoint({"model": build_model(architecture).state_dict(), "architecture": architecture,
+                     "classes": ["CLL", "FL", "MCL"], "epoch": 0, "tiles": asdict(TileSettings(size=64, stride=16)),
+                     "augment": asdict(AugmentSettings(crop=56))}, tmp_path / "model.pt")  # ~2 s a slide with TTA
+    slides, images = tmp_path / "out" / "slides", sorted(source.rglob("*.png"))
+    proc = subprocess.Popen([sys.executable, "-m", "jobs.cli", "predict", "--checkpoint", str(tmp_path / "model.pt"),
+                             str(source), "--out", str(tmp_path / "out"), "--cluster", "slurm", f"run.root={runs}",
+                             f"run.name={name}", *SMALL, "predict.tta=true", "predict.slides_per_task=100"],
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    deadline, job_id = time.monotonic() + 300, ""
+    while time.monotonic() < deadline and proc.poll() is None and not (slides.is_dir() and list(slides.glob("*.json"))):
+        time.sleep(0.05)
+    job_id = subprocess.run(["squeue", "-h", "--name", f"predict-{name}", "-o", "%i"], capture_output=True, text=True,
+                            check=True).stdout.strip()
+    done = {p: p.stat().st_mtime_ns for p in slides.glob("*.json")}
+    try:
+        assert job_id and 0 < len(done) < len(images), (job_id, done, proc.poll())
+        subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what SLURM sends before a time limit
+        printed = proc.communicate(timeout=300)[0]
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, 9)
+    assert proc.returncode == 0 and f"{len(images)} of {len(images)} slide(s) predicted" in printed, printed
+    assert "0 failed" in printed and {p: p.stat().st_mtime_ns for p in done} == done  # none predicted twice
+    states = subprocess.run(["sacct", "-j", job_id.split("_")[0], "-D", "-X", "-n", "-P", "-o", "JobID,State"],
+                            capture_output=True, text=True, check=True).stdout.split()
+    assert any("REQUEUED" in s or "PREEMPTED" in s for s in states), states
+
+
 def _rerun_refused_while_left_running(command: list[str], job_name: str, folder, reruns=((),)) -> None:
     """Start ``command`` (which submits SLURM job ``job_name``, writing ``folder``), kill it with -9 once the job
     runs, and run it again (once per extra arguments in ``reruns``): each rerun is refused with the job's id, its
