@@ -70,9 +70,12 @@ def _add_pipeline_commands(sub: Any) -> None:
     train.add_argument("--restart", action="store_true",
                        help="train afresh instead of resuming: the run's train/ folder is first renamed "
                             "train.before-<date-time>/ (kept, not deleted)")
-    _command(sub, "run", "the whole pipeline: tile, train, predict the held-out cases, report",
-             "Tile, train and predict the held-out (val, or test if split.test_fraction > 0) images of the run, then "
-             "print the image- and case-level report.", progress=True)
+    pipeline = _command(sub, "run", "the whole pipeline: tile, train, predict the held-out cases, report",
+                        "Tile, train and predict the held-out (val, or test if split.test_fraction > 0) images of the "
+                        "run, then print the image- and case-level report.", progress=True)
+    pipeline.add_argument("--restart", action="store_true",
+                          help="train afresh instead of resuming (after tiling other images or settings into the run): "
+                               "the run's train/ folder is first renamed train.before-<date-time>/ (kept, not deleted)")
     _command(sub, "cv", "cross-validation grouped by case: one array task per fold, pooled report",
              "Deal the cases into cv.folds folds stratified by class. Each fold (one array task) tiles and trains on "
              "the other cases, picks its checkpoint on an inner split of them, and predicts its own cases; then "

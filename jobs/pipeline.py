@@ -35,15 +35,16 @@ def held_out_slides(split_csv: Path, phase: str) -> list[SlideInput]:
     return [SlideInput(row["path"], key, row["label"], row["case"], row.get("regions") or "") for row, key in rows]
 
 
-def run_pipeline(run: Run, progress: bool = True) -> dict[str, Any]:
-    """Run every stage, printing where each output is; reruns resume every stage."""
+def run_pipeline(run: Run, progress: bool = True, restart: bool = False) -> dict[str, Any]:
+    """Run every stage, printing where each output is; reruns resume every stage (``restart``: training afresh, the
+    earlier ``train/`` kept aside)."""
     start = time.perf_counter()
     run.config.check_trainable()
     log.info("== 1/3 tile")
     tiled = run_tile(run, progress=progress)
     log.info(format_summary(tiled))
     log.info("== 2/3 train")
-    summary = run_train(run, progress=progress)[0]
+    summary = run_train(run, restart, progress=progress)[0]
     log.info(f"best epoch {summary['best_epoch'] + 1} of {summary['epochs']}: val loss {summary['best_val_loss']:.4f}, "
              f"val tile accuracy {summary['best_val_accuracy']:.3f}; kept {summary['selection']}; checkpoints in "
              f"{summary['checkpoints']}")
@@ -67,5 +68,5 @@ def run_pipeline(run: Run, progress: bool = True) -> dict[str, Any]:
 
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma run``."""
-    run_pipeline(run, progress=not args.no_progress)
+    run_pipeline(run, progress=not args.no_progress, restart=args.restart)
     return 0
