@@ -76,14 +76,17 @@ def _add_pipeline_commands(sub: Any) -> None:
     pipeline.add_argument("--restart", action="store_true",
                           help="train afresh instead of resuming (after tiling other images or settings into the run): "
                                "the run's train/ folder is first renamed train.before-<date-time>/ (kept, not deleted)")
-    _command(sub, "cv", "cross-validation grouped by case: one array task per fold, pooled report",
-             "Deal the cases into cv.folds folds stratified by class. Each fold (one array task) tiles and trains on "
-             "the other cases, picks its checkpoint on an inner split of them, and predicts its own cases; then "
-             "image- and case-level accuracy per fold and pooled, with bootstrap intervals over cases, for "
-             "cv.repeats fold assignments; a reference logistic regression on colour and texture features in the "
-             "same folds with its permutation null; and <run>/ensemble.pt, the fold models as one checkpoint for "
-             "`lymphoma predict`. Rerunning resumes; with predict.tta=true or cv.checkpoint=last it reuses the "
-             "trained folds.", progress=True)
+    cv = _command(sub, "cv", "cross-validation grouped by case: one array task per fold, pooled report",
+                  "Deal the cases into cv.folds folds stratified by class. Each fold (one array task) tiles and trains on "
+                  "the other cases, picks its checkpoint on an inner split of them, and predicts its own cases; then "
+                  "image- and case-level accuracy per fold and pooled, with bootstrap intervals over cases, for "
+                  "cv.repeats fold assignments; a reference logistic regression on colour and texture features in the "
+                  "same folds with its permutation null; and <run>/ensemble.pt, the fold models as one checkpoint for "
+                  "`lymphoma predict`. Rerunning resumes; with predict.tta=true or cv.checkpoint=last it reuses the "
+                  "trained folds.", progress=True)
+    cv.add_argument("--restart", action="store_true",
+                    help="run afresh instead of resuming (after data.source, cv.folds, cv.seed or tile settings "
+                         "changed): the earlier folds, reports and ensemble are first moved into cv.before-<date-time>/")
 
 
 def _add_model_commands(sub: Any) -> None:

@@ -4,13 +4,16 @@ cases), then a pooled report with bootstrap intervals over cases."""
 from __future__ import annotations
 
 import argparse
+import csv
 import json
 import logging
+import re
 import time
+from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
-from hpc import ArrayJobError, run_array
+from hpc import ArrayJobError, refuse_beside_open_job, run_array
 from hpc.task import thread_share
 from jobs.baseline import run_baseline
 from jobs.config import Config, ConfigError
@@ -21,6 +24,7 @@ from lymphoma.backbones import require_model
 from lymphoma.cohort_report import write_report
 from lymphoma.crossval import across_repeats, cv_report, fold_phases, format_cv_report, grouped_folds
 from lymphoma.ensemble import write_ensemble
+from lymphoma.errors import InputError
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.inputs import ImageRecord
 from lymphoma.levels import image_class
@@ -74,6 +78,46 @@ def write_folds_csv(path: Path, tasks: list[FoldTask]) -> None:
                       for phase, records in (("train", t.train), ("val", t.val), ("test", t.test)) for r in records))
 
 
+def refuse_other_folds(path: Path, tasks: list[FoldTask]) -> None:
+    """An InputError where the ``folds.csv`` of an earlier run dealt a fold (a repeat and fold both have) otherwise
+    than ``tasks`` do (other images, or cases in another phase: data.source, cv.folds, cv.seed or
+    cv.inner_val_fraction changed since): its fold model learnt from cases this fold would test. More repeats than
+    before extend the run."""
+    if not path.is_file():
+        return
+    before: dict[tuple[str, str], set[tuple[str, ...]]] = defaultdict(set)
+    with path.open(newline="") as handle:
+        for row in csv.DictReader(handle):
+            before[row["repeat"], row["fold"]].add((row["phase"], row["case"], row["label"], row["path"]))
+    for t in tasks:
+        old = before.get((str(t.repeat), str(t.fold)))
+        new = {(phase, r.case, r.label, r.path) for phase, records in (("train", t.train), ("val", t.val),
+                                                                         ("test", t.test)) for r in records}
+        if old is None or old == new:
+            continue
+        was, now = {row[-1] for row in old}, {row[-1] for row in new}
+        moved = len({row[-1] for row in old ^ new} & was & now)
+        raise InputError(f"{path.parent}: repeat {t.repeat} fold {t.fold} was dealt otherwise by an earlier run "
+                         f"({path.name}: {len(now - was)} image(s) new to it, {len(was - now)} gone, {moved} in "
+                         "another phase or case): data.source, cv.folds, cv.seed or cv.inner_val_fraction changed "
+                         "since, and its fold model learnt from cases it would now test. `lymphoma cv --restart` sets "
+                         "the earlier folds aside (kept) and runs afresh; or give another run.name")
+
+
+def set_folds_aside(run: Run) -> None:
+    """`lymphoma cv --restart`: the earlier folds and what was made of them (folds.csv, repeat-*/, the reports cv*/,
+    ensemble*.pt) moved into ``<run>/cv.before-<date-time>/``, kept; never while a SLURM job of them runs."""
+    if run.config.cluster.kind == "slurm":  # before the ledger moves aside with the folder the job writes
+        refuse_beside_open_job(run.dir / "cv" / "slurm-job.json", f"cv-{run.config.run.name}")
+    made = [p for p in run.dir.iterdir() if re.fullmatch(r"folds\.csv|repeat-\d+|cv(-[\w-]+)?|ensemble(-[\w-]+)?\.pt", p.name)]
+    if made:
+        aside = run.dir / f"cv.before-{time.strftime('%Y%m%d-%H%M%S')}"
+        aside.mkdir()
+        for path in made:
+            path.rename(aside / path.name)
+        log.info(f"restarting: the earlier folds are kept in {aside}")
+
+
 def run_folds(run: Run, tasks: list[FoldTask], progress: bool = True
               ) -> tuple[list[list[dict[str, Any]]], Optional[ArrayJobError]]:
     """Run every fold as an array task, with a bar over the epochs of all folds on a terminal if ``progress``; each
@@ -95,17 +139,18 @@ def run_folds(run: Run, tasks: list[FoldTask], progress: bool = True
         failure = err
     finally:
         bar.close()
-    records = [[r for r in (read_record(t.predict_dir / "slides", s) for s in t.slides()) if r is not None]
-               for t in tasks]
+    failed = {f.index for f in failure.failures} if failure else set()  # their records are another run's, if any
+    records = [[] if i in failed else [r for r in (read_record(t.predict_dir / "slides", s) for s in t.slides())
+                                       if r is not None] for i, t in enumerate(tasks)]
     if failure is not None and not any(records):
         raise failure
     return records, failure
 
 
-def run_cv(run: Run, progress: bool = True) -> dict[str, Any]:
+def run_cv(run: Run, progress: bool = True, restart: bool = False) -> dict[str, Any]:
     """Run (or resume) every fold of every repeat (``progress``: a bar over their epochs on a terminal), the
     baseline in the same folds, the shipped ensemble, and write the report into ``<run>/cv`` (``cv-last``,
-    ``cv-tta`` for the other prediction variants)."""
+    ``cv-tta`` for the other prediction variants); ``restart``: the earlier folds set aside first."""
     start = time.perf_counter()
     cfg = run.config
     out = run.dir / f"cv{variant_suffix(cfg.cv.checkpoint, cfg.predict.tta)}"
@@ -114,6 +159,9 @@ def run_cv(run: Run, progress: bool = True) -> dict[str, Any]:
     with run.session("cv"):
         inputs = run.inputs()
         tasks = plan_folds(run, inputs.records, inputs.classes)
+        if restart:
+            set_folds_aside(run)
+        refuse_other_folds(run.dir / "folds.csv", tasks)
         write_folds_csv(run.dir / "folds.csv", tasks)
         records, failure = run_folds(run, tasks, progress)
         report = assemble_report(cfg, tasks, records, inputs.classes)
@@ -234,5 +282,5 @@ def _write_outputs(out: Path, report: dict[str, Any], tasks: list[FoldTask], rec
 
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma cv``."""
-    run_cv(run, progress=not args.no_progress)
+    run_cv(run, progress=not args.no_progress, restart=args.restart)
     return 0

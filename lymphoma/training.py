@@ -152,8 +152,9 @@ def check_same_tiles(state: dict[str, Any], last: Path, tiles_dir: Path) -> None
     if saved and saved != tiles_fingerprint(tiles_dir):
         raise InputError(f"{last} was trained on other tiles than {tiles_dir} holds now (tiled again since, with "
                          "other images, split or settings); resuming would go on training it on tiles it never "
-                         "saw: train afresh with `lymphoma train --restart` (or `lymphoma run --restart`; the old "
-                         "train/ folder is kept, renamed), or tile into another run.name")
+                         "saw: train afresh with `lymphoma train --restart` (`lymphoma run --restart`, `lymphoma cv "
+                         "--restart` alike; the old train/ folder or folds are kept, renamed), or tile into another "
+                         "run.name")
 
 
 def _check_backbone(settings: FitSettings, tiles_dir: Path) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import logging
+import shutil
 from collections import defaultdict
 from pathlib import Path
 
@@ -265,6 +266,40 @@ def _check_ensemble(run_dir: Path, source: Path) -> None:
     save_checkpoint(other, run_dir / "other.pt")
     with pytest.raises(InputError, match="differs from .* in 'classes'"):
         write_ensemble([folds[0], run_dir / "other.pt"], run_dir / "bad.pt")
+
+
+def test_a_cv_run_whose_cases_changed_is_refused_until_restarted(make_dataset, data_root, manifest_rows, tmp_path,
+                                                                 capsys):
+    """Slides added to data.source deal the cases into other folds, whose fold models learnt from cases they would
+    now test: the rerun is refused before anything is written (a report of stale folds was written, then every fold
+    failed); `--restart` keeps the earlier folds aside and runs afresh; more repeats extend the run."""
+    source = make_dataset(cases_per_class=4, images_per_case=1)
+    command = ["cv", "--no-progress", f"data.source={source}", f"run.root={tmp_path}", "run.name=grow", *FAST,
+               "cv.folds=2", "cv.inner_val_fraction=0.3", "cv.bootstrap=100", "train.epochs=1",
+               "train.max_steps_per_epoch=2", "predict.heatmaps=false", "cv.baseline=false"]
+    assert main(command) == 0
+    run = tmp_path / "grow"
+    kept = {p: p.read_bytes() for p in (run / "folds.csv", run / "cv" / "report.json")}
+    capsys.readouterr()
+    assert main([*command, "tiles.stride=32"]) == 1  # the same folds, other tiles: every fold's training refuses,
+    err = capsys.readouterr().err                    # and no report is made of the earlier models' predictions
+    assert "`lymphoma cv --restart` alike" in err and {p: p.read_bytes() for p in kept} == kept, err
+    used = {r["case_id"] for r in manifest_rows if (source / r["cls"] / Path(r["lowres_path"]).name).exists()}
+    row = next(r for r in manifest_rows if r["cls"] == "CLL" and r["case_id"] not in used)
+    shutil.copyfile(data_root / row["lowres_path"], source / "CLL" / Path(row["lowres_path"]).name)  # a new case
+    capsys.readouterr()
+    assert main(command) == 2
+    err = capsys.readouterr().err
+    assert f"{run}: repeat 0 fold " in err and "was dealt otherwise by an earlier run (folds.csv: " in err, err
+    assert "`lymphoma cv --restart` sets the earlier folds aside" in err
+    assert {p: p.read_bytes() for p in kept} == kept  # nothing written
+    assert main([*command, "--restart"]) == 0
+    aside = list(run.glob("cv.before-*"))
+    assert len(aside) == 1 and (aside[0] / "folds.csv").read_bytes() == kept[run / "folds.csv"]
+    assert (aside[0] / "repeat-0" / "fold-0" / "train" / "checkpoints" / "best.pt").is_file()
+    assert json.loads((run / "cv" / "report.json").read_text())["n_images"] == 13
+    assert main([*command, "cv.repeats=2"]) == 0  # a second assignment beside the first: no refusal
+    assert json.loads((run / "cv" / "report.json").read_text())["across_repeats"]["n"] == 2
 
 
 def test_cv_command_names_the_problem(make_dataset, tmp_path, capsys):

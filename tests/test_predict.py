@@ -558,7 +558,7 @@ def test_the_whole_pipeline_on_a_small_real_subset(make_dataset, tmp_path, capsy
     again = ["run", "--no-progress", f"data.source={source}", f"run.root={tmp_path}", "run.name=e2e", *FAST,
              "split.val_fraction=0.5", "train.epochs=2", "train.max_steps_per_epoch=3", "tiles.stride=32"]
     assert main(again) == 2  # other tiles: the model is not resumed on them, and says how to train afresh
-    assert "(or `lymphoma run --restart`; the old train/ folder is kept" in capsys.readouterr().err
+    assert "(`lymphoma run --restart`, `lymphoma cv --restart` alike; the old train/ folder" in capsys.readouterr().err
     assert main([*again, "--restart"]) == 0 and len(list(run.glob("train.before-*/checkpoints/last.pt"))) == 1
     assert json.loads((run / "predict" / "metrics.json").read_text())["predicted"] == len(val)
 
