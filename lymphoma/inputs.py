@@ -264,6 +264,15 @@ def user_csv(path: Path) -> csv.DictReader:
     return csv.DictReader(io.StringIO(text, newline=""), delimiter=separator)
 
 
+def slashed(raw: str, base: Path | None) -> str:
+    """A path a Windows tool wrote (``CLL\\p07\\slide.svs``) with forward slashes, unless a file of that very name
+    (backslashes and all, relative to ``base``) exists here."""
+    if "\\" not in raw:
+        return raw
+    literal = Path(raw) if base is None or Path(raw).is_absolute() else base / raw
+    return raw if literal.exists() else raw.replace("\\", "/")
+
+
 def _rows_from_csv(manifest: Path, columns: Mapping[str, str]) -> tuple[list[tuple[Path, str, str]], dict[Path, Path]]:
     """The (path, label, case) rows of a manifest, and the region file of each row that has one."""
     names = {"path": "path", "label": "label", "case": "case", "regions": "regions", **columns}
@@ -275,14 +284,14 @@ def _rows_from_csv(manifest: Path, columns: Mapping[str, str]) -> tuple[list[tup
                          "Name them path,label[,case] or map them with data.columns")
     rows, region_files = [], {}
     for line_no, row in enumerate(reader, start=2):
-        raw_path = (row.get(names["path"]) or "").strip()
+        raw_path = slashed((row.get(names["path"]) or "").strip(), manifest.parent)
         if not raw_path:
             raise InputError(f"{manifest}, line {line_no}: empty {names['path']!r} column; fill it or delete the line")
         path = Path(raw_path)
         if not path.is_absolute():
             path = manifest.parent / path
         rows.append((path, (row.get(names["label"]) or "").strip(), (row.get(names["case"]) or "").strip()))
-        region = (row.get(names["regions"]) or "").strip()
+        region = slashed((row.get(names["regions"]) or "").strip(), manifest.parent)
         if region:
             region_files[path] = Path(region) if Path(region).is_absolute() else manifest.parent / region
     return rows, region_files

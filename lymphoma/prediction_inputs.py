@@ -13,7 +13,17 @@ from typing import Optional
 
 from lymphoma.errors import InputError
 from lymphoma.images import is_image_file, one_file_per_dicom_slide
-from lymphoma.inputs import case_of, case_of_two_classes, image_item, image_keys, own_name, read_user_text, shared_key, user_csv
+from lymphoma.inputs import (
+    case_of,
+    case_of_two_classes,
+    image_item,
+    image_keys,
+    own_name,
+    read_user_text,
+    shared_key,
+    slashed,
+    user_csv,
+)
 from lymphoma.prediction import SlideInput
 from lymphoma.regions import find_region_file
 
@@ -146,13 +156,15 @@ def _check_case_labels(slides: Sequence[SlideInput]) -> None:
 
 
 def _read_list(path: Path, basepath: Optional[Path], columns: Mapping[str, str]) -> list[Row]:
-    """The rows of a ``--list``: a CSV (``.csv``: a header naming its columns, as a training manifest's) or a TSV."""
+    """The rows of a ``--list``: a CSV (``.csv``: a header naming its columns, as a training manifest's) or a TSV; paths
+    with Windows' backslashes read with slashes (``slashed``)."""
     if not path.is_file():
         raise InputError(f"--list {path} {'is a folder' if path.is_dir() else 'not found'}; give a TSV file "
                          "(path[<tab>label[<tab>case]] per line) or a CSV with a header (path[,label][,case])")
     if basepath is not None and not basepath.is_dir():  # else every relative path would fail as its slide
         raise InputError(f"--basepath {basepath} is not a folder; give the folder the list's relative paths are under")
-    entries = _csv_entries(path, columns) if path.suffix.lower() == ".csv" else _tsv_entries(path)
+    entries = [(slashed(raw, basepath), label, case, where) for raw, label, case, where in
+               (_csv_entries(path, columns) if path.suffix.lower() == ".csv" else _tsv_entries(path))]
     if basepath is None:
         _check_relative_paths(path, [raw for raw, _, _, _ in entries])
     return [(str(Path(raw) if basepath is None or Path(raw).is_absolute() else

@@ -353,6 +353,25 @@ def test_manifests_and_lists_saved_by_excel_are_read_and_other_encodings_named(m
 
 
 
+def test_lists_and_manifests_made_on_windows_name_their_files_with_backslashes(make_dataset):
+    """`CLL\\p07\\slide.png`, as Excel on Windows writes a list for a cluster's share: read with slashes, in a --list
+    (under --basepath) and in a training manifest (beside it); a file whose own name holds a backslash is kept."""
+    from lymphoma.inputs import discover
+    from lymphoma.prediction_inputs import expand_inputs
+
+    root = make_dataset(cases_per_class=1, images_per_case=2)
+    images = sorted(root.rglob("*.png"))
+    odd = images[0].with_name("scan\\1_001.png")  # a POSIX name with a backslash in it
+    images[0] = images[0].rename(odd)
+    windows = [str(p.relative_to(root)) if p == odd else str(p.relative_to(root)).replace("/", "\\") for p in images]
+    (root / "slides.tsv").write_text("".join(f"{w}\t{p.parent.name}\n" for w, p in zip(windows, images)))
+    slides = expand_inputs([], root / "slides.tsv", root, ["CLL", "FL", "MCL"], re.compile(r"^(?P<case>.+)$"))
+    assert sorted(s.path for s in slides) == sorted(str(p.resolve()) for p in images)
+    (root / "manifest.csv").write_text("path,label\n" + "".join(f"{w},{p.parent.name}\n" for w, p in zip(windows, images)))
+    records = discover(str(root / "manifest.csv"), ["CLL", "FL", "MCL"]).records
+    assert sorted(r.path for r in records) == sorted(str(p.resolve()) for p in images)
+
+
 def test_a_csv_list_of_slides_is_read_by_its_header_as_a_training_manifest_is(make_dataset, tmp_path, monkeypatch):
     """`--list x.csv`: columns by the header's names (in any order, others ignored, data.columns mapping yours),
     quoted fields, Excel's BOM and CRLF; relative paths under --basepath. A comma-separated list named .tsv, or a CSV
