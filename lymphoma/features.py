@@ -126,15 +126,16 @@ def encoder_from_settings(model_settings: ModelSettings, tiles: TileSettings, au
 
 @dataclass
 class FeatureWriter:
-    """``h5_files/<key>.h5`` per slide (atomic) and ``records/<key>.json``; a slide is complete when both exist
-    and were made with the same encoder and settings (``meta["fingerprint"]``)."""
+    """``h5_files/<key>.h5`` per slide (atomic), ``pt_files/<key>.pt`` (its features as one float32 tensor, which
+    CLAM's MIL training loads) and ``records/<key>.json``; a slide is complete when its record and h5 file exist and
+    were made with the same encoder and settings (``meta["fingerprint"]``); a missing .pt is made from the .h5."""
 
     out_dir: Path
     meta: dict[str, Any]
 
     def __post_init__(self) -> None:
-        (self.out_dir / "h5_files").mkdir(parents=True, exist_ok=True)
-        (self.out_dir / "records").mkdir(parents=True, exist_ok=True)
+        for folder in ("h5_files", "pt_files", "records"):
+            (self.out_dir / folder).mkdir(parents=True, exist_ok=True)
 
     def _record_path(self, slide: SlideInput) -> Path:
         return self.out_dir / "records" / f"{slide.key}.json"
@@ -144,7 +145,23 @@ class FeatureWriter:
         ok = (record is not None and record.get("status") == "ok"
               and record.get("fingerprint") == self.meta["fingerprint"] and Path(record["file"]).is_file()
               and record.get("regions", "") == regions_stamp(slide.regions))
-        return {**record, "resumed": True} if ok else None
+        if not ok:
+            return None
+        if not (self.out_dir / "pt_files" / f"{slide.key}.pt").is_file():  # a folder of an earlier version
+            try:
+                self._write_pt(slide, read_features(record["file"])[0])
+            except InputError:  # its .h5 damaged since: embedded again
+                return None
+        return {**record, "resumed": True}
+
+    def _write_pt(self, slide: SlideInput, features: np.ndarray) -> None:
+        path = self.out_dir / "pt_files" / f"{slide.key}.pt"
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        try:
+            torch.save(torch.from_numpy(np.ascontiguousarray(features, dtype=np.float32)), tmp)
+            tmp.replace(path)
+        finally:
+            tmp.unlink(missing_ok=True)
 
     def finish(self, slide: SlideInput, source: TileSource, outputs: torch.Tensor) -> dict[str, Any]:
         import h5py
@@ -172,6 +189,7 @@ class FeatureWriter:
             tmp.replace(path)
         finally:
             tmp.unlink(missing_ok=True)
+        self._write_pt(slide, features)
         record = {"key": slide.key, "path": slide.path, "status": "ok", "error": "", "label": slide.label,
                   "case": slide.case, "n_tiles": int(len(features)), "feature_dim": attrs["feature_dim"],
                   "file": str(path), "fingerprint": self.meta["fingerprint"], "regions": regions_stamp(slide.regions),

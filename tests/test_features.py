@@ -70,6 +70,11 @@ def test_features_equal_a_direct_forward_of_the_backbone(make_dataset, resnet_fi
         np.testing.assert_allclose(stored, direct, rtol=1e-4, atol=1e-5)
         assert attrs["backbone"] == "timm:resnet10t" and attrs["tile_size"] == 128 and attrs["feature_dim"] == 512
         assert attrs["label"] == row["label"] and attrs["encoder"] == str(resnet_file)
+        pt = tmp_path / "out" / "pt_files" / f"{Path(row['file']).stem}.pt"  # as CLAM's MIL training loads it
+        np.testing.assert_array_equal(torch.load(pt, weights_only=True).numpy(), stored)
+    pt.unlink()  # a folder of a version that wrote no .pt: a rerun resumes every slide and makes the missing file
+    assert features(tmp_path / "out", *words) == 0 and "(0 now, 6 already complete; " in capsys.readouterr().out
+    np.testing.assert_array_equal(torch.load(pt, weights_only=True).numpy(), stored)
     assert features(tmp_path / "out", *words, rows[0]["path"]) == 2  # one slide: features.csv would lose five
     assert (f"{tmp_path / 'out'} holds the embeddings of 5 slide(s) this request does not name (" in
             capsys.readouterr().err and len((tmp_path / "out" / "features.csv").read_text().splitlines()) == 7)
