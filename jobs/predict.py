@@ -274,7 +274,8 @@ def format_report(result: PredictResult) -> str:
     lines += metrics_lines(m)
     failed = [r for r in result.records if r["status"] != "ok"]
     lines += [f"  failed: {r['path']}: {r['error']}" for r in failed[:10]]
-    lines += [f"summary:  {result.out_dir / 'summary.csv'}", f"metrics:  {result.out_dir / 'metrics.json'}",
+    lines += [f"summary:  {result.out_dir / 'summary.csv'}", f"cases:    {result.out_dir / 'cases.csv'}",
+              f"metrics:  {result.out_dir / 'metrics.json'}",
               f"per slide: {result.out_dir / 'slides'}/<name>.{{json,npz,png}}"]
     return "\n".join(lines)
 

@@ -4,6 +4,7 @@ accuracy, ROC AUC, F1, calibration), confusion matrices, ROC and reliability plo
 from __future__ import annotations
 
 import json
+from collections import Counter, defaultdict
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
@@ -12,7 +13,7 @@ import numpy as np
 
 from lymphoma.case_bootstrap import bootstrap_intervals
 from lymphoma.files import write_csv_atomic, write_text_atomic
-from lymphoma.levels import LEVELS, confusions, image_class, level_inputs
+from lymphoma.levels import LEVELS, case_class, confusions, image_class, level_inputs
 from lymphoma.metrics import accuracy, balanced_accuracy, probability_scores
 from lymphoma.plots import save_confusion, save_reliability, save_roc
 
@@ -34,7 +35,7 @@ def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_
                  aggregate: str = "vote", warnings: Sequence[str] = (),
                  intervals: Optional[tuple[int, float]] = None) -> dict[str, Any]:
     """summary.csv (one row per slide: its class, votes, mean tile probability per class, truth and case),
-    metrics.json and confusion PNGs at image and case level; an image's
+    cases.csv (one row per case: ``write_case_summary``), metrics.json and confusion PNGs at image and case level; an image's
     class is its tiles' majority ``vote`` or their ``mean`` probability's class; ``warnings`` about the whole
     prediction go into metrics.json (and from there onto the run's report page). With ``intervals`` (resamples,
     confidence), each level's figures get case-bootstrap intervals: ``interval``, figure -> [low, high]."""
@@ -51,6 +52,7 @@ def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_
                      + [f"votes_{c}" for c in classes] + [f"prob_{c}" for c in classes]
                      + ["n_tiles", "truth", "case", "error"], rows)
     done = [r for r in records if r["status"] == "ok"]
+    write_case_summary(records, classes, out_dir / "cases.csv", aggregate)
     metrics: dict[str, Any] = {"slides": len(records), "predicted": len(done), "failed": len(records) - len(done),
                                "classes": list(classes), "aggregate": aggregate}
     if warnings:
@@ -69,6 +71,26 @@ def write_report(records: Sequence[dict[str, Any]], classes: Sequence[str], out_
                                               if name.startswith(f"{level}_")}
     write_text_atomic(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
     return metrics
+
+
+def write_case_summary(records: Sequence[dict[str, Any]], classes: Sequence[str], path: Path,
+                       aggregate: str = "vote") -> None:
+    """``cases.csv``: one row per case (patient) of the slides that have one, as the case level of ``metrics.json``
+    counts it: its class (``levels.case_class``), the mean over its slides of their mean tile probability per class,
+    its slides by predicted class, its truth, and how many of its slides failed."""
+    by_case: dict[str, list[dict[str, Any]]] = defaultdict(list)
+    for r in records:
+        if r.get("case"):
+            by_case[str(r["case"])].append(r)
+    rows = []
+    for case, items in sorted(by_case.items()):
+        done = [r for r in items if r["status"] == "ok"]
+        counts = Counter(image_class(r, aggregate) for r in done)
+        rows.append([case, len(done), case_class(done, classes, aggregate) if done else ""]
+                    + [f"{np.mean([r['mean_probs'][c] for r in done]):.4f}" if done else "" for c in classes]
+                    + [counts.get(c, 0) for c in classes] + [items[0].get("label") or "", len(items) - len(done)])
+    write_csv_atomic(path, ["case", "slides", "predicted"] + [f"prob_{c}" for c in classes]
+                     + [f"slides_{c}" for c in classes] + ["truth", "failed_slides"], rows)
 
 
 def level_metrics(records: Sequence[dict[str, Any]], classes: Sequence[str], aggregate: str,

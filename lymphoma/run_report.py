@@ -238,6 +238,7 @@ def _prediction(run_dir: Path, folder: Path) -> str:
     return (f"<h2 id=prediction>Prediction</h2><p>{metrics.get('predicted', '?')} of {metrics.get('slides', '?')} "
             f"slide(s) predicted, {metrics.get('failed', 0)} failed; {metrics.get('aggregate', 'vote')} of tiles. "
             f"{_link(run_dir, metrics_path)}, {_link(run_dir, summary)}"
+            + (f", {_link(run_dir, folder / 'cases.csv')} (one row per case)" if (folder / "cases.csv").is_file() else "")
             + (f" In brackets: {metrics['confidence']:.0%} intervals from {metrics['bootstrap']} resamples of the cases."
                if "confidence" in metrics else "") + "</p>"
             + "".join(f"<p class=warn>Warning: {html.escape(w)}</p>" for w in metrics.get("warnings", []))

@@ -128,6 +128,18 @@ def _summary_and_intervals_come_from_the_slides(out: Path, summary: list[dict[st
         assert low <= metrics[level]["accuracy"] <= high and low < high
         assert f"{level}-level accuracy {metrics[level]['accuracy']:.3f} [{low:.3f}, {high:.3f}], balanced" in report
     assert "95% intervals from 2000 resamples of the 6 cases" in report
+    with (out / "cases.csv").open() as handle:  # the patients, each as the case level counts it
+        cases = list(csv.DictReader(handle))
+    confusion = np.zeros((3, 3), dtype=int)
+    for row in cases:
+        mine = [r for r in summary if r["case"] == row["case"]]
+        assert int(row["slides"]) == len(mine) and row["truth"] == mine[0]["truth"] and row["failed_slides"] == "0"
+        assert [int(row[f"slides_{c}"]) for c in classes] == [sum(r["predicted"] == c for r in mine) for c in classes]
+        assert [float(row[f"prob_{c}"]) for c in classes] == pytest.approx(
+            [np.mean([float(r[f"prob_{c}"]) for r in mine]) for c in classes], abs=1e-4)
+        confusion[classes.index(row["truth"]), classes.index(row["predicted"])] += 1
+    assert len(cases) == 6 and confusion.tolist() == metrics["case"]["confusion"]
+    assert f"cases:    {out / 'cases.csv'}" in report
 
 
 def test_pictures_are_pngs_that_any_reader_decodes_to_their_pixels(cohort, tmp_path):
