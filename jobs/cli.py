@@ -140,7 +140,8 @@ def _add_model_commands(sub: Any) -> None:
              "Train a gated-attention MIL model (one bag per slide, or per case with mil.bag=case) on the tile "
              "embeddings in mil.features (default <run>/features) in every fold of cv.folds x cv.repeats (the folds "
              "of `lymphoma cv`), report image- and case-level accuracy with bootstrap intervals, save attention maps "
-             "of the test slides and a model trained on every case (<run>/mil/).", progress=True)
+             "of the test slides and a model trained on every case (<run>/mil/); with --cluster slurm as one SLURM "
+             "job.", progress=True)
     mil.add_argument("--predict", metavar="FEATURES", help="classify the slides embedded in this folder of `lymphoma "
                                                            "features` with <run>/mil/mil.pt instead")
     mil.add_argument("--out", type=Path, help="with --predict: the output folder (default: <run>/mil/predict/<name of "

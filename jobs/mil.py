@@ -16,6 +16,8 @@ from typing import Any, Optional
 import numpy as np
 from tqdm import tqdm
 
+from hpc import submit, wait_for
+from hpc.task import task_setup
 from jobs.run_folder import Run, folder_lock, prepare_out_dir
 from lymphoma.checkpoint import load_state, save_checkpoint
 from lymphoma.cohort_report import metrics_lines, probability_record, seen_cases_notes, write_report
@@ -160,6 +162,22 @@ def run_mil(run: Run, progress: bool = False) -> dict[str, Any]:
     return report
 
 
+def run_mil_task(run: Run) -> dict[str, Any]:
+    """The SLURM job's entry point: the MIL cross-validation with the task's threads (``hpc.task``)."""
+    with task_setup():
+        return run_mil(run)
+
+
+def mil_on_slurm(run: Run) -> dict[str, Any]:
+    """`lymphoma mil --cluster slurm`: the MIL cross-validation as one job on a compute node (ten fold assignments
+    take half an hour: not work for the login node the command runs on), waited for; logs in ``<run>/mil/logs``."""
+    folder = run.dir / "mil"
+    folder.mkdir(parents=True, exist_ok=True)
+    job = submit(run.executor("mil", folder / "logs" / "%j"), run_mil_task, run, ledger=folder / "slurm-job.json")
+    log.info(f"MIL job {job.job_id}: logs in {folder / 'logs'}")
+    return wait_for(job, f"mil-{run.config.run.name}", poll_s=run.config.cluster.poll_s)[0]
+
+
 def save_attention_maps(folder: Path, attention: dict[str, np.ndarray], rows_by_key: dict[str, dict[str, str]],
                         pictures: bool = True) -> list[str]:
     """``<key>.npz`` (coords, attention) and, with ``pictures``, ``<key>.png``: the attention over the slide's
@@ -297,7 +315,7 @@ def command(args: argparse.Namespace, run: Run) -> int:
         log.info(f"predictions: {out / 'predictions.csv'}; attention maps: {out / 'attention'}")
         return 0
     with run.create().lock("mil"):  # two trainings would leave one's model beside the other's report
-        report = run_mil(run, progress=not args.no_progress)
+        report = mil_on_slurm(run) if run.config.cluster.kind == "slurm" else run_mil(run, not args.no_progress)
     if (warning := leak_warning(report)) is not None:
         log.warning(f"lymphoma mil: {warning}")
     log.info(format_mil_report(report, warn=False))

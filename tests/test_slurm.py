@@ -318,6 +318,28 @@ def test_features_run_as_a_slurm_array_one_task_per_chunk_of_slides(make_dataset
     assert len(list((out_dir / "h5_files").glob("*.h5"))) == 6
 
 
+def test_mil_trains_as_a_slurm_job_not_on_the_login_node(make_dataset, tmp_path):
+    """`lymphoma mil --cluster slurm`: one SLURM job trains the cross-validated MIL model and writes its report and
+    model (ten fold assignments took half an hour: no work for the login node); the command waits and reports."""
+    import json
+
+    from conftest import tiny_timm_file
+    from jobs.cli import main
+
+    source, weights = make_dataset(cases_per_class=4, images_per_case=1), tmp_path / "resnet10t.safetensors"
+    tiny_timm_file(weights, "resnet10t", num_classes=1000)
+    name = f"mil-{uuid.uuid4().hex[:6]}"
+    common = [f"data.source={source}", f"run.root={tmp_path}", f"run.name={name}"]
+    assert main(["features", "model.backbone=timm:resnet10t", f"model.weights={weights}", *common,
+                 "cluster.kind=debug"]) == 0
+    assert main(["mil", "--cluster", "slurm", *common, *SMALL, "cv.folds=2", "mil.epochs=2", "cv.bootstrap=100"]) == 0
+    tasks = settled_tasks(f"mil-{name}", 1)
+    assert [state for _, state in tasks] == ["COMPLETED"], tasks
+    out = tmp_path / name / "mil"
+    assert json.loads((out / "report.json").read_text())["n_images"] == 12 and (out / "mil.pt").is_file()
+    assert list((out / "logs").rglob("*_log.out"))
+
+
 def test_the_readmes_slurm_recipe_works_as_written_and_a_refusal_quotes_sbatch(tmp_path):
     """README: start the local cluster, then `lymphoma tile -c configs/lymphoma-lowres.yaml --cluster slurm` with the
     generic profile (16 GB a task) on the real data; a request no node can meet is one error quoting sbatch, rc 2."""
