@@ -244,11 +244,19 @@ def _unused_region_files(folder: str | Path | None, keys: Sequence[str]) -> list
             if f.suffix.lower() in REGION_SUFFIXES and f.stem not in stems]
 
 
+WORKBOOKS = (b"PK\x03\x04", b"\xd0\xcf\x11\xe0")  # .xlsx and .ods (zip); .xls (OLE2)
+
+
 def read_user_text(path: Path) -> str:
     """A text file a person made (a manifest, a slide list): UTF-8, with or without the byte-order mark that
-    Excel's "CSV UTF-8" writes; any other encoding is an InputError naming the file, the byte and the fix."""
+    Excel's "CSV UTF-8" writes; a spreadsheet workbook, or any other encoding, is an InputError naming the file and
+    the fix."""
+    data = path.read_bytes()
+    if data.startswith(WORKBOOKS):
+        raise InputError(f"{path}: a spreadsheet workbook (.xlsx, .xls, .ods), not a text file; save the sheet as CSV "
+                         "(Excel: File > Save As > \"CSV UTF-8 (Comma delimited)\") and give that file")
     try:
-        return path.read_bytes().decode("utf-8-sig")
+        return data.decode("utf-8-sig")
     except UnicodeDecodeError as err:
         raise InputError(f"{path}: not UTF-8 text (byte 0x{err.object[err.start]:02x} at offset {err.start}); save it "
                          "as UTF-8 (Excel: \"CSV UTF-8\"; iconv -f latin1 -t utf-8)") from None

@@ -338,6 +338,13 @@ def test_manifests_and_lists_saved_by_excel_are_read_and_other_encodings_named(m
     slides = expand_inputs([], semicolons, None, ["CLL", "FL", "MCL"], re.compile(r"^(?P<case>.+)$"))
     assert sorted((s.path, s.label, s.case) for s in slides) == [(r.path, r.label, r.case) for r in records]
     images[0] = odd.rename(images[0])
+    workbook = tmp_path / "slides.xlsx"  # the workbook itself, given instead of a CSV saved from it
+    write_xlsx(workbook, [["path", "label"], [str(images[1]), "FL"]])
+    for run in (lambda: discover(str(workbook), ["CLL", "FL", "MCL"]),
+                lambda: expand_inputs([], workbook, None, ["CLL", "FL", "MCL"], re.compile(r"^(?P<case>.+)$"))):
+        with pytest.raises(InputError, match=r"slides.xlsx: a spreadsheet workbook \(.xlsx, .xls, .ods\), not a text "
+                                             r"file; save the sheet as CSV \(Excel: File > Save As > "):
+            run()
     latin = tmp_path / "latin.csv"  # Excel's plain "CSV" on a Western European Windows: Latin-1
     latin.write_bytes(f"path,label,case\n{images[0]},CLL,Müller\n".encode("latin-1"))
     assert main(["tile", "--no-progress", f"data.source={latin}", f"run.root={tmp_path}", "run.name=latin"]) == 2
@@ -351,6 +358,35 @@ def test_manifests_and_lists_saved_by_excel_are_read_and_other_encodings_named(m
     slides = expand_inputs([], listing, None, ["CLL", "FL", "MCL"], re.compile(r"^(?P<case>.+)$"))
     assert [(s.path, s.label) for s in slides] == [(str(odd.resolve()), odd.parent.name)]
 
+
+
+def write_xlsx(path: Path, rows: list[list[str]]) -> None:
+    """A minimal Office Open XML workbook of one sheet of inline strings, as Excel and LibreOffice open it."""
+    import zipfile
+    from xml.sax.saxutils import escape
+
+    cells = "".join(f'<row r="{i + 1}">' + "".join(f'<c r="{chr(65 + j)}{i + 1}" t="inlineStr"><is><t>{escape(v)}</t></is>'
+                                                   f"</c>" for j, v in enumerate(row)) + "</row>"
+                    for i, row in enumerate(rows))
+    main = "http://schemas.openxmlformats.org/spreadsheetml/2006/main"
+    rel = "http://schemas.openxmlformats.org/officeDocument/2006/relationships"
+    parts = {
+        "[Content_Types].xml": '<Types xmlns="http://schemas.openxmlformats.org/package/2006/content-types">'
+        '<Default Extension="rels" ContentType="application/vnd.openxmlformats-package.relationships+xml"/>'
+        '<Default Extension="xml" ContentType="application/xml"/><Override PartName="/xl/workbook.xml" ContentType='
+        '"application/vnd.openxmlformats-officedocument.spreadsheetml.sheet.main+xml"/><Override PartName='
+        '"/xl/worksheets/sheet1.xml" ContentType="application/vnd.openxmlformats-officedocument.spreadsheetml.'
+        'worksheet+xml"/></Types>',
+        "_rels/.rels": f'<Relationships xmlns="http://schemas.openxmlformats.org/package/2006/relationships"><Relationship '
+        f'Id="rId1" Type="{rel}/officeDocument" Target="xl/workbook.xml"/></Relationships>',
+        "xl/workbook.xml": f'<workbook xmlns="{main}" xmlns:r="{rel}"><sheets><sheet name="Sheet1" sheetId="1" '
+        'r:id="rId1"/></sheets></workbook>',
+        "xl/_rels/workbook.xml.rels": '<Relationships xmlns="http://schemas.openxmlformats.org/package/2006/'
+        f'relationships"><Relationship Id="rId1" Type="{rel}/worksheet" Target="worksheets/sheet1.xml"/></Relationships>',
+        "xl/worksheets/sheet1.xml": f'<worksheet xmlns="{main}"><sheetData>{cells}</sheetData></worksheet>'}
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as archive:
+        for name, text in parts.items():
+            archive.writestr(name, '<?xml version="1.0" encoding="UTF-8" standalone="yes"?>\n' + text)
 
 
 def test_lists_and_manifests_made_on_windows_name_their_files_with_backslashes(make_dataset):
