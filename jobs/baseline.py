@@ -48,6 +48,14 @@ def load_cohort(records: list[ImageRecord], classes: list[str], out_dir: Path) -
                   np.asarray([r.case for r in records]), list(classes))
 
 
+def run_baseline_task(*args: Any) -> dict[str, Any]:
+    """``run_baseline`` as a SLURM job's entry point (``hpc.task``: its log, its allocation's threads)."""
+    from hpc.task import task_setup
+
+    with task_setup():
+        return run_baseline(*args)
+
+
 def run_baseline(cfg: Config, records: list[ImageRecord], classes: list[str], out_dir: Path,
                  cnn: dict[str, Any], assignments: list[list[list[str]]]) -> dict[str, Any]:
     """The baseline's report in the CNN's folds (``assignments``: each repeat's test cases per fold), its null

@@ -13,9 +13,9 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
-from hpc import ArrayJobError, refuse_beside_open_job, run_array
+from hpc import ArrayJobError, refuse_beside_open_job, run_array, submit, wait_for
 from hpc.task import thread_share
-from jobs.baseline import run_baseline
+from jobs.baseline import run_baseline, run_baseline_task
 from jobs.config import Config, ConfigError
 from jobs.fold import FoldJob, FoldTask, fold_trainings, grid_points, variant_suffix
 from jobs.progress import EpochProgress
@@ -169,8 +169,8 @@ def run_cv(run: Run, progress: bool = True, restart: bool = False) -> dict[str, 
         report["seconds"] = stage_seconds(tasks)
         if cfg.cv.baseline:
             begin = time.perf_counter()
-            report["baseline"] = run_baseline(cfg, inputs.records, inputs.classes, run.dir / "baseline", report,
-                                              test_cases_by_repeat(tasks, cfg.cv.repeats))
+            report["baseline"] = baseline(run, inputs.records, inputs.classes, report,
+                                          test_cases_by_repeat(tasks, cfg.cv.repeats))
             report["seconds"]["baseline"] = time.perf_counter() - begin
         report["ensemble"] = ship_ensemble(tasks, run.dir, cfg.cv.checkpoint)
         report["minutes"] = (time.perf_counter() - start) / 60
@@ -182,6 +182,21 @@ def run_cv(run: Run, progress: bool = True, restart: bool = False) -> dict[str, 
     if failure is not None:
         raise failure
     return report
+
+
+def baseline(run: Run, records: list[ImageRecord], classes: list[str], cnn: dict[str, Any],
+             assignments: list[list[list[str]]]) -> dict[str, Any]:
+    """The reference baseline in the CNN's folds (``jobs.baseline``): in this process, or on SLURM as one job (its
+    features read every image of the cohort: no work for the login node the command runs on)."""
+    args = (run.config, records, classes, run.dir / "baseline", cnn, assignments)
+    if run.config.cluster.kind != "slurm":
+        return run_baseline(*args)
+    folder = run.dir / "baseline"
+    folder.mkdir(parents=True, exist_ok=True)
+    job = submit(run.executor("baseline", folder / "logs" / "%j"), run_baseline_task, *args,
+                 ledger=folder / "slurm-job.json")
+    log.info(f"baseline job {job.job_id}: logs in {folder / 'logs'}")
+    return wait_for(job, f"baseline-{run.config.run.name}", poll_s=run.config.cluster.poll_s)[0]
 
 
 def test_cases_by_repeat(tasks: list[FoldTask], repeats: int) -> list[list[list[str]]]:

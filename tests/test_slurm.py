@@ -287,7 +287,8 @@ def test_the_whole_pipeline_on_slurm(make_dataset, tmp_path):
 
 
 def test_cross_validation_runs_one_array_task_per_fold_on_slurm(make_dataset, tmp_path):
-    """`lymphoma cv --cluster slurm`: the folds are the tasks of one SLURM array, each predicting its cases."""
+    """`lymphoma cv --cluster slurm`: the folds are the tasks of one SLURM array, each predicting its cases; the
+    reference baseline, which reads every image, one job of its own (not the login node's work)."""
     from conftest import FAST
     from jobs.cv import run_cv
     from jobs.run_folder import open_run
@@ -301,6 +302,8 @@ def test_cross_validation_runs_one_array_task_per_fold_on_slurm(make_dataset, tm
     assert sorted(job.split("_")[1] for job, _ in tasks) == ["0", "1"]  # one array job, tasks 0 and 1
     assert {state for _, state in tasks} == {"COMPLETED"}
     assert report["n_images"] == 12 and report["n_cases"] == 12 and report["failed_folds"] == []
+    assert [state for _, state in settled_tasks(f"baseline-{name}", 1)] == ["COMPLETED"]
+    assert len(report["baseline"]["repeats"]) == 1 and (tmp_path / name / "baseline" / "features.npz").is_file()
 
 
 def test_features_run_as_a_slurm_array_one_task_per_chunk_of_slides(make_dataset, tmp_path):
