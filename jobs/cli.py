@@ -316,5 +316,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         end_logging()
 
+
 if __name__ == "__main__":
     sys.exit(main())

@@ -359,7 +359,6 @@ def test_manifests_and_lists_saved_by_excel_are_read_and_other_encodings_named(m
     assert [(s.path, s.label) for s in slides] == [(str(odd.resolve()), odd.parent.name)]
 
 
-
 def write_xlsx(path: Path, rows: list[list[str]]) -> None:
     """A minimal Office Open XML workbook of one sheet of inline strings, as Excel and LibreOffice open it."""
     import zipfile
@@ -477,6 +476,7 @@ def test_a_folder_copied_from_a_mac_is_predicted_without_its_hidden_files(make_d
     pattern, classes = re.compile(r"^(?P<case>.+)$"), ["CLL", "FL", "MCL"]
     for given in (str(root), f"{root}/**/*.png"):
         assert [s.path for s in expand_inputs([given], None, None, classes, pattern)] == [str(p) for p in images]
+
 
 def test_validate_names_a_checkpoint_trained_on_tiles_of_another_size(tiled, tmp_path, capsys):
     """The run's stores hold 64-px tiles, the checkpoint was trained on 128-px ones: the error names the checkpoint

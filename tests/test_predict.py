@@ -295,7 +295,6 @@ def test_an_output_folder_of_other_files_or_paths_of_the_wrong_kind_are_refused(
            "give another --out" in capsys.readouterr().err
 
 
-
 def test_a_folder_keeps_its_prediction_until_a_rerun_resumes_or_extends_it(checkpoint, cohort, tmp_path, capsys):
     """A second prediction into one folder (the default `runs/<name>/predict` of every checkpoint, or one --out)
     would replace its summary by another cohort's, or its slides' outputs by another model's: refused, naming what
@@ -304,6 +303,7 @@ def test_a_folder_keeps_its_prediction_until_a_rerun_resumes_or_extends_it(check
     out = tmp_path / "out"
     assert predict(checkpoint, out, *map(str, fl)) == 0
     capsys.readouterr()
+
     def written() -> dict[Path, bytes]:  # all but its logs and lock
         return {p: p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts and p.name[0] != "."}
 
@@ -345,6 +345,7 @@ def test_a_folder_keeps_its_prediction_until_a_rerun_resumes_or_extends_it(check
     ran = {json.loads(p.read_text())["precision"] for p in (half / "slides").glob("*.json")}
     assert ran == {"bf16" if cpu_has_bf16() else "fp32"}
 
+
 def test_an_output_folder_inside_the_cohort_is_no_input_to_its_own_rerun(checkpoint, cohort, tmp_path, capsys):
     """`--out cohort/preds` with `'cohort/**/*.png'`: the rerun's wildcard would match the first run's heat maps
     (`preds/slides/<name>.png`, PNGs named as the slides): they are no inputs, and the rerun resumes."""
@@ -354,6 +355,7 @@ def test_an_output_folder_inside_the_cohort_is_no_input_to_its_own_rerun(checkpo
         assert predict(checkpoint, out, f"{tmp_path}/cohort/**/*.png") == 0
     assert "4 of 4 slide(s) predicted (0 now, 4 already complete)" in capsys.readouterr().out
     assert len(list((out / "slides").glob("*.png"))) == 4
+
 
 def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     assert predict(checkpoint, tmp_path / "a", f"{tmp_path}/nothing/**/*.tif") == 2
