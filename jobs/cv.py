@@ -13,7 +13,7 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any, Optional
 
-from hpc import ArrayJobError, refuse_beside_open_job, run_array, submit, wait_for
+from hpc import ArrayJobError, refuse_beside_open_job, run_array
 from hpc.task import thread_share
 from jobs.baseline import run_baseline, run_baseline_task
 from jobs.config import Config, ConfigError
@@ -191,12 +191,7 @@ def baseline(run: Run, records: list[ImageRecord], classes: list[str], cnn: dict
     args = (run.config, records, classes, run.dir / "baseline", cnn, assignments)
     if run.config.cluster.kind != "slurm":
         return run_baseline(*args)
-    folder = run.dir / "baseline"
-    folder.mkdir(parents=True, exist_ok=True)
-    job = submit(run.executor("baseline", folder / "logs" / "%j"), run_baseline_task, *args,
-                 ledger=folder / "slurm-job.json")
-    log.info(f"baseline job {job.job_id}: logs in {folder / 'logs'}")
-    return wait_for(job, f"baseline-{run.config.run.name}", poll_s=run.config.cluster.poll_s)[0]
+    return run.one_job("baseline", run.dir / "baseline", run_baseline_task, *args)
 
 
 def test_cases_by_repeat(tasks: list[FoldTask], repeats: int) -> list[list[list[str]]]:

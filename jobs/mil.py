@@ -16,7 +16,6 @@ from typing import Any, Optional
 import numpy as np
 from tqdm import tqdm
 
-from hpc import submit, wait_for
 from hpc.task import task_setup
 from jobs.run_folder import Run, folder_lock, prepare_out_dir
 from lymphoma.checkpoint import load_state, save_checkpoint
@@ -171,11 +170,7 @@ def run_mil_task(run: Run) -> dict[str, Any]:
 def mil_on_slurm(run: Run) -> dict[str, Any]:
     """`lymphoma mil --cluster slurm`: the MIL cross-validation as one job on a compute node (ten fold assignments
     take half an hour: not work for the login node the command runs on), waited for; logs in ``<run>/mil/logs``."""
-    folder = run.dir / "mil"
-    folder.mkdir(parents=True, exist_ok=True)
-    job = submit(run.executor("mil", folder / "logs" / "%j"), run_mil_task, run, ledger=folder / "slurm-job.json")
-    log.info(f"MIL job {job.job_id}: logs in {folder / 'logs'}")
-    return wait_for(job, f"mil-{run.config.run.name}", poll_s=run.config.cluster.poll_s)[0]
+    return run.one_job("mil", run.dir / "mil", run_mil_task, run)
 
 
 def save_attention_maps(folder: Path, attention: dict[str, np.ndarray], rows_by_key: dict[str, dict[str, str]],

@@ -7,6 +7,7 @@ so a submitted task receives it as it is instead of parsing the config again.
 from __future__ import annotations
 
 import fcntl
+import logging
 import os
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
@@ -17,12 +18,14 @@ from typing import Any
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
-from hpc import make_executor
+from hpc import make_executor, submit, wait_for
 from jobs.config import Config, ConfigError, load_config, to_object
 from lymphoma.errors import InputError, is_disk_full
 from lymphoma.files import write_text_atomic
 from lymphoma.inputs import Inputs, discover
 from lymphoma.sharding import MANIFEST_NAME
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,14 @@ class Run:
     def executor(self, stage: str, logs: Path | None = None) -> submitit.AutoExecutor:
         """The configured executor for a stage's tasks, named ``<stage>-<run name>``."""
         return make_executor(self.config.cluster, logs or self.logs(stage), name=f"{stage}-{self.config.run.name}")
+
+    def one_job(self, stage: str, folder: Path, fn: Callable[..., Any], *args: Any) -> Any:
+        """``fn(*args)`` as one job of the configured executor, named ``<stage>-<run name>``, its logs in
+        ``<folder>/logs`` and remembered in ``<folder>/slurm-job.json`` (``hpc.ledger``); waited for, its result."""
+        folder.mkdir(parents=True, exist_ok=True)
+        job = submit(self.executor(stage, folder / "logs" / "%j"), fn, *args, ledger=folder / "slurm-job.json")
+        log.info(f"{stage} job {job.job_id}: logs in {folder / 'logs'}")
+        return wait_for(job, f"{stage}-{self.config.run.name}", poll_s=self.config.cluster.poll_s)[0]
 
     def create(self) -> Run:
         """Make the folder and check that it can be written; an error that says what to do when it cannot."""
