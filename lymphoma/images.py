@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import importlib.util
+import logging
 import threading
 import zlib
 from collections.abc import Callable
@@ -138,6 +139,30 @@ def _check_chunks(data: bytes) -> None:
         pos = end + 4
 
 
+def _unidentified_reason(path: Path) -> str:
+    """Why PIL could not open ``path``: a TIFF whose samples PIL does not read (floating point, signed) named by
+    its sample type, as tifffile reads its header; else a file that is no image or is damaged."""
+    import tifffile
+
+    with path.open("rb") as handle:
+        magic = handle.read(4)
+    quiet = logging.getLogger("tifffile")  # it logs a damaged header as an error of its own besides raising
+    try:
+        quiet.disabled = True
+        if magic not in (b"II*\0", b"MM\0*", b"II+\0", b"MM\0+"):
+            raise ValueError("not a TIFF")
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages.first
+            dtype, samples = np.dtype(page.dtype), page.samplesperpixel
+    except Exception:  # noqa: BLE001 - any failure to read the header: not a TIFF, or a damaged one
+        return "not a readable image (corrupt or not TIFF/PNG/JPEG); replace or remove it"
+    finally:
+        quiet.disabled = False
+    kind = {"f": "floating-point", "i": "signed integer", "u": "unsigned integer"}.get(dtype.kind, str(dtype))
+    return (f"is a TIFF of {kind} samples ({dtype.name}, {samples} per pixel), which is not read as colour; "
+            "re-export it as 8-bit RGB (values 0 to 255) or remove it")
+
+
 def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
     """Decode an image file to a ``[H, W, 3]`` uint8 array.
 
@@ -178,7 +203,7 @@ def decode_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
     except ImageError:
         raise
     except UnidentifiedImageError:
-        raise ImageError(path, "not a readable image (corrupt or not TIFF/PNG/JPEG); replace or remove it") from None
+        raise ImageError(path, _unidentified_reason(path)) from None
     except (OSError, SyntaxError, ValueError, RuntimeError) as err:  # ValueError: Wuffs', RuntimeError: libspng's
         raise ImageError(path, f"cannot be decoded ({err}); the file is probably truncated or corrupt: "
                          "copy it again or remove it") from None

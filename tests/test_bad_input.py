@@ -11,6 +11,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import tifffile
 from PIL import Image
 
 from jobs.cli import main
@@ -38,6 +39,8 @@ def bad_images(make_dataset):
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
     rgba[:20, :20, 3] = 0  # a transparent corner: what lies under it is the user's call
     Image.fromarray(rgba).save(folder / "rgba_001.tif")
+    tifffile.imwrite(folder / "float_001.tif", rgb.astype(np.float32) / 255)  # what image-analysis scripts save
+    (folder / "damaged_001.tif").write_bytes(b"II*\0" + data[4:200])  # a TIFF header over no image
     Image.fromarray(rgb[:60, :80]).save(folder / "tiny_001.png")
     Image.fromarray(np.full_like(rgb, 235)).save(folder / "blank_001.png")  # a pale, empty scan
     return root
@@ -49,6 +52,8 @@ EXPECTED = {
     "flipped_001.png": "fails its CRC",
     "gray_001.png": "is grayscale",
     "rgba_001.tif": "has transparent pixels",
+    "float_001.tif": "is a TIFF of floating-point samples (float32, 3 per pixel)",
+    "damaged_001.tif": "not a readable image (corrupt",
     "tiny_001.png": "smaller than a 128-pixel tile",
     "blank_001.png": "has no tissue: every pixel is background",
 }
@@ -58,7 +63,7 @@ def test_each_bad_image_has_its_own_error(bad_images):
     for name, message in EXPECTED.items():
         if name in ("tiny_001.png", "blank_001.png"):  # judged by tiling, not by decoding
             continue
-        with pytest.raises(ImageError, match=message) as info:
+        with pytest.raises(ImageError, match=re.escape(message)) as info:
             read_rgb(bad_images / "CLL" / name)
         assert name in str(info.value)
 
