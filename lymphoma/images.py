@@ -16,8 +16,11 @@ from PIL import Image, UnidentifiedImageError
 
 from lymphoma.errors import ImageError
 
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
+IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".jp2", ".j2k", ".gif")  # read through PIL
 WSI_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm")  # read through OpenSlide
+UNREAD_FORMATS = {".czi": "Zeiss CZI slide", ".vsi": "Olympus VSI slide", ".isyntax": "Philips iSyntax slide",
+                  ".lif": "Leica LIF slide", ".nd2": "Nikon ND2 slide", ".heic": "HEIC image", ".heif": "HEIF image",
+                  ".avif": "AVIF image"}  # neither PIL nor OpenSlide reads them: named, not called corrupt
 
 _MODE_ADVICE = {
     "L": "is grayscale; H&E tiles need 3 colour channels: re-export it as RGB or remove it",
@@ -46,6 +49,18 @@ def _exact_rgb(path: Path, img: Image.Image) -> np.ndarray:
 def is_image_file(path: Path) -> bool:
     """True when the suffix is one of the supported image or whole-slide formats."""
     return path.suffix.lower() in IMAGE_SUFFIXES + WSI_SUFFIXES
+
+
+def is_unread_image_file(path: Path) -> bool:
+    """True for an image or slide of a type that is not read here (``UNREAD_FORMATS``)."""
+    return path.suffix.lower() in UNREAD_FORMATS
+
+
+def unread_advice(path: Path) -> str:
+    """What a file of an ``UNREAD_FORMATS`` type is, and how to convert it."""
+    kind = UNREAD_FORMATS[path.suffix.lower()]
+    target = "OME-TIFF (Bio-Formats' bfconvert, or QuPath's export)" if kind.endswith("slide") else "TIFF or PNG"
+    return f"is a {kind}, a format not read here (nor by OpenSlide); convert it to {target} and give that"
 
 
 def one_file_per_dicom_slide(paths: list[str]) -> list[str]:
@@ -144,6 +159,8 @@ def _unidentified_reason(path: Path) -> str:
     its sample type, as tifffile reads its header; else a file that is no image or is damaged."""
     import tifffile
 
+    if is_unread_image_file(path):
+        return unread_advice(path)
     with path.open("rb") as handle:
         magic = handle.read(4)
     quiet = logging.getLogger("tifffile")  # it logs a damaged header as an error of its own besides raising

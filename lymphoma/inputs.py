@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from lymphoma.errors import InputError
-from lymphoma.images import IMAGE_SUFFIXES, WSI_SUFFIXES, is_image_file
+from lymphoma.images import IMAGE_SUFFIXES, WSI_SUFFIXES, is_image_file, is_unread_image_file, unread_advice
 from lymphoma.regions import REGION_SUFFIXES, find_region_file
 
 DEFAULT_CASE_PATTERN = r"^(?P<case>.+?)(?:-R\d+)?_\d+$"
@@ -220,6 +220,8 @@ def _record(path: Path, label: str, case: str, class_names: Sequence[str], patte
         return f"unknown class {label!r}; known classes are {list(class_names)} (set data.classes or move the file)"
     if not path.is_file():
         return "file not found; fix the path in the manifest or remove the line"
+    if is_unread_image_file(path):
+        return unread_advice(path)
     if not is_image_file(path):
         return f"not a supported image type; use one of {', '.join(IMAGE_SUFFIXES + WSI_SUFFIXES)}"
     case = case or case_of(own_name(path), pattern) or ""

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional
 
 from lymphoma.errors import InputError
-from lymphoma.images import is_image_file, one_file_per_dicom_slide
+from lymphoma.images import is_image_file, is_unread_image_file, one_file_per_dicom_slide
 from lymphoma.inputs import (
     case_of,
     case_of_two_classes,
@@ -114,7 +114,8 @@ def _under(path: str, folder: Optional[Path]) -> bool:
 def _matches(pattern: str) -> list[str]:
     """The image files a word names: a wildcard's matches, every image file under a folder (``folder/**/*``: none
     hidden, such as the ``._<name>`` files a Mac leaves beside each copied file), or the file itself (a missing one
-    fails as its slide, by name)."""
+    fails as its slide, by name). Images of a type not read here (CZI, HEIC, ...) are matched too: each fails as its
+    slide, saying how to convert it, rather than being left out without a word."""
     if glob.has_magic(pattern):
         found = sorted(glob.glob(pattern, recursive=True))
     elif Path(pattern).is_dir():  # hidden files skipped, as wildcards and training's class folders skip them
@@ -122,7 +123,7 @@ def _matches(pattern: str) -> list[str]:
                        if not any(part.startswith(".") for part in p.relative_to(pattern).parts))
     else:
         return [pattern]
-    return [m for m in found if Path(m).is_file() and is_image_file(Path(m))]
+    return [m for m in found if Path(m).is_file() and (is_image_file(Path(m)) or is_unread_image_file(Path(m)))]
 
 
 def _check_labels(rows: Sequence[Row], classes: Sequence[str], list_file: Optional[Path]) -> None:

@@ -19,6 +19,7 @@ from jobs.config import ConfigError, load_config, to_object
 from jobs.tile import run_tile
 from lymphoma.errors import ImageError, InputError
 from lymphoma.images import _fast_png_decoder, _spng_rgb, _wuffs_rgb, read_rgb
+from lymphoma.inputs import discover
 from lymphoma.sharding import load_manifest, phase_shards
 
 
@@ -323,7 +324,6 @@ def test_version_and_the_top_level_help_name_overrides_and_exit_codes():
 
 
 def test_manifests_and_lists_saved_by_excel_are_read_and_other_encodings_named(make_dataset, tmp_path, capsys):
-    from lymphoma.inputs import discover
     from lymphoma.prediction_inputs import expand_inputs
 
     images = sorted(make_dataset(cases_per_class=1, images_per_case=2).rglob("*.png"))
@@ -396,7 +396,6 @@ def write_xlsx(path: Path, rows: list[list[str]]) -> None:
 def test_lists_and_manifests_made_on_windows_name_their_files_with_backslashes(make_dataset):
     """`CLL\\p07\\slide.png`, as Excel on Windows writes a list for a cluster's share: read with slashes, in a --list
     (under --basepath) and in a training manifest (beside it); a file whose own name holds a backslash is kept."""
-    from lymphoma.inputs import discover
     from lymphoma.prediction_inputs import expand_inputs
 
     root = make_dataset(cases_per_class=1, images_per_case=2)
@@ -464,6 +463,34 @@ def test_a_csv_list_of_slides_is_read_by_its_header_as_a_training_manifest_is(ma
     twice.write_text("path,label\n")
     with pytest.raises(InputError, match=rf"--list {twice} names no slide; give its paths one per line"):
         expand_inputs([], twice, None, classes, pattern)
+
+
+def test_a_folder_given_to_predict_reads_bmp_webp_and_jpeg_2000_and_names_a_czi_it_cannot(make_dataset, tmp_path):
+    """Lossless BMP, WebP and JPEG 2000 copies of an image decode to its pixels and a folder or wildcard finds them
+    (they were left out without a word, though each file named alone was read); a CZI slide in it is a slide of its
+    own that fails saying how to convert it, not a file silently left out."""
+    from lymphoma.prediction_inputs import expand_inputs
+
+    source = sorted(make_dataset(cases_per_class=1, images_per_case=1).rglob("*.png"))[0]
+    rgb, folder = read_rgb(source), tmp_path / "cohort"
+    folder.mkdir()
+    for suffix, options in ((".bmp", {}), (".webp", {"lossless": True}), (".jp2", {"irreversible": False})):
+        Image.fromarray(rgb).save(folder / f"a{suffix[1:]}{suffix}", **options)
+        assert np.array_equal(read_rgb(folder / f"a{suffix[1:]}{suffix}"), rgb)
+    (folder / "slide.czi").write_bytes(b"ZISRAWFILE" + bytes(90))
+    (folder / "notes.txt").write_text("not an image")
+    found = expand_inputs([str(folder)], None, None, ["CLL", "FL", "MCL"], re.compile(r"^(?P<case>.+)$"))
+    assert sorted(Path(s.path).name for s in found) == ["abmp.bmp", "ajp2.jp2", "awebp.webp", "slide.czi"]
+    with pytest.raises(ImageError, match="is a Zeiss CZI slide.*convert it to OME-TIFF"):
+        read_rgb(folder / "slide.czi")
+    (folder / "CLL").mkdir()  # training's class folders: the CZI skipped with the same advice, the others used
+    for file in folder.glob("*.*"):
+        file.rename(folder / "CLL" / file.name)
+    inputs = discover(folder, None, r"^(?P<case>.+)$", {}, False, None)
+    assert sorted(Path(r.path).name for r in inputs.records) == ["abmp.bmp", "ajp2.jp2", "awebp.webp"]
+    assert {Path(s.path).name: s.reason.split(";")[0] for s in inputs.skipped} == {
+        "slide.czi": "is a Zeiss CZI slide, a format not read here (nor by OpenSlide)",
+        "notes.txt": "not a supported image type"}
 
 
 def test_a_folder_copied_from_a_mac_is_predicted_without_its_hidden_files(make_dataset, tmp_path):
