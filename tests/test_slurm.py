@@ -285,6 +285,14 @@ def test_the_whole_pipeline_on_slurm(make_dataset, tmp_path):
     metrics = json.loads((tmp_path / name / "predict" / "metrics.json").read_text())
     assert metrics["predicted"] == metrics["slides"] == 6 and metrics["failed"] == 0
 
+    from jobs.cli import main  # validation, the tutorial's step 3, is a job too: a cohort's phase is no login node's work
+
+    assert main(["validate", "--cluster", "slurm", "--checkpoint", str(tmp_path / name / "train" / "checkpoints" /
+                                                                      "best.pt")]) == 0
+    assert [state for _, state in settled_tasks(f"validate-{name}", 1)] == ["COMPLETED"]
+    out = tmp_path / name / "validate" / "best-val"
+    assert (out / "tiles.csv").is_file() and (out / "confusion.png").is_file() and list((out / "logs").rglob("*_log.out"))
+
 
 def test_cross_validation_runs_one_array_task_per_fold_on_slurm(make_dataset, tmp_path):
     """`lymphoma cv --cluster slurm`: the folds are the tasks of one SLURM array, each predicting its cases; the

@@ -93,9 +93,13 @@ def test_loss_falls_and_tensorboard_holds_every_tag(tiled, tmp_path, monkeypatch
     from jobs.cli import main
 
     monkeypatch.chdir(tmp_path)  # far from the run: the checkpoint's path names its run folder, whose tiles it validates
-    (out / "tiles.csv").unlink()
-    assert main(["validate", "--checkpoint", str(tiled[1] / "learn" / "train" / "checkpoints" / "best.pt")]) == 0
-    assert (out / "tiles.csv").read_text().splitlines() == rows and not (tmp_path / "runs").exists()
+    checkpoints = tiled[1] / "learn" / "train" / "checkpoints"
+    assert main(["validate", "--checkpoint", str(checkpoints / "best.pt")]) == 0
+    assert (out / "best-val" / "tiles.csv").read_text().splitlines() == rows and not (tmp_path / "runs").exists()
+    assert main(["validate", "--checkpoint", str(checkpoints / "last.pt"), "--phase", "train"]) == 0
+    assert (out / "best-val" / "tiles.csv").read_text().splitlines() == rows  # another checkpoint and phase: beside it
+    train_cases = {row.split(",")[2] for row in (out / "last-train" / "tiles.csv").read_text().splitlines()[1:]}
+    assert train_cases and train_cases.isdisjoint(row.split(",")[2] for row in rows[1:])
 
 
 def _tile_accuracy_intervals_resample_cases(tiles_csv: Path, result: dict) -> None:
