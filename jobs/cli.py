@@ -166,9 +166,9 @@ def _add_tools(sub: Any) -> None:
     report = _command(sub, "report", "the run folder on one self-contained HTML page (report.html)",
                       "Write <run folder>/report.html: config, split, tiles, training curves, prediction metrics "
                       "with confusion, ROC and reliability plots, every slide with its heat map, cross-validation "
-                      "figures, and links to the files; pictures are embedded, so the page travels alone. "
-                      "`lymphoma run` and `lymphoma cv` write it too. Name the run folder as a path (`lymphoma report "
-                      "runs/my-run`) or by its -c config or run.root/run.name.")
+                      "figures, validations, features and MIL, and links to the files; pictures are embedded, so the "
+                      "page travels alone. `lymphoma run` and `lymphoma cv` write it too. Name the run folder as a path "
+                      "(`lymphoma report runs/my-run`) or by its -c config or run.root/run.name.")
     report.add_argument("--predict", metavar="DIR", help="the prediction folder to show (default <run>/predict)")
     _command(sub, "config", "print the resolved config: every setting, its value and its meaning",
              "Merge the defaults, the experiment (-c), the cluster profile and the overrides, and print the result "

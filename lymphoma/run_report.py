@@ -1,8 +1,9 @@
 """``report.html``: one self-contained page of a run folder that a person would rather look at than read.
 
 Config, split, tiles, training curves, prediction metrics with confusion, ROC and reliability plots, a per-slide
-table with heat maps, cross-validation figures, and links to the files; every picture is embedded (data URIs),
-so the page can be mailed or moved on its own. Sections whose files a run does not have are left out.
+table with heat maps, cross-validation figures, validations, embeddings and MIL, and links to the files; every
+picture is embedded (data URIs), so the page can be mailed or moved on its own. Sections whose files a run does
+not have are left out.
 """
 
 from __future__ import annotations
@@ -256,6 +257,50 @@ def _crossval(run_dir: Path) -> str:
             + _plots(folder))
 
 
+def _validation(run_dir: Path) -> str:
+    """Each ``lymphoma validate`` of the run (``validate/<checkpoint>-<phase>/``): its tile figures and pictures."""
+    found = sorted((run_dir / "validate").glob("*/confusion.json"))
+    if not found:
+        return ""
+    parts = []
+    for path in found:
+        summary, folder = _read_json(path), path.parent
+        parts.append(f"<h3>{html.escape(folder.name)}</h3><p>{html.escape(Path(summary['checkpoint']).name)} (epoch "
+                     f"{summary['epoch'] + 1}) on the {html.escape(summary['phase'])} tiles: {summary['tiles']} tiles of "
+                     f"{summary['cases']} cases, tile accuracy {figure_text(summary, 'accuracy')}, balanced "
+                     f"{figure_text(summary, 'balanced_accuracy')}. {_link(run_dir, folder / 'tiles.csv')}</p>"
+                     + "".join(_figure(folder / f"{stem}.png", caption) for stem, caption in (
+                         ("confusion", "confusion matrix (tiles)"), ("kernels", "first-layer kernels"),
+                         ("activations", "activations"), ("augment", "augmentation"))))
+    return "<h2 id=validation>Validation</h2>" + "".join(parts)
+
+
+def _features(run_dir: Path) -> str:
+    """The embeddings of ``lymphoma features`` in the run (``features/``) or in this folder (its ``--out``)."""
+    folder = next((f for f in (run_dir, run_dir / "features") if (f / "features.csv").is_file()), None)
+    if folder is None:
+        return ""
+    rows = _read_csv(folder / "features.csv")
+    ok = [r for r in rows if r["status"] == "ok"]
+    encoder = _read_json(folder / "encoder.json").get("encoder", "?") if (folder / "encoder.json").is_file() else "?"
+    failed = [[r["key"], r.get("error", "")] for r in rows if r["status"] != "ok"]
+    return (f"<h2 id=features>Features</h2><p>{len(ok)} of {len(rows)} slide(s) embedded "
+            f"({sum(int(r['n_tiles'] or 0) for r in ok)} tiles, {ok[0]['feature_dim'] if ok else '?'} dimensions) by "
+            f"{html.escape(str(encoder))}; {len(failed)} failed. {_link(run_dir, folder / 'features.csv')}, "
+            f"{_link(run_dir, folder / 'h5_files')} (features, coords per slide)</p>"
+            + (_table(["slide", "error"], failed, left=2) if failed else ""))
+
+
+def _mil(run_dir: Path) -> str:
+    folder = run_dir / "mil"
+    text = folder / "report.txt"
+    if not text.is_file():
+        return ""
+    return (f"<h2 id=mil>Multiple-instance learning</h2><p>{_link(run_dir, folder / 'report.json')}, "
+            f"{_link(run_dir, folder / 'predictions.csv')}, model {_link(run_dir, folder / 'mil.pt')}, attention maps "
+            f"{_link(run_dir, folder / 'attention')}</p><pre>{html.escape(_read_text(text))}</pre>" + _plots(folder))
+
+
 def _section(anchor: str, title: str, build: Callable[..., str], *args: Any) -> str:
     """One section, or where its files cannot be read, its heading and what is wrong (and a warning): one damaged
     file never costs the page."""
@@ -278,11 +323,12 @@ def write_run_report(run_dir: Path, predict_dir: Optional[Path] = None) -> Path:
     parts = [("config", "Config", _config, (run_dir,)), ("split", "Split", _split, (run_dir,)),
              ("tiles", "Tiles", _tiles, (run_dir,)), ("training", "Training", _training, (run_dir,)),
              ("prediction", "Prediction", _prediction, (run_dir, predict_dir)),
-             ("cv", "Cross-validation", _crossval, (run_dir,))]
+             ("validation", "Validation", _validation, (run_dir,)), ("cv", "Cross-validation", _crossval, (run_dir,)),
+             ("features", "Features", _features, (run_dir,)), ("mil", "MIL", _mil, (run_dir,))]
     sections = [_section(anchor, title, build, *args) for anchor, title, build, args in parts]
     if not any(sections):  # a folder of something else: no page written into it
         raise InputError(f"{run_dir} holds no run and no prediction (no config.yaml, split.csv, tiles/, train/, "
-                         f"{predict_dir.name}/metrics.json or cross-validation); give a run folder (`lymphoma report "
+                         f"{predict_dir.name}/metrics.json, cross-validation or features); give a run folder (`lymphoma report "
                          "runs/<name>`) or the --out folder of a `lymphoma predict`")
     kind = "Prediction" if predict_dir == run_dir else "Run"
     nav = " ".join(f'<a href="#{anchor}">{title}</a>' for (anchor, title, _, _), body in zip(parts, sections) if body)

@@ -568,6 +568,11 @@ def test_the_whole_pipeline_on_a_small_real_subset(make_dataset, tmp_path, capsy
         assert json.loads((run / "predict" / "slides" / f"{stem}.json").read_text())["label"] == row["label"]
         assert np.load(run / "predict" / "slides" / f"{stem}.npz")["probs"].shape[1] == 3
     assert "== done in" in out and str(run) in out
+    common, best = [f"data.source={source}", f"run.root={tmp_path}", "run.name=e2e"], run / "train/checkpoints/best.pt"
+    assert main(["validate", "--checkpoint", str(best)]) == 0  # the page shows the other commands' outputs too
+    assert main(["features", "--no-progress", "--checkpoint", str(best), *common]) == 0
+    assert main(["mil", "--no-progress", *common, "cv.folds=2", "mil.epochs=2", "cv.bootstrap=100"]) == 0
+    assert main(["report", str(run)]) == 0
     check_report_in_a_browser(run, val, tmp_path / "report.png")
     again = ["run", "--no-progress", f"data.source={source}", f"run.root={tmp_path}", "run.name=e2e", *FAST,
              "split.val_fraction=0.5", "train.epochs=2", "train.max_steps_per_epoch=3", "tiles.stride=32"]
@@ -693,10 +698,13 @@ def check_report_in_a_browser(run: Path, val: list[dict[str, str]], screenshot: 
     alts = [alt for alt, _ in page.images]
     assert page.images and all(decoded for _, decoded in page.images), page.images
     assert "training curves" in alts and "confusion matrix (image level)" in alts and "ROC curves, one-vs-rest (case level)" in alts
+    assert "confusion matrix (tiles)" in alts and "first-layer kernels" in alts  # lymphoma validate's
     for row in val:  # every held-out slide has its row and its heat map
         assert Path(row["path"]).stem in page.text and f"tile classes of {Path(row['path']).stem}" in alts
-    for heading in ("Config", "Split by case", "Tiles", "Training", "Prediction"):
+    for heading in ("Config", "Split by case", "Tiles", "Training", "Prediction", "Validation", "best-val", "Features",
+                    "Multiple-instance learning"):
         assert heading in page.text
+    assert "12 of 12 slide(s) embedded" in page.text and "attention-MIL, one bag per slide (12 bags)" in page.text
     files = [link for link in page.links if not link.startswith("#")]
     assert files and all((run / link).exists() for link in files), [f for f in files if not (run / f).exists()]
     assert screenshot.stat().st_size > 20_000  # a rendered page, not a blank one
