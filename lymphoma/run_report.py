@@ -247,14 +247,19 @@ def _prediction(run_dir: Path, folder: Path) -> str:
             + _plots(folder) + f"<h3>Slides{shown}</h3>" + _slide_rows(run_dir, folder, rows))
 
 
-def _crossval(run_dir: Path) -> str:
-    folder = run_dir / "cv"
+def _cv_report(run_dir: Path, stage: str, title: str, extra: str = "") -> str:
+    """The report of ``lymphoma cv`` or ``lymphoma mil`` (``<stage>/report.txt``), its files and plots."""
+    folder = run_dir / stage
     text = folder / "report.txt"
     if not text.is_file():
         return ""
-    return (f"<h2 id=cv>Cross-validation</h2><p>{_link(run_dir, folder / 'report.json')}, "
-            f"{_link(run_dir, folder / 'predictions.csv')}</p><pre>{html.escape(_read_text(text))}</pre>"
+    return (f"<h2 id={stage}>{title}</h2><p>{_link(run_dir, folder / 'report.json')}, "
+            f"{_link(run_dir, folder / 'predictions.csv')}{extra}</p><pre>{html.escape(_read_text(text))}</pre>"
             + _plots(folder))
+
+
+def _crossval(run_dir: Path) -> str:
+    return _cv_report(run_dir, "cv", "Cross-validation")
 
 
 def _validation(run_dir: Path) -> str:
@@ -292,13 +297,9 @@ def _features(run_dir: Path) -> str:
 
 
 def _mil(run_dir: Path) -> str:
-    folder = run_dir / "mil"
-    text = folder / "report.txt"
-    if not text.is_file():
-        return ""
-    return (f"<h2 id=mil>Multiple-instance learning</h2><p>{_link(run_dir, folder / 'report.json')}, "
-            f"{_link(run_dir, folder / 'predictions.csv')}, model {_link(run_dir, folder / 'mil.pt')}, attention maps "
-            f"{_link(run_dir, folder / 'attention')}</p><pre>{html.escape(_read_text(text))}</pre>" + _plots(folder))
+    mil = run_dir / "mil"
+    return _cv_report(run_dir, "mil", "Multiple-instance learning", f", model {_link(run_dir, mil / 'mil.pt')}, "
+                      f"attention maps {_link(run_dir, mil / 'attention')}")
 
 
 def _section(anchor: str, title: str, build: Callable[..., str], *args: Any) -> str:
