@@ -157,8 +157,8 @@ def discover(
 
     if not records:
         raise InputError(f"no usable images in {source} (expected class sub-folders {class_names or ''} holding "
-                         f"{'/'.join(IMAGE_SUFFIXES)} files, or a CSV manifest); skipped: "
-                         + "; ".join(f"{s.path}: {s.reason}" for s in skipped[:5]))
+                         f"{'/'.join(IMAGE_SUFFIXES)} files, or a CSV manifest); skipped {len(skipped)} file(s): "
+                         + reasons_by_count(skipped))
     _check_unique_names(records)
     _check_case_labels(records)
     skipped += _unused_region_files(regions, keys)
@@ -213,11 +213,30 @@ def _visible(folder: Path, directories: bool = False) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p.is_dir() if directories else p.is_file()))
 
 
+def unknown_class(label: str, class_names: Sequence[str]) -> str:
+    """Why ``label`` is no class, naming the class it is where it differs only in upper and lower case."""
+    same = [name for name in class_names if name.casefold() == label.casefold()]
+    if same:
+        return (f"unknown class {label!r}: the class {same[0]!r} spelt otherwise (classes are matched exactly); rename "
+                f"the folder (or the manifest's labels) to {same[0]!r}, or set data.classes to the names used")
+    return f"unknown class {label!r}; known classes are {list(class_names)} (set data.classes or move the file)"
+
+
+def reasons_by_count(skipped: Sequence[Skipped], shown: int = 5) -> str:
+    """The distinct reasons of ``skipped``, most frequent first, each with its count and first file."""
+    by_reason: dict[str, list[str]] = {}
+    for item in skipped:
+        by_reason.setdefault(item.reason, []).append(item.path)
+    ranked = sorted(by_reason.items(), key=lambda kv: -len(kv[1]))
+    return "; ".join(f"{len(paths)} x {reason} (e.g. {paths[0]})" for reason, paths in ranked[:shown]) + (
+        f"; and {len(ranked) - shown} other reason(s)" if len(ranked) > shown else "")
+
+
 def _record(path: Path, label: str, case: str, class_names: Sequence[str], pattern: re.Pattern[str],
             region_file: Path | None) -> ImageRecord | str:
     """The image's record, or the reason it cannot be used."""
     if label not in class_names:
-        return f"unknown class {label!r}; known classes are {list(class_names)} (set data.classes or move the file)"
+        return unknown_class(label, class_names)
     if not path.is_file():
         return "file not found; fix the path in the manifest or remove the line"
     if is_unread_image_file(path):

@@ -493,6 +493,25 @@ def test_a_folder_given_to_predict_reads_bmp_webp_and_jpeg_2000_and_names_a_czi_
         "notes.txt": "not a supported image type"}
 
 
+def test_class_folders_spelt_in_lower_case_are_named_as_the_classes_they_mean(make_dataset):
+    """Folders ``cll/``, ``fl/``, ``mcl/`` under a config naming CLL, FL and MCL: the error says which class each
+    is spelt otherwise, once per reason with its count, not five lines of one file each."""
+    root = make_dataset(cases_per_class=1, images_per_case=2)
+    for name in ("CLL", "FL", "MCL"):
+        (root / name).rename(root / name.lower())
+    with pytest.raises(InputError) as info:
+        discover(root, ["CLL", "FL", "MCL"])
+    message = str(info.value)
+    assert "skipped 6 file(s): 2 x unknown class 'cll': the class 'CLL' spelt otherwise" in message
+    assert "2 x unknown class 'mcl': the class 'MCL' spelt otherwise" in message and message.count("spelt otherwise") == 3
+    (root / "fl").rename(root / "FL")
+    (root / "cll").rename(root / "lymphoma")
+    inputs = discover(root, ["CLL", "FL", "MCL"])  # one folder right: the others are skipped with their reasons
+    assert {Path(r.path).parent.name for r in inputs.records} == {"FL"}
+    assert {s.reason.split(";")[0] for s in inputs.skipped} == {
+        "unknown class 'lymphoma'", "unknown class 'mcl': the class 'MCL' spelt otherwise (classes are matched exactly)"}
+
+
 def test_a_folder_copied_from_a_mac_is_predicted_without_its_hidden_files(make_dataset, tmp_path):
     """A Mac leaves ``._<name>`` beside each file it copies (and ``.Trashes``, ``.Spotlight-V100`` folders): a
     folder or wildcard given to predict reads none of them, as training's class folders never have; each would
