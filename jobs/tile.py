@@ -15,7 +15,7 @@ from tqdm import tqdm
 from hpc import ArrayJobError, end_with_command, run_array
 from jobs.run_folder import Run
 from lymphoma.errors import DiskFullError, is_disk_full
-from lymphoma.inputs import ImageRecord, Inputs
+from lymphoma.inputs import ImageRecord, Inputs, Skipped, reasons_by_count
 from lymphoma.settings import TileSettings
 from lymphoma.sharding import ShardPlan, fingerprint, plan_shards, write_manifest
 from lymphoma.split import assign_phases, split_cases, write_split_csv
@@ -54,6 +54,7 @@ class TileResult:
     n_written: int
     n_skipped: int
     seconds: float
+    skipped_reasons: str = ""  # each distinct reason once, with its count and a file
 
 
 def run_tile(run: Run, progress: bool = True) -> TileResult:
@@ -93,8 +94,9 @@ def run_tile(run: Run, progress: bool = True) -> TileResult:
         done = [s for s in summaries if s is not None]
         manifest = write_manifest(run.tiles, inputs.classes, cfg.tiles, cfg.tiles.compression, done, inputs.skipped,
                                   stain)
-    n_skipped = len(inputs.skipped) + sum(len(s.skipped) for s in done)
-    return TileResult(run.dir, manifest, inputs.classes, done, len(todo), n_skipped, time.perf_counter() - start)
+    skipped = [*inputs.skipped, *(Skipped(item["path"], item["reason"]) for s in done for item in s.skipped)]
+    return TileResult(run.dir, manifest, inputs.classes, done, len(todo), len(skipped), time.perf_counter() - start,
+                      reasons_by_count(skipped, shown=3))
 
 
 def _disk_full(run: Run, err: Exception, tasks: list[ShardTask]) -> DiskFullError | None:
@@ -164,7 +166,8 @@ def format_summary(result: TileResult) -> str:
     n_tiles = sum(s.n_tiles for s in result.summaries)
     lines.append(f"{result.n_written} shard(s) written, {len(result.summaries) - result.n_written} already complete; "
                  f"{n_tiles} tiles in {result.seconds:.1f} s ({n_tiles / max(result.seconds, 1e-9):.0f} tiles/s)"
-                 + (f"; {result.n_skipped} image(s) skipped, listed in the manifest" if result.n_skipped else ""))
+                 + (f"; {result.n_skipped} image(s) skipped, listed in the manifest: {result.skipped_reasons}"
+                    if result.n_skipped else ""))
     return "\n".join(lines)
 
 

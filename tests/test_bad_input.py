@@ -16,7 +16,7 @@ from PIL import Image
 
 from jobs.cli import main
 from jobs.config import ConfigError, load_config, to_object
-from jobs.tile import run_tile
+from jobs.tile import format_summary, run_tile
 from lymphoma.errors import ImageError, InputError
 from lymphoma.images import _fast_png_decoder, _spng_rgb, _wuffs_rgb, read_rgb
 from lymphoma.inputs import discover
@@ -120,6 +120,9 @@ def test_bad_images_are_skipped_listed_and_the_rest_is_tiled(bad_images, make_co
         assert message in skipped[name]
     assert sum(p["n_images"] for p in manifest["phases"].values()) == 12
     assert result.n_skipped == len(EXPECTED)
+    summary = format_summary(result)  # on the terminal: the reasons, not only their number
+    assert f"{len(EXPECTED)} image(s) skipped, listed in the manifest: 2 x not a readable image (corrupt" in summary
+    assert f"; and {len(EXPECTED) - 4} other reason(s)" in summary and summary.count(" x ") == 3  # two share one
 
 
 def test_a_class_without_images_is_named_when_tiling_not_after_it(make_dataset, make_config, caplog):
