@@ -146,6 +146,8 @@ def _add_model_commands(sub: Any) -> None:
                                                            "features` with <run>/mil/mil.pt instead")
     mil.add_argument("--out", type=Path, help="with --predict: the output folder (default: <run>/mil/predict/<name of "
                                               "the FEATURES folder>)")
+    mil.add_argument("--restart", action="store_true", help="train afresh after mil.* or cv.* settings changed: the "
+                     "earlier <run>/mil/ is first renamed mil.before-<date-time>/ (kept)")
 
 
 def _add_tools(sub: Any) -> None:

@@ -104,6 +104,39 @@ def feature_folders(features_dir: Path, repeats: int, folds: int) -> dict[tuple[
     return own
 
 
+def mil_identity(run: Run) -> dict[str, Any]:
+    """What makes the models of ``lymphoma mil`` (kept in its report.json): the mil settings but heatmaps, the folds
+    (cv.folds, cv.seed, cv.repeats) and the encoder of the embeddings (its encoder.json, where one encoder made them)."""
+    cfg = run.config
+    features_dir = Path(cfg.mil.features) if cfg.mil.features else run.dir / "features"
+    encoder = features_dir / "encoder.json"
+    identity = {**{f"mil.{k}": v for k, v in vars(cfg.mil).items() if k != "heatmaps"}, "cv.folds": cfg.cv.folds,
+                "cv.seed": cfg.cv.seed, "cv.repeats": cfg.cv.repeats,
+                "encoder": json.loads(encoder.read_text()).get("identity") if encoder.is_file() else None}
+    return json.loads(json.dumps(identity, default=str))  # as report.json gives it back
+
+
+def refuse_other_mil(run: Run) -> None:
+    """An InputError where ``<run>/mil`` holds the models and report of other settings (or of an earlier version,
+    which recorded none): this run would replace them. ``lymphoma mil --restart`` sets them aside."""
+    path = run.dir / "mil" / "report.json"
+    if not path.is_file():
+        return
+    try:
+        before = json.loads(path.read_text()).get("identity") or {}
+    except (ValueError, OSError):  # cut short: its settings are unknown
+        before = {}
+    now = mil_identity(run)
+    differ = [key for key in now if before.get(key) != now[key]]
+    if differ:
+        named = [f"{key} ({before.get(key)} there, {now[key]} now)" if key != "encoder" else
+                 "the encoder of the embeddings" for key in differ[:4]]
+        shown = f"they differ in: {', '.join(named)}" if before else "made by an earlier version, which recorded none"
+        raise InputError(f"{path.parent} holds a MIL model and report of other settings ({shown}), "
+                         "which this run would replace: `lymphoma mil --restart` sets them aside in mil.before-<date-"
+                         "time>/ (kept) and trains afresh; or give another run.name")
+
+
 def run_mil(run: Run, progress: bool = False) -> dict[str, Any]:
     """Cross-validate the MIL model in the folds of `lymphoma cv`, report as `lymphoma cv` does, save attention and
     (with one encoder) a model trained on every case; ``progress``: a bar of the models trained, on a terminal."""
@@ -143,7 +176,8 @@ def run_mil(run: Run, progress: bool = False) -> dict[str, Any]:
     report = {**reports[0], "repeats": reports, "across_repeats": across_repeats(reports), "bag": settings.bag,
               "features": str(features_dir), "encoders": "one per fold" if len(cohorts) > 1 else "one",
               "encoder_saw_test_cases": None if None in seen_of.values() else sorted(leaked),
-              "n_bags": len(next(iter(bags_of.values()))), "minutes": (time.perf_counter() - start) / 60}
+              "n_bags": len(next(iter(bags_of.values()))), "minutes": (time.perf_counter() - start) / 60,
+              "identity": mil_identity(run)}
     out.mkdir(parents=True, exist_ok=True)
     if len(cohorts) == 1:
         bags = next(iter(bags_of.values()))
@@ -310,6 +344,9 @@ def command(args: argparse.Namespace, run: Run) -> int:
         log.info(f"predictions: {out / 'predictions.csv'}; attention maps: {out / 'attention'}")
         return 0
     with run.create().lock("mil"):  # two trainings would leave one's model beside the other's report
+        if args.restart:
+            run.set_aside(run.dir / "mil", "MIL model and report")
+        refuse_other_mil(run)
         report = mil_on_slurm(run) if run.config.cluster.kind == "slurm" else run_mil(run, not args.no_progress)
     if (warning := leak_warning(report)) is not None:
         log.warning(f"lymphoma mil: {warning}")

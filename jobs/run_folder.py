@@ -9,6 +9,7 @@ from __future__ import annotations
 import fcntl
 import logging
 import os
+import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, replace
@@ -18,7 +19,7 @@ from typing import Any
 import submitit
 from omegaconf import DictConfig, OmegaConf
 
-from hpc import make_executor, submit, wait_for
+from hpc import make_executor, refuse_beside_open_job, submit, wait_for
 from jobs.config import Config, ConfigError, load_config, to_object
 from lymphoma.errors import InputError, is_disk_full
 from lymphoma.files import write_text_atomic
@@ -113,6 +114,16 @@ class Run:
         job = submit(self.executor(stage, folder / "logs" / "%j"), fn, *args, ledger=folder / "slurm-job.json")
         log.info(f"{stage} job {job.job_id}: logs in {folder / 'logs'}")
         return wait_for(job, f"{stage}-{self.config.run.name}", poll_s=self.config.cluster.poll_s)[0]
+
+    def set_aside(self, folder: Path, what: str) -> None:
+        """``--restart``: ``folder`` (a stage's outputs) renamed ``<name>.before-<date-time>`` beside it, kept; never
+        while a SLURM job the folder's ledger names runs (the ledger moves with it, and submit would no longer ask)."""
+        if self.config.cluster.kind == "slurm":
+            refuse_beside_open_job(folder / "slurm-job.json", f"{folder.name}-{self.config.run.name}")
+        if folder.exists():
+            aside = folder.with_name(f"{folder.name}.before-{time.strftime('%Y%m%d-%H%M%S')}")
+            folder.rename(aside)
+            log.info(f"restarting: the earlier {what} is kept in {aside}")
 
     def create(self) -> Run:
         """Make the folder and check that it can be written; an error that says what to do when it cannot."""

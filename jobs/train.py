@@ -4,14 +4,13 @@ from __future__ import annotations
 
 import argparse
 import logging
-import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import submitit
 
-from hpc import refuse_beside_open_job, submit, wait_for
+from hpc import submit, wait_for
 from hpc.task import task_setup
 from jobs.progress import EpochProgress, WatchedTraining
 from jobs.run_folder import Run
@@ -88,12 +87,8 @@ def run_train(run: Run, restart: bool = False, progress: bool = True) -> list[di
     if cfg.cluster.kind == "debug" and cfg.cluster.tasks_per_node * cfg.cluster.nodes > 1:
         raise InputError("the debug executor runs one process; set cluster.tasks_per_node=1 or use --cluster local")
     with run.lock("train"), run.tiles_in_use(writing=False):  # no tiling rewrites the shards meanwhile
-        if restart and cfg.cluster.kind == "slurm":  # before the ledger moves aside with the folder the job writes;
-            refuse_beside_open_job(run.train / "slurm-job.json", f"train-{cfg.run.name}")  # else submit asks
-        if restart and run.train.exists():
-            aside = run.train.with_name(f"train.before-{time.strftime('%Y%m%d-%H%M%S')}")
-            run.train.rename(aside)
-            log.info(f"restarting: the earlier training is kept in {aside}")
+        if restart:
+            run.set_aside(run.train, "training")
         preflight(fit_settings(run), run.tiles, run.train)
         _warn_if_resuming_other_settings(run.checkpoints / "last.pt", run)
         run.train.mkdir(exist_ok=True)

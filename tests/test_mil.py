@@ -167,8 +167,16 @@ def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, t
     (out / "mil.pt").write_bytes(whole)
     per_fold = tmp_path / "cv-run"  # a `lymphoma cv` run whose folds each hold their own model's embeddings
     shutil.copytree(tmp_path / "mil" / "features", per_fold / "repeat-0" / "fold-0" / "features")
+    capsys.readouterr()
     assert main(["mil", *common, "cv.folds=2", f"mil.features={per_fold}", "mil.epochs=1"]) == 2
+    assert f"{out} holds a MIL model and report of other settings (they differ in: mil.features (None there, " \
+           f"{per_fold} now), mil.bag (case there, slide now), mil.epochs (3 there, 1 now), cv.repeats (2 there, 1 " \
+           "now)), which this run would replace: `lymphoma mil --restart` sets them aside" in capsys.readouterr().err
+    before = {name: (out / name).read_bytes() for name in ("mil.pt", "report.json")}
+    assert main(["mil", *common, "cv.folds=2", f"mil.features={per_fold}", "mil.epochs=1", "--restart"]) == 2
     assert "per-fold embeddings missing in " in capsys.readouterr().err and "fold-1" not in str(per_fold)
+    aside = list(out.parent.glob("mil.before-*"))  # the earlier model and report kept, not replaced
+    assert len(aside) == 1 and {name: (aside[0] / name).read_bytes() for name in before} == before
     shutil.copytree(tmp_path / "mil" / "features", per_fold / "repeat-0" / "fold-1" / "features")
     assert main(["mil", *common, "cv.folds=2", f"mil.features={per_fold}", "mil.epochs=1", "cv.bootstrap=100"]) == 0
     assert "(each fold its own encoder)" in capsys.readouterr().out
@@ -178,7 +186,8 @@ def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, t
 
 def _a_bar_counts_the_models_on_a_terminal(common: list[str]) -> None:
     """On a terminal a bar counts the models: 2 folds, then one on every case; none with --no-progress."""
-    command = [sys.executable, "-m", "jobs.cli", "mil", *common, "cv.folds=2", "mil.epochs=1", "cv.bootstrap=100"]
+    command = [sys.executable, "-m", "jobs.cli", "mil", *common, "cv.folds=2", "mil.epochs=1", "cv.bootstrap=100",
+               "--restart"]  # the run holds a MIL model of other features
     for quiet in ([], ["--no-progress"]):
         code, printed = on_a_terminal(command + quiet, timeout_s=300)
         bar = [line for line in printed.replace("\r", "\n").splitlines() if line.startswith("mil:")]
