@@ -167,6 +167,18 @@ def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, t
     (out / "mil.pt").write_bytes(whole)
     per_fold = tmp_path / "cv-run"  # a `lymphoma cv` run whose folds each hold their own model's embeddings
     shutil.copytree(tmp_path / "mil" / "features", per_fold / "repeat-0" / "fold-0" / "features")
+    _a_rerun_of_other_settings_is_refused_and_restart_keeps_the_first(out, common, per_fold, capsys)
+    shutil.copytree(tmp_path / "mil" / "features", per_fold / "repeat-0" / "fold-1" / "features")
+    assert main(["mil", *common, "cv.folds=2", f"mil.features={per_fold}", "mil.epochs=1", "cv.bootstrap=100"]) == 0
+    assert "(each fold its own encoder)" in capsys.readouterr().out
+    assert json.loads((out / "report.json").read_text())["encoders"] == "one per fold"
+    _a_bar_counts_the_models_on_a_terminal(common)
+
+
+def _a_rerun_of_other_settings_is_refused_and_restart_keeps_the_first(out: Path, common: list[str], per_fold: Path,
+                                                                      capsys) -> None:
+    """`lymphoma mil` of other settings on a run that holds a MIL model: refused, naming what differs; with
+    --restart the earlier model and report are set aside whole (here before the run fails on missing embeddings)."""
     capsys.readouterr()
     assert main(["mil", *common, "cv.folds=2", f"mil.features={per_fold}", "mil.epochs=1"]) == 2
     assert f"{out} holds a MIL model and report of other settings (they differ in: mil.features (None there, " \
@@ -177,11 +189,6 @@ def test_mil_command_runs_in_the_folds_of_cv_with_attention_maps(make_dataset, t
     assert "per-fold embeddings missing in " in capsys.readouterr().err and "fold-1" not in str(per_fold)
     aside = list(out.parent.glob("mil.before-*"))  # the earlier model and report kept, not replaced
     assert len(aside) == 1 and {name: (aside[0] / name).read_bytes() for name in before} == before
-    shutil.copytree(tmp_path / "mil" / "features", per_fold / "repeat-0" / "fold-1" / "features")
-    assert main(["mil", *common, "cv.folds=2", f"mil.features={per_fold}", "mil.epochs=1", "cv.bootstrap=100"]) == 0
-    assert "(each fold its own encoder)" in capsys.readouterr().out
-    assert json.loads((out / "report.json").read_text())["encoders"] == "one per fold"
-    _a_bar_counts_the_models_on_a_terminal(common)
 
 
 def _a_bar_counts_the_models_on_a_terminal(common: list[str]) -> None:
