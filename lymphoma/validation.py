@@ -30,21 +30,10 @@ def validate(checkpoint: Path, tiles_dir: Path, phase: str, out_dir: Path, layer
     """Run the checkpoint over a phase's tiles and write tiles.csv, confusion.{json,png}, augment.png,
     kernels.png and activations.png into ``out_dir``; the tile accuracies get intervals from ``intervals``
     (resamples, confidence) draws of the phase's cases."""
-    state = load_checkpoint(checkpoint)
-    model = build_model(state["architecture"])
-    load_model_weights(model, state, checkpoint)
-    model.eval()
+    state, model, tiles = _open_validation(checkpoint, tiles_dir, phase, layer)
     augment = AugmentSettings(**state["augment"])
     classes = list(state["classes"])
     modules = dict(model.named_modules())
-    if layer not in modules:
-        options = ", ".join(name for name in modules if name.count(".") <= 1 and name)
-        raise InputError(f"--layer {layer!r} is not a layer of this model; choose one of: {options}")
-    size = int(state["tiles"]["size"])
-    tiles = open_phase(tiles_dir, phase, size, augment.crop, f"checkpoint {checkpoint} was trained on {size}-px tiles; "
-                       "validate it in the run it was trained in (its -c config or run.name)")
-    if tiles.classes != classes:
-        raise InputError(f"{tiles_dir}: classes {tiles.classes} differ from the checkpoint's {classes}")
     out_dir.mkdir(parents=True, exist_ok=True)
     normalizer = StainNormalizer.from_state(state.get("stain"))
     if normalizer is not None and not normalizer.per_tile:  # stain.scope image: the stored tiles are normalised
@@ -64,6 +53,31 @@ def validate(checkpoint: Path, tiles_dir: Path, phase: str, out_dir: Path, layer
     save_kernels(first_conv.weight.detach().numpy(), out_dir / "kernels.png")
     _save_layer_activations(model, modules[layer], layer, raw[0], eval_aug, augment.crop, out_dir / "activations.png")
     return summary
+
+
+def _open_validation(checkpoint: Path, tiles_dir: Path, phase: str, layer: str) -> tuple[dict[str, Any], Any, Any]:
+    """The checkpoint's state, its model (in eval mode) and the phase's tiles; an InputError for a layer the model
+    lacks, a phase the run lacks, tiles of another size or other classes."""
+    state = load_checkpoint(checkpoint)
+    model = build_model(state["architecture"])
+    load_model_weights(model, state, checkpoint)
+    model.eval()
+    modules = dict(model.named_modules())
+    if layer not in modules:
+        options = ", ".join(name for name in modules if name.count(".") <= 1 and name)
+        raise InputError(f"--layer {layer!r} is not a layer of this model; choose one of: {options}")
+    size = int(state["tiles"]["size"])
+    tiles = open_phase(tiles_dir, phase, size, int(state["augment"]["crop"]), f"checkpoint {checkpoint} was trained on "
+                       f"{size}-px tiles; validate it in the run it was trained in (its -c config or run.name)")
+    if tiles.classes != list(state["classes"]):
+        tiles.close()
+        raise InputError(f"{tiles_dir}: classes {tiles.classes} differ from the checkpoint's {list(state['classes'])}")
+    return state, model, tiles
+
+
+def check_validation(checkpoint: Path, tiles_dir: Path, phase: str, layer: str) -> None:
+    """What ``validate`` would refuse (an InputError), found before a job is submitted for it."""
+    _open_validation(checkpoint, tiles_dir, phase, layer)[2].close()
 
 
 def _write_tile_outputs(tiles: Any, outputs: torch.Tensor, classes: list[str], out_dir: Path,

@@ -287,8 +287,9 @@ def test_the_whole_pipeline_on_slurm(make_dataset, tmp_path):
 
     from jobs.cli import main  # validation, the tutorial's step 3, is a job too: a cohort's phase is no login node's work
 
-    assert main(["validate", "--cluster", "slurm", "--checkpoint", str(tmp_path / name / "train" / "checkpoints" /
-                                                                      "best.pt")]) == 0
+    best = tmp_path / name / "train" / "checkpoints" / "best.pt"
+    assert main(["validate", "--cluster", "slurm", "--checkpoint", str(best), "--phase", "test"]) == 2  # no job
+    assert main(["validate", "--cluster", "slurm", "--checkpoint", str(best)]) == 0
     assert [state for _, state in settled_tasks(f"validate-{name}", 1)] == ["COMPLETED"]
     out = tmp_path / name / "validate" / "best-val"
     assert (out / "tiles.csv").is_file() and (out / "confusion.png").is_file() and list((out / "logs").rglob("*_log.out"))
