@@ -263,8 +263,9 @@ def _crossval(run_dir: Path) -> str:
 
 
 def _validation(run_dir: Path) -> str:
-    """Each ``lymphoma validate`` of the run (``validate/<checkpoint>-<phase>/``): its tile figures and pictures."""
-    found = sorted((run_dir / "validate").glob("*/confusion.json"))
+    """Each ``lymphoma validate`` of the run (``validate/<checkpoint>-<phase>/``, or ``validate/`` itself, where
+    versions before 64a52fc wrote): its tile figures and pictures."""
+    found = sorted((run_dir / "validate").glob("*/confusion.json")) + sorted((run_dir / "validate").glob("confusion.json"))
     if not found:
         return ""
     parts = []

@@ -682,6 +682,10 @@ def test_a_report_over_damaged_files_names_them_and_shows_the_rest(checkpoint, c
     assert f"{metrics} is not valid JSON" in capsys.readouterr().err
     page = (run / "report.html").read_text()
     assert "<h2 id=prediction>Prediction</h2><p class=warn>Not shown: " in page and '<a href="#prediction">' in page
+    assert main(["validate", "--checkpoint", str(checkpoint), "--out", str(run / "validate")]) == 0  # as versions
+    assert main(["report", str(run)]) == 0  # before 64a52fc wrote a validation: shown too
+    assert "<h2 id=validation>Validation</h2><h3>validate</h3><p>best.pt (epoch 1) on the val tiles: " in \
+        (run / "report.html").read_text()
 
 
 def check_report_in_a_browser(run: Path, val: list[dict[str, str]], screenshot: Path) -> None:
