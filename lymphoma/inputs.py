@@ -272,6 +272,10 @@ def read_user_text(path: Path) -> str:
     """A text file a person made (a manifest, a slide list): UTF-8, with or without the byte-order mark that
     Excel's "CSV UTF-8" writes; a spreadsheet workbook, or any other encoding, is an InputError naming the file and
     the fix."""
+    if is_image_file(path) or is_unread_image_file(path):
+        raise InputError(f"{path} is an image or slide file where a list of them was expected: data.source takes a "
+                         "folder of class folders or a CSV manifest, --list a TSV or CSV naming the files; images to "
+                         "predict are given as its inputs")
     data = path.read_bytes()
     if data.startswith(WORKBOOKS):
         raise InputError(f"{path}: a spreadsheet workbook (.xlsx, .xls, .ods), not a text file; save the sheet as CSV "

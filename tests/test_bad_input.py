@@ -353,6 +353,11 @@ def test_manifests_and_lists_saved_by_excel_are_read_and_other_encodings_named(m
         with pytest.raises(InputError, match=r"slides.xlsx: a spreadsheet workbook \(.xlsx, .xls, .ods\), not a text "
                                              r"file; save the sheet as CSV \(Excel: File > Save As > "):
             run()
+    for run in (lambda: discover(str(images[0]), ["CLL", "FL", "MCL"]),  # an image given where its list goes
+                lambda: expand_inputs([], images[0], None, ["CLL", "FL", "MCL"], re.compile(r"^(?P<case>.+)$"))):
+        with pytest.raises(InputError, match=f"{re.escape(str(images[0]))} is an image or slide file where a list of "
+                                             "them was expected: data.source takes a folder of class folders or a CSV"):
+            run()
     latin = tmp_path / "latin.csv"  # Excel's plain "CSV" on a Western European Windows: Latin-1
     latin.write_bytes(f"path,label,case\n{images[0]},CLL,Müller\n".encode("latin-1"))
     assert main(["tile", "--no-progress", f"data.source={latin}", f"run.root={tmp_path}", "run.name=latin"]) == 2
