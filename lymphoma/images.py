@@ -172,7 +172,7 @@ def _unidentified_reason(path: Path) -> str:
             page = tif.pages.first
             dtype, samples = np.dtype(page.dtype), page.samplesperpixel
     except Exception:  # noqa: BLE001 - any failure to read the header: not a TIFF, or a damaged one
-        return "not a readable image (corrupt or not TIFF/PNG/JPEG); replace or remove it"
+        return "not a readable image (corrupt, or of no image type read here); replace or remove it"
     finally:
         quiet.disabled = False
     kind = {"f": "floating-point", "i": "signed integer", "u": "unsigned integer"}.get(dtype.kind, str(dtype))
