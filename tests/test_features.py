@@ -164,7 +164,9 @@ def test_mil_on_a_tile_model_that_learnt_from_its_test_cases_says_its_figures_ar
     assert json.loads(report.read_text())["encoder_saw_test_cases"] == trained
     assert report.with_suffix(".txt").read_text().startswith("WARNING: the encoder learnt from")
     (tmp_path / "leak" / "features" / "encoder.json").unlink()
-    assert main(mil) == 0
+    assert main(mil) == 2  # the embeddings' encoder is no longer known: not the model's, as far as can be told
+    assert "(they differ in: the encoder of the embeddings), which this run would replace" in capsys.readouterr().err
+    assert main([*mil, "--restart"]) == 0
     assert "the encoder learnt from" not in capsys.readouterr().err
     assert json.loads(report.read_text())["encoder_saw_test_cases"] is None
 
