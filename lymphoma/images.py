@@ -170,6 +170,8 @@ def _unidentified_reason(path: Path) -> str:
             raise ValueError("not a TIFF")
         with tifffile.TiffFile(path) as tif:
             page = tif.pages.first
+            if page.dtype is None or not page.shape:  # an image file directory without an image
+                raise ValueError("no image in its first page")
             dtype, samples = np.dtype(page.dtype), page.samplesperpixel
     except Exception:  # noqa: BLE001 - any failure to read the header: not a TIFF, or a damaged one
         return "not a readable image (corrupt, or of no image type read here); replace or remove it"

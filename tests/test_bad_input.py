@@ -40,8 +40,8 @@ def bad_images(make_dataset):
     rgba = np.dstack([rgb, np.full(rgb.shape[:2], 255, np.uint8)])
     rgba[:20, :20, 3] = 0  # a transparent corner: what lies under it is the user's call
     Image.fromarray(rgba).save(folder / "rgba_001.tif")
-    tifffile.imwrite(folder / "float_001.tif", rgb.astype(np.float32) / 255)  # what image-analysis scripts save
-    (folder / "damaged_001.tif").write_bytes(b"II*\0" + data[4:200])  # a TIFF header over no image
+    tifffile.imwrite(folder / "float_001.tif", rgb.astype(np.float32) / 255, photometric="rgb")  # as analysis
+    (folder / "damaged_001.tif").write_bytes(b"II*\0" + (8).to_bytes(4, "little") + bytes(192))  # no image in it
     Image.fromarray(rgb[:60, :80]).save(folder / "tiny_001.png")
     Image.fromarray(np.full_like(rgb, 235)).save(folder / "blank_001.png")  # a pale, empty scan
     return root
