@@ -298,9 +298,10 @@ def _features(run_dir: Path) -> str:
 
 
 def _mil(run_dir: Path) -> str:
-    mil = run_dir / "mil"
-    return _cv_report(run_dir, "mil", "Multiple-instance learning", f", model {_link(run_dir, mil / 'mil.pt')}, "
-                      f"attention maps {_link(run_dir, mil / 'attention')}")
+    mil = run_dir / "mil"  # no mil.pt where each fold had its own encoder: nothing to link then
+    model = f", model {_link(run_dir, mil / 'mil.pt')}" if (mil / "mil.pt").is_file() else ""
+    return _cv_report(run_dir, "mil", "Multiple-instance learning", f"{model}, attention maps "
+                      f"{_link(run_dir, mil / 'attention')}")
 
 
 def _section(anchor: str, title: str, build: Callable[..., str], *args: Any) -> str:
