@@ -104,12 +104,16 @@ def feature_folders(features_dir: Path, repeats: int, folds: int) -> dict[tuple[
     return own
 
 
+def mil_features_dir(run: Run) -> Path:
+    """Where the embeddings of ``lymphoma mil`` are: ``mil.features``, else ``<run>/features``."""
+    return Path(run.config.mil.features) if run.config.mil.features else run.dir / "features"
+
+
 def mil_identity(run: Run) -> dict[str, Any]:
     """What makes the models of ``lymphoma mil`` (kept in its report.json): the mil settings but heatmaps, the folds
     (cv.folds, cv.seed, cv.repeats) and the encoder of the embeddings (its encoder.json, where one encoder made them)."""
     cfg = run.config
-    features_dir = Path(cfg.mil.features) if cfg.mil.features else run.dir / "features"
-    encoder = features_dir / "encoder.json"
+    encoder = mil_features_dir(run) / "encoder.json"
     identity = {**{f"mil.{k}": v for k, v in vars(cfg.mil).items() if k != "heatmaps"}, "cv.folds": cfg.cv.folds,
                 "cv.seed": cfg.cv.seed, "cv.repeats": cfg.cv.repeats,
                 "encoder": json.loads(encoder.read_text()).get("identity") if encoder.is_file() else None}
@@ -142,7 +146,7 @@ def run_mil(run: Run, progress: bool = False) -> dict[str, Any]:
     (with one encoder) a model trained on every case; ``progress``: a bar of the models trained, on a terminal."""
     start = time.perf_counter()
     cfg, settings = run.config, run.config.mil
-    features_dir = Path(settings.features) if settings.features else run.dir / "features"
+    features_dir = mil_features_dir(run)
     folders = feature_folders(features_dir, cfg.cv.repeats, cfg.cv.folds)
     cohorts = {folder: read_cohort(folder) for folder in set(folders.values())}
     first = next(iter(cohorts.values()))
