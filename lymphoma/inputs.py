@@ -213,12 +213,17 @@ def _visible(folder: Path, directories: bool = False) -> list[Path]:
     return sorted(p for p in folder.iterdir() if not p.name.startswith(".") and (p.is_dir() if directories else p.is_file()))
 
 
+def spelt_otherwise(label: str, class_names: Sequence[str]) -> str | None:
+    """The class that ``label`` names in other upper and lower case (``cll`` for ``CLL``), or None."""
+    return next((name for name in class_names if name.casefold() == label.casefold()), None)
+
+
 def unknown_class(label: str, class_names: Sequence[str]) -> str:
     """Why ``label`` is no class, naming the class it is where it differs only in upper and lower case."""
-    same = [name for name in class_names if name.casefold() == label.casefold()]
-    if same:
-        return (f"unknown class {label!r}: the class {same[0]!r} spelt otherwise (classes are matched exactly); rename "
-                f"the folder (or the manifest's labels) to {same[0]!r}, or set data.classes to the names used")
+    same = spelt_otherwise(label, class_names)
+    if same is not None:
+        return (f"unknown class {label!r}: the class {same!r} spelt otherwise (classes are matched exactly); rename "
+                f"the folder (or the manifest's labels) to {same!r}, or set data.classes to the names used")
     return f"unknown class {label!r}; known classes are {list(class_names)} (set data.classes or move the file)"
 
 

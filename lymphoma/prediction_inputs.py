@@ -22,6 +22,7 @@ from lymphoma.inputs import (
     read_user_text,
     shared_key,
     slashed,
+    spelt_otherwise,
     user_csv,
 )
 from lymphoma.prediction import SlideInput
@@ -131,11 +132,10 @@ def _check_labels(rows: Sequence[Row], classes: Sequence[str], list_file: Option
     unknown = [(label, where) for _, label, _, where in rows if label is not None and label not in classes]
     if not unknown:
         return
-    folded = {c.casefold(): c for c in classes}
 
     def named(label: str, where: str) -> str:
-        hint = f" ({folded[label.casefold()]!r}?)" if label.casefold() in folded else ""
-        return f"{where}: {label!r}{hint}"
+        same = spelt_otherwise(label, classes)
+        return f"{where}: {label!r}" + (f" ({same!r}?)" if same is not None else "")
     shown = "; ".join(named(label, where) for label, where in unknown[:5])
     more = f"; and {len(unknown) - 5} more" if len(unknown) > 5 else ""
     raise InputError(f"--list {list_file}: {len(unknown)} label(s) not among the model's classes {list(classes)}: "
