@@ -101,13 +101,29 @@ def _failure_message(err: Exception, job: submitit.Job[Any], executor: submitit.
     setting to change where it ran out of time."""
     failed = isinstance(err, submitit.core.utils.FailedJobError) or \
         not isinstance(err, submitit.core.utils.UncompletedJobError)
-    message = f"{type(err).__name__}: {err}" if failed else f"no result, the job ended as {job.state}"
+    message = f"{type(err).__name__}: {err}" if failed else _unwritten_error(job.paths.stdout) or \
+        f"no result, the job ended as {job.state}"
     if "timed-out" in message or "TIMEOUT" in message:
         limit = _parameters(executor).get("timeout_min") or _parameters(executor).get("time")
         message = (f"TimeoutError: the task reached its time limit of {limit} min ({_last_error_line(message)}); "
                    f"raise cluster.timeout_min{' (null: none on this machine)' if executor.cluster == 'local' else ''}"
                    ", then rerun: finished work is kept")
     return message
+
+
+def _unwritten_error(stdout: Path) -> str | None:
+    """The error of a task whose result file could not be written (a full disk, a quota: submitit then only logs
+    it), as one line, with the reason it could not be written."""
+    try:
+        text = stdout.read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return None
+    _, found, rest = text.rpartition("Could not dump error:")
+    if not found:
+        return None
+    error, _, reason = rest.partition("\n\nbecause of ")
+    reason = reason.strip().splitlines()[0] if reason.strip() else "no reason logged"
+    return f"{' '.join(error.split())} (nor could its result file be written: {reason})"
 
 
 def _refused_as_error(executor: submitit.AutoExecutor, submit_now: Callable[[], Any]) -> Any:

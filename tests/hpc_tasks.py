@@ -31,3 +31,15 @@ def resolve_in_task(_: int) -> tuple[int, int, int, str, int, str]:
 
     env = resolve()
     return env.rank, env.local_rank, env.world_size, env.master_addr, env.master_port, env.source
+
+
+def fill_the_disk_then_fail(folder: str) -> None:
+    """Fill the filesystem of ``folder`` (where the task's result file goes too), then fail."""
+    with open(Path(folder, "filler"), "wb") as filler:
+        try:
+            while True:
+                filler.write(b"\0" * 65536)
+                filler.flush()
+        except OSError:
+            pass
+    raise RuntimeError("the task's own error, on purpose")

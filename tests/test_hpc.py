@@ -47,6 +47,19 @@ def test_waiting_for_one_job_looks_at_what_it_writes_while_it_runs(tmp_path, tas
     assert len(seen) >= 3 and not seen[0]
 
 
+def test_a_task_that_fills_the_disk_is_reported_with_its_own_error(small_disk, tasks_importable):
+    """A task whose folder's disk is full cannot write its result file; submitit then only logs its error. The
+    failure is that error and why it could not be written, not "no result, the job ended as FINISHED"."""
+    from hpc_tasks import fill_the_disk_then_fail
+
+    executor = make_executor(ExecutorSettings(kind="local"), small_disk / "logs" / "%j", name="full")
+    with pytest.raises(ArrayJobError) as info:
+        run_array(executor, fill_the_disk_then_fail, [str(small_disk)], poll_s=0.05)
+    message = info.value.failures[0].error
+    assert "the task's own error, on purpose" in message and "No space left on device" in message, message
+    assert "task 0" in str(info.value) and "on purpose" in str(info.value)
+
+
 def test_debug_executor_runs_in_this_process(tmp_path, tasks_importable):
     from hpc_tasks import record_span
 
