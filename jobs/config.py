@@ -117,10 +117,21 @@ def _check_sections(source: str, data: Any, form: str) -> None:
     """Each section a mapping of its keys: ``cluster: slurm`` in a file, or ``train=5`` on the command line, gets
     an error that shows the ``form`` a key takes there (``{section}`` filled in)."""
     for name, value in data.items():
+        owners = [] if name in Config.__dataclass_fields__ else _sections_with_key(name)
+        if owners:
+            example = form.replace("{section}", owners[0]).replace("<key>", str(name)).replace("<value>", str(value))
+            raise ConfigError(f"{source}: {name!r} is not a section but a key of {' and '.join(owners)}: write it "
+                              f"inside its section, e.g. {example}; `lymphoma config` lists every key")
         if name in Config.__dataclass_fields__ and value is not None and not isinstance(value, (dict, DictConfig)):
             hint = " (or --cluster slurm)" if name == "cluster" else ""
             raise ConfigError(f"{source}: section {name!r} must be a mapping of its keys, e.g. "
                               f"{form.format(section=name)}{hint}; got {value!r}; `lymphoma config` lists every key")
+
+
+def _sections_with_key(key: Any) -> list[str]:
+    """The sections that hold a key of this name (``kind``: cluster)."""
+    schema = OmegaConf.structured(Config)
+    return [name for name in schema if isinstance(schema[name], DictConfig) and key in schema[name]]
 
 
 def _read_yaml(path: Path) -> DictConfig:

@@ -220,6 +220,12 @@ def test_config_errors_name_the_file_and_key(tmp_path):
             load_config(flat)
     with pytest.raises(ConfigError, match=r"overrides: section 'train' must be a mapping of its keys, e.g. train\.<key>="):
         load_config(None, ["train=5"])
+    profile = tmp_path / "profile.yaml"  # a cluster profile's keys without their section
+    profile.write_text("kind: slurm\npartition: gpu\n")
+    with pytest.raises(ConfigError, match=f"{profile}: 'kind' is not a section but a key of cluster: write it inside"):
+        load_config(None, [], str(profile))
+    with pytest.raises(ConfigError, match=r"'epochs' is not a section but a key of train and mil: .* e.g. train\.epochs=3"):
+        load_config(None, ["epochs=3"])
     unknown = tmp_path / "unknown.yaml"
     unknown.write_text("tiles:\n  tile_size: 128\n")
     with pytest.raises(ConfigError, match=f"{unknown}: unknown key 'tiles.tile_size'"):
