@@ -27,6 +27,9 @@ OVERRIDE = re.compile(r"^[A-Za-z_]\w*(\.\w+)+=")  # section.key=value
 COMMANDS = {"tile": "tile", "train": "train", "validate": "validate", "predict": "predict", "run": "pipeline",
             "cv": "cv", "features": "features", "mil": "mil", "inspect": "inspect_slide", "download": "download",
             "config": "config", "export": "export", "report": "report"}
+# the commands that run in the command's own process whatever --cluster says, and why that is enough
+RUN_HERE = {"inspect": "it reads slide headers and thumbnails", "download": "it needs the internet, which compute "
+            "nodes often lack", "report": "it reads the run folder and draws", "export": "it traces the model once"}
 # the commands that keep a log file (<run folder or --out>/logs/<command>-<date>-<time>-<pid>.log)
 LOGGED = {"tile", "train", "validate", "predict", "run", "cv", "features", "mil", "export"}
 log = logging.getLogger(__name__)
@@ -38,9 +41,10 @@ def _command(sub: Any, name: str, summary: str, description: str, overrides: boo
     overrides unless its positional words are inputs)."""
     parser = sub.add_parser(name, help=summary, description=description)
     parser.add_argument("-c", "--config", metavar="YAML", help="experiment config merged over the defaults")
+    here = f"; {name} itself runs in this process, not as a job ({RUN_HERE[name]})" if name in RUN_HERE else ""
     parser.add_argument("--cluster", metavar="NAME",
                         help="local (default: this machine, subprocesses), debug (in process), slurm, "
-                             "or a cluster profile: a name in configs/cluster/ or a YAML path")
+                             f"or a cluster profile: a name in configs/cluster/ or a YAML path{here}")
     if overrides:
         parser.add_argument("overrides", nargs="*", metavar="key=value",
                             help="dotted overrides, e.g. tiles.stride=64 tiles.compression=zlib:6")
@@ -184,7 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "on this machine or as SLURM array jobs.",
         epilog="Every command takes -c experiment.yaml, --cluster NAME (local, debug, slurm or a profile) and "
                "section.key=value overrides (e.g. tiles.stride=64 train.epochs=20; `lymphoma config` lists every "
-               "key with its meaning). Exit status: 0 done; 1 failed tasks or inputs (each named, with its log); "
+               "key with its meaning); inspect, download, report and export run in this process whatever --cluster "
+               "says. Exit status: 0 done; 1 failed tasks or inputs (each named, with its log); "
                "2 bad input or config; 130/143 stopped by Ctrl-C/SIGTERM (its local tasks too).")
     parser.add_argument("--version", action="version", version=f"lymphoma {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -293,6 +298,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         log_file = command_logging(verbosity, folder and _log_file(folder / "logs", args.command), folder)
         log.debug("lymphoma %s: %s (log file %s)", __version__, " ".join(sys.argv[1:] if argv is None else argv),
                   log_file)
+        if args.command in RUN_HERE and run.config.cluster.kind != "local":
+            log.info("lymphoma %s runs in this process, not as a %s job: %s", args.command, run.config.cluster.kind,
+                     RUN_HERE[args.command])
         module = importlib.import_module(f"jobs.{COMMANDS[args.command]}")
         return module.command(args, run)
     except OSError as err:

@@ -165,6 +165,9 @@ def test_inspect_reports_levels_tissue_and_grid(wsi_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", slide, "--out", str(tmp_path / "grid.txt")]) == 2
     assert "its name ends in one of .png, .jpg, .jpeg, .tif, .tiff (or give a folder)" in capsys.readouterr().err
+    # --cluster slurm: still read here (it is light), and said so rather than taken for a job
+    assert main(["inspect", slide, "--cluster", "slurm", "--out", str(tmp_path)]) == 0
+    assert "lymphoma inspect runs in this process, not as a slurm job" in capsys.readouterr().out
 
 
 def test_a_slide_damaged_inside_is_skipped_and_named_and_the_others_are_tiled(wsi_dir, tmp_path, capsys):
