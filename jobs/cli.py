@@ -93,6 +93,17 @@ def _add_pipeline_commands(sub: Any) -> None:
                          "changed): the earlier folds, reports and ensemble are first moved into cv.before-<date-time>/")
 
 
+def _slide_inputs(parser: argparse.ArgumentParser, folders: str, out: str) -> None:
+    """The slides a command reads (paths, wildcards, folders or a --list) and its --out folder."""
+    parser.add_argument("inputs", nargs="*", metavar="IMAGE",
+                        help=f"image files, quoted wildcards ('cohort/**/*.tif') or folders ({folders}); key=value "
+                             "overrides too")
+    parser.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments; or a "
+                        ".csv with a header: path[,label][,case] (data.columns maps other names)")
+    parser.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
+    parser.add_argument("--out", type=Path, help=f"output folder (default: <run folder>/{out})")
+
+
 def _add_model_commands(sub: Any) -> None:
     validate = _command(sub, "validate", "the tutorial's step 3: per-tile outputs, confusion matrix, kernels, "
                                          "activations of a checkpoint on a phase",
@@ -116,13 +127,7 @@ def _add_model_commands(sub: Any) -> None:
                        overrides=False, progress=True)
     predict.add_argument("--checkpoint", required=True,
                          help="best.pt or last.pt of a training run, or the ensemble.pt of `lymphoma cv`")
-    predict.add_argument("inputs", nargs="*", metavar="IMAGE",
-                         help="image files, quoted wildcards ('cohort/**/*.tif') or folders (every image under "
-                              "them); key=value overrides too")
-    predict.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments; or a "
-                         ".csv with a header: path[,label][,case] (data.columns maps other names)")
-    predict.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
-    predict.add_argument("--out", type=Path, help="output folder (default: <run folder>/predict)")
+    _slide_inputs(predict, "every image under them", "predict")
     predict.add_argument("--force", action="store_true", help="allow tile settings that differ from the checkpoint's")
     features = _command(sub, "features", "tile embeddings per slide (CLAM/TRIDENT HDF5) from a pretrained backbone or "
                                          "a trained model", "Tile each slide as tiling does, run the tiles through the "
@@ -131,13 +136,7 @@ def _add_model_commands(sub: Any) -> None:
                         progress=True)
     features.add_argument("--checkpoint", help="a trained model as the encoder (default: model.backbone with "
                                                "model.weights, a pretrained one)")
-    features.add_argument("inputs", nargs="*", metavar="IMAGE",
-                          help="image files, quoted wildcards or folders (default: every image of data.source); key=value "
-                               "overrides too")
-    features.add_argument("--list", type=Path, help="TSV: path[<tab>label[<tab>case]] per line, # comments; or a "
-                         ".csv with a header: path[,label][,case] (data.columns maps other names)")
-    features.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
-    features.add_argument("--out", type=Path, help="output folder (default: <run folder>/features)")
+    _slide_inputs(features, "every image under them; none: every image of data.source", "features")
     features.add_argument("--force", action="store_true", help="with --checkpoint: allow tile settings that differ from "
                           "the checkpoint's")
     mil = _command(sub, "mil", "attention-MIL on the embeddings of `lymphoma features`, in the folds of `lymphoma cv`",
