@@ -33,7 +33,7 @@ def picture_path(out: Path | None, slide: Path) -> Path:
 def inspect_slide(t: TileSettings, path: Path, out: Path | None) -> str:
     """A report of the slide's levels, resolution and tissue; writes the QC picture to ``out``."""
     out = picture_path(out, Path(path))
-    with open_slide(path, t.default_mpp) as reader:
+    with open_slide(path, t.default_mpp, t.max_pixels) as reader:
         info = reader.info
         lines = [f"file:       {info.path}", f"vendor:     {info.vendor}",
                  f"mpp:        {info.mpp if info.mpp is not None else 'unknown (set tiles.default_mpp)'}",

@@ -82,14 +82,21 @@ DEFAULT_MAX_PIXELS = 178_956_970  # PIL's own refusal threshold (2 x Image.MAX_I
 Image.MAX_IMAGE_PIXELS = None  # read_rgb applies its own, configurable limit (tiles.max_pixels) instead
 
 
-def _check_size(path: Path, size: tuple[int, int], max_pixels: int) -> None:
-    """Refuse an image whose header declares more than ``max_pixels`` pixels, before anything is decoded."""
+CONVERT_TO_SLIDE = ("convert it to a tiled pyramidal TIFF, which is read region by region (e.g. `vips tiffsave "
+                    "<image> <slide>.tif --tile --pyramid --compression jpeg`)")
+
+
+def _check_size(path: Path, size: tuple[int, int], max_pixels: int, as_slide: bool) -> None:
+    """Refuse an image whose header declares more than ``max_pixels`` pixels, before anything is decoded, with
+    the way to read it: raise the limit, or read it region by region (``as_slide``: it already is a slide's)."""
     width, height = size
     if width * height > max_pixels:
+        tiff = path.suffix.lower() in (".tif", ".tiff")
+        instead = CONVERT_TO_SLIDE if as_slide or not tiff else \
+            "tile it as a whole slide (tiles.target_mpp), which reads an 8-bit RGB TIFF strip by strip"
         raise ImageError(path, f"declares {width} x {height} = {width * height:,} pixels, more than tiles.max_pixels "
                                f"({max_pixels:,}): possibly a decompression bomb; if it is a real image, raise "
-                               f"tiles.max_pixels (decoding takes {3 * width * height / 2**30:.1f} GiB) or tile it as "
-                               "a whole slide (tiles.target_mpp)")
+                               f"tiles.max_pixels (decoding takes {3 * width * height / 2**30:.1f} GiB) or {instead}")
 
 
 def _png_rgb8(path: Path) -> Optional[np.ndarray]:
@@ -182,19 +189,19 @@ def _unidentified_reason(path: Path) -> str:
             "re-export it as 8-bit RGB (values 0 to 255) or remove it")
 
 
-def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS) -> np.ndarray:
+def read_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS, as_slide: bool = False) -> np.ndarray:
     """Decode an image file to a ``[H, W, 3]`` uint8 array.
 
     An RGBA or palette image whose every pixel is opaque is read as its RGB colours. Raises ImageError naming the
     file for missing, corrupt, truncated, grayscale, CMYK, partly transparent or other non-RGB images, and for one
     whose header declares more than ``max_pixels`` pixels (a possible decompression bomb, refused before decoding),
-    so that a caller can skip the file and go on.
+    so that a caller can skip the file and go on (``as_slide``: the image is read as a slide, tiled at a resolution).
     """
-    return decode_rgb(path, max_pixels)[0]
+    return decode_rgb(path, max_pixels, as_slide=as_slide)[0]
 
 
 def decode_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
-               shrink_to: Optional[Callable[[int, int], Optional[tuple[int, int]]]] = None,
+               shrink_to: Optional[Callable[[int, int], Optional[tuple[int, int]]]] = None, as_slide: bool = False,
                ) -> tuple[np.ndarray, tuple[int, int]]:
     """``read_rgb``'s pixels and the image's full ``(height, width)``. ``shrink_to`` maps the full size to the size
     the caller will resize the image to (None: none): a JPEG is then decoded by its DCT scaling (libjpeg's draft
@@ -205,7 +212,7 @@ def decode_rgb(path: str | Path, max_pixels: int = DEFAULT_MAX_PIXELS,
         raise ImageError(path, "file not found; fix the path or remove it from the input list")
     try:
         with Image.open(path) as img:
-            _check_size(path, img.size, max_pixels)
+            _check_size(path, img.size, max_pixels, as_slide)
             mode, full = img.mode, (img.height, img.width)
             if mode not in ("RGB", *EXACT_TO_RGB):
                 advice = _MODE_ADVICE.get(mode, f"has colour mode {mode}; re-export it as 8-bit RGB")

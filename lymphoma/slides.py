@@ -12,7 +12,10 @@ import numpy as np
 from PIL import Image
 
 from lymphoma.errors import ImageError
-from lymphoma.images import WSI_SUFFIXES, read_rgb
+from lymphoma.images import DEFAULT_MAX_PIXELS, WSI_SUFFIXES, read_rgb
+
+BAND_PIXELS = 1 << 22  # the pixels of each read of a thumbnail made band by band (4 Mpx, 12 MiB of RGB)
+WHOLE_LEVEL_PIXELS = 1 << 26  # OpenSlide makes a thumbnail of a level up to this size (256 MiB of RGBA) at once
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,32 @@ class SlideReader:
     def thumbnail(self, max_side: int) -> np.ndarray:
         """The whole slide, RGB, at most ``max_side`` pixels on its longer side (from the smallest fitting level)."""
         raise NotImplementedError
+
+    def thumbnail_plan(self, max_side: int) -> tuple[int, tuple[int, int]]:
+        """The level a thumbnail of at most ``max_side`` pixels is made from, and the thumbnail's (width, height)."""
+        w0, h0 = self.info.dimensions
+        scale = max_side / max(w0, h0)
+        return self.best_level(1 / scale), (max(1, round(w0 * scale)), max(1, round(h0 * scale)))
+
+    def banded_thumbnail(self, level: int, size: tuple[int, int]) -> np.ndarray:
+        """``level`` resized to ``size`` as PIL's ``resize(size, LANCZOS, reducing_gap=2.0)`` resizes it whole (box
+        averages by integer factors, then Lanczos), band by band: a slide whose smallest level is large (no pyramid)
+        is never held whole, each read holding about BAND_PIXELS."""
+        tw, th = size
+        made = getattr(self, "_banded", None)  # the last one (tissue, overview and picture each ask for one)
+        if made is not None and made.shape[0] >= th and made.shape[1] >= tw:
+            return made.copy() if made.shape[:2] == (th, tw) else \
+                np.asarray(Image.fromarray(made).resize(size, Image.Resampling.LANCZOS))
+        w, h = self.info.level_dimensions[level]
+        fx, fy = max(1, int(w / tw / 2)), max(1, int(h / th / 2))
+        rows = fy * max(1, BAND_PIXELS // (w * fy))  # whole blocks of fy rows: the bands reduce as the whole would
+        d = self.info.level_downsamples[level]
+        reduced = np.concatenate([np.asarray(Image.fromarray(self.read_region(0, round(y * d), level, w,
+                                                                              min(rows, h - y))).reduce((fx, fy)))
+                                  for y in range(0, h, rows)])
+        out = np.asarray(Image.fromarray(reduced).resize(size, Image.Resampling.LANCZOS, box=(0, 0, w / fx, h / fy)))
+        self._banded = out
+        return out.copy()
 
     def best_level(self, downsample: float) -> int:
         """The level with the largest downsample not above ``downsample`` (never upsample more than needed)."""
@@ -95,10 +124,12 @@ class OpenSlideReader(SlideReader):
         return rgb
 
     def thumbnail(self, max_side: int) -> np.ndarray:
-        w, h = self.info.dimensions
-        scale = max_side / max(w, h)
+        level, size = self.thumbnail_plan(max_side)
+        width, height = self.info.level_dimensions[level]
+        if width * height > WHOLE_LEVEL_PIXELS:
+            return self.banded_thumbnail(level, size)
         try:
-            thumbnail = self._slide.get_thumbnail((max(1, round(w * scale)), max(1, round(h * scale))))
+            thumbnail = self._slide.get_thumbnail(size)
         except self._error as err:
             raise damaged(self.info.path, "its thumbnail", err) from None
         return np.asarray(thumbnail.convert("RGB"))
@@ -110,8 +141,8 @@ class OpenSlideReader(SlideReader):
 class ImageReader(SlideReader):
     """A plain image, decoded once (plain images are small enough); one level."""
 
-    def __init__(self, path: Path, mpp: Optional[float]) -> None:
-        self._image = read_rgb(path)
+    def __init__(self, path: Path, mpp: Optional[float], max_pixels: int = DEFAULT_MAX_PIXELS) -> None:
+        self._image = read_rgb(path, max_pixels, as_slide=True)
         h, w = self._image.shape[:2]
         self.info = SlideInfo(str(path), "image", ((w, h),), (1.0,), mpp, None)
 
@@ -129,10 +160,12 @@ class ImageReader(SlideReader):
         return np.asarray(Image.fromarray(self._image).resize((max(1, round(w * scale)), max(1, round(h * scale)))))
 
 
-def open_slide(path: str | Path, default_mpp: Optional[float] = None) -> SlideReader:
+def open_slide(path: str | Path, default_mpp: Optional[float] = None,
+               max_pixels: int = DEFAULT_MAX_PIXELS) -> SlideReader:
     """A reader for ``path``: every level of an OME-TIFF through tifffile, OpenSlide for whole-slide formats
-    (DICOM WSI, SVS, ... and pyramidal TIFFs), else the plain image."""
-    from lymphoma.ome_tiff import OmeTiffReader, is_ome_tiff
+    (DICOM WSI, SVS, ... and tiled TIFFs), a TIFF of strips over ``max_pixels`` strip by strip, else the plain
+    image (decoded whole: refused over ``max_pixels``)."""
+    from lymphoma.ome_tiff import OmeTiffReader, StripTiffReader, is_large_strip_rgb_tiff, is_ome_tiff
 
     path = Path(path)
     if not path.is_file():
@@ -142,8 +175,10 @@ def open_slide(path: str | Path, default_mpp: Optional[float] = None) -> SlideRe
         reader: SlideReader = OmeTiffReader(path)
     elif suffix in WSI_SUFFIXES or (suffix in (".tif", ".tiff") and _is_tiled_tiff(path)):
         reader = OpenSlideReader(path)
+    elif suffix in (".tif", ".tiff") and is_large_strip_rgb_tiff(path, max_pixels):
+        reader = StripTiffReader(path)
     else:
-        return ImageReader(path, default_mpp)
+        return ImageReader(path, default_mpp, max_pixels)
     if reader.info.mpp is None and default_mpp is not None:
         reader.info = SlideInfo(**{**reader.info.__dict__, "mpp": default_mpp})
     return reader

@@ -122,7 +122,7 @@ def _slide_tiles(path: str, settings: TileSettings, batch: int, overview_side: i
                  region_file: str, stain: Optional[StainNormalizer]) -> TileSource:
     """A whole slide read region by region at the target resolution, over its tissue; stain-normalised with the
     statistics of its tissue in the thumbnail."""
-    reader = open_slide(path, settings.default_mpp)
+    reader = open_slide(path, settings.default_mpp, settings.max_pixels)
     try:
         # with stain statistics to take, one thumbnail gives them and the tissue mask (the grid's own otherwise)
         thumbnail, tissue = slide_tissue(reader) if stain is not None else (None, None)

@@ -63,10 +63,12 @@ def mosaic_levels(images: list[Path], width: int, height: int, levels: int = 3) 
     return out
 
 
-def write_ome_pyramid(path: Path, levels: list[np.ndarray], mpp: float = 0.5) -> Path:
-    """An OME-TIFF pyramid as Bio-Formats and QuPath write it: level 0 with OME-XML, the others in its SubIFDs."""
+def write_ome_pyramid(path: Path, levels: list[np.ndarray], mpp: float = 0.5, compression: str = "zlib") -> Path:
+    """An OME-TIFF pyramid as Bio-Formats and QuPath write it: level 0 with OME-XML, the others in its SubIFDs;
+    tiles of ``compression`` (zlib, jpeg as QuPath's default for RGB, lzw, ...)."""
     with tifffile.TiffWriter(path, bigtiff=True, ome=True) as tif:
-        options = dict(tile=(TILE, TILE), photometric="rgb", compression="zlib", compressionargs={"level": 1})
+        options = dict(tile=(TILE, TILE), photometric="rgb", compression=compression,
+                       compressionargs={"level": 1} if compression == "zlib" else {})
         tif.write(levels[0], subifds=len(levels) - 1, metadata={"axes": "YXS", "PhysicalSizeX": mpp,
                                                                "PhysicalSizeY": mpp, "PhysicalSizeXUnit": "µm",
                                                                "PhysicalSizeYUnit": "µm"}, **options)

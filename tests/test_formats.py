@@ -55,6 +55,65 @@ def test_an_ome_tiff_tile_that_does_not_decode_is_an_error_naming_the_file(level
             reader.read_region(0, 0, 0, 600, 64)
 
 
+@pytest.mark.parametrize("compression", ["jpeg", "lzw"])
+def test_ome_tiffs_of_jpeg_or_lzw_tiles_read_as_tifffile_decodes_them(levels, tmp_path, compression):
+    """QuPath writes RGB OME-TIFFs of JPEG tiles: they were called damaged (tifffile alone decodes neither JPEG nor
+    LZW, and the first tile was read where making tifffile's decoder had moved the file's position)."""
+    import tifffile
+
+    path = write_ome_pyramid(tmp_path / "slide.ome.tif", levels, mpp=0.5, compression=compression)
+    with tifffile.TiffFile(path) as tif:
+        decoded = [level.asarray() for level in tif.series[0].levels]
+    with open_slide(path) as reader:
+        for level, pixels in enumerate(decoded):
+            h, w = pixels.shape[:2]
+            d = reader.info.level_downsamples[level]
+            np.testing.assert_array_equal(reader.read_region(round(50 * d), round(40 * d), level, 100, 100),
+                                          pixels[40:140, 50:150])
+            np.testing.assert_array_equal(reader.read_region(0, 0, level, w, h), pixels)
+    if compression == "lzw":  # lossless
+        np.testing.assert_array_equal(decoded[0], levels[0])
+
+
+def test_a_tiff_of_strips_too_large_to_decode_whole_is_read_strip_by_strip_as_a_slide(levels, tmp_path, monkeypatch):
+    """An export without tiles or pyramid (strips) declaring more than tiles.max_pixels was refused as a possible
+    decompression bomb even when tiled as a whole slide, which its own advice said to do (and tiles.max_pixels
+    was not applied there at all): now it is read strip by strip, pixel for pixel, at the microns per pixel of its
+    resolution tags; a PNG as large, tiled as a whole slide, gets the advice that works: convert it."""
+    import tifffile
+    from PIL import Image
+
+    import lymphoma.slides
+
+    pixels, limit = levels[0], 500_000  # 1300 x 900 = 1,170,000 pixels
+    monkeypatch.setattr(lymphoma.slides, "BAND_PIXELS", 50_000)  # thumbnails made of 25 bands of 36 rows
+    for compression in (None, "lzw", "jpeg"):
+        path = tmp_path / f"strips-{compression}.tif"
+        tifffile.imwrite(path, pixels, photometric="rgb", rowsperstrip=16, compression=compression,
+                         resolution=(1e4 / 0.5, 1e4 / 0.5), resolutionunit="CENTIMETER")
+        decoded = tifffile.imread(path)
+        with open_slide(path, max_pixels=limit) as reader:
+            assert reader.info.vendor == "tiff-strips" and reader.info.mpp == pytest.approx(0.5)
+            for x, y, size in [(0, 0, 64), (250, 200, 300), (1200, 850, 150)]:
+                expected = np.full((size, size, 3), 255, dtype=np.uint8)  # beyond the edge: white
+                part = decoded[y:y + size, x:x + size]
+                expected[:part.shape[0], :part.shape[1]] = part
+                np.testing.assert_array_equal(reader.read_region(x, y, 0, size, size), expected)
+            whole = Image.fromarray(decoded).resize((200, 138), Image.Resampling.LANCZOS, reducing_gap=2.0)
+            np.testing.assert_array_equal(reader.thumbnail(200), np.asarray(whole))  # made band by band, the same
+        with open_slide(path) as reader:  # within the limit: the plain image, decoded whole, as before
+            assert reader.info.vendor == "image"
+    settings = TileSettings(size=128, stride=128, target_mpp=1.0, min_tissue=0.0, max_pixels=limit)
+    source = open_tiles(str(path), settings)
+    assert len(np.concatenate(list(source.batches))) == (900 // 256) * (1300 // 256)
+    with pytest.raises(ImageError, match=r"or tile it as a whole slide \(tiles.target_mpp\), which reads an 8-bit RGB "):
+        open_tiles(str(path), TileSettings(size=128, stride=128, max_pixels=limit))  # cut by pixels: decoded whole
+    png = tmp_path / "large.png"
+    Image.fromarray(pixels).save(png)
+    with pytest.raises(ImageError, match=r"large.png: declares 1300 x 900 .* or convert it to a tiled pyramidal TIFF"):
+        open_tiles(str(png), settings)
+
+
 def test_ome_tiff_slides_are_tiled_from_the_level_of_their_resolution(levels, tmp_path):
     path = write_ome_pyramid(tmp_path / "slide.ome.tiff", levels, mpp=0.5)
     source = open_tiles(str(path), TileSettings(size=128, stride=128, target_mpp=1.0, min_tissue=0.0))
