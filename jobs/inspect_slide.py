@@ -19,8 +19,11 @@ PICTURE_SUFFIXES = (".png", ".jpg", ".jpeg", ".tif", ".tiff")
 
 
 def picture_path(out: Path | None, slide: Path) -> Path:
-    """Where the QC picture goes: ``--out`` (a folder gets ``<slide name>-grid.png``, made where missing), else
-    ``<slide name>-grid.png`` here; an InputError for a name that is no picture format."""
+    """Where the QC picture goes: ``--out`` (a folder, or a new name without a suffix, such as ``qc/``, gets
+    ``<slide name>-grid.png``, made where missing), else ``<slide name>-grid.png`` here; an InputError for a name
+    that is no picture format."""
+    if out is not None and not out.suffix and not out.exists():
+        out.mkdir(parents=True)
     if out is None or out.is_dir():
         return (out or Path()) / f"{slide.stem}-grid.png"
     if out.suffix.lower() not in PICTURE_SUFFIXES:

@@ -165,6 +165,9 @@ def test_inspect_reports_levels_tissue_and_grid(wsi_dir, tmp_path, capsys):
     capsys.readouterr()
     assert main(["inspect", slide, "--out", str(tmp_path / "grid.txt")]) == 2
     assert "its name ends in one of .png, .jpg, .jpeg, .tif, .tiff (or give a folder)" in capsys.readouterr().err
+    # a new name without a suffix (`--out qc/`, as for several slides) is a folder for one slide too
+    assert main(["inspect", slide, "--out", str(tmp_path / "qc-one") + "/"]) == 0
+    assert Image.open(tmp_path / "qc-one" / "CMU-1-Small-Region-grid.png").size[1] == 1024
     # --cluster slurm: still read here (it is light), and said so rather than taken for a job
     assert main(["inspect", slide, "--cluster", "slurm", "--out", str(tmp_path)]) == 0
     assert "lymphoma inspect runs in this process, not as a slurm job" in capsys.readouterr().out
