@@ -93,7 +93,8 @@ def _check_size(path: Path, size: tuple[int, int], max_pixels: int, as_slide: bo
     if width * height > max_pixels:
         tiff = path.suffix.lower() in (".tif", ".tiff")
         instead = CONVERT_TO_SLIDE if as_slide or not tiff else \
-            "tile it as a whole slide (tiles.target_mpp), which reads an 8-bit RGB TIFF strip by strip"
+            ("read it as a whole slide, region by region, as 8-bit RGB TIFFs are with tiles.target_mpp set (to predict "
+             "with a model cut by pixels: --force tiles.target_mpp=<microns per pixel of its training images>)")
         raise ImageError(path, f"declares {width} x {height} = {width * height:,} pixels, more than tiles.max_pixels "
                                f"({max_pixels:,}): possibly a decompression bomb; if it is a real image, raise "
                                f"tiles.max_pixels (decoding takes {3 * width * height / 2**30:.1f} GiB) or {instead}")

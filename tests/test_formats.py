@@ -106,7 +106,7 @@ def test_a_tiff_of_strips_too_large_to_decode_whole_is_read_strip_by_strip_as_a_
     settings = TileSettings(size=128, stride=128, target_mpp=1.0, min_tissue=0.0, max_pixels=limit)
     source = open_tiles(str(path), settings)
     assert len(np.concatenate(list(source.batches))) == (900 // 256) * (1300 // 256)
-    with pytest.raises(ImageError, match=r"or tile it as a whole slide \(tiles.target_mpp\), which reads an 8-bit RGB "):
+    with pytest.raises(ImageError, match=r"or read it as a whole slide, region by region, as 8-bit RGB TIFFs are with "):
         open_tiles(str(path), TileSettings(size=128, stride=128, max_pixels=limit))  # cut by pixels: decoded whole
     png = tmp_path / "large.png"
     Image.fromarray(pixels).save(png)
