@@ -158,7 +158,7 @@ def discover(
     if not records:
         raise InputError(f"no usable images in {source} (expected class sub-folders {class_names or ''} holding "
                          f"{'/'.join(IMAGE_SUFFIXES)} files, or a CSV manifest); skipped {len(skipped)} file(s): "
-                         + reasons_by_count(skipped))
+                         + reasons_by_count(skipped) + _other_classes(rows, class_names))
     _check_unique_names(records)
     _check_case_labels(records)
     skipped += _unused_region_files(regions, keys)
@@ -216,6 +216,16 @@ def _visible(folder: Path, directories: bool = False) -> list[Path]:
 def spelt_otherwise(label: str, class_names: Sequence[str]) -> str | None:
     """The class that ``label`` names in other upper and lower case (``cll`` for ``CLL``), or None."""
     return next((name for name in class_names if name.casefold() == label.casefold()), None)
+
+
+def _other_classes(rows: Sequence[tuple[Path, str, str]], class_names: Sequence[str]) -> str:
+    """Where no image is of a class of ``class_names`` but they name two or more others (a cohort of its own
+    classes under the lymphoma defaults): how to train on those."""
+    labels = sorted({label for _, label, _ in rows})
+    if len(labels) < 2 or set(labels) & set(class_names) or any(spelt_otherwise(x, class_names) for x in labels):
+        return ""
+    return (f". The images name the classes {', '.join(labels)}: to train on them, set data.classes=null (the "
+            f"class names found, sorted) or data.classes=[{','.join(labels)}] (that order)")
 
 
 def unknown_class(label: str, class_names: Sequence[str]) -> str:

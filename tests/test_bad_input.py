@@ -524,6 +524,21 @@ def test_class_folders_spelt_in_lower_case_are_named_as_the_classes_they_mean(ma
     assert {Path(r.path).parent.name for r in inputs.records} == {"FL"}
     assert {s.reason.split(";")[0] for s in inputs.skipped} == {
         "unknown class 'lymphoma'", "unknown class 'mcl': the class 'MCL' spelt otherwise (classes are matched exactly)"}
+    assert "The images name the classes" not in message  # spelt otherwise: that advice, not another class list
+
+
+def test_a_cohort_of_other_classes_is_told_how_to_name_them(make_dataset):
+    """A group's own two classes (folders tumour/ and normal/) under the default CLL, FL, MCL: the error says which
+    classes the images name and the settings that train on them, and both settings do."""
+    root = make_dataset(cases_per_class=2, images_per_case=2)
+    (root / "CLL").rename(root / "tumour")
+    (root / "MCL").rename(root / "normal")
+    shutil.rmtree(root / "FL")
+    with pytest.raises(InputError, match=r"The images name the classes normal, tumour: to train on them, set "
+                                         r"data.classes=null .* or data.classes=\[normal,tumour\] \(that order\)"):
+        discover(root, ["CLL", "FL", "MCL"])
+    assert discover(root, None).classes == ["normal", "tumour"]
+    assert to_object(load_config(None, ["data.classes=[normal,tumour]"])).data.classes == ["normal", "tumour"]
 
 
 def test_a_folder_copied_from_a_mac_is_predicted_without_its_hidden_files(make_dataset, tmp_path):
