@@ -16,6 +16,7 @@ import submitit
 from hpc.executors import SubmissionError
 from hpc.ledger import refuse_beside_open_job, remember
 from hpc.orphans import controller_errors_in, tied_to_this_process
+from hpc.pending import PendingWatch
 
 # sbatch's words when it never reached the controller (no configuration, controller down), not a refusal
 UNREACHABLE = ("Could not establish a configuration source", "Unable to process configuration file",
@@ -164,13 +165,18 @@ def wait_for(job: submitit.Job[Any], name: str, on_poll: Callable[[], None] | No
     try:
         if isinstance(job, submitit.DebugJob):
             return [_run_in_process(job)]
+        watch = PendingWatch()
         while not _ended(job, "slurm" if isinstance(job, submitit.SlurmJob) else "local"):  # not submitit's done():
             if on_poll is not None:  # it takes a job still CONFIGURING on SLURM for one that ended (_ended)
                 on_poll()
+            if isinstance(job, submitit.SlurmJob):
+                watch.check([job])
             time.sleep(poll_s)
         return job.results()
     except (KeyboardInterrupt, SystemExit):  # this command is being stopped
         stop_local_tasks([job])
+        raise
+    except SubmissionError:  # SLURM would never start it (hpc.pending): cancelled, nothing ran
         raise
     except Exception as err:  # noqa: BLE001 - reported with the job's logs
         failure = TaskFailure(0, str(job.job_id), f"{type(err).__name__}: {err}", job.paths.stdout, job.paths.stderr)
@@ -242,7 +248,8 @@ def _wait_all(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: list
               deadline: float | None, failures: list[TaskFailure], finish: Callable[[int, submitit.Job[Any]], None],
               on_poll: Callable[[], None] | None = None) -> None:
     """Submit the waiting items (local: at most ``parallelism`` processes at once), finish each ended task, and
-    call ``on_poll`` at each look at the tasks."""
+    call ``on_poll`` at each look at the tasks; SLURM tasks pending for a reason that never clears end it."""
+    watch = PendingWatch()
     while waiting or running:
         while waiting and len(running) < parallelism:
             index = waiting.pop(0)
@@ -255,6 +262,8 @@ def _wait_all(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: list
                 finish(index, running.pop(index))
         if on_poll is not None:
             on_poll()
+        if executor.cluster == "slurm":
+            watch.check(running.values())
         if running and _expired(deadline, running, waiting, failures):
             break
         if running:

@@ -7,7 +7,7 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 import submitit
 
@@ -26,7 +26,8 @@ class ExecutorSettings:
     """Where and how tasks run; the slurm-only fields are ignored by the other kinds.
 
     parallelism: most array tasks running at once (local: processes; slurm: ``--array=...%N``).
-    extra_sbatch: further ``#SBATCH`` options, e.g. ``{"mail-type": "END"}``.
+    extra_sbatch: further ``#SBATCH`` options, e.g. ``{"mail-type": "END"}``; ``true`` gives a flag alone
+    (``{exclusive: true}``: ``#SBATCH --exclusive``), ``false`` leaves the option out.
     setup: shell lines run before each task (``module load ...``, ``source venv/bin/activate``).
     """
 
@@ -43,7 +44,7 @@ class ExecutorSettings:
     qos: Optional[str] = None
     constraint: Optional[str] = None
     setup: List[str] = field(default_factory=list)  # shell lines before each task, e.g. "module load cuda"
-    extra_sbatch: Dict[str, str] = field(default_factory=dict)  # further #SBATCH options, e.g. {mail-type: END}
+    extra_sbatch: Dict[str, Any] = field(default_factory=dict)  # further #SBATCH options, e.g. {mail-type: END, exclusive: true}
     poll_s: float = 0.5            # seconds between looks at the tasks' state
 
     def __post_init__(self) -> None:
@@ -108,7 +109,8 @@ def make_executor(settings: ExecutorSettings, folder: str | Path, name: str) -> 
             "slurm_constraint": settings.constraint,
             "slurm_array_parallelism": settings.parallelism,
             "slurm_setup": list(settings.setup),
-            "slurm_additional_parameters": dict(settings.extra_sbatch),
+            "slurm_additional_parameters": {key: value for key, value in settings.extra_sbatch.items()
+                                            if value is not False},  # True: the flag alone (submitit)
         }
         params.update({key: value for key, value in slurm.items() if value not in (None, [], {})})
     elif settings.kind == "local" and settings.setup:

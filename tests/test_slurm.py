@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -396,3 +398,45 @@ def test_a_controller_that_does_not_answer_and_a_machine_without_slurm_are_named
                           env={**os.environ, "PATH": str(Path(sys.executable).parent)})
     assert bare.returncode == 2 and "Traceback" not in bare.stderr
     assert "sbatch and srun are not on this machine's PATH" in bare.stderr and "--cluster local" in bare.stderr
+
+
+def test_a_job_slurm_will_never_start_is_cancelled_naming_the_setting_to_change(tiled):
+    """A time limit above its partition's (the local cluster's `short` allows 1 minute): SLURM accepts the job and
+    leaves it pending for ever ('PartitionTimeLimit'), and the command waited with it, silent. Now the array
+    (`lymphoma tile`) and the one job (`lymphoma train`) are cancelled within seconds, exit status 2, with the
+    reason and cluster.timeout_min named; nothing is left in the queue, and nothing was written."""
+    from conftest import FAST
+
+    source, runs = tiled
+    for stage in ("tile", "train"):
+        name = f"never-{stage}-{uuid.uuid4().hex[:6]}"
+        if stage == "train":
+            shutil.copytree(runs / "base" / "tiles", runs / name / "tiles")
+        started = time.monotonic()
+        done = subprocess.run([sys.executable, "-m", "jobs.cli", stage, "--cluster", "slurm", "--no-progress",
+                               f"data.source={source}", f"run.root={runs}", f"run.name={name}", *FAST, *SMALL,
+                               "cluster.partition=short", "cluster.timeout_min=5"],
+                              capture_output=True, text=True, timeout=300)
+        assert done.returncode == 2, done.stderr
+        assert time.monotonic() - started < 120
+        assert "SLURM will never start job" in done.stderr and "'PartitionTimeLimit'" in done.stderr, done.stderr
+        assert "lower cluster.timeout_min" in done.stderr and "were cancelled" in done.stderr
+        queued = subprocess.run(["squeue", "-h", "-n", f"{stage}-{name}", "-o", "%i %T"], capture_output=True,
+                                text=True, check=True).stdout
+        assert queued.strip() == "", queued
+        assert not list((runs / name).rglob("*.h5" if stage == "tile" else "*.pt"))
+    # held (sbatch --hold): a reason only someone's action clears is said once, and the command waits on for it
+    name = f"held-{uuid.uuid4().hex[:6]}"
+    with subprocess.Popen([sys.executable, "-m", "jobs.cli", "tile", "--cluster", "slurm", "--no-progress",
+                           f"data.source={source}", f"run.root={runs}", f"run.name={name}", *FAST, *SMALL,
+                           "cluster.extra_sbatch={hold: true}"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                          text=True) as held:
+        time.sleep(30)  # submitted, then two looks at its reason, 10 s apart
+        listed = subprocess.run(["squeue", "-h", "-n", f"tile-{name}", "-o", "%A %r"], capture_output=True,
+                                text=True, check=True).stdout.split()
+        queued, ids = set(listed[1::2]), set(listed[::2])
+        subprocess.run(["scontrol", "release", *ids], check=True)
+        out, err = held.communicate(timeout=300)
+    assert queued == {"JobHeldUser"}, listed
+    assert held.returncode == 0, err
+    assert err.count("is pending for 'JobHeldUser': it is held (`scontrol release <id>` lets it start)") == 1, err

@@ -10,6 +10,7 @@
 #
 # Settings (environment): STATE_DIR (default /tmp/lymphoma-slurm), NODES (2), CPUS (8), MEM_MB (32768),
 # DB_PORT (3307). Every daemon's state, logs and PID file live under STATE_DIR.
+# Partitions: debug (the default, no time limit) and short (1 minute: jobs asking for more stay pending there).
 set -euo pipefail
 
 STATE_DIR=${STATE_DIR:-/tmp/lymphoma-slurm}
@@ -127,6 +128,7 @@ JobAcctGatherType=jobacct_gather/none
 JobCompType=jobcomp/none
 NodeName=n[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[6821-$((6820 + NODES))] CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
+PartitionName=short Nodes=ALL MaxTime=1 State=UP
 CONF
 
 /usr/sbin/slurmdbd
@@ -136,7 +138,7 @@ sacctmgr -i add cluster "$CLUSTER" >/dev/null 2>&1 || true
 wait_for 30 slurmctld scontrol ping
 for n in $(seq 1 "$NODES"); do /usr/sbin/slurmd -N "n$n"; done
 
-all_idle() { [ "$(sinfo -h -N -o %T | grep -cx idle)" = "$NODES" ]; }
+all_idle() { [ "$(sinfo -h -N -p debug -o %T | grep -cx idle)" = "$NODES" ]; }
 wait_for 60 "the nodes (idle)" all_idle
 echo "SLURM cluster '$CLUSTER' is up: $NODES node(s) x $CPUS CPUs, state and logs in $STATE_DIR"
 sinfo -N
