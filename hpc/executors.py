@@ -87,8 +87,12 @@ def make_executor(settings: ExecutorSettings, folder: str | Path, name: str) -> 
         raise SubmissionError(f"cluster.kind slurm, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
                               "not on this machine's PATH: submit from a login node of the cluster (or load its "
                               "module, e.g. `module load slurm`), or run here with --cluster local")
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=settings.kind)
     gpus = settings.gpus_per_node
+    if settings.kind == "local" and gpus > visible_gpu_count():
+        raise SubmissionError(f"cluster.gpus_per_node={gpus}, but this machine has {visible_gpu_count()} GPU(s) "
+                              "(nvidia-smi -L, within CUDA_VISIBLE_DEVICES): set cluster.gpus_per_node=0 (the tasks "
+                              "then use what there is), or run on a GPU node (--cluster slurm)")
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=settings.kind)
     if settings.kind == "local" and gpus == 0:
         gpus = visible_gpu_count()  # submitit's local executor hides every GPU it is not given
     params: dict[str, object] = {

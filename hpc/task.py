@@ -36,13 +36,33 @@ def thread_share(tasks_at_once: int) -> int:
 
 
 def task_device(env: DistEnv) -> torch.device:
-    """The process's GPU (one per process on a node, by local rank), else the CPU."""
+    """The process's GPU (one per process on a node, by local rank), else the CPU; an error where the scheduler
+    gave the task GPUs that torch cannot use (hours on the CPU of a GPU node, without a word, otherwise)."""
     if not torch.cuda.is_available():
+        given = gpus_given()
+        if given:
+            why = (f"this torch ({torch.__version__}) is built without CUDA: install a CUDA build in the tasks' "
+                   "environment" if torch.version.cuda is None else
+                   f"torch {torch.__version__} (CUDA {torch.version.cuda}) cannot use them: check the node's driver "
+                   "(`nvidia-smi`) against that CUDA version")
+            raise DistributedEnvError(f"this task was given {given} GPU(s), but {why}; or ask for none "
+                                      "(cluster.gpus_per_node=0) to run on the CPU")
         return torch.device("cpu")
     if env.local_rank >= torch.cuda.device_count():
         raise DistributedEnvError(f"{env.local_world} processes on this node but {torch.cuda.device_count()} GPU(s) "
                                   "visible: one process per GPU (set --gpus-per-node or cluster.tasks_per_node)")
     return torch.device(f"cuda:{env.local_rank}")
+
+
+def gpus_given() -> int:
+    """The GPUs the scheduler gave this task: SLURM's count on its node, or the devices submitit's local executor
+    made visible to it (0 elsewhere: a CUDA_VISIBLE_DEVICES of the user's own is no request)."""
+    on_node = os.environ.get("SLURM_GPUS_ON_NODE", "").strip()
+    if on_node.isdigit():
+        return int(on_node)
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local":
+        return len([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip() not in ("", "-1")])
+    return 0
 
 
 @contextmanager

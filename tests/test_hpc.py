@@ -60,6 +60,28 @@ def test_a_task_that_fills_the_disk_is_reported_with_its_own_error(small_disk, t
     assert "task 0" in str(info.value) and "on purpose" in str(info.value)
 
 
+def test_gpus_asked_for_but_not_usable_are_an_error_not_hours_on_the_cpu(tmp_path):
+    """cluster.gpus_per_node on a machine without them is refused before any task starts; a task the scheduler
+    gave GPUs (SLURM_GPUS_ON_NODE) that torch cannot use stops naming why, where it trained on the CPU silently."""
+    import subprocess
+    import sys
+
+    from hpc import SubmissionError
+    from hpc.executors import visible_gpu_count
+
+    if visible_gpu_count() or __import__("torch").cuda.is_available():
+        pytest.skip("this machine has a usable GPU")
+    with pytest.raises(SubmissionError, match="cluster.gpus_per_node=1, but this machine has 0 GPU"):
+        make_executor(ExecutorSettings(kind="local", gpus_per_node=1), tmp_path / "%j", name="gpu")
+    probe = "from hpc.distributed import resolve; from hpc.task import task_device; print(task_device(resolve()))"
+    for given, expected in (("2", "this task was given 2 GPU(s), but "), ("", "cpu")):
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("SLURM_", "SUBMITIT_"))}
+        done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, timeout=120,
+                              env={**env, **({"SLURM_GPUS_ON_NODE": given} if given else {})})
+        assert expected in done.stdout + done.stderr, done.stderr
+        assert (done.returncode != 0) == bool(given)
+
+
 def test_debug_executor_runs_in_this_process(tmp_path, tasks_importable):
     from hpc_tasks import record_span
 
