@@ -1,5 +1,6 @@
-"""OME-TIFF pyramids (Bio-Formats, QuPath and tifffile write them: the levels in SubIFDs, which OpenSlide does not
-see) read level by level through tifffile: only the tiles a region touches are read and decoded."""
+"""TIFFs that OpenSlide does not read as slides, read level by level through tifffile, only the tiles or strips a
+region touches decoded: OME-TIFF pyramids (Bio-Formats, QuPath and tifffile write them: the levels in SubIFDs, which
+OpenSlide does not see) and TIFFs of strips too large to decode whole (exports without tiles or pyramid)."""
 
 from __future__ import annotations
 
