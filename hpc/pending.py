@@ -29,6 +29,8 @@ NEVER = {
     "DependencyNeverSatisfied": "a job it depends on failed or was cancelled",
 }
 PER_JOB_LIMIT = re.compile(r"^(QOS|Assoc)Max\w*PerJob\w*$")  # e.g. QOSMaxWallDurationPerJobLimit
+PER_JOB_WHY = ("it asks for more than a per-job limit of its QOS or account allows: ask for less (cluster.timeout_min, "
+               "cluster.cpus_per_task, cluster.mem_gb, cluster.nodes) or use another cluster.qos")
 # reasons that clear when someone acts (an administrator, or the user): worth a word, not an end
 STUCK = {
     "ReqNodeNotAvail": "the nodes it needs are down, drained or reserved",
@@ -60,9 +62,7 @@ class PendingWatch:
         for job_id, reason in pending_reasons(ids).items():
             code = reason.split(",")[0].strip()
             settled, self.last[job_id] = self.last.get(job_id) == code, code
-            why = NEVER.get(code) or ("it asks for more than a per-job limit of its QOS or account allows: ask for less "
-                                      "(cluster.timeout_min, cluster.cpus_per_task, cluster.mem_gb, cluster.nodes) "
-                                      "or use another cluster.qos" if PER_JOB_LIMIT.match(code) else None)
+            why = NEVER.get(code) or (PER_JOB_WHY if PER_JOB_LIMIT.match(code) else None)
             if not settled:
                 continue
             if why is not None:

@@ -17,6 +17,7 @@ import torch
 import torch.distributed as dist
 
 from hpc.distributed import DistEnv, DistributedEnvError, resolve
+from hpc.executors import visible_gpu_count
 from hpc.logs import task_logging
 from hpc.memory import keep_freed_memory
 from hpc.orphans import end_with_command
@@ -60,8 +61,8 @@ def gpus_given() -> int:
     on_node = os.environ.get("SLURM_GPUS_ON_NODE", "").strip()
     if on_node.isdigit():
         return int(on_node)
-    if os.environ.get("SUBMITIT_EXECUTOR") == "local":
-        return len([d for d in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if d.strip() not in ("", "-1")])
+    if os.environ.get("SUBMITIT_EXECUTOR") == "local":  # it always sets CUDA_VISIBLE_DEVICES ("" for none)
+        return visible_gpu_count()
     return 0
 
 
