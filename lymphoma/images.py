@@ -16,6 +16,7 @@ from PIL import Image, UnidentifiedImageError
 
 from lymphoma.errors import ImageError
 
+TIFF_SUFFIXES = (".tif", ".tiff")
 IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".jp2", ".j2k", ".gif")  # read through PIL
 WSI_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm")  # read through OpenSlide
 UNREAD_FORMATS = {".czi": "Zeiss CZI slide", ".vsi": "Olympus VSI slide", ".isyntax": "Philips iSyntax slide",
@@ -91,7 +92,7 @@ def _check_size(path: Path, size: tuple[int, int], max_pixels: int, as_slide: bo
     the way to read it: raise the limit, or read it region by region (``as_slide``: it already is a slide's)."""
     width, height = size
     if width * height > max_pixels:
-        tiff = path.suffix.lower() in (".tif", ".tiff")
+        tiff = path.suffix.lower() in TIFF_SUFFIXES
         instead = CONVERT_TO_SLIDE if as_slide or not tiff else \
             ("read it as a whole slide, region by region, as 8-bit RGB TIFFs are with tiles.target_mpp set (to predict "
              "with a model cut by pixels: --force tiles.target_mpp=<microns per pixel of its training images>)")

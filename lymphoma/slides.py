@@ -12,7 +12,7 @@ import numpy as np
 from PIL import Image
 
 from lymphoma.errors import ImageError
-from lymphoma.images import DEFAULT_MAX_PIXELS, WSI_SUFFIXES, read_rgb
+from lymphoma.images import DEFAULT_MAX_PIXELS, TIFF_SUFFIXES, WSI_SUFFIXES, read_rgb
 
 BAND_PIXELS = 1 << 22  # the pixels of each read of a thumbnail made band by band (4 Mpx, 12 MiB of RGB)
 WHOLE_LEVEL_PIXELS = 1 << 26  # OpenSlide makes a thumbnail of a level up to this size (256 MiB of RGBA) at once
@@ -38,6 +38,7 @@ class SlideReader:
     """Region reads in level-0 coordinates, at any level; ``close`` when done (or use ``with``)."""
 
     info: SlideInfo
+    _banded: Optional[np.ndarray] = None  # the last thumbnail made band by band (banded_thumbnail)
 
     def read_region(self, x: int, y: int, level: int, width: int, height: int) -> np.ndarray:
         """RGB uint8 ``[height, width, 3]`` at ``level``, top-left (x, y) given in level-0 pixels."""
@@ -58,7 +59,7 @@ class SlideReader:
         averages by integer factors, then Lanczos), band by band: a slide whose smallest level is large (no pyramid)
         is never held whole, each read holding about BAND_PIXELS."""
         tw, th = size
-        made = getattr(self, "_banded", None)  # the last one (tissue, overview and picture each ask for one)
+        made = self._banded  # the last one (tissue, overview and picture each ask for one)
         if made is not None and made.shape[0] >= th and made.shape[1] >= tw:
             return made.copy() if made.shape[:2] == (th, tw) else \
                 np.asarray(Image.fromarray(made).resize(size, Image.Resampling.LANCZOS))
@@ -171,11 +172,12 @@ def open_slide(path: str | Path, default_mpp: Optional[float] = None,
     if not path.is_file():
         raise ImageError(path, "file not found; fix the path or remove it from the input list")
     suffix = path.suffix.lower()
-    if suffix in (".tif", ".tiff") and is_ome_tiff(path):
+    tiff = suffix in TIFF_SUFFIXES
+    if tiff and is_ome_tiff(path):
         reader: SlideReader = OmeTiffReader(path)
-    elif suffix in WSI_SUFFIXES or (suffix in (".tif", ".tiff") and _is_tiled_tiff(path)):
+    elif suffix in WSI_SUFFIXES or (tiff and _is_tiled_tiff(path)):
         reader = OpenSlideReader(path)
-    elif suffix in (".tif", ".tiff") and is_large_strip_rgb_tiff(path, max_pixels):
+    elif tiff and is_large_strip_rgb_tiff(path, max_pixels):
         reader = StripTiffReader(path)
     else:
         return ImageReader(path, default_mpp, max_pixels)
