@@ -14,6 +14,7 @@ import html
 import io
 import json
 import logging
+import urllib.parse
 from collections import Counter
 from datetime import datetime
 from pathlib import Path
@@ -69,7 +70,8 @@ def _figure(path: Path, caption: str) -> str:
 
 def _link(run_dir: Path, path: Path, text: Optional[str] = None) -> str:
     target = path.relative_to(run_dir) if path.is_relative_to(run_dir) else path
-    return f'<a href="{html.escape(str(target))}">{html.escape(text or str(target))}</a>'
+    href = urllib.parse.quote(target.as_posix())  # a file name's '#', '%' or '?' is part of the path, not the URL's
+    return f'<a href="{html.escape(href)}">{html.escape(text or str(target))}</a>'
 
 
 def _table(header: list[str], rows: list[list[Any]], left: int = 1) -> str:

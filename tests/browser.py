@@ -20,7 +20,7 @@ CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic
                   "--disable-background-networking", "--disable-component-update", "--disable-sync",
                   "--remote-debugging-port=0", "--window-size=1280,1600"]
 PAGE_FACTS = """JSON.stringify({images: [...document.images].map(i => [i.alt, i.complete && i.naturalWidth > 0]),
-  text: document.body.innerText, links: [...document.links].map(a => a.getAttribute('href'))})"""
+  text: document.body.innerText, links: [...document.links].map(a => a.href)})"""
 
 
 def chromium() -> str | None:
@@ -32,7 +32,7 @@ class Page:
     errors: list[str]  # console errors, exceptions and failed loads
     images: list[tuple[str, bool]]  # (alt text, decoded)
     text: str
-    links: list[str]
+    links: list[str]  # as the browser resolves them: absolute URLs
 
 
 class _DevTools:
