@@ -210,7 +210,11 @@ def _launch_overrides(args: argparse.Namespace) -> list[str]:
 
 
 def parse(parser: argparse.ArgumentParser, argv: Sequence[str] | None) -> argparse.Namespace:
-    """The arguments, with words after the options taken as more inputs (predict) or overrides."""
+    """The arguments, with words after the options taken as more inputs (predict) or overrides; none at all: the
+    help, which lists the commands and what each does (exit status 2)."""
+    if not (sys.argv[1:] if argv is None else argv):
+        parser.print_help(sys.stderr)
+        raise SystemExit(2)
     args, extra = parser.parse_known_args(argv)
     unknown = [w for w in extra if w.startswith("-")]
     if unknown:

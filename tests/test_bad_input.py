@@ -330,6 +330,9 @@ def test_version_and_the_top_level_help_name_overrides_and_exit_codes():
                                         text=True).stdout.split())
     assert "section.key=value overrides" in help_text and "Exit status: 0 done; 1 failed" in help_text
     assert "2 bad input or config" in help_text
+    bare = subprocess.run([sys.executable, "-m", "jobs.cli"], capture_output=True, text=True)  # no command: the
+    assert bare.returncode == 2 and "cut images into tiles" in bare.stderr and "tile-vote inference" in bare.stderr
+    assert "the following arguments are required" not in bare.stderr  # help, with what each command does
 
 
 def test_manifests_and_lists_saved_by_excel_are_read_and_other_encodings_named(make_dataset, tmp_path, capsys):
