@@ -14,6 +14,7 @@ from typing import Any, TypeVar
 import submitit
 
 from hpc.executors import SubmissionError
+from hpc.killed import killed_for_memory
 from hpc.ledger import refuse_beside_open_job, remember
 from hpc.orphans import controller_errors_in, tied_to_this_process
 from hpc.pending import PendingWatch
@@ -103,7 +104,7 @@ def _failure_message(err: Exception, job: submitit.Job[Any], executor: submitit.
     failed = isinstance(err, submitit.core.utils.FailedJobError) or \
         not isinstance(err, submitit.core.utils.UncompletedJobError)
     message = f"{type(err).__name__}: {err}" if failed else _unwritten_error(job.paths.stdout) or \
-        f"no result, the job ended as {job.state}"
+        _killed_for_memory(job) or f"no result, the job ended as {job.state}"
     if "timed-out" in message or "TIMEOUT" in message:
         limit = _parameters(executor).get("timeout_min") or _parameters(executor).get("time")
         message = (f"TimeoutError: the task reached its time limit of {limit} min ({_last_error_line(message)}); "
@@ -125,6 +126,15 @@ def _unwritten_error(stdout: Path) -> str | None:
     error, _, reason = rest.partition("\n\nbecause of ")
     reason = reason.strip().splitlines()[0] if reason.strip() else "no reason logged"
     return f"{' '.join(error.split())} (nor could its result file be written: {reason})"
+
+
+def _killed_for_memory(job: submitit.Job[Any]) -> str | None:
+    """For a SLURM job killed for memory (``hpc.killed``; any of its tasks' logs): that, with the setting to raise."""
+    if not isinstance(job, submitit.SlurmJob):
+        return None
+    state = job.state
+    logs = [job.task(rank).paths.stderr for rank in range(job.num_tasks)] if job.num_tasks > 1 else [job.paths.stderr]
+    return next(filter(None, (killed_for_memory(log, state) for log in logs)), None)
 
 
 def _refused_as_error(executor: submitit.AutoExecutor, submit_now: Callable[[], Any]) -> Any:
@@ -179,7 +189,8 @@ def wait_for(job: submitit.Job[Any], name: str, on_poll: Callable[[], None] | No
     except SubmissionError:  # SLURM would never start it (hpc.pending): cancelled, nothing ran
         raise
     except Exception as err:  # noqa: BLE001 - reported with the job's logs
-        failure = TaskFailure(0, str(job.job_id), f"{type(err).__name__}: {err}", job.paths.stdout, job.paths.stderr)
+        message = _killed_for_memory(job) or f"{type(err).__name__}: {err}"
+        failure = TaskFailure(0, str(job.job_id), message, job.paths.stdout, job.paths.stderr)
         raise ArrayJobError(name, [failure], [None]) from None
 
 

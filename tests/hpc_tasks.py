@@ -43,3 +43,15 @@ def fill_the_disk_then_fail(folder: str) -> None:
         except OSError:
             pass
     raise RuntimeError("the task's own error, on purpose")
+
+
+def hold_memory(args: tuple[int, float]) -> int:
+    """Take ``mib`` MiB, 50 at a time and every page touched, and hold it for ``seconds``: a task that SLURM kills
+    where its job asked for less."""
+    mib, seconds = args
+    blocks = []
+    for _ in range(mib // 50):
+        blocks.append(bytearray(b"\1" * (50 << 20)))
+        time.sleep(0.05)
+    time.sleep(seconds)
+    return len(blocks) * 50

@@ -179,3 +179,20 @@ def test_local_tasks_run_without_a_time_limit_unless_one_is_set_and_then_name_it
         run_array(limited, sleep_for, [(str(tmp_path / "marker"), 20)], poll_s=0.1)
     assert "TimeoutError: the task reached its time limit of 1 min" in str(info.value)
     assert "raise cluster.timeout_min (null: none on this machine), then rerun" in str(info.value)
+
+
+def test_a_cgroup_out_of_memory_kill_is_named_as_one_without_figures(tmp_path):
+    """Where SLURM's cgroup killed the task (no such cluster here: the local one polls, tested in test_slurm.py),
+    slurmstepd's words or the state OUT_OF_MEMORY name it, without figures it did not log; a task killed otherwise
+    is not called one."""
+    from hpc.killed import killed_for_memory
+
+    log = tmp_path / "0_log.err"
+    log.write_text("srun: error: n3: task 0: Out Of Memory\nslurmstepd: error: Detected 1 oom-kill event(s) in "
+                   "StepId=4242.0. Some of your processes may have been killed by the cgroup out-of-memory handler.\n")
+    message = killed_for_memory(log, "FAILED")
+    assert message == ("MemoryError: SLURM killed the task for memory (it needed more than its job asked for; raise "
+                       "cluster.mem_gb), then rerun: finished work is kept")
+    log.write_text("srun: error: n3: task 0: Killed\n")
+    assert killed_for_memory(log, "OUT_OF_MEMORY") == message and killed_for_memory(log, "CANCELLED by 0") is None
+    assert killed_for_memory(tmp_path / "never-written.err", "FAILED") is None

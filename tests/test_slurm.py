@@ -16,12 +16,13 @@ import submitit
 
 from conftest import read_shards
 from hpc import ArrayJobError, ExecutorSettings, make_executor, run_array
-from hpc_tasks import record_span, sleep_for
+from hpc_tasks import hold_memory, record_span, sleep_for
 from jobs.tile import run_tile
 from lymphoma.sharding import load_manifest, phase_shards
 
 pytestmark = [pytest.mark.slurm, pytest.mark.usefixtures("slurm_cluster", "tasks_importable")]
-SMALL = ["cluster.cpus_per_task=1", "cluster.mem_gb=0.5", "cluster.timeout_min=10", "cluster.poll_s=0.2"]
+SMALL = ["cluster.cpus_per_task=1", "cluster.mem_gb=3",  # tasks peak near 1.1 GB (sacct MaxRSS)
+         "cluster.timeout_min=10", "cluster.poll_s=0.2"]
 
 
 @pytest.fixture(autouse=True)
@@ -77,6 +78,27 @@ def test_a_failing_task_is_named_with_its_log_and_the_others_finish(tmp_path):
     assert err.failures[0].stderr.is_file() and "bad on purpose" in err.failures[0].stderr.read_text()
     assert f"task 3 (job {err.failures[0].job_id})" in str(err) and err.failures[0].job_id.endswith("_3")
     assert "of 'fails' failed" in str(err)
+
+
+def test_a_task_killed_for_memory_is_named_so_with_the_setting_to_raise(tiled, tmp_path):
+    """The local cluster kills a step over its job's memory, as clusters do: the task is named as killed for
+    memory with cluster.mem_gb and a value to give, not as srun's "task 0: Killed"; the task within its memory
+    finishes. A training job (one task) alike."""
+    from conftest import config_for
+    from jobs.train import run_train
+
+    settings = ExecutorSettings(kind="slurm", parallelism=2, timeout_min=5, mem_gb=0.25)
+    executor = make_executor(settings, tmp_path / "logs" / "%j", name="greedy")
+    with pytest.raises(ArrayJobError) as info:
+        run_array(executor, hold_memory, [(0, 0), (1000, 5)], parallelism=2, poll_s=0.2, timeout_s=180)
+    assert [f.index for f in info.value.failures] == [1] and info.value.results == [0, None]
+    message = info.value.failures[0].error
+    assert message.startswith("MemoryError: SLURM killed the task for memory (it had reached ") and \
+        "GB of the 0.25 GB its job asked for; ask for more, cluster.mem_gb=" in message, message
+    with pytest.raises(ArrayJobError) as info:
+        run_train(config_for(tiled, f"greedy-{uuid.uuid4().hex[:6]}", *SMALL, "cluster.mem_gb=0.3",
+                             "train.epochs=1", "train.max_steps_per_epoch=2", cluster="slurm"))
+    assert "MemoryError: SLURM killed the task for memory" in str(info.value) and "Killed" not in str(info.value)
 
 
 def test_cancelled_job_surfaces_as_a_clear_state_not_a_hang(tmp_path):
@@ -306,7 +328,7 @@ def test_cross_validation_runs_one_array_task_per_fold_on_slurm(make_dataset, tm
 
     name = f"cv-{uuid.uuid4().hex[:6]}"
     cfg = open_run(None, [f"data.source={make_dataset(4, 1)}", f"run.root={tmp_path}", f"run.name={name}", *FAST,
-                             *SMALL, "cluster.mem_gb=1", "cv.folds=2", "cv.inner_val_fraction=0.3", "cv.bootstrap=100",
+                             *SMALL, "cv.folds=2", "cv.inner_val_fraction=0.3", "cv.bootstrap=100",
                              "train.epochs=1", "train.max_steps_per_epoch=2", "predict.heatmaps=false"], "slurm")
     report = run_cv(cfg)
     tasks = settled_tasks(f"cv-{name}", 2)
@@ -324,7 +346,7 @@ def test_features_run_as_a_slurm_array_one_task_per_chunk_of_slides(make_dataset
 
     name = f"feat-{uuid.uuid4().hex[:6]}"
     run = open_run(None, [f"data.source={make_dataset(2, 1)}", f"run.root={tmp_path}", f"run.name={name}", *SMALL,
-                          "cluster.mem_gb=1", "model.backbone=timm:resnet10t", "predict.slides_per_task=2"], "slurm")
+                          "model.backbone=timm:resnet10t", "predict.slides_per_task=2"], "slurm")
     out_dir, records, failure = run_features(run, None, features_slides(run, [], None, None))
     assert failure is None and [r["status"] for r in records] == ["ok"] * 6
     tasks = settled_tasks(f"features-{name}", 3)

@@ -4,8 +4,10 @@
 # slurmctld and one slurmd per emulated node. Waits until every node is idle. Stop it with stop.sh.
 #
 #   bash hpc/local_cluster/start.sh            # 2 nodes of 8 CPUs and 32 GB, as declared: the real cores and
-#                                              # memory are oversubscribed (nothing enforces them), so the
-#                                              # generic profile configs/cluster/slurm.yaml fits as written
+#                                              # memory are oversubscribed, so the generic profile
+#                                              # configs/cluster/slurm.yaml fits as written; what a job asks
+#                                              # for is enforced, as on a cluster: a step over its job's memory
+#                                              # (--mem; 2 GB a CPU where none is asked) is killed (polled 1/s)
 #   NODES=1 CPUS=4 bash hpc/local_cluster/start.sh
 #
 # Settings (environment): STATE_DIR (default /tmp/lymphoma-slurm), NODES (2), CPUS (8), MEM_MB (32768),
@@ -107,7 +109,8 @@ ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
 MpiDefault=none
 SelectType=select/cons_tres
-SelectTypeParameters=CR_CPU
+SelectTypeParameters=CR_CPU_Memory
+DefMemPerCPU=2048
 SchedulerParameters=sched_interval=2,bf_interval=2
 SlurmdParameters=config_overrides
 ReturnToService=2
@@ -124,7 +127,9 @@ SlurmctldPort=6817
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=6819
-JobAcctGatherType=jobacct_gather/none
+JobAcctGatherType=jobacct_gather/linux
+JobAcctGatherFrequency=task=1
+JobAcctGatherParams=OverMemoryKill
 JobCompType=jobcomp/none
 NodeName=n[1-$NODES] NodeHostname=$HOST NodeAddr=127.0.0.1 Port=[6821-$((6820 + NODES))] CPUs=$CPUS RealMemory=$MEM_MB State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP
