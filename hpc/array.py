@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 import submitit
 
 from hpc.executors import SubmissionError
-from hpc.killed import killed_for_memory
+from hpc.killed import killed_for_memory, killed_outright, oom_kill_count
 from hpc.ledger import refuse_beside_open_job, remember
 from hpc.orphans import controller_errors_in, tied_to_this_process
 from hpc.pending import PendingWatch
@@ -98,13 +98,14 @@ def _job_name(executor: submitit.AutoExecutor, fn: Callable[..., Any]) -> str:
     return str(params.get("name") or params.get("job_name") or getattr(fn, "__name__", "array"))
 
 
-def _failure_message(err: Exception, job: submitit.Job[Any], executor: submitit.AutoExecutor) -> str:
-    """A failed task's error (or, killed, cancelled or timed out before writing a result: its state), with the
-    setting to change where it ran out of time."""
+def _failure_message(err: Exception, job: submitit.Job[Any], executor: submitit.AutoExecutor,
+                     oom_kills: int | None) -> str:
+    """A failed task's error (or, killed, cancelled or timed out before writing a result: why, or its state), with
+    the setting to change where it ran out of time or memory (``oom_kills``: the kernel's count at the start)."""
     failed = isinstance(err, submitit.core.utils.FailedJobError) or \
         not isinstance(err, submitit.core.utils.UncompletedJobError)
     message = f"{type(err).__name__}: {err}" if failed else _unwritten_error(job.paths.stdout) or \
-        _killed_for_memory(job) or f"no result, the job ended as {job.state}"
+        _killed_for_memory(job) or _killed_locally(job, oom_kills) or f"no result, the job ended as {job.state}"
     if "timed-out" in message or "TIMEOUT" in message:
         limit = _parameters(executor).get("timeout_min") or _parameters(executor).get("time")
         message = (f"TimeoutError: the task reached its time limit of {limit} min ({_last_error_line(message)}); "
@@ -135,6 +136,11 @@ def _killed_for_memory(job: submitit.Job[Any]) -> str | None:
     state = job.state
     logs = [job.task(rank).paths.stderr for rank in range(job.num_tasks)] if job.num_tasks > 1 else [job.paths.stderr]
     return next(filter(None, (killed_for_memory(log, state) for log in logs)), None)
+
+
+def _killed_locally(job: submitit.Job[Any], oom_kills: int | None) -> str | None:
+    """For a local task whose process ended without a result or an error: killed outright, for memory or not."""
+    return killed_outright(oom_kills) if isinstance(job, submitit.LocalJob) else None
 
 
 def _refused_as_error(executor: submitit.AutoExecutor, submit_now: Callable[[], Any]) -> Any:
@@ -172,6 +178,7 @@ def wait_for(job: submitit.Job[Any], name: str, on_poll: Callable[[], None] | No
     """The results of every task of one job (e.g. a multi-process training), calling ``on_poll`` every ``poll_s``
     while it runs (progress read from what it writes); ArrayJobError names the logs. Stopping this process
     (Ctrl-C, SIGTERM) stops the job's local tasks too."""
+    oom_kills = oom_kill_count()
     try:
         if isinstance(job, submitit.DebugJob):
             return [_run_in_process(job)]
@@ -189,7 +196,9 @@ def wait_for(job: submitit.Job[Any], name: str, on_poll: Callable[[], None] | No
     except SubmissionError:  # SLURM would never start it (hpc.pending): cancelled, nothing ran
         raise
     except Exception as err:  # noqa: BLE001 - reported with the job's logs
-        message = _killed_for_memory(job) or f"{type(err).__name__}: {err}"
+        unwritten = isinstance(err, submitit.core.utils.UncompletedJobError)  # no result and no error
+        message = _killed_for_memory(job) or (unwritten and _killed_locally(job, oom_kills)) or \
+            f"{type(err).__name__}: {err}"
         failure = TaskFailure(0, str(job.job_id), message, job.paths.stdout, job.paths.stderr)
         raise ArrayJobError(name, [failure], [None]) from None
 
@@ -303,12 +312,13 @@ def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequ
     failures: list[TaskFailure] = []
     name = _job_name(executor, fn)
     deadline = None if timeout_s is None else time.monotonic() + timeout_s
+    oom_kills = oom_kill_count()
 
     def finish(index: int, job: submitit.Job[Any]) -> None:
         try:
             results[index] = _result(job)
         except Exception as err:  # noqa: BLE001 - any task error is reported with its logs
-            failures.append(TaskFailure(index, str(job.job_id), _failure_message(err, job, executor),
+            failures.append(TaskFailure(index, str(job.job_id), _failure_message(err, job, executor, oom_kills),
                                         job.paths.stdout, job.paths.stderr))
         if on_done is not None:
             on_done(index, results[index])

@@ -55,3 +55,11 @@ def hold_memory(args: tuple[int, float]) -> int:
         time.sleep(0.05)
     time.sleep(seconds)
     return len(blocks) * 50
+
+
+def hold_memory_in(args: tuple[str, int]) -> int:
+    """Move this task's process into the memory cgroup whose ``cgroup.procs`` is given, then take ``mib`` MiB: the
+    kernel's out-of-memory killer ends it where the cgroup's limit is lower."""
+    procs, mib = args
+    Path(procs).write_text(str(os.getpid()))
+    return hold_memory((mib, 0))

@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import os
+import time
+import uuid
+from pathlib import Path
 
 import pytest
 
@@ -196,3 +199,50 @@ def test_a_cgroup_out_of_memory_kill_is_named_as_one_without_figures(tmp_path):
     log.write_text("srun: error: n3: task 0: Killed\n")
     assert killed_for_memory(log, "OUT_OF_MEMORY") == message and killed_for_memory(log, "CANCELLED by 0") is None
     assert killed_for_memory(tmp_path / "never-written.err", "FAILED") is None
+
+
+def memory_cgroups() -> tuple[Path, str] | None:
+    """Where this process may make a memory cgroup, and the name of its limit file: cgroup v1 or v2, as root."""
+    v1, control = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup/cgroup.subtree_control")
+    if os.geteuid() != 0:
+        return None
+    if (v1 / "memory.limit_in_bytes").is_file() and os.access(v1, os.W_OK):
+        return v1, "memory.limit_in_bytes"
+    if control.is_file() and "memory" in control.read_text().split():
+        return control.parent, "memory.max"
+    return None
+
+
+@pytest.fixture()
+def memory_cgroup():
+    """A memory cgroup of 150 MiB: its ``cgroup.procs``, removed afterwards."""
+    if memory_cgroups() is None:
+        pytest.skip("no memory cgroup can be made here (root and cgroup v1 or v2 with its memory controller needed)")
+    root, limit = memory_cgroups()
+    group = root / f"lymphoma-test-{uuid.uuid4().hex[:8]}"
+    group.mkdir()
+    (group / limit).write_text(str(150 << 20))
+    yield group / "cgroup.procs"
+    for _ in range(100):  # its one process is gone once killed; the kernel frees the group a moment later
+        try:
+            group.rmdir()
+            return
+        except OSError:
+            time.sleep(0.1)
+
+
+def test_a_local_task_the_kernel_kills_for_memory_is_named_so(memory_cgroup, tmp_path, tasks_importable):
+    """A local task (the default executor) that the kernel's out-of-memory killer ends (a real one: the task joins
+    a memory cgroup of 150 MiB and takes 400) is named as killed for memory with what to lower, where it was "no
+    result, the job ended as FINISHED"; the task beside it finishes."""
+    from hpc_tasks import hold_memory_in
+
+    executor = make_executor(ExecutorSettings(kind="local", parallelism=2), tmp_path / "logs" / "%j", name="greedy")
+    with pytest.raises(ArrayJobError) as info:
+        run_array(executor, hold_memory_in, [(str(tmp_path / "procs"), 0), (str(memory_cgroup), 400)],
+                  parallelism=2, poll_s=0.1)
+    assert [f.index for f in info.value.failures] == [1] and info.value.results == [0, None]
+    assert info.value.failures[0].error.startswith(
+        "MemoryError: the task's process was killed before it wrote a result or an error, while the kernel's "
+        "out-of-memory killer ended 1 process(es) on this machine: it ran out of memory; run fewer tasks at once "
+        "(cluster.parallelism)"), info.value.failures[0].error

@@ -738,6 +738,7 @@ def test_a_task_that_dies_is_reported_with_its_log(checkpoint, cohort, tmp_path)
     stdout, stderr = proc.communicate(timeout=300)
     assert proc.returncode == 1, stdout + stderr
     assert "task(s) of 'predict-default' failed" in stderr and "_log.err" in stderr
+    assert "the task's process was killed before it wrote a result or an error (SIGKILL, from outside" in stderr
     with (out / "summary.csv").open() as handle:
         rows = list(csv.DictReader(handle))
     assert len(rows) == 12
