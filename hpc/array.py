@@ -102,16 +102,21 @@ def _failure_message(err: Exception, job: submitit.Job[Any], executor: submitit.
                      oom_kills: int | None) -> str:
     """A failed task's error (or, killed, cancelled or timed out before writing a result: why, or its state), with
     the setting to change where it ran out of time or memory (``oom_kills``: the kernel's count at the start)."""
-    failed = isinstance(err, submitit.core.utils.FailedJobError) or \
-        not isinstance(err, submitit.core.utils.UncompletedJobError)
-    message = f"{type(err).__name__}: {err}" if failed else _unwritten_error(job.paths.stdout) or \
-        _killed_for_memory(job) or _killed_locally(job, oom_kills) or f"no result, the job ended as {job.state}"
+    message = _unwritten_error(job.paths.stdout) or _killed_for_memory(job) or _killed_locally(job, oom_kills) or \
+        f"no result, the job ended as {job.state}" if _wrote_nothing(err) else f"{type(err).__name__}: {err}"
     if "timed-out" in message or "TIMEOUT" in message:
         limit = _parameters(executor).get("timeout_min") or _parameters(executor).get("time")
         message = (f"TimeoutError: the task reached its time limit of {limit} min ({_last_error_line(message)}); "
                    f"raise cluster.timeout_min{' (null: none on this machine)' if executor.cluster == 'local' else ''}"
                    ", then rerun: finished work is kept")
     return message
+
+
+def _wrote_nothing(err: Exception) -> bool:
+    """Whether a task's error is submitit's for a task that wrote neither a result nor an error (its FailedJobError,
+    a task's own error, is a kind of UncompletedJobError)."""
+    return isinstance(err, submitit.core.utils.UncompletedJobError) and \
+        not isinstance(err, submitit.core.utils.FailedJobError)
 
 
 def _unwritten_error(stdout: Path) -> str | None:
@@ -130,12 +135,8 @@ def _unwritten_error(stdout: Path) -> str | None:
 
 
 def _killed_for_memory(job: submitit.Job[Any]) -> str | None:
-    """For a SLURM job killed for memory (``hpc.killed``; any of its tasks' logs): that, with the setting to raise."""
-    if not isinstance(job, submitit.SlurmJob):
-        return None
-    state = job.state
-    logs = [job.task(rank).paths.stderr for rank in range(job.num_tasks)] if job.num_tasks > 1 else [job.paths.stderr]
-    return next(filter(None, (killed_for_memory(log, state) for log in logs)), None)
+    """For a SLURM task killed for memory (``hpc.killed``): that, with the setting to raise."""
+    return killed_for_memory(job.paths.stderr, job.state) if isinstance(job, submitit.SlurmJob) else None
 
 
 def _killed_locally(job: submitit.Job[Any], oom_kills: int | None) -> str | None:
@@ -195,12 +196,33 @@ def wait_for(job: submitit.Job[Any], name: str, on_poll: Callable[[], None] | No
         raise
     except SubmissionError:  # SLURM would never start it (hpc.pending): cancelled, nothing ran
         raise
-    except Exception as err:  # noqa: BLE001 - reported with the job's logs
-        unwritten = isinstance(err, submitit.core.utils.UncompletedJobError)  # no result and no error
-        message = _killed_for_memory(job) or (unwritten and _killed_locally(job, oom_kills)) or \
-            f"{type(err).__name__}: {err}"
-        failure = TaskFailure(0, str(job.job_id), message, job.paths.stdout, job.paths.stderr)
-        raise ArrayJobError(name, [failure], [None]) from None
+    except Exception as err:  # noqa: BLE001 - reported with the job's logs, task by task
+        raise ArrayJobError(name, *_task_failures(job, err, oom_kills)) from None
+
+
+def _task_failures(job: submitit.Job[Any], err: Exception,
+                   oom_kills: int | None) -> tuple[list[TaskFailure], list[Any]]:
+    """Each failed task of a job that failed, with its own error and logs (a rank killed outright, and the ranks
+    that then lost it), and the results of the tasks that finished."""
+    if job.num_tasks == 1:
+        return [_task_failure(job, 0, err, oom_kills)], [None]
+    failures, results = [], []
+    for rank in range(job.num_tasks):
+        task = job.task(rank)
+        task._results_timeout_s = 1  # the job has ended: each result file is there or never comes
+        try:
+            results.append(task.result())
+        except Exception as task_err:  # noqa: BLE001 - this task's own error
+            failures.append(_task_failure(task, rank, task_err, oom_kills))
+            results.append(None)
+    return failures or [_task_failure(job, 0, err, oom_kills)], results
+
+
+def _task_failure(task: submitit.Job[Any], rank: int, err: Exception, oom_kills: int | None) -> TaskFailure:
+    """One task's failure: its error, or why it wrote none (killed for memory, killed outright, a full disk)."""
+    unwritten = _wrote_nothing(err) and (_unwritten_error(task.paths.stdout) or _killed_locally(task, oom_kills))
+    message = _killed_for_memory(task) or unwritten or f"{type(err).__name__}: {err}"
+    return TaskFailure(rank, str(task.job_id), message, task.paths.stdout, task.paths.stderr)
 
 
 def _run_in_process(job: submitit.DebugJob) -> Any:

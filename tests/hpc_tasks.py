@@ -63,3 +63,16 @@ def hold_memory_in(args: tuple[str, int]) -> int:
     procs, mib = args
     Path(procs).write_text(str(os.getpid()))
     return hold_memory((mib, 0))
+
+
+def lose_a_rank(_: int) -> None:
+    """Rank 1 of a two-task job dies of SIGKILL; rank 0 then fails, as a DDP rank does that loses its peer."""
+    import signal
+
+    import submitit
+
+    time.sleep(0.5)
+    if submitit.JobEnvironment().global_rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    time.sleep(1)
+    raise ConnectionResetError("rank 0 lost its peer")

@@ -246,3 +246,18 @@ def test_a_local_task_the_kernel_kills_for_memory_is_named_so(memory_cgroup, tmp
         "MemoryError: the task's process was killed before it wrote a result or an error, while the kernel's "
         "out-of-memory killer ended 1 process(es) on this machine: it ran out of memory; run fewer tasks at once "
         "(cluster.parallelism)"), info.value.failures[0].error
+
+
+def test_each_task_of_a_job_is_named_with_its_own_end(tmp_path, tasks_importable):
+    """A two-task job (a DDP training) whose rank 1 is killed outright: rank 1 is named as killed, with its own
+    logs, and rank 0 with the error it then met, where both were named by rank 0's logs as killed."""
+    from hpc.array import submit, wait_for
+    from hpc_tasks import lose_a_rank
+
+    executor = make_executor(ExecutorSettings(kind="local", tasks_per_node=2), tmp_path / "logs" / "%j", name="pair")
+    with pytest.raises(ArrayJobError) as info:
+        wait_for(submit(executor, lose_a_rank, 0), "pair", poll_s=0.1)
+    first, second = info.value.failures
+    assert first.index == 0 and "ConnectionResetError: rank 0 lost its peer" in first.error
+    assert second.index == 1 and second.error.startswith("the task's process was killed before it wrote a result")
+    assert second.stderr.name.endswith("_1_log.err") and "2 of 2 task(s) of 'pair' failed" in str(info.value)
