@@ -6,6 +6,7 @@ so a submitted task receives it as it is instead of parsing the config again.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import logging
 import os
@@ -27,6 +28,8 @@ from lymphoma.inputs import Inputs, discover
 from lymphoma.sharding import MANIFEST_NAME
 
 log = logging.getLogger(__name__)
+NO_LOCKS = {errno.ENOLCK, errno.ENOSYS, errno.EOPNOTSUPP}  # flock on a filesystem without locks
+_WARNED_NO_LOCKS: set[int] = set()  # the filesystems (st_dev) this process has warned about
 
 
 @dataclass(frozen=True)
@@ -185,13 +188,20 @@ def folder_lock(folder: Path, job: str, otherwise: str = "give another --out") -
 @contextmanager
 def _flock(path: Path, mode: int, busy: Callable[..., str]) -> Iterator[None]:
     """Hold an flock on ``path`` (LOCK_EX or LOCK_SH) or raise InputError(``busy(holder=<pid>)``) at once;
-    the file holds the pid of the last exclusive holder. The lock dies with its process."""
+    the file holds the pid of the last exclusive holder. The lock dies with its process. On a filesystem without
+    locks the command goes on unlocked, with a warning (``_no_locks``)."""
     with path.open("a+") as handle:
         try:
             fcntl.flock(handle, mode | fcntl.LOCK_NB)
         except BlockingIOError:
             handle.seek(0)
             raise InputError(busy(holder=handle.read().strip() or "?")) from None
+        except OSError as err:
+            if err.errno not in NO_LOCKS:
+                raise
+            _no_locks(path, err)
+            yield
+            return
         if mode == fcntl.LOCK_EX:
             handle.seek(0)
             handle.truncate()
@@ -201,6 +211,18 @@ def _flock(path: Path, mode: int, busy: Callable[..., str]) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _no_locks(path: Path, err: OSError) -> None:
+    """Warn, once per filesystem, that its folders cannot be locked (NFS without its lock daemon, Lustre mounted
+    without flock), so two commands writing one folder at once are not refused there."""
+    device = path.parent.stat().st_dev
+    if device not in _WARNED_NO_LOCKS:
+        _WARNED_NO_LOCKS.add(device)
+        log.warning(f"{path.parent} is on a filesystem without file locks ({err.strerror}: NFS without its lock "
+                    "daemon, Lustre mounted without flock): going on unlocked, so a second `lymphoma` command writing "
+                    "the same folder at once is not refused there; run one at a time on it, or give run.root (--out) "
+                    "a folder on a filesystem with locks")
 
 
 def open_run(experiment: str | Path | None = None, overrides: list[str] | None = None,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import errno
 import json
 import os
 import shutil
@@ -225,3 +226,25 @@ def test_per_patient_folders_of_files_named_alike_are_tiled_and_predicted_under_
     assert main([*words, "run.name=twins"]) == 2
     assert f"two images named {twin.parent.name}__1: " in capsys.readouterr().err
     assert not {"split.csv", "tiles"} & {p.name for p in (tmp_path / "runs" / "twins").iterdir()}
+
+
+@pytest.mark.parametrize("code", [errno.ENOLCK, errno.ENOSYS])
+def test_a_run_folder_on_a_filesystem_without_locks_is_used_unlocked_with_one_warning(make_dataset, tmp_path, code,
+                                                                                      monkeypatch, capsys):
+    """NFS without its lock daemon answers flock with ENOLCK, Lustre mounted without flock (many clusters' scratch)
+    with ENOSYS, where every command crashed with a traceback. Neither filesystem runs here, so flock answers as
+    they do: the tiling goes on unlocked, warning once (it takes two locks)."""
+    import fcntl
+
+    from jobs.cli import main
+
+    def no_locks(handle, operation):
+        raise OSError(code, os.strerror(code))
+
+    monkeypatch.setattr(fcntl, "flock", no_locks)
+    monkeypatch.setattr("jobs.run_folder._WARNED_NO_LOCKS", set())  # once per filesystem and process
+    assert main(["tile", "--no-progress", f"data.source={make_dataset(2, 1)}", f"run.root={tmp_path}",
+                 "run.name=unlocked", "tiles.size=64", "tiles.stride=64", "augment.crop=56"]) == 0
+    err = capsys.readouterr().err
+    assert err.count(f"{tmp_path / 'unlocked'} is on a filesystem without file locks ({os.strerror(code)}: ") == 1
+    assert "going on unlocked" in err and (tmp_path / "unlocked" / "tiles" / "manifest.json").is_file()
