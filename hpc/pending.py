@@ -1,7 +1,8 @@
 """SLURM jobs that will never start: while a command waits, the reason of its pending jobs is read (squeue), and a
 reason that waiting cannot clear (a time limit above the partition's, an account or QOS that does not exist,
 constraints no node meets, a per-job limit) cancels them with one error naming the setting to change; a reason
-that clears only by someone's action (nodes down, a partition down, a job held) is said once, as a warning."""
+that clears only by someone's action (nodes down, a partition down, a job held) is said once, as a warning, and so
+is a controller that stops answering (and once more when it answers again)."""
 
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ class PendingWatch:
     def __init__(self, every_s: float = 10.0) -> None:
         self.every_s, self.next_look, self.said = every_s, 0.0, set[str]()
         self.last: dict[str, str] = {}  # job -> its reason at the last look
+        self.silent = False  # the controller did not answer at the last look
 
     def check(self, jobs: Iterable[Any]) -> None:
         """Raise SubmissionError (the jobs cancelled) where SLURM will never start one; warn once per stuck reason.
@@ -59,7 +61,10 @@ class PendingWatch:
         ids = sorted({str(job.job_id).split("_")[0] for job in jobs})
         if not ids:
             return
-        for job_id, reason in pending_reasons(ids).items():
+        reasons, error = pending_reasons(ids)
+        if self._controller_silent(error):
+            return
+        for job_id, reason in reasons.items():
             code = reason.split(",")[0].strip()
             settled, self.last[job_id] = self.last.get(job_id) == code, code
             why = NEVER.get(code) or (PER_JOB_WHY if PER_JOB_LIMIT.match(code) else None)
@@ -76,16 +81,32 @@ class PendingWatch:
                             "changes (this command waits; Ctrl-C leaves the job queued for a rerun to pick up)")
 
 
-def pending_reasons(ids: list[str]) -> dict[str, str]:
-    """The reason of each pending job or array task of ``ids`` (squeue's %r); empty where squeue does not answer."""
+    def _controller_silent(self, error: str | None) -> bool:
+        """Whether squeue got no answer: said once when the controller stops answering, and once when it answers
+        again (a restart, a maintenance: the jobs go on on their nodes meanwhile, and the command waits)."""
+        if error is not None and not self.silent:
+            log.warning(f"the SLURM controller does not answer ({error}); the jobs go on on their nodes and this "
+                        "command waits for it to answer again (Ctrl-C leaves them to a rerun of the same command)")
+        elif error is None and self.silent:
+            log.warning("the SLURM controller answers again; waiting for the jobs goes on")
+        self.silent = error is not None
+        return self.silent
+
+
+def pending_reasons(ids: list[str]) -> tuple[dict[str, str], str | None]:
+    """The reason of each pending job or array task of ``ids`` (squeue's %r), and squeue's error where it got no
+    answer (the controller down or unreachable)."""
     try:
         listed = subprocess.run(["squeue", "-h", "-r", "-t", "PENDING", "-o", "%i|%r", "-j", ",".join(ids)],
                                 capture_output=True, text=True, timeout=60, check=False)
-    except (OSError, subprocess.TimeoutExpired):
-        return {}
+    except (OSError, subprocess.TimeoutExpired) as err:
+        return {}, f"squeue: {err}"
+    if listed.returncode != 0 and "Invalid job id" not in listed.stderr:  # jobs gone from its memory: no error
+        lines = [line.strip() for line in listed.stderr.splitlines() if line.strip()]
+        return {}, lines[-1] if lines else f"squeue exited with status {listed.returncode}"
     reasons = {}
     for line in listed.stdout.splitlines():
         job_id, _, reason = line.partition("|")
         if reason.strip():
             reasons[job_id.strip()] = reason.strip()
-    return reasons
+    return reasons, None

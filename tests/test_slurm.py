@@ -101,6 +101,43 @@ def test_a_task_killed_for_memory_is_named_so_with_the_setting_to_raise(tiled, t
     assert "MemoryError: SLURM killed the task for memory" in str(info.value) and "Killed" not in str(info.value)
 
 
+def test_a_controller_that_stops_answering_is_said_and_the_wait_goes_on(tmp_path, caplog):
+    """The SLURM controller stopped while a task runs (a restart, a maintenance), then started again: the command
+    says once that it does not answer and once that it answers again, where it waited in silence, and the task,
+    which ran on on its node, returns its result."""
+    import os
+    import signal
+    from pathlib import Path
+
+    pid_file = Path(os.environ.get("STATE_DIR", "/tmp/lymphoma-slurm")) / "slurmctld.pid"
+    executor = make_executor(ExecutorSettings(kind="slurm", timeout_min=5, mem_gb=0.5), tmp_path / "logs" / "%j",
+                             name="outage")
+    started = tmp_path / "started"
+
+    def outage() -> None:
+        for _ in range(600):
+            if started.exists():
+                break
+            time.sleep(0.1)
+        os.kill(int(pid_file.read_text()), signal.SIGTERM)  # it saves its state and stops
+        try:
+            time.sleep(30)  # squeue looks every 10 s, and takes 18 s to give up on a controller that is down
+        finally:
+            subprocess.run(["/usr/sbin/slurmctld"], check=True)  # recovers its jobs from the saved state
+            while subprocess.run(["scontrol", "ping"], capture_output=True).returncode != 0:
+                time.sleep(0.2)
+
+    stopper = threading.Thread(target=outage)
+    stopper.start()
+    try:
+        assert run_array(executor, sleep_for, [(str(started), 60)], poll_s=0.2, timeout_s=240) == [None]
+    finally:
+        stopper.join()
+    said = [r.getMessage() for r in caplog.records if "SLURM controller" in r.getMessage()]
+    assert len(said) == 2 and said[0].startswith("the SLURM controller does not answer (") and \
+        said[1] == "the SLURM controller answers again; waiting for the jobs goes on", said
+
+
 def test_cancelled_job_surfaces_as_a_clear_state_not_a_hang(tmp_path):
     settings = ExecutorSettings(kind="slurm", timeout_min=5, mem_gb=0.5)
     name = f"cancelled-{uuid.uuid4().hex[:8]}"
