@@ -80,7 +80,6 @@ class PendingWatch:
                 log.warning(f"SLURM job {job_id} is pending for {reason!r}: {STUCK[code]}; it starts only when that "
                             "changes (this command waits; Ctrl-C leaves the job queued for a rerun to pick up)")
 
-
     def _controller_silent(self, error: str | None) -> bool:
         """Whether squeue got no answer: said once when the controller stops answering, and once when it answers
         again (a restart, a maintenance: the jobs go on on their nodes meanwhile, and the command waits)."""
