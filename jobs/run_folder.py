@@ -193,6 +193,7 @@ def _flock(path: Path, mode: int, busy: Callable[..., str]) -> Iterator[None]:
     with path.open("a+") as handle:
         try:
             fcntl.flock(handle, mode | fcntl.LOCK_NB)
+            locked = True
         except BlockingIOError:
             handle.seek(0)
             raise InputError(busy(holder=handle.read().strip() or "?")) from None
@@ -200,6 +201,8 @@ def _flock(path: Path, mode: int, busy: Callable[..., str]) -> Iterator[None]:
             if err.errno not in NO_LOCKS:
                 raise
             _no_locks(path, err)
+            locked = False
+        if not locked:  # outside the except: an error of the body is not shown as raised while handling this one
             yield
             return
         if mode == fcntl.LOCK_EX:

@@ -222,6 +222,9 @@ def memory_cgroup():
     group = root / f"lymphoma-test-{uuid.uuid4().hex[:8]}"
     group.mkdir()
     (group / limit).write_text(str(150 << 20))
+    for swap, value in (("memory.memsw.limit_in_bytes", 150 << 20), ("memory.swap.max", 0)):  # no swap to escape to
+        if (group / swap).is_file():
+            (group / swap).write_text(str(value))
     yield group / "cgroup.procs"
     for _ in range(100):  # its one process is gone once killed; the kernel frees the group a moment later
         try:
