@@ -17,7 +17,7 @@ from PIL import Image, UnidentifiedImageError
 from lymphoma.errors import ImageError
 
 TIFF_SUFFIXES = (".tif", ".tiff")
-IMAGE_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".jp2", ".j2k", ".gif")  # read through PIL
+IMAGE_SUFFIXES = (*TIFF_SUFFIXES, ".png", ".jpg", ".jpeg", ".bmp", ".webp", ".jp2", ".j2k", ".gif")  # read through PIL
 WSI_SUFFIXES = (".svs", ".ndpi", ".vms", ".vmu", ".scn", ".mrxs", ".bif", ".svslide", ".dcm")  # read through OpenSlide
 UNREAD_FORMATS = {".czi": "Zeiss CZI slide", ".vsi": "Olympus VSI slide", ".isyntax": "Philips iSyntax slide",
                   ".lif": "Leica LIF slide", ".nd2": "Nikon ND2 slide", ".heic": "HEIC image", ".heif": "HEIF image",

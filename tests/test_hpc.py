@@ -216,9 +216,10 @@ def memory_cgroups() -> tuple[Path, str] | None:
 @pytest.fixture()
 def memory_cgroup():
     """A memory cgroup of 150 MiB: its ``cgroup.procs``, removed afterwards."""
-    if memory_cgroups() is None:
+    found = memory_cgroups()
+    if found is None:
         pytest.skip("no memory cgroup can be made here (root and cgroup v1 or v2 with its memory controller needed)")
-    root, limit = memory_cgroups()
+    root, limit = found
     group = root / f"lymphoma-test-{uuid.uuid4().hex[:8]}"
     group.mkdir()
     (group / limit).write_text(str(150 << 20))
