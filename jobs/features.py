@@ -15,7 +15,15 @@ from hpc import ArrayJobError, run_array
 from hpc.task import task_setup
 from jobs import openvino_first_in_tasks
 from jobs.config import keys_set
-from jobs.predict import finished_records, forced_tiles, gather_records, refuse_leaving_out, replace_advice, task_chunks
+from jobs.predict import (
+    changed_notes,
+    finished_records,
+    forced_tiles,
+    gather_records,
+    refuse_leaving_out,
+    replace_advice,
+    task_chunks,
+)
 from jobs.progress import SlideProgress
 from jobs.run_folder import Run, folder_lock, prepare_out_dir
 from lymphoma.backbones import require_model
@@ -25,7 +33,7 @@ from lymphoma.features import ENCODER_FILE
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.image_scale import scale_notes
 from lymphoma.inputs import compile_case_pattern
-from lymphoma.prediction import SlideInput, read_record
+from lymphoma.prediction import SlideInput, changed_since, read_record
 from lymphoma.prediction_inputs import expand_inputs
 from lymphoma.settings import EXPORTED_ENGINES
 
@@ -134,6 +142,8 @@ def embed_into(out_dir: Path, run: Run, source: EncoderSource, slides: list[Slid
     cfg = run.config
     identity = encoder_identity(run, source)
     refuse_replacing(out_dir, slides, identity)  # before anything of the earlier embeddings is written over
+    for note in changed_notes(changed_since(out_dir / "records", slides), "embedded"):
+        log.warning(f"lymphoma features: {note}")
     run.save_config(out_dir / "config.yaml")
     encoder = {"encoder": identity["encoder"], "identity": identity,
                "cases_seen": source.cases_seen()}  # for `lymphoma mil`: which test cases the encoder has seen

@@ -23,6 +23,7 @@ from lymphoma.image_scale import scale_notes, training_scale
 from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import (
     SlideInput,
+    changed_since,
     checkpoint_fingerprint,
     identity_differences,
     outputs_complete,
@@ -181,6 +182,7 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
         run.save_config(out_dir / "config.yaml")
         slide_dir = out_dir / "slides"
         slide_dir.mkdir(exist_ok=True)
+        changed = changed_notes(changed_since(slide_dir, slides), "predicted")
         resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}
         chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
         tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads, tiles) for chunk in chunks]
@@ -196,12 +198,22 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
         finally:
             bar.close()
         records = gather_records(slide_dir, chunks, failure)
-        notes = scale_notes(records, saved, tiles) + seen_cases_notes(records, saved.get("cases_seen"))
+        notes = changed + scale_notes(records, saved, tiles) + seen_cases_notes(records, saved.get("cases_seen"))
         metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate, notes,
                                intervals=(cfg.cv.bootstrap, cfg.cv.confidence))
         n_ok = sum(r["status"] == "ok" for r in records)
         return PredictResult(out_dir, records, metrics, n_ok - len(resumed & {r["key"] for r in records if r["status"] == "ok"}),
                              len(resumed), failure, tuple(notes))
+
+
+def changed_notes(changed: Sequence[SlideInput], verb: str) -> list[str]:
+    """One note naming the slides whose file changed (size or modification time) since the folder's outputs of them
+    were made, which are therefore made again; nothing where none did."""
+    if not changed:
+        return []
+    paths = ", ".join(s.path for s in changed[:3]) + (" ..." if len(changed) > 3 else "")
+    return [f"{len(changed)} slide file(s) changed since this folder {verb} them (size or modification time): "
+            f"{verb} again from the file as it is now: {paths}"]
 
 
 def refuse_replacing(out_dir: Path, slides: Sequence[SlideInput], identity: dict[str, Any]) -> None:

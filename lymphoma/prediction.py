@@ -205,13 +205,41 @@ def identity_differences(before: dict[str, Any], now: dict[str, Any]) -> list[st
     return words
 
 
-def read_record(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]]:
-    """The slide's record (succeeded or failed) written for this very file, if any."""
+def slide_file_stamp(path: str) -> Optional[list[int]]:
+    """A slide file's size and modification time (ns), which its record keeps: a file replaced since (a rescan, a
+    corrected export) is predicted again. None where it cannot be read."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]
+
+
+def _record_of_path(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]]:
     try:
         record = json.loads((out_dir / f"{slide.key}.json").read_text())
-    except (OSError, json.JSONDecodeError):
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return record if record.get("path") == slide.path else None
+    return record if isinstance(record, dict) and record.get("path") == slide.path else None
+
+
+def read_record(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]]:
+    """The slide's record (succeeded or failed) written for this very file, if any: the same path and, where the
+    record keeps them (earlier versions did not), the same size and modification time."""
+    record = _record_of_path(out_dir, slide)
+    if record is None or record.get("slide_file") not in (None, slide_file_stamp(slide.path)):
+        return None
+    return record
+
+
+def changed_since(out_dir: Path, slides: Sequence[SlideInput]) -> list[SlideInput]:
+    """The slides of ``out_dir`` that succeeded there but whose file has changed since (size or modification time)."""
+    changed = []
+    for slide in slides:
+        record = _record_of_path(out_dir, slide)
+        if record is not None and record.get("status") == "ok" and read_record(out_dir, slide) is None:
+            changed.append(slide)
+    return changed
 
 
 def outputs_complete(out_dir: Path, slide: SlideInput, fingerprint: str) -> Optional[dict[str, Any]]:
@@ -385,9 +413,9 @@ def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, source: Tile
         squares = level0_squares(source.coords, source.extent, source.to_level0)
         write_geojson(out_dir / f"{slide.key}.geojson", squares, probs, classes)
         write_coords_h5(out_dir / f"{slide.key}.h5", squares, probs, classes)
-    record = {"key": slide.key, "path": slide.path, "status": "ok", "error": "", "label": slide.label,
-              "case": slide.case, "n_tiles": int(len(probs)), "n_background": int(source.n_background),
-              "image_size": [int(v) for v in source.shape],
+    record = {"key": slide.key, "path": slide.path, "slide_file": slide_file_stamp(slide.path), "status": "ok",
+              "error": "", "label": slide.label, "case": slide.case, "n_tiles": int(len(probs)),
+              "n_background": int(source.n_background), "image_size": [int(v) for v in source.shape],
               **({"matched_resize": round(source.matched_resize, 6)} if source.matched_resize is not None else {}),
               **result.as_dict(classes), "fingerprint": predictor.fingerprint, "regions": regions_stamp(slide.regions),
               **({"checkpoint": predictor.checkpoint} if predictor.checkpoint else {}),
@@ -403,7 +431,7 @@ def ran_precision(predictor: Predictor) -> str:
 
 
 def _failed(slide: SlideInput, out_dir: Path, error: str, fingerprint: str) -> dict[str, Any]:
-    record = {"key": slide.key, "path": slide.path, "status": "failed", "error": error, "label": slide.label,
-              "case": slide.case, "fingerprint": fingerprint}
+    record = {"key": slide.key, "path": slide.path, "slide_file": slide_file_stamp(slide.path), "status": "failed",
+              "error": error, "label": slide.label, "case": slide.case, "fingerprint": fingerprint}
     write_text_atomic(out_dir / f"{slide.key}.json", json.dumps(record, indent=1) + "\n")
     return record

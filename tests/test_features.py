@@ -6,6 +6,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -78,6 +79,14 @@ def test_features_equal_a_direct_forward_of_the_backbone(make_dataset, resnet_fi
     assert features(tmp_path / "out", *words, rows[0]["path"]) == 2  # one slide: features.csv would lose five
     assert (f"{tmp_path / 'out'} holds the embeddings of 5 slide(s) this request does not name (" in
             capsys.readouterr().err and len((tmp_path / "out" / "features.csv").read_text().splitlines()) == 7)
+    shutil.copyfile(rows[3]["path"], rows[0]["path"])  # a slide rescanned since: embedded again, and said
+    assert features(tmp_path / "out", *words) == 0
+    printed = capsys.readouterr()
+    assert "(1 now, 5 already complete; " in printed.out
+    assert f"1 slide file(s) changed since this folder embedded them (size or modification time): embedded again from " \
+           f"the file as it is now: {rows[0]['path']}" in printed.err
+    with h5py.File(rows[0]["file"]) as h5, h5py.File(rows[3]["file"]) as other:
+        np.testing.assert_array_equal(h5["features"][:], other["features"][:])
 
 
 def fit_target_default():

@@ -347,6 +347,37 @@ def test_a_folder_keeps_its_prediction_until_a_rerun_resumes_or_extends_it(check
     assert ran == {"bf16" if cpu_has_bf16() else "fp32"}
 
 
+def test_a_slide_file_replaced_since_it_was_predicted_is_predicted_again_and_said(checkpoint, cohort, tmp_path,
+                                                                                  capsys):
+    """A slide rescanned or re-exported under its name (another size or modification time) is predicted again from
+    the file as it is now, and the report says which; the others resume. A record of an earlier version, which kept
+    no size and time, resumes as it did."""
+    slides = tmp_path / "slides"
+    shutil.copytree(cohort / "FL", slides)
+    names = sorted(slides.glob("*.png"))
+    out = tmp_path / "out"
+    assert predict(checkpoint, out, str(slides)) == 0
+    capsys.readouterr()
+    replacement = sorted(cohort.glob("MCL/*.png"))[0]
+    shutil.copyfile(replacement, names[0])
+    assert predict(checkpoint, out, str(slides)) == 0
+    printed = capsys.readouterr()
+    assert f"{len(names)} of {len(names)} slide(s) predicted (1 now, {len(names) - 1} already complete)" in printed.out
+    note = (f"1 slide file(s) changed since this folder predicted them (size or modification time): predicted again "
+            f"from the file as it is now: {names[0]}")
+    assert note in printed.err and note in json.loads((out / "metrics.json").read_text())["warnings"]
+    assert predict(checkpoint, tmp_path / "fresh", str(replacement)) == 0
+    capsys.readouterr()
+    fresh = json.loads((tmp_path / "fresh" / "slides" / f"{replacement.stem}.json").read_text())
+    again = json.loads((out / "slides" / f"{names[0].stem}.json").read_text())
+    assert again["n_tiles"] == fresh["n_tiles"] and again["votes"] == fresh["votes"]
+    for path in out.glob("slides/*.json"):  # as an earlier version wrote them
+        path.write_text(json.dumps({k: v for k, v in json.loads(path.read_text()).items() if k != "slide_file"}))
+    os.utime(names[1], ns=(1, 1))
+    assert predict(checkpoint, out, str(slides)) == 0
+    assert f"(0 now, {len(names)} already complete)" in capsys.readouterr().out
+
+
 def test_an_output_folder_inside_the_cohort_is_no_input_to_its_own_rerun(checkpoint, cohort, tmp_path, capsys):
     """`--out cohort/preds` with `'cohort/**/*.png'`: the rerun's wildcard would match the first run's heat maps
     (`preds/slides/<name>.png`, PNGs named as the slides): they are no inputs, and the rerun resumes."""
