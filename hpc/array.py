@@ -93,22 +93,30 @@ def _parameters(executor: submitit.AutoExecutor) -> dict[str, Any]:
     return executor._executor.parameters if hasattr(executor, "_executor") else executor.parameters
 
 
+def _time_limit(executor: submitit.AutoExecutor) -> Any:
+    """The tasks' time limit in minutes, as the executor was given it (None where none)."""
+    return _parameters(executor).get("timeout_min") or _parameters(executor).get("time")
+
+
 def _job_name(executor: submitit.AutoExecutor, fn: Callable[..., Any]) -> str:
     params = _parameters(executor)
     return str(params.get("name") or params.get("job_name") or getattr(fn, "__name__", "array"))
 
 
-def _failure_message(err: Exception, job: submitit.Job[Any], executor: submitit.AutoExecutor,
-                     oom_kills: int | None) -> str:
-    """A failed task's error (or, killed, cancelled or timed out before writing a result: why, or its state), with
-    the setting to change where it ran out of time or memory (``oom_kills``: the kernel's count at the start)."""
-    message = _unwritten_error(job.paths.stdout) or _killed_for_memory(job) or _killed_locally(job, oom_kills) or \
-        f"no result, the job ended as {job.state}" if _wrote_nothing(err) else f"{type(err).__name__}: {err}"
+def _failure_message(err: Exception, job: submitit.Job[Any], oom_kills: int | None,
+                     limit_min: Any = None) -> str:
+    """A failed task's error or, where it wrote none, why (killed for memory, killed outright, a full disk, or its
+    state), with the setting to change where it ran out of time (``limit_min``: its limit, where known) or memory
+    (SLURM's lines in its log, whether or not the task then wrote an error: a worker process killed for memory
+    makes its parent fail; ``oom_kills``: the kernel's count when it started)."""
+    unwritten = _wrote_nothing(err) and (_unwritten_error(job.paths.stdout) or _killed_locally(job, oom_kills)
+                                         or f"no result, the job ended as {job.state}")
+    message = _killed_for_memory(job) or unwritten or f"{type(err).__name__}: {err}"
     if "timed-out" in message or "TIMEOUT" in message:
-        limit = _parameters(executor).get("timeout_min") or _parameters(executor).get("time")
-        message = (f"TimeoutError: the task reached its time limit of {limit} min ({_last_error_line(message)}); "
-                   f"raise cluster.timeout_min{' (null: none on this machine)' if executor.cluster == 'local' else ''}"
-                   ", then rerun: finished work is kept")
+        local = isinstance(job, submitit.LocalJob)
+        message = (f"TimeoutError: the task reached its time limit{f' of {limit_min} min' if limit_min else ''} "
+                   f"({_last_error_line(message)}); raise cluster.timeout_min"
+                   f"{' (null: none on this machine)' if local else ''}, then rerun: finished work is kept")
     return message
 
 
@@ -136,7 +144,7 @@ def _unwritten_error(stdout: Path) -> str | None:
 
 def _killed_for_memory(job: submitit.Job[Any]) -> str | None:
     """For a SLURM task killed for memory (``hpc.killed``): that, with the setting to raise."""
-    return killed_for_memory(job.paths.stderr, job.state) if isinstance(job, submitit.SlurmJob) else None
+    return killed_for_memory(job.paths.stderr, lambda: job.state) if isinstance(job, submitit.SlurmJob) else None
 
 
 def _killed_locally(job: submitit.Job[Any], oom_kills: int | None) -> str | None:
@@ -219,10 +227,9 @@ def _task_failures(job: submitit.Job[Any], err: Exception,
 
 
 def _task_failure(task: submitit.Job[Any], rank: int, err: Exception, oom_kills: int | None) -> TaskFailure:
-    """One task's failure: its error, or why it wrote none (killed for memory, killed outright, a full disk)."""
-    unwritten = _wrote_nothing(err) and (_unwritten_error(task.paths.stdout) or _killed_locally(task, oom_kills))
-    message = _killed_for_memory(task) or unwritten or f"{type(err).__name__}: {err}"
-    return TaskFailure(rank, str(task.job_id), message, task.paths.stdout, task.paths.stderr)
+    """One task's failure, as ``_failure_message`` names it."""
+    return TaskFailure(rank, str(task.job_id), _failure_message(err, task, oom_kills), task.paths.stdout,
+                       task.paths.stderr)
 
 
 def _run_in_process(job: submitit.DebugJob) -> Any:
@@ -340,7 +347,7 @@ def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequ
         try:
             results[index] = _result(job)
         except Exception as err:  # noqa: BLE001 - any task error is reported with its logs
-            failures.append(TaskFailure(index, str(job.job_id), _failure_message(err, job, executor, oom_kills),
+            failures.append(TaskFailure(index, str(job.job_id), _failure_message(err, job, oom_kills, _time_limit(executor)),
                                         job.paths.stdout, job.paths.stderr))
         if on_done is not None:
             on_done(index, results[index])

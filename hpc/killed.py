@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 # slurmstepd's words in a task's error log: polled usage over the limit, or the cgroup's out-of-memory killer
@@ -23,10 +24,12 @@ TAIL_BYTES = 64 * 1024  # slurmstepd writes its lines last
 VMSTAT = Path("/proc/vmstat")
 
 
-def killed_for_memory(stderr: Path, state: str) -> str | None:
-    """A one-line error for a task that SLURM killed for memory, with the setting to raise; None otherwise."""
+def killed_for_memory(stderr: Path, state: str | Callable[[], str]) -> str | None:
+    """A one-line error for a task that SLURM killed for memory, with the setting to raise; None otherwise. The
+    ``state`` (or what gives it: asked only where the log does not say) may be OUT_OF_MEMORY."""
     text = _tail(stderr).lower()
-    if not state.upper().startswith("OUT_OF_MEMORY") and not any(sign in text for sign in SIGNS):
+    if not any(sign in text for sign in SIGNS) and \
+            not (state if isinstance(state, str) else state()).upper().startswith("OUT_OF_MEMORY"):
         return None
     over = OVER_LIMIT.findall(text)
     if over:

@@ -201,6 +201,26 @@ def test_a_cgroup_out_of_memory_kill_is_named_as_one_without_figures(tmp_path):
     assert killed_for_memory(tmp_path / "never-written.err", "FAILED") is None
 
 
+def test_a_task_whose_worker_the_cgroup_killed_is_named_killed_for_memory_alike_in_arrays_and_jobs(tmp_path):
+    """Under SLURM's cgroup the kernel kills the task's largest process, often a data-loader worker: the task then
+    writes an error of its own ("DataLoader worker ... killed by signal") beside slurmstepd's oom-kill line. An array
+    task and a rank of a multi-task job are named alike: killed for memory, with the setting to raise (the array's
+    message used to be the worker's error alone). No cgroup-enforcing SLURM here: slurmstepd's words are written."""
+    import submitit
+
+    from hpc.array import _failure_message, _task_failure
+
+    job = submitit.SlurmJob(tmp_path, "4242_0")
+    job.paths.stderr.parent.mkdir(parents=True, exist_ok=True)
+    worker = "RuntimeError: DataLoader worker (pid 99) is killed by signal: Killed."
+    job.paths.stderr.write_text(f"{worker}\nslurmstepd: error: Detected 1 oom-kill event(s) in StepId=4242.0. Some "
+                                "of your processes may have been killed by the cgroup out-of-memory handler.\n")
+    err = submitit.core.utils.FailedJobError(worker)
+    named = ("MemoryError: SLURM killed the task for memory (it needed more than its job asked for; raise "
+             "cluster.mem_gb), then rerun: finished work is kept")
+    assert _failure_message(err, job, None, 30) == named and _task_failure(job, 0, err, None).error == named
+
+
 def memory_cgroups() -> tuple[Path, str] | None:
     """Where this process may make a memory cgroup, and the name of its limit file: cgroup v1 or v2, as root."""
     v1, control = Path("/sys/fs/cgroup/memory"), Path("/sys/fs/cgroup/cgroup.subtree_control")
