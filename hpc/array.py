@@ -13,6 +13,7 @@ from typing import Any, TypeVar
 
 import submitit
 
+from hpc.array_limit import map_in_arrays
 from hpc.executors import SubmissionError
 from hpc.killed import killed_for_memory, killed_outright, oom_kill_count
 from hpc.ledger import refuse_beside_open_job, remember
@@ -327,7 +328,8 @@ def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequ
     """Run ``fn(item)`` for every item and return the results in order; ``resumable``: a task resumes its own work,
     so SLURM requeues it at its time limit or a preemption (``Resumable``).
 
-    SLURM and debug executors get one array job (SLURM caps it at ``parallelism`` tasks at once);
+    SLURM and debug executors get one array job (SLURM caps it at ``parallelism`` tasks at once; beyond the
+    cluster's MaxArraySize, several that share the parallelism: ``hpc.array_limit``);
     the local executor starts at most ``parallelism`` processes at a time. ``on_done(index,
     result)`` is called as each task ends (result None if it failed), ``on_poll()`` at each look at the
     tasks (every ``poll_s``: progress read from what they write). On SLURM, ``ledger`` (a file in the folder the
@@ -355,7 +357,11 @@ def run_array(executor: submitit.AutoExecutor, fn: Callable[[T], R], items: Sequ
     waiting = list(range(len(items)))
     running: dict[int, submitit.Job[Any]] = {}
     if executor.cluster != "local" and items:  # one array job; SLURM applies the parallelism itself
-        running, waiting = dict(enumerate(_one_at_a_time(executor, ledger, fn, lambda: executor.map_array(fn, items)))), []
+        def submit_all() -> list[submitit.Job[Any]]:  # beyond the cluster's MaxArraySize, as several arrays
+            slurm = executor.cluster == "slurm"
+            return map_in_arrays(executor, fn, items, parallelism) if slurm else executor.map_array(fn, items)
+
+        running, waiting = dict(enumerate(_one_at_a_time(executor, ledger, fn, submit_all))), []
     if executor.cluster == "debug":  # each task runs in this process, in order, when its result is asked
         for index in sorted(running):
             finish(index, running.pop(index))

@@ -80,6 +80,42 @@ def test_a_failing_task_is_named_with_its_log_and_the_others_finish(tmp_path):
     assert "of 'fails' failed" in str(err)
 
 
+def most_at_once(folder) -> int:
+    """The most tasks whose spans (``record_span``'s files) overlapped."""
+    from pathlib import Path
+
+    spans = [tuple(map(float, p.read_text().split()[:2])) for p in Path(folder).glob("*.span")]
+    return max(sum(start <= t < end for start, end in spans) for t, _ in spans)
+
+
+@pytest.mark.parametrize("parallelism", [4, 2])
+def test_more_tasks_than_the_clusters_array_size_go_as_several_arrays_that_keep_the_parallelism(tmp_path,
+                                                                                                 parallelism):
+    """The local cluster takes 10 tasks in one array (MaxArraySize; 1001 on clusters by default), where sbatch
+    refused 25 ("Invalid job array specification"): 3 arrays of 9, 8 and 8, results in the items' order, the
+    failing item named by its index, the ledger remembering all three; never more than ``parallelism`` tasks at
+    once (2 among 3 arrays: the third waits for the first)."""
+    import json
+
+    from hpc.array_limit import max_array_size
+
+    assert max_array_size() == 10
+    settings = ExecutorSettings(kind="slurm", parallelism=parallelism, timeout_min=5, mem_gb=0.5)
+    name = f"split-{uuid.uuid4().hex[:8]}"  # job names are unique across runs of the suite
+    executor = make_executor(settings, tmp_path / "logs" / "%j", name=name)
+    with pytest.raises(ArrayJobError) as info:
+        run_array(executor, record_span, [(str(tmp_path), i) for i in range(25)], parallelism=parallelism,
+                  poll_s=0.2, timeout_s=300, ledger=tmp_path / "slurm-job.json")
+    err = info.value
+    assert [f.index for f in err.failures] == [3] and "ValueError: item 3 is bad on purpose" in str(err)
+    assert err.results == [i * i if i != 3 else None for i in range(25)]
+    arrays = json.loads((tmp_path / "slurm-job.json").read_text())["job_ids"]
+    tasks = settled_tasks(name, 25)
+    assert len(arrays) == 3 and sorted({job.split("_")[0] for job, _ in tasks}) == sorted(arrays)
+    assert sorted(sum(job.startswith(f"{array}_") for job, _ in tasks) for array in arrays) == [8, 8, 9]
+    assert 1 < most_at_once(tmp_path) <= parallelism
+
+
 def test_a_task_killed_for_memory_is_named_so_with_the_setting_to_raise(tiled, tmp_path):
     """The local cluster kills a step over its job's memory, as clusters do: the task is named as killed for
     memory with cluster.mem_gb and a value to give, not as srun's "task 0: Killed"; the task within its memory
@@ -255,6 +291,7 @@ def _rerun_refused_while_left_running(command: list[str], job_name: str, folder,
     import sys
 
     from hpc import refuse_beside_open_job
+    from hpc.ledger import remembered
 
     command = [sys.executable, "-m", "jobs.cli", *command]
     proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -270,12 +307,13 @@ def _rerun_refused_while_left_running(command: list[str], job_name: str, folder,
         for extra in reruns:
             again = subprocess.run(command + list(extra), capture_output=True, text=True, timeout=120)
             assert again.returncode == 2, again.stderr
-            assert re.search(f"SLURM job {job_id} \\({job_name}\\), submitted earlier for {re.escape(str(folder))}, is "
-                             r"still (PENDING|RUNNING)", again.stderr) and f"scancel {job_id}" in again.stderr, \
-                again.stderr  # an array between two tasks is PENDING
+            assert re.search(f"SLURM job {job_id}( [0-9]+)* \\({job_name}\\), submitted earlier for "
+                             f"{re.escape(str(folder))}, is still (PENDING|RUNNING)", again.stderr) and \
+                f"scancel {job_id}" in again.stderr, again.stderr  # an array between two tasks is PENDING
         squeued = subprocess.run(["squeue", "-h", "--name", job_name, "-o", "%i"], capture_output=True, text=True,
                                  check=True).stdout.split()
-        assert {j.split("_")[0] for j in squeued} == {job_id}  # no second job
+        arrays = remembered(folder / "slurm-job.json")  # more than 10 tasks: several arrays (hpc.array_limit)
+        assert job_id in arrays and {j.split("_")[0] for j in squeued} <= set(arrays)  # no second job
     finally:
         subprocess.run(["scancel", "--name", job_name], check=False)  # a second job too, were there one
     deadline = time.monotonic() + 60

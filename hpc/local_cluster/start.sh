@@ -13,6 +13,8 @@
 # Settings (environment): STATE_DIR (default /tmp/lymphoma-slurm), NODES (2), CPUS (8), MEM_MB (32768),
 # DB_PORT (3307). Every daemon's state, logs and PID file live under STATE_DIR.
 # Partitions: debug (the default, no time limit) and short (1 minute: jobs asking for more stay pending there).
+# Arrays: at most 10 tasks in one array job (MaxArraySize; 1001 by default on real clusters), so that the tests
+# meet the splitting of a larger array into several that share the parallelism (hpc/array_limit.py).
 set -euo pipefail
 
 STATE_DIR=${STATE_DIR:-/tmp/lymphoma-slurm}
@@ -117,6 +119,7 @@ ReturnToService=2
 KillWait=5
 InactiveLimit=0
 MinJobAge=300
+MaxArraySize=10
 StateSaveLocation=$STATE_DIR/state
 SlurmdSpoolDir=$STATE_DIR/spool/%n
 SlurmctldPidFile=$STATE_DIR/slurmctld.pid
