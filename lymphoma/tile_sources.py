@@ -21,6 +21,8 @@ from lymphoma.stain import StainNormalizer
 from lymphoma.tiling import cut_tiles, resize_to, resized_shape
 from lymphoma.wsi import iter_tiles, plan_grid, save_grid_overview, slide_tissue, target_mpp
 
+FLAT_LEVELS = 8  # an image whose every pixel is within this many levels of one colour holds no tissue
+
 
 @dataclass
 class TileSource:
@@ -85,6 +87,7 @@ def _image_tiles(path: str, settings: TileSettings, overview_side: int, region_f
         raise ImageError(path, f"has no tissue: every pixel is background (all channels >= "
                                f"tiles.background_level={settings.background_level}); check the file, or lower "
                                "tiles.background_level if its tissue is that pale")
+    flat_colour(path, image)
     cut = cut_tiles(image, cut_settings, stain)
     keep, labels = _in_regions(path, region_file, cut.coords / settings.resize, settings.size / settings.resize,
                                (h, w), settings)
@@ -93,6 +96,17 @@ def _image_tiles(path: str, settings: TileSettings, overview_side: int, region_f
     overview = np.asarray(Image.fromarray(image).reduce(factor)) if factor > 1 else image
     return TileSource(iter([pixels]), coords, cut.n_background, (h, w), overview, 1 / factor / cut_settings.resize,
                       settings.size, settings.stride, 1 / settings.resize, labels, matched)
+
+
+def flat_colour(path: str, image: np.ndarray) -> None:
+    """An ImageError where every pixel lies within ``FLAT_LEVELS`` of one colour (black, grey, any fill: a failed
+    scan or a placeholder), which would otherwise be tiled, trained on or given a class like tissue."""
+    pixels = image.reshape(-1, image.shape[-1])
+    low, high = pixels.min(axis=0), pixels.max(axis=0)
+    if int((high.astype(np.int16) - low).max()) <= FLAT_LEVELS:
+        colour = ", ".join(str(int(v)) for v in (low.astype(np.int16) + high) // 2)
+        raise ImageError(path, f"has no tissue: it is one flat colour (RGB {colour}; every pixel within "
+                               f"{FLAT_LEVELS} levels of it), a blank or failed scan or a placeholder; check the file")
 
 
 def _decode(path: str, settings: TileSettings, scale: Optional[TrainingScale],

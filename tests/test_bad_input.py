@@ -44,6 +44,8 @@ def bad_images(make_dataset):
     (folder / "damaged_001.tif").write_bytes(b"II*\0" + (8).to_bytes(4, "little") + bytes(192))  # no image in it
     Image.fromarray(rgb[:60, :80]).save(folder / "tiny_001.png")
     Image.fromarray(np.full_like(rgb, 235)).save(folder / "blank_001.png")  # a pale, empty scan
+    black = np.random.default_rng(0).integers(0, 7, rgb.shape, dtype=np.uint8)  # a failed scan: dark noise
+    Image.fromarray(black).save(folder / "black_001.png")
     return root
 
 
@@ -57,12 +59,13 @@ EXPECTED = {
     "damaged_001.tif": "not a readable image (corrupt",
     "tiny_001.png": "smaller than a 128-pixel tile",
     "blank_001.png": "has no tissue: every pixel is background",
+    "black_001.png": "has no tissue: it is one flat colour (RGB 3, 3, 3; every pixel within 8 levels of it)",
 }
 
 
 def test_each_bad_image_has_its_own_error(bad_images):
     for name, message in EXPECTED.items():
-        if name in ("tiny_001.png", "blank_001.png"):  # judged by tiling, not by decoding
+        if name in ("tiny_001.png", "blank_001.png", "black_001.png"):  # judged by tiling, not by decoding
             continue
         with pytest.raises(ImageError, match=re.escape(message)) as info:
             read_rgb(bad_images / "CLL" / name)

@@ -415,13 +415,14 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     Image.open(good).crop((0, 0, 40, 40)).save(bad / "tiny_001.png")
     listing = tmp_path / "mixed.tsv"
     Image.new("RGB", (2000, 2000), (255, 255, 255)).save(bad / "blank_001.tif")  # a blank slide-sized scan
+    Image.new("RGB", (400, 300), (0, 0, 0)).save(bad / "black_001.png")  # a failed scan: given a class before
     listing.write_text(f"{good}\n{bad / 'corrupt_001.png'}\n{bad / 'tiny_001.png'}\n{bad / 'missing_001.png'}\n"
-                       f"{bad / 'blank_001.tif'}\n")
+                       f"{bad / 'blank_001.tif'}\n{bad / 'black_001.png'}\n")
     assert predict(checkpoint, tmp_path / "d", "--list", str(listing)) == 1  # any failed input: exit 1
     captured = capsys.readouterr()
     out = captured.out
-    assert "1 of 5 slide(s) predicted" in out and "4 failed" in out
-    assert captured.err.strip().splitlines()[-1].startswith("lymphoma predict: 4 of 5 slide(s) failed")
+    assert "1 of 6 slide(s) predicted" in out and "5 failed" in out
+    assert captured.err.strip().splitlines()[-1].startswith("lymphoma predict: 5 of 6 slide(s) failed")
     with (tmp_path / "d" / "summary.csv").open() as handle:
         errors = {r["slide"]: r["error"] for r in csv.DictReader(handle)}
     assert errors[good.stem] == ""
@@ -429,6 +430,7 @@ def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
     assert "smaller than a 64-pixel tile" in errors["tiny_001"]
     assert "file not found" in errors["missing_001"]
     assert errors["blank_001"].startswith("has no tissue: every pixel is background")  # as tiling skips it
+    assert errors["black_001"].startswith("has no tissue: it is one flat colour (RGB 0, 0, 0; ")
     blank = json.loads((tmp_path / "d" / "slides" / "blank_001.json").read_text())
     assert blank["status"] == "failed" and "class" not in blank and "votes" not in blank
 
