@@ -102,6 +102,8 @@ def _slide_inputs(parser: argparse.ArgumentParser, folders: str, out: str) -> No
                         ".csv with a header: path[,label][,case] (data.columns maps other names)")
     parser.add_argument("--basepath", type=Path, help="folder that relative paths in --list are under")
     parser.add_argument("--out", type=Path, help=f"output folder (default: <run folder>/{out})")
+    parser.add_argument("--restart", action="store_true", help="start afresh: an earlier output folder is first "
+                        "renamed <name>.before-<date-time> (kept, not deleted)")
 
 
 def _add_model_commands(sub: Any) -> None:

@@ -25,7 +25,7 @@ from jobs.predict import (
     task_chunks,
 )
 from jobs.progress import SlideProgress
-from jobs.run_folder import Run, folder_lock, prepare_out_dir
+from jobs.run_folder import Run, folder_lock, prepare_out_dir, set_aside_out_dir
 from lymphoma.backbones import require_model
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
@@ -38,6 +38,8 @@ from lymphoma.prediction_inputs import expand_inputs
 from lymphoma.settings import EXPORTED_ENGINES
 
 log = logging.getLogger(__name__)
+FEATURES_MARKER = ".lymphoma-features"  # what marks a folder of `lymphoma features`
+FEATURES_BEFORE_MARKERS = ("records", "h5_files")  # what marked one before the marker
 
 
 @dataclass(frozen=True)
@@ -129,8 +131,8 @@ def run_features(run: Run, source: Optional[EncoderSource], slides: list[SlideIn
     if cfg.predict.engine == "compile":
         log.info("predict.engine=compile is for `lymphoma predict`; embeddings run on torch "
                  f"(predict.precision={cfg.predict.precision} applies)")
-    out_dir = prepare_out_dir((Path(out) if out else run.dir / "features").absolute(), ".lymphoma-features",
-                              "`lymphoma features`", before_markers=("records", "h5_files"))
+    out_dir = prepare_out_dir((Path(out) if out else run.dir / "features").absolute(), FEATURES_MARKER,
+                              "`lymphoma features`", before_markers=FEATURES_BEFORE_MARKERS)
     with folder_lock(out_dir, "features"):  # a second `lymphoma features` into this folder is refused, not run beside
         records, failure = embed_into(out_dir, run, source, slides, progress)
     return out_dir, records, failure
@@ -215,6 +217,9 @@ def command(args: argparse.Namespace, run: Run) -> int:
     explicit = tuple(keys_set(args.config, args.overrides, "tiles"))
     source = check_encoder(run, Path(args.checkpoint) if args.checkpoint else None, explicit, args.force)
     slides = features_slides(run, args.inputs, args.list, args.basepath)
+    if args.restart:
+        set_aside_out_dir(run, (Path(args.out) if args.out else run.dir / "features").absolute(), FEATURES_MARKER,
+                          "`lymphoma features`", "features", FEATURES_BEFORE_MARKERS)
     out_dir, records, failure = run_features(run, source, slides, args.out, progress=not args.no_progress)
     ok = [r for r in records if r["status"] == "ok"]
     failed = [r for r in records if r["status"] != "ok"]

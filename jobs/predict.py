@@ -15,7 +15,7 @@ from hpc.task import task_setup, thread_share
 from jobs import openvino_first_in_tasks
 from jobs.config import keys_set
 from jobs.progress import SlideProgress
-from jobs.run_folder import Run, folder_lock, prepare_out_dir
+from jobs.run_folder import Run, folder_lock, prepare_out_dir, set_aside_out_dir
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.cohort_report import metrics_lines, seen_cases_notes, write_report
 from lymphoma.errors import InputError
@@ -261,7 +261,7 @@ def refuse_leaving_out(out_dir: Path, records: Sequence[dict[str, Any]], slides:
 
 
 def replace_advice(out_dir: Path) -> str:
-    return f"give another --out (or remove {out_dir} to replace them)"
+    return f"give another --out, or --restart (which keeps {out_dir} as {out_dir.name}.before-<date-time>)"
 
 
 def gather_records(slide_dir: Path, chunks: list[tuple[SlideInput, ...]],
@@ -297,6 +297,9 @@ def command(args: argparse.Namespace, run: Run) -> int:
     explicit = tuple(keys_set(args.config, args.overrides, "tiles"))
     request = PredictRequest(Path(args.checkpoint), tuple(args.inputs), args.list, args.basepath, args.out,
                              args.force, explicit)
+    if args.restart:
+        set_aside_out_dir(run, Path(args.out).absolute() if args.out else run.predict, MARKER, "`lymphoma predict`",
+                          "predict")
     result = run_predict(run, request, progress=not args.no_progress)
     log.info(format_report(result))
     for note in result.notes:

@@ -251,6 +251,18 @@ def make_out_folder(path: Path, marker: str | None = None, option: str = "--out"
     return path
 
 
+def set_aside_out_dir(run: Run, out_dir: Path, marker: str, made_by: str, job: str,
+                      before_markers: tuple[str, ...] = ()) -> None:
+    """``--restart`` of a command with an output folder: an earlier run's folder (never someone else's files:
+    ``prepare_out_dir`` refuses those) renamed ``<name>.before-<date-time>`` beside it and kept; refused while
+    another ``lymphoma <job>`` writes it (its lock) or a SLURM job its ledger names still runs."""
+    if not out_dir.exists():
+        return
+    prepare_out_dir(out_dir, marker, made_by, before_markers)
+    with folder_lock(out_dir, job):
+        run.set_aside(out_dir, f"output of {made_by}")
+
+
 def prepare_out_dir(out_dir: Path, marker: str, made_by: str,
                     before_markers: tuple[str, ...] = ()) -> Path:
     """An empty folder (but for this command's log) or one an earlier run of the command made (it holds

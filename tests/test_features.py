@@ -87,6 +87,10 @@ def test_features_equal_a_direct_forward_of_the_backbone(make_dataset, resnet_fi
            f"the file as it is now: {rows[0]['path']}" in printed.err
     with h5py.File(rows[0]["file"]) as h5, h5py.File(rows[3]["file"]) as other:
         np.testing.assert_array_equal(h5["features"][:], other["features"][:])
+    assert features(tmp_path / "out", *words, "--restart") == 0  # afresh, the earlier folder kept beside
+    assert "(6 now, 0 already complete; " in capsys.readouterr().out
+    (aside,) = tmp_path.glob("out.before-*")
+    assert len(list((aside / "h5_files").glob("*.h5"))) == 6 and (aside / "features.csv").is_file()
 
 
 def fit_target_default():

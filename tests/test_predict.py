@@ -314,7 +314,8 @@ def test_a_folder_keeps_its_prediction_until_a_rerun_resumes_or_extends_it(check
     assert predict(checkpoint, out, *map(str, mcl)) == 2  # another cohort
     err = capsys.readouterr().err
     assert f"{out} holds the predictions of {len(fl)} slide(s) this request does not name ({fl[0]}" in err
-    assert "name them too (to add slides to it), or give another --out" in err and written() == kept
+    assert f"name them too (to add slides to it), or give another --out, or --restart (which keeps {out} as out.before-" \
+        in err and written() == kept
     assert predict(checkpoint, out, *map(str, fl), "predict.tta=true") == 2  # other settings, named
     err = capsys.readouterr().err
     assert (f"{out} holds the predictions of {len(fl)} of these slides made by another model or other settings "
@@ -331,6 +332,20 @@ def test_a_folder_keeps_its_prediction_until_a_rerun_resumes_or_extends_it(check
     (out / "slides" / f"{fl[0].stem}.json").write_text(json.dumps(record, indent=1) + "\n")
     assert written() == kept
 
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("a user's file")
+    assert predict(other, foreign, *map(str, fl), "--restart") == 2  # someone else's folder: never set aside
+    assert f"output folder {foreign} exists and holds other files" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("foreign")] == ["foreign"]
+    assert predict(other, out, *map(str, mcl), "--restart") == 0  # afresh: the earlier folder kept beside
+    assert f"restarting: the earlier output of `lymphoma predict` is kept in {out}.before-" in capsys.readouterr().out
+    (aside,) = tmp_path.glob("out.before-*")
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file() and "logs" not in p.parts
+            and p.name[0] != "."} == {p.relative_to(out): b for p, b in kept.items()}
+    assert sorted(p.stem for p in (out / "slides").glob("*.json")) == sorted(p.stem for p in mcl)
+    shutil.rmtree(out)
+    aside.rename(out)
     assert predict(checkpoint, out, *map(str, fl + mcl)) == 0  # extended: the earlier slides resumed
     assert (f"{len(fl + mcl)} of {len(fl + mcl)} slide(s) predicted ({len(mcl)} now, {len(fl)} already complete)"
             in capsys.readouterr().out)
