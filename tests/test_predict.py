@@ -332,20 +332,6 @@ def test_a_folder_keeps_its_prediction_until_a_rerun_resumes_or_extends_it(check
     (out / "slides" / f"{fl[0].stem}.json").write_text(json.dumps(record, indent=1) + "\n")
     assert written() == kept
 
-    foreign = tmp_path / "foreign"
-    foreign.mkdir()
-    (foreign / "notes.txt").write_text("a user's file")
-    assert predict(other, foreign, *map(str, fl), "--restart") == 2  # someone else's folder: never set aside
-    assert f"output folder {foreign} exists and holds other files" in capsys.readouterr().err
-    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("foreign")] == ["foreign"]
-    assert predict(other, out, *map(str, mcl), "--restart") == 0  # afresh: the earlier folder kept beside
-    assert f"restarting: the earlier output of `lymphoma predict` is kept in {out}.before-" in capsys.readouterr().out
-    (aside,) = tmp_path.glob("out.before-*")
-    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file() and "logs" not in p.parts
-            and p.name[0] != "."} == {p.relative_to(out): b for p, b in kept.items()}
-    assert sorted(p.stem for p in (out / "slides").glob("*.json")) == sorted(p.stem for p in mcl)
-    shutil.rmtree(out)
-    aside.rename(out)
     assert predict(checkpoint, out, *map(str, fl + mcl)) == 0  # extended: the earlier slides resumed
     assert (f"{len(fl + mcl)} of {len(fl + mcl)} slide(s) predicted ({len(mcl)} now, {len(fl)} already complete)"
             in capsys.readouterr().out)
@@ -360,6 +346,28 @@ def test_a_folder_keeps_its_prediction_until_a_rerun_resumes_or_extends_it(check
     assert f"(0 now, {len(fl)} already complete)" in capsys.readouterr().out  # where bf16 ran as fp32 too
     ran = {json.loads(p.read_text())["precision"] for p in (half / "slides").glob("*.json")}
     assert ran == {"bf16" if cpu_has_bf16() else "fp32"}
+
+
+def test_restart_keeps_the_earlier_folder_beside_and_never_sets_aside_a_folder_of_other_files(checkpoint, cohort,
+                                                                                               tmp_path, capsys):
+    """`--restart`: another model or cohort into the folder of an earlier prediction, which is renamed
+    `<name>.before-<date-time>` whole; a folder of someone else's files is refused, not renamed."""
+    fl, mcl = sorted(cohort.glob("FL/*.png")), sorted(cohort.glob("MCL/*.png"))
+    out = tmp_path / "out"
+    assert predict(checkpoint, out, *map(str, fl)) == 0
+    kept = {p.relative_to(out): p.read_bytes() for p in out.rglob("*") if p.is_file() and "logs" not in p.parts}
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("a user's file")
+    assert predict(checkpoint, foreign, *map(str, fl), "--restart") == 2
+    assert f"output folder {foreign} exists and holds other files" in capsys.readouterr().err
+    assert [p.name for p in tmp_path.iterdir() if p.name.startswith("foreign")] == ["foreign"]
+    assert predict(checkpoint, out, *map(str, mcl), "--restart") == 0
+    assert f"restarting: the earlier output of `lymphoma predict` is kept in {out}.before-" in capsys.readouterr().out
+    (aside,) = tmp_path.glob("out.before-*")
+    assert {p.relative_to(aside): p.read_bytes() for p in aside.rglob("*") if p.is_file() and "logs" not in p.parts
+            and not p.name.startswith(".predict.lock")} == {k: v for k, v in kept.items() if k.name != ".predict.lock"}
+    assert sorted(p.stem for p in (out / "slides").glob("*.json")) == sorted(p.stem for p in mcl)
 
 
 def test_a_slide_file_replaced_since_it_was_predicted_is_predicted_again_and_said(checkpoint, cohort, tmp_path,
