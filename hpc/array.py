@@ -19,10 +19,7 @@ from hpc.killed import killed_for_memory, killed_outright, oom_kill_count
 from hpc.ledger import refuse_beside_open_job, remember
 from hpc.orphans import controller_errors_in, tied_to_this_process
 from hpc.pending import PendingWatch
-
-# sbatch's words when it never reached the controller (no configuration, controller down), not a refusal
-UNREACHABLE = ("Could not establish a configuration source", "Unable to process configuration file",
-               "Unable to contact slurm controller", "Socket timed out", "Connection refused")
+from hpc.refusals import refusal
 
 # SLURM states after which no result file will come; others (CONFIGURING, COMPLETING, ...) are still open.
 FINAL_SLURM_STATES = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "OUT_OF_MEMORY", "NODE_FAIL", "BOOT_FAIL",
@@ -161,15 +158,7 @@ def _refused_as_error(executor: submitit.AutoExecutor, submit_now: Callable[[], 
         if executor.cluster != "slurm":
             raise
         reason = "; ".join(line.strip() for line in str(err).splitlines() if line.strip()) or "no reason given"
-        if any(sign in reason for sign in UNREACHABLE):
-            raise SubmissionError(
-                f"sbatch cannot reach the SLURM controller: {reason}\n  fix: check that SLURM is configured here "
-                "(SLURM_CONF, or /etc/slurm/slurm.conf) and that its controller answers (`scontrol ping`); on one "
-                "machine, start this project's cluster: bash hpc/local_cluster/start.sh") from None
-        raise SubmissionError(
-            f"the SLURM scheduler refused the job: {reason}\n  fix: ask for what the cluster has (cluster.mem_gb, "
-            "cluster.cpus_per_task, cluster.gpus_per_node, cluster.partition, ...: in your profile "
-            "configs/cluster/<name>.yaml or as overrides; `sinfo -N -l` lists the nodes)") from None
+        raise refusal(reason) from None
 
 
 def stop_local_tasks(jobs: Iterable[submitit.Job[Any]], grace_s: float = 10.0) -> None:

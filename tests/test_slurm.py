@@ -116,6 +116,31 @@ def test_more_tasks_than_the_clusters_array_size_go_as_several_arrays_that_keep_
     assert 1 < most_at_once(tmp_path) <= parallelism
 
 
+def test_a_cap_on_queued_jobs_is_named_with_its_fix_and_leaves_no_array_behind(tmp_path):
+    """The local cluster enforces limits as clusters do; its QOS "small" lets 12 jobs or array tasks be queued. 25
+    tasks go as arrays of 9 and 8 (MaxArraySize 10), and sbatch refuses the second: the error quotes it and names
+    the cap and what to do (it used to advise memory and partitions), and the first array is cancelled, not left
+    to run with no ledger remembering it. An unknown QOS or account is named with its setting."""
+    from hpc import SubmissionError, submit
+
+    name = f"capped-{uuid.uuid4().hex[:8]}"
+    settings = ExecutorSettings(kind="slurm", parallelism=2, timeout_min=5, mem_gb=0.5, qos="small")
+    with pytest.raises(SubmissionError) as info:
+        run_array(make_executor(settings, tmp_path / "logs" / "%j", name=name), record_span,
+                  [(str(tmp_path), i) for i in range(25)], parallelism=2, poll_s=0.2, timeout_s=120,
+                  ledger=tmp_path / "slurm-job.json")
+    assert "refused the job: sbatch: error: QOSMaxSubmitJobPerUserLimit" in str(info.value)
+    assert "fix: the cluster caps how many jobs you may have queued, and each array task counts as one" in \
+        str(info.value) and not (tmp_path / "slurm-job.json").exists()
+    states = set(subprocess.run(["squeue", "-h", "--name", name, "-t", "all", "-o", "%T"], capture_output=True,
+                                text=True, check=True).stdout.split())  # sacct leaves out arrays never eligible
+    assert "CANCELLED" in states and states <= {"CANCELLED", "COMPLETED"}, states
+    for key, fix in (("qos", "set cluster.qos to a QOS you may use"), ("account", "set cluster.account to an account")):
+        settings = ExecutorSettings(kind="slurm", timeout_min=5, mem_gb=0.5, **{key: "nosuch"})
+        with pytest.raises(SubmissionError, match=re.escape(fix)):
+            submit(make_executor(settings, tmp_path / "logs" / "%j", name=name), record_span, (str(tmp_path), 0))
+
+
 def test_a_task_killed_for_memory_is_named_so_with_the_setting_to_raise(tiled, tmp_path):
     """The local cluster kills a step over its job's memory, as clusters do: the task is named as killed for
     memory with cluster.mem_gb and a value to give, not as srun's "task 0: Killed"; the task within its memory

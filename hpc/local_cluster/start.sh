@@ -130,6 +130,7 @@ SlurmctldPort=6817
 AccountingStorageType=accounting_storage/slurmdbd
 AccountingStorageHost=localhost
 AccountingStoragePort=6819
+AccountingStorageEnforce=associations,limits,qos
 JobAcctGatherType=jobacct_gather/linux
 JobAcctGatherFrequency=task=1
 JobAcctGatherParams=OverMemoryKill
@@ -142,6 +143,15 @@ CONF
 /usr/sbin/slurmdbd
 wait_for 30 slurmdbd sacctmgr -n show cluster
 sacctmgr -i add cluster "$CLUSTER" >/dev/null 2>&1 || true
+# Limits are enforced, as on clusters: every user needs an association (an account), and a QOS may cap what is
+# queued. root (the tests) and the user who started this, in account lab; the QOS "small" lets 12 jobs or array
+# tasks be queued at once (the tests' submit limit), "normal" (the default) none.
+sacctmgr -i add account lab Cluster="$CLUSTER" >/dev/null 2>&1 || true
+sacctmgr -i add qos small MaxSubmitJobsPerUser=12 >/dev/null 2>&1 || true
+for user in root ${SUDO_USER:-}; do
+  sacctmgr -i add user "$user" Account=lab Cluster="$CLUSTER" >/dev/null 2>&1 || true
+  sacctmgr -i modify user "$user" set QOS=normal,small DefaultQOS=normal >/dev/null 2>&1 || true
+done
 /usr/sbin/slurmctld -c  # -c: a fresh start forgets jobs and drained nodes left by an earlier run (a full disk drains a node)
 wait_for 30 slurmctld scontrol ping
 for n in $(seq 1 "$NODES"); do /usr/sbin/slurmd -N "n$n"; done
