@@ -147,7 +147,8 @@ sacctmgr -i add cluster "$CLUSTER" >/dev/null 2>&1 || true
 # queued. root (the tests) and the user who started this, in account lab; the QOS "small" lets 12 jobs or array
 # tasks be queued at once (the tests' submit limit), "normal" (the default) none.
 sacctmgr -i add account lab Cluster="$CLUSTER" >/dev/null 2>&1 || true
-sacctmgr -i add qos small MaxSubmitJobsPerUser=12 >/dev/null 2>&1 || true
+sacctmgr -i add qos small >/dev/null 2>&1 || true
+sacctmgr -i modify qos small set MaxSubmitJobsPerUser=12 >/dev/null 2>&1 || true  # a kept database's too
 for user in root ${SUDO_USER:-}; do
   sacctmgr -i add user "$user" Account=lab Cluster="$CLUSTER" >/dev/null 2>&1 || true
   sacctmgr -i modify user "$user" set QOS=normal,small DefaultQOS=normal >/dev/null 2>&1 || true
