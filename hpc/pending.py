@@ -44,6 +44,9 @@ STUCK = {
 }
 
 
+SILENT_EVERY_S = 30.0  # how often to look while the controller does not answer (each look then blocks for 18 s)
+
+
 class PendingWatch:
     """Reads the reasons of a command's pending SLURM jobs every ``every_s`` while it waits for them."""
 
@@ -62,7 +65,8 @@ class PendingWatch:
         if not ids:
             return
         reasons, error = pending_reasons(ids)
-        if self._controller_silent(error):
+        if self._controller_silent(error):  # squeue took its 18 s to give up: look less often until it answers,
+            self.next_look = time.monotonic() + SILENT_EVERY_S  # so that the wait loop goes on between looks
             return
         for job_id, reason in reasons.items():
             code = reason.split(",")[0].strip()

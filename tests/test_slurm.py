@@ -165,7 +165,8 @@ def test_a_task_killed_for_memory_is_named_so_with_the_setting_to_raise(tiled, t
 def test_a_controller_that_stops_answering_is_said_and_the_wait_goes_on(tmp_path, caplog):
     """The SLURM controller stopped while a task runs (a restart, a maintenance), then started again: the command
     says once that it does not answer and once that it answers again, where it waited in silence, and the task,
-    which ran on on its node, returns its result."""
+    which ran on on its node, returns its result. While the controller is silent the wait looks at it every 30 s:
+    each look blocks for the 18 s squeue takes to give up, and looks back to back would stop the wait between."""
     import os
     import signal
     from pathlib import Path
@@ -181,19 +182,27 @@ def test_a_controller_that_stops_answering_is_said_and_the_wait_goes_on(tmp_path
                 break
             time.sleep(0.1)
         os.kill(int(pid_file.read_text()), signal.SIGTERM)  # it saves its state and stops
+        window.append(time.monotonic())
         try:
-            time.sleep(30)  # squeue looks every 10 s, and takes 18 s to give up on a controller that is down
+            time.sleep(45)  # squeue looks every 10 s, and takes 18 s to give up on a controller that is down
         finally:
+            window.append(time.monotonic())
             subprocess.run(["/usr/sbin/slurmctld"], check=True)  # recovers its jobs from the saved state
             while subprocess.run(["scontrol", "ping"], capture_output=True).returncode != 0:
                 time.sleep(0.2)
 
+    window: list[float] = []
+    polls: list[float] = []
     stopper = threading.Thread(target=outage)
     stopper.start()
     try:
-        assert run_array(executor, sleep_for, [(str(started), 60)], poll_s=0.2, timeout_s=240) == [None]
+        assert run_array(executor, sleep_for, [(str(started), 75)], poll_s=0.2, timeout_s=240,
+                         on_poll=lambda: polls.append(time.monotonic())) == [None]
     finally:
         stopper.join()
+    during = [window[0], *(t for t in polls if window[0] <= t <= window[1]), window[1]]
+    stood_still = sum(b - a for a, b in zip(during, during[1:]) if b - a > 1)  # one look of 18 s, not back to back
+    assert 15 < stood_still < 27, f"the wait stood still for {stood_still:.0f} s of the controller's 45"
     said = [r.getMessage() for r in caplog.records if "SLURM controller" in r.getMessage()]
     assert len(said) == 2 and said[0].startswith("the SLURM controller does not answer (") and \
         said[1] == "the SLURM controller answers again; waiting for the jobs goes on", said
