@@ -23,11 +23,11 @@ from lymphoma.backbones import Backbone, load_pretrained
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.engines import TileClassifier, exported_engine
 from lymphoma.errors import InputError, one_line
-from lymphoma.files import write_text_atomic
+from lymphoma.files import file_stamp, write_text_atomic
 from lymphoma.image_scale import training_scale
 from lymphoma.model import Ensemble, build_model
 from lymphoma.precision import runnable_precision
-from lymphoma.prediction import Predictor, SlideInput, onnx_export, read_record, slide_file_stamp, with_tiles
+from lymphoma.prediction import Predictor, SlideInput, onnx_export, read_record, with_tiles
 from lymphoma.regions import regions_stamp
 from lymphoma.settings import EXPORTED_ENGINES, AugmentSettings, ModelSettings, StainSettings, TileSettings
 from lymphoma.stain import StainNormalizer, fit_target
@@ -190,7 +190,7 @@ class FeatureWriter:
         finally:
             tmp.unlink(missing_ok=True)
         self._write_pt(slide, features)
-        record = {"key": slide.key, "path": slide.path, "slide_file": slide_file_stamp(slide.path), "status": "ok",
+        record = {"key": slide.key, "path": slide.path, "slide_file": source.file_stamp, "status": "ok",
                   "error": "", "label": slide.label, "case": slide.case, "n_tiles": int(len(features)),
                   "feature_dim": attrs["feature_dim"], "file": str(path), "fingerprint": self.meta["fingerprint"],
                   "regions": regions_stamp(slide.regions),
@@ -200,7 +200,7 @@ class FeatureWriter:
         return record
 
     def failed(self, slide: SlideInput, error: str) -> dict[str, Any]:
-        record = {"key": slide.key, "path": slide.path, "slide_file": slide_file_stamp(slide.path), "status": "failed",
+        record = {"key": slide.key, "path": slide.path, "slide_file": file_stamp(slide.path), "status": "failed",
                   "error": error, "label": slide.label, "case": slide.case, "file": "",
                   "fingerprint": self.meta["fingerprint"]}
         write_text_atomic(self._record_path(slide), json.dumps(record, indent=1) + "\n")

@@ -7,6 +7,7 @@ import io
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
+from typing import Optional
 
 
 def write_text_atomic(path: str | Path, text: str) -> None:
@@ -48,3 +49,13 @@ def write_csv_atomic(path: str | Path, header: Sequence[object], rows: Iterable[
     writer.writerow(header)
     writer.writerows(rows)
     write_text_atomic(path, buffer.getvalue())
+
+
+def file_stamp(path: str | Path) -> Optional[list[int]]:
+    """A file's size and modification time (ns), which records keep to tell a file replaced since (a rescan, a
+    corrected export) from the one they were made of; None where it cannot be read."""
+    try:
+        stat = os.stat(path)
+    except OSError:
+        return None
+    return [stat.st_size, stat.st_mtime_ns]

@@ -29,7 +29,7 @@ from lymphoma.engines import (
     onnx_bytes,
 )
 from lymphoma.errors import ImageError
-from lymphoma.files import write_text_atomic
+from lymphoma.files import file_stamp, write_text_atomic
 from lymphoma.image_scale import TrainingScale, tiles_cut_with, training_scale
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap, save_probability_maps
@@ -205,16 +205,6 @@ def identity_differences(before: dict[str, Any], now: dict[str, Any]) -> list[st
     return words
 
 
-def slide_file_stamp(path: str) -> Optional[list[int]]:
-    """A slide file's size and modification time (ns), which its record keeps: a file replaced since (a rescan, a
-    corrected export) is predicted again. None where it cannot be read."""
-    try:
-        stat = os.stat(path)
-    except OSError:
-        return None
-    return [stat.st_size, stat.st_mtime_ns]
-
-
 def _record_of_path(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]]:
     try:
         record = json.loads((out_dir / f"{slide.key}.json").read_text())
@@ -227,7 +217,7 @@ def read_record(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]]:
     """The slide's record (succeeded or failed) written for this very file, if any: the same path and, where the
     record keeps them (earlier versions did not), the same size and modification time."""
     record = _record_of_path(out_dir, slide)
-    if record is None or record.get("slide_file") not in (None, slide_file_stamp(slide.path)):
+    if record is None or record.get("slide_file") not in (None, file_stamp(slide.path)):
         return None
     return record
 
@@ -413,7 +403,7 @@ def _finish(predictor: Predictor, slide: SlideInput, out_dir: Path, source: Tile
         squares = level0_squares(source.coords, source.extent, source.to_level0)
         write_geojson(out_dir / f"{slide.key}.geojson", squares, probs, classes)
         write_coords_h5(out_dir / f"{slide.key}.h5", squares, probs, classes)
-    record = {"key": slide.key, "path": slide.path, "slide_file": slide_file_stamp(slide.path), "status": "ok",
+    record = {"key": slide.key, "path": slide.path, "slide_file": source.file_stamp, "status": "ok",
               "error": "", "label": slide.label, "case": slide.case, "n_tiles": int(len(probs)),
               "n_background": int(source.n_background), "image_size": [int(v) for v in source.shape],
               **({"matched_resize": round(source.matched_resize, 6)} if source.matched_resize is not None else {}),
@@ -431,7 +421,7 @@ def ran_precision(predictor: Predictor) -> str:
 
 
 def _failed(slide: SlideInput, out_dir: Path, error: str, fingerprint: str) -> dict[str, Any]:
-    record = {"key": slide.key, "path": slide.path, "slide_file": slide_file_stamp(slide.path), "status": "failed",
+    record = {"key": slide.key, "path": slide.path, "slide_file": file_stamp(slide.path), "status": "failed",
               "error": error, "label": slide.label, "case": slide.case, "fingerprint": fingerprint}
     write_text_atomic(out_dir / f"{slide.key}.json", json.dumps(record, indent=1) + "\n")
     return record

@@ -12,6 +12,7 @@ import numpy as np
 from PIL import Image
 
 from lymphoma.errors import ImageError, InputError
+from lymphoma.files import file_stamp
 from lymphoma.image_scale import TrainingScale
 from lymphoma.images import WSI_SUFFIXES, decode_rgb
 from lymphoma.regions import read_regions, select_tiles
@@ -42,6 +43,7 @@ class TileSource:
     to_level0: float = 1.0  # coords * to_level0 are pixels of the file's full resolution (plain images: 1 / resize)
     labels: Optional[list[Optional[str]]] = None  # each tile's region class (tiles.region_labels), None: unclassified
     matched_resize: Optional[float] = None  # the resize that brought a plain image to the training scale (image_scale)
+    file_stamp: Optional[list[int]] = None  # the file's size and time when it was opened (lymphoma.files.file_stamp)
 
 
 def _in_regions(path: str, region_file: str, corners: np.ndarray, side: float, shape: tuple[int, int],
@@ -68,9 +70,13 @@ def open_tiles(path: str, settings: TileSettings, batch: int = 64, overview_side
     is cut at or of the slide's tissue in its thumbnail; with a ``scale`` (a pixel-tile model's training scale), a plain
     image at another scale but of the training images' aspect is resized to it. Raises ImageError naming the file
     when it cannot give any tile."""
+    stamp = file_stamp(path)  # before reading: a file replaced while it is read is not taken for the one read
     if not settings.by_resolution:
-        return _image_tiles(path, settings, overview_side, region_file, stain, scale)
-    return _slide_tiles(path, settings, batch, overview_side, qc_path, region_file, stain)
+        source = _image_tiles(path, settings, overview_side, region_file, stain, scale)
+    else:
+        source = _slide_tiles(path, settings, batch, overview_side, qc_path, region_file, stain)
+    source.file_stamp = stamp
+    return source
 
 
 def _image_tiles(path: str, settings: TileSettings, overview_side: int, region_file: str,
