@@ -34,11 +34,10 @@ from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.image_scale import scale_notes
 from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import SlideInput, changed_since, read_record
-from lymphoma.prediction_inputs import expand_inputs
+from lymphoma.prediction_inputs import FEATURES_MARKER, expand_inputs
 from lymphoma.settings import EXPORTED_ENGINES
 
 log = logging.getLogger(__name__)
-FEATURES_MARKER = ".lymphoma-features"  # what marks a folder of `lymphoma features`
 FEATURES_BEFORE_MARKERS = ("records", "h5_files")  # what marked one before the marker
 
 

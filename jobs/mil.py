@@ -26,6 +26,7 @@ from lymphoma.features import encoder_cases_seen, read_features
 from lymphoma.files import write_csv_atomic, write_text_atomic
 from lymphoma.inputs import ImageRecord
 from lymphoma.mil import Bag, predict_bag, train_mil
+from lymphoma.prediction_inputs import MIL_PREDICT_MARKER
 
 log = logging.getLogger(__name__)
 
@@ -325,7 +326,7 @@ def report_known(out: Path, rows: list[dict[str, str]], probs_of: dict[str, np.n
 def prediction_folder(out: Path, features_dir: Path) -> Path:
     """``out``, new or holding the predictions of the same ``features_dir`` (named in its ``features.txt``):
     those of another cohort are never replaced or mixed with these."""
-    out = prepare_out_dir(out.absolute(), ".lymphoma-mil-predict", "`lymphoma mil --predict`")
+    out = prepare_out_dir(out.absolute(), MIL_PREDICT_MARKER, "`lymphoma mil --predict`")
     source, named = out / "features.txt", str(features_dir.resolve())
     earlier = source.read_text(encoding="utf-8").strip() if source.is_file() else named
     if earlier != named:

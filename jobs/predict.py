@@ -31,12 +31,12 @@ from lymphoma.prediction import (
     read_record,
     with_tiles,
 )
-from lymphoma.prediction_inputs import expand_inputs
+from lymphoma.prediction_inputs import PREDICT_MARKER, expand_inputs
 from lymphoma.settings import PredictSettings, TileSettings
 
 log = logging.getLogger(__name__)
 
-MARKER = ".lymphoma-predict"
+MARKER = PREDICT_MARKER  # what marks a folder of `lymphoma predict`
 SLIDE_KEYS = ("default_mpp", "max_pixels")  # tile settings that describe the slides: the user's, not the checkpoint's
 
 

@@ -30,6 +30,8 @@ from lymphoma.regions import find_region_file
 
 Row = tuple[str, Optional[str], Optional[str], str]  # path, label, case, where it was given (a list's line)
 LIST_HEADERS = ("path", "file", "filename")  # a TSV's first line starting so is its header
+PREDICT_MARKER, FEATURES_MARKER, MIL_PREDICT_MARKER = ".lymphoma-predict", ".lymphoma-features", ".lymphoma-mil-predict"
+OUTPUT_MARKERS = (PREDICT_MARKER, FEATURES_MARKER, MIL_PREDICT_MARKER)  # a folder a command wrote: never its input
 
 
 def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: Optional[Path],
@@ -41,14 +43,16 @@ def expand_inputs(patterns: Sequence[str], list_file: Optional[Path], basepath: 
     for a training manifest); relative paths under ``basepath``. Truth and case come from the list's
     columns or, for files, from their folders (``truth_from_folders``), else from the file's own name by
     ``case_pattern`` (not its key, which names folders too where two files share a name); region files from
-    ``<regions>/<key>.geojson``. Files under ``outputs`` (the command's output folder: its heat maps are PNGs) are
-    no match of a wildcard or folder."""
+    ``<regions>/<key>.geojson``. Files under ``outputs`` (the command's output folder: its heat maps are PNGs), or
+    under any folder an earlier prediction or embedding wrote (``OUTPUT_MARKERS``: one set aside by ``--restart``
+    too), are no match of a wildcard or folder."""
     if basepath is not None and list_file is None:
         raise InputError(f"--basepath {basepath} is where a --list's relative paths lie, and no --list is given; name "
                          "the files and wildcards by their own paths (or put them in a --list)")
     rows: list[Row] = []
+    marked: dict[Path, bool] = {}
     for pattern in patterns:
-        matches = one_file_per_dicom_slide([m for m in _matches(pattern) if not _under(m, outputs)])
+        matches = one_file_per_dicom_slide([m for m in _matches(pattern) if not _in_outputs(m, outputs, marked)])
         if not matches:
             raise InputError(f"{pattern!r} matches no image file; check the path and quote wildcards so the shell "
                              "leaves them to lymphoma (e.g. 'cohort/**/*.tif')")
@@ -110,6 +114,19 @@ def slide_keys(paths: Sequence[Path]) -> list[str]:
 
 def _under(path: str, folder: Optional[Path]) -> bool:
     return folder is not None and Path(os.path.abspath(path)).is_relative_to(os.path.abspath(folder))
+
+
+def _in_outputs(path: str, outputs: Optional[Path], marked: dict[Path, bool]) -> bool:
+    """Whether ``path`` lies under ``outputs`` or under a folder that holds one of ``OUTPUT_MARKERS`` (``marked``:
+    what is known of each folder so far)."""
+    if _under(path, outputs):
+        return True
+    for folder in Path(os.path.abspath(path)).parents:
+        if folder not in marked:
+            marked[folder] = any((folder / marker).is_file() for marker in OUTPUT_MARKERS)
+        if marked[folder]:
+            return True
+    return False
 
 
 def _matches(pattern: str) -> list[str]:

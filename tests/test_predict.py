@@ -403,13 +403,19 @@ def test_a_slide_file_replaced_since_it_was_predicted_is_predicted_again_and_sai
 
 def test_an_output_folder_inside_the_cohort_is_no_input_to_its_own_rerun(checkpoint, cohort, tmp_path, capsys):
     """`--out cohort/preds` with `'cohort/**/*.png'`: the rerun's wildcard would match the first run's heat maps
-    (`preds/slides/<name>.png`, PNGs named as the slides): they are no inputs, and the rerun resumes."""
+    (`preds/slides/<name>.png`, PNGs named as the slides): they are no inputs, and the rerun resumes; nor are those
+    of an earlier prediction beside it (`--restart` keeps the folder as `preds.before-<date-time>`, in the cohort)."""
     shutil.copytree(cohort / "FL", tmp_path / "cohort" / "FL")
     out = tmp_path / "cohort" / "preds"
     for _ in range(2):
         assert predict(checkpoint, out, f"{tmp_path}/cohort/**/*.png") == 0
     assert "4 of 4 slide(s) predicted (0 now, 4 already complete)" in capsys.readouterr().out
     assert len(list((out / "slides").glob("*.png"))) == 4
+    assert predict(checkpoint, out, f"{tmp_path}/cohort/**/*.png", "--restart") == 0
+    assert "4 of 4 slide(s) predicted (4 now, 0 already complete)" in capsys.readouterr().out
+    assert len(list(tmp_path.glob("cohort/preds.before-*/slides/*.png"))) == 4
+    assert predict(checkpoint, tmp_path / "cohort" / "again", f"{tmp_path}/cohort/**/*.png") == 0
+    assert "4 of 4 slide(s) predicted (4 now, 0 already complete)" in capsys.readouterr().out
 
 
 def test_bad_prediction_input(checkpoint, cohort, tmp_path, capsys):
