@@ -30,7 +30,7 @@ from lymphoma.backbones import require_model
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.features import ENCODER_FILE
-from lymphoma.files import write_csv_atomic, write_text_atomic
+from lymphoma.files import file_stamp, write_csv_atomic, write_text_atomic
 from lymphoma.image_scale import scale_notes
 from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import SlideInput, changed_since, read_record
@@ -120,6 +120,11 @@ def check_encoder(run: Run, checkpoint: Optional[Path], explicit: Sequence[str] 
     return EncoderSource()
 
 
+def features_out(run: Run, out: Optional[Path]) -> Path:
+    """The output folder of `lymphoma features`: ``--out``, else ``<run>/features``, absolute."""
+    return (Path(out) if out else run.dir / "features").absolute()
+
+
 def run_features(run: Run, source: Optional[EncoderSource], slides: list[SlideInput], out: Optional[Path] = None,
                  progress: bool = False) -> tuple[Path, list[dict[str, Any]], Optional[ArrayJobError]]:
     """Embed every slide as an array job with the encoder from ``source`` (``check_encoder``'s; None: the run's
@@ -130,8 +135,8 @@ def run_features(run: Run, source: Optional[EncoderSource], slides: list[SlideIn
     if cfg.predict.engine == "compile":
         log.info("predict.engine=compile is for `lymphoma predict`; embeddings run on torch "
                  f"(predict.precision={cfg.predict.precision} applies)")
-    out_dir = prepare_out_dir((Path(out) if out else run.dir / "features").absolute(), FEATURES_MARKER,
-                              "`lymphoma features`", before_markers=FEATURES_BEFORE_MARKERS)
+    out_dir = prepare_out_dir(features_out(run, out), FEATURES_MARKER, "`lymphoma features`",
+                              before_markers=FEATURES_BEFORE_MARKERS)
     with folder_lock(out_dir, "features"):  # a second `lymphoma features` into this folder is refused, not run beside
         records, failure = embed_into(out_dir, run, source, slides, progress)
     return out_dir, records, failure
@@ -179,9 +184,8 @@ def encoder_identity(run: Run, source: EncoderSource) -> dict[str, Any]:
     a file rewritten is another encoder), the backbone, tiling and how the encoder runs."""
     cfg = run.config
     file = source.checkpoint or cfg.model.weights
-    stat = Path(file).stat() if file and Path(file).is_file() else None
     identity = {"encoder": str(file or "random initialisation"),
-                "encoder file": [stat.st_size, stat.st_mtime_ns] if stat else None,
+                "encoder file": file_stamp(file) if file and Path(file).is_file() else None,
                 "model.backbone": None if source.checkpoint else cfg.model.backbone,
                 "tiles": source.tiles if source.checkpoint else cfg.tiles.as_dict(), "predict.engine": cfg.predict.engine,
                 "predict.precision": cfg.predict.precision, "predict.scale": cfg.predict.scale}
@@ -217,8 +221,8 @@ def command(args: argparse.Namespace, run: Run) -> int:
     source = check_encoder(run, Path(args.checkpoint) if args.checkpoint else None, explicit, args.force)
     slides = features_slides(run, args.inputs, args.list, args.basepath)
     if args.restart:
-        set_aside_out_dir(run, (Path(args.out) if args.out else run.dir / "features").absolute(), FEATURES_MARKER,
-                          "`lymphoma features`", "features", FEATURES_BEFORE_MARKERS)
+        set_aside_out_dir(run, features_out(run, args.out), FEATURES_MARKER, "`lymphoma features`", "features",
+                          FEATURES_BEFORE_MARKERS)
     out_dir, records, failure = run_features(run, source, slides, args.out, progress=not args.no_progress)
     ok = [r for r in records if r["status"] == "ok"]
     failed = [r for r in records if r["status"] != "ok"]

@@ -162,6 +162,11 @@ def task_chunks(slides: Sequence[SlideInput], predict: PredictSettings,
     return chunks, thread_share(min(cluster.parallelism, len(chunks)))
 
 
+def predict_out(run: Run, out: Optional[Path]) -> Path:
+    """The output folder of `lymphoma predict`: ``--out``, else ``<run>/predict``, absolute."""
+    return Path(out).absolute() if out else run.predict
+
+
 def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> PredictResult:
     """Predict every slide (resuming complete ones) as an array job and write the cohort report; ``progress``: a
     bar of the slides done on a terminal."""
@@ -170,7 +175,7 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
     saved = load_checkpoint(checkpoint)
     tiles = forced_tiles(run, request.checkpoint, saved, request.explicit_tiles, request.force)
     state = with_tiles(saved, tiles)
-    out = Path(request.out).absolute() if request.out else run.predict
+    out = predict_out(run, request.out)
     slides = request_slides(run, request, state, out)
     out_dir = prepare_out_dir(out, MARKER, "prediction")
     with folder_lock(out_dir, "predict"):  # a second prediction into this folder is refused, not run beside
@@ -298,8 +303,7 @@ def command(args: argparse.Namespace, run: Run) -> int:
     request = PredictRequest(Path(args.checkpoint), tuple(args.inputs), args.list, args.basepath, args.out,
                              args.force, explicit)
     if args.restart:
-        set_aside_out_dir(run, Path(args.out).absolute() if args.out else run.predict, MARKER, "`lymphoma predict`",
-                          "predict")
+        set_aside_out_dir(run, predict_out(run, args.out), MARKER, "`lymphoma predict`", "predict")
     result = run_predict(run, request, progress=not args.no_progress)
     log.info(format_report(result))
     for note in result.notes:

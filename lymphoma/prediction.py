@@ -213,23 +213,23 @@ def _record_of_path(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]
     return record if isinstance(record, dict) and record.get("path") == slide.path else None
 
 
+def _file_changed(record: dict[str, Any], slide: SlideInput) -> bool:
+    """Whether the slide's file is no longer the one its record was made of (records of earlier versions, which keep
+    no size and time, are taken as made of it)."""
+    return record.get("slide_file") not in (None, file_stamp(slide.path))
+
+
 def read_record(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]]:
     """The slide's record (succeeded or failed) written for this very file, if any: the same path and, where the
     record keeps them (earlier versions did not), the same size and modification time."""
     record = _record_of_path(out_dir, slide)
-    if record is None or record.get("slide_file") not in (None, file_stamp(slide.path)):
-        return None
-    return record
+    return None if record is None or _file_changed(record, slide) else record
 
 
 def changed_since(out_dir: Path, slides: Sequence[SlideInput]) -> list[SlideInput]:
     """The slides of ``out_dir`` that succeeded there but whose file has changed since (size or modification time)."""
-    changed = []
-    for slide in slides:
-        record = _record_of_path(out_dir, slide)
-        if record is not None and record.get("status") == "ok" and read_record(out_dir, slide) is None:
-            changed.append(slide)
-    return changed
+    return [slide for slide in slides if (record := _record_of_path(out_dir, slide)) is not None
+            and record.get("status") == "ok" and _file_changed(record, slide)]
 
 
 def outputs_complete(out_dir: Path, slide: SlideInput, fingerprint: str) -> Optional[dict[str, Any]]:
