@@ -5,6 +5,10 @@ from __future__ import annotations
 import os
 import random
 import shutil
+import signal
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +40,25 @@ def set_rng_state(state: dict[str, Any]) -> None:
     random.setstate((version, tuple(internal), gauss_next))
 
 
+@contextmanager
+def signals_held(signums: tuple[int, ...] = (signal.SIGUSR2, signal.SIGTERM)) -> Iterator[None]:
+    """Run the block with these signals held back: one that arrives meanwhile is handled when it ends. A scheduler's
+    signal (SLURM's before a time limit or a preemption, whose handler requeues and exits) cut ``torch.save`` short,
+    and its writer's error then took the place of the exit: the task failed instead of being requeued."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum)) for signum in signums}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        for signum in caught:
+            signal.raise_signal(signum)  # now to its own handler
+
+
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     """Write ``state`` to ``path`` through a temporary file, so a reader never sees half a checkpoint. A full disk
     is a DiskFullError naming the folder and the size needed, raised after the temporary file is closed and
@@ -44,9 +67,10 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
     try:
-        with tmp.open("wb") as handle:
+        with signals_held(), tmp.open("wb") as handle:
             torch.save(state, handle)
-        os.replace(tmp, path)
+            handle.close()
+            os.replace(tmp, path)
     except (OSError, RuntimeError) as err:  # torch reports a short write as a RuntimeError ("unexpected pos")
         tmp.unlink(missing_ok=True)
         needed, free = _tensor_bytes(state), shutil.disk_usage(path.parent).free

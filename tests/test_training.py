@@ -10,6 +10,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -21,7 +22,7 @@ from conftest import DDP_STEPS, FAST, config_for
 from jobs.run_folder import open_run
 from jobs.tile import run_tile
 from jobs.train import run_train
-from lymphoma.checkpoint import load_checkpoint
+from lymphoma.checkpoint import load_checkpoint, save_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.model import build_model
 from lymphoma.training import open_phase, weights_digest
@@ -176,6 +177,30 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiled, b
     else:
         pytest.fail(f"every attempt's resumed run differs from its uninterrupted one: {mismatches}")
     assert final_digest(runs, killed) == final_digest(runs, straight)
+
+
+def test_a_signal_during_a_checkpoint_write_is_handled_after_it_and_the_file_is_whole(tmp_path):
+    """SLURM's signal before a time limit (or a preemption) comes at any moment, and submitit's handler requeues and
+    exits. Arriving while torch.save wrote, it cut the file short and the writer's error took the place of the
+    exit (the task failed instead of being requeued, on the local cluster): the handler now runs after the write."""
+    target, handled = tmp_path / "last.pt", []
+
+    def handler(signum: int, frame: object) -> None:
+        handled.append(target.is_file())
+        raise SystemExit(-1)  # as submitit's does
+
+    previous = signal.signal(signal.SIGUSR2, handler)
+    state = {"model": torch.arange(64 * 2**20, dtype=torch.float32)}  # 256 MiB: a write of a good part of a second
+    timer = threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGUSR2))
+    try:
+        timer.start()
+        with pytest.raises(SystemExit):
+            save_checkpoint(state, target)
+    finally:
+        timer.join()
+        signal.signal(signal.SIGUSR2, previous)
+    assert handled == [True]
+    assert torch.equal(torch.load(target, weights_only=True)["model"], state["model"])
 
 
 def test_tile_and_train_on_one_run_folder_exclude_each_other(tiled):
