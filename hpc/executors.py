@@ -80,8 +80,10 @@ def visible_gpu_count() -> int:
     return sum(line.startswith("GPU ") for line in listing.splitlines())
 
 
-def make_executor(settings: ExecutorSettings, folder: str | Path, name: str) -> submitit.AutoExecutor:
-    """An executor whose logs and pickles go to ``folder`` (``%j`` is replaced by the job id)."""
+def make_executor(settings: ExecutorSettings, folder: str | Path, name: str,
+                  max_timeouts: int = 3) -> submitit.AutoExecutor:
+    """An executor whose logs and pickles go to ``folder`` (``%j`` is replaced by the job id); a SLURM job of a
+    checkpointable function is requeued at its time limit at most ``max_timeouts`` times."""
     missing = [tool for tool in ("sbatch", "srun") if settings.kind == "slurm" and shutil.which(tool) is None]
     if missing:
         raise SubmissionError(f"cluster.kind slurm, but {' and '.join(missing)} {'is' if len(missing) == 1 else 'are'} "
@@ -92,7 +94,7 @@ def make_executor(settings: ExecutorSettings, folder: str | Path, name: str) -> 
         raise SubmissionError(f"cluster.gpus_per_node={gpus}, but this machine has {visible_gpu_count()} GPU(s) "
                               "(nvidia-smi -L, within CUDA_VISIBLE_DEVICES): set cluster.gpus_per_node=0 (the tasks "
                               "then use what there is), or run on a GPU node (--cluster slurm)")
-    executor = submitit.AutoExecutor(folder=str(folder), cluster=settings.kind)
+    executor = submitit.AutoExecutor(folder=str(folder), cluster=settings.kind, slurm_max_num_timeout=max_timeouts)
     if settings.kind == "local" and gpus == 0:
         gpus = visible_gpu_count()  # submitit's local executor hides every GPU it is not given
     params: dict[str, object] = {

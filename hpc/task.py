@@ -9,6 +9,8 @@ to the task's log, and starts and ends the process group of a multi-process job.
 from __future__ import annotations
 
 import os
+import subprocess
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -64,6 +66,38 @@ def gpus_given() -> int:
     if os.environ.get("SUBMITIT_EXECUTOR") == "local":  # it always sets CUDA_VISIBLE_DEVICES ("" for none)
         return visible_gpu_count()
     return 0
+
+
+def slurm_duration_s(text: str) -> float | None:
+    """Seconds of a SLURM duration as squeue prints it (``MM:SS``, ``H:MM:SS``, ``D-HH:MM:SS``); None for
+    UNLIMITED, NOT_SET and anything else."""
+    days, _, clock = text.strip().rpartition("-")
+    parts = clock.split(":")
+    if not (1 <= len(parts) <= 3 and all(p.isdigit() for p in parts) and (days == "" or days.isdigit())):
+        return None
+    seconds = 0
+    for part in parts:
+        seconds = seconds * 60 + int(part)
+    if len(parts) == 1:
+        seconds *= 60  # minutes alone
+    return float(seconds + int(days or 0) * 86400)
+
+
+def job_deadline(limit_min: float | None = None) -> float | None:
+    """When this SLURM job's time limit falls (a ``time.time()``): from squeue's time left, else its limit
+    ``limit_min`` counted from now; None outside SLURM or without a limit."""
+    job = os.environ.get("SLURM_JOB_ID")
+    if not job:
+        return None
+    try:
+        left = subprocess.run(["squeue", "-h", "-j", job, "-o", "%L"], capture_output=True, text=True,
+                              timeout=30).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        left = ""
+    seconds = slurm_duration_s(left.splitlines()[0]) if left.strip() else None
+    if seconds is None and limit_min is not None and left.strip() != "UNLIMITED":
+        seconds = limit_min * 60.0
+    return None if seconds is None else time.time() + seconds
 
 
 @contextmanager

@@ -106,9 +106,10 @@ class Run:
         """Where a stage's task logs go (``%j`` is the job id)."""
         return (self.train / "logs" if stage == "train" else self.dir / "logs" / stage) / "%j"
 
-    def executor(self, stage: str, logs: Path | None = None) -> submitit.AutoExecutor:
-        """The configured executor for a stage's tasks, named ``<stage>-<run name>``."""
-        return make_executor(self.config.cluster, logs or self.logs(stage), name=f"{stage}-{self.config.run.name}")
+    def executor(self, stage: str, logs: Path | None = None, max_timeouts: int = 3) -> submitit.AutoExecutor:
+        """The configured executor for a stage's tasks, named ``<stage>-<run name>`` (``hpc.make_executor``)."""
+        return make_executor(self.config.cluster, logs or self.logs(stage), f"{stage}-{self.config.run.name}",
+                             max_timeouts)
 
     def one_job(self, stage: str, folder: Path, fn: Callable[..., Any], *args: Any) -> Any:
         """``fn(*args)`` as one job of the configured executor, named ``<stage>-<run name>``, its logs in

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -11,11 +12,12 @@ from typing import Any
 import submitit
 
 from hpc import submit, wait_for
-from hpc.task import task_setup
+from hpc.task import job_deadline, task_setup
 from jobs.progress import EpochProgress, WatchedTraining
 from jobs.run_folder import Run
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
+from lymphoma.mid_epoch import DEADLINE_MARGIN_S, PARTIAL
 from lymphoma.settings import FitSettings
 from lymphoma.training import Rank, fit, preflight
 
@@ -29,23 +31,51 @@ def fit_settings(run: Run, eval_phase: str | None = None) -> FitSettings:
     return FitSettings(train, cfg.model, cfg.augment, cfg.stain, cfg.tiles.size, run.as_dict())
 
 
+MAX_TIMEOUTS = 100  # time limits a training job is requeued at, each after a checkpoint (TrainJob.checkpoint)
+
+
 def fit_here(run: Run, tiles_dir: Path, out_dir: Path, settings: FitSettings, device: Any,
-             rank: Rank = Rank()) -> dict[str, Any]:
-    """Train in this process (one rank), writing the resolved config beside the outputs on rank 0."""
+             rank: Rank = Rank(), deadline: float | None = None) -> dict[str, Any]:
+    """Train in this process (one rank), writing the resolved config beside the outputs on rank 0; a mid-epoch
+    checkpoint before ``deadline`` (the job's time limit, else this SLURM task's, ``hpc.task.job_deadline``)."""
     if rank.main:
         out_dir.mkdir(parents=True, exist_ok=True)
         run.save_config(out_dir / "config.yaml")
-    return fit(settings, tiles_dir, out_dir, rank, device)
+    if deadline is None:
+        deadline = job_deadline(run.config.cluster.time_limit_min())
+    return fit(settings, tiles_dir, out_dir, rank, device, deadline)
 
 
 class TrainJob(submitit.helpers.Checkpointable):
-    """Runs in every task. On a SLURM time-out or preemption submitit calls ``checkpoint``, which (as
-    Checkpointable does) resubmits this same call; the rerun resumes from ``last.pt``."""
+    """Runs in every task. On a SLURM time-out or preemption submitit calls ``checkpoint`` on rank 0, which (as
+    Checkpointable does) resubmits this same call; the rerun resumes from ``last.pt``, or from inside the epoch
+    (``partial.pt``, ``lymphoma.mid_epoch``)."""
 
     def __call__(self, run: Run) -> dict[str, Any]:
+        self.found, self.deadline = _checkpoint_files(run), job_deadline(run.config.cluster.time_limit_min())
         with task_setup() as task:
             rank = Rank(task.env.rank, task.env.local_rank, task.env.world_size, task.env.local_world)
-            return fit_here(run, run.tiles, run.train, fit_settings(run), task.device, rank)
+            return fit_here(run, run.tiles, run.train, fit_settings(run), task.device, rank, self.deadline)
+
+    def checkpoint(self, run: Run) -> submitit.helpers.DelayedSubmission:
+        """Requeued after a preemption, or at the time limit when this job wrote a checkpoint; at its time limit
+        without one a requeued job would only do the same again: an error saying what to set, not a requeue."""
+        limit, every = run.config.cluster.time_limit_min(), run.config.train.checkpoint_every_min
+        found = getattr(self, "found", None)  # None: the signal came before the training began
+        saved = found is not None and _checkpoint_files(run) != found  # each is written anew: another inode
+        deadline = getattr(self, "deadline", None) or job_deadline(limit)
+        if not saved and deadline is not None and time.time() >= deadline - DEADLINE_MARGIN_S:
+            raise TimeoutError(f"training reached its time limit of {limit} min without writing a checkpoint since "
+                               f"this job started (train.checkpoint_every_min={every}), so it is not requeued: it "
+                               "would do the same again; set train.checkpoint_every_min (e.g. 30: checkpoints "
+                               "inside epochs and one before the limit) or raise cluster.timeout_min, then rerun")
+        return submitit.helpers.DelayedSubmission(TrainJob(), run)  # not this one's files and time limit
+
+
+def _checkpoint_files(run: Run) -> list[tuple[int, int] | None]:
+    """Which ``last.pt`` and ``partial.pt`` there are (inode and modification time; None: none)."""
+    stats = [path.stat() if path.is_file() else None for path in (run.checkpoints / "last.pt", run.checkpoints / PARTIAL)]
+    return [(st.st_ino, st.st_mtime_ns) if st is not None else None for st in stats]
 
 
 def _warn_if_resuming_other_settings(last: Path, run: Run) -> None:
@@ -55,7 +85,8 @@ def _warn_if_resuming_other_settings(last: Path, run: Run) -> None:
     state = load_checkpoint(last)
     saved, now = state["config"], run.as_dict()
     changed = [f"{section}.{key}" for section in ("train", "model", "augment") for key in now[section]
-               if saved.get(section, {}).get(key) != now[section][key] and f"{section}.{key}" != "train.epochs"]
+               if saved.get(section, {}).get(key) != now[section][key]
+               and f"{section}.{key}" not in ("train.epochs", "train.checkpoint_every_min")]
     if changed:  # more epochs is the ordinary way to continue, not worth a note, unless the schedule stretches
         log.warning(f"resuming {last} (epoch {state['epoch'] + 1} done) with changed settings "
                     f"{changed}; to train afresh with them, use another run.name")
@@ -92,7 +123,8 @@ def run_train(run: Run, restart: bool = False, progress: bool = True) -> list[di
         preflight(fit_settings(run), run.tiles, run.train)
         _warn_if_resuming_other_settings(run.checkpoints / "last.pt", run)
         run.train.mkdir(exist_ok=True)
-        job = submit(run.executor("train"), TrainJob(), run, ledger=run.train / "slurm-job.json")  # hpc.ledger
+        job = submit(run.executor("train", max_timeouts=MAX_TIMEOUTS), TrainJob(), run,
+                     ledger=run.train / "slurm-job.json")  # hpc.ledger
         log.info(f"training job {job.job_id}: logs in {run.train / 'logs'}")
         bar = EpochProgress([WatchedTraining(run.train / "history.json", cfg.train)], "train",
                             enabled=progress and cfg.cluster.kind != "debug")  # debug: it runs in this process

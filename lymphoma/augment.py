@@ -71,6 +71,14 @@ class Augmenter:
     def batch(self, tiles: torch.Tensor, epoch: int = 0) -> torch.Tensor:
         raise NotImplementedError
 
+    def state(self) -> Optional[dict[str, Any]]:
+        """Where its random draws stand inside an epoch, for a mid-epoch checkpoint: empty when it draws nothing
+        between batches (the per-tile draws are seeded by the loader), None when it cannot be saved."""
+        return {}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        """Go on drawing from where ``state()`` was taken."""
+
 
 def build_augmenter(settings: AugmentSettings, train: bool, device: torch.device, seed: int = 0,
                     normalizer: Optional[StainNormalizer] = None) -> Augmenter:
@@ -156,6 +164,9 @@ class DaliAugmenter(Augmenter):
         self.sample = NormalizeOnly(normalizer) if normalizer is not None else None
         self._pipes: dict[int, object] = {}
         self._rng = np.random.default_rng(seed)
+
+    def state(self) -> Optional[dict[str, Any]]:
+        return None  # DALI's operators keep their random state to themselves
 
     def _pipeline(self, epoch: int) -> object:
         if epoch not in self._pipes:

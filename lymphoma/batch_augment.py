@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
@@ -36,6 +36,14 @@ class BatchAugmenter(Augmenter):
             self._generator.manual_seed(self.seed * 100_003 + epoch)
             self._epoch = epoch
         return self._generator
+
+    def state(self) -> dict[str, Any]:
+        return {"epoch": self._epoch, "generator": self._generator.get_state()}
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self._epoch = state["epoch"]
+        if self._epoch is not None:
+            self._generator.set_state(state["generator"])
 
     def batch(self, tiles: torch.Tensor, epoch: int = 0) -> torch.Tensor:
         x = tiles.to(self.device, non_blocking=True)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Optional
@@ -109,15 +110,32 @@ def _step_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, criteri
     return y, loss, loss if options.adversary is None else loss + options.adversary.loss(y, cases, epoch)
 
 
+@dataclass(frozen=True)
+class EpochStart:
+    """Where an epoch's training starts: at ``step`` (the loader then leaves the steps before it out), with this
+    process's sums of them (loss sum, images) and the seconds they took; all zero at the start of an epoch."""
+
+    step: int = 0
+    total: Optional[torch.Tensor] = None
+    seconds: float = 0.0
+
+
+AfterStep = Callable[[int, torch.Tensor, float], None]  # (steps done, this process's sums, seconds of the epoch)
+
+
 def train_one_epoch(model: torch.nn.Module, loader: DataLoader, augmenter: Augmenter, criterion: torch.nn.Module,
                     optimizer: torch.optim.Optimizer, device: torch.device, epoch: int,
-                    options: StepOptions = StepOptions(), averaged: Optional[torch.nn.Module] = None) -> EpochStats:
-    """Train over the loader once (updating the weight average ``averaged`` after every step); loss and
-    image count are summed over all processes."""
+                    options: StepOptions = StepOptions(), averaged: Optional[torch.nn.Module] = None,
+                    start_at: EpochStart = EpochStart(), after_step: Optional[AfterStep] = None) -> EpochStats:
+    """Train over the loader once from ``start_at`` (updating the weight average ``averaged`` after every step, then
+    calling ``after_step``, where a mid-epoch checkpoint is written); loss and image count are summed over all
+    processes."""
     model.train()
-    start = time.perf_counter()
+    start = time.perf_counter() - start_at.seconds
     total = torch.zeros(2, dtype=torch.float64, device=device)  # loss sum, images
-    for step, (batch, labels) in enumerate(loader):
+    if start_at.total is not None:
+        total += start_at.total.to(device)
+    for step, (batch, labels) in enumerate(loader, start=start_at.step):
         if options.max_steps is not None and step >= options.max_steps:
             break
         x = _inputs(batch, augmenter, epoch, device, options.channels_last)
@@ -134,6 +152,8 @@ def train_one_epoch(model: torch.nn.Module, loader: DataLoader, augmenter: Augme
         if averaged is not None:
             averaged.update_parameters(model)  # type: ignore[operator]
         _count(total, loss.detach(), len(y))
+        if after_step is not None:
+            after_step(step + 1, total, time.perf_counter() - start)
     total = sum_over_processes(total)
     return EpochStats(loss=float(total[0] / max(total[1], 1)), images=int(total[1]),
                       seconds=time.perf_counter() - start)

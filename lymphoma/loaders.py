@@ -46,19 +46,22 @@ class SeededDraws(Sampler[tuple[int, int]]):
     whatever the workers drew before, so a resumed run repeats the uninterrupted one exactly."""
 
     def __init__(self, sampler: Sampler[int], seed: int, rank: int) -> None:
-        self.sampler, self.seed, self.rank, self.epoch = sampler, seed, rank, 0
+        self.sampler, self.seed, self.rank, self.epoch, self.skip = sampler, seed, rank, 0, 0
 
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
+    def set_epoch(self, epoch: int, skip: int = 0) -> None:
+        """Draw epoch ``epoch``'s order, leaving out its first ``skip`` positions (those a mid-epoch checkpoint had
+        trained on: the rest keep their tiles and seeds)."""
+        self.epoch, self.skip = epoch, skip
         self.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
 
     def __iter__(self) -> Iterator[tuple[int, int]]:
         base = int(np.random.SeedSequence([self.seed, self.epoch, self.rank]).generate_state(1, np.uint64)[0])
         for position, index in enumerate(self.sampler):
-            yield index, (base + position) % 2**63
+            if position >= self.skip:
+                yield index, (base + position) % 2**63
 
     def __len__(self) -> int:
-        return len(self.sampler)  # type: ignore[arg-type]
+        return max(0, len(self.sampler) - self.skip)  # type: ignore[arg-type]
 
 
 class StridedSampler(Sampler[int]):

@@ -371,6 +371,9 @@ class TrainSettings:
     seed: int = 0
     deterministic: bool = False
     max_steps_per_epoch: Optional[int] = None  # cap steps per epoch (quick runs); null: the whole phase
+    checkpoint_every_min: Optional[float] = 30.0  # also save inside an epoch every this many minutes, and once
+    #                                before a SLURM time limit (checkpoints/partial.pt, lymphoma.mid_epoch): a rerun
+    #                                or requeue goes on from that step; null: at the ends of epochs only
     class_weighted: bool = True    # cross-entropy weighted by 1 - class share (the tutorial's)
     label_smoothing: float = 0.1   # in [0, 1)
     patience: Optional[int] = None  # stop when the selection metric has not improved for this many epochs; null: never
@@ -404,6 +407,8 @@ class TrainSettings:
                  ("train.step_size", self.step_size, self.step_size >= 1, ">= 1 epoch"),
                  ("train.eval_batch_size", self.eval_batch_size, self.eval_batch_size >= 1, ">= 1"),
                  ("train.max_steps_per_epoch", steps, steps is None or steps >= 1, ">= 1 or null"),
+                 ("train.checkpoint_every_min", self.checkpoint_every_min,
+                  self.checkpoint_every_min is None or self.checkpoint_every_min >= 0, ">= 0 minutes or null"),
                  ("train.eval_phase", self.eval_phase, self.eval_phase in EVAL_PHASES,
                   f"one of {', '.join(EVAL_PHASES)}")])
 

@@ -12,6 +12,7 @@ import logging
 import math
 import os
 import random
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -31,12 +32,13 @@ from lymphoma.checkpoint import (
     set_rng_state,
 )
 from lymphoma.distill import make_distiller
-from lymphoma.epochs import EpochStats, StepOptions, bf16_training, evaluate, train_one_epoch
+from lymphoma.epochs import AfterStep, EpochStart, EpochStats, StepOptions, bf16_training, evaluate, train_one_epoch
 from lymphoma.errors import InputError
 from lymphoma.files import write_text_atomic
 from lymphoma.image_scale import training_image_size
 from lymphoma.loaders import make_loader
 from lymphoma.metrics import class_weights
+from lymphoma.mid_epoch import PARTIAL, CheckpointClock, gather, resume_point, start_of
 from lymphoma.mixing import batch_mix
 from lymphoma.model import build_model
 from lymphoma.phase_tiles import PhaseTiles
@@ -116,15 +118,20 @@ def preflight(settings: FitSettings, tiles_dir: Path, out_dir: Path) -> None:
                              "rewrites it")
     _check_backbone(settings, tiles_dir)
     check_tiles_stain(load_manifest(tiles_dir), settings.stain, tiles_dir, tiling_stain(settings.stain))
-    last = out_dir / "checkpoints" / "last.pt"
-    if last.is_file():
-        state = load_checkpoint(last)
-        check_same_tiles(state, last, tiles_dir)
-        wanted = settings.model.architecture(len(tiles[0].classes or []))
-        if state["architecture"] != wanted:
-            raise InputError(f"{last} holds another architecture ({state['architecture']}) than model settings "
-                             f"({wanted}); training would resume from it: restore the model settings, or use "
-                             "another run.name to start afresh")
+    for path in (out_dir / "checkpoints" / name for name in ("last.pt", PARTIAL)):
+        try:
+            state = load_checkpoint(path) if path.is_file() else None
+        except InputError:
+            if path.name == PARTIAL:  # passed over, and said, when the training starts (mid_epoch.resume_point)
+                continue
+            raise
+        if state is not None:
+            check_same_tiles(state, path, tiles_dir)
+            wanted = settings.model.architecture(len(tiles[0].classes or []))
+            if state["architecture"] != wanted:
+                raise InputError(f"{path} holds another architecture ({state['architecture']}) than model settings "
+                                 f"({wanted}); training would resume from it: restore the model settings, or use "
+                                 "another run.name to start afresh")
     for dataset in tiles:
         dataset.close()
 
@@ -207,15 +214,6 @@ def make_averaged(model: torch.nn.Module, decay: Optional[float]) -> Optional[to
     from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
-
-
-def _gather_rng(rank: Rank) -> list[dict[str, Any]]:
-    state = rng_state()
-    if rank.world == 1:
-        return [state]
-    states: list[Any] = [None] * rank.world
-    dist.all_gather_object(states, state)
-    return states
 
 
 @dataclass
@@ -349,8 +347,10 @@ class Training:
     tiles_fingerprint: str  # which shards it trains on (sharding.tiles_fingerprint)
     cases_seen: list[str]  # the cases its weights learn from or are chosen on (``cases_seen``), taken once
     start_epoch: int = 0
+    start_at: EpochStart = EpochStart()  # where in start_epoch this process starts (lymphoma.mid_epoch)
     history: list[dict[str, Any]] = field(default_factory=list)
     writer: Any = None
+    clock: Optional[CheckpointClock] = None  # when it writes a mid-epoch checkpoint
 
     @property
     def classes(self) -> list[str]:
@@ -367,13 +367,16 @@ class Training:
         self.eval_tiles.close()
 
 
-def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: Rank, device: torch.device) -> Training:
-    """Open the phases, build model, optimiser and pipelines, and resume from ``checkpoints/last.pt`` if there."""
+def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: Rank, device: torch.device,
+                   deadline: Optional[float] = None) -> Training:
+    """Open the phases, build model, optimiser and pipelines, and resume from ``checkpoints/last.pt`` or from
+    inside the epoch after it (``partial.pt``, ``lymphoma.mid_epoch``) if there; ``deadline``: the job's time
+    limit (``time.time()``), before which a mid-epoch checkpoint is written."""
     train, augment = settings.train, settings.augment
     seed_everything(train.seed, train.deterministic)
     train_tiles = open_phase(tiles_dir, "train", settings.tile_size, augment.crop)
     eval_tiles = open_phase(tiles_dir, train.eval_phase, settings.tile_size, augment.crop)
-    last = out_dir / "checkpoints" / "last.pt"
+    state, path = resume_point(out_dir / "checkpoints", rank.world)
     manifest, target = load_manifest(tiles_dir), fit_target(settings.stain)  # the target, fitted once
     check_tiles_stain(manifest, settings.stain, tiles_dir, stored_stain(target))
     case_class = None
@@ -385,21 +388,16 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
                                    StainNormalizer(target) if target is not None and target.scope == "tile" else None
                                    ).to(device)  # the teacher on the device once, not copied every step
     parts = build_parts(settings.model.architecture(len(train_tiles.classes or [])), train, rank, device,
-                        None if last.is_file() else settings.model.weights, case_class)
+                        None if state is not None else settings.model.weights, case_class)
     options = StepOptions(bf16_training(train.amp, device), train.channels_last, train.max_steps_per_epoch,
                           train.clip_grad_norm, batch_mix(train.mix, train.mix_alpha), parts.adversary, distiller)
     run = Training(settings, out_dir, rank, device, train_tiles, eval_tiles, make_criterion(train_tiles, train, device),
                    parts, build_pipelines(train_tiles, eval_tiles, settings, rank, device, target), options,
                    manifest["tiles"], tiles_fingerprint(tiles_dir), cases_seen(train_tiles, eval_tiles, train))
     torch.manual_seed(train.seed + rank.rank)  # augmentation differs per rank; the model came from one seed
-    if last.is_file():
-        state = load_checkpoint(last)
-        check_same_tiles(state, last, tiles_dir)
-        parts.resume(state, last)
-        parts.init_weights = state.get("init_weights")
-        run.start_epoch, run.history = state["epoch"] + 1, state["history"]
-        if len(state["rng"]) == rank.world:
-            set_rng_state(state["rng"][rank.rank])
+    if state is not None and path is not None:
+        _resume(run, state, path, tiles_dir)
+    run.clock = CheckpointClock(train.checkpoint_every_min, deadline, rank.world)
     if rank.main:
         log.info(_start_line(run))
         if options.amp and emulated_bf16(device):
@@ -410,11 +408,31 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     return run
 
 
+def _resume(run: Training, state: dict[str, Any], path: Path, tiles_dir: Path) -> None:
+    """Go on from ``state`` (read from ``path``): weights, optimiser, history and random states, and inside an
+    epoch this process's place in it, its sums so far and its augmentation draws."""
+    check_same_tiles(state, path, tiles_dir)
+    run.parts.resume(state, path)
+    run.parts.init_weights = state.get("init_weights")
+    run.start_epoch, run.history = state["epoch"] + 1, state["history"]
+    if len(state["rng"]) == run.rank.world:
+        set_rng_state(state["rng"][run.rank.rank])
+    run.start_at = start_of(state, run.rank.rank)
+    if "mid_epoch" in state:
+        mine = state["mid_epoch"]["ranks"][run.rank.rank]
+        if mine["augment"] is not None:
+            run.pipes.train_aug.restore(mine["augment"])
+        if run.parts.adversary is not None and mine["adversary"] is not None:
+            run.parts.adversary.total = mine["adversary"].to(run.device)
+
+
 def _start_line(run: Training) -> str:
     """What a training runs on and with, as its log's first line."""
     train, options = run.settings.train, run.options
     where = (f"from epoch {run.start_epoch + 1} of {train.epochs}" if run.start_epoch < train.epochs
              else f"all {train.epochs} epochs trained already (last.pt)")
+    if run.start_at.step:
+        where += f", step {run.start_at.step + 1} ({PARTIAL}{_dali_words(run)})"
     threads = f" of {torch.get_num_threads()} thread(s)" if run.device.type == "cpu" else ""
     precision = f"{'bf16 autocast' if options.amp else 'float32'} (train.amp={train.amp})"
     adversary = (f", a case adversary among {len(options.adversary.case_class)} cases (train.case_adversary="
@@ -426,11 +444,13 @@ def _start_line(run: Training) -> str:
 
 
 def run_epoch(run: Training, epoch: int) -> None:
-    """Train one epoch, evaluate the kept model, step the schedule; rank 0 logs and checkpoints."""
+    """Train one epoch (from the step of a mid-epoch checkpoint, and writing them), evaluate the kept model, step
+    the schedule; rank 0 logs and checkpoints."""
     parts, pipes, train = run.parts, run.pipes, run.settings.train
-    pipes.train_loader.sampler.set_epoch(epoch)  # type: ignore[attr-defined]
+    start_at = run.start_at if epoch == run.start_epoch else EpochStart()
+    pipes.train_loader.sampler.set_epoch(epoch, start_at.step * train.batch_size)  # type: ignore[attr-defined]
     stats = train_one_epoch(parts.ddp, pipes.train_loader, pipes.train_aug, run.criterion, parts.optimizer,
-                            run.device, epoch, run.options, parts.averaged)
+                            run.device, epoch, run.options, parts.averaged, start_at, _mid_epoch_saver(run, epoch))
     if run.rank.world > 1:
         parts.sync_buffers()
     val = evaluate(parts.kept if parts.averaged is not None else parts.ddp, pipes.eval_loader, pipes.eval_aug,
@@ -441,17 +461,55 @@ def run_epoch(run: Training, epoch: int) -> None:
                         "val_balanced_accuracy": val.balanced_accuracy, "lr": lr, "images_per_s": stats.images_per_s,
                         **(parts.adversary.epoch_stats() if parts.adversary is not None else {})})
     kept = best_index(run.history, train.select, train.first_candidate) == len(run.history) - 1
-    rngs = _gather_rng(run.rank)
+    rngs = gather(rng_state(), run.rank.world)
     if run.rank.main:
         _log_epoch(run.writer, epoch, stats, val, lr, run.classes, run.history[-1])
         _save_epoch({**checkpoint_fields(run), **parts.state(), "epoch": epoch, "val_loss": val.loss,
                      "val_accuracy": val.accuracy, "history": run.history, "rng": rngs}, run.ckpt_dir, kept)
+        (run.ckpt_dir / PARTIAL).unlink(missing_ok=True)  # its epoch is in last.pt now
         write_text_atomic(run.out_dir / "history.json", json.dumps(run.history, indent=2) + "\n")
         log.info(f"epoch {epoch + 1}/{train.epochs}: train loss {stats.loss:.4f}, val loss {val.loss:.4f}, "
                  f"val accuracy {val.accuracy:.3f} (balanced {val.balanced_accuracy:.3f}), "
                  f"{stats.images_per_s:.0f} images/s" + _adversary_words(run.history[-1]) + (" (kept)" if kept else ""))
     if run.rank.world > 1:
         dist.barrier()
+    if run.clock is not None:
+        run.clock.restart()  # the next mid-epoch checkpoint is due every_min from this one
+
+
+def _mid_epoch_saver(run: Training, epoch: int) -> Optional[AfterStep]:
+    """What training calls after each step of ``epoch``: writes ``partial.pt`` when the clock says so."""
+    clock = run.clock
+    if clock is None or not clock.enabled:
+        return None
+
+    def after_step(steps: int, total: torch.Tensor, seconds: float) -> None:
+        if clock.due():
+            began = time.monotonic()
+            _save_mid_epoch(run, epoch, steps, total, seconds)
+            clock.saved(time.monotonic() - began)
+    return after_step
+
+
+def _save_mid_epoch(run: Training, epoch: int, steps: int, total: torch.Tensor, seconds: float) -> None:
+    """Write ``partial.pt``: the state after ``steps`` steps of ``epoch``, with each process's random states,
+    augmentation draws and sums so far (gathered to rank 0, which writes)."""
+    adversary = run.parts.adversary
+    ranks = gather({"rng": rng_state(), "total": total.cpu(), "augment": run.pipes.train_aug.state(),
+                    "adversary": adversary.total.cpu() if adversary is not None and adversary.total is not None
+                    else None}, run.rank.world)
+    if run.rank.main:
+        mid = {"epoch": epoch, "steps": steps, "seconds": seconds, "ranks": ranks}
+        save_checkpoint({**checkpoint_fields(run), **run.parts.state(), "epoch": epoch - 1, "history": run.history,
+                         "rng": [r["rng"] for r in ranks], "mid_epoch": mid}, run.ckpt_dir / PARTIAL)
+        log.info(f"epoch {epoch + 1}: {steps} step(s) done, saved to {PARTIAL} (train.checkpoint_every_min="
+                 f"{run.settings.train.checkpoint_every_min})")
+
+
+def _dali_words(run: Training) -> str:
+    if run.pipes.train_aug.state() is not None:
+        return ""
+    return "; DALI draws the rest of this epoch's augmentation afresh, unlike the run it continues"
 
 
 def _adversary_words(entry: dict[str, Any]) -> str:
@@ -481,9 +539,10 @@ def cases_seen(train_tiles: PhaseTiles, eval_tiles: PhaseTiles, train: TrainSett
 
 
 def fit(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: Rank = Rank(),
-        device: torch.device = torch.device("cpu")) -> dict[str, Any]:
-    """Train (resuming from ``out_dir/checkpoints/last.pt`` if there) and return the summary."""
-    run = build_training(settings, tiles_dir, out_dir, rank, device)
+        device: torch.device = torch.device("cpu"), deadline: Optional[float] = None) -> dict[str, Any]:
+    """Train (resuming from ``out_dir/checkpoints``: ``last.pt``, or ``partial.pt`` inside the epoch after it) and
+    return the summary; ``deadline``: the job's time limit (``time.time()``), before which it saves mid-epoch."""
+    run = build_training(settings, tiles_dir, out_dir, rank, device, deadline)
     train = settings.train
     try:
         for epoch in range(run.start_epoch, train.epochs):

@@ -242,37 +242,105 @@ def test_ddp_on_slurm_matches_the_local_run_as_1x2_and_2x1(tiled, local_ddp):
         assert {r["weights_sha1"] for r in results} == {local[0]["weights_sha1"]}
 
 
-def test_a_preempted_training_job_requeues_and_resumes_from_its_checkpoint(tiled):
+def training_job_id(name: str, deadline: float) -> str:
+    """The id of run ``name``'s training job, once the controller knows it (accounting knows it later)."""
+    job_id = ""
+    while not job_id and time.monotonic() < deadline:
+        job_id = subprocess.run(["squeue", "-h", "--name", f"train-{name}", "-o", "%i"], capture_output=True,
+                                text=True, check=True).stdout.strip()
+        time.sleep(0 if job_id else 0.2)
+    return job_id
+
+
+def test_a_preempted_training_job_requeues_and_goes_on_from_inside_its_epoch(tiled):
+    """SLURM's signal (a preemption, or the one before a time limit) in the middle of epoch 1: the job is requeued
+    and goes on from the step of its mid-epoch checkpoint (train.checkpoint_every_min, 0 here: every step)."""
     from conftest import config_for
     from jobs.train import run_train
     from lymphoma.checkpoint import load_checkpoint
 
     name = f"requeue-{uuid.uuid4().hex[:6]}"
-    cfg = config_for(tiled, name, "train.epochs=8", "train.max_steps_per_epoch=6", *SMALL, cluster="slurm")
-    last = tiled[1] / name / "train" / "checkpoints" / "last.pt"
+    cfg = config_for(tiled, name, "train.epochs=3", "train.max_steps_per_epoch=12", "train.checkpoint_every_min=0",
+                     *SMALL, cluster="slurm")
+    checkpoints = tiled[1] / name / "train" / "checkpoints"
     outcome: dict[str, object] = {}
     runner = threading.Thread(target=lambda: outcome.setdefault("results", run_train(cfg)))
     runner.start()
-    deadline = time.monotonic() + 300
-    while time.monotonic() < deadline and not last.exists():
-        time.sleep(0.2)
-    assert last.exists()
-    job_id = ""
-    while not job_id and time.monotonic() < deadline:  # the controller knows the job at once, accounting later
-        job_id = subprocess.run(["squeue", "-h", "--name", f"train-{name}", "-o", "%i"], capture_output=True,
-                                text=True, check=True).stdout.strip()
-        time.sleep(0 if job_id else 0.2)
-    assert job_id, "the training job should still be running when its first checkpoint appears"
+    deadline, steps = time.monotonic() + 300, 0
+    while time.monotonic() < deadline and steps < 3:
+        partial = checkpoints / "partial.pt"
+        steps = load_checkpoint(partial)["mid_epoch"]["steps"] if partial.exists() else 0
+        time.sleep(0.05)
+    job_id = training_job_id(name, deadline)
+    assert job_id and not (checkpoints / "last.pt").exists(), "the job should still be in its first epoch"
     subprocess.run(["scancel", "--signal=USR2", job_id], check=True)  # what SLURM sends before a time-out
     runner.join(timeout=600)
     assert not runner.is_alive() and "results" in outcome
-    state = load_checkpoint(last)
-    assert state["epoch"] == 7 and [h["epoch"] for h in state["history"]] == list(range(8))
+    state = load_checkpoint(checkpoints / "last.pt")
+    assert state["epoch"] == 2 and [h["epoch"] for h in state["history"]] == list(range(3))
     records = subprocess.run(["sacct", "-j", job_id, "-D", "-X", "-n", "-P", "-o", "JobID,State"],
                              capture_output=True, text=True, check=True).stdout.split()
     assert any("REQUEUED" in r or "PREEMPTED" in r for r in records), records
-    logs = "".join(p.read_text() for p in (tiled[1] / name / "train" / "logs").rglob("*_log.err"))
-    assert "checkpoint" in logs.lower() or "requeu" in logs.lower()
+    logs = "".join(p.read_text() for p in (tiled[1] / name / "train" / "logs").rglob("*_log.*"))
+    assert re.search(r"from epoch 1 of 3, step (\d+) \(partial\.pt", logs), logs[-3000:]
+    assert int(re.search(r"from epoch 1 of 3, step (\d+)", logs).group(1)) > steps  # not the epoch's start
+
+
+def train_until_cancelled(cfg, outcome: dict[str, Exception]) -> None:
+    """``run_train(cfg)`` (in a thread), its error kept in ``outcome``."""
+    from jobs.train import run_train
+
+    try:
+        run_train(cfg)
+    except ArrayJobError as err:
+        outcome["error"] = err
+
+
+LONG_EPOCH = ["train.epochs=1", "train.samples_per_epoch=400000", "cluster.timeout_min=2"]  # minutes of steps
+
+
+def test_a_training_saves_inside_its_epoch_before_the_time_limit(tiled):
+    """A job whose time limit (2 min) is nearer than the margin saves partial.pt after its first steps though
+    train.checkpoint_every_min (1000) is far off: a requeue then goes on from there."""
+    from conftest import config_for
+    from lymphoma.checkpoint import load_checkpoint
+
+    name = f"limit-{uuid.uuid4().hex[:6]}"
+    cfg = config_for(tiled, name, *LONG_EPOCH, "train.checkpoint_every_min=1000", *SMALL[:2], "cluster.poll_s=0.2",
+                     cluster="slurm")
+    partial = tiled[1] / name / "train" / "checkpoints" / "partial.pt"
+    runner = threading.Thread(target=train_until_cancelled, args=(cfg, {}), daemon=True)
+    runner.start()
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and not partial.exists():
+        time.sleep(0.2)
+    subprocess.run(["scancel", "--name", f"train-{name}"], check=False)
+    runner.join(timeout=120)
+    assert partial.exists(), "no mid-epoch checkpoint before the time limit"
+    mid = load_checkpoint(partial)["mid_epoch"]
+    assert mid["epoch"] == 0 and mid["steps"] >= 1
+
+
+def test_a_training_at_its_time_limit_without_a_checkpoint_fails_saying_so_instead_of_requeueing(tiled):
+    """An epoch longer than the time limit, with mid-epoch checkpoints off: requeued, the job would start the
+    epoch over every time; it ends at the first limit with the settings that fix it."""
+    from conftest import config_for
+
+    name = f"nockpt-{uuid.uuid4().hex[:6]}"
+    cfg = config_for(tiled, name, *LONG_EPOCH, "train.checkpoint_every_min=null", *SMALL[:2], "cluster.poll_s=0.2",
+                     cluster="slurm")
+    outcome: dict[str, Exception] = {}
+    runner = threading.Thread(target=train_until_cancelled, args=(cfg, outcome), daemon=True)
+    runner.start()
+    runner.join(timeout=150)  # the signal comes within 30 s of the start
+    subprocess.run(["scancel", "--name", f"train-{name}"], check=False)  # a requeued job: not left behind
+    runner.join(timeout=60)
+    failed = str(outcome.get("error"))
+    assert "without writing a checkpoint" in failed and "train.checkpoint_every_min" in failed, failed
+    job_id = re.search(r"job (\d+)", failed).group(1)
+    records = subprocess.run(["sacct", "-j", job_id, "-D", "-X", "-n", "-P", "-o", "JobID,State"],
+                             capture_output=True, text=True, check=True).stdout.split()
+    assert not any("REQUEUED" in r for r in records), records
 
 
 def test_a_prediction_task_at_its_time_limit_is_requeued_and_predicts_only_what_is_left(tiled, tmp_path):

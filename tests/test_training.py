@@ -126,15 +126,23 @@ def _tile_accuracy_intervals_resample_cases(tiles_csv: Path, result: dict) -> No
     assert json.loads((tiles_csv.parent / "confusion.json").read_text())["interval"] == result["interval"]
 
 
+def train_in_a_process(tiled: tuple[Path, Path], name: str, settings: list[str]
+                       ) -> tuple[list[str], subprocess.Popen, Path]:
+    """Lay out run ``name``'s tiles and start `lymphoma train` on it in a real process of its own process group:
+    the command, the process and the run's checkpoints folder."""
+    config_for(tiled, name, *settings)  # lay out the tiles
+    source, runs = tiled
+    command = [sys.executable, "-m", "jobs.cli", "train", f"data.source={source}", f"run.root={runs}",
+               f"run.name={name}", *FAST, *settings]
+    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    return command, proc, runs / name / "train" / "checkpoints"
+
+
 def killed_and_resumed(tiled: tuple[Path, Path], name: str, epochs: list[str]) -> None:
     """Train run ``name`` in a real process, kill -9 its process group once epoch 1 is checkpointed, then run
     the same command again to the end."""
-    config_for(tiled, name, *epochs)  # lay out the tiles
-    source, runs = tiled
-    command = [sys.executable, "-m", "jobs.cli", "train", f"data.source={source}", f"run.root={runs}",
-               f"run.name={name}", *FAST, *epochs]
-    last = runs / name / "train" / "checkpoints" / "last.pt"
-    proc = subprocess.Popen(command, start_new_session=True, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    command, proc, checkpoints = train_in_a_process(tiled, name, epochs)
+    last = checkpoints / "last.pt"
     deadline = time.monotonic() + 300
     while time.monotonic() < deadline and proc.poll() is None and not last.exists():
         time.sleep(0.05)
@@ -174,6 +182,51 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiled, b
             break
         mismatches.append([resumed, uninterrupted,
                            started_lines(runs, straight) + started_lines(runs, killed)])  # threads, loaders
+    else:
+        pytest.fail(f"every attempt's resumed run differs from its uninterrupted one: {mismatches}")
+    assert final_digest(runs, killed) == final_digest(runs, straight)
+
+
+def killed_inside_an_epoch(tiled: tuple[Path, Path], name: str, settings: list[str]) -> int:
+    """Train run ``name`` in a real process, kill -9 its process group once ``partial.pt`` holds step 3 or later of
+    epoch 2, and run the same command again to the end; the steps of epoch 2 done when it was killed."""
+    command, proc, checkpoints = train_in_a_process(tiled, name, settings)
+    partial = checkpoints / "partial.pt"
+    deadline, steps = time.monotonic() + 300, 0
+    while time.monotonic() < deadline and proc.poll() is None and steps < 3:
+        mid = load_checkpoint(partial).get("mid_epoch", {}) if partial.exists() else {}
+        steps = mid["steps"] if mid.get("epoch") == 1 else 0
+        time.sleep(0.02)
+    assert proc.poll() is None, proc.stdout.read().decode()
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    killed_at = load_checkpoint(partial)["mid_epoch"]
+    assert killed_at["epoch"] == 1 and 3 <= killed_at["steps"] < 8, killed_at  # inside epoch 2 of 2
+    rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr
+    assert not partial.exists()  # its epoch is in last.pt
+    return killed_at["steps"]
+
+
+@pytest.mark.parametrize("backend", ["torch", "batch"])
+def test_a_run_killed_inside_an_epoch_goes_on_from_its_step_to_the_same_weights(tiled, backend):
+    """An epoch longer than a SLURM time limit never ended: train.checkpoint_every_min (0 here: after every step)
+    writes partial.pt inside epochs. kill -9 in the middle of epoch 2 of 2, rerun: it goes on from that step, not
+    the epoch's start, and ends with the history and weights of the uninterrupted run (tile order, per-tile and
+    per-batch augmentation draws, dropout, loss sums). Up to 3 attempts, as the test above."""
+    settings = ["train.epochs=2", "train.max_steps_per_epoch=8", "train.deterministic=true",
+                f"augment.backend={backend}", "train.num_workers=2", "train.checkpoint_every_min=0"]
+    runs, mismatches = tiled[1], []
+    for attempt in range(3):
+        straight, killed = f"straight-mid-{backend}-{attempt}", f"killed-mid-{backend}-{attempt}"
+        run_train(config_for(tiled, straight, *settings))
+        steps = killed_inside_an_epoch(tiled, killed, settings)
+        starts = started_lines(runs, killed)  # the killed run's, then the rerun's
+        assert any(f"from epoch 2 of 2, step {steps + 1} (partial.pt)" in line for line in starts), starts
+        resumed, uninterrupted = history_of(runs, killed), history_of(runs, straight)
+        if resumed == uninterrupted:
+            break
+        mismatches.append([resumed, uninterrupted])
     else:
         pytest.fail(f"every attempt's resumed run differs from its uninterrupted one: {mismatches}")
     assert final_digest(runs, killed) == final_digest(runs, straight)
