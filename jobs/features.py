@@ -33,7 +33,7 @@ from lymphoma.features import ENCODER_FILE
 from lymphoma.files import file_stamp, write_csv_atomic, write_text_atomic
 from lymphoma.image_scale import scale_notes
 from lymphoma.inputs import compile_case_pattern
-from lymphoma.prediction import SlideInput, changed_since, read_record
+from lymphoma.prediction import SlideInput, adopt_moved, changed_since, moved_notes, read_record
 from lymphoma.prediction_inputs import FEATURES_MARKER, expand_inputs
 from lymphoma.settings import EXPORTED_ENGINES
 
@@ -147,6 +147,8 @@ def embed_into(out_dir: Path, run: Run, source: EncoderSource, slides: list[Slid
     """``run_features`` in its output folder, held: the array job, then ``features.csv``."""
     cfg = run.config
     identity = encoder_identity(run, source)
+    for note in moved_notes(adopt_moved(out_dir / "records", slides), "embeddings"):  # a cohort now elsewhere
+        log.warning(f"lymphoma features: {note}")
     refuse_replacing(out_dir, slides, identity)  # before anything of the earlier embeddings is written over
     for note in changed_notes(changed_since(out_dir / "records", slides), "embedded"):
         log.warning(f"lymphoma features: {note}")

@@ -23,9 +23,11 @@ from lymphoma.image_scale import scale_notes, training_scale
 from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import (
     SlideInput,
+    adopt_moved,
     changed_since,
     checkpoint_fingerprint,
     identity_differences,
+    moved_notes,
     outputs_complete,
     prediction_identity,
     read_record,
@@ -182,6 +184,7 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
         identity = prediction_identity(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision,
                                        training_scale(saved, cfg.predict.scale, tiles))
         fingerprint = checkpoint_fingerprint(identity)
+        moved = moved_notes(adopt_moved(out_dir / "slides", slides), "predictions")  # a cohort now elsewhere
         if not request.replace:
             refuse_replacing(out_dir, slides, identity)  # before anything of the earlier one is written over
         run.save_config(out_dir / "config.yaml")
@@ -203,7 +206,7 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
         finally:
             bar.close()
         records = gather_records(slide_dir, chunks, failure)
-        notes = changed + scale_notes(records, saved, tiles) + seen_cases_notes(records, saved.get("cases_seen"))
+        notes = moved + changed + scale_notes(records, saved, tiles) + seen_cases_notes(records, saved.get("cases_seen"))
         metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate, notes,
                                intervals=(cfg.cv.bootstrap, cfg.cv.confidence))
         n_ok = sum(r["status"] == "ok" for r in records)

@@ -213,6 +213,35 @@ def _record_of_path(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]
     return record if isinstance(record, dict) and record.get("path") == slide.path else None
 
 
+def adopt_moved(out_dir: Path, slides: Sequence[SlideInput]) -> list[tuple[str, str]]:
+    """Records in ``out_dir`` of slide files that moved (a cohort copied or mounted elsewhere): made of another path
+    under this slide's name, of a file of this one's size and modification time (``mv``, ``rsync -a`` and ``cp -p``
+    keep both; a file copied without them is predicted again). Each is rewritten with the slide's path, so the
+    outputs are resumed as this slide's; the (earlier path, path now) of each."""
+    moved = []
+    for slide in slides:
+        path = out_dir / f"{slide.key}.json"
+        try:
+            record = json.loads(path.read_text())
+        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+            continue
+        if not isinstance(record, dict) or record.get("path") in (None, slide.path) or record.get("slide_file") is None:
+            continue
+        if record["slide_file"] == file_stamp(slide.path):
+            write_text_atomic(path, json.dumps({**record, "path": slide.path}, indent=1) + "\n")
+            moved.append((str(record["path"]), slide.path))
+    return moved
+
+
+def moved_notes(moved: Sequence[tuple[str, str]], outputs: str) -> list[str]:
+    """One note naming the slides whose earlier ``outputs`` were kept under their new path; nothing where none."""
+    if not moved:
+        return []
+    pairs = ", ".join(f"{before} -> {now}" for before, now in moved[:3]) + (" ..." if len(moved) > 3 else "")
+    return [f"{len(moved)} slide file(s) found at another path than this folder's {outputs} of them name, with the "
+            f"same name, size and modification time: taken as moved, their {outputs} kept under the new path: {pairs}"]
+
+
 def _file_changed(record: dict[str, Any], slide: SlideInput) -> bool:
     """Whether the slide's file is no longer the one its record was made of (records of earlier versions, which keep
     no size and time, are taken as made of it)."""

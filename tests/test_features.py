@@ -87,6 +87,14 @@ def test_features_equal_a_direct_forward_of_the_backbone(make_dataset, resnet_fi
            f"the file as it is now: {rows[0]['path']}" in printed.err
     with h5py.File(rows[0]["file"]) as h5, h5py.File(rows[3]["file"]) as other:
         np.testing.assert_array_equal(h5["features"][:], other["features"][:])
+    moved = source.with_name(f"{source.name}-moved")  # the cohort moved (mv keeps sizes and times): all resume
+    source.rename(moved)
+    words[0] = f"data.source={moved}"
+    assert features(tmp_path / "out", *words) == 0
+    printed = capsys.readouterr()
+    assert "(0 now, 6 already complete; " in printed.out and "6 slide file(s) found at another path" in printed.err
+    with (tmp_path / "out" / "features.csv").open() as handle:
+        assert all(Path(r["path"]).is_relative_to(moved) for r in csv.DictReader(handle))
     assert features(tmp_path / "out", *words, "--restart") == 0  # afresh, the earlier folder kept beside
     assert "(6 now, 0 already complete; " in capsys.readouterr().out
     (aside,) = tmp_path.glob("out.before-*")

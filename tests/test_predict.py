@@ -401,6 +401,30 @@ def test_a_slide_file_replaced_since_it_was_predicted_is_predicted_again_and_sai
     assert f"(0 now, {len(names)} already complete)" in capsys.readouterr().out
 
 
+def test_a_cohort_moved_elsewhere_resumes_and_one_copied_without_its_times_is_not_taken_for_it(checkpoint, cohort,
+                                                                                                 tmp_path, capsys):
+    """Slides moved (a cohort copied to scratch with `rsync -a`, mounted elsewhere: the same name, size and
+    modification time at another path) keep their predictions, under the new path, said; copies with new times are
+    other files, and the folder's predictions of the old paths are not silently left out of its summary."""
+    slides = tmp_path / "a" / "FL"
+    shutil.copytree(cohort / "FL", slides)  # copy2: times kept
+    out = tmp_path / "out"
+    assert predict(checkpoint, out, str(slides)) == 0
+    capsys.readouterr()
+    (tmp_path / "a").rename(tmp_path / "b")
+    moved = tmp_path / "b" / "FL"
+    assert predict(checkpoint, out, str(moved)) == 0
+    printed = capsys.readouterr()
+    assert "4 of 4 slide(s) predicted (0 now, 4 already complete)" in printed.out
+    note = "4 slide file(s) found at another path than this folder's predictions of them name, with the same name, size"
+    assert note in printed.err and note in json.loads((out / "metrics.json").read_text())["warnings"][0]
+    with (out / "summary.csv").open() as handle:
+        assert sorted(Path(r["path"]).parent for r in csv.DictReader(handle)) == [moved] * 4
+    shutil.copytree(moved, tmp_path / "c" / "FL", copy_function=shutil.copyfile)  # new modification times
+    assert predict(checkpoint, out, str(tmp_path / "c" / "FL")) == 2
+    assert "holds the predictions of 4 slide(s) this request does not name" in capsys.readouterr().err
+
+
 def test_an_output_folder_inside_the_cohort_is_no_input_to_its_own_rerun(checkpoint, cohort, tmp_path, capsys):
     """`--out cohort/preds` with `'cohort/**/*.png'`: the rerun's wildcard would match the first run's heat maps
     (`preds/slides/<name>.png`, PNGs named as the slides): they are no inputs, and the rerun resumes; nor are those
