@@ -112,10 +112,11 @@ def _step_loss(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, criteri
 
 @dataclass(frozen=True)
 class EpochStart:
-    """Where an epoch's training starts: at ``step`` (the loader then leaves the steps before it out), with this
-    process's sums of them (loss sum, images) and the seconds they took; all zero at the start of an epoch."""
+    """Where an epoch's training starts: at ``step``, after the loader's first ``skip`` tiles (those steps'), with
+    this process's sums of them (loss sum, images) and the seconds they took; all zero at the start of an epoch."""
 
     step: int = 0
+    skip: int = 0
     total: Optional[torch.Tensor] = None
     seconds: float = 0.0
 

@@ -110,4 +110,4 @@ def start_of(state: Optional[dict[str, Any]], rank: int) -> EpochStart:
     mid = (state or {}).get("mid_epoch")
     if mid is None:
         return EpochStart()
-    return EpochStart(mid["steps"], mid["ranks"][rank]["total"], mid["seconds"])
+    return EpochStart(mid["steps"], mid["tiles"], mid["ranks"][rank]["total"], mid["seconds"])

@@ -448,7 +448,7 @@ def run_epoch(run: Training, epoch: int) -> None:
     the schedule; rank 0 logs and checkpoints."""
     parts, pipes, train = run.parts, run.pipes, run.settings.train
     start_at = run.start_at if epoch == run.start_epoch else EpochStart()
-    pipes.train_loader.sampler.set_epoch(epoch, start_at.step * train.batch_size)  # type: ignore[attr-defined]
+    pipes.train_loader.sampler.set_epoch(epoch, start_at.skip)  # type: ignore[attr-defined]
     stats = train_one_epoch(parts.ddp, pipes.train_loader, pipes.train_aug, run.criterion, parts.optimizer,
                             run.device, epoch, run.options, parts.averaged, start_at, _mid_epoch_saver(run, epoch))
     if run.rank.world > 1:
@@ -499,7 +499,8 @@ def _save_mid_epoch(run: Training, epoch: int, steps: int, total: torch.Tensor, 
                     "adversary": adversary.total.cpu() if adversary is not None and adversary.total is not None
                     else None}, run.rank.world)
     if run.rank.main:
-        mid = {"epoch": epoch, "steps": steps, "seconds": seconds, "ranks": ranks}
+        mid = {"epoch": epoch, "steps": steps, "tiles": steps * run.settings.train.batch_size,  # each process's
+               "seconds": seconds, "ranks": ranks}
         save_checkpoint({**checkpoint_fields(run), **run.parts.state(), "epoch": epoch - 1, "history": run.history,
                          "rng": [r["rng"] for r in ranks], "mid_epoch": mid}, run.ckpt_dir / PARTIAL)
         log.info(f"epoch {epoch + 1}: {steps} step(s) done, saved to {PARTIAL} (train.checkpoint_every_min="

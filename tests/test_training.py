@@ -208,17 +208,19 @@ def killed_inside_an_epoch(tiled: tuple[Path, Path], name: str, settings: list[s
     return killed_at["steps"]
 
 
-@pytest.mark.parametrize("backend", ["torch", "batch"])
-def test_a_run_killed_inside_an_epoch_goes_on_from_its_step_to_the_same_weights(tiled, backend):
+@pytest.mark.parametrize("backend, processes", [("torch", 1), ("batch", 1), ("batch", 2)])
+def test_a_run_killed_inside_an_epoch_goes_on_from_its_step_to_the_same_weights(tiled, backend, processes):
     """An epoch longer than a SLURM time limit never ended: train.checkpoint_every_min (0 here: after every step)
     writes partial.pt inside epochs. kill -9 in the middle of epoch 2 of 2, rerun: it goes on from that step, not
     the epoch's start, and ends with the history and weights of the uninterrupted run (tile order, per-tile and
-    per-batch augmentation draws, dropout, loss sums). Up to 3 attempts, as the test above."""
+    per-batch augmentation draws, dropout, loss sums; with 2 DDP processes, each one's). Up to 3 attempts, as the
+    test above."""
     settings = ["train.epochs=2", "train.max_steps_per_epoch=8", "train.deterministic=true",
-                f"augment.backend={backend}", "train.num_workers=2", "train.checkpoint_every_min=0"]
+                f"augment.backend={backend}", f"train.num_workers={2 // processes}", "train.checkpoint_every_min=0",
+                f"cluster.tasks_per_node={processes}"]
     runs, mismatches = tiled[1], []
     for attempt in range(3):
-        straight, killed = f"straight-mid-{backend}-{attempt}", f"killed-mid-{backend}-{attempt}"
+        straight, killed = f"straight-mid-{backend}{processes}-{attempt}", f"killed-mid-{backend}{processes}-{attempt}"
         run_train(config_for(tiled, straight, *settings))
         steps = killed_inside_an_epoch(tiled, killed, settings)
         starts = started_lines(runs, killed)  # the killed run's, then the rerun's
