@@ -24,6 +24,7 @@ from jobs.tile import run_tile
 from jobs.train import run_train
 from lymphoma.checkpoint import load_checkpoint, save_checkpoint
 from lymphoma.errors import InputError
+from lymphoma.mid_epoch import resume_point
 from lymphoma.model import build_model
 from lymphoma.training import open_phase, weights_digest
 from lymphoma.validation import validate
@@ -232,6 +233,30 @@ def test_a_run_killed_inside_an_epoch_goes_on_from_its_step_to_the_same_weights(
     else:
         pytest.fail(f"every attempt's resumed run differs from its uninterrupted one: {mismatches}")
     assert final_digest(runs, killed) == final_digest(runs, straight)
+
+
+def test_a_mid_epoch_checkpoint_is_passed_over_when_stale_damaged_or_of_another_process_count(
+        tiled, local_ddp, tmp_path, caplog):
+    """partial.pt continues the epoch after last.pt only where it was written by as many processes as resume it
+    (each had its own place in the epoch); one of an epoch already in last.pt (killed between the two writes) or
+    one that cannot be read is passed over for last.pt, never an error."""
+    last = load_checkpoint(tiled[1] / "ddp" / "train" / "checkpoints" / "last.pt")  # 2 processes, epoch 1 of 1
+    folder = tmp_path / "checkpoints"
+    save_checkpoint(last, folder / "last.pt")
+    ranks = [{"rng": rng, "total": torch.zeros(2, dtype=torch.float64), "augment": {}, "adversary": None}
+             for rng in last["rng"]]
+    mid = {"epoch": last["epoch"] + 1, "steps": 2, "tiles": 32, "seconds": 1.0, "ranks": ranks}
+    save_checkpoint({**last, "mid_epoch": mid}, folder / "partial.pt")
+    state, path = resume_point(folder, 2)
+    assert path == folder / "partial.pt" and state["mid_epoch"]["steps"] == 2
+    with caplog.at_level(logging.WARNING):
+        assert resume_point(folder, 1)[1] == folder / "last.pt"
+        assert "was written by 2 process(es) and this job has 1" in caplog.text
+        save_checkpoint({**last, "mid_epoch": {**mid, "epoch": last["epoch"]}}, folder / "partial.pt")
+        assert resume_point(folder, 2)[1] == folder / "last.pt"
+        (folder / "partial.pt").write_bytes(b"not a checkpoint")
+        assert resume_point(folder, 2)[1] == folder / "last.pt"
+        assert "the epoch starts over from last.pt" in caplog.text
 
 
 def test_a_signal_during_a_checkpoint_write_is_handled_after_it_and_the_file_is_whole(tmp_path):
