@@ -28,18 +28,24 @@ PARTIAL = "partial.pt"
 DEADLINE_MARGIN_S = 180.0  # submitit's signal comes 90 s before a time limit; the last steps and the save need time
 
 
+ASK_EVERY = 10  # steps between the processes' agreements in a job of several (each waits for the GPU once)
+
+
 class CheckpointClock:
     """When training writes a mid-epoch checkpoint: ``every_min`` minutes after the last one (or the start), and
     once when the job's time limit (``deadline``, a ``time.time()``) is nearer than a margin of three minutes,
-    twice the slowest step and twice the last save. Every process asks after every step; where one says yes, all
-    do (a MAX over a CPU process group: no GPU synchronisation)."""
+    ``ASK_EVERY`` + 2 times the slowest step and twice the last save. A job of several processes agrees every
+    ``ASK_EVERY`` steps (where one says yes, all do: a MAX over the job's process group on ``device``), so that the
+    GPU is waited for once every so many steps, not every step, and no other process group is needed."""
 
-    def __init__(self, every_min: Optional[float], deadline: Optional[float], world: int) -> None:
+    def __init__(self, every_min: Optional[float], deadline: Optional[float], world: int,
+                 device: torch.device = torch.device("cpu")) -> None:
         self.every_s = None if every_min is None else every_min * 60.0
         self.deadline = deadline if every_min is not None else None
         self.last = self.step_end = time.monotonic()
-        self.slowest_step, self.save_s, self.before_deadline = 0.0, 30.0, False
-        self.group = dist.new_group(backend="gloo") if world > 1 else None
+        self.slowest_step, self.save_s, self.before_deadline, self.steps = 0.0, 30.0, False, 0
+        self.world = world
+        self.device = device if world > 1 and dist.get_backend() == "nccl" else torch.device("cpu")
 
     @property
     def enabled(self) -> bool:
@@ -48,23 +54,28 @@ class CheckpointClock:
     def _deadline_near(self) -> bool:
         if self.deadline is None or self.before_deadline:
             return False
-        margin = DEADLINE_MARGIN_S + 2 * self.slowest_step + 2 * self.save_s
+        margin = DEADLINE_MARGIN_S + (ASK_EVERY + 2) * self.slowest_step + 2 * self.save_s
         return self.deadline - time.time() <= margin
 
     def due(self) -> bool:
         """Whether the step just done is the one to save at (asked by every process after every step)."""
         now = time.monotonic()
         self.slowest_step, self.step_end = max(self.slowest_step, now - self.step_end), now
+        self.steps += 1
+        if self.world > 1 and self.steps % ASK_EVERY:
+            return False
         wanted = self.every_s is not None and (now - self.last >= self.every_s or self._deadline_near())
-        if self.group is not None:
-            flag = torch.tensor([int(wanted)])
-            dist.all_reduce(flag, op=dist.ReduceOp.MAX, group=self.group)
+        if self.world > 1:
+            flag = torch.tensor([int(wanted)], device=self.device)
+            dist.all_reduce(flag, op=dist.ReduceOp.MAX)
             wanted = bool(flag.item())
         return wanted
 
     def restart(self) -> None:
-        """A checkpoint was written at the end of an epoch: the next is due ``every_min`` from now."""
+        """A checkpoint was written (at the end of an epoch): the next is due ``every_min`` from now, and the
+        processes next agree ``ASK_EVERY`` steps from now."""
         self.last = self.step_end = time.monotonic()
+        self.steps = 0
 
     def saved(self, seconds: float) -> None:
         """A checkpoint took ``seconds``: the next is due ``every_min`` from now, and none more for the time limit

@@ -397,7 +397,7 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     torch.manual_seed(train.seed + rank.rank)  # augmentation differs per rank; the model came from one seed
     if state is not None and path is not None:
         _resume(run, state, path, tiles_dir)
-    run.clock = CheckpointClock(train.checkpoint_every_min, deadline, rank.world)
+    run.clock = CheckpointClock(train.checkpoint_every_min, deadline, rank.world, device)
     if rank.main:
         log.info(_start_line(run))
         if options.amp and emulated_bf16(device):

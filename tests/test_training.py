@@ -188,7 +188,7 @@ def test_killed_run_resumes_to_the_same_weights_as_an_uninterrupted_one(tiled, b
     assert final_digest(runs, killed) == final_digest(runs, straight)
 
 
-def killed_inside_an_epoch(tiled: tuple[Path, Path], name: str, settings: list[str]) -> int:
+def killed_inside_an_epoch(tiled: tuple[Path, Path], name: str, settings: list[str], steps_per_epoch: int) -> int:
     """Train run ``name`` in a real process, kill -9 its process group once ``partial.pt`` holds step 3 or later of
     epoch 2, and run the same command again to the end; the steps of epoch 2 done when it was killed."""
     command, proc, checkpoints = train_in_a_process(tiled, name, settings)
@@ -202,30 +202,30 @@ def killed_inside_an_epoch(tiled: tuple[Path, Path], name: str, settings: list[s
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     killed_at = load_checkpoint(partial)["mid_epoch"]
-    assert killed_at["epoch"] == 1 and 3 <= killed_at["steps"] < 8, killed_at  # inside epoch 2 of 2
+    assert killed_at["epoch"] == 1 and 3 <= killed_at["steps"] < steps_per_epoch, killed_at  # inside epoch 2 of 2
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert not partial.exists()  # its epoch is in last.pt
     return killed_at["steps"]
 
 
-@pytest.mark.parametrize("backend, processes", [("torch", 1), ("batch", 1), ("batch", 2)])
-def test_a_run_killed_inside_an_epoch_goes_on_from_its_step_to_the_same_weights(tiled, backend, processes):
-    """An epoch longer than a SLURM time limit never ended: train.checkpoint_every_min (0 here: after every step)
-    writes partial.pt inside epochs. kill -9 in the middle of epoch 2 of 2, rerun: it goes on from that step, not
-    the epoch's start, and ends with the history and weights of the uninterrupted run (tile order, per-tile and
-    per-batch augmentation draws, dropout, loss sums; with 2 DDP processes, each one's). Up to 3 attempts, as the
-    test above."""
-    settings = ["train.epochs=2", "train.max_steps_per_epoch=8", "train.deterministic=true",
+@pytest.mark.parametrize("backend, processes, steps", [("torch", 1, 8), ("batch", 1, 8), ("batch", 2, 20)])
+def test_a_run_killed_inside_an_epoch_goes_on_from_its_step_to_the_same_weights(tiled, backend, processes, steps):
+    """An epoch longer than a SLURM time limit never ended: train.checkpoint_every_min (0 here: as often as it asks,
+    after every step in one process, every 10th in two, which agree then) writes partial.pt inside epochs. kill -9 in
+    the middle of epoch 2 of 2, rerun: it goes on from that step, not the epoch's start, and ends with the history
+    and weights of the uninterrupted run (tile order, per-tile and per-batch augmentation draws, dropout, loss sums;
+    with 2 DDP processes, each one's). Up to 3 attempts, as the test above."""
+    settings = ["train.epochs=2", f"train.max_steps_per_epoch={steps}", "train.deterministic=true",
                 f"augment.backend={backend}", f"train.num_workers={2 // processes}", "train.checkpoint_every_min=0",
-                f"cluster.tasks_per_node={processes}"]
+                f"cluster.tasks_per_node={processes}", f"train.samples_per_epoch={2 * 16 * steps}"]  # steps each
     runs, mismatches = tiled[1], []
     for attempt in range(3):
         straight, killed = f"straight-mid-{backend}{processes}-{attempt}", f"killed-mid-{backend}{processes}-{attempt}"
         run_train(config_for(tiled, straight, *settings))
-        steps = killed_inside_an_epoch(tiled, killed, settings)
+        done = killed_inside_an_epoch(tiled, killed, settings, steps)
         starts = started_lines(runs, killed)  # the killed run's, then the rerun's
-        assert any(f"from epoch 2 of 2, step {steps + 1} (partial.pt)" in line for line in starts), starts
+        assert any(f"from epoch 2 of 2, step {done + 1} (partial.pt)" in line for line in starts), starts
         resumed, uninterrupted = history_of(runs, killed), history_of(runs, straight)
         if resumed == uninterrupted:
             break
