@@ -26,8 +26,6 @@ log = logging.getLogger(__name__)
 
 PARTIAL = "partial.pt"
 DEADLINE_MARGIN_S = 180.0  # submitit's signal comes 90 s before a time limit; the last steps and the save need time
-
-
 ASK_EVERY = 10  # steps between the processes' agreements in a job of several (each waits for the GPU once)
 
 
