@@ -205,12 +205,18 @@ def identity_differences(before: dict[str, Any], now: dict[str, Any]) -> list[st
     return words
 
 
-def _record_of_path(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]]:
+def _record_of_key(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]]:
+    """The record under the slide's name in ``out_dir``, whatever file it was made of; None where none is readable."""
     try:
         record = json.loads((out_dir / f"{slide.key}.json").read_text())
     except (OSError, json.JSONDecodeError, UnicodeDecodeError):
         return None
-    return record if isinstance(record, dict) and record.get("path") == slide.path else None
+    return record if isinstance(record, dict) else None
+
+
+def _record_of_path(out_dir: Path, slide: SlideInput) -> Optional[dict[str, Any]]:
+    record = _record_of_key(out_dir, slide)
+    return record if record is not None and record.get("path") == slide.path else None
 
 
 def adopt_moved(out_dir: Path, slides: Sequence[SlideInput]) -> list[tuple[str, str]]:
@@ -220,16 +226,12 @@ def adopt_moved(out_dir: Path, slides: Sequence[SlideInput]) -> list[tuple[str, 
     outputs are resumed as this slide's; the (earlier path, path now) of each."""
     moved = []
     for slide in slides:
-        path = out_dir / f"{slide.key}.json"
-        try:
-            record = json.loads(path.read_text())
-        except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        record = _record_of_key(out_dir, slide)
+        if record is None or record.get("path") in (None, slide.path) or record.get("slide_file") is None \
+                or _file_changed(record, slide):
             continue
-        if not isinstance(record, dict) or record.get("path") in (None, slide.path) or record.get("slide_file") is None:
-            continue
-        if record["slide_file"] == file_stamp(slide.path):
-            write_text_atomic(path, json.dumps({**record, "path": slide.path}, indent=1) + "\n")
-            moved.append((str(record["path"]), slide.path))
+        write_text_atomic(out_dir / f"{slide.key}.json", json.dumps({**record, "path": slide.path}, indent=1) + "\n")
+        moved.append((str(record["path"]), slide.path))
     return moved
 
 

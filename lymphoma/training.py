@@ -464,8 +464,8 @@ def run_epoch(run: Training, epoch: int) -> None:
     rngs = gather(rng_state(), run.rank.world)
     if run.rank.main:
         _log_epoch(run.writer, epoch, stats, val, lr, run.classes, run.history[-1])
-        _save_epoch({**checkpoint_fields(run), **parts.state(), "epoch": epoch, "val_loss": val.loss,
-                     "val_accuracy": val.accuracy, "history": run.history, "rng": rngs}, run.ckpt_dir, kept)
+        _save_epoch({**_training_state(run, epoch, rngs), "val_loss": val.loss, "val_accuracy": val.accuracy},
+                    run.ckpt_dir, kept)
         (run.ckpt_dir / PARTIAL).unlink(missing_ok=True)  # its epoch is in last.pt now
         write_text_atomic(run.out_dir / "history.json", json.dumps(run.history, indent=2) + "\n")
         log.info(f"epoch {epoch + 1}/{train.epochs}: train loss {stats.loss:.4f}, val loss {val.loss:.4f}, "
@@ -501,10 +501,16 @@ def _save_mid_epoch(run: Training, epoch: int, steps: int, total: torch.Tensor, 
     if run.rank.main:
         mid = {"epoch": epoch, "steps": steps, "tiles": steps * run.settings.train.batch_size,  # each process's
                "seconds": seconds, "ranks": ranks}
-        save_checkpoint({**checkpoint_fields(run), **run.parts.state(), "epoch": epoch - 1, "history": run.history,
-                         "rng": [r["rng"] for r in ranks], "mid_epoch": mid}, run.ckpt_dir / PARTIAL)
+        save_checkpoint({**_training_state(run, epoch - 1, [r["rng"] for r in ranks]), "mid_epoch": mid},
+                        run.ckpt_dir / PARTIAL)
         log.info(f"epoch {epoch + 1}: {steps} step(s) done, saved to {PARTIAL} (train.checkpoint_every_min="
                  f"{run.settings.train.checkpoint_every_min})")
+
+
+def _training_state(run: Training, epoch: int, rngs: list[dict[str, Any]]) -> dict[str, Any]:
+    """What a checkpoint holds after ``epoch`` (the last complete one): how to rebuild the model, its weights and
+    training state, the history, and every process's random states ``rngs``."""
+    return {**checkpoint_fields(run), **run.parts.state(), "epoch": epoch, "history": run.history, "rng": rngs}
 
 
 def _dali_words(run: Training) -> str:
