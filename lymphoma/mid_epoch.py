@@ -92,10 +92,18 @@ def gather(mine: dict[str, Any], world: int) -> list[dict[str, Any]]:
     return every
 
 
-def resume_point(ckpt_dir: Path, world: int) -> tuple[Optional[dict[str, Any]], Optional[Path]]:
+def epoch_order(seed: int, sampling: str, samples_per_epoch: Optional[int]) -> dict[str, Any]:
+    """The settings that draw an epoch's order of tiles (``train.*``): a mid-epoch checkpoint's place in an epoch
+    is a number of positions in that order, which means other tiles in another one."""
+    return {"seed": seed, "sampling": sampling, **({"samples_per_epoch": samples_per_epoch} if sampling == "cases" else {})}
+
+
+def resume_point(ckpt_dir: Path, world: int, order: dict[str, Any]
+                 ) -> tuple[Optional[dict[str, Any]], Optional[Path]]:
     """The checkpoint a training goes on from and its path: ``partial.pt`` where it continues the epoch after
-    ``last.pt`` (or the first) and was written by as many processes as this job has, else ``last.pt``, else none.
-    A ``partial.pt`` passed over is said, never an error (``last.pt`` is still there)."""
+    ``last.pt`` (or the first), was written by as many processes as this job has and drew its tiles in the same
+    ``order`` (``epoch_order``), else ``last.pt``, else none. A ``partial.pt`` passed over is said, never an error
+    (``last.pt`` is still there)."""
     last, partial = ckpt_dir / "last.pt", ckpt_dir / PARTIAL
     state = load_checkpoint(last) if last.is_file() else None
     if not partial.is_file():
@@ -106,9 +114,17 @@ def resume_point(ckpt_dir: Path, world: int) -> tuple[Optional[dict[str, Any]], 
         log.warning(f"{err}; the epoch starts over from {'last.pt' if state is not None else 'the beginning'}")
         return state, last if state is not None else None
     mid, next_epoch = inside.get("mid_epoch", {}), (state["epoch"] + 1 if state is not None else 0)
-    if mid.get("epoch") == next_epoch and len(mid.get("ranks", [])) == world:
+    if mid.get("epoch") != next_epoch:
+        return state, last if state is not None else None
+    saved = mid.get("order", order)  # one written before it was recorded: the same order
+    changed = [key for key in order if key in saved and saved[key] != order[key]]
+    if len(mid.get("ranks", [])) == world and not changed:
         return inside, partial
-    if mid.get("epoch") == next_epoch:
+    if changed:
+        log.warning(f"{partial} stopped inside epoch {next_epoch + 1} drawn with other settings ("
+                    + ", ".join(f"train.{key}={saved[key]}, now {order[key]}" for key in changed)
+                    + "): its place in that epoch is in another order of tiles, so the epoch starts over")
+    else:
         log.warning(f"{partial} was written by {len(mid.get('ranks', []))} process(es) and this job has {world}: "
                     f"each process's place in epoch {next_epoch + 1} differs, so the epoch starts over")
     return state, last if state is not None else None

@@ -38,7 +38,7 @@ from lymphoma.files import write_text_atomic
 from lymphoma.image_scale import training_image_size
 from lymphoma.loaders import make_loader
 from lymphoma.metrics import class_weights
-from lymphoma.mid_epoch import PARTIAL, CheckpointClock, gather, resume_point, start_of
+from lymphoma.mid_epoch import PARTIAL, CheckpointClock, epoch_order, gather, resume_point, start_of
 from lymphoma.mixing import batch_mix
 from lymphoma.model import build_model
 from lymphoma.phase_tiles import PhaseTiles
@@ -376,7 +376,7 @@ def build_training(settings: FitSettings, tiles_dir: Path, out_dir: Path, rank: 
     seed_everything(train.seed, train.deterministic)
     train_tiles = open_phase(tiles_dir, "train", settings.tile_size, augment.crop)
     eval_tiles = open_phase(tiles_dir, train.eval_phase, settings.tile_size, augment.crop)
-    state, path = resume_point(out_dir / "checkpoints", rank.world)
+    state, path = resume_point(out_dir / "checkpoints", rank.world, _order(train))
     manifest, target = load_manifest(tiles_dir), fit_target(settings.stain)  # the target, fitted once
     check_tiles_stain(manifest, settings.stain, tiles_dir, stored_stain(target))
     case_class = None
@@ -500,11 +500,16 @@ def _save_mid_epoch(run: Training, epoch: int, steps: int, total: torch.Tensor, 
                     else None}, run.rank.world)
     if run.rank.main:
         mid = {"epoch": epoch, "steps": steps, "tiles": steps * run.settings.train.batch_size,  # each process's
-               "seconds": seconds, "ranks": ranks}
+               "seconds": seconds, "ranks": ranks, "order": _order(run.settings.train)}
         save_checkpoint({**_training_state(run, epoch - 1, [r["rng"] for r in ranks]), "mid_epoch": mid},
                         run.ckpt_dir / PARTIAL)
         log.info(f"epoch {epoch + 1}: {steps} step(s) done, saved to {PARTIAL} (train.checkpoint_every_min="
                  f"{run.settings.train.checkpoint_every_min})")
+
+
+def _order(train: TrainSettings) -> dict[str, Any]:
+    """The settings that draw an epoch's order of tiles (``mid_epoch.epoch_order``)."""
+    return epoch_order(train.seed, train.sampling, train.samples_per_epoch)
 
 
 def _training_state(run: Training, epoch: int, rngs: list[dict[str, Any]]) -> dict[str, Any]:

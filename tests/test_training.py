@@ -24,7 +24,7 @@ from jobs.tile import run_tile
 from jobs.train import run_train
 from lymphoma.checkpoint import load_checkpoint, save_checkpoint
 from lymphoma.errors import InputError
-from lymphoma.mid_epoch import resume_point
+from lymphoma.mid_epoch import epoch_order, resume_point
 from lymphoma.model import build_model
 from lymphoma.training import open_phase, weights_digest
 from lymphoma.validation import validate
@@ -203,6 +203,7 @@ def killed_inside_an_epoch(tiled: tuple[Path, Path], name: str, settings: list[s
     proc.wait()
     killed_at = load_checkpoint(partial)["mid_epoch"]
     assert killed_at["epoch"] == 1 and 3 <= killed_at["steps"] < steps_per_epoch, killed_at  # inside epoch 2 of 2
+    assert killed_at["order"] == {"seed": 0, "sampling": "cases", "samples_per_epoch": 32 * steps_per_epoch}
     rerun = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert rerun.returncode == 0, rerun.stderr
     assert not partial.exists()  # its epoch is in last.pt
@@ -235,27 +236,38 @@ def test_a_run_killed_inside_an_epoch_goes_on_from_its_step_to_the_same_weights(
     assert final_digest(runs, killed) == final_digest(runs, straight)
 
 
-def test_a_mid_epoch_checkpoint_is_passed_over_when_stale_damaged_or_of_another_process_count(
+def test_a_mid_epoch_checkpoint_is_passed_over_when_stale_damaged_or_of_another_process_count_or_order(
         tiled, local_ddp, tmp_path, caplog):
     """partial.pt continues the epoch after last.pt only where it was written by as many processes as resume it
-    (each had its own place in the epoch); one of an epoch already in last.pt (killed between the two writes) or
-    one that cannot be read is passed over for last.pt, never an error."""
+    (each had its own place in the epoch) and drew the epoch's tiles in the same order (its place is a number of
+    positions in that order: with another train.seed, sampling or samples_per_epoch it skipped tiles never trained
+    and trained others twice); one of an epoch already in last.pt (killed between the two writes) or one that
+    cannot be read is passed over for last.pt, never an error."""
     last = load_checkpoint(tiled[1] / "ddp" / "train" / "checkpoints" / "last.pt")  # 2 processes, epoch 1 of 1
     folder = tmp_path / "checkpoints"
     save_checkpoint(last, folder / "last.pt")
     ranks = [{"rng": rng, "total": torch.zeros(2, dtype=torch.float64), "augment": {}, "adversary": None}
              for rng in last["rng"]]
-    mid = {"epoch": last["epoch"] + 1, "steps": 2, "tiles": 32, "seconds": 1.0, "ranks": ranks}
+    order = epoch_order(0, "cases", 2048)
+    mid = {"epoch": last["epoch"] + 1, "steps": 2, "tiles": 32, "seconds": 1.0, "ranks": ranks, "order": order}
     save_checkpoint({**last, "mid_epoch": mid}, folder / "partial.pt")
-    state, path = resume_point(folder, 2)
+    state, path = resume_point(folder, 2, order)
     assert path == folder / "partial.pt" and state["mid_epoch"]["steps"] == 2
+    assert resume_point(folder, 2, epoch_order(0, "cases", 2048))[1] == folder / "partial.pt"
+    assert epoch_order(0, "tiles", 2048) == epoch_order(0, "tiles", None)  # samples_per_epoch: with cases only
     with caplog.at_level(logging.WARNING):
-        assert resume_point(folder, 1)[1] == folder / "last.pt"
+        assert resume_point(folder, 1, order)[1] == folder / "last.pt"
         assert "was written by 2 process(es) and this job has 1" in caplog.text
+        for other, words in [(epoch_order(1, "cases", 2048), "train.seed=0, now 1"),
+                             (epoch_order(0, "tiles", 2048), "train.sampling=cases, now tiles"),
+                             (epoch_order(0, "cases", 4096), "train.samples_per_epoch=2048, now 4096")]:
+            caplog.clear()
+            assert resume_point(folder, 2, other)[1] == folder / "last.pt"
+            assert f"drawn with other settings ({words}" in caplog.text, caplog.text
         save_checkpoint({**last, "mid_epoch": {**mid, "epoch": last["epoch"]}}, folder / "partial.pt")
-        assert resume_point(folder, 2)[1] == folder / "last.pt"
+        assert resume_point(folder, 2, order)[1] == folder / "last.pt"
         (folder / "partial.pt").write_bytes(b"not a checkpoint")
-        assert resume_point(folder, 2)[1] == folder / "last.pt"
+        assert resume_point(folder, 2, order)[1] == folder / "last.pt"
         assert "the epoch starts over from last.pt" in caplog.text
 
 
