@@ -85,8 +85,9 @@ def test_features_equal_a_direct_forward_of_the_backbone(make_dataset, resnet_fi
     assert "(1 now, 5 already complete; " in printed.out
     assert f"1 slide file(s) changed since this folder embedded them (size or modification time): embedded again from " \
            f"the file as it is now: {rows[0]['path']}" in printed.err
-    with h5py.File(rows[0]["file"]) as h5, h5py.File(rows[3]["file"]) as other:
-        np.testing.assert_array_equal(h5["features"][:], other["features"][:])
+    with h5py.File(rows[0]["file"]) as h5, h5py.File(rows[3]["file"]) as other:  # alone in its batches now, with
+        # other slides' tiles then: oneDNN's kernels for another batch size round the last bit otherwise on some CPUs
+        np.testing.assert_allclose(h5["features"][:], other["features"][:], rtol=1e-5, atol=1e-6)
     moved = source.with_name(f"{source.name}-moved")  # the cohort moved (mv keeps sizes and times): all resume
     source.rename(moved)
     words[0] = f"data.source={moved}"
