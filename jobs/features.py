@@ -20,6 +20,7 @@ from jobs.predict import (
     finished_records,
     forced_tiles,
     gather_records,
+    raise_task_failures,
     refuse_leaving_out,
     replace_advice,
     task_chunks,
@@ -30,7 +31,7 @@ from lymphoma.backbones import require_model
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.errors import InputError
 from lymphoma.features import ENCODER_FILE
-from lymphoma.files import file_stamp, write_csv_atomic, write_text_atomic
+from lymphoma.files import PinnedFile, file_stamp, remove_pinned, write_csv_atomic, write_text_atomic
 from lymphoma.image_scale import scale_notes
 from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import SlideInput, adopt_moved, changed_since, moved_notes, read_record
@@ -52,6 +53,7 @@ class FeaturesTask:
     out_dir: str
     threads: int
     tiles: Optional[dict[str, Any]] = None  # tile settings used instead of the checkpoint's (as in prediction)
+    pinned: Optional[PinnedFile] = None  # the job's copy of the checkpoint or model.weights, which every task reads
 
 
 def run_features_task(task: FeaturesTask) -> list[dict[str, Any]]:
@@ -66,10 +68,10 @@ def run_features_task(task: FeaturesTask) -> list[dict[str, Any]]:
     with task_setup(task.threads) as setup:
         if task.checkpoint:
             encoder, meta = encoder_from_checkpoint(Path(task.checkpoint), setup.device, cfg.predict.batch_size, engine,
-                                                    cfg.predict.scale, task.tiles)
+                                                    cfg.predict.scale, task.tiles, task.pinned)
         else:
             encoder, meta = encoder_from_settings(cfg.model, cfg.tiles, cfg.augment, cfg.stain, setup.device,
-                                                  cfg.predict.batch_size, engine)
+                                                  cfg.predict.batch_size, engine, task.pinned)
         return predict_slides(encoder, task.slides, out, cfg.predict.prefetch,
                               writer=FeatureWriter(out, meta), readers=cfg.predict.readers)
 
@@ -158,7 +160,10 @@ def embed_into(out_dir: Path, run: Run, source: EncoderSource, slides: list[Slid
     write_text_atomic(out_dir / ENCODER_FILE, json.dumps(encoder, indent=1) + "\n")
     chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
     checkpoint = str(source.checkpoint) if source.checkpoint else None
-    tasks = [FeaturesTask(run, checkpoint, chunk, str(out_dir), threads, source.tiles or None) for chunk in chunks]
+    file = source.checkpoint or cfg.model.weights
+    pinned = PinnedFile.pin(file, out_dir / "engine", identity["encoder file"] or [-1, -1]) if file else None
+    tasks = [FeaturesTask(run, checkpoint, chunk, str(out_dir), threads, source.tiles or None, pinned)
+             for chunk in chunks]
     openvino_first_in_tasks(cfg.predict.engine)
     failure, results = None, []
     embedded = embedded_before(out_dir / "records", slides) if progress else set()  # read for the bar alone
@@ -172,6 +177,7 @@ def embed_into(out_dir: Path, run: Run, source: EncoderSource, slides: list[Slid
         failure, results = err, err.results
     finally:
         bar.close()
+    remove_pinned(out_dir / "engine")  # every task of the job has ended
     resumed = {r["key"] for chunk in results if chunk for r in chunk if r.get("resumed")}
     records = [{**r, "resumed": r["key"] in resumed} for r in gather_records(out_dir / "records", chunks, failure)]
     write_csv_atomic(out_dir / "features.csv", ["key", "path", "label", "case", "status", "n_tiles", "feature_dim",
@@ -239,7 +245,7 @@ def command(args: argparse.Namespace, run: Run) -> int:
         log.info(f"  failed: {r['path']}: {r['error']}")
     log.info(f"files:   {out_dir / 'h5_files'}/<slide>.h5 (features, coords)\nsummary: {out_dir / 'features.csv'}")
     if failure is not None:
-        raise failure
+        raise_task_failures(failure, out_dir, args.out is not None)
     if failed:
         rest = "the others' files are written" if len(failed) < len(records) else "none was embedded"
         log.error(f"lymphoma features: {len(failed)} of {len(records)} slide(s) failed (listed above and in "

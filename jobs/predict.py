@@ -5,10 +5,11 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import shutil
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, NoReturn, Optional
 
 from hpc import ArrayJobError, ExecutorSettings, run_array
 from hpc.task import task_setup, thread_share
@@ -18,7 +19,8 @@ from jobs.progress import SlideProgress
 from jobs.run_folder import Run, folder_lock, prepare_out_dir, set_aside_out_dir
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.cohort_report import metrics_lines, seen_cases_notes, write_report
-from lymphoma.errors import InputError
+from lymphoma.errors import DiskFullError, InputError, is_disk_full
+from lymphoma.files import PinnedFile, file_stamp, remove_pinned
 from lymphoma.image_scale import scale_notes, training_scale
 from lymphoma.inputs import compile_case_pattern
 from lymphoma.prediction import (
@@ -65,7 +67,7 @@ class PredictRequest:
 class PredictTask:
     """One array task: a chunk of slides and the model to run over them; picklable."""
 
-    checkpoint: str
+    checkpoint: PinnedFile  # the job's copy of the checkpoint: every task predicts with the file the command read
     slides: tuple[SlideInput, ...]
     out_dir: str
     settings: PredictSettings
@@ -74,23 +76,25 @@ class PredictTask:
 
 
 def predict_chunk(checkpoint: Path, slides: Sequence[SlideInput], out_dir: Path, settings: PredictSettings,
-                  device: Any, tiles: Optional[dict[str, Any]] = None) -> list[dict[str, Any]]:
-    """Load the model once, then predict each slide that is not complete yet into ``out_dir``."""
+                  device: Any, tiles: Optional[dict[str, Any]] = None,
+                  pinned: Optional[PinnedFile] = None) -> list[dict[str, Any]]:
+    """Load the model once (from ``pinned``, the job's copy of the checkpoint, where given), then predict each slide
+    that is not complete yet into ``out_dir``."""
     from lymphoma.prediction import Pictures, Predictor, predict_slides
 
     if settings.engine == "openvino" and str(device) != "cpu":
         log.warning(f"predict.engine=openvino runs the model on the CPU: this task's {device} stays idle (on GPU nodes, "
                     "predict.engine=torch or compile)")
     predictor = Predictor.from_checkpoint(checkpoint, device, settings.batch_size, settings.tta, tiles, settings.engine,
-                                          settings.precision, Path(out_dir).parent / "engine", settings.scale)
+                                          settings.precision, Path(out_dir).parent / "engine", settings.scale, pinned)
     return predict_slides(predictor, slides, out_dir, settings.prefetch, Pictures.of(settings), readers=settings.readers)
 
 
 def run_predict_task(task: PredictTask) -> list[dict[str, Any]]:
     """The array task's entry point."""
     with task_setup(task.threads) as setup:
-        return predict_chunk(Path(task.checkpoint), task.slides, Path(task.out_dir), task.settings, setup.device,
-                             task.tiles)
+        return predict_chunk(Path(task.checkpoint.path), task.slides, Path(task.out_dir), task.settings, setup.device,
+                             task.tiles, task.checkpoint)
 
 
 @dataclass
@@ -174,6 +178,7 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
     bar of the slides done on a terminal."""
     cfg = run.config
     checkpoint = Path(request.checkpoint).resolve()
+    stamp = file_stamp(checkpoint)  # before it is read: the job's copy must be this file (PinnedFile)
     saved = load_checkpoint(checkpoint)
     tiles = forced_tiles(run, request.checkpoint, saved, request.explicit_tiles, request.force)
     state = with_tiles(saved, tiles)
@@ -182,18 +187,19 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
     out_dir = prepare_out_dir(out, MARKER, "prediction")
     with folder_lock(out_dir, "predict"):  # a second prediction into this folder is refused, not run beside
         identity = prediction_identity(checkpoint, state, cfg.predict.tta, cfg.predict.engine, cfg.predict.precision,
-                                       training_scale(saved, cfg.predict.scale, tiles))
+                                       training_scale(saved, cfg.predict.scale, tiles), stamp)
         fingerprint = checkpoint_fingerprint(identity)
         moved = moved_notes(adopt_moved(out_dir / "slides", slides), "predictions")  # a cohort now elsewhere
         if not request.replace:
             refuse_replacing(out_dir, slides, identity)  # before anything of the earlier one is written over
         run.save_config(out_dir / "config.yaml")
+        pinned = PinnedFile.pin(checkpoint, out_dir / "engine", stamp or [-1, -1])  # the file as it was read
         slide_dir = out_dir / "slides"
         slide_dir.mkdir(exist_ok=True)
         changed = changed_notes(changed_since(slide_dir, slides), "predicted")
         resumed = {s.key for s in slides if outputs_complete(slide_dir, s, fingerprint) is not None}
         chunks, threads = task_chunks(slides, cfg.predict, cfg.cluster)
-        tasks = [PredictTask(str(checkpoint), chunk, str(slide_dir), cfg.predict, threads, tiles) for chunk in chunks]
+        tasks = [PredictTask(pinned, chunk, str(slide_dir), cfg.predict, threads, tiles) for chunk in chunks]
         openvino_first_in_tasks(cfg.predict.engine)
         failure = None
         bar = SlideProgress(slide_dir, [s.key for s in slides if s.key not in resumed], len(resumed), "predict", progress)
@@ -205,6 +211,7 @@ def run_predict(run: Run, request: PredictRequest, progress: bool = False) -> Pr
             failure = err
         finally:
             bar.close()
+        remove_pinned(out_dir / "engine")  # every task of the job has ended
         records = gather_records(slide_dir, chunks, failure)
         notes = moved + changed + scale_notes(records, saved, tiles) + seen_cases_notes(records, saved.get("cases_seen"))
         metrics = write_report(records, list(state["classes"]), out_dir, cfg.predict.aggregate, notes,
@@ -300,6 +307,15 @@ def format_report(result: PredictResult) -> str:
     return "\n".join(lines)
 
 
+def raise_task_failures(failure: ArrayJobError, out_dir: Path, out_given: bool) -> NoReturn:
+    """The failed tasks' error; where every one of them met a full disk, one DiskFullError naming the output folder
+    and where else to write (the tasks' own errors name no folder)."""
+    if all(is_disk_full(f.error) for f in failure.failures):
+        elsewhere = "give --out a folder on a disk with room" if out_given else "set run.root to a disk with room"
+        raise DiskFullError(out_dir, None, shutil.disk_usage(out_dir).free, elsewhere=elsewhere) from failure
+    raise failure
+
+
 def command(args: argparse.Namespace, run: Run) -> int:
     """``lymphoma predict``: tile settings given in a config or override are checked against the checkpoint's."""
     explicit = tuple(keys_set(args.config, args.overrides, "tiles"))
@@ -312,7 +328,7 @@ def command(args: argparse.Namespace, run: Run) -> int:
     for note in result.notes:
         log.warning(f"lymphoma predict: {note}")
     if result.task_failures is not None:
-        raise result.task_failures
+        raise_task_failures(result.task_failures, result.out_dir, args.out is not None)
     failed = result.metrics["failed"]
     if failed:
         rest = "the others' outputs are written" if failed < result.metrics["slides"] else "none was predicted"

@@ -137,18 +137,21 @@ def require_weight_file(path: str | Path, setting: str = "model.weights") -> Pat
     return path
 
 
-def read_weight_file(path: str | Path, setting: str = "model.weights") -> dict[str, torch.Tensor]:
-    """The tensors of a weight file, unwrapped from ``{"state_dict": ...}``-style containers."""
-    path = require_weight_file(path, setting)
+def read_weight_file(path: str | Path, setting: str = "model.weights",
+                     read_from: Optional[str | Path] = None) -> dict[str, torch.Tensor]:
+    """The tensors of a weight file, unwrapped from ``{"state_dict": ...}``-style containers; ``read_from``: a copy
+    of ``path`` to read in its place (a job's ``PinnedFile``; errors name ``path``)."""
+    path = require_weight_file(path, setting) if read_from is None else Path(path)
+    source = Path(read_from) if read_from is not None else path
     if path.suffix not in WEIGHT_SUFFIXES:
         raise InputError(f"{setting}={path}: unknown format {path.suffix!r}; allowed: {', '.join(WEIGHT_SUFFIXES)}")
     try:
         if path.suffix == ".safetensors":
             from safetensors.torch import load_file
 
-            state: Any = load_file(str(path))
+            state: Any = load_file(str(source))
         else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
+            state = torch.load(source, map_location="cpu", weights_only=True)
     except Exception as err:  # noqa: BLE001 - each format fails in its own way on a damaged file
         raise InputError(f"{setting}={path}: cannot be read ({type(err).__name__}: {str(err)[:200]}); the file is "
                          "damaged or not a weight file") from None
@@ -182,10 +185,12 @@ class LoadedWeights:
     head_skipped: list[str]
 
 
-def load_pretrained(model: Backbone, path: str | Path, setting: str = "model.weights") -> LoadedWeights:
-    """Load every tensor of the file into the backbone, bit-exactly; the head is kept fresh when the file's is
-    of another shape (other classes). Missing or misshapen tensors elsewhere mean another architecture."""
-    state = canonical_keys(read_weight_file(path, setting))
+def load_pretrained(model: Backbone, path: str | Path, setting: str = "model.weights",
+                    read_from: Optional[str | Path] = None) -> LoadedWeights:
+    """Load every tensor of the file (or of ``read_from``, its copy) into the backbone, bit-exactly; the head is kept
+    fresh when the file's is of another shape (other classes). Missing or misshapen tensors elsewhere mean another
+    architecture."""
+    state = canonical_keys(read_weight_file(path, setting, read_from))
     target = model.net.state_dict()
     is_head = [key for key in set(target) | set(state) if key.startswith(model.head + ".")]
     misshapen = [k for k in state if k in target and state[k].shape != target[k].shape and k not in is_head]
@@ -204,7 +209,7 @@ def load_pretrained(model: Backbone, path: str | Path, setting: str = "model.wei
     if any(k in is_head and k not in usable for k in target):
         reset_head(model)
     skipped = sorted(k for k in state if k in is_head and k not in usable)
-    return LoadedWeights(str(path), file_digest(path), len(usable), skipped)
+    return LoadedWeights(str(path), file_digest(read_from if read_from is not None else path), len(usable), skipped)
 
 
 def reset_head(model: Backbone) -> None:

@@ -27,8 +27,9 @@ class DiskFullError(OSError):
         return str(self.strerror)
 
 
-def is_disk_full(err: BaseException) -> bool:
-    """Whether an error (an OSError, or HDF5's, which carries the system's message) is a full disk."""
+def is_disk_full(err: BaseException | str) -> bool:
+    """Whether an error (an OSError, or HDF5's, which carries the system's message, or a failed task's error text)
+    is a full disk."""
     return getattr(err, "errno", None) == 28 or "No space left on device" in str(err)
 
 

@@ -23,7 +23,7 @@ from lymphoma.backbones import Backbone, load_pretrained
 from lymphoma.checkpoint import load_checkpoint
 from lymphoma.engines import TileClassifier, exported_engine
 from lymphoma.errors import InputError, one_line
-from lymphoma.files import file_stamp, write_text_atomic
+from lymphoma.files import PinnedFile, file_stamp, write_text_atomic
 from lymphoma.image_scale import training_scale
 from lymphoma.model import Ensemble, build_model
 from lymphoma.precision import runnable_precision
@@ -84,17 +84,20 @@ def _encoder(model: torch.nn.Module, tiles: TileSettings, augment: AugmentSettin
 
 
 def encoder_from_checkpoint(path: Path, device: torch.device, batch_size: int = 128, engine: Engine = Engine(),
-                            scale: str = "match", tiles: Optional[dict[str, Any]] = None) -> tuple[Predictor, dict[str, Any]]:
+                            scale: str = "match", tiles: Optional[dict[str, Any]] = None,
+                            pinned: Optional[PinnedFile] = None) -> tuple[Predictor, dict[str, Any]]:
     """A trained model of this project as an encoder: its tiling (with the user's ``tiles`` in place of its own,
     as prediction takes them), crop and stain normalisation; with ``scale`` ``match`` (predict.scale), plain images at
     another resolution resized to its training scale, as prediction does (each file's ``tiles`` attribute then
-    holds the resize it was cut at)."""
-    saved = load_checkpoint(path)
+    holds the resize it was cut at); ``pinned``: the job's copy of ``path``, read in its place."""
+    saved = load_checkpoint(pinned.copy if pinned is not None else path)
+    if pinned is not None:
+        pinned.check()
     state, matched = with_tiles(saved, tiles), training_scale(saved, scale, tiles)
     model = build_model(state["architecture"])
     model.load_state_dict(state["model"])
-    stat = Path(path).stat()
-    about = {"encoder": str(Path(path).resolve()), "encoder_size": stat.st_size, "encoder_mtime": stat.st_mtime_ns,
+    size, mtime = pinned.stamp if pinned is not None else file_stamp(path) or (0, 0)
+    about = {"encoder": str(Path(path).resolve()), "encoder_size": size, "encoder_mtime": mtime,
              "backbone": state["architecture"].get("backbone") or f"densenet:{state['architecture'].get('preset')}",
              "tiles": state["tiles"], "augment": state["augment"], "stain": state.get("stain")}
     if matched is not None:
@@ -107,15 +110,18 @@ def encoder_from_checkpoint(path: Path, device: torch.device, batch_size: int = 
 
 def encoder_from_settings(model_settings: ModelSettings, tiles: TileSettings, augment: AugmentSettings,
                           stain: StainSettings, device: torch.device, batch_size: int = 128,
-                          engine: Engine = Engine()) -> tuple[Predictor, dict[str, Any]]:
-    """A pretrained backbone as configured (``model.backbone``, ``model.weights``), with the run's tiling,
-    crop and stain normalisation."""
+                          engine: Engine = Engine(), pinned: Optional[PinnedFile] = None) -> tuple[Predictor, dict[str, Any]]:
+    """A pretrained backbone as configured (``model.backbone``, ``model.weights``: read from ``pinned``, the job's
+    copy of it, where given), with the run's tiling, crop and stain normalisation."""
     if model_settings.backbone is None:
         raise InputError("lymphoma features needs an encoder: --checkpoint of a trained model, or model.backbone "
                          "(with model.weights) for a pretrained one")
     torch.manual_seed(0)  # without weights, every task of the array builds the same random encoder
     model = build_model(model_settings.architecture(1))
-    loaded = load_pretrained(model, model_settings.weights) if model_settings.weights else None
+    loaded = (load_pretrained(model, model_settings.weights, read_from=pinned.copy if pinned is not None else None)
+              if model_settings.weights else None)
+    if pinned is not None:
+        pinned.check()
     target = fit_target(stain)
     about = {"encoder": loaded.path if loaded else "random initialisation", "encoder_sha256": loaded and loaded.sha256,
              "backbone": model_settings.backbone, "tiles": tiles.as_dict(), "augment": asdict(augment),

@@ -29,7 +29,7 @@ from lymphoma.engines import (
     onnx_bytes,
 )
 from lymphoma.errors import ImageError
-from lymphoma.files import file_stamp, write_text_atomic
+from lymphoma.files import PinnedFile, file_stamp, write_text_atomic
 from lymphoma.image_scale import TrainingScale, tiles_cut_with, training_scale
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap, save_probability_maps
@@ -75,17 +75,20 @@ class Predictor:
     @classmethod
     def from_checkpoint(cls, path: Path, device: torch.device, batch_size: int = 128,
                         tta: bool = False, tiles: Optional[dict[str, Any]] = None, engine: str = "torch",
-                        precision: str = "fp32", export_dir: Optional[Path] = None, scale: str = "match") -> "Predictor":
+                        precision: str = "fp32", export_dir: Optional[Path] = None, scale: str = "match",
+                        pinned: Optional[PinnedFile] = None) -> "Predictor":
         """The checkpoint's model and settings; ``tiles``: tile settings used instead of the checkpoint's
         (``lymphoma predict --force``); ``engine``/``precision``: what runs the model; ``scale`` (predict.scale):
         ``match`` resizes plain images at another scale to the training images' (lymphoma.image_scale), ``keep``
         takes them as they are (all part of the fingerprint); ``export_dir``: where the ONNX export is kept for
-        the next task (made once)."""
+        the next task (made once); ``pinned``: the job's copy of ``path``, read in its place."""
         check_engine(engine, precision)
         identity_precision = precision  # the request: bf16 resumes as bf16 wherever the slides ran
         if engine not in EXPORTED_ENGINES:  # onnxruntime runs fp32, openvino chooses for itself (OpenVinoEngine)
             precision = runnable_precision(precision, device)
-        saved = load_checkpoint(path)
+        saved = load_checkpoint(pinned.copy if pinned is not None else path)
+        if pinned is not None:
+            pinned.check()
         state, matched = with_tiles(saved, tiles), training_scale(saved, scale, tiles)  # the scale it was trained at
         model = build_model(state["architecture"])
         load_model_weights(model, state, path)
@@ -96,7 +99,8 @@ class Predictor:
             example = eval_batch(blank, augment, device).contiguous(memory_format=torch.channels_last)
             model = compiled_model(model, example, precision == "bf16")
         exported = None
-        identity = prediction_identity(path, state, tta, engine, identity_precision, matched)
+        identity = prediction_identity(path, state, tta, engine, identity_precision, matched,
+                                       pinned.stamp if pinned is not None else None)
         fingerprint = checkpoint_fingerprint(identity)
         if engine in EXPORTED_ENGINES:  # on the CPU (ONNX Runtime also on CUDA where its GPU package is installed)
             onnx = onnx_export(TileClassifier(model.cpu(), augment, tile_settings.size), tile_settings.size,
@@ -160,14 +164,18 @@ def with_tiles(state: dict[str, Any], tiles: Optional[dict[str, Any]]) -> dict[s
 
 
 def prediction_identity(path: Path, state: dict[str, Any], tta: bool = False, engine: str = "torch",
-                        precision: str = "fp32", scale: Optional[TrainingScale] = None) -> dict[str, Any]:
+                        precision: str = "fp32", scale: Optional[TrainingScale] = None,
+                        stamp: Optional[Sequence[int]] = None) -> dict[str, Any]:
     """What a slide's outputs depend on, by name (every record keeps it, so that a refusal can say what differs): the
-    checkpoint file, the tiling, crop and stain normalisation it was trained with (or tiles forced in their place),
-    TTA, the engine and the precision asked for (bf16 that a CPU without bf16 units runs as fp32 included: the same
-    request resumes wherever it runs), and the training scale images are matched to."""
-    stat = Path(path).stat()
-    return {"checkpoint": str(Path(path).resolve()), "checkpoint size": stat.st_size,
-            "checkpoint mtime_ns": stat.st_mtime_ns, "tiles": state["tiles"], "augment": state["augment"],
+    checkpoint file (its size and time: ``stamp``, else the file's now), the tiling, crop and stain normalisation it
+    was trained with (or tiles forced in their place), TTA, the engine and the precision asked for (bf16 that a CPU
+    without bf16 units runs as fp32 included: the same request resumes wherever it runs), and the training scale
+    images are matched to."""
+    if stamp is None:
+        stat = Path(path).stat()
+        stamp = (stat.st_size, stat.st_mtime_ns)
+    return {"checkpoint": str(Path(path).resolve()), "checkpoint size": stamp[0],
+            "checkpoint mtime_ns": stamp[1], "tiles": state["tiles"], "augment": state["augment"],
             "stain": state.get("stain"), "predict.tta": bool(tta), "predict.engine": engine,
             "predict.precision": precision, "training scale": None if scale is None else [list(scale.size), scale.resize]}
 

@@ -8,6 +8,7 @@ import re
 import shutil
 import socket
 import subprocess
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -255,6 +256,27 @@ def wsi_dir(data_root: Path) -> Path:
     if not (folder / "CMU-1-Small-Region.svs").is_file():
         pytest.fail(f"the whole-slide test files are not in {folder}")
     return folder
+
+
+def replaced_while_the_first_task_runs(command: list[str], records: Path, target: Path, replacement: Path,
+                                       first: int, in_place: bool) -> tuple[int, str]:
+    """Run ``command`` (an array job whose tasks run one after another, ``first`` slides in the first) in a real
+    process and put ``replacement`` in the place of ``target`` once the first task has written its first record into
+    ``records``, so that the later tasks start after it: a new file renamed over it, as trainings and `mv` replace
+    files, or written over it ``in_place``, as `cp` does; the command's exit status and what it printed."""
+    proc = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and proc.poll() is None and not list(records.glob("*.json")):
+        time.sleep(0.005)
+    if in_place:
+        shutil.copyfile(replacement, target)
+    else:
+        shutil.copyfile(replacement, target.with_name(f"{target.name}.new"))
+        os.replace(target.with_name(f"{target.name}.new"), target)
+    written = len(list(records.glob("*.json")))
+    printed, _ = proc.communicate(timeout=600)
+    assert 1 <= written < first, f"{written} slides done when the file was replaced: the first task had ended"
+    return proc.returncode, printed
 
 
 def on_a_terminal(command: list[str], timeout_s: float) -> tuple[int, str]:

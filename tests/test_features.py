@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import config_for, on_a_terminal, tiny_timm_file
+from conftest import config_for, on_a_terminal, replaced_while_the_first_task_runs, tiny_timm_file
 from jobs.cli import main
 from jobs.train import run_train
 from lymphoma.augment import eval_batch
@@ -255,6 +255,33 @@ def test_killed_features_resume_only_the_remaining_slides(data_root, manifest_ro
         if Path(name).stem in done_records:
             assert (out / "h5_files" / name).stat().st_mtime_ns == done[name]
     assert len(list((out / "h5_files").glob("*.h5"))) == len(rows) and not list((out / "h5_files").glob(".*tmp*"))
+
+
+def test_weights_written_over_while_features_run_never_give_two_encoders_under_one_name(make_dataset, resnet_file,
+                                                                                       tmp_path):
+    """A weight file written over while the array's tasks wait (`cp` of another model onto it) gave the tasks that
+    started later other embeddings under one encoder.json: the tasks read the job's own link to the file, which
+    tells the write, and those tasks fail saying so; the files written name the user's file and one encoder."""
+    from safetensors.torch import load_file, save_file
+
+    source = make_dataset(cases_per_class=2, images_per_case=1)
+    weights, other = tmp_path / "vits.safetensors", tmp_path / "other.safetensors"
+    shutil.copyfile(resnet_file, weights)
+    save_file({k: v * 0.5 for k, v in load_file(str(resnet_file)).items()}, str(other))
+    out, first = tmp_path / "out", 3
+    command = [sys.executable, "-m", "jobs.cli", "features", "--out", str(out), f"data.source={source}",
+               f"run.root={tmp_path}", "model.backbone=timm:resnet10t", f"model.weights={weights}",
+               f"predict.slides_per_task={first}", "predict.batch_size=16", "cluster.parallelism=1",
+               "cluster.poll_s=0.05"]
+    code, printed = replaced_while_the_first_task_runs(command, out / "records", weights, other, first, in_place=True)
+    assert code == 1 and f"{weights} was written over in place while this job ran" in printed, printed
+    fingerprints, encoders = set(), set()
+    for path in sorted((out / "h5_files").glob("*.h5")):
+        with h5py.File(path) as h5:
+            fingerprints.add(h5.attrs["fingerprint"])
+            encoders.add(h5.attrs["encoder"])
+    assert len(fingerprints) == 1 and encoders == {str(weights)}, (fingerprints, encoders)
+    assert len(list((out / "h5_files").glob("*.h5"))) == first and not list((out / "engine").glob("pinned-*"))
 
 
 def test_bf16_embeddings_are_near_fp32_and_never_taken_for_them(make_dataset, resnet_file, tmp_path, capsys, caplog):

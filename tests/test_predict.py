@@ -19,15 +19,16 @@ import pytest
 import torch
 from PIL import Image
 
-from conftest import FAST, config_for, decompression_bomb, on_a_terminal, pick_images
+from conftest import FAST, config_for, decompression_bomb, on_a_terminal, pick_images, replaced_while_the_first_task_runs
 from hpc import ExecutorSettings
 from jobs.cli import main
 from jobs.predict import local_processes, slide_chunks
 from jobs.train import run_train
 from lymphoma.augment import build_augmenter, eval_batch
 from lymphoma.case_bootstrap import bootstrap_intervals
-from lymphoma.checkpoint import load_checkpoint
+from lymphoma.checkpoint import load_checkpoint, save_checkpoint
 from lymphoma.errors import InputError
+from lymphoma.files import PinnedFile
 from lymphoma.images import read_rgb
 from lymphoma.model import build_model
 from lymphoma.png import encode_png, write_png
@@ -401,6 +402,41 @@ def test_a_slide_file_replaced_since_it_was_predicted_is_predicted_again_and_sai
     assert f"(0 now, {len(names)} already complete)" in capsys.readouterr().out
 
 
+@pytest.mark.parametrize("in_place", [False, True], ids=["renamed-over", "written-over-in-place"])
+def test_a_checkpoint_replaced_while_its_prediction_runs_never_mixes_two_models(checkpoint, cohort, tmp_path,
+                                                                                 in_place):
+    """Tasks wait in a queue; a checkpoint written anew meanwhile (a training's best.pt, `cp` over a model) gave the
+    tasks that started later the new model, and one report mixed two models under one name. The job reads the file
+    through a name of its own (a hard link under engine/, here on the same filesystem; gone once its tasks have
+    ended): a new file renamed over the checkpoint, as trainings write it, leaves every slide to the first model;
+    one written over it in place (`cp`), which a link follows, fails the tasks that start after it, saying so."""
+    model, other = tmp_path / "model.pt", tmp_path / "other.pt"
+    shutil.copyfile(checkpoint, model)
+    state = load_checkpoint(checkpoint)
+    weights, classes = dict(state["model"]), len(state["classes"])
+    head = [k for k, v in weights.items() if k.endswith("bias") and tuple(v.shape) == (classes,)][-1]
+    weights[head] = torch.arange(classes, dtype=weights[head].dtype) * 100.0  # every tile: the last class
+    save_checkpoint({**state, "model": weights}, other)
+    out, first = tmp_path / "out", 6
+    command = [sys.executable, "-m", "jobs.cli", "predict", "--checkpoint", str(model), "--out", str(out), str(cohort),
+               f"predict.slides_per_task={first}", "cluster.parallelism=1", "cluster.poll_s=0.05"]
+    code, printed = replaced_while_the_first_task_runs(command, out / "slides", model, other, first, in_place)
+    records = [json.loads(p.read_text()) for p in sorted((out / "slides").glob("*.json"))]
+    ok = [r for r in records if r["status"] == "ok"]
+    assert len({r["fingerprint"] for r in ok}) == 1 and ok[0]["identity"]["checkpoint"] == str(model)
+    assert predict(checkpoint, tmp_path / "direct", str(cohort)) == 0
+    direct = {p.stem: json.loads(p.read_text())["votes"] for p in (tmp_path / "direct" / "slides").glob("*.json")}
+    assert all(r["votes"] == direct[r["key"]] for r in ok)
+    assert not list((out / "engine").glob("pinned-*"))
+    if in_place:
+        assert code == 1 and f"{model} was written over in place while this job ran" in printed, printed
+        assert len(ok) == len(records) == first  # the later task's slides: failed rows of the report, none written
+    else:
+        assert code == 0 and len(ok) == 12, printed
+    with pytest.raises(InputError, match=r"model\.pt changed while this command read it"):
+        PinnedFile.pin(model, tmp_path / "pins", [1, 2])
+
+
 def test_a_cohort_moved_elsewhere_resumes_and_one_copied_without_its_times_is_not_taken_for_it(checkpoint, cohort,
                                                                                                  tmp_path, capsys):
     """Slides moved (a cohort copied to scratch with `rsync -a`, mounted elsewhere: the same name, size and
@@ -673,17 +709,19 @@ def test_the_whole_pipeline_on_a_small_real_subset(make_dataset, tmp_path, capsy
 
 def test_a_full_disk_is_one_error_naming_the_out_folder_and_a_rerun_with_room_finishes(checkpoint, cohort,
                                                                                       small_disk, capsys):
-    """Predicting 12 images onto 200 KiB (their outputs take about 240): exit 1 and one message naming the --out
-    folder and --out as the way elsewhere, never a traceback or the logging module's reports of its own failed
-    writes (the log file is given up with one warning); with room, a rerun keeps the finished slides and
-    predicts the rest."""
-    subprocess.run(["mount", "-o", "remount,size=200k", str(small_disk)], check=True)
+    """Predicting 12 images onto 200 KiB beside the job's copy of the checkpoint (their outputs take about 240):
+    exit 1 and one message naming the --out folder and --out as the way elsewhere, never a traceback or the
+    logging module's reports of its own failed writes (the log file is given up with one warning); with room, a
+    rerun keeps the finished slides and predicts the rest. The copy is gone once the tasks have ended."""
+    room = -(-checkpoint.stat().st_size // 4096) * 4 + 200  # KiB: the copy's pages (the disk is another filesystem)
+    subprocess.run(["mount", "-o", f"remount,size={room}k", str(small_disk)], check=True)
     out = small_disk / "predictions"
     assert predict(checkpoint, out, str(cohort)) == 1
     err = capsys.readouterr().err
     assert f"no space left in {out} (" in err and "give --out a folder on a disk with room" in err, err
     assert "Traceback" not in err and "Logging error" not in err and err.count("cannot be written") <= 1, err
     finished = {p.stem for p in (out / "slides").glob("*.json")}
+    assert not list((out / "engine").glob("pinned-*"))
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     assert predict(checkpoint, out, str(cohort)) == 0
     assert f"12 of 12 slide(s) predicted ({12 - len(finished)} now, {len(finished)} already complete), 0 failed" \
