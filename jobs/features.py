@@ -72,8 +72,8 @@ def run_features_task(task: FeaturesTask) -> list[dict[str, Any]]:
         else:
             encoder, meta = encoder_from_settings(cfg.model, cfg.tiles, cfg.augment, cfg.stain, setup.device,
                                                   cfg.predict.batch_size, engine, task.pinned)
-        return predict_slides(encoder, task.slides, out, cfg.predict.prefetch,
-                              writer=FeatureWriter(out, meta), readers=cfg.predict.readers)
+        return predict_slides(encoder, task.slides, out, cfg.predict.prefetch, writer=FeatureWriter(out, meta),
+                              readers=cfg.predict.readers, read_timeout_min=cfg.predict.read_timeout_min)
 
 
 def features_slides(run: Run, patterns: list[str], list_file: Optional[Path], basepath: Optional[Path]) -> list[SlideInput]:

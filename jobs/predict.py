@@ -87,7 +87,8 @@ def predict_chunk(checkpoint: Path, slides: Sequence[SlideInput], out_dir: Path,
                     "predict.engine=torch or compile)")
     predictor = Predictor.from_checkpoint(checkpoint, device, settings.batch_size, settings.tta, tiles, settings.engine,
                                           settings.precision, Path(out_dir).parent / "engine", settings.scale, pinned)
-    return predict_slides(predictor, slides, out_dir, settings.prefetch, Pictures.of(settings), readers=settings.readers)
+    return predict_slides(predictor, slides, out_dir, settings.prefetch, Pictures.of(settings), readers=settings.readers,
+                          read_timeout_min=settings.read_timeout_min)
 
 
 def run_predict_task(task: PredictTask) -> list[dict[str, Any]]:

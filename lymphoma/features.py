@@ -205,8 +205,9 @@ class FeatureWriter:
         write_text_atomic(self._record_path(slide), json.dumps(record, indent=1) + "\n")
         return record
 
-    def failed(self, slide: SlideInput, error: str) -> dict[str, Any]:
-        record = {"key": slide.key, "path": slide.path, "slide_file": file_stamp(slide.path), "status": "failed",
+    def failed(self, slide: SlideInput, error: str, readable: bool = True) -> dict[str, Any]:
+        record = {"key": slide.key, "path": slide.path, "slide_file": file_stamp(slide.path) if readable else None,
+                  "status": "failed",
                   "error": error, "label": slide.label, "case": slide.case, "file": "",
                   "fingerprint": self.meta["fingerprint"]}
         write_text_atomic(self._record_path(slide), json.dumps(record, indent=1) + "\n")

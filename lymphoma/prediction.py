@@ -34,7 +34,7 @@ from lymphoma.image_scale import TrainingScale, tiles_cut_with, training_scale
 from lymphoma.model import build_model
 from lymphoma.plots import save_heatmap, save_probability_maps
 from lymphoma.precision import runnable_precision
-from lymphoma.read_ahead import read_ahead
+from lymphoma.read_ahead import ReadStalled, read_ahead
 from lymphoma.regions import regions_stamp
 from lymphoma.settings import EXPORTED_ENGINES, AugmentSettings, PredictSettings, TileSettings
 from lymphoma.slide_exports import level0_squares, write_coords_h5, write_geojson
@@ -295,7 +295,7 @@ class SlideWriter(Protocol):
 
     def finish(self, slide: SlideInput, source: TileSource, outputs: torch.Tensor) -> dict[str, Any]: ...
 
-    def failed(self, slide: SlideInput, error: str) -> dict[str, Any]: ...
+    def failed(self, slide: SlideInput, error: str, readable: bool = True) -> dict[str, Any]: ...
 
 
 @dataclass(frozen=True)
@@ -326,8 +326,8 @@ class VoteWriter:
     def finish(self, slide: SlideInput, source: TileSource, outputs: torch.Tensor) -> dict[str, Any]:
         return _finish(self.predictor, slide, self.out_dir, source, outputs, self.pictures)
 
-    def failed(self, slide: SlideInput, error: str) -> dict[str, Any]:
-        return _failed(slide, self.out_dir, error, self.predictor.fingerprint)
+    def failed(self, slide: SlideInput, error: str, readable: bool = True) -> dict[str, Any]:
+        return _failed(slide, self.out_dir, error, self.predictor.fingerprint, readable)
 
 
 class _Batches:
@@ -391,10 +391,10 @@ class _Batches:
 
 def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: Path, prefetch: int = 4,
                    pictures: Pictures = Pictures(), writer: Optional[SlideWriter] = None,
-                   readers: int = 1) -> list[dict[str, Any]]:
+                   readers: int = 1, read_timeout_min: Optional[float] = None) -> list[dict[str, Any]]:
     """Run the model over every slide whose outputs are not complete yet and hand each slide's outputs to the
     writer (default: the tile vote); one record per slide, in input order. Tiles of consecutive slides share
-    batches of ``predictor.batch_size``."""
+    batches of ``predictor.batch_size``. A slide read for ``read_timeout_min`` without a tile fails (``read_ahead``)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     writer = writer or VoteWriter(predictor, out_dir, pictures)
     records: list[Optional[dict[str, Any]]] = [writer.complete(s) for s in slides]
@@ -405,10 +405,12 @@ def predict_slides(predictor: Predictor, slides: Sequence[SlideInput], out_dir: 
     batches = _Batches(predictor, slides, writer)
     stain = predictor.normalizer.target.as_dict() if predictor.normalizer is not None else None
     for local, item in read_ahead([slides[i] for i in pending], predictor.tiles, prefetch, predictor.batch_size,
-                                  stain, readers, predictor.scale):
+                                  stain, readers, predictor.scale,
+                                  read_timeout_min * 60 if read_timeout_min is not None else None):
         index = pending[local]
         if isinstance(item, Exception):
-            records[index] = writer.failed(slides[index], item.problem if isinstance(item, ImageError) else str(item))
+            records[index] = writer.failed(slides[index], item.problem if isinstance(item, ImageError) else str(item),
+                                           readable=not isinstance(item, ReadStalled))
             batches.drop(index)
         elif isinstance(item, TileSource):
             batches.source(index, item)
@@ -459,8 +461,10 @@ def ran_precision(predictor: Predictor) -> str:
     return getattr(predictor.exported, "precision", None) or predictor.precision
 
 
-def _failed(slide: SlideInput, out_dir: Path, error: str, fingerprint: str) -> dict[str, Any]:
-    record = {"key": slide.key, "path": slide.path, "slide_file": file_stamp(slide.path), "status": "failed",
+def _failed(slide: SlideInput, out_dir: Path, error: str, fingerprint: str, readable: bool = True) -> dict[str, Any]:
+    """A failed slide's record; its file's size and time where it is ``readable`` (not a read that hangs)."""
+    record = {"key": slide.key, "path": slide.path, "slide_file": file_stamp(slide.path) if readable else None,
+              "status": "failed",
               "error": error, "label": slide.label, "case": slide.case, "fingerprint": fingerprint}
     write_text_atomic(out_dir / f"{slide.key}.json", json.dumps(record, indent=1) + "\n")
     return record

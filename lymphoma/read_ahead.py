@@ -12,7 +12,8 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Generator, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any, Optional
 
 import numpy as np
@@ -52,49 +53,86 @@ def _read(slides: Sequence[tuple[int, str, str]], settings: TileSettings, batch:
             put((index, _as_error(path, err)))
 
 
+class ReadStalled(ImageError):
+    """A slide whose reader handed over nothing for ``predict.read_timeout_min``: its reading hangs."""
+
+
+@dataclass
+class _Reader:
+    """A reader thread, the queue it hands its items over through, its stop event and its slides."""
+
+    work: list[tuple[int, str, str]]
+    items: queue.Queue
+    stop: threading.Event
+    thread: threading.Thread
+
+    @classmethod
+    def start(cls, work: list[tuple[int, str, str]], depth: int, settings: TileSettings, batch: int,
+              stain: Optional[dict[str, Any]], scale: Optional[TrainingScale]) -> "_Reader":
+        items: queue.Queue = queue.Queue(maxsize=max(1, depth))
+        stop = threading.Event()
+        thread = threading.Thread(target=_read, args=(work, settings, batch, stain, items.put, stop, scale), daemon=True)
+        thread.start()
+        return cls(work, items, stop, thread)
+
+
 def read_ahead(slides: Sequence[Any], settings: TileSettings, depth: int, batch: int,
                stain: Optional[dict[str, Any]], readers: int = 1,
-               scale: Optional[TrainingScale] = None) -> Iterator[tuple[int, Any]]:
+               scale: Optional[TrainingScale] = None, stall_s: Optional[float] = None) -> Iterator[tuple[int, Any]]:
     """Yield ``(index, item)`` per slide in input order: tile batches (arrays), then the slide's TileSource once
     all its tiles were yielded, or the error that stopped it. ``readers`` threads (slide i read by reader i mod
-    readers), each with a queue of ``depth`` items; ``scale``: a pixel-tile model's training scale (``_read``)."""
+    readers), each with a queue of ``depth`` items; ``scale``: a pixel-tile model's training scale (``_read``).
+    A slide whose reader hands over nothing for ``stall_s`` seconds (a damaged file whose decoder hangs, a network
+    filesystem that stopped answering) fails with ``ReadStalled``; that reader is left behind (a thread cannot be
+    stopped inside a read) and a new one reads its next slides."""
     readers = max(1, min(readers, len(slides) or 1))
     work = [[(i, slides[i].path, slides[i].regions) for i in range(r, len(slides), readers)] for r in range(readers)]
-    queues: list[queue.Queue] = [queue.Queue(maxsize=max(1, depth)) for _ in range(readers)]
-    stop = threading.Event()
-    workers = [threading.Thread(target=_read, args=(work[r], settings, batch, stain, queues[r].put, stop, scale),
-                                daemon=True)
-               for r in range(readers)]
-    for worker in workers:
-        worker.start()
+    active = [_Reader.start(work[r], depth, settings, batch, stain, scale) for r in range(readers)]
+    left: list[_Reader] = []  # hung in a read: never waited for
     try:
         for index in range(len(slides)):
-            yield from _slide_items(queues[index % readers], workers[index % readers], slides[index].path)
+            reader = active[index % readers]
+            stalled = yield from _slide_items(reader, index, slides[index].path, stall_s)
+            if stalled:
+                reader.stop.set()
+                left.append(reader)
+                active[index % readers] = _Reader.start([w for w in reader.work if w[0] > index], depth, settings,
+                                                        batch, stain, scale)
     finally:
-        stop.set()
-        _drain(queues, workers)
+        for reader in active + left:
+            reader.stop.set()
+        _drain(active)
 
 
-def _slide_items(items: Any, worker: Any, path: str) -> Iterator[tuple[int, Any]]:
-    """One slide's items from its reader's queue; a reader that died without a word fails the slide."""
+def _slide_items(reader: _Reader, index: int, path: str,
+                 stall_s: Optional[float]) -> Generator[tuple[int, Any], None, bool]:
+    """One slide's items from its reader's queue; a reader that died without a word fails the slide. True where
+    the reader handed over nothing for ``stall_s`` seconds (the slide then fails with ``ReadStalled``)."""
+    since = time.monotonic()
     while True:
         try:
-            index, item = items.get(timeout=1.0)
+            got, item = reader.items.get(timeout=min(1.0, stall_s or 1.0))
         except queue.Empty:
-            if not worker.is_alive():
+            if not reader.thread.is_alive():
                 raise RuntimeError(f"the reader of {path} ended without handing it over") from None
+            if stall_s is not None and time.monotonic() - since >= stall_s:
+                yield index, ReadStalled(path, f"nothing read for {stall_s / 60:.3g} min (predict.read_timeout_min): "
+                                               "its reading hangs (a damaged file whose decoder never returns, or a "
+                                               "filesystem that stopped answering); the next slides went on")
+                return True
             continue
-        yield index, item
+        yield got, item
         if not isinstance(item, np.ndarray):
-            return
+            return False
+        since = time.monotonic()  # the model's time on the batch is not the reader's
 
 
-def _drain(queues: list[queue.Queue], workers: list[threading.Thread]) -> None:
+def _drain(readers: list[_Reader]) -> None:
     """Unblock readers waiting on a full queue until they end."""
-    while any(worker.is_alive() for worker in workers):
-        for items in queues:
+    while any(reader.thread.is_alive() for reader in readers):
+        for reader in readers:
             try:
-                items.get_nowait()
+                reader.items.get_nowait()
             except queue.Empty:
                 pass
         time.sleep(0.01)

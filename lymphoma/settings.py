@@ -483,6 +483,8 @@ class PredictSettings:
     prefetch: int = 4              # tile batches each reader keeps ready ahead of the model
     readers: int = 1               # slides read, tiled and stain-normalised at once, each by its own thread (a GPU
     #                                node wants several: one thread feeds about 1,200 tiles/s, the GPU takes 10x more)
+    read_timeout_min: Optional[float] = 10.0  # a slide whose reading gives no tiles for this long fails (a decoder
+    #                                that hangs, a filesystem that stopped answering) and the next go on; null: wait
     heatmaps: bool = True          # a PNG of tile classes over a thumbnail, per slide
     geojson: bool = True           # per slide, the tiles as QuPath detections (GeoJSON) and CLAM-style coords (HDF5)
     probability_maps: bool = False  # per slide, one probability map per class over the thumbnail (matplotlib, ~0.2 s)
@@ -503,6 +505,8 @@ class PredictSettings:
     #                                (tiles.region_mode of the model) are predicted; slides without one, all
 
     def __post_init__(self) -> None:
+        if self.read_timeout_min is not None and not self.read_timeout_min > 0:
+            raise InputError(f"predict.read_timeout_min must be > 0 or null (wait for ever), got {self.read_timeout_min}")
         if min(self.batch_size, self.slides_per_task, self.prefetch, self.readers) < 1:
             raise InputError("predict.batch_size, predict.slides_per_task, predict.prefetch and predict.readers must "
                              "be >= 1")

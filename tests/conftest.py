@@ -187,6 +187,48 @@ def small_disk(tmp_path):
     subprocess.run(["umount", "-l", str(mount)], check=True)
 
 
+class StallingMount:
+    """A real FUSE filesystem (bindfs) over ``source`` at ``path``; ``stall()`` stops its daemon (SIGSTOP), after
+    which opening a file there hangs, as on a network filesystem that stopped answering; files stat-ed through it
+    before keep answering stat from the kernel's cache (an hour), so that a command can name them."""
+
+    def __init__(self, source: Path, path: Path, daemon: subprocess.Popen) -> None:
+        self.source, self.path, self.daemon = source, path, daemon
+
+    def stall(self) -> None:
+        os.kill(self.daemon.pid, 19)  # SIGSTOP
+
+    def resume(self) -> None:
+        os.kill(self.daemon.pid, 18)  # SIGCONT
+
+
+@pytest.fixture()
+def stalling_mount(tmp_path):
+    if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
+        pytest.skip("mounting a FUSE filesystem needs root and /dev/fuse")
+    if shutil.which("bindfs") is None:
+        pytest.fail("bindfs is not installed: scripts/test.sh installs it as root (apt-get install bindfs)")
+    source, path = tmp_path / "fuse-source", tmp_path / "fuse"
+    source.mkdir()
+    path.mkdir()
+    daemon = subprocess.Popen(["bindfs", "-f", "-o", "attr_timeout=3600,entry_timeout=3600", str(source), str(path)],
+                              stderr=subprocess.PIPE, text=True)
+    for _ in range(100):
+        if os.path.ismount(path) or daemon.poll() is not None:
+            break
+        time.sleep(0.05)
+    if not os.path.ismount(path):  # e.g. a container without the right to mount
+        daemon.kill()
+        pytest.skip(f"cannot mount a FUSE filesystem here: {daemon.communicate()[1].strip()}")
+    mount = StallingMount(source, path, daemon)
+    try:
+        yield mount
+    finally:
+        mount.resume()
+        subprocess.run(["umount", "-l", str(path)], check=False)
+        daemon.wait(timeout=30)
+
+
 @pytest.fixture()
 def no_network(monkeypatch):
     """Networking off in this process: a connection attempt fails the test."""

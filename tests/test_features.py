@@ -284,6 +284,28 @@ def test_weights_written_over_while_features_run_never_give_two_encoders_under_o
     assert len(list((out / "h5_files").glob("*.h5"))) == first and not list((out / "engine").glob("pinned-*"))
 
 
+def test_a_slide_whose_reading_hangs_fails_alone_in_features_too(data_root, manifest_rows, resnet_file, stalling_mount,
+                                                                 tmp_path):
+    """predict.read_timeout_min holds for `lymphoma features` (the same readers): a slide on a filesystem that
+    stopped answering fails alone and the next slides are embedded."""
+    paths = [data_root / row["lowres_path"] for row in manifest_rows[::40][:3]]
+    shutil.copyfile(paths[0], stalling_mount.source / "stalled.png")
+    stalled = stalling_mount.path / "stalled.png"
+    assert stalled.stat().st_size > 0  # cached by the kernel: naming it needs no answer from the filesystem
+    listing = tmp_path / "cohort.tsv"
+    listing.write_text("".join(f"{path}\tFL\tc{i}\n" for i, path in enumerate([paths[1], stalled, paths[2]])))
+    stalling_mount.stall()
+    command = [sys.executable, "-m", "jobs.cli", "features", "--list", str(listing), "--out", str(tmp_path / "out"),
+               "model.backbone=timm:resnet10t", f"model.weights={resnet_file}", f"run.root={tmp_path}",
+               "predict.read_timeout_min=0.05", "predict.batch_size=16", "cluster.poll_s=0.1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    with (tmp_path / "out" / "features.csv").open() as handle:
+        rows = {Path(row["path"]).name: row for row in csv.DictReader(handle)}
+    assert rows["stalled.png"]["status"] == "failed" and "its reading hangs" in rows["stalled.png"]["error"]
+    assert [rows[p.name]["status"] for p in paths[1:]] == ["ok", "ok"]
+
+
 def test_bf16_embeddings_are_near_fp32_and_never_taken_for_them(make_dataset, resnet_file, tmp_path, capsys, caplog):
     """predict.precision=bf16 on a CPU with bf16 units: embeddings near fp32's, marked bf16, with a fingerprint of
     their own (fp32 into the same folder is refused, or where its encoder.json is gone embeds everything again); on

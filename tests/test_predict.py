@@ -402,6 +402,33 @@ def test_a_slide_file_replaced_since_it_was_predicted_is_predicted_again_and_sai
     assert f"(0 now, {len(names)} already complete)" in capsys.readouterr().out
 
 
+def test_a_slide_whose_reading_hangs_fails_alone_and_the_slides_after_it_go_on(checkpoint, cohort, stalling_mount,
+                                                                               tmp_path):
+    """A slide on a filesystem that stopped answering (a real FUSE mount whose daemon is stopped, as a network
+    filesystem's) hung its task, and with it the slides after it, until the time limit, or for ever on this machine:
+    after predict.read_timeout_min without a tile it fails alone, saying so, and a new reader reads the next slides.
+    Its record keeps no file stamp (a stat could hang as well)."""
+    images = sorted(cohort.glob("*/*.png"))
+    shutil.copyfile(images[0], stalling_mount.source / "stalled.png")
+    stalled = stalling_mount.path / "stalled.png"
+    assert stalled.stat().st_size > 0  # cached by the kernel: naming it needs no answer from the filesystem
+    listing = tmp_path / "cohort.tsv"
+    order = [images[1], images[2], stalled, *images[3:6]]  # one reader: the slides after it wait for it
+    listing.write_text("".join(f"{path}\tFL\tc{i}\n" for i, path in enumerate(order)))
+    stalling_mount.stall()
+    command = [sys.executable, "-m", "jobs.cli", "predict", "--checkpoint", str(checkpoint), "--list", str(listing),
+               "--out", str(tmp_path / "out"), "predict.read_timeout_min=0.05", "predict.readers=1",
+               "predict.slides_per_task=64", "cluster.poll_s=0.1"]
+    done = subprocess.run(command, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 1, done.stderr
+    records = {p.stem: json.loads(p.read_text()) for p in (tmp_path / "out" / "slides").glob("*.json")}
+    assert sorted(records) == sorted(path.stem for path in order)
+    assert records["stalled"]["status"] == "failed" and records["stalled"]["slide_file"] is None
+    assert "nothing read for 0.05 min (predict.read_timeout_min): its reading hangs" in records["stalled"]["error"]
+    assert all(r["status"] == "ok" for key, r in records.items() if key != "stalled"), records
+    assert "1 of 6 slide(s) failed" in done.stdout + done.stderr, done.stdout + done.stderr
+
+
 @pytest.mark.parametrize("in_place", [False, True], ids=["renamed-over", "written-over-in-place"])
 def test_a_checkpoint_replaced_while_its_prediction_runs_never_mixes_two_models(checkpoint, cohort, tmp_path,
                                                                                  in_place):
