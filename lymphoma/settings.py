@@ -483,8 +483,8 @@ class PredictSettings:
     prefetch: int = 4              # tile batches each reader keeps ready ahead of the model
     readers: int = 1               # slides read, tiled and stain-normalised at once, each by its own thread (a GPU
     #                                node wants several: one thread feeds about 1,200 tiles/s, the GPU takes 10x more)
-    read_timeout_min: Optional[float] = 10.0  # a slide whose reading gives no tiles for this long fails (a decoder
-    #                                that hangs, a filesystem that stopped answering) and the next go on; null: wait
+    read_timeout_min: Optional[float] = 10.0  # a slide read this long without a tile fails (a decoder that hangs, a
+    #                                filesystem that stopped answering) and the next slides go on; null: wait for ever
     heatmaps: bool = True          # a PNG of tile classes over a thumbnail, per slide
     geojson: bool = True           # per slide, the tiles as QuPath detections (GeoJSON) and CLAM-style coords (HDF5)
     probability_maps: bool = False  # per slide, one probability map per class over the thumbnail (matplotlib, ~0.2 s)
